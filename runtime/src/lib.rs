@@ -1,0 +1,21 @@
+//! Shared plumbing for viking's daemons and commands.
+//!
+//! * [`etcd`]: connection settings (every flag with a `VIKING_*` env twin) and error
+//!   classification (retry or give up).
+//! * [`watch`]: a prefix watcher that lists, watches from the listed revision, resumes after a
+//!   disconnect and re-lists after a compaction.
+//! * [`lease`]: a lease keeper that grants, keeps alive, re-grants and tells its owner.
+//! * [`backoff`]: exponential backoff with jitter.
+//! * [`telemetry`]: tracing set-up, plain or JSON.
+//! * [`shutdown`]: SIGTERM/SIGINT -> a `CancellationToken`.
+
+pub mod backoff;
+pub mod etcd;
+pub mod lease;
+pub mod shutdown;
+pub mod telemetry;
+pub mod watch;
+
+pub use backoff::Backoff;
+pub use etcd::{EtcdArgs, EtcdError};
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,210 @@
+//! Follow everything under a key prefix: list once, then watch from the listed revision.
+//!
+//! The watcher hands its owner a [`WatchUpdate::Snapshot`] (the whole state under the prefix)
+//! and then [`WatchUpdate::Changes`]. After a disconnect it resumes from the last revision it
+//! delivered, so nothing is missed or repeated; when that revision was compacted away it lists
+//! again and sends a fresh snapshot, which replaces all earlier state. While etcd is away the
+//! owner simply hears nothing and keeps serving what it has.
+
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+
+/// One key and its value as the owner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+    /// The lease the key is attached to, 0 for none.
+    pub lease: i64,
+}
+
+/// A change to one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put(Kv),
+    Delete { key: String, mod_revision: i64 },
+}
+
+/// What the watcher tells its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchUpdate {
+    /// Everything under the prefix at `revision`. Replaces all state the owner held.
+    Snapshot { revision: i64, kvs: Vec<Kv> },
+    /// Changes of one watch response, in revision order (one etcd transaction is never split).
+    Changes { revision: i64, changes: Vec<Change> },
+}
+
+/// Why the watcher stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WatchEnd {
+    Shutdown,
+    /// The owner dropped its receiver.
+    ReceiverGone,
+}
+
+/// Lists and watches `prefix` until `shutdown` fires or `tx` is dropped. Never gives up on
+/// etcd: errors are logged and retried with backoff.
+///
+/// `tx` is bounded: a slow owner slows the watcher, and etcd buffers (and eventually cancels a
+/// watcher that falls too far behind, which this resumes from).
+pub async fn watch_prefix(
+    mut client: Client,
+    prefix: String,
+    tx: mpsc::Sender<WatchUpdate>,
+    shutdown: CancellationToken,
+) -> WatchEnd {
+    let mut backoff = Backoff::default();
+    // The revision up to which the owner has seen everything; None: list first.
+    let mut seen: Option<i64> = None;
+    loop {
+        if shutdown.is_cancelled() {
+            return WatchEnd::Shutdown;
+        }
+        let revision = match seen {
+            Some(revision) => revision,
+            None => {
+                let listed = tokio::select! {
+                    r = client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())) => r,
+                    () = shutdown.cancelled() => return WatchEnd::Shutdown,
+                };
+                match listed {
+                    Ok(resp) => {
+                        let revision = resp.header().map_or(0, |h| h.revision());
+                        let kvs = resp.kvs().iter().map(to_kv).collect();
+                        debug!(prefix, revision, "listed");
+                        if tx.send(WatchUpdate::Snapshot { revision, kvs }).await.is_err() {
+                            return WatchEnd::ReceiverGone;
+                        }
+                        seen = Some(revision);
+                        revision
+                    }
+                    Err(e) => {
+                        warn!(prefix, error = %e, "etcd list failed; retrying");
+                        if !backoff.wait(&shutdown).await {
+                            return WatchEnd::Shutdown;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1)
+            .with_progress_notify();
+        let started = tokio::select! {
+            r = client.watch(prefix.as_str(), Some(options)) => r,
+            () = shutdown.cancelled() => return WatchEnd::Shutdown,
+        };
+        let mut stream = match started {
+            Ok(stream) => stream,
+            Err(e) => {
+                warn!(prefix, error = %e, "etcd watch failed to start; retrying");
+                if !backoff.wait(&shutdown).await {
+                    return WatchEnd::Shutdown;
+                }
+                continue;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                () = shutdown.cancelled() => return WatchEnd::Shutdown,
+            };
+            let resp = match message {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    warn!(prefix, "etcd closed the watch; resuming");
+                    break;
+                }
+                Err(e) => {
+                    warn!(prefix, error = %e, "etcd watch broke; resuming");
+                    break;
+                }
+            };
+            if resp.compact_revision() > 0 {
+                info!(
+                    prefix,
+                    compacted = resp.compact_revision(),
+                    "watch revision was compacted; listing again"
+                );
+                seen = None;
+                break;
+            }
+            if resp.canceled() {
+                warn!(prefix, reason = resp.cancel_reason(), "etcd canceled the watch; resuming");
+                break;
+            }
+            if resp.created() {
+                backoff.reset();
+            }
+            if resp.events().is_empty() {
+                continue;
+            }
+            let mut changes = Vec::with_capacity(resp.events().len());
+            let mut last = seen.unwrap_or(0);
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                last = last.max(kv.mod_revision());
+                changes.push(match event.event_type() {
+                    EventType::Put => Change::Put(to_kv(kv)),
+                    EventType::Delete => Change::Delete {
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        mod_revision: kv.mod_revision(),
+                    },
+                });
+            }
+            if tx
+                .send(WatchUpdate::Changes {
+                    revision: last,
+                    changes,
+                })
+                .await
+                .is_err()
+            {
+                return WatchEnd::ReceiverGone;
+            }
+            seen = Some(last);
+        }
+        if !backoff.wait(&shutdown).await {
+            return WatchEnd::Shutdown;
+        }
+    }
+}
+
+fn to_kv(kv: &etcd_client::KeyValue) -> Kv {
+    Kv {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision(),
+        lease: kv.lease(),
+    }
+}
+
+/// Applies updates to a plain map, the way most owners keep their state.
+pub fn apply(state: &mut std::collections::BTreeMap<String, Kv>, update: WatchUpdate) {
+    match update {
+        WatchUpdate::Snapshot { kvs, .. } => {
+            state.clear();
+            state.extend(kvs.into_iter().map(|kv| (kv.key.clone(), kv)));
+        }
+        WatchUpdate::Changes { changes, .. } => {
+            for change in changes {
+                match change {
+                    Change::Put(kv) => {
+                        state.insert(kv.key.clone(), kv);
+                    }
+                    Change::Delete { key, .. } => {
+                        state.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+}
