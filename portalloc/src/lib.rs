@@ -1,1 +1,650 @@
-//! portalloc
+//! portalloc: the cluster-wide allocator of ambassador ports, on etcd.
+//!
+//! Every service port that someone links to gets one ambassador port, unique in the whole
+//! cluster. The truth is two keys written together in one transaction:
+//! `ports/alloc/<stack>/<job>/<port>-<proto>` (`{port}`) and `ports/owner/<port>` (the service
+//! port as text), both compared as absent. That compare, not any counter, is what makes a port
+//! unique under any number of concurrent allocators in any number of processes.
+//!
+//! `ports/next` is only a hint of where fresh ports start; it is moved forward inside the same
+//! transaction by a nested compare-and-put, so it never goes back and never becomes the one hot
+//! key every allocation must compare. Released ports go to `ports/free/<port>` and are handed
+//! out before the counter grows. See ARCHITECTURE.md for the measurements behind this scheme.
+//!
+//! Cost: an allocation is one read (linearizable, no raft commit) and one write transaction
+//! per chunk of service ports. A chunk holds as many as etcd's `--max-txn-ops` allows
+//! (63 with the default 128); [`Allocator::round_trips`] counts the requests.
+
+pub mod plan;
+pub mod repair;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+use runtime::{Backoff, EtcdError};
+use schema::records::{self, PortAllocRecord, RecordError};
+use schema::{Dir, Key, Prefix, ServicePort};
+use tracing::debug;
+
+pub use plan::{PortRange, RangeError};
+pub use repair::Fix;
+
+/// etcd's default `--max-txn-ops`: the most operations (and compares) one transaction may hold.
+pub const ETCD_DEFAULT_MAX_TXN_OPS: usize = 128;
+
+/// Collisions tolerated before an allocation gives up: far more than contention among even
+/// hundreds of allocators produces, since every retry spreads its picks wider.
+const MAX_ATTEMPTS: u32 = 64;
+
+/// Why an allocation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    #[error(
+        "no free ambassador port left in range {range}: {needed} needed, {available} free; \
+release unused service ports (portalloc list, portalloc release) or widen --range"
+    )]
+    Exhausted {
+        range: PortRange,
+        needed: usize,
+        available: usize,
+    },
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("{0}; run `portalloc repair` to fix the allocation keys")]
+    Corrupt(#[from] RecordError),
+    #[error(
+        "gave up after {attempts} attempts: other allocators kept taking the same ports; try again"
+    )]
+    Contention { attempts: u32 },
+}
+
+impl AllocError {
+    /// Exit status for a command: 2 for bad input or settings, 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AllocError::Etcd(EtcdError::Config(_)) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// One allocation as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Allocation {
+    pub service_port: String,
+    pub port: u16,
+    /// Whether `ports/owner/<port>` names this service port back; `repair` fixes it when not.
+    pub consistent: bool,
+}
+
+/// Counts of requests, for tests and benches.
+#[derive(Debug, Default)]
+struct Stats {
+    round_trips: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+/// Allocates ambassador ports. Cheap to clone; clones share the hints and counters.
+#[derive(Clone)]
+pub struct Allocator {
+    kv: KvClient,
+    prefix: Prefix,
+    range: PortRange,
+    max_txn_ops: usize,
+    /// How long transient etcd failures (no leader, connection lost) are retried.
+    retry_for: Duration,
+    endpoints: String,
+    /// Last `ports/next` seen, so the next read looks for holes in the right window (0: none).
+    next_hint: Arc<AtomicU32>,
+    /// Recent contention: the attempt number to start at, so a busy allocator spreads at once.
+    heat: Arc<AtomicU32>,
+    stats: Arc<Stats>,
+}
+
+/// What one read saw.
+struct Snapshot {
+    existing: HashMap<ServicePort, u16>,
+    view: plan::View,
+    next_present: bool,
+}
+
+impl Allocator {
+    pub fn new(client: &Client, prefix: Prefix, range: PortRange) -> Self {
+        Self {
+            kv: client.kv_client(),
+            prefix,
+            range,
+            max_txn_ops: ETCD_DEFAULT_MAX_TXN_OPS,
+            retry_for: Duration::from_secs(30),
+            endpoints: String::from("etcd"),
+            next_hint: Arc::default(),
+            heat: Arc::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Matches etcd's `--max-txn-ops` when the server allows more than the default 128.
+    pub fn with_max_txn_ops(mut self, n: usize) -> Self {
+        self.max_txn_ops = n.max(4);
+        self
+    }
+
+    /// How long to keep retrying while etcd is unreachable or electing a leader.
+    pub fn with_retry_for(mut self, d: Duration) -> Self {
+        self.retry_for = d;
+        self
+    }
+
+    /// The endpoints, named in error messages.
+    pub fn with_endpoints_label(mut self, endpoints: impl Into<String>) -> Self {
+        self.endpoints = endpoints.into();
+        self
+    }
+
+    pub fn range(&self) -> PortRange {
+        self.range
+    }
+
+    /// Requests sent to etcd so far (reads and writes).
+    pub fn round_trips(&self) -> u64 {
+        self.stats.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Write transactions that lost a race and were retried.
+    pub fn conflicts(&self) -> u64 {
+        self.stats.conflicts.load(Ordering::Relaxed)
+    }
+
+    fn key(&self, key: &Key) -> String {
+        self.prefix.key(key)
+    }
+
+    /// One transaction, retried while etcd is unavailable, within `retry_for`.
+    async fn txn(&self, make: impl Fn() -> Txn) -> Result<TxnResponse, AllocError> {
+        let deadline = Instant::now() + self.retry_for;
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
+            let mut kv = self.kv.clone();
+            match kv.txn(make()).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => {
+                    let e = EtcdError::classify(e, &self.endpoints);
+                    if !e.is_retryable() || Instant::now() >= deadline {
+                        return Err(e.into());
+                    }
+                    debug!(error = %e, "etcd unavailable; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
+    /// The ambassador port of `service_port`, allocating one if it has none.
+    pub async fn allocate(&self, service_port: &ServicePort) -> Result<u16, AllocError> {
+        let ports = self.allocate_many(std::slice::from_ref(service_port)).await?;
+        Ok(ports[0])
+    }
+
+    /// The ambassador ports of `service_ports` (same order), allocating the missing ones.
+    ///
+    /// Idempotent: a service port that has a port keeps it. Either every missing one gets a
+    /// port or, when the range cannot hold them all, none is written. Large batches are
+    /// written in chunks of at most `max_txn_ops` operations, each chunk atomic.
+    pub async fn allocate_many(
+        &self,
+        service_ports: &[ServicePort],
+    ) -> Result<Vec<u16>, AllocError> {
+        let mut got: HashMap<ServicePort, u16> = HashMap::new();
+        let mut attempt = self.heat.load(Ordering::Relaxed);
+        let mut tries = 0u32;
+        let mut rng = fastrand::Rng::new();
+        loop {
+            let missing: Vec<&ServicePort> = unique(service_ports)
+                .into_iter()
+                .filter(|sp| !got.contains_key(*sp))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            let mut snap = self.read(&missing, false).await?;
+            got.extend(snap.existing.drain());
+            let need: Vec<&ServicePort> =
+                missing.into_iter().filter(|sp| !got.contains_key(*sp)).collect();
+            if need.is_empty() {
+                break;
+            }
+            let chosen = match plan::choose(&snap.view, self.range, need.len(), attempt, &mut rng)
+            {
+                Ok(c) => c,
+                Err(_) => {
+                    // Not enough near the counter: look at the whole range once.
+                    let full = self.read(&need, true).await?;
+                    snap.view = full.view;
+                    plan::choose(&snap.view, self.range, need.len(), attempt, &mut rng).map_err(
+                        |s| AllocError::Exhausted {
+                            range: self.range,
+                            needed: need.len(),
+                            available: s.available,
+                        },
+                    )?
+                }
+            };
+            let mut conflict = false;
+            let items: Vec<(&ServicePort, plan::Candidate)> =
+                need.iter().copied().zip(chosen).collect();
+            for chunk in self.chunks(&items) {
+                if self.write(chunk, &snap).await? {
+                    got.extend(chunk.iter().map(|(sp, c)| ((*sp).clone(), c.port)));
+                } else {
+                    conflict = true;
+                }
+            }
+            if !conflict {
+                if attempt == self.heat.load(Ordering::Relaxed) && attempt > 0 {
+                    let _ = self.heat.compare_exchange(
+                        attempt,
+                        attempt - 1,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                break;
+            }
+            self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+            tries += 1;
+            if tries >= MAX_ATTEMPTS {
+                return Err(AllocError::Contention { attempts: tries });
+            }
+            attempt += 1;
+            self.heat.fetch_max(attempt.min(6), Ordering::Relaxed);
+        }
+        Ok(service_ports.iter().map(|sp| got[sp]).collect())
+    }
+
+    /// Splits `items` so that each write stays within `max_txn_ops` compares and operations.
+    fn chunks<'a, 'b>(
+        &self,
+        items: &'b [(&'a ServicePort, plan::Candidate)],
+    ) -> Vec<&'b [(&'a ServicePort, plan::Candidate)]> {
+        // etcd gives a nested transaction what its parent leaves of --max-txn-ops, and the
+        // counter update nests two deep: keep two for it.
+        let budget = self.max_txn_ops - 2;
+        let mut out = Vec::new();
+        let mut start = 0;
+        let (mut compares, mut ops) = (0, 1); // 1: the nested counter update
+        for (i, (_, c)) in items.iter().enumerate() {
+            let extra_ops = if c.source == plan::Source::Free { 3 } else { 2 };
+            if compares + 2 > budget || ops + extra_ops > budget {
+                out.push(&items[start..i]);
+                start = i;
+                compares = 0;
+                ops = 1;
+            }
+            compares += 2;
+            ops += extra_ops;
+        }
+        if start < items.len() {
+            out.push(&items[start..]);
+        }
+        out
+    }
+
+    /// Reads what allocation needs: existing allocations of `sps`, the counter, the free list
+    /// and the owned ports around the counter (or in the whole range, with `full_scan`).
+    async fn read(&self, sps: &[&ServicePort], full_scan: bool) -> Result<Snapshot, AllocError> {
+        let next_key = self.key(&Key::PortsNext);
+        let free_dir = self.prefix.dir(Dir::PortFree);
+        let owner_dir = self.prefix.dir(Dir::PortOwners);
+        let hint = match self.next_hint.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        };
+        // Without a hint, owners are not read at all: the compare on each owner key keeps
+        // allocation correct, and the first retry has the hint.
+        let scanned = if full_scan {
+            (u32::from(self.range.start), u32::from(self.range.end))
+        } else {
+            hint.map_or((1, 0), |h| plan::window(self.range, Some(h)))
+        };
+        let free_limit = if full_scan { 0 } else { (sps.len() + 600) as i64 };
+        let mut head = vec![
+            TxnOp::get(next_key.clone(), None),
+            TxnOp::get(
+                free_dir.clone(),
+                Some(GetOptions::new().with_prefix().with_keys_only().with_limit(free_limit)),
+            ),
+        ];
+        if scanned.0 <= scanned.1 {
+            for (from, to) in plan::lexicographic_pieces(scanned.0, scanned.1) {
+                let mut end = format!("{owner_dir}{to}").into_bytes();
+                end.push(0);
+                head.push(TxnOp::get(
+                    format!("{owner_dir}{from}"),
+                    Some(GetOptions::new().with_range(end).with_keys_only()),
+                ));
+            }
+        }
+        let head_len = head.len();
+        let per_txn = self.max_txn_ops.saturating_sub(head_len).max(1);
+        let mut responses: Vec<TxnOpResponse> = Vec::new();
+        let sp_chunks: Vec<&[&ServicePort]> = if sps.is_empty() {
+            vec![&[]]
+        } else {
+            sps.chunks(per_txn).collect()
+        };
+        for (i, chunk) in sp_chunks.iter().enumerate() {
+            let mut ops = if i == 0 { head.clone() } else { Vec::new() };
+            ops.extend(
+                chunk
+                    .iter()
+                    .map(|sp| TxnOp::get(self.key(&Key::PortAlloc((*sp).clone())), None)),
+            );
+            let resp = self.txn(|| Txn::new().and_then(ops.clone())).await?;
+            responses.extend(resp.op_responses());
+        }
+
+        let mut gets = responses.into_iter().map(|r| match r {
+            TxnOpResponse::Get(g) => g,
+            other => unreachable!("a read-only txn answered {other:?}"),
+        });
+        let next_resp = gets.next().expect("next");
+        let next_present = !next_resp.kvs().is_empty();
+        let next = next_resp
+            .kvs()
+            .first()
+            .and_then(|kv| records::parse_next(kv.value()));
+        if let Some(n) = next {
+            self.next_hint.store(n, Ordering::Relaxed);
+        }
+        let port_of = |key: &[u8], dir: &str| -> Option<u16> {
+            let key = std::str::from_utf8(key).ok()?;
+            schema::service::parse_port(key.strip_prefix(dir)?)
+        };
+        let free: BTreeSet<u16> = gets
+            .next()
+            .expect("free")
+            .kvs()
+            .iter()
+            .filter_map(|kv| port_of(kv.key(), &free_dir))
+            .collect();
+        let mut owned = BTreeSet::new();
+        for _ in 2..head_len {
+            for kv in gets.next().expect("owners").kvs() {
+                if let Some(p) = port_of(kv.key(), &owner_dir) {
+                    if (scanned.0..=scanned.1).contains(&u32::from(p)) {
+                        owned.insert(p);
+                    }
+                }
+            }
+        }
+        let mut existing = HashMap::new();
+        for (sp, resp) in sps.iter().zip(gets) {
+            if let Some(kv) = resp.kvs().first() {
+                let key = self.key(&Key::PortAlloc((*sp).clone()));
+                let rec: PortAllocRecord = records::decode(&key, kv.value())?;
+                existing.insert((*sp).clone(), rec.port);
+            }
+        }
+        Ok(Snapshot {
+            existing,
+            view: plan::View {
+                next,
+                free,
+                owned,
+                scanned,
+                full_scan,
+            },
+            next_present,
+        })
+    }
+
+    /// Writes one chunk: true if it committed, false if another allocator won a key first.
+    async fn write(
+        &self,
+        items: &[(&ServicePort, plan::Candidate)],
+        snap: &Snapshot,
+    ) -> Result<bool, AllocError> {
+        let mut compares = Vec::with_capacity(items.len() * 2);
+        let mut ops = Vec::with_capacity(items.len() * 3 + 1);
+        for (sp, c) in items {
+            let alloc_key = self.key(&Key::PortAlloc((*sp).clone()));
+            let owner_key = self.key(&Key::PortOwner(c.port));
+            compares.push(Compare::create_revision(alloc_key.clone(), CompareOp::Equal, 0));
+            compares.push(Compare::create_revision(owner_key.clone(), CompareOp::Equal, 0));
+            ops.push(TxnOp::put(alloc_key, records::encode(&PortAllocRecord::new(c.port)), None));
+            ops.push(TxnOp::put(owner_key, records::owner_value(sp), None));
+            if c.source == plan::Source::Free {
+                ops.push(TxnOp::delete(self.key(&Key::PortFree(c.port)), None));
+            }
+        }
+        let highest = items.iter().map(|(_, c)| u32::from(c.port) + 1).max();
+        let seen_next = snap.view.next.unwrap_or(0);
+        if let Some(new_next) = highest.filter(|n| *n > seen_next || !snap.next_present) {
+            ops.push(TxnOp::txn(advance_next(&self.key(&Key::PortsNext), new_next)));
+        }
+        let resp = self
+            .txn(|| Txn::new().when(compares.clone()).and_then(ops.clone()))
+            .await?;
+        if resp.succeeded() {
+            for (sp, c) in items {
+                debug!(service_port = %sp, port = c.port, source = ?c.source, "allocated");
+            }
+        }
+        Ok(resp.succeeded())
+    }
+
+    /// The ambassador port of `service_port`, if it has one.
+    pub async fn get(&self, service_port: &ServicePort) -> Result<Option<u16>, AllocError> {
+        let key = self.key(&Key::PortAlloc(service_port.clone()));
+        let resp = self.txn(|| Txn::new().and_then([TxnOp::get(key.clone(), None)])).await?;
+        match first_kv(&resp) {
+            Some((_, value, _)) => Ok(Some(records::decode::<PortAllocRecord>(&key, &value)?.port)),
+            None => Ok(None),
+        }
+    }
+
+    /// Releases the port of `service_port`: its keys go, the port joins the free list.
+    /// Returns the released port, or `None` if it had none.
+    pub async fn release(&self, service_port: &ServicePort) -> Result<Option<u16>, AllocError> {
+        let alloc_key = self.key(&Key::PortAlloc(service_port.clone()));
+        let mut attempted: Option<u16> = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let resp = self
+                .txn(|| Txn::new().and_then([TxnOp::get(alloc_key.clone(), None)]))
+                .await?;
+            let Some((_, value, mod_rev)) = first_kv(&resp) else {
+                // A retried release whose first try committed lands here too.
+                return Ok(attempted);
+            };
+            let port = records::decode::<PortAllocRecord>(&alloc_key, &value)?.port;
+            let owner_key = self.key(&Key::PortOwner(port));
+            let owner_text = records::owner_value(service_port);
+            // Delete the owner key (and free the port) only if it names us: a mismatch is
+            // repair's business, and the port may belong to someone else.
+            let release = Txn::new()
+                .when([Compare::mod_revision(alloc_key.clone(), CompareOp::Equal, mod_rev)])
+                .and_then([
+                    TxnOp::delete(alloc_key.clone(), None),
+                    TxnOp::txn(
+                        Txn::new()
+                            .when([Compare::value(
+                                owner_key.clone(),
+                                CompareOp::Equal,
+                                owner_text.clone(),
+                            )])
+                            .and_then([
+                                TxnOp::delete(owner_key.clone(), None),
+                                TxnOp::put(self.key(&Key::PortFree(port)), "", None),
+                            ]),
+                    ),
+                ]);
+            attempted = Some(port);
+            if self.txn(|| release.clone()).await?.succeeded() {
+                return Ok(Some(port));
+            }
+            self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(AllocError::Contention {
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    /// Every allocation, sorted by port, with whether its owner key agrees.
+    pub async fn list(&self) -> Result<Vec<Allocation>, AllocError> {
+        let state = self.read_all().await?;
+        let mut out: Vec<Allocation> = state
+            .allocs
+            .iter()
+            .filter_map(|(key, raw)| {
+                let Ok(Key::PortAlloc(sp)) = self.prefix.parse(key) else {
+                    return None;
+                };
+                let rec: PortAllocRecord = records::decode(key, &raw.value).ok()?;
+                let text = records::owner_value(&sp);
+                let consistent = state
+                    .owners
+                    .get(&self.key(&Key::PortOwner(rec.port)))
+                    .is_some_and(|o| o.value == text.as_bytes());
+                Some(Allocation {
+                    service_port: text,
+                    port: rec.port,
+                    consistent,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (a.port, &a.service_port).cmp(&(b.port, &b.service_port)));
+        Ok(out)
+    }
+
+    /// Everything under `ports/`, at one revision.
+    async fn read_all(&self) -> Result<repair::State, AllocError> {
+        let dirs = [
+            self.prefix.dir(Dir::PortAllocs),
+            self.prefix.dir(Dir::PortOwners),
+            self.prefix.dir(Dir::PortFree),
+        ];
+        let mut ops: Vec<TxnOp> = dirs
+            .iter()
+            .map(|d| TxnOp::get(d.clone(), Some(GetOptions::new().with_prefix())))
+            .collect();
+        ops.push(TxnOp::get(self.key(&Key::PortsNext), None));
+        let resp = self.txn(|| Txn::new().and_then(ops.clone())).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut maps = resp.op_responses().into_iter().map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        repair::Raw {
+                            value: kv.value().to_vec(),
+                            mod_revision: kv.mod_revision(),
+                        },
+                    )
+                })
+                .collect::<BTreeMap<_, _>>(),
+            other => unreachable!("a read-only txn answered {other:?}"),
+        });
+        let allocs = maps.next().unwrap_or_default();
+        let owners = maps.next().unwrap_or_default();
+        let free = maps.next().unwrap_or_default();
+        let next = maps.next().unwrap_or_default().into_values().next();
+        Ok(repair::State {
+            revision,
+            allocs,
+            owners,
+            free,
+            next,
+        })
+    }
+
+    /// Finds allocation keys that disagree and fixes them (unless `dry_run`), each fix in the
+    /// returned list. Every fix commits only if the keys it read are unchanged.
+    pub async fn repair(&self, dry_run: bool) -> Result<Vec<Fix>, AllocError> {
+        let state = self.read_all().await?;
+        let fixes = repair::plan(&state, &self.prefix, self.range);
+        if dry_run || fixes.is_empty() {
+            return Ok(fixes);
+        }
+        let applied = self.apply_fixes(&fixes).await?;
+        Ok(applied)
+    }
+
+    async fn apply_fixes(&self, fixes: &[Fix]) -> Result<Vec<Fix>, AllocError> {
+        let mut applied = Vec::new();
+        let mut batch: Vec<&Fix> = Vec::new();
+        let (mut compares, mut ops) = (0usize, 0usize);
+        for fix in fixes {
+            let (c, o) = fix.txn_parts();
+            if !batch.is_empty()
+                && (compares + c.len() > self.max_txn_ops || ops + o.len() > self.max_txn_ops)
+            {
+                applied.extend(self.apply_batch(&batch).await?);
+                batch.clear();
+                compares = 0;
+                ops = 0;
+            }
+            compares += c.len();
+            ops += o.len();
+            batch.push(fix);
+        }
+        if !batch.is_empty() {
+            applied.extend(self.apply_batch(&batch).await?);
+        }
+        Ok(applied)
+    }
+
+    /// One transaction for `batch`: all of it, or none if a key it read has changed since.
+    async fn apply_batch(&self, batch: &[&Fix]) -> Result<Vec<Fix>, AllocError> {
+        let (mut cmp, mut op) = (Vec::new(), Vec::new());
+        for fix in batch {
+            let (c, o) = fix.txn_parts();
+            cmp.extend(c);
+            op.extend(o);
+        }
+        let resp = self
+            .txn(|| Txn::new().when(cmp.clone()).and_then(op.clone()))
+            .await?;
+        Ok(if resp.succeeded() {
+            batch.iter().map(|f| (*f).clone()).collect()
+        } else {
+            Vec::new()
+        })
+    }
+}
+
+/// A nested transaction that moves `ports/next` forward to `to`, never back: created when
+/// absent, else put only if the stored (zero-padded) value is lower.
+fn advance_next(key: &str, to: u32) -> Txn {
+    let value = records::next_value(to);
+    Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key, value.clone(), None)])
+        .or_else([TxnOp::txn(
+            Txn::new()
+                .when([Compare::value(key, CompareOp::Less, value.clone())])
+                .and_then([TxnOp::put(key, value, None)]),
+        )])
+}
+
+fn first_kv(resp: &TxnResponse) -> Option<(Vec<u8>, Vec<u8>, i64)> {
+    resp.op_responses().into_iter().find_map(|r| match r {
+        TxnOpResponse::Get(g) => g
+            .kvs()
+            .first()
+            .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision())),
+        _ => None,
+    })
+}
+
+fn unique(sps: &[ServicePort]) -> Vec<&ServicePort> {
+    let mut seen = BTreeSet::new();
+    sps.iter().filter(|sp| seen.insert(*sp)).collect()
+}

@@ -1,0 +1,360 @@
+//! Choosing ports: the pure part of allocation.
+//!
+//! Given what a read saw (the counter hint, the free list, the owned ports in a window around
+//! the counter), [`choose`] picks candidate ports. Uniqueness does not depend on this choice:
+//! the write transaction compares every chosen `owner/<port>` as absent. The choice only
+//! decides how often writes collide, so it is tuned for that:
+//!
+//! * first try: the lowest candidates, in the order released ports, holes just below the
+//!   counter, then the counter itself, so ports stay dense and released ones come back first;
+//! * after a collision: a random pick among the first `k + spread` candidates, the spread
+//!   doubling with each retry, so concurrent allocators stop chasing the same port.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+/// An inclusive range of ambassador ports, written `20000-29999`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    pub const DEFAULT: PortRange = PortRange {
+        start: 20000,
+        end: 29999,
+    };
+
+    pub fn new(start: u16, end: u16) -> Result<Self, RangeError> {
+        if start == 0 || start > end {
+            return Err(RangeError(format!("{start}-{end}")));
+        }
+        Ok(Self { start, end })
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.start..=self.end).contains(&port)
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.end - self.start) + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = RangeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || RangeError(s.to_owned());
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let a = schema::service::parse_port(a.trim()).ok_or_else(bad)?;
+        let b = schema::service::parse_port(b.trim()).ok_or_else(bad)?;
+        Self::new(a, b).map_err(|_| bad())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid port range {0:?}: write FIRST-LAST with 1 <= FIRST <= LAST <= 65535, e.g. 20000-29999 \
+(keep it below the kernel's ephemeral range, 32768-60999 on Linux)"
+)]
+pub struct RangeError(pub String);
+
+/// Where a candidate came from; a port from the free list must also leave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `ports/free/<port>`: released earlier.
+    Free,
+    /// Below the counter and unowned: skipped by a concurrent allocation, or found by a scan.
+    Hole,
+    /// At or above the counter.
+    Counter,
+}
+
+/// A chosen port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub port: u16,
+    pub source: Source,
+}
+
+/// What one read saw; the input of [`choose`].
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// The counter hint (`ports/next`), if present and readable.
+    pub next: Option<u32>,
+    /// Ports in the free list.
+    pub free: BTreeSet<u16>,
+    /// Ports with an owner key, as far as the read looked.
+    pub owned: BTreeSet<u16>,
+    /// The numeric interval the owner read covered; `owned` is complete inside it.
+    pub scanned: (u32, u32),
+    /// Whether the read covered the whole range (then every unowned port is a candidate).
+    pub full_scan: bool,
+}
+
+/// How far below the counter the window read looks for holes.
+pub const HOLE_WINDOW: u32 = 256;
+/// How far above the counter the window read looks (covers spread retries of a batch).
+pub const AHEAD_WINDOW: u32 = 1024;
+
+/// The largest spread a retry uses.
+const MAX_SPREAD: usize = 512;
+
+/// The numeric interval a window read should cover, given the counter hint.
+pub fn window(range: PortRange, next: Option<u32>) -> (u32, u32) {
+    let next = next.unwrap_or(u32::from(range.start));
+    let lo = next.saturating_sub(HOLE_WINDOW).max(u32::from(range.start));
+    let hi = next.saturating_add(AHEAD_WINDOW).min(u32::from(range.end));
+    (lo, hi.max(lo))
+}
+
+/// Not enough candidates: the caller scans the whole range, or reports exhaustion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortage {
+    pub available: usize,
+}
+
+/// Picks `k` distinct candidates. `attempt` 0 takes the lowest; later attempts pick at random
+/// among the first `k + spread` to avoid colliding with other allocators.
+pub fn choose(
+    view: &View,
+    range: PortRange,
+    k: usize,
+    attempt: u32,
+    rng: &mut fastrand::Rng,
+) -> Result<Vec<Candidate>, Shortage> {
+    if k == 0 {
+        return Ok(Vec::new());
+    }
+    let spread = if attempt == 0 {
+        0
+    } else {
+        (8usize << attempt.min(10)).min(MAX_SPREAD)
+    };
+    let want = k + spread;
+    let pool = candidates(view, range, want);
+    if pool.len() < k {
+        return Err(Shortage {
+            available: pool.len(),
+        });
+    }
+    if attempt == 0 {
+        return Ok(pool[..k].to_vec());
+    }
+    let mut pool = pool;
+    // Partial Fisher-Yates: the first k positions become a uniform sample of the pool.
+    for i in 0..k {
+        let j = rng.usize(i..pool.len());
+        pool.swap(i, j);
+    }
+    pool.truncate(k);
+    pool.sort_by_key(|c| c.port);
+    Ok(pool)
+}
+
+/// Up to `limit` candidates in preference order.
+fn candidates(view: &View, range: PortRange, limit: usize) -> Vec<Candidate> {
+    let mut out = Vec::with_capacity(limit.min(range.len()));
+    let next = view
+        .next
+        .unwrap_or(u32::from(range.start))
+        .clamp(u32::from(range.start), u32::from(range.end) + 1);
+    let free_ok = |p: u16| range.contains(p) && !view.owned.contains(&p);
+    for &p in &view.free {
+        if out.len() == limit {
+            return out;
+        }
+        if free_ok(p) {
+            out.push(Candidate {
+                port: p,
+                source: Source::Free,
+            });
+        }
+    }
+    // Holes: unowned ports below the counter that the read can vouch for.
+    let (hole_lo, hole_hi) = if view.full_scan {
+        (u32::from(range.start), next)
+    } else {
+        (
+            view.scanned.0.max(u32::from(range.start)),
+            next.min(view.scanned.1.saturating_add(1)),
+        )
+    };
+    for p in hole_lo..hole_hi {
+        if out.len() == limit {
+            return out;
+        }
+        let p = p as u16;
+        if !view.owned.contains(&p) && !view.free.contains(&p) {
+            out.push(Candidate {
+                port: p,
+                source: Source::Hole,
+            });
+        }
+    }
+    // The counter: owned ports above it exist only if written by hand or an older version;
+    // skip those the read saw.
+    for p in next..=u32::from(range.end) {
+        if out.len() == limit {
+            break;
+        }
+        let p = p as u16;
+        if !view.owned.contains(&p) && !view.free.contains(&p) {
+            out.push(Candidate {
+                port: p,
+                source: Source::Counter,
+            });
+        }
+    }
+    out
+}
+
+/// Lexicographic key ranges `[from, to]` (inclusive, as decimal strings) covering the numeric
+/// interval `[lo, hi]`: one per digit count, since `"9999" > "10000"` byte-wise. A range read
+/// of `[from, to + "\0")` also returns longer keys that share a prefix (`1000`..`1099` brings
+/// `10000`..`10999`); callers filter by parsing the number.
+pub fn lexicographic_pieces(lo: u32, hi: u32) -> Vec<(String, String)> {
+    let mut pieces = Vec::new();
+    let mut start = lo;
+    while start <= hi {
+        let digits = start.to_string().len() as u32;
+        let top = 10u32.saturating_pow(digits).saturating_sub(1);
+        let end = hi.min(top);
+        pieces.push((start.to_string(), end.to_string()));
+        if end == u32::MAX {
+            break;
+        }
+        start = end + 1;
+    }
+    pieces
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(next: u32, owned: &[u16], free: &[u16]) -> View {
+        View {
+            next: Some(next),
+            free: free.iter().copied().collect(),
+            owned: owned.iter().copied().collect(),
+            scanned: window(PortRange::DEFAULT, Some(next)),
+            full_scan: false,
+        }
+    }
+
+    #[test]
+    fn first_try_prefers_free_then_holes_then_counter() {
+        let v = view(20005, &[20000, 20001, 20003, 20006], &[20001, 20004]);
+        let mut rng = fastrand::Rng::with_seed(1);
+        let got = choose(&v, PortRange::DEFAULT, 4, 0, &mut rng).unwrap();
+        let ports: Vec<(u16, Source)> = got.iter().map(|c| (c.port, c.source)).collect();
+        // 20001 is in the free list but owned (stale): skipped.
+        assert_eq!(
+            ports,
+            vec![
+                (20004, Source::Free),
+                (20002, Source::Hole),
+                (20005, Source::Counter),
+                (20007, Source::Counter),
+            ]
+        );
+    }
+
+    #[test]
+    fn retries_spread_out_and_stay_valid() {
+        let v = view(20000, &[], &[]);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut distinct = BTreeSet::new();
+        for _ in 0..32 {
+            let got = choose(&v, PortRange::DEFAULT, 1, 3, &mut rng).unwrap();
+            assert!(got[0].port >= 20000 && got[0].port < 20000 + 1 + 64);
+            distinct.insert(got[0].port);
+        }
+        assert!(distinct.len() > 10, "retries do not spread: {distinct:?}");
+    }
+
+    #[test]
+    fn reports_shortage_and_respects_range() {
+        let range = PortRange::new(100, 109).unwrap();
+        let owned: Vec<u16> = (100..108).collect();
+        let v = View {
+            next: Some(110),
+            owned: owned.into_iter().collect(),
+            scanned: (100, 109),
+            full_scan: true,
+            ..View::default()
+        };
+        let mut rng = fastrand::Rng::with_seed(1);
+        assert_eq!(
+            choose(&v, range, 3, 0, &mut rng),
+            Err(Shortage { available: 2 })
+        );
+        let got = choose(&v, range, 2, 0, &mut rng).unwrap();
+        assert_eq!(got.iter().map(|c| c.port).collect::<Vec<_>>(), vec![108, 109]);
+    }
+
+    #[test]
+    fn small_range_holes_are_found_in_the_window() {
+        let range = PortRange::new(100, 109).unwrap();
+        let v = View {
+            next: Some(110),
+            scanned: window(range, Some(110)),
+            ..View::default()
+        };
+        // The window below the counter covers the whole small range: holes are found.
+        let mut rng = fastrand::Rng::with_seed(1);
+        assert_eq!(choose(&v, range, 10, 0, &mut rng).unwrap().len(), 10);
+    }
+
+    #[test]
+    fn no_holes_where_the_read_did_not_look() {
+        let v = View {
+            next: Some(20005),
+            scanned: (1, 0),
+            ..View::default()
+        };
+        let mut rng = fastrand::Rng::with_seed(1);
+        let got = choose(&v, PortRange::DEFAULT, 1, 0, &mut rng).unwrap();
+        assert_eq!(got[0], Candidate { port: 20005, source: Source::Counter });
+    }
+
+    #[test]
+    fn ranges_parse_and_reject() {
+        assert_eq!("20000-29999".parse::<PortRange>().unwrap(), PortRange::DEFAULT);
+        for bad in ["", "20000", "0-10", "10-5", "1-70000", "a-b", "-5"] {
+            let err = bad.parse::<PortRange>().unwrap_err().to_string();
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn lexicographic_pieces_split_by_digit_count() {
+        assert_eq!(
+            lexicographic_pieces(9990, 10010),
+            vec![("9990".into(), "9999".into()), ("10000".into(), "10010".into())]
+        );
+        assert_eq!(
+            lexicographic_pieces(20000, 20100),
+            vec![("20000".into(), "20100".into())]
+        );
+    }
+}
