@@ -116,7 +116,8 @@ struct Snapshot {
 impl Allocator {
     pub fn new(client: &Client, prefix: Prefix, range: PortRange) -> Self {
         Self {
-            kv: client.kv_client(),
+            // A full scan of a 64k-port range reads ~5 MB of keys: above tonic's 4 MB default.
+            kv: client.kv_client().max_decoding_message_size(64 << 20),
             prefix,
             range,
             max_txn_ops: ETCD_DEFAULT_MAX_TXN_OPS,
@@ -246,7 +247,9 @@ impl Allocator {
                 }
             }
             if !conflict {
-                if attempt == self.heat.load(Ordering::Relaxed) && attempt > 0 {
+                // Cool down slowly: one quiet success does not mean the others stopped.
+                if attempt == self.heat.load(Ordering::Relaxed) && attempt > 0 && rng.u8(..8) == 0
+                {
                     let _ = self.heat.compare_exchange(
                         attempt,
                         attempt - 1,
@@ -567,14 +570,33 @@ impl Allocator {
 
     /// Finds allocation keys that disagree and fixes them (unless `dry_run`), each fix in the
     /// returned list. Every fix commits only if the keys it read are unchanged.
+    ///
+    /// A batch whose keys changed under it (a concurrent allocation) is planned again from a
+    /// fresh read, a few times; what is still left is returned as [`Fix::Unfixable`].
     pub async fn repair(&self, dry_run: bool) -> Result<Vec<Fix>, AllocError> {
-        let state = self.read_all().await?;
-        let fixes = repair::plan(&state, &self.prefix, self.range);
-        if dry_run || fixes.is_empty() {
-            return Ok(fixes);
+        let mut done = Vec::new();
+        for _ in 0..5 {
+            let state = self.read_all().await?;
+            let fixes = repair::plan(&state, &self.prefix, self.range);
+            if dry_run {
+                return Ok(fixes);
+            }
+            let (unfixable, fixable): (Vec<Fix>, Vec<Fix>) = fixes
+                .into_iter()
+                .partition(|f| matches!(f, Fix::Unfixable { .. }));
+            let applied = self.apply_fixes(&fixable).await?;
+            let complete = applied.len() == fixable.len();
+            done.extend(applied);
+            if complete {
+                done.extend(unfixable);
+                return Ok(done);
+            }
+            self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
         }
-        let applied = self.apply_fixes(&fixes).await?;
-        Ok(applied)
+        done.push(Fix::Unfixable {
+            what: "allocation keys kept changing during repair; run it again".into(),
+        });
+        Ok(done)
     }
 
     async fn apply_fixes(&self, fixes: &[Fix]) -> Result<Vec<Fix>, AllocError> {

@@ -111,7 +111,7 @@ pub struct View {
 }
 
 /// How far below the counter the window read looks for holes.
-pub const HOLE_WINDOW: u32 = 256;
+pub const HOLE_WINDOW: u32 = 64;
 /// How far above the counter the window read looks (covers spread retries of a batch).
 pub const AHEAD_WINDOW: u32 = 1024;
 

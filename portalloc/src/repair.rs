@@ -161,7 +161,6 @@ impl Fix {
                 (vec![unchanged(owner_key, *owner_rev)], ops)
             }
             Fix::Reassign {
-                service_port,
                 to,
                 alloc_key,
                 alloc_rev,

@@ -53,14 +53,24 @@ pub enum WatchEnd {
 /// `tx` is bounded: a slow owner slows the watcher, and etcd buffers (and eventually cancels a
 /// watcher that falls too far behind, which this resumes from).
 pub async fn watch_prefix(
-    mut client: Client,
+    client: Client,
     prefix: String,
     tx: mpsc::Sender<WatchUpdate>,
     shutdown: CancellationToken,
 ) -> WatchEnd {
+    watch_prefix_from(client, prefix, None, tx, shutdown).await
+}
+
+/// Like [`watch_prefix`], for an owner that has already seen everything up to `seen`: it
+/// watches from `seen + 1` without listing first (and lists if `seen` was compacted away).
+pub async fn watch_prefix_from(
+    mut client: Client,
+    prefix: String,
+    mut seen: Option<i64>,
+    tx: mpsc::Sender<WatchUpdate>,
+    shutdown: CancellationToken,
+) -> WatchEnd {
     let mut backoff = Backoff::default();
-    // The revision up to which the owner has seen everything; None: list first.
-    let mut seen: Option<i64> = None;
     loop {
         if shutdown.is_cancelled() {
             return WatchEnd::Shutdown;

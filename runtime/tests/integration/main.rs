@@ -1,0 +1,4 @@
+//! The runtime plumbing against a real etcd.
+
+mod lease;
+mod watch;

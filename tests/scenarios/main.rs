@@ -1,0 +1,3 @@
+//! Scenarios across viking's parts, against real etcd.
+
+mod allocations_are_watched;
