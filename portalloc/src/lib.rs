@@ -239,8 +239,10 @@ impl Allocator {
             let mut conflict = false;
             let items: Vec<(&ServicePort, plan::Candidate)> =
                 need.iter().copied().zip(chosen).collect();
+            // Ports this round has committed, so each chunk moves the frontier over them.
+            let mut taken = BTreeSet::new();
             for chunk in self.chunks(&items) {
-                if self.write(chunk, &snap).await? {
+                if self.write(chunk, &snap, &mut taken).await? {
                     got.extend(chunk.iter().map(|(sp, c)| ((*sp).clone(), c.port)));
                 } else {
                     conflict = true;
@@ -412,6 +414,7 @@ impl Allocator {
         &self,
         items: &[(&ServicePort, plan::Candidate)],
         snap: &Snapshot,
+        taken: &mut BTreeSet<u16>,
     ) -> Result<bool, AllocError> {
         let mut compares = Vec::with_capacity(items.len() * 2);
         let mut ops = Vec::with_capacity(items.len() * 3 + 1);
@@ -426,15 +429,17 @@ impl Allocator {
                 ops.push(TxnOp::delete(self.key(&Key::PortFree(c.port)), None));
             }
         }
-        let highest = items.iter().map(|(_, c)| u32::from(c.port) + 1).max();
-        let seen_next = snap.view.next.unwrap_or(0);
-        if let Some(new_next) = highest.filter(|n| *n > seen_next || !snap.next_present) {
+        let mut with_chunk = taken.clone();
+        with_chunk.extend(items.iter().map(|(_, c)| c.port));
+        let new_next = plan::frontier(&snap.view, self.range, &with_chunk);
+        if new_next > snap.view.next.unwrap_or(0) || !snap.next_present {
             ops.push(TxnOp::txn(advance_next(&self.key(&Key::PortsNext), new_next)));
         }
         let resp = self
             .txn(|| Txn::new().when(compares.clone()).and_then(ops.clone()))
             .await?;
         if resp.succeeded() {
+            *taken = with_chunk;
             for (sp, c) in items {
                 debug!(service_port = %sp, port = c.port, source = ?c.source, "allocated");
             }

@@ -5,10 +5,15 @@
 //! the write transaction compares every chosen `owner/<port>` as absent. The choice only
 //! decides how often writes collide, so it is tuned for that:
 //!
-//! * first try: the lowest candidates, in the order released ports, holes just below the
-//!   counter, then the counter itself, so ports stay dense and released ones come back first;
+//! * first try: the lowest candidates, released ports first, then upward from the counter,
+//!   so ports stay dense and released ones come back first;
 //! * after a collision: a random pick among the first `k + spread` candidates, the spread
 //!   doubling with each retry, so concurrent allocators stop chasing the same port.
+//!
+//! `ports/next` is the *dense frontier*: every port below it is owned or on the free list.
+//! Random picks above it leave gaps, but those gaps stay at or above the frontier, where every
+//! later read looks ([`window`]), so no port is ever lost below it. [`frontier`] computes how
+//! far a write may move it.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -110,9 +115,8 @@ pub struct View {
     pub full_scan: bool,
 }
 
-/// How far below the counter the window read looks for holes.
-pub const HOLE_WINDOW: u32 = 64;
-/// How far above the counter the window read looks (covers spread retries of a batch).
+/// How far above the counter a read looks for owned ports. Gaps left by random picks lie
+/// within the largest spread (512) plus a batch of this, so the window covers them.
 pub const AHEAD_WINDOW: u32 = 1024;
 
 /// The largest spread a retry uses.
@@ -120,10 +124,31 @@ const MAX_SPREAD: usize = 512;
 
 /// The numeric interval a window read should cover, given the counter hint.
 pub fn window(range: PortRange, next: Option<u32>) -> (u32, u32) {
-    let next = next.unwrap_or(u32::from(range.start));
-    let lo = next.saturating_sub(HOLE_WINDOW).max(u32::from(range.start));
-    let hi = next.saturating_add(AHEAD_WINDOW).min(u32::from(range.end));
+    let lo = next
+        .unwrap_or(u32::from(range.start))
+        .max(u32::from(range.start));
+    let hi = lo.saturating_add(AHEAD_WINDOW).min(u32::from(range.end));
     (lo, hi.max(lo))
+}
+
+/// The frontier after a write that takes `taken` (on top of what `view` saw owned): the
+/// lowest port at or above the seen counter that is neither owned nor taken, as far as the
+/// read can vouch for. Never below the seen counter.
+pub fn frontier(view: &View, range: PortRange, taken: &BTreeSet<u16>) -> u32 {
+    let mut q = view
+        .next
+        .unwrap_or(u32::from(range.start))
+        .max(u32::from(range.start));
+    let known = |q: u32| view.full_scan || (view.scanned.0..=view.scanned.1).contains(&q);
+    while q <= u32::from(range.end) {
+        let p = q as u16;
+        if taken.contains(&p) || (known(q) && view.owned.contains(&p)) {
+            q += 1;
+        } else {
+            break;
+        }
+    }
+    q
 }
 
 /// Not enough candidates: the caller scans the whole range, or reports exhaustion.
@@ -189,16 +214,10 @@ fn candidates(view: &View, range: PortRange, limit: usize) -> Vec<Candidate> {
             });
         }
     }
-    // Holes: unowned ports below the counter that the read can vouch for.
-    let (hole_lo, hole_hi) = if view.full_scan {
-        (u32::from(range.start), next)
-    } else {
-        (
-            view.scanned.0.max(u32::from(range.start)),
-            next.min(view.scanned.1.saturating_add(1)),
-        )
-    };
-    for p in hole_lo..hole_hi {
+    // Holes below the frontier exist only if written by hand or by an older version; a full
+    // scan (near exhaustion) finds them.
+    let hole_hi = if view.full_scan { next } else { u32::from(range.start) };
+    for p in u32::from(range.start)..hole_hi {
         if out.len() == limit {
             return out;
         }
@@ -210,8 +229,7 @@ fn candidates(view: &View, range: PortRange, limit: usize) -> Vec<Candidate> {
             });
         }
     }
-    // The counter: owned ports above it exist only if written by hand or an older version;
-    // skip those the read saw.
+    // Upward from the counter, skipping what the read saw owned (gaps left by random picks).
     for p in next..=u32::from(range.end) {
         if out.len() == limit {
             break;
@@ -262,21 +280,43 @@ mod tests {
     }
 
     #[test]
-    fn first_try_prefers_free_then_holes_then_counter() {
+    fn first_try_prefers_free_then_the_counter_skipping_gaps() {
         let v = view(20005, &[20000, 20001, 20003, 20006], &[20001, 20004]);
         let mut rng = fastrand::Rng::with_seed(1);
         let got = choose(&v, PortRange::DEFAULT, 4, 0, &mut rng).unwrap();
         let ports: Vec<(u16, Source)> = got.iter().map(|c| (c.port, c.source)).collect();
-        // 20001 is in the free list but owned (stale): skipped.
+        // 20001 is on the free list but owned (stale): skipped. 20006 is owned above the
+        // frontier (a random pick of another allocator): skipped.
         assert_eq!(
             ports,
             vec![
                 (20004, Source::Free),
-                (20002, Source::Hole),
                 (20005, Source::Counter),
                 (20007, Source::Counter),
+                (20008, Source::Counter),
             ]
         );
+    }
+
+    #[test]
+    fn frontier_moves_over_owned_and_taken_ports_only() {
+        let v = view(20005, &[20006, 20008], &[]);
+        let taken = |ps: &[u16]| ps.iter().copied().collect::<BTreeSet<u16>>();
+        assert_eq!(frontier(&v, PortRange::DEFAULT, &taken(&[])), 20005);
+        assert_eq!(frontier(&v, PortRange::DEFAULT, &taken(&[20005])), 20007);
+        assert_eq!(frontier(&v, PortRange::DEFAULT, &taken(&[20005, 20007])), 20009);
+        assert_eq!(frontier(&v, PortRange::DEFAULT, &taken(&[20010])), 20005);
+        // Outside what the read saw, only our own picks count.
+        let cold = View {
+            next: Some(20005),
+            owned: taken(&[20006]),
+            scanned: (1, 0),
+            ..View::default()
+        };
+        assert_eq!(frontier(&cold, PortRange::DEFAULT, &taken(&[20005])), 20006);
+        let full = PortRange::new(100, 101).unwrap();
+        let v = View { next: Some(100), ..View::default() };
+        assert_eq!(frontier(&v, full, &taken(&[100, 101])), 102);
     }
 
     #[test]
@@ -313,16 +353,19 @@ mod tests {
     }
 
     #[test]
-    fn small_range_holes_are_found_in_the_window() {
+    fn a_full_scan_finds_holes_below_the_counter() {
         let range = PortRange::new(100, 109).unwrap();
         let v = View {
             next: Some(110),
-            scanned: window(range, Some(110)),
+            owned: [100, 105].into_iter().collect(),
+            scanned: (100, 109),
+            full_scan: true,
             ..View::default()
         };
-        // The window below the counter covers the whole small range: holes are found.
         let mut rng = fastrand::Rng::with_seed(1);
-        assert_eq!(choose(&v, range, 10, 0, &mut rng).unwrap().len(), 10);
+        let got = choose(&v, range, 8, 0, &mut rng).unwrap();
+        assert!(got.iter().all(|c| c.source == Source::Hole && c.port != 105));
+        assert_eq!(got.len(), 8);
     }
 
     #[test]
