@@ -100,7 +100,10 @@ fn bench(c: &mut Criterion) {
                 run(&b, workers, n, move |w, i| {
                     let mut client = clients[w].clone();
                     async move {
-                        client.put(format!("/bench/put/{i}"), "x", None).await.unwrap();
+                        client
+                            .put(format!("/bench/put/{i}"), "x", None)
+                            .await
+                            .unwrap();
                     }
                 })
             });
@@ -109,7 +112,13 @@ fn bench(c: &mut Criterion) {
         let allocators: Vec<Allocator> = b
             .clients
             .iter()
-            .map(|c| Allocator::new(c, Prefix::new(&format!("/bench/a{workers}")).unwrap(), RANGE))
+            .map(|c| {
+                Allocator::new(
+                    c,
+                    Prefix::new(&format!("/bench/a{workers}")).unwrap(),
+                    RANGE,
+                )
+            })
             .collect();
         let probe = allocators.clone();
         group.bench_function(format!("allocate/{workers}"), |bench| {
@@ -123,9 +132,9 @@ fn bench(c: &mut Criterion) {
                 })
             });
         });
-        let (trips, conflicts) = probe.iter().fold((0, 0), |(t, c), a| {
-            (t + a.round_trips(), c + a.conflicts())
-        });
+        let (trips, conflicts) = probe
+            .iter()
+            .fold((0, 0), |(t, c), a| (t + a.round_trips(), c + a.conflicts()));
         eprintln!("allocate/{workers}: {trips} requests, {conflicts} write conflicts in all");
     }
     group.finish();

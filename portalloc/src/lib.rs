@@ -188,7 +188,9 @@ impl Allocator {
 
     /// The ambassador port of `service_port`, allocating one if it has none.
     pub async fn allocate(&self, service_port: &ServicePort) -> Result<u16, AllocError> {
-        let ports = self.allocate_many(std::slice::from_ref(service_port)).await?;
+        let ports = self
+            .allocate_many(std::slice::from_ref(service_port))
+            .await?;
         Ok(ports[0])
     }
 
@@ -215,13 +217,14 @@ impl Allocator {
             }
             let mut snap = self.read(&missing, false).await?;
             got.extend(snap.existing.drain());
-            let need: Vec<&ServicePort> =
-                missing.into_iter().filter(|sp| !got.contains_key(*sp)).collect();
+            let need: Vec<&ServicePort> = missing
+                .into_iter()
+                .filter(|sp| !got.contains_key(*sp))
+                .collect();
             if need.is_empty() {
                 break;
             }
-            let chosen = match plan::choose(&snap.view, self.range, need.len(), attempt, &mut rng)
-            {
+            let chosen = match plan::choose(&snap.view, self.range, need.len(), attempt, &mut rng) {
                 Ok(c) => c,
                 Err(_) => {
                     // Not enough near the counter: look at the whole range once.
@@ -250,8 +253,7 @@ impl Allocator {
             }
             if !conflict {
                 // Cool down slowly: one quiet success does not mean the others stopped.
-                if attempt == self.heat.load(Ordering::Relaxed) && attempt > 0 && rng.u8(..8) == 0
-                {
+                if attempt == self.heat.load(Ordering::Relaxed) && attempt > 0 && rng.u8(..8) == 0 {
                     let _ = self.heat.compare_exchange(
                         attempt,
                         attempt - 1,
@@ -317,12 +319,21 @@ impl Allocator {
         } else {
             hint.map_or((1, 0), |h| plan::window(self.range, Some(h)))
         };
-        let free_limit = if full_scan { 0 } else { (sps.len() + 600) as i64 };
+        let free_limit = if full_scan {
+            0
+        } else {
+            (sps.len() + 600) as i64
+        };
         let mut head = vec![
             TxnOp::get(next_key.clone(), None),
             TxnOp::get(
                 free_dir.clone(),
-                Some(GetOptions::new().with_prefix().with_keys_only().with_limit(free_limit)),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_limit(free_limit),
+                ),
             ),
         ];
         if scanned.0 <= scanned.1 {
@@ -421,9 +432,21 @@ impl Allocator {
         for (sp, c) in items {
             let alloc_key = self.key(&Key::PortAlloc((*sp).clone()));
             let owner_key = self.key(&Key::PortOwner(c.port));
-            compares.push(Compare::create_revision(alloc_key.clone(), CompareOp::Equal, 0));
-            compares.push(Compare::create_revision(owner_key.clone(), CompareOp::Equal, 0));
-            ops.push(TxnOp::put(alloc_key, records::encode(&PortAllocRecord::new(c.port)), None));
+            compares.push(Compare::create_revision(
+                alloc_key.clone(),
+                CompareOp::Equal,
+                0,
+            ));
+            compares.push(Compare::create_revision(
+                owner_key.clone(),
+                CompareOp::Equal,
+                0,
+            ));
+            ops.push(TxnOp::put(
+                alloc_key,
+                records::encode(&PortAllocRecord::new(c.port)),
+                None,
+            ));
             ops.push(TxnOp::put(owner_key, records::owner_value(sp), None));
             if c.source == plan::Source::Free {
                 ops.push(TxnOp::delete(self.key(&Key::PortFree(c.port)), None));
@@ -433,7 +456,10 @@ impl Allocator {
         with_chunk.extend(items.iter().map(|(_, c)| c.port));
         let new_next = plan::frontier(&snap.view, self.range, &with_chunk);
         if new_next > snap.view.next.unwrap_or(0) || !snap.next_present {
-            ops.push(TxnOp::txn(advance_next(&self.key(&Key::PortsNext), new_next)));
+            ops.push(TxnOp::txn(advance_next(
+                &self.key(&Key::PortsNext),
+                new_next,
+            )));
         }
         let resp = self
             .txn(|| Txn::new().when(compares.clone()).and_then(ops.clone()))
@@ -450,7 +476,9 @@ impl Allocator {
     /// The ambassador port of `service_port`, if it has one.
     pub async fn get(&self, service_port: &ServicePort) -> Result<Option<u16>, AllocError> {
         let key = self.key(&Key::PortAlloc(service_port.clone()));
-        let resp = self.txn(|| Txn::new().and_then([TxnOp::get(key.clone(), None)])).await?;
+        let resp = self
+            .txn(|| Txn::new().and_then([TxnOp::get(key.clone(), None)]))
+            .await?;
         match first_kv(&resp) {
             Some((_, value, _)) => Ok(Some(records::decode::<PortAllocRecord>(&key, &value)?.port)),
             None => Ok(None),
@@ -476,7 +504,11 @@ impl Allocator {
             // Delete the owner key (and free the port) only if it names us: a mismatch is
             // repair's business, and the port may belong to someone else.
             let release = Txn::new()
-                .when([Compare::mod_revision(alloc_key.clone(), CompareOp::Equal, mod_rev)])
+                .when([Compare::mod_revision(
+                    alloc_key.clone(),
+                    CompareOp::Equal,
+                    mod_rev,
+                )])
                 .and_then([
                     TxnOp::delete(alloc_key.clone(), None),
                     TxnOp::txn(

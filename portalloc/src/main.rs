@@ -22,7 +22,12 @@ struct Cli {
     etcd: EtcdArgs,
 
     /// Ports handed out, FIRST-LAST (keep below the ephemeral range 32768-60999)
-    #[arg(long, env = "VIKING_PORT_RANGE", default_value = "20000-29999", global = true)]
+    #[arg(
+        long,
+        env = "VIKING_PORT_RANGE",
+        default_value = "20000-29999",
+        global = true
+    )]
     range: PortRange,
 
     /// etcd's --max-txn-ops; raise it with the server's to write big batches in one transaction
@@ -75,7 +80,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     runtime::telemetry::init("warn");
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portalloc: cannot start: {e}");

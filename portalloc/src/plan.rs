@@ -216,7 +216,11 @@ fn candidates(view: &View, range: PortRange, limit: usize) -> Vec<Candidate> {
     }
     // Holes below the frontier exist only if written by hand or by an older version; a full
     // scan (near exhaustion) finds them.
-    let hole_hi = if view.full_scan { next } else { u32::from(range.start) };
+    let hole_hi = if view.full_scan {
+        next
+    } else {
+        u32::from(range.start)
+    };
     for p in u32::from(range.start)..hole_hi {
         if out.len() == limit {
             return out;
@@ -304,7 +308,10 @@ mod tests {
         let taken = |ps: &[u16]| ps.iter().copied().collect::<BTreeSet<u16>>();
         assert_eq!(frontier(&v, PortRange::DEFAULT, &taken(&[])), 20005);
         assert_eq!(frontier(&v, PortRange::DEFAULT, &taken(&[20005])), 20007);
-        assert_eq!(frontier(&v, PortRange::DEFAULT, &taken(&[20005, 20007])), 20009);
+        assert_eq!(
+            frontier(&v, PortRange::DEFAULT, &taken(&[20005, 20007])),
+            20009
+        );
         assert_eq!(frontier(&v, PortRange::DEFAULT, &taken(&[20010])), 20005);
         // Outside what the read saw, only our own picks count.
         let cold = View {
@@ -315,7 +322,10 @@ mod tests {
         };
         assert_eq!(frontier(&cold, PortRange::DEFAULT, &taken(&[20005])), 20006);
         let full = PortRange::new(100, 101).unwrap();
-        let v = View { next: Some(100), ..View::default() };
+        let v = View {
+            next: Some(100),
+            ..View::default()
+        };
         assert_eq!(frontier(&v, full, &taken(&[100, 101])), 102);
     }
 
@@ -349,7 +359,10 @@ mod tests {
             Err(Shortage { available: 2 })
         );
         let got = choose(&v, range, 2, 0, &mut rng).unwrap();
-        assert_eq!(got.iter().map(|c| c.port).collect::<Vec<_>>(), vec![108, 109]);
+        assert_eq!(
+            got.iter().map(|c| c.port).collect::<Vec<_>>(),
+            vec![108, 109]
+        );
     }
 
     #[test]
@@ -364,7 +377,10 @@ mod tests {
         };
         let mut rng = fastrand::Rng::with_seed(1);
         let got = choose(&v, range, 8, 0, &mut rng).unwrap();
-        assert!(got.iter().all(|c| c.source == Source::Hole && c.port != 105));
+        assert!(
+            got.iter()
+                .all(|c| c.source == Source::Hole && c.port != 105)
+        );
         assert_eq!(got.len(), 8);
     }
 
@@ -377,12 +393,21 @@ mod tests {
         };
         let mut rng = fastrand::Rng::with_seed(1);
         let got = choose(&v, PortRange::DEFAULT, 1, 0, &mut rng).unwrap();
-        assert_eq!(got[0], Candidate { port: 20005, source: Source::Counter });
+        assert_eq!(
+            got[0],
+            Candidate {
+                port: 20005,
+                source: Source::Counter
+            }
+        );
     }
 
     #[test]
     fn ranges_parse_and_reject() {
-        assert_eq!("20000-29999".parse::<PortRange>().unwrap(), PortRange::DEFAULT);
+        assert_eq!(
+            "20000-29999".parse::<PortRange>().unwrap(),
+            PortRange::DEFAULT
+        );
         for bad in ["", "20000", "0-10", "10-5", "1-70000", "a-b", "-5"] {
             let err = bad.parse::<PortRange>().unwrap_err().to_string();
             assert!(err.contains(&format!("{bad:?}")), "{err}");
@@ -393,7 +418,10 @@ mod tests {
     fn lexicographic_pieces_split_by_digit_count() {
         assert_eq!(
             lexicographic_pieces(9990, 10010),
-            vec![("9990".into(), "9999".into()), ("10000".into(), "10010".into())]
+            vec![
+                ("9990".into(), "9999".into()),
+                ("10000".into(), "10010".into())
+            ]
         );
         assert_eq!(
             lexicographic_pieces(20000, 20100),

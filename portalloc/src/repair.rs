@@ -100,7 +100,9 @@ pub enum Fix {
         rev: i64,
     },
     /// Found but not fixable automatically; reported only.
-    Unfixable { what: String },
+    Unfixable {
+        what: String,
+    },
 }
 
 impl Fix {
@@ -128,7 +130,10 @@ impl Fix {
                 owner_rev,
                 ..
             } => (
-                vec![unchanged(alloc_key, *alloc_rev), unchanged(owner_key, *owner_rev)],
+                vec![
+                    unchanged(alloc_key, *alloc_rev),
+                    unchanged(owner_key, *owner_rev),
+                ],
                 vec![TxnOp::put(owner_key.as_str(), service_port.as_str(), None)],
             ),
             Fix::RestoreAlloc {
@@ -168,7 +173,10 @@ impl Fix {
                 new_owner_rev: Some(owner_rev),
                 ..
             } => (
-                vec![unchanged(alloc_key, *alloc_rev), unchanged(new_owner_key, *owner_rev)],
+                vec![
+                    unchanged(alloc_key, *alloc_rev),
+                    unchanged(new_owner_key, *owner_rev),
+                ],
                 vec![TxnOp::put(alloc_key.as_str(), alloc_value(*to), None)],
             ),
             Fix::Reassign {
@@ -188,11 +196,16 @@ impl Fix {
                     TxnOp::delete(free_key.as_str(), None),
                 ],
             ),
-            Fix::DropKey { key, rev, .. } => {
-                (vec![unchanged(key, *rev)], vec![TxnOp::delete(key.as_str(), None)])
-            }
+            Fix::DropKey { key, rev, .. } => (
+                vec![unchanged(key, *rev)],
+                vec![TxnOp::delete(key.as_str(), None)],
+            ),
             Fix::SetNext { key, to, rev, .. } => (
-                vec![if *rev == 0 { absent(key) } else { unchanged(key, *rev) }],
+                vec![if *rev == 0 {
+                    absent(key)
+                } else {
+                    unchanged(key, *rev)
+                }],
                 vec![TxnOp::put(key.as_str(), records::next_value(*to), None)],
             ),
             Fix::Unfixable { .. } => (Vec::new(), Vec::new()),
@@ -205,16 +218,25 @@ impl fmt::Display for Fix {
         match self {
             Fix::CreateOwner {
                 service_port, port, ..
-            } => write!(f, "created owner of port {port} for {service_port} (it was missing)"),
+            } => write!(
+                f,
+                "created owner of port {port} for {service_port} (it was missing)"
+            ),
             Fix::RewriteOwner {
                 service_port,
                 port,
                 was,
                 ..
-            } => write!(f, "owner of port {port} set to {service_port} (was {was:?})"),
+            } => write!(
+                f,
+                "owner of port {port} set to {service_port} (was {was:?})"
+            ),
             Fix::RestoreAlloc {
                 service_port, port, ..
-            } => write!(f, "restored allocation {service_port} -> {port} from its owner key"),
+            } => write!(
+                f,
+                "restored allocation {service_port} -> {port} from its owner key"
+            ),
             Fix::DropOwner { port, was, .. } => write!(
                 f,
                 "dropped owner of port {port} ({was:?} does not hold it) and freed the port"
@@ -277,7 +299,10 @@ pub fn plan(state: &State, prefix: &Prefix, range: PortRange) -> Vec<Fix> {
         };
         match records::decode::<PortAllocRecord>(key, &raw.value) {
             Ok(rec) if rec.port != 0 => {
-                claims.entry(rec.port).or_default().push((sp, key, raw.mod_revision));
+                claims
+                    .entry(rec.port)
+                    .or_default()
+                    .push((sp, key, raw.mod_revision));
             }
             _ => {
                 unreadable.insert(sp, (key, raw.mod_revision));
@@ -413,10 +438,14 @@ pub fn plan(state: &State, prefix: &Prefix, range: PortRange) -> Vec<Fix> {
     for (key, raw) in &state.free {
         let why = match prefix.parse(key) {
             Ok(Key::PortFree(p))
-                if claims.contains_key(&p) || owners.contains_key(&p) || moved_back.contains(&p) =>
+                if claims.contains_key(&p)
+                    || owners.contains_key(&p)
+                    || moved_back.contains(&p) =>
             {
                 if owners.get(&p).is_some_and(|_| !claims.contains_key(&p))
-                    && fixes.iter().any(|f| matches!(f, Fix::DropOwner { port, .. } if *port == p))
+                    && fixes
+                        .iter()
+                        .any(|f| matches!(f, Fix::DropOwner { port, .. } if *port == p))
                 {
                     continue; // the owner goes and the port stays free
                 }
@@ -457,7 +486,9 @@ pub fn plan(state: &State, prefix: &Prefix, range: PortRange) -> Vec<Fix> {
         }
         Some(raw) => {
             let current = records::parse_next(&raw.value);
-            let to = current.unwrap_or(u32::from(range.start)).max(highest.unwrap_or(0));
+            let to = current
+                .unwrap_or(u32::from(range.start))
+                .max(highest.unwrap_or(0));
             if current != Some(to) || raw.value != records::next_value(to).as_bytes() {
                 fixes.push(Fix::SetNext {
                     key,
@@ -482,7 +513,12 @@ mod tests {
         }
     }
 
-    fn state(allocs: &[(&str, &str)], owners: &[(u16, &str)], free: &[u16], next: Option<&str>) -> State {
+    fn state(
+        allocs: &[(&str, &str)],
+        owners: &[(u16, &str)],
+        free: &[u16],
+        next: Option<&str>,
+    ) -> State {
         let p = Prefix::default();
         let mut rev = 10;
         let mut bump = || {
@@ -576,13 +612,23 @@ mod tests {
 
     #[test]
     fn pads_the_counter_and_creates_it() {
-        let s = state(&[("a/b:80", r#"{"port":9000}"#)], &[(9000, "a/b:80/tcp")], &[], None);
+        let s = state(
+            &[("a/b:80", r#"{"port":9000}"#)],
+            &[(9000, "a/b:80/tcp")],
+            &[],
+            None,
+        );
         let range = PortRange::new(9000, 12000).unwrap();
         assert_eq!(
             lines(&plan(&s, &Prefix::default(), range)),
             vec!["set the counter to 9001 (it was missing)"]
         );
-        let s = state(&[("a/b:80", r#"{"port":9000}"#)], &[(9000, "a/b:80/tcp")], &[], Some("9001"));
+        let s = state(
+            &[("a/b:80", r#"{"port":9000}"#)],
+            &[(9000, "a/b:80/tcp")],
+            &[],
+            Some("9001"),
+        );
         assert_eq!(
             lines(&plan(&s, &Prefix::default(), range)),
             vec!["set the counter to 9001 (was \"9001\")"]

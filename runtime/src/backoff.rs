@@ -74,7 +74,11 @@ mod tests {
         for n in 0..40u32 {
             let cap = (base * 2u32.pow(n.min(16))).min(max);
             let d = b.next_delay();
-            assert!(d >= cap / 2 && d <= cap, "attempt {n}: {d:?} not in [{:?}, {cap:?}]", cap / 2);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {n}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
         }
         b.reset();
         assert!(b.next_delay() <= base);

@@ -30,11 +30,21 @@ pub struct EtcdArgs {
     pub ca: Option<PathBuf>,
 
     /// Client certificate (PEM) for etcd's client-cert auth; needs --etcd-key
-    #[arg(long = "etcd-cert", env = "VIKING_ETCD_CERT", value_name = "FILE", requires = "key")]
+    #[arg(
+        long = "etcd-cert",
+        env = "VIKING_ETCD_CERT",
+        value_name = "FILE",
+        requires = "key"
+    )]
     pub cert: Option<PathBuf>,
 
     /// Client key (PEM) for --etcd-cert
-    #[arg(long = "etcd-key", env = "VIKING_ETCD_KEY", value_name = "FILE", requires = "cert")]
+    #[arg(
+        long = "etcd-key",
+        env = "VIKING_ETCD_KEY",
+        value_name = "FILE",
+        requires = "cert"
+    )]
     pub key: Option<PathBuf>,
 
     /// etcd user name; needs --etcd-password
@@ -141,7 +151,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?}; use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: unknown unit {unit:?}; use ms, s, m or h"
+            ));
+        }
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?}: out of range"))
 }

@@ -132,7 +132,10 @@ async fn keep(
                             backoff.reset();
                         }
                         Ok(Ok(None)) => {
-                            warn!(lease = id, "etcd closed the keep-alive stream; reconnecting");
+                            warn!(
+                                lease = id,
+                                "etcd closed the keep-alive stream; reconnecting"
+                            );
                             break;
                         }
                         Ok(Err(e)) => {
@@ -172,8 +175,13 @@ async fn keep(
                 Ok(Ok(_)) => info!(lease = id, "lease revoked"),
                 // An expired lease answers "lease not found": nothing left to revoke.
                 Ok(Err(e)) if is_lease_not_found(&e) => {}
-                Ok(Err(e)) => warn!(lease = id, error = %e, "lease revoke failed; keys expire with the TTL"),
-                Err(_) => warn!(lease = id, "lease revoke timed out; keys expire with the TTL"),
+                Ok(Err(e)) => {
+                    warn!(lease = id, error = %e, "lease revoke failed; keys expire with the TTL")
+                }
+                Err(_) => warn!(
+                    lease = id,
+                    "lease revoke timed out; keys expire with the TTL"
+                ),
             }
         }
     }

@@ -13,7 +13,10 @@ pub fn on_signals() -> CancellationToken {
     let cancel = token.clone();
     tokio::spawn(async move {
         let which = wait_for_signal().await;
-        info!(signal = which, "shutting down; send it again to exit at once");
+        info!(
+            signal = which,
+            "shutting down; send it again to exit at once"
+        );
         cancel.cancel();
         let again = wait_for_signal().await;
         warn!(signal = again, "second signal: exiting now");

@@ -87,7 +87,11 @@ pub async fn watch_prefix_from(
                         let revision = resp.header().map_or(0, |h| h.revision());
                         let kvs = resp.kvs().iter().map(to_kv).collect();
                         debug!(prefix, revision, "listed");
-                        if tx.send(WatchUpdate::Snapshot { revision, kvs }).await.is_err() {
+                        if tx
+                            .send(WatchUpdate::Snapshot { revision, kvs })
+                            .await
+                            .is_err()
+                        {
                             return WatchEnd::ReceiverGone;
                         }
                         seen = Some(revision);
@@ -148,7 +152,11 @@ pub async fn watch_prefix_from(
                 break;
             }
             if resp.canceled() {
-                warn!(prefix, reason = resp.cancel_reason(), "etcd canceled the watch; resuming");
+                warn!(
+                    prefix,
+                    reason = resp.cancel_reason(),
+                    "etcd canceled the watch; resuming"
+                );
                 break;
             }
             if resp.created() {

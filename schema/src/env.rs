@@ -123,7 +123,10 @@ mod tests {
     fn detects_collisions() {
         let err = check_prefix_collisions(["shared/mongo", "web", "shared-mongo"]).unwrap_err();
         assert_eq!(err.prefix, "SHARED_MONGO");
-        assert!(err.to_string().contains("\"shared/mongo\" and \"shared-mongo\""));
+        assert!(
+            err.to_string()
+                .contains("\"shared/mongo\" and \"shared-mongo\"")
+        );
         assert!(check_prefix_collisions(["shared/mongo", "shared/mongo", "x"]).is_ok());
     }
 
@@ -153,11 +156,17 @@ mod tests {
         );
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("SHARED_MONGO_PORT"), Some("tcp://172.17.0.1:20000"));
-        assert_eq!(get("SHARED_MONGO_PORT_27017_TCP"), Some("tcp://172.17.0.1:20000"));
+        assert_eq!(
+            get("SHARED_MONGO_PORT_27017_TCP"),
+            Some("tcp://172.17.0.1:20000")
+        );
         assert_eq!(get("SHARED_MONGO_PORT_27017_TCP_ADDR"), Some("172.17.0.1"));
         assert_eq!(get("SHARED_MONGO_PORT_27017_TCP_PORT"), Some("20000"));
         assert_eq!(get("SHARED_MONGO_PORT_27017_TCP_PROTO"), Some("tcp"));
-        assert_eq!(get("SHARED_MONGO_PORT_27017_UDP"), Some("udp://172.17.0.1:20002"));
+        assert_eq!(
+            get("SHARED_MONGO_PORT_27017_UDP"),
+            Some("udp://172.17.0.1:20002")
+        );
         assert_eq!(get("SHARED_MONGO_PORT_27017"), Some("172.17.0.1:20000"));
         assert_eq!(get("SHARED_MONGO_PORT_28017"), Some("172.17.0.1:20001"));
         assert_eq!(get("SHARED_MONGO_NAME"), Some("/app-web-0/shared_mongo"));

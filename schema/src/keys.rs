@@ -47,7 +47,9 @@ impl Prefix {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             {
-                return Err(bad("segments may hold only A-Z, a-z, 0-9, '-', '_' and '.'"));
+                return Err(bad(
+                    "segments may hold only A-Z, a-z, 0-9, '-', '_' and '.'",
+                ));
             }
         }
         Ok(Self(value.to_owned()))
@@ -141,9 +143,9 @@ impl FromStr for Prefix {
 
 fn service_port(stack: &str, job: &str, port_proto: &str) -> Result<ServicePort, KeyPartError> {
     let service = ServiceId::new(StackName::new(stack)?, JobName::new(job)?);
-    let (port, proto) = port_proto
-        .split_once('-')
-        .ok_or(KeyPartError::Shape("the port segment is not <port>-<proto>"))?;
+    let (port, proto) = port_proto.split_once('-').ok_or(KeyPartError::Shape(
+        "the port segment is not <port>-<proto>",
+    ))?;
     let port = parse_port(port).ok_or(KeyPartError::Shape("the port is not 1-65535"))?;
     let proto: Proto = proto
         .parse()
@@ -260,7 +262,11 @@ impl Instance {
     /// Builds an instance; `container_id` may be the full id, its first 12 digits are kept.
     pub fn new(host: HostId, container_id: &str, container_port: u16) -> Result<Self, KeyError> {
         let short: String = container_id.chars().take(12).collect();
-        if short.len() != 12 || !short.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if short.len() != 12
+            || !short
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
             return Err(KeyError::ContainerId(container_id.to_owned()));
         }
         if container_port == 0 {
@@ -276,7 +282,11 @@ impl Instance {
 
 impl fmt::Display for Instance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.host, self.container_id, self.container_port)
+        write!(
+            f,
+            "{}:{}:{}",
+            self.host, self.container_id, self.container_port
+        )
     }
 }
 
@@ -326,13 +336,17 @@ mod tests {
     }
 
     fn service_port() -> impl Strategy<Value = ServicePort> {
-        (name(), name(), 1u16.., prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)]).prop_map(
-            |(s, j, port, proto)| ServicePort {
+        (
+            name(),
+            name(),
+            1u16..,
+            prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)],
+        )
+            .prop_map(|(s, j, port, proto)| ServicePort {
                 service: ServiceId::new(StackName::new(s).unwrap(), JobName::new(j).unwrap()),
                 port,
                 proto,
-            },
-        )
+            })
     }
 
     fn key() -> impl Strategy<Value = Key> {
@@ -390,7 +404,10 @@ mod tests {
                 "/viking/services/shared/mongo/27017-tcp/node-1:0123456789ab:27017",
             ),
             (Key::PortsNext, "/viking/ports/next"),
-            (Key::PortAlloc(sp.clone()), "/viking/ports/alloc/shared/mongo/27017-tcp"),
+            (
+                Key::PortAlloc(sp.clone()),
+                "/viking/ports/alloc/shared/mongo/27017-tcp",
+            ),
             (Key::PortOwner(20000), "/viking/ports/owner/20000"),
             (Key::PortFree(20001), "/viking/ports/free/20001"),
         ];

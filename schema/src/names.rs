@@ -198,7 +198,10 @@ mod tests {
             let err = JobName::new(bad).unwrap_err();
             assert_eq!(err.problem, problem, "{bad:?}");
             let msg = err.to_string();
-            assert!(msg.starts_with(&format!("invalid job name {bad:?}")), "{msg}");
+            assert!(
+                msg.starts_with(&format!("invalid job name {bad:?}")),
+                "{msg}"
+            );
             assert!(msg.contains(NAME_RULE), "{msg}");
         }
         let long = "a".repeat(64);
@@ -213,7 +216,9 @@ mod tests {
     #[test]
     fn host_from_hostname() {
         assert_eq!(
-            HostId::from_hostname("Node-1.example.com").unwrap().as_str(),
+            HostId::from_hostname("Node-1.example.com")
+                .unwrap()
+                .as_str(),
             "node-1"
         );
         assert!(HostId::from_hostname("under_score").is_err());

@@ -155,9 +155,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_names_inside_records() {
-        let err = decode::<HostRecord>("/viking/hosts/x", br#"{"host":"Bad_Host","addr":"1.2.3.4"}"#)
-            .unwrap_err();
-        assert!(err.to_string().contains("invalid host name \"Bad_Host\""), "{err}");
+        let err = decode::<HostRecord>(
+            "/viking/hosts/x",
+            br#"{"host":"Bad_Host","addr":"1.2.3.4"}"#,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("invalid host name \"Bad_Host\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -171,6 +177,9 @@ mod tests {
 
     #[test]
     fn encodes_with_version() {
-        assert_eq!(encode(&PortAllocRecord::new(20000)), r#"{"v":1,"port":20000}"#);
+        assert_eq!(
+            encode(&PortAllocRecord::new(20000)),
+            r#"{"v":1,"port":20000}"#
+        );
     }
 }

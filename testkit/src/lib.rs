@@ -199,7 +199,14 @@ impl EtcdCluster {
                 .expect("temp dir");
             let ports = free_ports(6);
             let mut members: Vec<Member> = (0..3)
-                .map(|i| new_member(dir.path(), &format!("etcd{i}"), ports[2 * i], ports[2 * i + 1]))
+                .map(|i| {
+                    new_member(
+                        dir.path(),
+                        &format!("etcd{i}"),
+                        ports[2 * i],
+                        ports[2 * i + 1],
+                    )
+                })
                 .collect();
             let initial_cluster = members
                 .iter()
@@ -217,7 +224,11 @@ impl EtcdCluster {
                     _dir: dir,
                 };
             }
-            last_log = members.iter().map(Member::log_tail).collect::<Vec<_>>().join("\n--\n");
+            last_log = members
+                .iter()
+                .map(Member::log_tail)
+                .collect::<Vec<_>>()
+                .join("\n--\n");
         }
         panic!("etcd cluster did not start in 3 tries; logs end with:\n{last_log}");
     }

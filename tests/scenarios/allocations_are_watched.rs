@@ -80,7 +80,10 @@ async fn a_watcher_follows_allocations_and_releases() {
     // etcd restarts; the next allocation reuses the released port and is seen.
     etcd.stop();
     etcd.restart().await;
-    let reused = alloc.allocate(&"late/job:9000".parse().unwrap()).await.unwrap();
+    let reused = alloc
+        .allocate(&"late/job:9000".parse().unwrap())
+        .await
+        .unwrap();
     assert_eq!(reused, 20001, "the released port comes back first");
     want.insert("late/job:9000/tcp".into(), reused);
     until(&mut rx, &mut state, |s| ports(&prefix, s) == want).await;

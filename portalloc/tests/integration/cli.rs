@@ -13,14 +13,20 @@ async fn alloc_get_release_list() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "20000\n", "the port alone on stdout");
 
-    let out = portalloc(&ep, &["alloc", "shared/dns:53/udp", "shared/mongo:27017/tcp"]);
+    let out = portalloc(
+        &ep,
+        &["alloc", "shared/dns:53/udp", "shared/mongo:27017/tcp"],
+    );
     assert_eq!(stdout(&out), "20001\n20000\n");
 
     let out = portalloc(&ep, &["get", "shared/mongo:27017"]);
     assert_eq!(stdout(&out), "20000\n");
 
     let out = portalloc(&ep, &["list"]);
-    assert_eq!(stdout(&out), "20000\tshared/mongo:27017/tcp\n20001\tshared/dns:53/udp\n");
+    assert_eq!(
+        stdout(&out),
+        "20000\tshared/mongo:27017/tcp\n20001\tshared/dns:53/udp\n"
+    );
     let out = portalloc(&ep, &["list", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json[1]["service_port"], "shared/dns:53/udp");
@@ -31,7 +37,11 @@ async fn alloc_get_release_list() {
     assert_eq!(stdout(&out), "20000\n");
     let out = portalloc(&ep, &["get", "shared/mongo:27017"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("shared/mongo:27017/tcp has no port"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("shared/mongo:27017/tcp has no port"),
+        "{}",
+        stderr(&out)
+    );
     let out = portalloc(&ep, &["release", "shared/mongo:27017"]);
     assert!(out.status.success());
     assert!(stderr(&out).contains("nothing to release"));
@@ -42,14 +52,29 @@ async fn invalid_input_exits_2_names_the_value_and_writes_nothing() {
     let etcd = Etcd::start().await;
     let ep = etcd.endpoint();
     let table: &[(&[&str], &str)] = &[
-        (&["alloc", "Shared/Mongo:80"], "invalid stack name \"Shared\""),
+        (
+            &["alloc", "Shared/Mongo:80"],
+            "invalid stack name \"Shared\"",
+        ),
         (&["alloc", "shared/../x:80"], "invalid job name \"../x\""),
         (&["alloc", "shared/mongo:0"], "invalid port \"0\""),
         (&["alloc", "shared/mongo:70000"], "invalid port \"70000\""),
-        (&["alloc", "a/b:80/sctp"], "invalid protocol \"sctp\": use tcp or udp"),
-        (&["alloc", "ok/fine:80", "a/b:80/sctp"], "invalid protocol \"sctp\""),
-        (&["--range", "30000-20000", "alloc", "a/b:80"], "invalid port range \"30000-20000\""),
-        (&["--prefix", "viking", "alloc", "a/b:80"], "invalid key prefix \"viking\""),
+        (
+            &["alloc", "a/b:80/sctp"],
+            "invalid protocol \"sctp\": use tcp or udp",
+        ),
+        (
+            &["alloc", "ok/fine:80", "a/b:80/sctp"],
+            "invalid protocol \"sctp\"",
+        ),
+        (
+            &["--range", "30000-20000", "alloc", "a/b:80"],
+            "invalid port range \"30000-20000\"",
+        ),
+        (
+            &["--prefix", "viking", "alloc", "a/b:80"],
+            "invalid key prefix \"viking\"",
+        ),
         (&["alloc"], "required"),
     ];
     for (args, message) in table {
@@ -65,7 +90,10 @@ async fn invalid_input_exits_2_names_the_value_and_writes_nothing() {
 async fn unreachable_etcd_exits_1_and_says_what_to_do() {
     let port = testkit::free_ports(1)[0];
     let ep = format!("http://127.0.0.1:{port}");
-    let out = portalloc(&ep, &["--etcd-timeout", "1s", "alloc", "shared/mongo:27017"]);
+    let out = portalloc(
+        &ep,
+        &["--etcd-timeout", "1s", "alloc", "shared/mongo:27017"],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains(&format!("cannot reach etcd at {ep}")), "{err}");
@@ -80,7 +108,11 @@ async fn exhausted_range_exits_1_naming_the_range() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = portalloc(&ep, &["--range", "31000-31001", "alloc", "a/d:1"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("no free ambassador port left in range 31000-31001"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no free ambassador port left in range 31000-31001"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(stdout(&out), "");
 }
 
@@ -92,11 +124,26 @@ async fn repair_fixes_a_hand_broken_state() {
     let out = portalloc(&ep, &["alloc", "s/a:80", "s/b:80", "s/c:80"]);
     assert_eq!(stdout(&out), "20000\n20001\n20002\n");
     // Break it by hand, the ways an operator or an older tool would.
-    client.delete("/viking/ports/owner/20000", None).await.unwrap(); // owner lost
-    client.put("/viking/ports/owner/20001", "x/y:1/tcp", None).await.unwrap(); // wrong owner
-    client.put("/viking/ports/alloc/s/c/80-tcp", r#"{"port":20001}"#, None).await.unwrap(); // double claim
-    client.put("/viking/ports/owner/20007", "s/d:80/tcp", None).await.unwrap(); // owner without alloc
-    client.put("/viking/ports/next", "20001", None).await.unwrap(); // counter behind
+    client
+        .delete("/viking/ports/owner/20000", None)
+        .await
+        .unwrap(); // owner lost
+    client
+        .put("/viking/ports/owner/20001", "x/y:1/tcp", None)
+        .await
+        .unwrap(); // wrong owner
+    client
+        .put("/viking/ports/alloc/s/c/80-tcp", r#"{"port":20001}"#, None)
+        .await
+        .unwrap(); // double claim
+    client
+        .put("/viking/ports/owner/20007", "s/d:80/tcp", None)
+        .await
+        .unwrap(); // owner without alloc
+    client
+        .put("/viking/ports/next", "20001", None)
+        .await
+        .unwrap(); // counter behind
 
     let out = portalloc(&ep, &["list"]);
     assert!(stdout(&out).contains("inconsistent"), "{}", stdout(&out));
@@ -115,7 +162,10 @@ async fn repair_fixes_a_hand_broken_state() {
         "fixed: restored allocation s/d:80/tcp -> 20007 from its owner key",
         "fixed: set the counter to 20008 (was \"20001\")",
     ] {
-        assert!(fixed.lines().any(|l| l == line), "missing {line:?} in:\n{fixed}");
+        assert!(
+            fixed.lines().any(|l| l == line),
+            "missing {line:?} in:\n{fixed}"
+        );
     }
     let out = portalloc(&ep, &["list"]);
     assert_eq!(

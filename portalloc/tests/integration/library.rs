@@ -77,7 +77,11 @@ async fn same_service_port_sixteen_ways_gets_one_port() {
     while let Some(r) = tasks.join_next().await {
         ports.insert(r.unwrap());
     }
-    assert_eq!(ports.len(), 1, "16 allocations of one service port gave {ports:?}");
+    assert_eq!(
+        ports.len(),
+        1,
+        "16 allocations of one service port gave {ports:?}"
+    );
     let mut client = etcd.client().await;
     // One alloc key, one owner key, and the counter.
     assert_eq!(count_keys(&mut client, "/viking/ports/").await, 3);
@@ -93,9 +97,17 @@ async fn released_ports_come_back_before_the_counter_grows() {
     let c = alloc.allocate(&sp("s/c:1")).await.unwrap();
     assert_eq!((a, b, c), (20000, 20001, 20002));
     assert_eq!(alloc.release(&sp("s/b:1")).await.unwrap(), Some(b));
-    assert_eq!(alloc.release(&sp("s/b:1")).await.unwrap(), None, "release is idempotent");
+    assert_eq!(
+        alloc.release(&sp("s/b:1")).await.unwrap(),
+        None,
+        "release is idempotent"
+    );
     assert_eq!(alloc.get(&sp("s/b:1")).await.unwrap(), None);
-    assert_eq!(alloc.allocate(&sp("s/new:1")).await.unwrap(), b, "released port reused");
+    assert_eq!(
+        alloc.allocate(&sp("s/new:1")).await.unwrap(),
+        b,
+        "released port reused"
+    );
     assert_eq!(alloc.allocate(&sp("s/next:1")).await.unwrap(), 20003);
     // Idempotent, also for a fresh allocator.
     let again = Allocator::new(&etcd.client().await, Prefix::default(), PortRange::DEFAULT);
@@ -122,12 +134,19 @@ async fn a_range_of_ten_runs_out_cleanly() {
         }) => assert_eq!(r, range),
         other => panic!("expected exhaustion, got {other:?}"),
     }
-    assert_eq!(count_keys(&mut client, "/viking/").await, before, "nothing half-written");
+    assert_eq!(
+        count_keys(&mut client, "/viking/").await,
+        before,
+        "nothing half-written"
+    );
 
     // Two still fit, then the range is full and says so.
     alloc.allocate_many(&more[..2]).await.unwrap();
     let err = alloc.allocate(&more[2]).await.unwrap_err().to_string();
-    assert!(err.contains("no free ambassador port left in range 31000-31009"), "{err}");
+    assert!(
+        err.contains("no free ambassador port left in range 31000-31009"),
+        "{err}"
+    );
     // A release makes room again.
     alloc.release(&first[3]).await.unwrap();
     assert_eq!(alloc.allocate(&more[2]).await.unwrap(), 31003);
@@ -199,6 +218,10 @@ async fn leader_loss_during_2000_allocations_completes_without_duplicates() {
     assert_eq!(ports.len(), 2000, "duplicate ports after leader loss");
     let listed = alloc.list().await.unwrap();
     assert_eq!(listed.len(), 2000);
-    assert!(listed.iter().all(|a| a.consistent && handed[&a.service_port] == a.port));
+    assert!(
+        listed
+            .iter()
+            .all(|a| a.consistent && handed[&a.service_port] == a.port)
+    );
     cluster.restart(leader).await;
 }

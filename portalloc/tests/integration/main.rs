@@ -15,7 +15,10 @@ pub fn portalloc(endpoint: &str, args: &[&str]) -> Output {
             cmd.env_remove(k);
         }
     }
-    cmd.args(["--etcd", endpoint]).args(args).output().expect("run portalloc")
+    cmd.args(["--etcd", endpoint])
+        .args(args)
+        .output()
+        .expect("run portalloc")
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -29,7 +32,10 @@ pub fn stderr(o: &Output) -> String {
 /// How many keys exist under `prefix`.
 pub async fn count_keys(client: &mut Client, prefix: &str) -> i64 {
     client
-        .get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
         .await
         .expect("count keys")
         .count()

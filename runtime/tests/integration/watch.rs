@@ -31,12 +31,20 @@ async fn etcd_state(client: &mut Client, prefix: &str) -> BTreeMap<String, Vec<u
         .unwrap()
         .kvs()
         .iter()
-        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            )
+        })
         .collect()
 }
 
 fn values(state: &BTreeMap<String, Kv>) -> BTreeMap<String, Vec<u8>> {
-    state.iter().map(|(k, kv)| (k.clone(), kv.value.clone())).collect()
+    state
+        .iter()
+        .map(|(k, kv)| (k.clone(), kv.value.clone()))
+        .collect()
 }
 
 #[tokio::test]
@@ -49,12 +57,20 @@ async fn lists_then_follows_changes_one_transaction_at_a_time() {
 
     let (tx, mut rx) = mpsc::channel(16);
     let stop = Stop(CancellationToken::new());
-    tokio::spawn(watch::watch_prefix(client.clone(), "/p/".into(), tx, stop.0.clone()));
+    tokio::spawn(watch::watch_prefix(
+        client.clone(),
+        "/p/".into(),
+        tx,
+        stop.0.clone(),
+    ));
 
     let WatchUpdate::Snapshot { kvs, .. } = next(&mut rx).await else {
         panic!("first update must be a snapshot");
     };
-    assert_eq!(kvs.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(), ["/p/a", "/p/b"]);
+    assert_eq!(
+        kvs.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(),
+        ["/p/a", "/p/b"]
+    );
 
     client
         .txn(Txn::new().and_then([TxnOp::put("/p/c", "3", None), TxnOp::delete("/p/a", None)]))
@@ -73,11 +89,19 @@ async fn resumes_after_an_etcd_restart_without_missing_or_repeating() {
     let mut etcd = Etcd::start().await;
     let mut client = etcd.client().await;
     for i in 0..5 {
-        client.put(format!("/p/k{i}"), "before", None).await.unwrap();
+        client
+            .put(format!("/p/k{i}"), "before", None)
+            .await
+            .unwrap();
     }
     let (tx, mut rx) = mpsc::channel(64);
     let stop = Stop(CancellationToken::new());
-    tokio::spawn(watch::watch_prefix(etcd.client().await, "/p/".into(), tx, stop.0.clone()));
+    tokio::spawn(watch::watch_prefix(
+        etcd.client().await,
+        "/p/".into(),
+        tx,
+        stop.0.clone(),
+    ));
     let mut state = BTreeMap::new();
     let mut last_revision = 0;
     let first = next(&mut rx).await;
@@ -113,16 +137,31 @@ async fn resumes_after_an_etcd_restart_without_missing_or_repeating() {
         }
         watch::apply(&mut state, update);
     }
-    assert_eq!(snapshots, 0, "resumed from its revision instead of listing again");
+    assert_eq!(
+        snapshots, 0,
+        "resumed from its revision instead of listing again"
+    );
 }
 
 #[tokio::test]
 async fn lists_again_when_its_revision_was_compacted() {
     let etcd = Etcd::start().await;
     let mut client = etcd.client().await;
-    let old = client.put("/p/a", "1", None).await.unwrap().header().unwrap().revision();
+    let old = client
+        .put("/p/a", "1", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     client.put("/p/a", "2", None).await.unwrap();
-    let now = client.put("/p/b", "3", None).await.unwrap().header().unwrap().revision();
+    let now = client
+        .put("/p/b", "3", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     client
         .compact(now, Some(CompactionOptions::new().with_physical()))
         .await
@@ -140,8 +179,10 @@ async fn lists_again_when_its_revision_was_compacted() {
     match next(&mut rx).await {
         WatchUpdate::Snapshot { revision, kvs } => {
             assert_eq!(revision, now);
-            let got: Vec<(&str, &[u8])> =
-                kvs.iter().map(|kv| (kv.key.as_str(), kv.value.as_slice())).collect();
+            let got: Vec<(&str, &[u8])> = kvs
+                .iter()
+                .map(|kv| (kv.key.as_str(), kv.value.as_slice()))
+                .collect();
             assert_eq!(got, [("/p/a", &b"2"[..]), ("/p/b", &b"3"[..])]);
         }
         other => panic!("expected a fresh snapshot, got {other:?}"),
