@@ -1,0 +1,26 @@
+# The two commands a fresh machine needs:
+#   make up     the main job on this host (a local etcd started for you)
+#   make test   install what is missing, then fmt, clippy and every test
+.PHONY: up test setup fmt lint unit bench
+
+CARGO ?= cargo
+
+up:
+	bash scripts/up.sh
+
+test: setup fmt lint unit
+
+setup:
+	bash scripts/setup.sh
+
+fmt:
+	$(CARGO) fmt --all --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --locked
+
+bench: setup
+	$(CARGO) bench -p viking-benches

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The main job on one host, as far as viking goes today: a local etcd (started for you
+# unless one already answers on 127.0.0.1:2379), the cluster-wide port allocator, and the
+# design notes' example links allocated and listed. Ctrl-C stops what this started.
+#
+# The ambassador, registrator and `viking up` come with their own issues; this script grows
+# with them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+cargo build --release -q -p portalloc
+portalloc=target/release/portalloc
+
+endpoint=${VIKING_ETCD:-http://127.0.0.1:2379}
+data=${VIKING_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/viking}
+started=""
+cleanup() {
+  if [ -n "$started" ]; then
+    echo "up: stopping etcd (pid $started)"
+    kill "$started" 2>/dev/null || true
+    wait "$started" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+trap 'exit 0' INT TERM
+
+if ETCDCTL_API=3 etcdctl --endpoints "$endpoint" endpoint health >/dev/null 2>&1; then
+  echo "up: using the etcd that answers at $endpoint"
+else
+  if [ "$endpoint" != "http://127.0.0.1:2379" ]; then
+    echo "up: no etcd answers at $endpoint (VIKING_ETCD); start it or unset VIKING_ETCD" >&2
+    exit 1
+  fi
+  mkdir -p "$data"
+  echo "up: starting etcd with its data in $data/etcd (log: $data/etcd.log)"
+  etcd --name viking --data-dir "$data/etcd" \
+    --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster viking=http://127.0.0.1:2380 >"$data/etcd.log" 2>&1 &
+  started=$!
+  for _ in $(seq 1 100); do
+    ETCDCTL_API=3 etcdctl --endpoints "$endpoint" endpoint health >/dev/null 2>&1 && break
+    kill -0 "$started" 2>/dev/null || { tail -20 "$data/etcd.log" >&2; echo "up: etcd exited" >&2; exit 1; }
+    sleep 0.1
+  done
+fi
+
+export VIKING_ETCD="$endpoint"
+echo "up: allocating the design notes' example links (idempotent: the same ports every run)"
+"$portalloc" alloc shared/mongo:27017 shared/redis:6379 app/middleware:8080 app/web:80 >/dev/null
+"$portalloc" list
+echo
+echo "up: etcd at $endpoint; try: $portalloc alloc mystack/db:5432"
+if [ -n "$started" ]; then
+  echo "up: Ctrl-C stops etcd"
+  wait "$started"
+fi
