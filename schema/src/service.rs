@@ -121,7 +121,10 @@ impl FromStr for ServicePort {
         let (service, rest) = s
             .rsplit_once(':')
             .ok_or_else(|| ServicePortError::Shape(s.to_owned()))?;
-        let service: ServiceId = service.parse()?;
+        let service: ServiceId = service.parse().map_err(|e| match e {
+            ServicePortError::Shape(_) => ServicePortError::Shape(s.to_owned()),
+            other => other,
+        })?;
         let (port, proto) = match rest.split_once('/') {
             Some((port, proto)) => (port, proto.parse()?),
             None => (rest, Proto::Tcp),
