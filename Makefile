@@ -20,7 +20,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 unit:
-	$(CARGO) test --workspace --locked
+	bash scripts/test.sh
 
 bench: setup
 	$(CARGO) bench -p viking-benches
