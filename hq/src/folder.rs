@@ -1,0 +1,174 @@
+//! Reading stack files from paths, and the deployment folder `<dir>/<stack>/<job>.yaml`.
+
+use std::path::{Path, PathBuf};
+
+use schema::{JobName, StackName};
+
+use crate::compile::JobSpec;
+use crate::stackfile::{self, JobOut, StackFile};
+use crate::store::HqError;
+
+/// File names `viking deploy DIR` looks for, in order.
+pub const STACK_FILE_NAMES: [&str; 4] = ["stack.yml", "stack.yaml", "stack.json", "viking.yml"];
+
+/// The stack file of `path` (a file, or a directory holding one of [`STACK_FILE_NAMES`]) and
+/// the stack name it gets without `--name`: the directory's name for `DIR` or `DIR/stack.yml`,
+/// else the file's stem.
+pub fn locate(path: &Path) -> Result<(PathBuf, String), HqError> {
+    if path.is_dir() {
+        let file = STACK_FILE_NAMES
+            .iter()
+            .map(|n| path.join(n))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                HqError::Input(format!(
+                    "{} has no stack file; expected one of {}",
+                    path.display(),
+                    STACK_FILE_NAMES.join(", ")
+                ))
+            })?;
+        let name = dir_name(path);
+        return Ok((file, name));
+    }
+    if !path.is_file() {
+        return Err(HqError::Input(format!(
+            "{} does not exist; give a stack file or a directory that holds one",
+            path.display()
+        )));
+    }
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let name = if STACK_FILE_NAMES.contains(&file_name) {
+        dir_name(path.parent().unwrap_or(Path::new(".")))
+    } else {
+        path.file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    Ok((path.to_path_buf(), name))
+}
+
+fn dir_name(dir: &Path) -> String {
+    let abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    abs.file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Reads and parses the stack at `path`, named `name` (checked).
+pub fn read_stack(path: &Path, name: &str) -> Result<StackFile, HqError> {
+    let name = StackName::new(name)
+        .map_err(|e| HqError::Input(format!("{e}; pass --name to choose the stack name")))?;
+    let (file, _) = locate(path)?;
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| HqError::Input(format!("cannot read {}: {e}", file.display())))?;
+    let display = file.display().to_string();
+    let parsed =
+        stackfile::parse(name, &display, &text).map_err(|e| HqError::Input(e.to_string()))?;
+    Ok(stackfile::resolve_stack(parsed))
+}
+
+/// Writes `<dir>/<stack>/<job>.yaml` for each job, in the stack-file shape.
+pub fn export(dir: &Path, stack: &StackName, jobs: &[JobSpec]) -> Result<Vec<PathBuf>, HqError> {
+    let stack_dir = dir.join(stack.as_str());
+    std::fs::create_dir_all(&stack_dir)
+        .map_err(|e| HqError::Refused(format!("cannot create {}: {e}", stack_dir.display())))?;
+    let mut written = Vec::new();
+    for job in jobs {
+        let out = JobOut {
+            kind: "job",
+            image: &job.image,
+            ports: job
+                .ports
+                .iter()
+                .map(|p| match p.proto {
+                    schema::Proto::Tcp => p.port.to_string(),
+                    schema::Proto::Udp => format!("{}/udp", p.port),
+                })
+                .collect(),
+            volume: &job.volumes,
+            link: job.links.iter().map(|l| l.alias.as_str()).collect(),
+            scale: job.scale,
+            env: &job.env,
+            export_env: &job.export_env,
+            command: &job.command,
+        };
+        let text = serde_saphyr::to_string(&out)
+            .map_err(|e| HqError::Refused(format!("cannot write job {}: {e}", job.job)))?;
+        let path = stack_dir.join(format!("{}.yaml", job.job));
+        std::fs::write(&path, text)
+            .map_err(|e| HqError::Refused(format!("cannot write {}: {e}", path.display())))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Reads a deployment folder: one stack per subdirectory, one job per `.yaml`/`.yml`/`.json`.
+pub fn read_folder(dir: &Path) -> Result<Vec<StackFile>, HqError> {
+    let io =
+        |p: &Path, e: std::io::Error| HqError::Input(format!("cannot read {}: {e}", p.display()));
+    let mut stacks = Vec::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    entries.sort();
+    for stack_dir in entries {
+        let dir_text = stack_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let stack = StackName::new(dir_text)
+            .map_err(|e| HqError::Input(format!("{}: {e}", stack_dir.display())))?;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&stack_dir)
+            .map_err(|e| io(&stack_dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|x| x.to_str()),
+                    Some("yaml" | "yml" | "json")
+                )
+            })
+            .collect();
+        files.sort();
+        let mut jobs = Vec::new();
+        let mut all_text = String::new();
+        for file in files {
+            let stem = file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            let job = JobName::new(stem)
+                .map_err(|e| HqError::Input(format!("{}: {e}", file.display())))?;
+            let text = std::fs::read_to_string(&file).map_err(|e| io(&file, e))?;
+            let def = stackfile::parse_job_file(&stack, &job, &file.display().to_string(), &text)
+                .map_err(|e| HqError::Input(e.to_string()))?;
+            all_text.push_str(&format!("{stem}\n{text}\n"));
+            jobs.push(def);
+        }
+        if jobs.is_empty() {
+            return Err(HqError::Input(format!(
+                "{} holds no job files (<job>.yaml)",
+                stack_dir.display()
+            )));
+        }
+        stacks.push(StackFile {
+            name: stack,
+            path: stack_dir.display().to_string(),
+            digest: stackfile::digest(&all_text),
+            jobs,
+        });
+    }
+    if stacks.is_empty() {
+        return Err(HqError::Input(format!(
+            "{} holds no stack folders (<dir>/<stack>/<job>.yaml)",
+            dir.display()
+        )));
+    }
+    Ok(stacks)
+}

@@ -1,0 +1,676 @@
+//! Stack files: the design notes' YAML (or JSON) shape, parsed strictly, every error with
+//! `file:line:column`.
+//!
+//! Top-level keys are job names; each job has `type` (`job`), `image`, `ports`, `volume`,
+//! `link`, `scale`, `env`, `export_env` and `command`. The design notes indent with tabs, which
+//! YAML forbids: a file indented consistently with tabs is read as one tab per level; a file
+//! that mixes tabs and spaces in its indentation is an error that says where.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use schema::{JobName, Proto, ServiceId, StackName};
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+
+/// A place in a source file, shown as `file:line:column`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pos {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// An error in a stack file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{pos}: {message}")]
+pub struct ParseError {
+    pub pos: Pos,
+    pub message: String,
+}
+
+/// A port a job exposes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.proto)
+    }
+}
+
+/// The command a container runs: a shell string or an exec list, as in Docker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CommandSpec {
+    Shell(String),
+    Exec(Vec<String>),
+}
+
+/// A link as written: `shared/mongo` (another stack) or `middleware` (this stack).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkDef {
+    pub alias: String,
+    pub target: ServiceId,
+    pub at: Pos,
+}
+
+/// One job of a stack file, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobDef {
+    pub name: JobName,
+    pub at: Pos,
+    pub image: String,
+    pub ports: Vec<PortSpec>,
+    pub volumes: Vec<String>,
+    pub links: Vec<LinkDef>,
+    pub scale: u32,
+    pub env: BTreeMap<String, String>,
+    pub export_env: Vec<String>,
+    pub command: Option<CommandSpec>,
+}
+
+/// A parsed stack: its jobs in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackFile {
+    pub name: StackName,
+    pub path: String,
+    /// A digest of the source text, to tell a re-deploy of the same file.
+    pub digest: String,
+    pub jobs: Vec<JobDef>,
+}
+
+/// The largest `scale` accepted: beyond it is a typo more often than a plan.
+pub const MAX_SCALE: u32 = 1000;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortValue {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Text(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Scalar {
+    fn text(self) -> String {
+        match self {
+            Scalar::Text(s) => s,
+            Scalar::Int(i) => i.to_string(),
+            Scalar::Float(f) => f.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EnvValue {
+    Map(BTreeMap<String, Scalar>),
+    List(Vec<String>),
+}
+
+/// A job as written. Unknown keys are errors that list the known ones.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    #[serde(rename = "type", default)]
+    kind: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
+    #[serde(default)]
+    ports: Vec<Spanned<PortValue>>,
+    #[serde(default)]
+    volume: Vec<String>,
+    #[serde(default)]
+    link: Vec<Spanned<String>>,
+    #[serde(default)]
+    scale: Option<Spanned<i64>>,
+    #[serde(default)]
+    env: Option<Spanned<EnvValue>>,
+    #[serde(default)]
+    export_env: Vec<Spanned<String>>,
+    #[serde(default)]
+    command: Option<CommandSpec>,
+}
+
+/// The job keys a stack file may use, for messages.
+pub const JOB_KEYS: &str = "type, image, ports, volume, link, scale, env, export_env, command";
+
+/// Parses the text of one stack file (`path` is only for messages).
+pub fn parse(name: StackName, path: &str, text: &str) -> Result<StackFile, ParseError> {
+    let (yaml, tabs) = untab(path, text)?;
+    let at = |loc: &serde_saphyr::Location| pos(path, &tabs, loc.line(), loc.column());
+    let raw: HashMap<Spanned<String>, Spanned<RawJob>> = if yaml.trim().is_empty() {
+        HashMap::new()
+    } else {
+        serde_saphyr::from_str(&yaml).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map_or((1, 1), |l| (l.line().max(1), l.column().max(1)));
+            ParseError {
+                pos: pos(path, &tabs, line, column),
+                message: yaml_message(&e),
+            }
+        })?
+    };
+    if raw.is_empty() {
+        return Err(ParseError {
+            pos: pos(path, &tabs, 1, 1),
+            message: "the stack file has no jobs; write one top-level key per job, e.g. `web:` \
+                      with `image:` below it"
+                .into(),
+        });
+    }
+    let mut entries: Vec<(Spanned<String>, Spanned<RawJob>)> = raw.into_iter().collect();
+    entries.sort_by_key(|(k, _)| (k.referenced.line(), k.referenced.column()));
+    let mut jobs = Vec::with_capacity(entries.len());
+    for (key, job) in entries {
+        let job_at = at(&key.referenced);
+        let name = JobName::new(key.value.as_str()).map_err(|e| ParseError {
+            pos: job_at.clone(),
+            message: e.to_string(),
+        })?;
+        jobs.push(check_job(&name, job_at, job.value, &at)?);
+    }
+    Ok(StackFile {
+        name,
+        path: path.to_owned(),
+        digest: digest(text),
+        jobs,
+    })
+}
+
+fn check_job(
+    name: &JobName,
+    job_at: Pos,
+    raw: RawJob,
+    at: &dyn Fn(&serde_saphyr::Location) -> Pos,
+) -> Result<JobDef, ParseError> {
+    let err = |pos: Pos, message: String| ParseError { pos, message };
+    if let Some(kind) = &raw.kind {
+        if kind.value != "job" {
+            return Err(err(
+                at(&kind.referenced),
+                format!(
+                    "job {name}: unknown type {:?}; the only type is `job`",
+                    kind.value
+                ),
+            ));
+        }
+    }
+    let image = match raw.image {
+        Some(i) if !i.value.trim().is_empty() => i.value,
+        Some(i) => {
+            return Err(err(
+                at(&i.referenced),
+                format!("job {name}: image is empty"),
+            ));
+        }
+        None => {
+            return Err(err(
+                job_at,
+                format!("job {name} has no image; add `image: NAME[:TAG]`"),
+            ));
+        }
+    };
+    let mut ports = Vec::new();
+    let mut seen_ports = BTreeSet::new();
+    for p in raw.ports {
+        let text = match &p.value {
+            PortValue::Number(n) => n.to_string(),
+            PortValue::Text(s) => s.clone(),
+        };
+        let (num, proto) = match text.split_once('/') {
+            Some((n, proto)) => (n, proto.parse::<Proto>().ok()),
+            None => (text.as_str(), Some(Proto::Tcp)),
+        };
+        let port = schema::service::parse_port(num);
+        let (Some(port), Some(proto)) = (port, proto) else {
+            return Err(err(
+                at(&p.referenced),
+                format!(
+                    "job {name}: invalid port {text:?}; write PORT or \"PORT/udp\" with PORT 1-65535, e.g. 27017 or \"53/udp\""
+                ),
+            ));
+        };
+        let spec = PortSpec { port, proto };
+        if !seen_ports.insert(spec) {
+            return Err(err(
+                at(&p.referenced),
+                format!("job {name}: port {spec} is listed twice"),
+            ));
+        }
+        ports.push(spec);
+    }
+    let mut links = Vec::new();
+    for l in raw.link {
+        let link_at = at(&l.referenced);
+        let alias = l.value.trim().to_owned();
+        let bad = |e: String| {
+            err(
+                link_at.clone(),
+                format!("job {name}: invalid link {alias:?}: {e}"),
+            )
+        };
+        let target = match alias.split_once('/') {
+            Some((stack, job)) => ServiceId::new(
+                StackName::new(stack).map_err(|e| bad(e.to_string()))?,
+                JobName::new(job).map_err(|e| bad(e.to_string()))?,
+            ),
+            None => ServiceId::new(
+                // Filled in with this stack's name by `parse`'s caller through `resolve_stack`.
+                StackName::new("self").expect("valid"),
+                JobName::new(alias.as_str()).map_err(|e| bad(e.to_string()))?,
+            ),
+        };
+        if links.iter().any(|x: &LinkDef| x.alias == alias) {
+            return Err(err(
+                link_at,
+                format!("job {name}: link {alias:?} is listed twice"),
+            ));
+        }
+        links.push(LinkDef {
+            alias,
+            target,
+            at: link_at,
+        });
+    }
+    let scale = match raw.scale {
+        None => 1,
+        Some(s) if (0..=i64::from(MAX_SCALE)).contains(&s.value) => s.value as u32,
+        Some(s) => {
+            return Err(err(
+                at(&s.referenced),
+                format!(
+                    "job {name}: scale {} is out of range 0-{MAX_SCALE}",
+                    s.value
+                ),
+            ));
+        }
+    };
+    let mut env = BTreeMap::new();
+    if let Some(e) = raw.env {
+        let env_at = at(&e.referenced);
+        let pairs: Vec<(String, String)> = match e.value {
+            EnvValue::Map(m) => m.into_iter().map(|(k, v)| (k, v.text())).collect(),
+            EnvValue::List(l) => {
+                let mut pairs = Vec::new();
+                for item in l {
+                    let Some((k, v)) = item.split_once('=') else {
+                        return Err(err(
+                            env_at,
+                            format!("job {name}: env entry {item:?} is not KEY=VALUE"),
+                        ));
+                    };
+                    pairs.push((k.to_owned(), v.to_owned()));
+                }
+                pairs
+            }
+        };
+        for (k, v) in pairs {
+            if !is_env_name(&k) {
+                return Err(err(
+                    env_at,
+                    format!(
+                        "job {name}: invalid env name {k:?}; use letters, digits and '_', not starting with a digit"
+                    ),
+                ));
+            }
+            env.insert(k, v);
+        }
+    }
+    let mut export_env = Vec::new();
+    for x in raw.export_env {
+        if !env.contains_key(&x.value) {
+            return Err(err(
+                at(&x.referenced),
+                format!(
+                    "job {name}: export_env names {:?}, which is not in its env; add it under env",
+                    x.value
+                ),
+            ));
+        }
+        export_env.push(x.value);
+    }
+    Ok(JobDef {
+        name: name.clone(),
+        at: job_at,
+        image,
+        ports,
+        volumes: raw.volume,
+        links,
+        scale,
+        env,
+        export_env,
+        command: raw.command,
+    })
+}
+
+/// Parses one job file of a deployment folder (`<dir>/<stack>/<job>.yaml`): the body of one
+/// job, named by the file.
+pub fn parse_job_file(
+    stack: &StackName,
+    job: &JobName,
+    path: &str,
+    text: &str,
+) -> Result<JobDef, ParseError> {
+    let (yaml, tabs) = untab(path, text)?;
+    let at = |loc: &serde_saphyr::Location| pos(path, &tabs, loc.line(), loc.column());
+    let raw: RawJob = serde_saphyr::from_str(&yaml).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map_or((1, 1), |l| (l.line().max(1), l.column().max(1)));
+        ParseError {
+            pos: pos(path, &tabs, line, column),
+            message: yaml_message(&e),
+        }
+    })?;
+    let mut def = check_job(job, pos(path, &tabs, 1, 1), raw, &at)?;
+    for link in &mut def.links {
+        if !link.alias.contains('/') {
+            link.target.stack = stack.clone();
+        }
+    }
+    Ok(def)
+}
+
+/// A job in the stack-file shape, for `viking export`.
+#[derive(Debug, Serialize)]
+pub struct JobOut<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub image: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub volume: &'a [String],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub link: Vec<&'a str>,
+    pub scale: u32,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub export_env: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: &'a Option<CommandSpec>,
+}
+
+/// Gives same-stack links (written without a `/`) their stack.
+pub fn resolve_stack(mut file: StackFile) -> StackFile {
+    let stack = file.name.clone();
+    for job in &mut file.jobs {
+        for link in &mut job.links {
+            if !link.alias.contains('/') {
+                link.target.stack = stack.clone();
+            }
+        }
+    }
+    file
+}
+
+fn is_env_name(k: &str) -> bool {
+    let mut chars = k.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The message of a YAML error without its location prefix and source snippet.
+fn yaml_message(e: &serde_saphyr::Error) -> String {
+    let text = e.without_snippet().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let message = match first.strip_prefix("line ") {
+        Some(rest) => rest.split_once(": ").map_or(rest, |(_, m)| m),
+        None => first,
+    };
+    if message.starts_with("unknown field") {
+        format!("{message}; the keys of a job are: {JOB_KEYS}")
+    } else {
+        message.to_owned()
+    }
+}
+
+/// Maps a position in the untabbed text back to the file as written.
+fn pos(path: &str, tabs: &[usize], line: u64, column: u64) -> Pos {
+    let t = tabs
+        .get(
+            usize::try_from(line)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(1),
+        )
+        .copied()
+        .unwrap_or(0) as u64;
+    let column = if t == 0 {
+        column
+    } else if column <= 2 * t {
+        (column - 1) / 2 + 1
+    } else {
+        column - t
+    };
+    Pos {
+        file: path.to_owned(),
+        line,
+        column,
+    }
+}
+
+/// Turns tab indentation into spaces (two per tab), returning how many tabs each line had.
+/// Indentation that mixes tabs and spaces, in a line or across lines, is an error.
+fn untab(path: &str, text: &str) -> Result<(String, Vec<usize>), ParseError> {
+    let mut style: Option<(char, usize)> = None; // indent char and the line that set it
+    let mut tabs = Vec::new();
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split('\n').enumerate() {
+        let n = i + 1;
+        let indent: &str = &line[..line.len() - line.trim_start_matches([' ', '\t']).len()];
+        let rest = &line[indent.len()..];
+        let blank = rest.trim().is_empty() || rest.starts_with('#');
+        if !indent.is_empty() && !blank {
+            let has_tab = indent.contains('\t');
+            let has_space = indent.contains(' ');
+            let bad = |column: usize, message: String| ParseError {
+                pos: Pos {
+                    file: path.to_owned(),
+                    line: n as u64,
+                    column: column as u64,
+                },
+                message,
+            };
+            if has_tab && has_space {
+                let column = indent
+                    .find(if indent.starts_with('\t') { ' ' } else { '\t' })
+                    .unwrap_or(0)
+                    + 1;
+                return Err(bad(
+                    column,
+                    "indentation mixes tabs and spaces; indent with tabs only (one tab per level) \
+                     or with spaces only"
+                        .into(),
+                ));
+            }
+            let c = if has_tab { '\t' } else { ' ' };
+            match style {
+                None => style = Some((c, n)),
+                Some((s, first)) if s != c => {
+                    let (this, that) = if c == '\t' {
+                        ("tabs", "spaces")
+                    } else {
+                        ("spaces", "tabs")
+                    };
+                    return Err(bad(
+                        1,
+                        format!(
+                            "this line is indented with {this} but line {first} with {that}; \
+                             indent the whole file one way"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if indent.contains('\t') && !indent.contains(' ') {
+            tabs.push(indent.len());
+            out.push_str(&"  ".repeat(indent.len()));
+            out.push_str(rest);
+        } else {
+            tabs.push(0);
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out.pop();
+    Ok((out, tabs))
+}
+
+/// A stable digest of a stack file's text (FNV-1a, 64 bits): enough to tell "same file".
+pub fn digest(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("fnv1a64:{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(text: &str) -> Result<StackFile, ParseError> {
+        parse(StackName::new("app").unwrap(), "stack.yml", text).map(resolve_stack)
+    }
+
+    #[test]
+    fn reads_tab_indented_design_note_shape() {
+        let s = stack(
+            "middleware:\n\ttype: job\n\timage: myapp/web\n\tports:\n\t\t- 80\n\tlink:\n\t\t- shared/mongo\n\t\t- web\nweb:\n\timage: x\n\tports:\n\t\t- \"53/udp\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.jobs.len(), 2);
+        let m = &s.jobs[0];
+        assert_eq!(m.name.as_str(), "middleware");
+        assert_eq!(
+            m.ports,
+            vec![PortSpec {
+                port: 80,
+                proto: Proto::Tcp
+            }]
+        );
+        assert_eq!(m.links[0].target.to_string(), "shared/mongo");
+        assert_eq!(m.links[1].target.to_string(), "app/web");
+        assert_eq!(m.links[1].at.to_string(), "stack.yml:8:5");
+        assert_eq!(s.jobs[1].ports[0].proto, Proto::Udp);
+    }
+
+    #[test]
+    fn errors_carry_file_line_column() {
+        let table = [
+            (
+                "a:\n\timage: x\n  \tports: [1]\n",
+                "stack.yml:3:3: indentation mixes tabs and spaces",
+            ),
+            (
+                "a:\n\timage: x\nb:\n  image: y\n",
+                "stack.yml:4:1: this line is indented with spaces but line 2 with tabs",
+            ),
+            (
+                "a:\n  image: x\n  prots: [1]\n",
+                "stack.yml:3:3: unknown field `prots`",
+            ),
+            (
+                "a:\n  image: x\n  ports: [0]\n",
+                "stack.yml:3:11: job a: invalid port \"0\"",
+            ),
+            (
+                "a:\n  image: x\n  ports: [\"80/sctp\"]\n",
+                "stack.yml:3:11: job a: invalid port \"80/sctp\"",
+            ),
+            (
+                "Web:\n  image: x\n",
+                "stack.yml:1:1: invalid job name \"Web\"",
+            ),
+            (
+                "a:\n  image: x\n  link: [Shared/mongo]\n",
+                "stack.yml:3:10: job a: invalid link \"Shared/mongo\": invalid stack name",
+            ),
+            (
+                "a:\n  type: service\n  image: x\n",
+                "stack.yml:2:9: job a: unknown type \"service\"",
+            ),
+            ("a:\n  ports: [1]\n", "stack.yml:1:1: job a has no image"),
+            (
+                "a:\n  image: x\n  scale: 5000\n",
+                "stack.yml:3:10: job a: scale 5000 is out of range",
+            ),
+            (
+                "a:\n  image: x\n  export_env: [X]\n",
+                "stack.yml:3:16: job a: export_env names \"X\"",
+            ),
+            ("a:\n  image: [x\n", "stack.yml:2:10: "),
+            ("", "stack.yml:1:1: the stack file has no jobs"),
+        ];
+        let mut wrong = Vec::new();
+        for (text, want) in table {
+            let got = stack(text).unwrap_err().to_string();
+            if !got.starts_with(want) {
+                wrong.push(format!("{text:?}\n got: {got}\nwant: {want}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+        let got = stack("a:\n  image: x\n  prots: [1]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(got.ends_with(JOB_KEYS), "{got}");
+    }
+
+    #[test]
+    fn env_as_map_or_list_and_commands() {
+        let s = stack(
+            "a:\n  image: x\n  env:\n    A: 1\n    B: two\n  export_env: [B]\n  command: [\"sh\", \"-c\", \"true\"]\nb:\n  image: y\n  env: [\"X=1=2\", \"Y=\"]\n  command: echo hi\n",
+        )
+        .unwrap();
+        assert_eq!(s.jobs[0].env["A"], "1");
+        assert_eq!(s.jobs[0].export_env, vec!["B"]);
+        assert_eq!(s.jobs[1].env["X"], "1=2");
+        assert_eq!(s.jobs[1].env["Y"], "");
+        assert_eq!(
+            s.jobs[1].command,
+            Some(CommandSpec::Shell("echo hi".into()))
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(text in "([a-z]{1,3}|:|-|\t|  |\n|\\[|\\]|\"|[0-9]{1,6}|/|,| ){0,60}") {
+            let _ = stack(&text);
+            let _ = parse_job_file(
+                &StackName::new("s").unwrap(),
+                &JobName::new("j").unwrap(),
+                "j.yaml",
+                &text,
+            );
+        }
+    }
+
+    #[test]
+    fn json_is_accepted() {
+        let s = stack(r#"{"a": {"image": "x", "ports": [80, "53/udp"], "link": ["b"]}, "b": {"image": "y", "ports": [1]}}"#).unwrap();
+        assert_eq!(s.jobs.len(), 2);
+    }
+}

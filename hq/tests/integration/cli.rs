@@ -1,0 +1,339 @@
+//! The `viking` command against a real etcd.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use etcd_client::GetOptions;
+use testkit::Etcd;
+
+use crate::{fixtures, stderr, stdout, viking};
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn env_of(ep: &str, service: &str) -> BTreeMap<String, String> {
+    let out = viking(ep, &["env", service, "--format", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Checks `web`'s env: exactly Docker's link names for each link, plus `<P>_PORT_<n>`.
+fn assert_web_env(env: &BTreeMap<String, String>, ports: &BTreeMap<String, String>) {
+    for (prefix, service, port) in [
+        ("SHARED_MONGO", "shared/mongo", 27017),
+        ("SHARED_AUTH", "shared/auth", 80),
+        ("MIDDLEWARE", "app/middleware", 80),
+    ] {
+        let n = &ports[&format!("{service}:{port}/tcp")];
+        let link_name = if service.starts_with("app/") {
+            "middleware"
+        } else {
+            &service.replace('/', "_")
+        };
+        let want: BTreeMap<String, String> = [
+            (format!("{prefix}_NAME"), format!("/app_web/{link_name}")),
+            (format!("{prefix}_PORT"), format!("tcp://172.17.0.1:{n}")),
+            (format!("{prefix}_PORT_{port}"), format!("172.17.0.1:{n}")),
+            (
+                format!("{prefix}_PORT_{port}_TCP"),
+                format!("tcp://172.17.0.1:{n}"),
+            ),
+            (
+                format!("{prefix}_PORT_{port}_TCP_ADDR"),
+                "172.17.0.1".to_owned(),
+            ),
+            (format!("{prefix}_PORT_{port}_TCP_PORT"), n.clone()),
+            (format!("{prefix}_PORT_{port}_TCP_PROTO"), "tcp".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        let got: BTreeMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{prefix}_")))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(got, want, "{prefix}");
+    }
+    assert_eq!(env.len(), 21, "{env:#?}");
+}
+
+fn ports(ep: &str) -> BTreeMap<String, String> {
+    let out = viking(ep, &["ports"]);
+    stdout(&out)
+        .lines()
+        .map(|l| {
+            let (port, sp) = l.split_once('\t').unwrap();
+            (sp.to_owned(), port.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn design_notes_stacks_deploy_in_either_order_and_together() {
+    let f = fixtures();
+    let (shared, app) = (f.join("shared"), f.join("app"));
+
+    // shared first, then app.
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let out = viking(&ep, &["deploy", path(&shared)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "shared: created mongo, auth\n");
+    let out = viking(&ep, &["deploy", path(&app)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "app: created middleware, web\n");
+    let first = ports(&ep);
+    assert_web_env(&env_of(&ep, "app/web"), &first);
+
+    // app first: refused, naming the missing stack; nothing written.
+    let etcd2 = Etcd::start().await;
+    let ep2 = etcd2.endpoint();
+    let out = viking(&ep2, &["deploy", path(&app)]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("app/stack.yml:7:5: job middleware links to shared/mongo, but stack shared is not deployed; deploy it first"), "{err}");
+    let mut c = etcd2.client().await;
+    assert_eq!(
+        c.get("", Some(GetOptions::new().with_prefix().with_count_only()))
+            .await
+            .unwrap()
+            .count(),
+        0
+    );
+    // Then together, app named first: the order inside the command does not matter.
+    let out = viking(&ep2, &["deploy", path(&app), path(&shared)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "shared: created mongo, auth\napp: created middleware, web\n"
+    );
+    assert_web_env(&env_of(&ep2, "app/web"), &ports(&ep2));
+
+    // Re-deploying the same files changes nothing, not even a revision.
+    let rev = |resp: etcd_client::GetResponse| resp.header().unwrap().revision();
+    let before = rev(c.get("x", None).await.unwrap());
+    let out = viking(&ep2, &["deploy", path(&app), path(&shared)]);
+    assert_eq!(
+        stdout(&out),
+        "shared: unchanged mongo, auth\napp: unchanged middleware, web\n"
+    );
+    assert_eq!(rev(c.get("x", None).await.unwrap()), before);
+}
+
+#[tokio::test]
+async fn changes_update_only_what_changed_and_ports_stay() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let out = viking(
+        &ep,
+        &["deploy", path(&f.join("shared")), path(&f.join("app"))],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = ports(&ep);
+
+    // Edit app: web scales to 3, middleware gains an env var exported to web.
+    let app = dir.path().join("app");
+    std::fs::create_dir(&app).unwrap();
+    let text = std::fs::read_to_string(f.join("app/stack.yml")).unwrap();
+    let text = text.replace(
+        "middleware:\n\ttype: job\n",
+        "middleware:\n\ttype: job\n\tenv:\n\t\tMODE: fast\n\texport_env:\n\t\t- MODE\n",
+    );
+    let text = text.replace("web:\n\ttype: job\n", "web:\n\ttype: job\n\tscale: 3\n");
+    std::fs::write(app.join("stack.yml"), text).unwrap();
+    let out = viking(&ep, &["deploy", path(&app)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "app: updated middleware, web\n");
+    assert_eq!(ports(&ep), before, "ports are stable across re-deploys");
+    let env = env_of(&ep, "app/web");
+    assert_eq!(env["MIDDLEWARE_ENV_MODE"], "fast");
+
+    // The export -> edit -> apply round trip.
+    let deploy_dir = dir.path().join("deploy");
+    let out = viking(&ep, &["export", "app", path(&deploy_dir)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let web = deploy_dir.join("app/web.yaml");
+    let text = std::fs::read_to_string(&web).unwrap();
+    assert!(text.contains("scale: 3"), "{text}");
+    std::fs::write(&web, text.replace("scale: 3", "scale: 5")).unwrap();
+    let out = viking(&ep, &["apply", path(&deploy_dir)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "app: updated web; unchanged middleware\n");
+    let out = viking(&ep, &["ps", "app", "--output", "json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[1]["service"], "app/web");
+    assert_eq!(rows[1]["scale"], 5);
+    assert_eq!(
+        rows[0]["ambassador_ports"][0],
+        format!("80/tcp={}", before["app/middleware:80/tcp"])
+    );
+
+    // A hand edit that breaks the rules is refused with its place, and changes nothing.
+    std::fs::write(&web, "image: x\nlink: [nosuch]\n").unwrap();
+    let out = viking(&ep, &["apply", path(&deploy_dir)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out)
+            .contains("web.yaml:2:8: job web links to nosuch, which is not a job of stack app"),
+        "{}",
+        stderr(&out)
+    );
+
+    // rm: refused while linked to, then allowed; ports released.
+    let out = viking(&ep, &["rm", "shared"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("stack shared is linked to by app/middleware -> shared/mongo"),
+        "{}",
+        stderr(&out)
+    );
+    let out = viking(&ep, &["rm", "app"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "removed app; released ports: {}\n",
+            before["app/middleware:80/tcp"]
+        )
+    );
+    let out = viking(&ep, &["rm", "shared"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(ports(&ep).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_deploys_share_one_port_per_service_port() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let out = viking(&ep, &["deploy", path(&fixtures().join("shared"))]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let file = dir.path().join(format!("app{i}.yml"));
+        std::fs::write(
+            &file,
+            "web:\n\timage: x\n\tlink:\n\t\t- shared/mongo\n\t\t- shared/auth\n",
+        )
+        .unwrap();
+        let ep = ep.clone();
+        tasks.spawn_blocking(move || {
+            let out = viking(&ep, &["deploy", file.to_str().unwrap()]);
+            assert!(out.status.success(), "{}", stderr(&out));
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let all = ports(&ep);
+    assert_eq!(all.len(), 2, "{all:?}");
+    let mut seen = BTreeSet::new();
+    for i in 0..20 {
+        let env = env_of(&ep, &format!("app{i}/web"));
+        seen.insert((
+            env["SHARED_MONGO_PORT_27017_TCP_PORT"].clone(),
+            env["SHARED_AUTH_PORT_80_TCP_PORT"].clone(),
+        ));
+    }
+    assert_eq!(seen.len(), 1, "env differs between stacks: {seen:?}");
+    let (mongo, auth) = seen.into_iter().next().unwrap();
+    assert_eq!(mongo, all["shared/mongo:27017/tcp"]);
+    assert_eq!(auth, all["shared/auth:80/tcp"]);
+}
+
+#[tokio::test]
+async fn bad_input_exits_2_with_its_place_and_writes_nothing() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "mixed.yml",
+            "a:\n\timage: x\n  \tports: [1]\n",
+            "mixed.yml:3:3: indentation mixes tabs and spaces",
+        ),
+        (
+            "badname.yml",
+            "Web:\n  image: x\n",
+            "badname.yml:1:1: invalid job name \"Web\"",
+        ),
+        ("badyaml.yml", "a:\n  image: [x\n", "badyaml.yml:2:10: "),
+        (
+            "unknown.yml",
+            "a:\n  image: x\n  volumes: [/d]\n",
+            "unknown.yml:3:3: unknown field `volumes`",
+        ),
+        (
+            "cycle.yml",
+            "a:\n  image: x\n  ports: [1]\n  link: [b]\nb:\n  image: y\n  ports: [2]\n  link: [a]\n",
+            "cycle.yml:4:10: link cycle: cycle/a -> cycle/b -> cycle/a",
+        ),
+    ];
+    for (name, text, want) in cases {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = viking(&ep, &["deploy", file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{name}: {}", stderr(&out));
+    }
+    let out = viking(
+        &ep,
+        &[
+            "deploy",
+            dir.path().join("mixed.yml").to_str().unwrap(),
+            "--name",
+            "Bad_Name",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("invalid stack name \"Bad_Name\""),
+        "{}",
+        stderr(&out)
+    );
+    let mut c = etcd.client().await;
+    assert_eq!(
+        c.get("", Some(GetOptions::new().with_prefix().with_count_only()))
+            .await
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn hosts_add_list_remove() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    assert!(
+        viking(
+            &ep,
+            &["host", "add", "node-1", "10.0.0.1", "--role", "router"]
+        )
+        .status
+        .success()
+    );
+    assert!(
+        viking(&ep, &["host", "add", "node-2", "10.0.0.2"])
+            .status
+            .success()
+    );
+    let out = viking(&ep, &["host", "ls"]);
+    assert_eq!(
+        stdout(&out),
+        "HOST\tADDR\tROLES\tALIVE\nnode-1\t10.0.0.1\trouter\t-\nnode-2\t10.0.0.2\t\t-\n"
+    );
+    let out = viking(&ep, &["host", "add", "Node_3", "10.0.0.3"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = viking(&ep, &["host", "add", "node-3", "10.0.0.300"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(viking(&ep, &["host", "rm", "node-1"]).status.success());
+    let out = viking(&ep, &["host", "rm", "node-1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = viking(&ep, &["host", "ls", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["host"], "node-2");
+    assert_eq!(v.as_array().unwrap().len(), 1);
+}
