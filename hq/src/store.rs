@@ -343,10 +343,23 @@ impl Store {
                 "stack {stack} changed while removing it; try again"
             )));
         }
+        // Ports that stacks still deployed link to stay allocated (after --force): their env
+        // points at them, and handing them to another service would misroute those clients.
+        let (others, _) = self.load_stacks().await?;
+        let still_linked: std::collections::BTreeSet<String> = others
+            .values()
+            .flat_map(|jobs| jobs.values())
+            .flat_map(|j| &j.links)
+            .flat_map(|l| {
+                l.ports
+                    .iter()
+                    .map(move |p| format!("{}:{}/{}", l.service, p.port, p.proto))
+            })
+            .collect();
         let mut released = Vec::new();
         for a in self.allocator.list().await? {
             if let Ok(sp) = a.service_port.parse::<ServicePort>() {
-                if &sp.service.stack == stack {
+                if &sp.service.stack == stack && !still_linked.contains(&sp.to_string()) {
                     if let Some(p) = self.allocator.release(&sp).await? {
                         released.push(p);
                     }

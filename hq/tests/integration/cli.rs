@@ -189,6 +189,17 @@ async fn changes_update_only_what_changed_and_ports_stay() {
         "{}",
         stderr(&out)
     );
+    // --force removes shared while app links to it, but keeps the ports app's env points at.
+    let out = viking(&ep, &["rm", "shared", "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "removed shared; released ports: none\n");
+    let out = viking(&ep, &["deploy", path(&f.join("shared"))]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        ports(&ep),
+        before,
+        "the same ports again after re-deploying shared"
+    );
     let out = viking(&ep, &["rm", "app"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(

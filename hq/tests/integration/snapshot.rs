@@ -92,3 +92,21 @@ fn cycles_are_named() {
     ), "{err}");
     assert!(err.contains("stack.yml:4:9: "), "{err}");
 }
+
+#[test]
+fn env_prefix_collisions_are_errors_with_their_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("stack.yml"),
+        "web:\n  image: x\n  link:\n    - shared/mongo\n    - shared-mongo\nshared-mongo:\n  image: y\n  ports: [1]\n",
+    )
+    .unwrap();
+    let stacks = vec![folder::read_stack(tmp.path(), "app").unwrap()];
+    let err = required_service_ports(&stacks, &ClusterView::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("stack.yml:5:7: job web: links \"shared/mongo\" and \"shared-mongo\" both give the env prefix SHARED_MONGO"),
+        "{err}"
+    );
+}
