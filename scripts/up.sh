@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on one host, as far as viking goes today: a local etcd (started for you
-# unless one already answers on 127.0.0.1:2379), the cluster-wide port allocator, and the
-# design notes' example links allocated and listed. Ctrl-C stops what this started.
+# unless one already answers on 127.0.0.1:2379), the HQ deploying the design notes' example
+# stacks (ports allocated, docker-link env shown). Ctrl-C stops what this started.
 #
 # The ambassador, registrator and `viking up` come with their own issues; this script grows
 # with them.
@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-cargo build --release -q -p portalloc
+cargo build --release -q -p portalloc -p hq
 portalloc=target/release/portalloc
+viking=target/release/viking
 
 endpoint=${VIKING_ETCD:-http://127.0.0.1:2379}
 data=${VIKING_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/viking}
@@ -47,11 +48,18 @@ else
 fi
 
 export VIKING_ETCD="$endpoint"
-echo "up: allocating the design notes' example links (idempotent: the same ports every run)"
-"$portalloc" alloc shared/mongo:27017 shared/redis:6379 app/middleware:8080 app/web:80 >/dev/null
+echo "up: deploying the design notes' example stacks (idempotent: the same ports every run)"
+"$viking" deploy examples/design-notes/shared examples/design-notes/app
+echo
+"$viking" ps
+echo
+echo "up: the env app/web's containers get:"
+"$viking" env app/web
+echo
+echo "up: ambassador ports:"
 "$portalloc" list
 echo
-echo "up: etcd at $endpoint; try: $portalloc alloc mystack/db:5432"
+echo "up: etcd at $endpoint; try: $viking graph, $viking env app/middleware --format docker"
 if [ -n "$started" ]; then
   echo "up: Ctrl-C stops etcd"
   wait "$started"

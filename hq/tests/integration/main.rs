@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 /// The design notes' example stacks, copied exactly (tab-indented).
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/design-notes")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/design-notes")
 }
 
 /// Runs `viking` against `endpoint`, isolated from the caller's VIKING_* env.
