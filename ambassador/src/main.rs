@@ -1,0 +1,137 @@
+//! `ambassador`: the per-host TCP proxy daemon.
+//!
+//! SIGTERM or SIGINT: stop accepting, let open connections finish for `--grace`, then close
+//! the rest and log how many; a second signal exits at once.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ambassador::{Config, RelayConfig, Shared};
+use clap::Parser;
+use runtime::EtcdArgs;
+use runtime::etcd::parse_duration;
+use tracing::{error, info};
+
+/// viking's per-host TCP proxy: one cluster-wide port per linked service port.
+#[derive(Debug, Parser)]
+#[command(name = "ambassador", version)]
+struct Cli {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+
+    /// This host's id (default: the hostname, lower-cased)
+    #[arg(long, env = "VIKING_HOST")]
+    host: Option<String>,
+
+    /// Address the service listeners bind (default: the docker0 bridge address)
+    #[arg(long, env = "VIKING_BIND")]
+    bind: Option<IpAddr>,
+
+    /// Admin server: /metrics, /healthz, /state
+    #[arg(long, env = "VIKING_ADMIN", default_value = "127.0.0.1:9100")]
+    admin: SocketAddr,
+
+    /// Time limit for connecting to a backend
+    #[arg(long, env = "VIKING_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+
+    /// Close connections idle for this long
+    #[arg(long, env = "VIKING_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    idle_timeout: Duration,
+
+    /// Time open connections get to finish after SIGTERM
+    #[arg(long, env = "VIKING_GRACE", default_value = "30s", value_parser = parse_duration)]
+    grace: Duration,
+
+    /// Prefer backends on this host while one is healthy
+    #[arg(long, env = "VIKING_PREFER_LOCAL")]
+    prefer_local: bool,
+
+    /// Most connections open at once, in all
+    #[arg(long, env = "VIKING_MAX_CONNECTIONS", default_value_t = 65_536)]
+    max_connections: usize,
+
+    /// Most connections open at once per listener
+    #[arg(long, env = "VIKING_MAX_CONNECTIONS_PER_LISTENER", default_value_t = 16_384)]
+    max_connections_per_listener: usize,
+
+    /// Bytes a direction copies before it switches to splice (0: splice at once)
+    #[arg(long, env = "VIKING_SPLICE_AFTER", default_value_t = 65_536)]
+    splice_after: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    runtime::telemetry::init("info");
+    let host = match cli.host.clone().map(Ok).unwrap_or_else(|| {
+        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned())
+    }) {
+        Ok(h) => match schema::HostId::from_hostname(&h) {
+            Ok(h) => h.to_string(),
+            Err(e) => {
+                eprintln!("ambassador: {e}; pass --host");
+                return ExitCode::from(2);
+            }
+        },
+        Err(e) => {
+            eprintln!("ambassador: cannot read the hostname: {e}; pass --host");
+            return ExitCode::from(2);
+        }
+    };
+    let bind = match cli.bind.or_else(|| ambassador::interface_addr("docker0")) {
+        Some(b) => b,
+        None => {
+            eprintln!(
+                "ambassador: no --bind given and interface docker0 has no IPv4 address; \
+                 pass --bind with the address containers reach this host on (e.g. --bind 172.17.0.1)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ambassador: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = runtime::shutdown::on_signals();
+        let client = match cli.etcd.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ambassador: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let admin = match tokio::net::TcpListener::bind(cli.admin).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("ambassador: cannot listen on --admin {}: {e}; pick another address", cli.admin);
+                return ExitCode::from(1);
+            }
+        };
+        let mut config = Config::new(cli.etcd.prefix.clone(), host, bind);
+        config.prefer_local = cli.prefer_local;
+        config.connect_timeout = cli.connect_timeout;
+        config.grace = cli.grace;
+        config.max_connections = cli.max_connections;
+        config.max_connections_per_listener = cli.max_connections_per_listener;
+        config.relay = RelayConfig {
+            idle_timeout: cli.idle_timeout,
+            splice_after: cli.splice_after,
+            ..RelayConfig::default()
+        };
+        let shared = Shared::new(config);
+        info!(admin = %admin.local_addr().unwrap_or(cli.admin), bind = %bind, etcd = %cli.etcd.endpoints_display(), "admin listening on");
+        let admin_stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(ambassador::admin::serve(admin, shared.clone(), admin_stop.clone()));
+        let report = ambassador::run(shared, client, shutdown).await;
+        admin_stop.cancel();
+        if report.cut > 0 {
+            error!(cut = report.cut, "connections closed at the end of the grace period");
+        }
+        ExitCode::SUCCESS
+    })
+}

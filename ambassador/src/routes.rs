@@ -1,0 +1,279 @@
+//! The routing table: ambassador port -> service port -> live backends, rebuilt from what the
+//! watches saw, with per-backend counters that survive rebuilds.
+//!
+//! A rebuild swaps one `Arc<Routes>`; a connection takes the current `Arc` once, so new
+//! connections see a change as soon as it is applied and open ones are never touched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use runtime::watch::Kv;
+use schema::records::{self, EndpointRecord, PortAllocRecord};
+use schema::{Key, Prefix, ServicePort};
+
+/// Consecutive connect failures that eject a backend.
+pub const EJECT_AFTER: u32 = 3;
+/// First ejection; each further one doubles, up to [`EJECT_MAX`].
+pub const EJECT_BASE: Duration = Duration::from_secs(1);
+pub const EJECT_MAX: Duration = Duration::from_secs(30);
+
+/// One backend (an endpoint record) and what the proxy learned about it.
+#[derive(Debug)]
+pub struct Backend {
+    /// The instance key (`<host>:<container-id-12>:<port>`).
+    pub instance: String,
+    pub addr: SocketAddr,
+    pub host: String,
+    pub active: AtomicU64,
+    pub connections: AtomicU64,
+    pub connect_errors: AtomicU64,
+    pub ejections: AtomicU64,
+    consecutive_failures: AtomicU32,
+    /// Ejections since the last successful connect: the exponent of the next ejection time.
+    streak: AtomicU32,
+    ejected_until: Mutex<Option<Instant>>,
+}
+
+impl Backend {
+    pub fn new(instance: String, addr: SocketAddr, host: String) -> Self {
+        Self {
+            instance,
+            addr,
+            host,
+            active: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            streak: AtomicU32::new(0),
+            ejected_until: Mutex::new(None),
+        }
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until
+            .lock()
+            .expect("ejection lock")
+            .is_some_and(|until| until > now)
+    }
+
+    /// A connect succeeded: the backend is healthy again.
+    pub fn connected(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.streak.store(0, Ordering::Relaxed);
+        *self.ejected_until.lock().expect("ejection lock") = None;
+    }
+
+    /// A connect failed; returns true when this failure ejected the backend.
+    pub fn failed(&self, now: Instant) -> bool {
+        self.connect_errors.fetch_add(1, Ordering::Relaxed);
+        let fails = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails < EJECT_AFTER {
+            return false;
+        }
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        let n = self.streak.fetch_add(1, Ordering::Relaxed);
+        let time = EJECT_BASE.saturating_mul(1u32 << n.min(16)).min(EJECT_MAX);
+        *self.ejected_until.lock().expect("ejection lock") = Some(now + time);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        true
+    }
+}
+
+/// Counters of one service port, kept across rebuilds.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    pub active: AtomicU64,
+    pub connections: AtomicU64,
+    pub failed: AtomicU64,
+    /// Client to backend.
+    pub bytes_up: AtomicU64,
+    /// Backend to client.
+    pub bytes_down: AtomicU64,
+}
+
+/// One allocated service port.
+#[derive(Debug)]
+pub struct Service {
+    pub service_port: ServicePort,
+    pub port: u16,
+    pub backends: Vec<Arc<Backend>>,
+    pub stats: Arc<ServiceStats>,
+}
+
+impl Service {
+    /// Picks a backend not in `tried`: power of two random choices, fewer active connections
+    /// wins. Ejected backends are used only when nothing else is left; with `local` set,
+    /// backends on that host are preferred while any is healthy.
+    pub fn pick(&self, tried: &[usize], local: Option<&str>, now: Instant, rng: &mut fastrand::Rng) -> Option<usize> {
+        let open: Vec<usize> = (0..self.backends.len()).filter(|i| !tried.contains(i)).collect();
+        let healthy: Vec<usize> = open.iter().copied().filter(|i| !self.backends[*i].is_ejected(now)).collect();
+        let local_healthy: Vec<usize> = match local {
+            Some(host) => healthy.iter().copied().filter(|i| self.backends[*i].host == host).collect(),
+            None => Vec::new(),
+        };
+        let pool = if !local_healthy.is_empty() {
+            local_healthy
+        } else if !healthy.is_empty() {
+            healthy
+        } else {
+            open
+        };
+        match pool.len() {
+            0 => None,
+            1 => Some(pool[0]),
+            n => {
+                let a = pool[rng.usize(..n)];
+                let mut b = pool[rng.usize(..n - 1)];
+                if b == a {
+                    b = pool[n - 1];
+                }
+                let load = |i: usize| self.backends[i].active.load(Ordering::Relaxed);
+                Some(if load(b) < load(a) { b } else { a })
+            }
+        }
+    }
+}
+
+/// The whole table.
+#[derive(Debug, Default)]
+pub struct Routes {
+    pub by_port: BTreeMap<u16, Arc<Service>>,
+}
+
+impl Routes {
+    /// Builds the table from the watched keys, reusing `previous`'s counters.
+    pub fn build(
+        prefix: &Prefix,
+        allocs: &BTreeMap<String, Kv>,
+        endpoints: &BTreeMap<String, Kv>,
+        previous: &Routes,
+    ) -> Routes {
+        let mut old_backends: HashMap<(&str, SocketAddr), &Arc<Backend>> = HashMap::new();
+        let mut old_stats: HashMap<&ServicePort, &Arc<ServiceStats>> = HashMap::new();
+        for s in previous.by_port.values() {
+            old_stats.insert(&s.service_port, &s.stats);
+            for b in &s.backends {
+                old_backends.insert((b.instance.as_str(), b.addr), b);
+            }
+        }
+        let mut backends: HashMap<ServicePort, Vec<Arc<Backend>>> = HashMap::new();
+        for (key, kv) in endpoints {
+            let Ok(Key::Endpoint { service_port, instance }) = prefix.parse(key) else { continue };
+            let Ok(rec) = records::decode::<EndpointRecord>(key, &kv.value) else { continue };
+            let Ok(ip) = rec.addr.parse::<std::net::IpAddr>() else { continue };
+            let addr = SocketAddr::new(ip, rec.port);
+            let instance = instance.to_string();
+            let backend = old_backends
+                .get(&(instance.as_str(), addr))
+                .map(|b| Arc::clone(b))
+                .unwrap_or_else(|| Arc::new(Backend::new(instance, addr, rec.host.to_string())));
+            backends.entry(service_port).or_default().push(backend);
+        }
+        let mut by_port = BTreeMap::new();
+        for (key, kv) in allocs {
+            let Ok(Key::PortAlloc(service_port)) = prefix.parse(key) else { continue };
+            if service_port.proto != schema::Proto::Tcp {
+                continue; // the TCP proxy serves TCP service ports
+            }
+            let Ok(rec) = records::decode::<PortAllocRecord>(key, &kv.value) else { continue };
+            let stats = old_stats
+                .get(&service_port)
+                .map(|s| Arc::clone(s))
+                .unwrap_or_default();
+            let list = backends.remove(&service_port).unwrap_or_default();
+            by_port.insert(
+                rec.port,
+                Arc::new(Service {
+                    service_port,
+                    port: rec.port,
+                    backends: list,
+                    stats,
+                }),
+            );
+        }
+        Routes { by_port }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(n: usize) -> Service {
+        Service {
+            service_port: "s/j:80".parse().unwrap(),
+            port: 20000,
+            backends: (0..n)
+                .map(|i| {
+                    Arc::new(Backend::new(
+                        format!("h{i}:0123456789ab:80"),
+                        format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                        format!("h{i}"),
+                    ))
+                })
+                .collect(),
+            stats: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn two_choices_prefer_the_less_loaded() {
+        let s = service(2);
+        s.backends[0].active.store(10, Ordering::Relaxed);
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..20 {
+            assert_eq!(s.pick(&[], None, Instant::now(), &mut rng), Some(1));
+        }
+        assert_eq!(s.pick(&[1], None, Instant::now(), &mut rng), Some(0));
+        assert_eq!(s.pick(&[0, 1], None, Instant::now(), &mut rng), None);
+    }
+
+    #[test]
+    fn spreads_over_equal_backends() {
+        let s = service(4);
+        let mut rng = fastrand::Rng::with_seed(1);
+        let mut seen = [0; 4];
+        for _ in 0..400 {
+            seen[s.pick(&[], None, Instant::now(), &mut rng).unwrap()] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_and_returns() {
+        let s = service(2);
+        let now = Instant::now();
+        assert!(!s.backends[0].failed(now));
+        assert!(!s.backends[0].failed(now));
+        assert!(s.backends[0].failed(now), "third failure ejects");
+        let mut rng = fastrand::Rng::with_seed(1);
+        for _ in 0..20 {
+            assert_eq!(s.pick(&[], None, now, &mut rng), Some(1));
+        }
+        // Only ejected ones left: still tried rather than failing the client.
+        assert_eq!(s.pick(&[1], None, now, &mut rng), Some(0));
+        assert!(!s.backends[0].is_ejected(now + EJECT_BASE + Duration::from_millis(1)));
+        // The second ejection lasts twice as long.
+        for _ in 0..3 {
+            s.backends[0].failed(now);
+        }
+        assert!(s.backends[0].is_ejected(now + EJECT_BASE + Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn prefers_local_backends_while_healthy() {
+        let s = service(3);
+        let mut rng = fastrand::Rng::with_seed(1);
+        for _ in 0..20 {
+            assert_eq!(s.pick(&[], Some("h2"), Instant::now(), &mut rng), Some(2));
+        }
+        for _ in 0..3 {
+            s.backends[2].failed(Instant::now());
+        }
+        assert_ne!(s.pick(&[], Some("h2"), Instant::now(), &mut rng), Some(2));
+    }
+}

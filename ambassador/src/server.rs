@@ -1,0 +1,466 @@
+//! The ambassador's tasks: follow etcd, keep one listener per allocated TCP service port,
+//! proxy each connection to a live backend, drain on shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::Client;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use runtime::watch::{self, Kv, WatchUpdate};
+use schema::{Dir, Prefix};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::relay::{self, Ended, RelayConfig};
+use crate::routes::{Routes, Service};
+
+/// Settings of one ambassador.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub prefix: Prefix,
+    /// This host's id, for the same-host preference.
+    pub host: String,
+    /// Address every listener binds (the Docker bridge gateway in production).
+    pub bind: IpAddr,
+    /// Prefer backends on this host while one is healthy.
+    pub prefer_local: bool,
+    pub connect_timeout: Duration,
+    /// Backends tried per connection before the client is closed.
+    pub connect_attempts: usize,
+    pub relay: RelayConfig,
+    /// How long open connections may finish after SIGTERM.
+    pub grace: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_listener: usize,
+}
+
+impl Config {
+    pub fn new(prefix: Prefix, host: String, bind: IpAddr) -> Self {
+        Self {
+            prefix,
+            host,
+            bind,
+            prefer_local: false,
+            connect_timeout: Duration::from_secs(1),
+            connect_attempts: 3,
+            relay: RelayConfig::default(),
+            grace: Duration::from_secs(30),
+            max_connections: 65_536,
+            max_connections_per_listener: 16_384,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabel {
+    service: String,
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    service: String,
+    backend: String,
+}
+
+/// The Prometheus metrics, registered once in a registry passed in.
+#[derive(Clone, Default)]
+struct Metrics {
+    active: Family<ServiceLabel, Gauge>,
+    connections: Family<ServiceLabel, Counter>,
+    failed: Family<ServiceLabel, Counter>,
+    bytes: Family<BytesLabel, Counter>,
+    connect_errors: Family<BackendLabel, Counter>,
+    ejections: Family<BackendLabel, Counter>,
+    synced: Gauge,
+    listeners: Gauge,
+}
+
+impl Metrics {
+    fn register(reg: &mut Registry) -> Self {
+        let m = Metrics::default();
+        reg.register("ambassador_connections_active", "Connections open now", m.active.clone());
+        reg.register("ambassador_connections", "Connections accepted", m.connections.clone());
+        reg.register(
+            "ambassador_connections_failed",
+            "Connections closed because no backend answered",
+            m.failed.clone(),
+        );
+        reg.register("ambassador_bytes", "Bytes relayed (up: client to backend)", m.bytes.clone());
+        reg.register(
+            "ambassador_backend_connect_errors",
+            "Failed connects to a backend",
+            m.connect_errors.clone(),
+        );
+        reg.register("ambassador_backend_ejections", "Times a backend was ejected", m.ejections.clone());
+        reg.register("ambassador_etcd_synced", "1 once routes were read from etcd", m.synced.clone());
+        reg.register("ambassador_listeners", "Listening sockets", m.listeners.clone());
+        m
+    }
+}
+
+/// State shared by the tasks, the admin server and tests.
+pub struct Shared {
+    pub config: Config,
+    routes: tokio::sync::watch::Sender<Arc<Routes>>,
+    synced: AtomicBool,
+    /// Ports with a bound listener.
+    listening: Mutex<BTreeMap<u16, SocketAddr>>,
+    registry: Registry,
+    metrics: Metrics,
+    pub accepted: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let (routes, _) = tokio::sync::watch::channel(Arc::new(Routes::default()));
+        Arc::new(Self {
+            config,
+            routes,
+            synced: AtomicBool::new(false),
+            listening: Mutex::default(),
+            registry,
+            metrics,
+            accepted: AtomicU64::new(0),
+        })
+    }
+
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.borrow().clone()
+    }
+
+    /// Whether the first full read of etcd is done.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Ports with a bound listener and their addresses.
+    pub fn listening(&self) -> BTreeMap<u16, SocketAddr> {
+        self.listening.lock().expect("listening lock").clone()
+    }
+
+    /// Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The `/state` document.
+    pub fn state_json(&self) -> serde_json::Value {
+        let routes = self.routes();
+        let listening = self.listening();
+        let services: Vec<_> = routes
+            .by_port
+            .values()
+            .map(|s| {
+                serde_json::json!({
+                    "port": s.port,
+                    "service_port": s.service_port.to_string(),
+                    "listening": listening.contains_key(&s.port),
+                    "active": s.stats.active.load(Ordering::Relaxed),
+                    "connections": s.stats.connections.load(Ordering::Relaxed),
+                    "failed": s.stats.failed.load(Ordering::Relaxed),
+                    "bytes_up": s.stats.bytes_up.load(Ordering::Relaxed),
+                    "bytes_down": s.stats.bytes_down.load(Ordering::Relaxed),
+                    "backends": s.backends.iter().map(|b| serde_json::json!({
+                        "instance": b.instance,
+                        "addr": b.addr.to_string(),
+                        "host": b.host,
+                        "active": b.active.load(Ordering::Relaxed),
+                        "connections": b.connections.load(Ordering::Relaxed),
+                        "connect_errors": b.connect_errors.load(Ordering::Relaxed),
+                        "ejections": b.ejections.load(Ordering::Relaxed),
+                        "ejected": b.is_ejected(Instant::now()),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({ "synced": self.is_synced(), "services": services })
+    }
+}
+
+/// What shutdown did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections that finished within the grace period.
+    pub drained: u64,
+    /// Connections still open when the grace period ended, closed by force.
+    pub cut: u64,
+}
+
+/// Runs the ambassador until `shutdown` fires, then drains. `client` may point at an etcd
+/// that is down: routes come when it answers, and stay while it is away.
+pub async fn run(shared: Arc<Shared>, client: Client, shutdown: CancellationToken) -> ShutdownReport {
+    let tracker = TaskTracker::new();
+    let hard = CancellationToken::new();
+    let background = CancellationToken::new();
+
+    // etcd -> routes.
+    let (alloc_tx, alloc_rx) = mpsc::channel(64);
+    let (svc_tx, svc_rx) = mpsc::channel(64);
+    let prefix = &shared.config.prefix;
+    tokio::spawn(watch::watch_prefix(client.clone(), prefix.dir(Dir::PortAllocs), alloc_tx, background.clone()));
+    tokio::spawn(watch::watch_prefix(client, prefix.dir(Dir::Services), svc_tx, background.clone()));
+    tokio::spawn(sync_routes(shared.clone(), alloc_rx, svc_rx).instrument(info_span!("sync")));
+
+    // routes -> listeners.
+    let global = Arc::new(Semaphore::new(shared.config.max_connections));
+    let mut listeners: HashMap<u16, CancellationToken> = HashMap::new();
+    let mut changes = shared.routes.subscribe();
+    let mut retry = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let routes = shared.routes();
+        reconcile(&shared, &routes, &mut listeners, &tracker, &global, &hard).await;
+        tokio::select! {
+            r = changes.changed() => { if r.is_err() { break; } }
+            _ = retry.tick() => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+
+    // Shutdown: stop accepting, let connections finish, then cut the rest.
+    for token in listeners.values() {
+        token.cancel();
+    }
+    shared.listening.lock().expect("listening lock").clear();
+    background.cancel();
+    tracker.close();
+    let open = tracker.len() as u64;
+    info!(open, grace = ?shared.config.grace, "stopped accepting; waiting for open connections");
+    let report = if tokio::time::timeout(shared.config.grace, tracker.wait()).await.is_ok() {
+        ShutdownReport { drained: open, cut: 0 }
+    } else {
+        let cut = tracker.len() as u64;
+        hard.cancel();
+        tracker.wait().await;
+        ShutdownReport { drained: open.saturating_sub(cut), cut }
+    };
+    info!(drained = report.drained, cut = report.cut, "shut down");
+    report
+}
+
+/// Applies watch updates to the two key maps and publishes a rebuilt table after each.
+async fn sync_routes(
+    shared: Arc<Shared>,
+    mut allocs_rx: mpsc::Receiver<WatchUpdate>,
+    mut services_rx: mpsc::Receiver<WatchUpdate>,
+) {
+    let mut allocs: BTreeMap<String, Kv> = BTreeMap::new();
+    let mut services: BTreeMap<String, Kv> = BTreeMap::new();
+    let (mut have_allocs, mut have_services) = (false, false);
+    loop {
+        tokio::select! {
+            u = allocs_rx.recv() => match u {
+                Some(u) => { have_allocs |= matches!(u, WatchUpdate::Snapshot { .. }); watch::apply(&mut allocs, u); }
+                None => return,
+            },
+            u = services_rx.recv() => match u {
+                Some(u) => { have_services |= matches!(u, WatchUpdate::Snapshot { .. }); watch::apply(&mut services, u); }
+                None => return,
+            },
+        }
+        if !(have_allocs && have_services) {
+            continue;
+        }
+        let previous = shared.routes();
+        let routes = Routes::build(&shared.config.prefix, &allocs, &services, &previous);
+        debug!(services = routes.by_port.len(), "routes rebuilt");
+        shared.routes.send_replace(Arc::new(routes));
+        if !shared.synced.swap(true, Ordering::Relaxed) {
+            shared.metrics.synced.set(1);
+            info!("routes synced from etcd");
+        }
+    }
+}
+
+/// Opens listeners for new ports, closes those of released ports.
+async fn reconcile(
+    shared: &Arc<Shared>,
+    routes: &Routes,
+    listeners: &mut HashMap<u16, CancellationToken>,
+    tracker: &TaskTracker,
+    global: &Arc<Semaphore>,
+    hard: &CancellationToken,
+) {
+    listeners.retain(|port, token| {
+        let keep = routes.by_port.contains_key(port);
+        if !keep {
+            info!(port, "port released; listener closed, its connections drain");
+            token.cancel();
+            shared.listening.lock().expect("listening lock").remove(port);
+        }
+        keep
+    });
+    for (&port, service) in &routes.by_port {
+        if listeners.contains_key(&port) {
+            continue;
+        }
+        let addr = SocketAddr::new(shared.config.bind, port);
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let local = listener.local_addr().unwrap_or(addr);
+                info!(addr = %local, service = %service.service_port, "listening on");
+                let token = CancellationToken::new();
+                shared.listening.lock().expect("listening lock").insert(port, local);
+                tokio::spawn(accept_loop(
+                    shared.clone(),
+                    listener,
+                    port,
+                    token.clone(),
+                    tracker.clone(),
+                    global.clone(),
+                    hard.clone(),
+                ));
+                listeners.insert(port, token);
+            }
+            Err(e) => warn!(addr = %addr, service = %service.service_port, error = %e, "cannot listen; retrying"),
+        }
+    }
+    shared.metrics.listeners.set(listeners.len() as i64);
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    port: u16,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    global: Arc<Semaphore>,
+    hard: CancellationToken,
+) {
+    let local = Arc::new(Semaphore::new(shared.config.max_connections_per_listener));
+    let mut backoff = runtime::Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
+    loop {
+        // A permit before accept: at the limit, clients wait in the kernel's backlog.
+        let permits = tokio::select! {
+            p = async { (global.clone().acquire_owned().await, local.clone().acquire_owned().await) } => p,
+            () = stop.cancelled() => return,
+        };
+        let (Ok(g), Ok(l)) = permits else { return };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => return,
+        };
+        let (client, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(port, error = %e, "accept failed; backing off");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        shared.accepted.fetch_add(1, Ordering::Relaxed);
+        let Some(service) = shared.routes().by_port.get(&port).cloned() else { continue };
+        let shared = shared.clone();
+        let hard = hard.clone();
+        let span = info_span!("conn", client.addr = %peer, service = %service.service_port);
+        tracker.spawn(
+            async move {
+                let _permits = (g, l);
+                tokio::select! {
+                    () = handle(&shared, client, &service) => {}
+                    () = hard.cancelled() => debug!("closed at the end of the grace period"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// One connection: pick, connect (with retries on other backends), relay.
+async fn handle(shared: &Shared, client: TcpStream, service: &Service) {
+    let label = ServiceLabel {
+        service: service.service_port.to_string(),
+    };
+    let m = &shared.metrics;
+    m.connections.get_or_create(&label).inc();
+    service.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let _ = client.set_nodelay(true);
+    let config = &shared.config;
+    let local = config.prefer_local.then_some(config.host.as_str());
+    let mut rng = fastrand::Rng::new();
+    let mut tried = Vec::new();
+    let mut connected = None;
+    while tried.len() < config.connect_attempts {
+        let Some(i) = service.pick(&tried, local, Instant::now(), &mut rng) else { break };
+        tried.push(i);
+        let backend = &service.backends[i];
+        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(stream)) => {
+                backend.connected();
+                connected = Some((stream, backend));
+                break;
+            }
+            Ok(Err(e)) => debug!(backend = %backend.addr, error = %e, "connect failed"),
+            Err(_) => debug!(backend = %backend.addr, "connect timed out"),
+        }
+        let bl = BackendLabel {
+            service: label.service.clone(),
+            backend: backend.addr.to_string(),
+        };
+        m.connect_errors.get_or_create(&bl).inc();
+        if backend.failed(Instant::now()) {
+            warn!(backend = %backend.addr, "backend ejected after consecutive connect failures");
+            m.ejections.get_or_create(&bl).inc();
+        }
+    }
+    let Some((upstream, backend)) = connected else {
+        if service.backends.is_empty() {
+            warn!("no backends registered; is registrator running on the backend hosts?");
+        } else {
+            warn!(tried = tried.len(), "no backend answered");
+        }
+        service.stats.failed.fetch_add(1, Ordering::Relaxed);
+        m.failed.get_or_create(&label).inc();
+        return;
+    };
+    let _ = upstream.set_nodelay(true);
+    backend.active.fetch_add(1, Ordering::Relaxed);
+    backend.connections.fetch_add(1, Ordering::Relaxed);
+    service.stats.active.fetch_add(1, Ordering::Relaxed);
+    m.active.get_or_create(&label).inc();
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let ended = relay::relay(&client, &upstream, &config.relay, &up, &down).await;
+    let moved = match &ended {
+        Ended::Done(m) => *m,
+        Ended::Idle(m) => {
+            debug!("closed after the idle timeout");
+            *m
+        }
+        Ended::Failed(m, e) => {
+            debug!(error = %e, "relay ended with an error");
+            *m
+        }
+    };
+    service.stats.bytes_up.fetch_add(moved.up, Ordering::Relaxed);
+    service.stats.bytes_down.fetch_add(moved.down, Ordering::Relaxed);
+    m.bytes
+        .get_or_create(&BytesLabel { service: label.service.clone(), direction: "up" })
+        .inc_by(moved.up);
+    m.bytes
+        .get_or_create(&BytesLabel { service: label.service.clone(), direction: "down" })
+        .inc_by(moved.down);
+    backend.active.fetch_sub(1, Ordering::Relaxed);
+    service.stats.active.fetch_sub(1, Ordering::Relaxed);
+    m.active.get_or_create(&label).dec();
+}
