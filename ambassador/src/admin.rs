@@ -25,7 +25,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(5), answer(stream, &shared)).await {
+            if let Err(e) =
+                tokio::time::timeout(Duration::from_secs(5), answer(stream, &shared)).await
+            {
                 debug!(error = %e, "admin request timed out");
             }
         });
@@ -41,7 +43,9 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             break;
         }
         len += n;
-        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") || buf[..len].windows(2).any(|w| w == b"\n\n") {
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n")
+            || buf[..len].windows(2).any(|w| w == b"\n\n")
+        {
             break;
         }
     }
@@ -66,8 +70,16 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             "application/json",
             serde_json::to_string_pretty(&shared.state_json()).unwrap_or_default(),
         ),
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz or /state\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz or /state\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
     };
     let response = format!(
         "HTTP/1.0 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -26,6 +26,7 @@ pub fn interface_addr(name: &str) -> Option<std::net::IpAddr> {
             return None;
         }
         let addr = ifa.address?;
-        addr.as_sockaddr_in().map(|sin| std::net::IpAddr::V4(sin.ip()))
+        addr.as_sockaddr_in()
+            .map(|sin| std::net::IpAddr::V4(sin.ip()))
     })
 }

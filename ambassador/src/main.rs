@@ -53,7 +53,11 @@ struct Cli {
     max_connections: usize,
 
     /// Most connections open at once per listener
-    #[arg(long, env = "VIKING_MAX_CONNECTIONS_PER_LISTENER", default_value_t = 16_384)]
+    #[arg(
+        long,
+        env = "VIKING_MAX_CONNECTIONS_PER_LISTENER",
+        default_value_t = 16_384
+    )]
     max_connections_per_listener: usize,
 
     /// Bytes a direction copies before it switches to splice (0: splice at once)
@@ -64,9 +68,12 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     runtime::telemetry::init("info");
-    let host = match cli.host.clone().map(Ok).unwrap_or_else(|| {
-        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned())
-    }) {
+    let host = match cli
+        .host
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(|| nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()))
+    {
         Ok(h) => match schema::HostId::from_hostname(&h) {
             Ok(h) => h.to_string(),
             Err(e) => {

@@ -77,7 +77,9 @@ pub async fn relay(
     let b = direction(backend, client, config, down, &last, start);
     let idle = async {
         loop {
-            let since = start.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            let since = start
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
             if since >= config.idle_timeout {
                 return;
             }
@@ -141,7 +143,15 @@ async fn direction(
         let n = loop {
             src.readable().await?;
             match src.try_io(Interest::READABLE, || {
-                splice(src.as_fd(), None, pipe_w.as_fd(), None, config.pipe_size, flags).map_err(io::Error::from)
+                splice(
+                    src.as_fd(),
+                    None,
+                    pipe_w.as_fd(),
+                    None,
+                    config.pipe_size,
+                    flags,
+                )
+                .map_err(io::Error::from)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -155,7 +165,8 @@ async fn direction(
         while left > 0 {
             dst.writable().await?;
             match dst.try_io(Interest::WRITABLE, || {
-                splice(pipe_r.as_fd(), None, dst.as_fd(), None, left, flags).map_err(io::Error::from)
+                splice(pipe_r.as_fd(), None, dst.as_fd(), None, left, flags)
+                    .map_err(io::Error::from)
             }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -108,11 +108,27 @@ impl Service {
     /// Picks a backend not in `tried`: power of two random choices, fewer active connections
     /// wins. Ejected backends are used only when nothing else is left; with `local` set,
     /// backends on that host are preferred while any is healthy.
-    pub fn pick(&self, tried: &[usize], local: Option<&str>, now: Instant, rng: &mut fastrand::Rng) -> Option<usize> {
-        let open: Vec<usize> = (0..self.backends.len()).filter(|i| !tried.contains(i)).collect();
-        let healthy: Vec<usize> = open.iter().copied().filter(|i| !self.backends[*i].is_ejected(now)).collect();
+    pub fn pick(
+        &self,
+        tried: &[usize],
+        local: Option<&str>,
+        now: Instant,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        let open: Vec<usize> = (0..self.backends.len())
+            .filter(|i| !tried.contains(i))
+            .collect();
+        let healthy: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|i| !self.backends[*i].is_ejected(now))
+            .collect();
         let local_healthy: Vec<usize> = match local {
-            Some(host) => healthy.iter().copied().filter(|i| self.backends[*i].host == host).collect(),
+            Some(host) => healthy
+                .iter()
+                .copied()
+                .filter(|i| self.backends[*i].host == host)
+                .collect(),
             None => Vec::new(),
         };
         let pool = if !local_healthy.is_empty() {
@@ -162,9 +178,19 @@ impl Routes {
         }
         let mut backends: HashMap<ServicePort, Vec<Arc<Backend>>> = HashMap::new();
         for (key, kv) in endpoints {
-            let Ok(Key::Endpoint { service_port, instance }) = prefix.parse(key) else { continue };
-            let Ok(rec) = records::decode::<EndpointRecord>(key, &kv.value) else { continue };
-            let Ok(ip) = rec.addr.parse::<std::net::IpAddr>() else { continue };
+            let Ok(Key::Endpoint {
+                service_port,
+                instance,
+            }) = prefix.parse(key)
+            else {
+                continue;
+            };
+            let Ok(rec) = records::decode::<EndpointRecord>(key, &kv.value) else {
+                continue;
+            };
+            let Ok(ip) = rec.addr.parse::<std::net::IpAddr>() else {
+                continue;
+            };
             let addr = SocketAddr::new(ip, rec.port);
             let instance = instance.to_string();
             let backend = old_backends
@@ -175,11 +201,15 @@ impl Routes {
         }
         let mut by_port = BTreeMap::new();
         for (key, kv) in allocs {
-            let Ok(Key::PortAlloc(service_port)) = prefix.parse(key) else { continue };
+            let Ok(Key::PortAlloc(service_port)) = prefix.parse(key) else {
+                continue;
+            };
             if service_port.proto != schema::Proto::Tcp {
                 continue; // the TCP proxy serves TCP service ports
             }
-            let Ok(rec) = records::decode::<PortAllocRecord>(key, &kv.value) else { continue };
+            let Ok(rec) = records::decode::<PortAllocRecord>(key, &kv.value) else {
+                continue;
+            };
             let stats = old_stats
                 .get(&service_port)
                 .map(|s| Arc::clone(s))

@@ -94,22 +94,46 @@ struct Metrics {
 impl Metrics {
     fn register(reg: &mut Registry) -> Self {
         let m = Metrics::default();
-        reg.register("ambassador_connections_active", "Connections open now", m.active.clone());
-        reg.register("ambassador_connections", "Connections accepted", m.connections.clone());
+        reg.register(
+            "ambassador_connections_active",
+            "Connections open now",
+            m.active.clone(),
+        );
+        reg.register(
+            "ambassador_connections",
+            "Connections accepted",
+            m.connections.clone(),
+        );
         reg.register(
             "ambassador_connections_failed",
             "Connections closed because no backend answered",
             m.failed.clone(),
         );
-        reg.register("ambassador_bytes", "Bytes relayed (up: client to backend)", m.bytes.clone());
+        reg.register(
+            "ambassador_bytes",
+            "Bytes relayed (up: client to backend)",
+            m.bytes.clone(),
+        );
         reg.register(
             "ambassador_backend_connect_errors",
             "Failed connects to a backend",
             m.connect_errors.clone(),
         );
-        reg.register("ambassador_backend_ejections", "Times a backend was ejected", m.ejections.clone());
-        reg.register("ambassador_etcd_synced", "1 once routes were read from etcd", m.synced.clone());
-        reg.register("ambassador_listeners", "Listening sockets", m.listeners.clone());
+        reg.register(
+            "ambassador_backend_ejections",
+            "Times a backend was ejected",
+            m.ejections.clone(),
+        );
+        reg.register(
+            "ambassador_etcd_synced",
+            "1 once routes were read from etcd",
+            m.synced.clone(),
+        );
+        reg.register(
+            "ambassador_listeners",
+            "Listening sockets",
+            m.listeners.clone(),
+        );
         m
     }
 }
@@ -208,7 +232,11 @@ pub struct ShutdownReport {
 
 /// Runs the ambassador until `shutdown` fires, then drains. `client` may point at an etcd
 /// that is down: routes come when it answers, and stay while it is away.
-pub async fn run(shared: Arc<Shared>, client: Client, shutdown: CancellationToken) -> ShutdownReport {
+pub async fn run(
+    shared: Arc<Shared>,
+    client: Client,
+    shutdown: CancellationToken,
+) -> ShutdownReport {
     let tracker = TaskTracker::new();
     let hard = CancellationToken::new();
     let background = CancellationToken::new();
@@ -217,8 +245,18 @@ pub async fn run(shared: Arc<Shared>, client: Client, shutdown: CancellationToke
     let (alloc_tx, alloc_rx) = mpsc::channel(64);
     let (svc_tx, svc_rx) = mpsc::channel(64);
     let prefix = &shared.config.prefix;
-    tokio::spawn(watch::watch_prefix(client.clone(), prefix.dir(Dir::PortAllocs), alloc_tx, background.clone()));
-    tokio::spawn(watch::watch_prefix(client, prefix.dir(Dir::Services), svc_tx, background.clone()));
+    tokio::spawn(watch::watch_prefix(
+        client.clone(),
+        prefix.dir(Dir::PortAllocs),
+        alloc_tx,
+        background.clone(),
+    ));
+    tokio::spawn(watch::watch_prefix(
+        client,
+        prefix.dir(Dir::Services),
+        svc_tx,
+        background.clone(),
+    ));
     tokio::spawn(sync_routes(shared.clone(), alloc_rx, svc_rx).instrument(info_span!("sync")));
 
     // routes -> listeners.
@@ -245,13 +283,22 @@ pub async fn run(shared: Arc<Shared>, client: Client, shutdown: CancellationToke
     tracker.close();
     let open = tracker.len() as u64;
     info!(open, grace = ?shared.config.grace, "stopped accepting; waiting for open connections");
-    let report = if tokio::time::timeout(shared.config.grace, tracker.wait()).await.is_ok() {
-        ShutdownReport { drained: open, cut: 0 }
+    let report = if tokio::time::timeout(shared.config.grace, tracker.wait())
+        .await
+        .is_ok()
+    {
+        ShutdownReport {
+            drained: open,
+            cut: 0,
+        }
     } else {
         let cut = tracker.len() as u64;
         hard.cancel();
         tracker.wait().await;
-        ShutdownReport { drained: open.saturating_sub(cut), cut }
+        ShutdownReport {
+            drained: open.saturating_sub(cut),
+            cut,
+        }
     };
     info!(drained = report.drained, cut = report.cut, "shut down");
     report
@@ -303,9 +350,16 @@ async fn reconcile(
     listeners.retain(|port, token| {
         let keep = routes.by_port.contains_key(port);
         if !keep {
-            info!(port, "port released; listener closed, its connections drain");
+            info!(
+                port,
+                "port released; listener closed, its connections drain"
+            );
             token.cancel();
-            shared.listening.lock().expect("listening lock").remove(port);
+            shared
+                .listening
+                .lock()
+                .expect("listening lock")
+                .remove(port);
         }
         keep
     });
@@ -314,12 +368,16 @@ async fn reconcile(
             continue;
         }
         let addr = SocketAddr::new(shared.config.bind, port);
-        match TcpListener::bind(addr).await {
+        match listen(addr) {
             Ok(listener) => {
                 let local = listener.local_addr().unwrap_or(addr);
                 info!(addr = %local, service = %service.service_port, "listening on");
                 let token = CancellationToken::new();
-                shared.listening.lock().expect("listening lock").insert(port, local);
+                shared
+                    .listening
+                    .lock()
+                    .expect("listening lock")
+                    .insert(port, local);
                 tokio::spawn(accept_loop(
                     shared.clone(),
                     listener,
@@ -331,7 +389,9 @@ async fn reconcile(
                 ));
                 listeners.insert(port, token);
             }
-            Err(e) => warn!(addr = %addr, service = %service.service_port, error = %e, "cannot listen; retrying"),
+            Err(e) => {
+                warn!(addr = %addr, service = %service.service_port, error = %e, "cannot listen; retrying")
+            }
         }
     }
     shared.metrics.listeners.set(listeners.len() as i64);
@@ -370,7 +430,9 @@ async fn accept_loop(
         };
         backoff.reset();
         shared.accepted.fetch_add(1, Ordering::Relaxed);
-        let Some(service) = shared.routes().by_port.get(&port).cloned() else { continue };
+        let Some(service) = shared.routes().by_port.get(&port).cloned() else {
+            continue;
+        };
         let shared = shared.clone();
         let hard = hard.clone();
         let span = info_span!("conn", client.addr = %peer, service = %service.service_port);
@@ -402,7 +464,9 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service) {
     let mut tried = Vec::new();
     let mut connected = None;
     while tried.len() < config.connect_attempts {
-        let Some(i) = service.pick(&tried, local, Instant::now(), &mut rng) else { break };
+        let Some(i) = service.pick(&tried, local, Instant::now(), &mut rng) else {
+            break;
+        };
         tried.push(i);
         let backend = &service.backends[i];
         match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
@@ -452,15 +516,42 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service) {
             *m
         }
     };
-    service.stats.bytes_up.fetch_add(moved.up, Ordering::Relaxed);
-    service.stats.bytes_down.fetch_add(moved.down, Ordering::Relaxed);
+    service
+        .stats
+        .bytes_up
+        .fetch_add(moved.up, Ordering::Relaxed);
+    service
+        .stats
+        .bytes_down
+        .fetch_add(moved.down, Ordering::Relaxed);
     m.bytes
-        .get_or_create(&BytesLabel { service: label.service.clone(), direction: "up" })
+        .get_or_create(&BytesLabel {
+            service: label.service.clone(),
+            direction: "up",
+        })
         .inc_by(moved.up);
     m.bytes
-        .get_or_create(&BytesLabel { service: label.service.clone(), direction: "down" })
+        .get_or_create(&BytesLabel {
+            service: label.service.clone(),
+            direction: "down",
+        })
         .inc_by(moved.down);
     backend.active.fetch_sub(1, Ordering::Relaxed);
     service.stats.active.fetch_sub(1, Ordering::Relaxed);
     m.active.get_or_create(&label).dec();
+}
+
+/// Kernel accept queue of each listener: bursts of new connections wait here, not in SYN
+/// retransmits (Linux caps it at net.core.somaxconn).
+const BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }

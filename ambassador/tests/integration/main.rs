@@ -1,1 +1,201 @@
-//! t
+//! The ambassador against a real etcd and real sockets on loopback.
+
+mod proxy;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambassador::{Config, Shared, ShutdownReport};
+use etcd_client::Client;
+use schema::records::{self, EndpointRecord, PortAllocRecord};
+use schema::{HostId, Instance, Key, Prefix, ServicePort};
+use testkit::Etcd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// An ambassador running in this process; stopped (and its tasks ended) on drop.
+pub struct Amb {
+    pub shared: Arc<Shared>,
+    pub stop: CancellationToken,
+    pub task: Option<JoinHandle<ShutdownReport>>,
+}
+
+impl Drop for Amb {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+impl Amb {
+    pub async fn start(etcd: &Etcd, tweak: impl FnOnce(&mut Config)) -> Amb {
+        let mut config = Config::new(
+            Prefix::default(),
+            "here".into(),
+            "127.0.0.1".parse().unwrap(),
+        );
+        config.grace = Duration::from_secs(5);
+        tweak(&mut config);
+        let shared = Shared::new(config);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(ambassador::run(
+            shared.clone(),
+            etcd.client().await,
+            stop.clone(),
+        ));
+        Amb {
+            shared,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Waits until `port` has a listener and returns its address.
+    pub async fn listening(&self, port: u16) -> SocketAddr {
+        wait_for(Duration::from_secs(10), || {
+            self.shared.listening().get(&port).copied()
+        })
+        .await
+    }
+
+    pub async fn backends(&self, port: u16) -> usize {
+        self.shared
+            .routes()
+            .by_port
+            .get(&port)
+            .map_or(0, |s| s.backends.len())
+    }
+}
+
+/// Polls `f` every 2 ms until it gives a value.
+pub async fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Allocates `sp` at a free loopback port by writing its alloc record, as portalloc would.
+pub async fn put_alloc(client: &mut Client, sp: &str) -> u16 {
+    let port = testkit::free_ports(1)[0];
+    let sp: ServicePort = sp.parse().unwrap();
+    client
+        .put(
+            Prefix::default().key(&Key::PortAlloc(sp)),
+            records::encode(&PortAllocRecord::new(port)),
+            None,
+        )
+        .await
+        .unwrap();
+    port
+}
+
+/// Registers `addr` as an endpoint of `sp`, as registrator would; returns the key.
+pub async fn put_endpoint(
+    client: &mut Client,
+    sp: &str,
+    host: &str,
+    n: u32,
+    addr: SocketAddr,
+) -> String {
+    let sp: ServicePort = sp.parse().unwrap();
+    let host_id = HostId::new(host).unwrap();
+    let instance = Instance::new(host_id.clone(), &format!("{n:012x}"), sp.port).unwrap();
+    let key = Prefix::default().key(&Key::Endpoint {
+        service_port: sp,
+        instance,
+    });
+    let rec = EndpointRecord {
+        v: 1,
+        host: host_id,
+        addr: addr.ip().to_string(),
+        port: addr.port(),
+        container_id: format!("{n:012x}"),
+        container_name: format!("c{n}"),
+        registered_at: String::new(),
+    };
+    client
+        .put(key.as_str(), records::encode(&rec), None)
+        .await
+        .unwrap();
+    key
+}
+
+/// A backend that greets first with `hello from NAME\n`, then echoes until EOF, then closes its
+/// sending half. Stops when the handle is aborted or dropped with `Backend`.
+pub struct Backend {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener: TcpListener = socket.listen(4096).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let greeting = format!("hello from {name}\n");
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let greeting = greeting.clone();
+                conns.spawn(async move {
+                    if s.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Backend { addr, task }
+    }
+
+    /// Stops accepting and closes the listening socket: new connects are refused.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+/// Connects through the proxy and reads the greeting: which backend answered.
+pub async fn who(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut buf = [0u8; 64];
+    let mut got = Vec::new();
+    while !got.ends_with(b"\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before greeting",
+            ));
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&got)
+        .trim()
+        .trim_start_matches("hello from ")
+        .to_owned())
+}

@@ -1,0 +1,363 @@
+//! Connections through the ambassador.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use testkit::Etcd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{Amb, Backend, put_alloc, put_endpoint, wait_for, who};
+
+const SP: &str = "shared/echo:7/tcp";
+
+/// FNV-1a over a stream, to compare what went in with what came out.
+#[derive(Clone, Copy)]
+struct Sum(u64);
+impl Sum {
+    fn new() -> Self {
+        Sum(0xcbf2_9ce4_8422_2325)
+    }
+    fn add(&mut self, data: &[u8]) {
+        for b in data {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_256_mib_each_way_with_server_first_and_half_close() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let backend = Backend::start("b0").await;
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
+    let amb = Amb::start(&etcd, |_| {}).await;
+    let addr = amb.listening(port).await;
+    wait_for(Duration::from_secs(5), || {
+        (amb.shared.routes().by_port[&port].backends.len() == 1).then_some(())
+    })
+    .await;
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The server speaks first; the client has sent nothing.
+    let mut greeting = [0u8; 14];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting, b"hello from b0\n");
+
+    const TOTAL: usize = 256 << 20;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut rng = fastrand::Rng::with_seed(42);
+        let mut sum = Sum::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < TOTAL {
+            rng.fill(&mut chunk);
+            sum.add(&chunk);
+            w.write_all(&chunk).await.unwrap();
+            sent += chunk.len();
+        }
+        // Half-close: the backend sees EOF, closes its side, and we read EOF.
+        w.shutdown().await.unwrap();
+        sum.0
+    });
+    let mut sum = Sum::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        sum.add(&buf[..n]);
+        got += n;
+    }
+    assert_eq!(got, TOTAL, "bytes back");
+    assert_eq!(sum.0, writer.await.unwrap(), "checksum of what came back");
+    let state = amb.shared.state_json();
+    let svc = &state["services"][0];
+    assert_eq!(svc["bytes_up"], TOTAL as u64);
+    assert_eq!(svc["bytes_down"], TOTAL as u64 + 14);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_connections_through_one_listener() {
+    raise_fd_limit();
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let backend = Backend::start("b0").await;
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
+    let amb = Amb::start(&etcd, |_| {}).await;
+    let addr = amb.listening(port).await;
+    wait_for(Duration::from_secs(5), || {
+        (amb.shared.routes().by_port[&port].backends.len() == 1).then_some(())
+    })
+    .await;
+
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(1000));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000u32 {
+        let barrier = barrier.clone();
+        tasks.spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let mut greeting = [0u8; 14];
+            s.read_exact(&mut greeting).await.unwrap();
+            // All 1,000 are open at once before any sends.
+            barrier.wait().await;
+            let msg = format!("message {i:05}\n");
+            s.write_all(msg.as_bytes()).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, msg.as_bytes());
+        });
+    }
+    let all = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+    });
+    if all.await.is_err() {
+        panic!(
+            "1,000 connections not done within 60 s; accepted {}, state {}",
+            amb.shared
+                .accepted
+                .load(std::sync::atomic::Ordering::Relaxed),
+            amb.shared.state_json()
+        );
+    }
+    assert_eq!(
+        amb.shared.routes().by_port[&port]
+            .stats
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_changes_reach_new_connections_within_100_ms_and_spare_open_ones() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let (b0, b1) = (Backend::start("b0").await, Backend::start("b1").await);
+    let port = put_alloc(&mut c, SP).await;
+    let k0 = put_endpoint(&mut c, SP, "h0", 0, b0.addr).await;
+    let amb = Amb::start(&etcd, |_| {}).await;
+    let addr = amb.listening(port).await;
+    wait_for(Duration::from_secs(5), || {
+        (amb.shared.routes().by_port[&port].backends.len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(who(addr).await.unwrap(), "b0");
+    // An open connection to b0.
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; 14];
+    open.read_exact(&mut greeting).await.unwrap();
+
+    // Swap b0 for b1 in one etcd transaction.
+    let k1 = {
+        let sp: schema::ServicePort = SP.parse().unwrap();
+        let inst =
+            schema::Instance::new(schema::HostId::new("h1").unwrap(), "000000000001", 7).unwrap();
+        schema::Prefix::default().key(&schema::Key::Endpoint {
+            service_port: sp,
+            instance: inst,
+        })
+    };
+    let rec = format!(
+        r#"{{"v":1,"host":"h1","addr":"127.0.0.1","port":{},"container_id":"000000000001"}}"#,
+        b1.addr.port()
+    );
+    c.txn(etcd_client::Txn::new().and_then([
+        etcd_client::TxnOp::put(k1.as_str(), rec, None),
+        etcd_client::TxnOp::delete(k0.as_str(), None),
+    ]))
+    .await
+    .unwrap();
+    let written = Instant::now();
+    loop {
+        if who(addr).await.unwrap() == "b1" {
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_millis(100),
+            "still routed to b0 100 ms after the etcd write"
+        );
+    }
+    let took = written.elapsed();
+    for _ in 0..20 {
+        assert_eq!(who(addr).await.unwrap(), "b1");
+    }
+    // The open connection still reaches b0.
+    open.write_all(b"still here\n").await.unwrap();
+    let mut back = [0u8; 11];
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here\n");
+    eprintln!("endpoint change applied to new connections after {took:?}");
+
+    // Removing the allocation closes the listener; the open connection drains untouched.
+    c.delete(
+        schema::Prefix::default().key(&schema::Key::PortAlloc(SP.parse().unwrap())),
+        None,
+    )
+    .await
+    .unwrap();
+    wait_for(Duration::from_secs(5), || {
+        (!amb.shared.listening().contains_key(&port)).then_some(())
+    })
+    .await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "released port still accepts"
+    );
+    open.write_all(b"and still\n").await.unwrap();
+    let mut back = [0u8; 10];
+    open.read_exact(&mut back).await.unwrap();
+    let _ = k1;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_backends_killed_200_new_connections_all_succeed() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let (b0, b1) = (Backend::start("b0").await, Backend::start("b1").await);
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, b0.addr).await;
+    put_endpoint(&mut c, SP, "h1", 1, b1.addr).await;
+    let amb = Amb::start(&etcd, |_| {}).await;
+    let addr = amb.listening(port).await;
+    wait_for(Duration::from_secs(5), || {
+        (amb.shared.routes().by_port[&port].backends.len() == 2).then_some(())
+    })
+    .await;
+    let mut seen = BTreeMap::new();
+    for _ in 0..50 {
+        *seen.entry(who(addr).await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "both backends serve: {seen:?}");
+    b0.kill();
+    // Its endpoint stays in etcd (as when a host dies before its lease runs out).
+    for i in 0..200 {
+        let w = who(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+        assert_eq!(w, "b1");
+    }
+    let state = amb.shared.state_json();
+    let backends = state["services"][0]["backends"].as_array().unwrap().clone();
+    let dead = backends
+        .iter()
+        .find(|b| b["addr"] == b0.addr.to_string())
+        .unwrap();
+    assert!(dead["ejections"].as_u64().unwrap() >= 1, "{dead}");
+    let metrics = amb.shared.metrics_text();
+    assert!(
+        metrics.contains("ambassador_backend_ejections_total{service=\"shared/echo:7/tcp\""),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_away_existing_routes_keep_working() {
+    let mut etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let backend = Backend::start("b0").await;
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
+    let amb = Amb::start(&etcd, |_| {}).await;
+    let addr = amb.listening(port).await;
+    wait_for(Duration::from_secs(5), || {
+        (amb.shared.routes().by_port[&port].backends.len() == 1).then_some(())
+    })
+    .await;
+    etcd.stop();
+    for _ in 0..50 {
+        assert_eq!(who(addr).await.unwrap(), "b0");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(who(addr).await.unwrap(), "b0");
+    // etcd back, a new backend registered: the watch resumes and sees it.
+    etcd.restart().await;
+    let b1 = Backend::start("b1").await;
+    let mut c = etcd.client().await;
+    put_endpoint(&mut c, SP, "h1", 1, b1.addr).await;
+    wait_for(Duration::from_secs(10), || {
+        (amb.shared.routes().by_port[&port].backends.len() == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_open_connections_finish_then_cuts_the_rest() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let backend = Backend::start("b0").await;
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
+    let mut amb = Amb::start(&etcd, |cfg| cfg.grace = Duration::from_secs(3)).await;
+    let addr = amb.listening(port).await;
+    wait_for(Duration::from_secs(5), || {
+        (amb.shared.routes().by_port[&port].backends.len() == 1).then_some(())
+    })
+    .await;
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; 14];
+    open.read_exact(&mut greeting).await.unwrap();
+
+    amb.stop.cancel();
+    wait_for(Duration::from_secs(5), || {
+        amb.shared.listening().is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown began"
+    );
+    // The open connection keeps working during the grace period, then finishes by itself.
+    open.write_all(b"during grace\n").await.unwrap();
+    let mut back = [0u8; 13];
+    open.read_exact(&mut back).await.unwrap();
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.unwrap();
+    let report = amb.task.take().unwrap().await.unwrap();
+    assert_eq!(report, ambassador::ShutdownReport { drained: 1, cut: 0 });
+
+    // With a connection that never finishes, the grace period ends it.
+    let amb = Amb::start(&etcd, |cfg| cfg.grace = Duration::from_millis(300)).await;
+    let addr = amb.listening(port).await;
+    wait_for(Duration::from_secs(5), || {
+        (amb.shared
+            .routes()
+            .by_port
+            .get(&port)
+            .is_some_and(|s| s.backends.len() == 1))
+        .then_some(())
+    })
+    .await;
+    let mut stuck = TcpStream::connect(addr).await.unwrap();
+    stuck.read_exact(&mut greeting).await.unwrap();
+    let mut amb = amb;
+    amb.stop.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(5), amb.task.take().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report, ambassador::ShutdownReport { drained: 0, cut: 1 });
+    let mut rest = Vec::new();
+    let _ = stuck.read_to_end(&mut rest).await;
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < 8192 {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(65_536), hard);
+        }
+    }
+}
