@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs:
 #   make up     the main job on this host (a local etcd started for you)
 #   make test   install what is missing, then fmt, clippy and every test
-.PHONY: up test setup fmt lint unit bench
+.PHONY: up test setup fmt lint unit bench bench-proxy
 
 CARGO ?= cargo
 
@@ -24,3 +24,6 @@ unit:
 
 bench: setup
 	$(CARGO) bench -p viking-benches
+
+bench-proxy: setup
+	bash benches/proxy/harness.sh

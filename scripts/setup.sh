@@ -2,7 +2,8 @@
 # Installs what viking needs to build and test on Debian/Ubuntu, idempotently.
 #
 #   protobuf-compiler  protoc, for etcd-client's build script
-#   etcd-server        etcd and etcdctl: every test talks to a real etcd
+#   etcd-server        etcd: every test talks to a real etcd
+#   etcd-client        etcdctl, for the scripts (Debian ships it apart from the server)
 #   nftables iproute2  locknet and the network-namespace tests
 #
 # As root it installs what is missing with apt; otherwise it prints the one command to run.
@@ -11,6 +12,7 @@ set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 
@@ -42,6 +44,6 @@ if ! apt-get install -y -q --no-install-recommends "${need[@]}" >/tmp/viking-apt
 fi
 # Debian's etcd-server starts a system etcd where systemd runs; the tests never use it
 # (each starts its own on free ports), and `make up` reuses it when it answers on 2379.
-for bin in protoc etcd nft ip; do
+for bin in protoc etcd etcdctl nft ip; do
   command -v "$bin" >/dev/null 2>&1 || { echo "setup: $bin still missing after install" >&2; exit 1; }
 done

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# The proxy harness: direct, the ambassador and HAProxy (TCP mode, the reference) side by
+# side in one run, on loopback only, every load bounded in time.
+#
+#   make bench-proxy            (or: bash benches/proxy/harness.sh)
+#
+# Measures per target: bulk throughput (iperf3, 1 and 8 streams), proxy CPU-seconds per GB,
+# keep-alive request rate and p50/p99 latency (wrk against nginx serving a small file), new
+# connection rate (wrk with `Connection: close`), proxy CPU per request and per new
+# connection, proxy memory per idle connection (1,000 held open). Prints each as a ratio to
+# direct and to HAProxy. Needs iperf3, wrk, nginx, haproxy (installed with apt when root).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+SECS=${BENCH_SECS:-5}        # length of each load run
+IDLE=${BENCH_IDLE:-1000}     # idle connections for the memory figure
+
+need=()
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx)
+command -v haproxy >/dev/null || need+=(haproxy)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/tmp/viking-bench-apt.log 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >>/tmp/viking-bench-apt.log 2>&1; }
+  else
+    echo "harness: missing ${need[*]}; sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+  fi
+fi
+bash scripts/setup.sh
+cargo build --release -q -p ambassador
+AMB=target/release/ambassador
+
+work=$(mktemp -d /tmp/viking-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "harness: nothing listens on $1" >&2; return 1; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hz=$(getconf CLK_TCK)
+
+# etcd, private to this run.
+ETCD_PORT=$(free_port); PEER_PORT=$(free_port)
+etcd --name bench --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+  --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls "http://127.0.0.1:$PEER_PORT" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$PEER_PORT" --initial-cluster "bench=http://127.0.0.1:$PEER_PORT" \
+  --log-level error --logger zap >"$work/etcd.log" 2>&1 &
+pids+=($!)
+wait_port "$ETCD_PORT"
+export ETCDCTL_API=3
+ctl() { etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT" "$@" >/dev/null; }
+
+# Backends: iperf3 for bulk, nginx for requests.
+IPERF=$(free_port); NGINX=$(free_port)
+iperf3 -s -p "$IPERF" -B 127.0.0.1 >/dev/null 2>&1 &
+pids+=($!)
+mkdir -p "$work/www"
+head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/small.txt"
+cat >"$work/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx.err warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$NGINX backlog=4096; root $work/www; }
+}
+EOF
+nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
+pids+=($!)
+wait_port "$IPERF"; wait_port "$NGINX"
+
+# The ambassador: allocations and endpoints written as portalloc and registrator would.
+A_IPERF=$(free_port); A_NGINX=$(free_port); ADMIN=$(free_port)
+ctl put /viking/ports/alloc/bench/iperf/5201-tcp "{\"v\":1,\"port\":$A_IPERF}"
+ctl put /viking/ports/alloc/bench/nginx/80-tcp "{\"v\":1,\"port\":$A_NGINX}"
+ctl put /viking/services/bench/iperf/5201-tcp/bench:000000000001:5201 "{\"v\":1,\"host\":\"bench\",\"addr\":\"127.0.0.1\",\"port\":$IPERF,\"container_id\":\"000000000001\"}"
+ctl put /viking/services/bench/nginx/80-tcp/bench:000000000002:80 "{\"v\":1,\"host\":\"bench\",\"addr\":\"127.0.0.1\",\"port\":$NGINX,\"container_id\":\"000000000002\"}"
+RUST_LOG=warn "$AMB" --etcd "http://127.0.0.1:$ETCD_PORT" --host bench --bind 127.0.0.1 \
+  --admin "127.0.0.1:$ADMIN" >"$work/ambassador.log" 2>&1 &
+AMB_PID=$!; pids+=($AMB_PID)
+wait_port "$A_IPERF"; wait_port "$A_NGINX"
+
+# HAProxy in TCP mode, the reference.
+H_IPERF=$(free_port); H_NGINX=$(free_port)
+cat >"$work/haproxy.cfg" <<EOF
+global
+  maxconn 100000
+defaults
+  mode tcp
+  timeout connect 1s
+  timeout client 1h
+  timeout server 1h
+listen iperf
+  bind 127.0.0.1:$H_IPERF
+  server s 127.0.0.1:$IPERF
+listen nginx
+  bind 127.0.0.1:$H_NGINX
+  server s 127.0.0.1:$NGINX
+EOF
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+HA_PID=$!; pids+=($HA_PID)
+wait_port "$H_IPERF"; wait_port "$H_NGINX"
+
+declare -A R   # results: R[target.metric]
+targets=(direct ambassador haproxy)
+port_of() { case "$1.$2" in direct.iperf) echo "$IPERF";; direct.nginx) echo "$NGINX";;
+  ambassador.iperf) echo "$A_IPERF";; ambassador.nginx) echo "$A_NGINX";;
+  haproxy.iperf) echo "$H_IPERF";; haproxy.nginx) echo "$H_NGINX";; esac; }
+pid_of() { case "$1" in ambassador) echo "$AMB_PID";; haproxy) echo "$HA_PID";; *) echo "";; esac; }
+
+bulk() { # target streams -> Gbit/s, and CPU-s/GB of the proxy
+  local t=$1 n=$2 pid c0 c1 out gbps bytes
+  pid=$(pid_of "$t"); [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
+  out=$(iperf3 -c 127.0.0.1 -p "$(port_of "$t" iperf)" -t "$SECS" -P "$n" -J)
+  gbps=$(python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' <<<"$out")
+  bytes=$(python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["end"]["sum_received"]["bytes"])' <<<"$out")
+  R[$t.bulk$n]=$gbps
+  if [ -n "$pid" ]; then c1=$(cpu_ticks "$pid"); R[$t.cpugb$n]=$(python3 -c "print('%.3f' % ((($c1-$c0)/$hz)/($bytes/1e9)))"); fi
+}
+
+requests() { # target kind(ka|close) -> req/s, p50, p99, CPU µs per request
+  local t=$1 kind=$2 pid c0 c1 out hdr=()
+  [ "$kind" = close ] && hdr=(-H "Connection: close")
+  pid=$(pid_of "$t"); [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
+  out=$(wrk -t2 -c50 -d"${SECS}s" --latency "${hdr[@]}" "http://127.0.0.1:$(port_of "$t" nginx)/small.txt")
+  local rps p50 p99 total
+  rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  total=$(awk '/requests in/ {print $1}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  R[$t.$kind]=$rps; R[$t.${kind}p50]=$p50; R[$t.${kind}p99]=$p99
+  if [ -n "$pid" ]; then c1=$(cpu_ticks "$pid"); R[$t.${kind}cpu]=$(python3 -c "print('%.1f' % ((($c1-$c0)/$hz)/$total*1e6))"); fi
+}
+
+idle_memory() { # target -> KiB per idle connection held by the proxy
+  local t=$1 pid before after
+  pid=$(pid_of "$t"); [ -z "$pid" ] && return 0
+  before=$(rss_kib "$pid")
+  python3 - "$(port_of "$t" nginx)" "$IDLE" "$work/idle.$t" <<'EOF' &
+import socket, sys, time, os
+port, n, flag = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port)); socks.append(s)
+open(flag, "w").close()
+time.sleep(3)
+EOF
+  local holder=$!
+  for _ in $(seq 1 200); do [ -e "$work/idle.$t" ] && break; sleep 0.05; done
+  sleep 1
+  after=$(rss_kib "$pid")
+  wait "$holder" || true
+  R[$t.idle]=$(python3 -c "print('%.2f' % (($after-$before)/$IDLE))")
+}
+
+for t in "${targets[@]}"; do
+  echo "harness: measuring $t" >&2
+  bulk "$t" 1; bulk "$t" 8
+  requests "$t" ka; requests "$t" close
+  idle_memory "$t"
+done
+
+ratio() { python3 -c "a,b='$1','$2'; print('%.2f' % (float(a)/float(b)) if a and b and float(b) else '-')"; }
+printf '\n%-34s %12s %12s %12s %10s %10s\n' "metric (same run, loopback)" direct ambassador haproxy "amb/direct" "amb/haproxy"
+row() { # label key [lower-is-better]
+  local d=${R[direct.$2]:-} a=${R[ambassador.$2]:-} h=${R[haproxy.$2]:-}
+  printf '%-34s %12s %12s %12s %10s %10s\n' "$1" "${d:--}" "${a:--}" "${h:--}" "$(ratio "$a" "$d")" "$(ratio "$a" "$h")"
+}
+row "bulk 1 stream (Gbit/s)" bulk1
+row "bulk 8 streams (Gbit/s)" bulk8
+row "proxy CPU-s per GB, 1 stream" cpugb1
+row "proxy CPU-s per GB, 8 streams" cpugb8
+row "keep-alive requests/s" ka
+row "keep-alive p50 latency" kap50
+row "keep-alive p99 latency" kap99
+row "proxy CPU µs per request" kacpu
+row "new connections/s" close
+row "new-connection p99 latency" closep99
+row "proxy CPU µs per new connection" closecpu
+row "proxy KiB per idle connection" idle
+echo
+echo "(${SECS}s per load run, ${IDLE} idle connections; wrk -t2 -c50; iperf3 -t ${SECS})"
