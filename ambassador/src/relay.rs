@@ -11,7 +11,6 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -72,30 +71,37 @@ pub async fn relay(
 ) -> Ended {
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved, either way.
-    let last = Arc::new(AtomicU64::new(0));
-    let a = direction(client, backend, config, up, &last, start);
-    let b = direction(backend, client, config, down, &last, start);
-    let idle = async {
-        loop {
-            let since = start
-                .elapsed()
-                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-            if since >= config.idle_timeout {
-                return;
-            }
-            tokio::time::sleep(config.idle_timeout - since).await;
-        }
-    };
+    let last = AtomicU64::new(0);
     let moved = || Moved {
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),
     };
+    // The futures are built in place, not in locals first: a moved-from local keeps its
+    // space in the state machine, and this one lives as long as the connection.
     tokio::select! {
-        r = async { tokio::try_join!(a, b) } => match r {
+        r = async {
+            tokio::try_join!(
+                direction(client, backend, config, up, &last, start),
+                direction(backend, client, config, down, &last, start),
+            )
+        } => match r {
             Ok(_) => Ended::Done(moved()),
             Err(e) => Ended::Failed(moved(), e),
         },
-        () = idle => Ended::Idle(moved()),
+        () = idle(config.idle_timeout, &last, start) => Ended::Idle(moved()),
+    }
+}
+
+/// Resolves once nothing has moved for `limit`.
+async fn idle(limit: Duration, last: &AtomicU64, start: Instant) {
+    loop {
+        let since = start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+        if since >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - since).await;
     }
 }
 
@@ -114,12 +120,14 @@ async fn direction(
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     };
     // Copying phase.
-    while moved < config.splice_after {
+    'copy: while moved < config.splice_after {
         src.readable().await?;
-        let mut buf = vec![0u8; config.buffer];
-        // Drain what is readable now, then give the buffer back.
+        // One buffer per burst, dropped once the socket is drained, so an idle connection
+        // holds none; reads go into spare capacity, so it is never zeroed.
+        let mut buf = Vec::with_capacity(config.buffer);
         loop {
-            let n = match src.try_read(&mut buf) {
+            buf.clear();
+            let n = match src.try_read_buf(&mut buf) {
                 Ok(0) => return shutdown_write(dst),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -128,15 +136,16 @@ async fn direction(
             write_all(dst, &buf[..n]).await?;
             touch(n);
             moved += n as u64;
-            if moved >= config.splice_after || n < buf.len() {
-                break;
+            if moved >= config.splice_after {
+                break 'copy;
             }
         }
     }
     // Splicing phase: socket -> pipe -> socket, no copy through user space.
     let (pipe_r, pipe_w) = match pipe(config.pipe_size) {
         Ok(p) => p,
-        Err(_) => return copy_rest(src, dst, config, &touch).await,
+        // Rare (out of file descriptors): boxed so it costs no space in every connection.
+        Err(_) => return Box::pin(copy_rest(src, dst, config, &touch)).await,
     };
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
@@ -184,10 +193,11 @@ async fn copy_rest(
     config: &RelayConfig,
     touch: &(dyn Fn(usize) + Sync),
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; config.buffer];
+    let mut buf = Vec::with_capacity(config.buffer);
     loop {
         src.readable().await?;
-        let n = match src.try_read(&mut buf) {
+        buf.clear();
+        let n = match src.try_read_buf(&mut buf) {
             Ok(0) => return shutdown_write(dst),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

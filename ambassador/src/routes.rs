@@ -93,6 +93,8 @@ pub struct ServiceStats {
     pub bytes_up: AtomicU64,
     /// Backend to client.
     pub bytes_down: AtomicU64,
+    /// Prometheus handles, looked up on the first connection.
+    pub metrics: std::sync::OnceLock<crate::server::ServiceMetrics>,
 }
 
 /// One allocated service port.

@@ -435,27 +435,64 @@ async fn accept_loop(
         };
         let shared = shared.clone();
         let hard = hard.clone();
-        let span = info_span!("conn", client.addr = %peer, service = %service.service_port);
-        tracker.spawn(
-            async move {
-                let _permits = (g, l);
-                tokio::select! {
-                    () = handle(&shared, client, &service) => {}
-                    () = hard.cancelled() => debug!("closed at the end of the grace period"),
-                }
+        // Debug level: an enabled span per connection costs an allocation on the hot path.
+        let span =
+            tracing::debug_span!("conn", client.addr = %peer, service = %service.service_port);
+        let task = async move {
+            let _permits = (g, l);
+            tokio::select! {
+                () = handle(&shared, client, &service) => {}
+                () = hard.cancelled() => debug!("closed at the end of the grace period"),
             }
-            .instrument(span),
-        );
+        }
+        .instrument(span);
+        tracker.spawn(task);
     }
 }
 
 /// One connection: pick, connect (with retries on other backends), relay.
+/// One service's metric handles, looked up once per service rather than per connection.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    name: String,
+    active: Gauge,
+    connections: Counter,
+    failed: Counter,
+    bytes_up: Counter,
+    bytes_down: Counter,
+}
+
+impl Metrics {
+    fn service<'s>(&self, service: &'s Service) -> &'s ServiceMetrics {
+        service.stats.metrics.get_or_init(|| {
+            let name = service.service_port.to_string();
+            let label = ServiceLabel {
+                service: name.clone(),
+            };
+            let bytes = |direction| {
+                self.bytes
+                    .get_or_create(&BytesLabel {
+                        service: name.clone(),
+                        direction,
+                    })
+                    .clone()
+            };
+            ServiceMetrics {
+                active: self.active.get_or_create(&label).clone(),
+                connections: self.connections.get_or_create(&label).clone(),
+                failed: self.failed.get_or_create(&label).clone(),
+                bytes_up: bytes("up"),
+                bytes_down: bytes("down"),
+                name,
+            }
+        })
+    }
+}
+
 async fn handle(shared: &Shared, client: TcpStream, service: &Service) {
-    let label = ServiceLabel {
-        service: service.service_port.to_string(),
-    };
     let m = &shared.metrics;
-    m.connections.get_or_create(&label).inc();
+    let sm = m.service(service);
+    sm.connections.inc();
     service.stats.connections.fetch_add(1, Ordering::Relaxed);
     let _ = client.set_nodelay(true);
     let config = &shared.config;
@@ -469,7 +506,7 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service) {
         };
         tried.push(i);
         let backend = &service.backends[i];
-        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
+        match connect(backend.addr, config.connect_timeout).await {
             Ok(Ok(stream)) => {
                 backend.connected();
                 connected = Some((stream, backend));
@@ -479,7 +516,7 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service) {
             Err(_) => debug!(backend = %backend.addr, "connect timed out"),
         }
         let bl = BackendLabel {
-            service: label.service.clone(),
+            service: sm.name.clone(),
             backend: backend.addr.to_string(),
         };
         m.connect_errors.get_or_create(&bl).inc();
@@ -495,14 +532,14 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service) {
             warn!(tried = tried.len(), "no backend answered");
         }
         service.stats.failed.fetch_add(1, Ordering::Relaxed);
-        m.failed.get_or_create(&label).inc();
+        sm.failed.inc();
         return;
     };
     let _ = upstream.set_nodelay(true);
     backend.active.fetch_add(1, Ordering::Relaxed);
     backend.connections.fetch_add(1, Ordering::Relaxed);
     service.stats.active.fetch_add(1, Ordering::Relaxed);
-    m.active.get_or_create(&label).inc();
+    sm.active.inc();
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let ended = relay::relay(&client, &upstream, &config.relay, &up, &down).await;
     let moved = match &ended {
@@ -524,21 +561,11 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service) {
         .stats
         .bytes_down
         .fetch_add(moved.down, Ordering::Relaxed);
-    m.bytes
-        .get_or_create(&BytesLabel {
-            service: label.service.clone(),
-            direction: "up",
-        })
-        .inc_by(moved.up);
-    m.bytes
-        .get_or_create(&BytesLabel {
-            service: label.service.clone(),
-            direction: "down",
-        })
-        .inc_by(moved.down);
+    sm.bytes_up.inc_by(moved.up);
+    sm.bytes_down.inc_by(moved.down);
     backend.active.fetch_sub(1, Ordering::Relaxed);
     service.stats.active.fetch_sub(1, Ordering::Relaxed);
-    m.active.get_or_create(&label).dec();
+    sm.active.dec();
 }
 
 /// Kernel accept queue of each listener: bursts of new connections wait here, not in SYN
@@ -554,4 +581,20 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+/// The connect future, boxed by a plain function: it is large and finished once connected,
+/// and built inside an `async fn` it would keep its space in every connection's task for the
+/// connection's whole life (rustc does not reuse the storage of moved-from temporaries).
+fn connect(
+    addr: SocketAddr,
+    limit: Duration,
+) -> std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<std::io::Result<TcpStream>, tokio::time::error::Elapsed>,
+            > + Send,
+    >,
+> {
+    Box::pin(tokio::time::timeout(limit, TcpStream::connect(addr)))
 }

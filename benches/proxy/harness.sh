@@ -43,7 +43,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "harness: nothing listens on $1" >&2; return 1; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "harness: nothing listens on $1" >&2; tail -n 5 "$work"/*.log "$work"/*.err 2>/dev/null >&2; return 1; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hz=$(getconf CLK_TCK)
@@ -96,7 +96,7 @@ wait_port "$A_IPERF"; wait_port "$A_NGINX"
 H_IPERF=$(free_port); H_NGINX=$(free_port)
 cat >"$work/haproxy.cfg" <<EOF
 global
-  maxconn 100000
+  maxconn 9000
 defaults
   mode tcp
   timeout connect 1s
@@ -130,6 +130,10 @@ bulk() { # target streams -> Gbit/s, and CPU-s/GB of the proxy
   if [ -n "$pid" ]; then c1=$(cpu_ticks "$pid"); R[$t.cpugb$n]=$(python3 -c "print('%.3f' % ((($c1-$c0)/$hz)/($bytes/1e9)))"); fi
 }
 
+us() { # wrk's 850.00us / 1.12ms / 1.20s -> microseconds
+  python3 -c "import sys,re; v=sys.argv[1]; m=re.match(r'([0-9.]+)(us|ms|s)', v); print('%.0f' % (float(m.group(1))*{'us':1,'ms':1e3,'s':1e6}[m.group(2)]) if m else '')" "$1"
+}
+
 requests() { # target kind(ka|close) -> req/s, p50, p99, CPU µs per request
   local t=$1 kind=$2 pid c0 c1 out hdr=()
   [ "$kind" = close ] && hdr=(-H "Connection: close")
@@ -140,7 +144,7 @@ requests() { # target kind(ka|close) -> req/s, p50, p99, CPU µs per request
   total=$(awk '/requests in/ {print $1}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  R[$t.$kind]=$rps; R[$t.${kind}p50]=$p50; R[$t.${kind}p99]=$p99
+  R[$t.$kind]=$rps; R[$t.${kind}p50]=$(us "$p50"); R[$t.${kind}p99]=$(us "$p99")
   if [ -n "$pid" ]; then c1=$(cpu_ticks "$pid"); R[$t.${kind}cpu]=$(python3 -c "print('%.1f' % ((($c1-$c0)/$hz)/$total*1e6))"); fi
 }
 
@@ -183,11 +187,11 @@ row "bulk 8 streams (Gbit/s)" bulk8
 row "proxy CPU-s per GB, 1 stream" cpugb1
 row "proxy CPU-s per GB, 8 streams" cpugb8
 row "keep-alive requests/s" ka
-row "keep-alive p50 latency" kap50
-row "keep-alive p99 latency" kap99
+row "keep-alive p50 latency (µs)" kap50
+row "keep-alive p99 latency (µs)" kap99
 row "proxy CPU µs per request" kacpu
 row "new connections/s" close
-row "new-connection p99 latency" closep99
+row "new-connection p99 latency (µs)" closep99
 row "proxy CPU µs per new connection" closecpu
 row "proxy KiB per idle connection" idle
 echo
