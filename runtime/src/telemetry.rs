@@ -28,8 +28,11 @@ impl LogFormat {
 pub fn init(default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only for people: piped logs (journald, files, tests) stay plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match LogFormat::from_env() {
         LogFormat::Json => builder.json().try_init(),

@@ -199,3 +199,5 @@ pub async fn who(addr: SocketAddr) -> std::io::Result<String> {
         .trim_start_matches("hello from ")
         .to_owned())
 }
+
+mod binary;

@@ -1,0 +1,138 @@
+//! The `ambassador` binary: flags, admin server, SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use testkit::Etcd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{Backend, put_alloc, put_endpoint};
+
+/// Kills the process on drop, also when the test fails.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_admin_and_drains_on_sigterm() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let backend = Backend::start("b0").await;
+    let port = put_alloc(&mut c, "shared/echo:7").await;
+    put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
+    let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ambassador"))
+        .args([
+            "--etcd",
+            &etcd.endpoint(),
+            "--host",
+            "h0",
+            "--bind",
+            "127.0.0.1",
+            "--admin",
+            &admin,
+            "--grace",
+            "10s",
+        ])
+        .env("RUST_LOG", "info")
+        .env_remove("VIKING_LOG_FORMAT")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_line = |needle: &str| loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    };
+    // Routes are published (synced) before the listener for them is opened.
+    wait_line("routes synced from etcd");
+    wait_line(&format!("listening on addr=127.0.0.1:{port}"));
+    let (status, body) = http_get(&admin, "/healthz");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+    // A connection open when SIGTERM arrives finishes; new ones are refused.
+    let mut open = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut greeting = [0u8; 14];
+    open.read_exact(&mut greeting).await.unwrap();
+    let (_, metrics) = http_get(&admin, "/metrics");
+    assert!(
+        metrics.contains("ambassador_connections_active{service=\"shared/echo:7/tcp\"} 1"),
+        "{metrics}"
+    );
+    let (_, state) = http_get(&admin, "/state");
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        state["services"][0]["backends"][0]["addr"],
+        backend.addr.to_string()
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proc.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_line("stopped accepting; waiting for open connections");
+    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
+    open.write_all(b"after sigterm\n").await.unwrap();
+    let mut back = [0u8; 14];
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"after sigterm\n");
+    open.shutdown().await.unwrap();
+    let line = wait_line("shut down");
+    assert!(
+        line.contains("drained=1") && line.contains("cut=0"),
+        "{line}"
+    );
+    let mut proc = proc;
+    let status = proc.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn without_docker0_and_bind_it_says_to_pass_bind() {
+    if let Some(addr) = ambassador::interface_addr("docker0") {
+        // With Docker installed the default applies: it must be the bridge's IPv4 address.
+        assert!(addr.is_ipv4(), "{addr}");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_ambassador"))
+        .args(["--etcd", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interface docker0 has no IPv4 address; pass --bind"),
+        "{err}"
+    );
+}
