@@ -5,6 +5,7 @@
 #   etcd-server        etcd: every test talks to a real etcd
 #   etcd-client        etcdctl, for the scripts (Debian ships it apart from the server)
 #   nftables iproute2  locknet and the network-namespace tests
+#   curl               `make up` reads the ambassador's admin server
 #
 # As root it installs what is missing with apt; otherwise it prints the one command to run.
 set -euo pipefail
@@ -15,6 +16,7 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found: install Rust with rustup (https://rustup.rs), then run this again" >&2

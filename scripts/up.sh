@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on one host, as far as viking goes today: a local etcd (started for you
 # unless one already answers on 127.0.0.1:2379), the HQ deploying the design notes' example
-# stacks (ports allocated, docker-link env shown). Ctrl-C stops what this started.
+# stacks (ports allocated, docker-link env shown), and the ambassador listening on every
+# allocated port. Ctrl-C stops what this started.
 #
 # The ambassador, registrator and `viking up` come with their own issues; this script grows
 # with them.
@@ -9,14 +10,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-cargo build --release -q -p portalloc -p hq
+cargo build --release -q -p portalloc -p hq -p ambassador
 portalloc=target/release/portalloc
 viking=target/release/viking
+ambassador=target/release/ambassador
 
 endpoint=${VIKING_ETCD:-http://127.0.0.1:2379}
 data=${VIKING_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/viking}
 started=""
+amb=""
 cleanup() {
+  if [ -n "$amb" ]; then
+    echo "up: stopping the ambassador (pid $amb)"
+    kill "$amb" 2>/dev/null || true
+    wait "$amb" 2>/dev/null || true
+  fi
   if [ -n "$started" ]; then
     echo "up: stopping etcd (pid $started)"
     kill "$started" 2>/dev/null || true
@@ -59,8 +67,19 @@ echo
 echo "up: ambassador ports:"
 "$portalloc" list
 echo
-echo "up: etcd at $endpoint; try: $viking graph, $viking env app/middleware --format docker"
-if [ -n "$started" ]; then
-  echo "up: Ctrl-C stops etcd"
-  wait "$started"
-fi
+# The ambassador: on docker0's address where Docker runs, else on loopback for a look.
+bind=$( (ip -4 -o addr show docker0 2>/dev/null || true) | awk '{print $4}' | cut -d/ -f1)
+bind=${bind:-127.0.0.1}
+admin=${VIKING_ADMIN:-127.0.0.1:9100}
+"$ambassador" --bind "$bind" --admin "$admin" > >(sed -u 's/^/ambassador | /') 2>&1 &
+amb=$!
+for _ in $(seq 1 100); do
+  curl -fs "http://$admin/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+echo "up: the ambassador listens on $bind for every allocated port; its state (http://$admin/state):"
+curl -fs "http://$admin/state" || echo "up: the ambassador did not answer on $admin (see its log above)"
+echo
+echo "up: etcd at $endpoint; try: $viking graph, $viking env app/middleware --format docker, curl http://$admin/metrics"
+echo "up: Ctrl-C stops what this started"
+wait
