@@ -71,7 +71,7 @@ echo
 bind=$( (ip -4 -o addr show docker0 2>/dev/null || true) | awk '{print $4}' | cut -d/ -f1)
 bind=${bind:-127.0.0.1}
 admin=${VIKING_ADMIN:-127.0.0.1:9100}
-"$ambassador" --bind "$bind" --admin "$admin" > >(sed -u 's/^/ambassador | /') 2>&1 &
+"$ambassador" --bind "$bind" --admin "$admin" &
 amb=$!
 for _ in $(seq 1 100); do
   curl -fs "http://$admin/healthz" >/dev/null 2>&1 && break
