@@ -261,7 +261,8 @@ pub async fn run(
 
     // routes -> listeners.
     let global = Arc::new(Semaphore::new(shared.config.max_connections));
-    let mut listeners: HashMap<u16, CancellationToken> = HashMap::new();
+    let mut listeners: HashMap<u16, (CancellationToken, tokio::task::JoinHandle<()>)> =
+        HashMap::new();
     let mut changes = shared.routes.subscribe();
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -275,8 +276,12 @@ pub async fn run(
     }
 
     // Shutdown: stop accepting, let connections finish, then cut the rest.
-    for token in listeners.values() {
+    for (token, _) in listeners.values() {
         token.cancel();
+    }
+    // Once the accept loops have returned, their sockets are closed: nothing is accepted.
+    for (_, (_, task)) in listeners.drain() {
+        let _ = task.await;
     }
     shared.listening.lock().expect("listening lock").clear();
     background.cancel();
@@ -342,27 +347,32 @@ async fn sync_routes(
 async fn reconcile(
     shared: &Arc<Shared>,
     routes: &Routes,
-    listeners: &mut HashMap<u16, CancellationToken>,
+    listeners: &mut HashMap<u16, (CancellationToken, tokio::task::JoinHandle<()>)>,
     tracker: &TaskTracker,
     global: &Arc<Semaphore>,
     hard: &CancellationToken,
 ) {
-    listeners.retain(|port, token| {
-        let keep = routes.by_port.contains_key(port);
-        if !keep {
-            info!(
-                port,
-                "port released; listener closed, its connections drain"
-            );
+    let released: Vec<u16> = listeners
+        .keys()
+        .filter(|port| !routes.by_port.contains_key(port))
+        .copied()
+        .collect();
+    for port in released {
+        if let Some((token, task)) = listeners.remove(&port) {
             token.cancel();
+            // The socket closes when the accept loop returns; only then is the port free.
+            let _ = task.await;
             shared
                 .listening
                 .lock()
                 .expect("listening lock")
-                .remove(port);
+                .remove(&port);
+            info!(
+                port,
+                "port released; listener closed, its connections drain"
+            );
         }
-        keep
-    });
+    }
     for (&port, service) in &routes.by_port {
         if listeners.contains_key(&port) {
             continue;
@@ -378,7 +388,7 @@ async fn reconcile(
                     .lock()
                     .expect("listening lock")
                     .insert(port, local);
-                tokio::spawn(accept_loop(
+                let task = tokio::spawn(accept_loop(
                     shared.clone(),
                     listener,
                     port,
@@ -387,7 +397,7 @@ async fn reconcile(
                     global.clone(),
                     hard.clone(),
                 ));
-                listeners.insert(port, token);
+                listeners.insert(port, (token, task));
             }
             Err(e) => {
                 warn!(addr = %addr, service = %service.service_port, error = %e, "cannot listen; retrying")
