@@ -159,15 +159,7 @@ pub fn parse(name: StackName, path: &str, text: &str) -> Result<StackFile, Parse
     let raw: HashMap<Spanned<String>, Spanned<RawJob>> = if yaml.trim().is_empty() {
         HashMap::new()
     } else {
-        serde_saphyr::from_str(&yaml).map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map_or((1, 1), |l| (l.line().max(1), l.column().max(1)));
-            ParseError {
-                pos: pos(path, &tabs, line, column),
-                message: yaml_message(&e),
-            }
-        })?
+        serde_saphyr::from_str(&yaml).map_err(|e| yaml_error(path, &tabs, &e))?
     };
     if raw.is_empty() {
         return Err(ParseError {
@@ -372,15 +364,7 @@ pub fn parse_job_file(
 ) -> Result<JobDef, ParseError> {
     let (yaml, tabs) = untab(path, text)?;
     let at = |loc: &serde_saphyr::Location| pos(path, &tabs, loc.line(), loc.column());
-    let raw: RawJob = serde_saphyr::from_str(&yaml).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map_or((1, 1), |l| (l.line().max(1), l.column().max(1)));
-        ParseError {
-            pos: pos(path, &tabs, line, column),
-            message: yaml_message(&e),
-        }
-    })?;
+    let raw: RawJob = serde_saphyr::from_str(&yaml).map_err(|e| yaml_error(path, &tabs, &e))?;
     let mut def = check_job(job, pos(path, &tabs, 1, 1), raw, &at)?;
     for link in &mut def.links {
         if !link.alias.contains('/') {
@@ -428,6 +412,17 @@ fn is_env_name(k: &str) -> bool {
     let mut chars = k.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A YAML error at its place in the file as written.
+fn yaml_error(path: &str, tabs: &[usize], e: &serde_saphyr::Error) -> ParseError {
+    let (line, column) = e
+        .location()
+        .map_or((1, 1), |l| (l.line().max(1), l.column().max(1)));
+    ParseError {
+        pos: pos(path, tabs, line, column),
+        message: yaml_message(e),
+    }
 }
 
 /// The message of a YAML error without its location prefix and source snippet.

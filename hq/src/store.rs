@@ -140,6 +140,8 @@ impl Store {
         files: &[StackFile],
         ambassador_addr: &str,
     ) -> Result<(Deployment, DeployReport), HqError> {
+        let mut backoff =
+            runtime::Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
         for _ in 0..16 {
             let (stacks, raw) = self.load_stacks().await?;
             let mut view = ClusterView {
@@ -284,7 +286,7 @@ impl Store {
                 return Ok((deployment, report));
             }
             // Someone changed a stack we read; plan again from fresh state.
-            tokio::time::sleep(Duration::from_millis(fastrand_ms())).await;
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         Err(HqError::Refused(
             "the stacks kept changing while deploying; try again".into(),
@@ -440,16 +442,6 @@ impl Store {
             })
             .collect())
     }
-}
-
-fn fastrand_ms() -> u64 {
-    // Jitter without a dependency: the clock's low bits.
-    u64::from(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos())
-            % 50,
-    )
 }
 
 /// Now as RFC 3339 in UTC, e.g. `2026-11-22T08:17:42Z`.
