@@ -187,6 +187,10 @@ async fn direction(
 }
 
 /// The copying path to the end, where no pipe could be had (e.g. out of file descriptors).
+///
+/// It repeats `direction`'s copying loop on purpose: sharing one helper future between the
+/// two made every connection task 192 bytes larger (measured: 1,808 -> 2,000 bytes), and task
+/// size is memory per idle connection.
 async fn copy_rest(
     src: &TcpStream,
     dst: &TcpStream,
