@@ -320,3 +320,28 @@ async fn wait_ready(members: &mut [&mut Member]) -> bool {
     }
     true
 }
+
+/// Runs one of the project's binaries against the etcd at `endpoint`, with the caller's
+/// `VIKING_*` environment removed so the test sees only the flags it passes.
+pub fn run_cli(binary: &str, endpoint: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(binary);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VIKING_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(["--etcd", endpoint])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {binary}: {e}"))
+}
+
+/// A command's stdout as text.
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A command's stderr as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
