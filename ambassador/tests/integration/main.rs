@@ -63,12 +63,17 @@ impl Amb {
         .await
     }
 
-    pub async fn backends(&self, port: u16) -> usize {
-        self.shared
-            .routes()
-            .by_port
-            .get(&port)
-            .map_or(0, |s| s.backends.len())
+    /// Waits (up to `limit`) until `port` routes to `n` backends.
+    pub async fn wait_backends(&self, port: u16, n: usize, limit: Duration) {
+        wait_for(limit, || {
+            let routes = self.shared.routes();
+            routes
+                .by_port
+                .get(&port)
+                .is_some_and(|s| s.backends.len() == n)
+                .then_some(())
+        })
+        .await;
     }
 }
 

@@ -35,10 +35,7 @@ async fn echo_256_mib_each_way_with_server_first_and_half_close() {
     put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
     let amb = Amb::start(&etcd, |_| {}).await;
     let addr = amb.listening(port).await;
-    wait_for(Duration::from_secs(5), || {
-        (amb.shared.routes().by_port[&port].backends.len() == 1).then_some(())
-    })
-    .await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
 
     let mut s = TcpStream::connect(addr).await.unwrap();
     // The server speaks first; the client has sent nothing.
@@ -95,10 +92,7 @@ async fn a_thousand_concurrent_connections_through_one_listener() {
     put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
     let amb = Amb::start(&etcd, |_| {}).await;
     let addr = amb.listening(port).await;
-    wait_for(Duration::from_secs(5), || {
-        (amb.shared.routes().by_port[&port].backends.len() == 1).then_some(())
-    })
-    .await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
 
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(1000));
     let mut tasks = tokio::task::JoinSet::new();
@@ -149,10 +143,7 @@ async fn endpoint_changes_reach_new_connections_within_100_ms_and_spare_open_one
     let k0 = put_endpoint(&mut c, SP, "h0", 0, b0.addr).await;
     let amb = Amb::start(&etcd, |_| {}).await;
     let addr = amb.listening(port).await;
-    wait_for(Duration::from_secs(5), || {
-        (amb.shared.routes().by_port[&port].backends.len() == 1).then_some(())
-    })
-    .await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
     assert_eq!(who(addr).await.unwrap(), "b0");
     // An open connection to b0.
     let mut open = TcpStream::connect(addr).await.unwrap();
@@ -231,10 +222,7 @@ async fn one_of_two_backends_killed_200_new_connections_all_succeed() {
     put_endpoint(&mut c, SP, "h1", 1, b1.addr).await;
     let amb = Amb::start(&etcd, |_| {}).await;
     let addr = amb.listening(port).await;
-    wait_for(Duration::from_secs(5), || {
-        (amb.shared.routes().by_port[&port].backends.len() == 2).then_some(())
-    })
-    .await;
+    amb.wait_backends(port, 2, Duration::from_secs(5)).await;
     let mut seen = BTreeMap::new();
     for _ in 0..50 {
         *seen.entry(who(addr).await.unwrap()).or_insert(0) += 1;
@@ -271,10 +259,7 @@ async fn etcd_away_existing_routes_keep_working() {
     put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
     let amb = Amb::start(&etcd, |_| {}).await;
     let addr = amb.listening(port).await;
-    wait_for(Duration::from_secs(5), || {
-        (amb.shared.routes().by_port[&port].backends.len() == 1).then_some(())
-    })
-    .await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
     etcd.stop();
     for _ in 0..50 {
         assert_eq!(who(addr).await.unwrap(), "b0");
@@ -286,10 +271,7 @@ async fn etcd_away_existing_routes_keep_working() {
     let b1 = Backend::start("b1").await;
     let mut c = etcd.client().await;
     put_endpoint(&mut c, SP, "h1", 1, b1.addr).await;
-    wait_for(Duration::from_secs(10), || {
-        (amb.shared.routes().by_port[&port].backends.len() == 2).then_some(())
-    })
-    .await;
+    amb.wait_backends(port, 2, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,10 +283,7 @@ async fn shutdown_lets_open_connections_finish_then_cuts_the_rest() {
     put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
     let mut amb = Amb::start(&etcd, |cfg| cfg.grace = Duration::from_secs(3)).await;
     let addr = amb.listening(port).await;
-    wait_for(Duration::from_secs(5), || {
-        (amb.shared.routes().by_port[&port].backends.len() == 1).then_some(())
-    })
-    .await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
     let mut open = TcpStream::connect(addr).await.unwrap();
     let mut greeting = [0u8; 14];
     open.read_exact(&mut greeting).await.unwrap();
@@ -331,15 +310,7 @@ async fn shutdown_lets_open_connections_finish_then_cuts_the_rest() {
     // With a connection that never finishes, the grace period ends it.
     let amb = Amb::start(&etcd, |cfg| cfg.grace = Duration::from_millis(300)).await;
     let addr = amb.listening(port).await;
-    wait_for(Duration::from_secs(5), || {
-        (amb.shared
-            .routes()
-            .by_port
-            .get(&port)
-            .is_some_and(|s| s.backends.len() == 1))
-        .then_some(())
-    })
-    .await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
     let mut stuck = TcpStream::connect(addr).await.unwrap();
     stuck.read_exact(&mut greeting).await.unwrap();
     let mut amb = amb;
