@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs:
 #   make up     the main job on this host (a local etcd started for you)
 #   make test   install what is missing, then fmt, clippy and every test
-.PHONY: up test setup fmt lint unit bench bench-proxy
+.PHONY: up test setup fmt lint unit bench bench-proxy bench-registrator
 
 CARGO ?= cargo
 
@@ -23,7 +23,10 @@ unit:
 	bash scripts/test.sh
 
 bench: setup
-	$(CARGO) bench -p viking-benches
+	$(CARGO) bench -p viking-benches --bench portalloc
+
+bench-registrator: setup
+	$(CARGO) bench -p viking-benches --bench registrator
 
 bench-proxy: setup
 	bash benches/proxy/harness.sh

@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
 # The main job on one host, as far as viking goes today: a local etcd (started for you
 # unless one already answers on 127.0.0.1:2379), the HQ deploying the design notes' example
-# stacks (ports allocated, docker-link env shown), and the ambassador listening on every
-# allocated port. Ctrl-C stops what this started.
+# stacks (ports allocated, docker-link env shown), the ambassador listening on every
+# allocated port, and the registrator turning what Docker runs here into endpoints.
+# Ctrl-C stops what this started.
 #
-# The ambassador, registrator and `viking up` come with their own issues; this script grows
-# with them.
+# `viking up` and `viking run` come with their own issue; this script grows with them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-cargo build --release -q -p portalloc -p hq -p ambassador
+cargo build --release -q -p portalloc -p hq -p ambassador -p registrator
 portalloc=target/release/portalloc
 viking=target/release/viking
 ambassador=target/release/ambassador
+registrator=target/release/registrator
 
 endpoint=${VIKING_ETCD:-http://127.0.0.1:2379}
 data=${VIKING_DATA:-${XDG_DATA_HOME:-$HOME/.local/share}/viking}
 started=""
 amb=""
+reg=""
 cleanup() {
+  if [ -n "$reg" ]; then
+    echo "up: stopping the registrator (pid $reg)"
+    kill "$reg" 2>/dev/null || true
+    wait "$reg" 2>/dev/null || true
+  fi
   if [ -n "$amb" ]; then
     echo "up: stopping the ambassador (pid $amb)"
     kill "$amb" 2>/dev/null || true
@@ -80,6 +87,14 @@ done
 echo "up: the ambassador listens on $bind for every allocated port; its state (http://$admin/state):"
 curl -fs "http://$admin/state" || echo "up: the ambassador did not answer on $admin (see its log above)"
 echo
+# The registrator: what Docker runs here becomes endpoints (address: the default route's
+# interface, else loopback on a machine without one).
+addr_flag=()
+ip route show default 2>/dev/null | grep -q . || addr_flag=(--addr 127.0.0.1)
+"$registrator" "${addr_flag[@]}" &
+reg=$!
+echo "up: the registrator follows Docker: containers with published ports become endpoints"
+echo "up: (try: docker run -d -l viking.stack=shared -l viking.job=mongo -p 27017 <image>)"
 echo "up: etcd at $endpoint; try: $viking graph, $viking env app/middleware --format docker, curl http://$admin/metrics"
 echo "up: Ctrl-C stops what this started"
 wait

@@ -18,15 +18,3 @@ pub mod server;
 
 pub use relay::RelayConfig;
 pub use server::{Config, Shared, ShutdownReport, run};
-
-/// The first IPv4 address of interface `name` (e.g. `docker0`), if it has one.
-pub fn interface_addr(name: &str) -> Option<std::net::IpAddr> {
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
-        if ifa.interface_name != name {
-            return None;
-        }
-        let addr = ifa.address?;
-        addr.as_sockaddr_in()
-            .map(|sin| std::net::IpAddr::V4(sin.ip()))
-    })
-}

@@ -77,25 +77,17 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     runtime::telemetry::init("info");
-    let host = match cli
-        .host
-        .clone()
-        .map(Ok)
-        .unwrap_or_else(|| nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()))
-    {
-        Ok(h) => match schema::HostId::from_hostname(&h) {
-            Ok(h) => h.to_string(),
-            Err(e) => {
-                eprintln!("ambassador: {e}; pass --host");
-                return ExitCode::from(2);
-            }
-        },
+    let host = match runtime::host::host_id(cli.host.as_deref()) {
+        Ok(h) => h.to_string(),
         Err(e) => {
-            eprintln!("ambassador: cannot read the hostname: {e}; pass --host");
+            eprintln!("ambassador: {e}");
             return ExitCode::from(2);
         }
     };
-    let bind = match cli.bind.or_else(|| ambassador::interface_addr("docker0")) {
+    let bind = match cli
+        .bind
+        .or_else(|| runtime::host::interface_addr("docker0"))
+    {
         Some(b) => b,
         None => {
             eprintln!(

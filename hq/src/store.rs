@@ -1,11 +1,12 @@
 //! The etcd edge of HQ: read the cluster, allocate, write a deployment in one transaction.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp};
 use portalloc::{AllocError, Allocator};
 use runtime::EtcdError;
+use runtime::host::rfc3339_now;
 use schema::records::{self, AliveRecord, EndpointRecord, HostRecord, StackMetaRecord};
 use schema::{Dir, HostId, JobName, Key, Prefix, ServicePort, StackName};
 
@@ -442,30 +443,4 @@ impl Store {
             })
             .collect())
     }
-}
-
-/// Now as RFC 3339 in UTC, e.g. `2026-11-22T08:17:42Z`.
-pub fn rfc3339_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }

@@ -6,11 +6,13 @@
 //!   disconnect and re-lists after a compaction.
 //! * [`lease`]: a lease keeper that grants, keeps alive, re-grants and tells its owner.
 //! * [`backoff`]: exponential backoff with jitter.
+//! * [`host`]: this host's id and addresses, and RFC 3339 time.
 //! * [`telemetry`]: tracing set-up, plain or JSON.
 //! * [`shutdown`]: SIGTERM/SIGINT -> a `CancellationToken`.
 
 pub mod backoff;
 pub mod etcd;
+pub mod host;
 pub mod lease;
 pub mod shutdown;
 pub mod telemetry;

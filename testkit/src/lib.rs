@@ -1,10 +1,12 @@
-//! Test support: real etcd servers for tests and benches.
+//! Test support: real etcd servers for tests and benches, and Docker (see [`docker`]).
 //!
 //! [`Etcd`] starts one `etcd` on free loopback ports with its own temporary data dir and waits
 //! until it answers; [`EtcdCluster`] starts three members that can be stopped and restarted one
 //! by one. Both kill their processes and remove their data in `Drop`, also when a test panics.
 //!
 //! A missing `etcd` binary is a test failure, never a skip: `make test` installs it.
+
+pub mod docker;
 
 use std::fs::File;
 use std::net::TcpListener;

@@ -120,7 +120,7 @@ async fn serves_admin_and_drains_on_sigterm() {
 
 #[test]
 fn without_docker0_and_bind_it_says_to_pass_bind() {
-    if let Some(addr) = ambassador::interface_addr("docker0") {
+    if let Some(addr) = runtime::host::interface_addr("docker0") {
         // With Docker installed the default applies: it must be the bridge's IPv4 address.
         assert!(addr.is_ipv4(), "{addr}");
         return;

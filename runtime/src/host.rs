@@ -1,0 +1,105 @@
+//! Facts about the host a daemon runs on: its id, its addresses, its clock as RFC 3339.
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use schema::HostId;
+
+/// This host's id: `flag` if given, else the hostname lower-cased. The error says what to pass.
+pub fn host_id(flag: Option<&str>) -> Result<HostId, String> {
+    let name = match flag {
+        Some(h) => h.to_owned(),
+        None => nix::unistd::gethostname()
+            .map_err(|e| format!("cannot read the hostname: {e}; pass --host"))?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    HostId::from_hostname(&name).map_err(|e| format!("{e}; pass --host"))
+}
+
+/// The first IPv4 address of interface `name` (`docker0`, `eth0`), if it has one.
+pub fn interface_addr(name: &str) -> Option<IpAddr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        if ifa.interface_name != name {
+            return None;
+        }
+        let addr = ifa.address?;
+        addr.as_sockaddr_in().map(|sin| IpAddr::V4(sin.ip()))
+    })
+}
+
+/// The IPv4 address of the interface that holds the default route: the address other hosts
+/// most likely reach this one on.
+pub fn default_route_addr() -> Option<IpAddr> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    let iface = default_route_iface(&table)?;
+    interface_addr(iface)
+}
+
+/// The interface of the default route in a `/proc/net/route` table.
+fn default_route_iface(table: &str) -> Option<&str> {
+    table.lines().skip(1).find_map(|line| {
+        let mut cols = line.split_whitespace();
+        let iface = cols.next()?;
+        let destination = cols.next()?;
+        let _gateway = cols.next()?;
+        let flags = u32::from_str_radix(cols.next()?, 16).ok()?;
+        // RTF_UP = 0x1.
+        (destination == "00000000" && flags & 1 == 1).then_some(iface)
+    })
+}
+
+/// Now as RFC 3339 in UTC, e.g. `2026-11-22T08:17:42Z`.
+pub fn rfc3339_now() -> String {
+    rfc3339(SystemTime::now())
+}
+
+/// A time as RFC 3339 in UTC, whole seconds (times before 1970 print as the epoch).
+pub fn rfc3339(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn formats_known_instants() {
+        let at = |s| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_795_340_262), "2026-11-22T09:37:42Z");
+    }
+
+    #[test]
+    fn finds_the_default_route_interface() {
+        let table = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                     docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\n\
+                     eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\n";
+        assert_eq!(default_route_iface(table), Some("eth0"));
+        assert_eq!(default_route_iface("Iface\tDestination\n"), None);
+    }
+}

@@ -1,0 +1,374 @@
+//! Docker for tests: the shared daemon, a tiny image built locally (no registry is reachable),
+//! containers removed on Drop, and private daemons in network namespaces of their own.
+//!
+//! A daemon that does not answer is a test failure that says how to get one, never a skip:
+//! `make test` installs `docker.io` and starts `dockerd`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// The image every test container runs: Debian's static busybox and its applets.
+pub const IMAGE: &str = "viking-busybox:test";
+
+/// Bumped whenever what goes into [`IMAGE`] changes, so an older image is rebuilt.
+const IMAGE_VERSION: &str = "1";
+
+/// A label on every container the tests start, so a crashed run's leftovers can be found:
+/// `docker rm -f $(docker ps -aq --filter label=viking.test)`.
+pub const TEST_LABEL: &str = "viking.test";
+
+/// Runs `docker [-H host] args...` and returns its output, whatever the exit status.
+pub fn docker(host: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new("docker");
+    if let Some(h) = host {
+        cmd.args(["-H", h]);
+    }
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run the docker client: {e}; run `make test` (it installs docker.io)")
+        })
+}
+
+/// Runs `docker [-H host] args...`, fails the test if it fails, and returns trimmed stdout.
+pub fn docker_ok(host: Option<&str>, args: &[&str]) -> String {
+    let out = docker(host, args);
+    assert!(
+        out.status.success(),
+        "docker {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Fails the test unless a Docker daemon answers at `host` (default: `DOCKER_HOST` or the
+/// local socket), and makes sure it has [`IMAGE`].
+pub fn require(host: Option<&str>) {
+    let out = docker(host, &["version", "--format", "{{.Server.Version}}"]);
+    assert!(
+        out.status.success(),
+        "no Docker daemon answers ({}): these tests need a real one. Run `make test` (it \
+         installs docker.io and starts dockerd) or start dockerd yourself",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    ensure_image(host);
+}
+
+static IMAGE_LOCK: Mutex<()> = Mutex::new(());
+
+/// Imports [`IMAGE`] from the host's static busybox unless the daemon has it.
+fn ensure_image(host: Option<&str>) {
+    let _guard = IMAGE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let have = docker(
+        host,
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{index .Config.Labels \"viking.test.image\"}}",
+            IMAGE,
+        ],
+    );
+    if have.status.success() && String::from_utf8_lossy(&have.stdout).trim() == IMAGE_VERSION {
+        return;
+    }
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "/bin/busybox is missing: the test image is built from Debian's busybox-static; run \
+         `make test` or `apt-get install busybox-static`"
+    );
+    let root = tempfile::tempdir().expect("temp dir");
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir bin");
+    std::fs::copy(busybox, bin.join("busybox")).expect("copy busybox");
+    let list = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+    }
+    for dir in ["www", "tmp", "etc"] {
+        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
+    }
+    std::fs::write(root.path().join("www/index.html"), "viking test image\n").expect("write");
+    let mut tar = Command::new("tar")
+        .args(["-C"])
+        .arg(root.path())
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run tar");
+    let mut cmd = Command::new("docker");
+    if let Some(h) = host {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .args(["import", "-c", "CMD [\"/bin/sh\"]", "-c"])
+        .arg(format!("LABEL viking.test.image={IMAGE_VERSION}"))
+        .args(["-", IMAGE])
+        .stdin(tar.stdout.take().expect("tar stdout"))
+        .output()
+        .expect("docker import");
+    let _ = tar.wait();
+    assert!(
+        out.status.success(),
+        "docker import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A container, removed (with `rm -f`) on Drop.
+pub struct Container {
+    host: Option<String>,
+    id: String,
+}
+
+impl Container {
+    /// `docker run -d --label viking.test=1 <args>`; `args` holds the options, then the image
+    /// and command (use [`IMAGE`]).
+    pub fn run(host: Option<&str>, args: &[&str]) -> Container {
+        let mut full = vec!["run", "-d", "--label", "viking.test=1"];
+        full.extend_from_slice(args);
+        let id = docker_ok(host, &full);
+        Container {
+            host: host.map(str::to_owned),
+            id,
+        }
+    }
+
+    /// The full id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The first 12 digits, as `docker ps` and endpoint instances show them.
+    pub fn short_id(&self) -> &str {
+        &self.id[..12]
+    }
+
+    /// `docker <verb> <id>`, e.g. `stop`, `start`, `kill`, `pause`.
+    pub fn act(&self, verb: &str) {
+        docker_ok(self.host.as_deref(), &[verb, &self.id]);
+    }
+
+    /// The host port Docker published `port` (`8080/tcp`) on.
+    pub fn host_port(&self, port: &str) -> u16 {
+        let out = docker_ok(self.host.as_deref(), &["port", &self.id, port]);
+        out.lines()
+            .find_map(|l| l.rsplit(':').next()?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no published port for {port}: {out:?}"))
+    }
+
+    /// The container's address on its network.
+    pub fn ip(&self) -> String {
+        docker_ok(
+            self.host.as_deref(),
+            &[
+                "inspect",
+                "--format",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                &self.id,
+            ],
+        )
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker(self.host.as_deref(), &["rm", "-f", "-v", &self.id]);
+    }
+}
+
+/// A network namespace, deleted on Drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `name` with its loopback up. Needs root.
+    pub fn new(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        run_ok("ip", &["netns", "add", name]);
+        let ns = Netns {
+            name: name.to_owned(),
+        };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/var/run/netns/<name>`, for `nsenter --net=`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// Runs a command inside the namespace; fails the test if it fails.
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run_ok("ip", &full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A private Docker daemon in its own network namespace, with its own socket, data root, exec
+/// root and bridge, so the shared daemon is never touched. Stopped and removed on Drop.
+pub struct Dockerd {
+    dir: TempDir,
+    netns: Netns,
+    bip: String,
+    child: Option<Child>,
+}
+
+impl Dockerd {
+    /// Starts a daemon in a new namespace `netns`, its bridge on `bip` (e.g. `10.99.0.1/24`),
+    /// and waits until it answers and has [`IMAGE`].
+    pub fn start(netns: &str, bip: &str) -> Dockerd {
+        let dir = tempfile::Builder::new()
+            .prefix("viking-dockerd-")
+            .tempdir()
+            .expect("temp dir");
+        let mut d = Dockerd {
+            dir,
+            netns: Netns::new(netns),
+            bip: bip.to_owned(),
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// The endpoint to pass as `docker -H` or the registrator's `--docker`.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.dir.path().join("docker.sock").display())
+    }
+
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    fn spawn(&mut self) {
+        let p = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p.join("dockerd.log"))
+            .expect("dockerd log");
+        // `nsenter`, not `ip netns exec`: the latter remounts /sys and dockerd then finds no
+        // cgroup mounts.
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.path().display()))
+            .arg("dockerd")
+            .args(["--data-root"])
+            .arg(p.join("data"))
+            .args(["--exec-root"])
+            .arg(p.join("exec"))
+            .args(["--pidfile"])
+            .arg(p.join("dockerd.pid"))
+            .args(["-H", &self.host(), "--bip", &self.bip])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let host = self.host();
+        while !docker(Some(&host), &["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "private dockerd did not answer in 60 s; its log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ensure_image(Some(&host));
+    }
+
+    /// Stops the daemon the way an operator does (SIGTERM, then waits).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Stops and starts the daemon; containers with a restart policy come back.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let host = self.host();
+            let ids = docker(Some(&host), &["ps", "-aq"]);
+            for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+                let _ = docker(Some(&host), &["rm", "-f", "-v", id]);
+            }
+        }
+        self.stop();
+        // What dockerd left mounted under its roots must go before the files can.
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(self.dir.path().join("data"))
+            .output();
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(self.dir.path().join("exec"))
+            .output();
+    }
+}
