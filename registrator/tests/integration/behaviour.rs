@@ -281,3 +281,54 @@ async fn health_and_pause_decide_whether_a_container_serves() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn dry_run_prints_and_once_writes_then_exits() {
+    let (etcd, client) = setup().await;
+    let stack = stack();
+    let c = web(&stack, "web", &[]);
+    let endpoint = etcd.endpoint();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--etcd",
+            &endpoint,
+            "--host",
+            "node-a",
+            "--addr",
+            "127.0.0.1",
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_registrator"))
+            .args(args)
+            .output()
+            .expect("run registrator")
+    };
+    let key = format!(
+        "/viking/services/{stack}/web/8080-tcp/node-a:{}:8080",
+        c.short_id()
+    );
+    let out = run(&["--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("put {key} {{"))),
+        "{stdout}"
+    );
+    assert!(
+        crate::endpoints(&client, &stack).await.is_empty(),
+        "--dry-run wrote"
+    );
+
+    let out = run(&["--once"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(crate::endpoints(&client, &stack).await.len(), 1);
+
+    let out = run(&["--ttl", "0s"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ttl"),
+        "{out:?}"
+    );
+}
