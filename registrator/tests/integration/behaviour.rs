@@ -4,43 +4,29 @@ use std::time::Duration;
 
 use testkit::docker::{Container, IMAGE, docker_ok};
 
-use crate::{Registrator, setup, stack, wait_endpoints, web};
+use crate::{Scene, key};
 
 #[tokio::test]
 async fn a_published_port_is_registered_and_removed_within_a_second() {
-    let (etcd, client) = setup().await;
-    let reg = Registrator::start(&etcd.endpoint(), &[]);
-    let stack = stack();
-    let c = web(&stack, "web", &[]);
-    let key = format!("web/8080-tcp/node-a:{}:8080", c.short_id());
+    let s = Scene::start(&[]).await;
+    let stack = s.stack.clone();
+    let c = s.web("web", &[]);
+    let key = key(&c);
     let host_port = c.host_port("8080/tcp");
-    let took = wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(1),
-        &reg,
-        "registered",
-        |e| {
+    let took = s
+        .until(Duration::from_secs(1), "registered", |e| {
             e.get(&key)
                 .is_some_and(|r| r.addr == "127.0.0.1" && r.port == host_port)
-        },
-    )
-    .await;
+        })
+        .await;
     eprintln!("registered {took:?} after docker run returned");
-    let record = &crate::endpoints(&client, &stack).await[&key];
+    let record = &s.endpoints().await[&key];
     assert_eq!(record.container_id, c.id());
     assert_eq!(record.host.as_str(), "node-a");
     c.act("stop");
-    wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(1),
-        &reg,
-        "removed",
-        |e| e.is_empty(),
-    )
-    .await;
-    let log = reg.log();
+    s.until(Duration::from_secs(1), "removed", |e| e.is_empty())
+        .await;
+    let log = s.reg.log();
     assert!(
         log.contains(&format!(
             "registered {stack}/web:8080/tcp node-a:{}:8080 at 127.0.0.1:{host_port}",
@@ -59,47 +45,28 @@ async fn a_published_port_is_registered_and_removed_within_a_second() {
 
 #[tokio::test]
 async fn twenty_containers_started_at_once_become_twenty_keys() {
-    let (etcd, client) = setup().await;
-    let reg = Registrator::start(&etcd.endpoint(), &[]);
-    let stack = stack();
-    let containers: Vec<Container> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..20)
-            .map(|_| s.spawn(|| web(&stack, "web", &[])))
-            .collect();
+    let s = Scene::start(&[]).await;
+    let containers: Vec<Container> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20).map(|_| scope.spawn(|| s.web("web", &[]))).collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("docker run"))
             .collect()
     });
-    wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(10),
-        &reg,
-        "20 keys",
-        |e| e.len() == 20,
-    )
-    .await;
+    s.until(Duration::from_secs(10), "20 keys", |e| e.len() == 20)
+        .await;
     let ids: Vec<String> = containers.iter().map(|c| c.id().to_owned()).collect();
     let mut args = vec!["rm", "-f"];
     args.extend(ids.iter().map(String::as_str));
     docker_ok(None, &args);
-    wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(10),
-        &reg,
-        "all removed",
-        |e| e.is_empty(),
-    )
-    .await;
+    s.until(Duration::from_secs(10), "all removed", |e| e.is_empty())
+        .await;
 }
 
 #[tokio::test]
 async fn service_conventions_name_ignore_and_udp() {
-    let (etcd, client) = setup().await;
-    let reg = Registrator::start(&etcd.endpoint(), &[]);
-    let stack = stack();
+    let s = Scene::start(&[]).await;
+    let stack = s.stack.clone();
     let name = format!("SERVICE_NAME={stack}/Api_Server");
     let env_admin = format!("SERVICE_9000_NAME={stack}/from-env");
     let label_admin = format!("SERVICE_9000_NAME={stack}/admin");
@@ -135,16 +102,11 @@ async fn service_conventions_name_ignore_and_udp() {
         format!("api-server/5353-udp/node-a:{id}:5353"),
         format!("api-server/8080-tcp/node-a:{id}:8080"),
     ];
-    wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(2),
-        &reg,
-        "named by SERVICE_*",
-        |e| e.keys().eq(want.iter()),
-    )
+    s.until(Duration::from_secs(2), "named by SERVICE_*", |e| {
+        e.keys().eq(want.iter())
+    })
     .await;
-    let udp = &crate::endpoints(&client, &stack).await[&want[1]];
+    let udp = &s.endpoints().await[&want[1]];
     assert_eq!(udp.port, c.host_port("5353/udp"));
 
     // Ignoring the whole container removes what it had.
@@ -166,7 +128,7 @@ async fn service_conventions_name_ignore_and_udp() {
         ],
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let now = crate::endpoints(&client, &stack).await;
+    let now = s.endpoints().await;
     assert!(
         now.is_empty(),
         "ignored container {} registered: {now:?}",
@@ -176,9 +138,8 @@ async fn service_conventions_name_ignore_and_udp() {
 
 #[tokio::test]
 async fn internal_registers_the_container_address() {
-    let (etcd, client) = setup().await;
-    let reg = Registrator::start(&etcd.endpoint(), &["--internal"]);
-    let stack = stack();
+    let s = Scene::start(&["--internal"]).await;
+    let stack = s.stack.clone();
     // Not even published: --internal does not need it.
     let label_stack = format!("viking.stack={stack}");
     let c = Container::run(
@@ -197,24 +158,16 @@ async fn internal_registers_the_container_address() {
     );
     let ip = c.ip();
     let key = format!("db/5432-tcp/node-a:{}:5432", c.short_id());
-    wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(2),
-        &reg,
-        "internal address",
-        |e| e.get(&key).is_some_and(|r| r.addr == ip && r.port == 5432),
-    )
+    s.until(Duration::from_secs(2), "internal address", |e| {
+        e.get(&key).is_some_and(|r| r.addr == ip && r.port == 5432)
+    })
     .await;
 }
 
 #[tokio::test]
 async fn health_and_pause_decide_whether_a_container_serves() {
-    let (etcd, client) = setup().await;
-    let reg = Registrator::start(&etcd.endpoint(), &[]);
-    let stack = stack();
-    let c = web(
-        &stack,
+    let s = Scene::start(&[]).await;
+    let c = s.web(
         "web",
         &[
             "--health-cmd",
@@ -227,67 +180,34 @@ async fn health_and_pause_decide_whether_a_container_serves() {
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(
-        crate::endpoints(&client, &stack).await.is_empty(),
+        s.endpoints().await.is_empty(),
         "registered before its health check passed"
     );
     docker_ok(None, &["exec", c.id(), "touch", "/tmp/ok"]);
-    wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(3),
-        &reg,
-        "healthy",
-        |e| e.len() == 1,
-    )
-    .await;
+    s.until(Duration::from_secs(3), "healthy", |e| e.len() == 1)
+        .await;
     docker_ok(None, &["exec", c.id(), "rm", "/tmp/ok"]);
-    wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(3),
-        &reg,
-        "unhealthy",
-        |e| e.is_empty(),
-    )
-    .await;
+    s.until(Duration::from_secs(3), "unhealthy", |e| e.is_empty())
+        .await;
     docker_ok(None, &["exec", c.id(), "touch", "/tmp/ok"]);
-    wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(3),
-        &reg,
-        "healthy again",
-        |e| e.len() == 1,
-    )
-    .await;
+    s.until(Duration::from_secs(3), "healthy again", |e| e.len() == 1)
+        .await;
     c.act("pause");
-    wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(1),
-        &reg,
-        "paused",
-        |e| e.is_empty(),
-    )
-    .await;
+    s.until(Duration::from_secs(1), "paused", |e| e.is_empty())
+        .await;
     c.act("unpause");
-    wait_endpoints(
-        &client,
-        &stack,
-        Duration::from_secs(3),
-        &reg,
-        "unpaused",
-        |e| e.len() == 1,
-    )
-    .await;
+    s.until(Duration::from_secs(3), "unpaused", |e| e.len() == 1)
+        .await;
 }
 
 #[tokio::test]
 async fn dry_run_prints_and_once_writes_then_exits() {
-    let (etcd, client) = setup().await;
-    let stack = stack();
-    let c = web(&stack, "web", &[]);
-    let endpoint = etcd.endpoint();
+    // The one-shot modes on their own: no daemon writes beside them.
+    let mut s = Scene::start(&[]).await;
+    s.reg.kill();
+    let stack = s.stack.clone();
+    let c = s.web("web", &[]);
+    let endpoint = s.etcd.endpoint();
     let run = |extra: &[&str]| {
         let mut args = vec![
             "--etcd",
@@ -316,14 +236,11 @@ async fn dry_run_prints_and_once_writes_then_exits() {
             .any(|l| l.starts_with(&format!("put {key} {{"))),
         "{stdout}"
     );
-    assert!(
-        crate::endpoints(&client, &stack).await.is_empty(),
-        "--dry-run wrote"
-    );
+    assert!(s.endpoints().await.is_empty(), "--dry-run wrote");
 
     let out = run(&["--once"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(crate::endpoints(&client, &stack).await.len(), 1);
+    assert_eq!(s.endpoints().await.len(), 1);
 
     let out = run(&["--ttl", "0s"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -96,72 +96,93 @@ impl Drop for Registrator {
     }
 }
 
-/// A stack name of this test's own.
-pub fn stack() -> String {
-    format!("t{:08x}", fastrand::u32(..))
+/// One test's world: its own etcd, a registrator on it, and a stack name of its own.
+pub struct Scene {
+    pub etcd: Etcd,
+    pub client: Client,
+    pub reg: Registrator,
+    pub stack: String,
 }
 
-/// This stack's endpoints: `<job>/<port>-<proto>/<instance>` -> record.
-pub async fn endpoints(client: &Client, stack: &str) -> BTreeMap<String, EndpointRecord> {
-    let prefix = format!("/viking/services/{stack}/");
-    let mut kv = client.kv_client();
-    let Ok(resp) = kv
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await
-    else {
-        return BTreeMap::new();
-    };
-    resp.kvs()
-        .iter()
-        .map(|kv| {
-            let key = kv.key_str().expect("utf-8 key");
-            (
-                key[prefix.len()..].to_owned(),
-                serde_json::from_slice(kv.value()).expect("endpoint record"),
-            )
-        })
-        .collect()
-}
-
-/// Polls `check` on this stack's endpoints every 20 ms until it holds; fails after `limit`
-/// with what was there and the registrator's log. Returns how long it took.
-pub async fn wait_endpoints(
-    client: &Client,
-    stack: &str,
-    limit: Duration,
-    reg: &Registrator,
-    what: &str,
-    check: impl Fn(&BTreeMap<String, EndpointRecord>) -> bool,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        let now = endpoints(client, stack).await;
-        if check(&now) {
-            return start.elapsed();
+impl Scene {
+    /// A fresh etcd and a registrator with `extra` flags.
+    pub async fn start(extra: &[&str]) -> Scene {
+        docker::require(None);
+        let etcd = Etcd::start().await;
+        let client = etcd.client().await;
+        let reg = Registrator::start(&etcd.endpoint(), extra);
+        Scene {
+            etcd,
+            client,
+            reg,
+            stack: format!("t{:08x}", fastrand::u32(..)),
         }
-        assert!(
-            start.elapsed() < limit,
-            "{what}: not within {limit:?}; endpoints of {stack}: {:#?}\nregistrator log:\n{}",
-            now.keys().collect::<Vec<_>>(),
-            reg.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    /// This stack's endpoints: `<job>/<port>-<proto>/<instance>` -> record.
+    pub async fn endpoints(&self) -> BTreeMap<String, EndpointRecord> {
+        let prefix = format!("/viking/services/{}/", self.stack);
+        let mut kv = self.client.kv_client();
+        let Ok(resp) = kv
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+        else {
+            return BTreeMap::new();
+        };
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let key = kv.key_str().expect("utf-8 key");
+                (
+                    key[prefix.len()..].to_owned(),
+                    serde_json::from_slice(kv.value()).expect("endpoint record"),
+                )
+            })
+            .collect()
+    }
+
+    /// Polls `check` on this stack's endpoints every 20 ms until it holds; fails after
+    /// `limit` with what was there and the registrator's log. Returns how long it took.
+    pub async fn until(
+        &self,
+        limit: Duration,
+        what: &str,
+        check: impl Fn(&BTreeMap<String, EndpointRecord>) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let now = self.endpoints().await;
+            if check(&now) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{what}: not within {limit:?}; endpoints of {}: {:#?}\nregistrator log:\n{}",
+                self.stack,
+                now.keys().collect::<Vec<_>>(),
+                self.reg.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A busybox httpd labelled as `<stack>/<job>`, publishing 8080, on the shared daemon.
+    pub fn web(&self, job: &str, extra: &[&str]) -> Container {
+        self.web_on(None, job, extra)
+    }
+
+    /// The same on the daemon at `host`.
+    pub fn web_on(&self, host: Option<&str>, job: &str, extra: &[&str]) -> Container {
+        let stack_label = format!("viking.stack={}", self.stack);
+        let job_label = format!("viking.job={job}");
+        let mut args = vec!["-l", &stack_label, "-l", &job_label, "-p", "8080"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[IMAGE, "httpd", "-f", "-p", "8080", "-h", "/www"]);
+        Container::run(host, &args)
     }
 }
 
-/// Runs a busybox httpd labelled as `stack/job`, publishing 8080.
-pub fn web(stack: &str, job: &str, extra: &[&str]) -> Container {
-    let stack_label = format!("viking.stack={stack}");
-    let job_label = format!("viking.job={job}");
-    let mut args = vec!["-l", &stack_label, "-l", &job_label, "-p", "8080"];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[IMAGE, "httpd", "-f", "-p", "8080", "-h", "/www"]);
-    Container::run(None, &args)
-}
-
-pub async fn setup() -> (Etcd, Client) {
-    docker::require(None);
-    let etcd = Etcd::start().await;
-    let client = etcd.client().await;
-    (etcd, client)
+/// The endpoint key (below the stack) of a `web` container's port 8080 on `node-a`.
+pub fn key(c: &Container) -> String {
+    format!("web/8080-tcp/node-a:{}:8080", c.short_id())
 }
