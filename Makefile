@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs:
 #   make up     the main job on this host (a local etcd started for you)
 #   make test   install what is missing, then fmt, clippy and every test
-.PHONY: up test setup fmt lint unit bench bench-proxy bench-registrator
+.PHONY: up test setup fmt lint unit bench bench-proxy bench-registrator bench-locknet
 
 CARGO ?= cargo
 
@@ -27,6 +27,9 @@ bench: setup
 
 bench-registrator: setup
 	$(CARGO) bench -p viking-benches --bench registrator
+
+bench-locknet: setup
+	$(CARGO) bench -p viking-benches --bench locknet
 
 bench-proxy: setup
 	bash benches/proxy/harness.sh

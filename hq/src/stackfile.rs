@@ -533,15 +533,7 @@ fn untab(path: &str, text: &str) -> Result<(String, Vec<usize>), ParseError> {
     Ok((out, tabs))
 }
 
-/// A stable digest of a stack file's text (FNV-1a, 64 bits): enough to tell "same file".
-pub fn digest(text: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("fnv1a64:{h:016x}")
-}
+pub use schema::records::digest;
 
 #[cfg(test)]
 mod tests {

@@ -115,6 +115,17 @@ pub fn parse_next(value: &[u8]) -> Option<u32> {
     std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
+/// A stable digest of a text (FNV-1a, 64 bits), e.g. a stack's `source_digest`: enough to tell
+/// "the same text", not a defence against anyone.
+pub fn digest(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("fnv1a64:{h:016x}")
+}
+
 /// Decodes a JSON record, naming the key in the error.
 pub fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, RecordError> {
     serde_json::from_slice(value).map_err(|e| RecordError {

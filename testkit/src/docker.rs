@@ -4,12 +4,14 @@
 //! A daemon that does not answer is a test failure that says how to get one, never a skip:
 //! `make test` installs `docker.io` and starts `dockerd`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use crate::net::Netns;
 
 /// The image every test container runs: Debian's static busybox and its applets.
 pub const IMAGE: &str = "viking-busybox:test";
@@ -189,49 +191,7 @@ impl Drop for Container {
     }
 }
 
-/// A network namespace, deleted on Drop.
-pub struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// Creates `name` with its loopback up. Needs root.
-    pub fn new(name: &str) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", name]).output();
-        run_ok("ip", &["netns", "add", name]);
-        let ns = Netns {
-            name: name.to_owned(),
-        };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// `/var/run/netns/<name>`, for `nsenter --net=`.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.name)
-    }
-
-    /// Runs a command inside the namespace; fails the test if it fails.
-    pub fn exec(&self, args: &[&str]) -> String {
-        let mut full = vec!["netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        run_ok("ip", &full)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-fn run_ok(program: &str, args: &[&str]) -> String {
+pub(crate) fn run_ok(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
         .output()

@@ -7,6 +7,7 @@
 //! A missing `etcd` binary is a test failure, never a skip: `make test` installs it.
 
 pub mod docker;
+pub mod net;
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -132,6 +133,16 @@ impl Etcd {
 
     /// Starts etcd with extra flags, e.g. `["--max-txn-ops", "1024"]`.
     pub async fn start_with(extra_args: &[&str]) -> Etcd {
+        Self::start_on_with("127.0.0.1", extra_args).await
+    }
+
+    /// Starts etcd listening on `ip` (an address of this namespace other than loopback, for
+    /// clients in other network namespaces).
+    pub async fn start_on(ip: &str) -> Etcd {
+        Self::start_on_with(ip, &[]).await
+    }
+
+    async fn start_on_with(ip: &str, extra_args: &[&str]) -> Etcd {
         let extra: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
         let mut last_log = String::new();
         for _ in 0..3 {
@@ -140,7 +151,7 @@ impl Etcd {
                 .tempdir()
                 .expect("temp dir");
             let ports = free_ports(2);
-            let mut member = new_member(dir.path(), "etcd0", ports[0], ports[1]);
+            let mut member = new_member(dir.path(), "etcd0", ip, ports[0], ports[1]);
             let initial = format!("{}={}", member.name, member.peer_url);
             member.spawn(&initial, &extra);
             if wait_ready(&mut [&mut member]).await {
@@ -205,6 +216,7 @@ impl EtcdCluster {
                     new_member(
                         dir.path(),
                         &format!("etcd{i}"),
+                        "127.0.0.1",
                         ports[2 * i],
                         ports[2 * i + 1],
                     )
@@ -288,11 +300,11 @@ impl EtcdCluster {
     }
 }
 
-fn new_member(dir: &Path, name: &str, client_port: u16, peer_port: u16) -> Member {
+fn new_member(dir: &Path, name: &str, ip: &str, client_port: u16, peer_port: u16) -> Member {
     Member {
         name: name.to_owned(),
-        client_url: format!("http://127.0.0.1:{client_port}"),
-        peer_url: format!("http://127.0.0.1:{peer_port}"),
+        client_url: format!("http://{ip}:{client_port}"),
+        peer_url: format!("http://{ip}:{peer_port}"),
         data_dir: dir.join(format!("{name}.data")),
         log_path: dir.join(format!("{name}.log")),
         child: None,

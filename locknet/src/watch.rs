@@ -1,0 +1,167 @@
+//! `--watch`: members are the hosts under `/viking/hosts/`, followed live.
+//!
+//! Every change is applied as element adds and deletes (the rules stay), then checked: if etcd
+//! no longer answers, the change is rolled back and the reason logged, so a bad membership
+//! change cannot cut this host off from the store it takes membership from. While etcd is
+//! away the applied rules stay as they are. An empty member list (a wiped or wrong prefix) is
+//! never applied: it would isolate every host, etcd's own peers included.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions};
+use runtime::CancellationToken;
+use runtime::watch::Kv;
+use schema::records::{self, HostRecord};
+use schema::{Dir, Prefix};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::policy::{Options, Policy};
+use crate::{Firewall, Outcome, nft, render};
+
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    pub prefix: Prefix,
+    /// Members given on the command line or in a hosts file, admitted besides etcd's.
+    pub static_members: BTreeSet<IpAddr>,
+    pub options: Options,
+    /// How long etcd may take to answer after an apply before it is rolled back.
+    pub check_timeout: Duration,
+}
+
+/// Follows `/viking/hosts/` until `shutdown`. The rules stay in place when it stops.
+pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToken) {
+    let (tx, mut rx) = mpsc::channel(64);
+    let dir = config.prefix.dir(Dir::Hosts);
+    let watcher = tokio::spawn(runtime::watch::watch_prefix(
+        client.clone(),
+        dir,
+        tx,
+        shutdown.clone(),
+    ));
+    let mut hosts: BTreeMap<String, Kv> = BTreeMap::new();
+    let mut warned = BTreeSet::new();
+    let mut fw = Firewall::default();
+    loop {
+        let update = tokio::select! {
+            u = rx.recv() => u,
+            () = shutdown.cancelled() => None,
+        };
+        let Some(update) = update else { break };
+        runtime::watch::apply(&mut hosts, update);
+        while let Ok(more) = rx.try_recv() {
+            runtime::watch::apply(&mut hosts, more);
+        }
+        let mut members = config.static_members.clone();
+        let mut problems = BTreeSet::new();
+        for kv in hosts.values() {
+            match host_addr(kv) {
+                Ok(ip) => {
+                    members.insert(ip);
+                }
+                Err(p) => {
+                    problems.insert(p);
+                }
+            }
+        }
+        for p in problems.difference(&warned) {
+            warn!("ignoring a host: {p}");
+        }
+        warned = problems;
+        if members.is_empty() {
+            warn!(
+                "etcd lists no hosts under {}; keeping the current rules (an empty member list \
+                 would cut every host off)",
+                config.prefix.dir(Dir::Hosts)
+            );
+            continue;
+        }
+        let policy = Policy::new(members, &config.options);
+        apply_safely(&mut fw, &policy, &client, &config).await;
+    }
+    let _ = watcher.await;
+}
+
+fn host_addr(kv: &Kv) -> Result<IpAddr, String> {
+    let record: HostRecord = records::decode(&kv.key, &kv.value).map_err(|e| e.to_string())?;
+    record.addr.parse().map_err(|_| {
+        format!(
+            "{}: addr {:?} is not an IP address; fix it with `viking host add {} <address>`",
+            kv.key, record.addr, record.host
+        )
+    })
+}
+
+/// Applies `policy`, then checks etcd still answers; rolls back if it does not.
+async fn apply_safely(fw: &mut Firewall, policy: &Policy, client: &Client, config: &WatchConfig) {
+    let planned = match fw.plan(policy) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("cannot read the current rules: {e}; not changing anything");
+            return;
+        }
+    };
+    let Some((script, outcome)) = planned else {
+        return;
+    };
+    // What undoes it: the inverse element changes, or the whole table as it was.
+    let undo = match (&outcome, fw.members()) {
+        (Outcome::Members { .. }, Some(old)) => render::members_change(&policy.members, old),
+        _ => {
+            let reset = format!("table inet {t}\ndelete table inet {t}\n", t = render::TABLE);
+            match nft::list_text() {
+                Ok(before) => format!("{reset}{}", before.unwrap_or_default()),
+                Err(e) => {
+                    error!("cannot read the current rules: {e}; not changing anything");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = fw.run(&script, Some(policy)) {
+        error!("{e}; the previous rules still hold");
+        return;
+    }
+    if etcd_answers(client, config).await {
+        match outcome {
+            Outcome::Members { added, removed } => info!(
+                members = policy.members.len(),
+                added, removed, "membership applied"
+            ),
+            _ => info!(
+                members = policy.members.len(),
+                open = ?policy.open.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "ruleset applied"
+            ),
+        }
+        return;
+    }
+    match fw.run(&undo, None) {
+        Ok(()) => warn!(
+            "etcd did not answer within {:?} after applying {} members; rolled back to the \
+             previous rules",
+            config.check_timeout,
+            policy.members.len()
+        ),
+        Err(e) => error!("etcd did not answer after applying, and the roll-back failed: {e}"),
+    }
+}
+
+async fn etcd_answers(client: &Client, config: &WatchConfig) -> bool {
+    let mut kv = client.kv_client();
+    let probe = kv.get(
+        config.prefix.dir(Dir::Hosts),
+        Some(
+            GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_limit(1),
+        ),
+    );
+    matches!(
+        tokio::time::timeout(config.check_timeout, probe).await,
+        Ok(Ok(_))
+    )
+}

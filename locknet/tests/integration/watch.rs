@@ -1,0 +1,89 @@
+//! `--watch`: membership from `/viking/hosts/` in etcd, applied within a second.
+
+use std::time::Duration;
+
+use testkit::Etcd;
+
+use crate::{Site, spawn_watch};
+
+async fn put_host(client: &etcd_client::Client, name: &str, addr: &str) {
+    let value = format!(r#"{{"v":1,"host":"{name}","addr":"{addr}","roles":[],"labels":{{}}}}"#);
+    client
+        .kv_client()
+        .put(format!("/viking/hosts/{name}"), value, None)
+        .await
+        .expect("put host");
+}
+
+#[tokio::test]
+async fn hosts_added_and_removed_in_etcd_open_and_close_within_a_second() {
+    let mut site = Site::start();
+    let root = site.lan.join_root();
+    let etcd = Etcd::start_on(&root.to_string()).await;
+    let client = etcd.client().await;
+    put_host(&client, "b", &site.lan.addr("b").to_string()).await;
+    put_host(&client, "broken", "not-an-address").await;
+    let watcher = spawn_watch(&site, &["--etcd", &etcd.endpoint()]);
+
+    // Blocking polls are fine here: locknet and etcd are processes of their own.
+    let wait = |from: &str, can: bool| site.until_reach(from, 9999, can, Duration::from_secs(5));
+    wait("b", true);
+    wait("out", false);
+    assert!(
+        watcher.log().contains("not-an-address"),
+        "no warning about the bad host record:\n{}",
+        watcher.log()
+    );
+
+    put_host(&client, "out", &site.lan.addr("out").to_string()).await;
+    let opened = wait("out", true);
+    client
+        .kv_client()
+        .delete("/viking/hosts/out", None)
+        .await
+        .expect("delete");
+    let closed = wait("out", false);
+    eprintln!("opened {opened:?}, closed {closed:?} after the etcd write");
+    assert!(opened < Duration::from_secs(1), "opened after {opened:?}");
+    assert!(closed < Duration::from_secs(1), "closed after {closed:?}");
+    assert!(
+        watcher.log().contains("membership applied"),
+        "{}",
+        watcher.log()
+    );
+}
+
+#[tokio::test]
+async fn a_change_after_which_etcd_does_not_answer_is_rolled_back() {
+    let mut site = Site::start();
+    let root = site.lan.join_root();
+    let etcd = Etcd::start_on(&root.to_string()).await;
+    let client = etcd.client().await;
+    // Applied by hand first: members a and b, and the router's web ports.
+    let members = site.addrs(&["a", "b"]);
+    let mut args: Vec<&str> = members.iter().map(String::as_str).collect();
+    args.push("--router");
+    site.locknet_ok(&args);
+    let before = site.table("inet", "locknet");
+
+    // etcd now lists the outsider too, and the rules differ (no --router): a full replace.
+    // A check timeout of zero means etcd never answers in time, so it must be undone.
+    put_host(&client, "b", &site.lan.addr("b").to_string()).await;
+    put_host(&client, "out", &site.lan.addr("out").to_string()).await;
+    let watcher = spawn_watch(
+        &site,
+        &["--etcd", &etcd.endpoint(), "--check-timeout", "0s"],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !watcher.log().contains("rolled back") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no roll-back:\n{}",
+            watcher.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(site.table("inet", "locknet"), before, "{}", watcher.log());
+    assert_eq!(site.reach("out", "a", 9999), None);
+    assert_eq!(site.reach("out", "a", 80).as_deref(), Some("a:80"));
+}
