@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use hq::compile::{DEFAULT_AMBASSADOR_ADDR, JobSpec};
 use hq::store::{HqError, Store};
-use hq::{folder, stackfile::StackFile};
+use hq::{folder, launch, stackfile::StackFile};
 use portalloc::{Allocator, PortRange};
 use runtime::EtcdArgs;
 use schema::records::HostRecord;
@@ -51,7 +51,10 @@ const EXAMPLES: &str = "Examples:
   viking ps app
   viking graph --dot | dot -Tsvg > links.svg
   viking export app ./deploy && viking apply ./deploy
-  viking host add node-1 10.0.0.1 --role router";
+  viking host add node-1 10.0.0.1 --role router
+  viking up                                # etcd, ambassador, registrator on this host
+  viking run shared && viking run app      # the stacks' containers on this host
+  viking scale shared/web 3; viking logs app/client -f; viking stop app";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
@@ -111,6 +114,54 @@ enum Command {
     /// Cluster membership (what locknet admits)
     #[command(subcommand)]
     Host(HostCommand),
+    /// Start (or converge) a deployed stack's containers on this host's Docker
+    Run {
+        stack: StackName,
+        /// How long to wait for a linked-to job's first live endpoint
+        #[arg(long, default_value = "30s", value_parser = runtime::etcd::parse_duration)]
+        wait: Duration,
+    },
+    /// Remove a stack's containers from this host (its config and ports stay)
+    Stop { stack: StackName },
+    /// Set a job's number of containers, and converge this host's
+    Scale {
+        #[arg(value_name = "STACK/JOB")]
+        service: ServiceId,
+        scale: u32,
+    },
+    /// Print the logs of a job's containers on this host
+    Logs {
+        #[arg(value_name = "STACK/JOB")]
+        service: ServiceId,
+        /// Keep printing new lines
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines from the end of each log
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+    },
+    /// The whole suite on this host: a local etcd (unless one answers), the ambassador and the
+    /// registrator, in this process; Ctrl-C stops it
+    Up {
+        /// This host's id (default: the hostname, lower-cased)
+        #[arg(long, env = "VIKING_HOST")]
+        host: Option<String>,
+        /// Where the local etcd keeps its data (default: ~/.local/share/viking)
+        #[arg(long, env = "VIKING_DATA")]
+        data: Option<PathBuf>,
+        /// The ambassador's address (default: docker0's)
+        #[arg(long, env = "VIKING_BIND")]
+        bind: Option<std::net::IpAddr>,
+        /// The ambassador's admin server
+        #[arg(long, env = "VIKING_ADMIN", default_value = "127.0.0.1:9100")]
+        admin: std::net::SocketAddr,
+        /// The address endpoints are registered at (default: the default route's interface)
+        #[arg(long, env = "VIKING_ADDR")]
+        addr: Option<std::net::IpAddr>,
+        /// How long open connections may finish when stopping
+        #[arg(long, default_value = "5s", value_parser = runtime::etcd::parse_duration)]
+        grace: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,7 +182,12 @@ enum HostCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    runtime::telemetry::init("warn");
+    // `viking up` is a daemon and says what it does; the commands speak only when asked.
+    runtime::telemetry::init(if matches!(cli.command, Command::Up { .. }) {
+        "info"
+    } else {
+        "warn"
+    });
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -173,6 +229,26 @@ fn read_paths(paths: &[PathBuf], name: Option<&str>) -> Result<Vec<StackFile>, H
 }
 
 async fn run(cli: Cli) -> Result<(), HqError> {
+    if let Command::Up {
+        host,
+        data,
+        bind,
+        admin,
+        addr,
+        grace,
+    } = &cli.command
+    {
+        let host = runtime::host::host_id(host.as_deref()).map_err(HqError::Input)?;
+        let config = hq::up::UpConfig {
+            host,
+            data: data.clone().unwrap_or_else(hq::up::default_data),
+            bind: *bind,
+            admin: *admin,
+            addr: *addr,
+            grace: *grace,
+        };
+        return hq::up::up(&cli.etcd, config, runtime::shutdown::on_signals()).await;
+    }
     // Input first: nothing is read from or written to etcd before it is valid.
     let files = match &cli.command {
         Command::Deploy { paths, name } => Some(read_paths(paths, name.as_deref())?),
@@ -370,6 +446,41 @@ async fn run(cli: Cli) -> Result<(), HqError> {
                     ports.join(", ")
                 }
             );
+        }
+        Command::Up { .. } => unreachable!("handled above"),
+        Command::Run { stack, wait } => {
+            let docker = launch::docker().await?;
+            for line in launch::run(&docker, &store, &stack, wait).await? {
+                println!("{line}");
+            }
+        }
+        Command::Stop { stack } => {
+            let docker = launch::docker().await?;
+            let removed = launch::stop(&docker, &stack).await?;
+            if removed.is_empty() {
+                println!("{stack}: no containers on this host");
+            }
+            for name in removed {
+                println!("removed {name}");
+            }
+        }
+        Command::Scale { service, scale } => {
+            let before = store.set_scale(&service.stack, &service.job, scale).await?;
+            println!("{service}: scale {before} -> {scale}");
+            let docker = launch::docker().await?;
+            for line in launch::run(&docker, &store, &service.stack, launch::DEFAULT_WAIT).await? {
+                if !line.starts_with("unchanged") {
+                    println!("{line}");
+                }
+            }
+        }
+        Command::Logs {
+            service,
+            follow,
+            tail,
+        } => {
+            let docker = launch::docker().await?;
+            launch::logs(&docker, &service.stack, &service.job, follow, tail).await?;
         }
         Command::Host(HostCommand::Add { host, addr, roles }) => {
             let record = HostRecord {

@@ -403,6 +403,48 @@ impl Store {
         Ok(out)
     }
 
+    /// `viking scale`: sets a job's `scale`, compared against the revision it read, so a
+    /// concurrent deploy is never overwritten. Returns the previous scale.
+    pub async fn set_scale(
+        &self,
+        stack: &StackName,
+        job: &JobName,
+        scale: u32,
+    ) -> Result<u32, HqError> {
+        let key = self.prefix.key(&Key::StackJob(stack.clone(), job.clone()));
+        let mut kv = self.kv.clone();
+        let resp = kv
+            .get(key.as_str(), None)
+            .await
+            .map_err(|e| EtcdError::classify(e, &self.endpoints))?;
+        let Some(found) = resp.kvs().first() else {
+            return Err(HqError::Refused(format!(
+                "{stack}/{job} is not deployed; `viking ps {stack}` lists the stack's jobs"
+            )));
+        };
+        let mut spec: JobSpec = records::decode(&key, found.value())
+            .map_err(|e| HqError::Refused(format!("{e}; fix or remove that key")))?;
+        let before = spec.scale;
+        spec.scale = scale;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                found.mod_revision(),
+            )])
+            .and_then([TxnOp::put(key.as_str(), records::encode(&spec), None)]);
+        let done = kv
+            .txn(txn)
+            .await
+            .map_err(|e| EtcdError::classify(e, &self.endpoints))?;
+        if !done.succeeded() {
+            return Err(HqError::Refused(format!(
+                "{stack}/{job} changed while scaling (a deploy?); run the command again"
+            )));
+        }
+        Ok(before)
+    }
+
     /// `viking host add`: durable membership.
     pub async fn host_add(&self, record: &HostRecord) -> Result<(), HqError> {
         let mut kv = self.kv.clone();

@@ -8,6 +8,9 @@ use std::time::Duration;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use schema::Prefix;
 
+/// Where etcd is looked for when no `--etcd` is given: a local one.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
+
 /// The etcd connection flags shared by every binary (`#[command(flatten)]`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct EtcdArgs {
@@ -16,7 +19,7 @@ pub struct EtcdArgs {
         long = "etcd",
         env = "VIKING_ETCD",
         value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379",
+        default_value = DEFAULT_ENDPOINT,
         value_name = "URLS"
     )]
     pub endpoints: Vec<String>,
@@ -67,7 +70,7 @@ pub struct EtcdArgs {
 
 impl Default for EtcdArgs {
     fn default() -> Self {
-        Self::local(vec!["http://127.0.0.1:2379".to_owned()])
+        Self::local(vec![DEFAULT_ENDPOINT.to_owned()])
     }
 }
 

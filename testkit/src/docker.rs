@@ -13,11 +13,9 @@ use tempfile::TempDir;
 
 use crate::net::Netns;
 
-/// The image every test container runs: Debian's static busybox and its applets.
-pub const IMAGE: &str = "viking-busybox:test";
-
-/// Bumped whenever what goes into [`IMAGE`] changes, so an older image is rebuilt.
-const IMAGE_VERSION: &str = "1";
+/// The image every test container runs, and the examples too: Debian's static busybox and
+/// its applets, built by `scripts/images.sh`.
+pub const IMAGE: &str = "viking/busybox:latest";
 
 /// A label on every container the tests start, so a crashed run's leftovers can be found:
 /// `docker rm -f $(docker ps -aq --filter label=viking.test)`.
@@ -64,67 +62,20 @@ pub fn require(host: Option<&str>) {
 
 static IMAGE_LOCK: Mutex<()> = Mutex::new(());
 
-/// Imports [`IMAGE`] from the host's static busybox unless the daemon has it.
+/// Builds [`IMAGE`] with `scripts/images.sh` unless the daemon has it (the script checks).
 fn ensure_image(host: Option<&str>) {
     let _guard = IMAGE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let have = docker(
-        host,
-        &[
-            "image",
-            "inspect",
-            "--format",
-            "{{index .Config.Labels \"viking.test.image\"}}",
-            IMAGE,
-        ],
-    );
-    if have.status.success() && String::from_utf8_lossy(&have.stdout).trim() == IMAGE_VERSION {
-        return;
-    }
-    let busybox = Path::new("/bin/busybox");
-    assert!(
-        busybox.is_file(),
-        "/bin/busybox is missing: the test image is built from Debian's busybox-static; run \
-         `make test` or `apt-get install busybox-static`"
-    );
-    let root = tempfile::tempdir().expect("temp dir");
-    let bin = root.path().join("bin");
-    std::fs::create_dir_all(&bin).expect("mkdir bin");
-    std::fs::copy(busybox, bin.join("busybox")).expect("copy busybox");
-    let list = Command::new(busybox)
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" && !applet.is_empty() {
-            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
-        }
-    }
-    for dir in ["www", "tmp", "etc"] {
-        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
-    }
-    std::fs::write(root.path().join("www/index.html"), "viking test image\n").expect("write");
-    let mut tar = Command::new("tar")
-        .args(["-C"])
-        .arg(root.path())
-        .args(["-c", "."])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run tar");
-    let mut cmd = Command::new("docker");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/images.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script);
     if let Some(h) = host {
-        cmd.args(["-H", h]);
+        cmd.env("DOCKER_HOST", h);
     }
-    let out = cmd
-        .args(["import", "-c", "CMD [\"/bin/sh\"]", "-c"])
-        .arg(format!("LABEL viking.test.image={IMAGE_VERSION}"))
-        .args(["-", IMAGE])
-        .stdin(tar.stdout.take().expect("tar stdout"))
-        .output()
-        .expect("docker import");
-    let _ = tar.wait();
+    let out = cmd.output().expect("run scripts/images.sh");
     assert!(
         out.status.success(),
-        "docker import failed: {}",
+        "{} failed: {}",
+        script.display(),
         String::from_utf8_lossy(&out.stderr)
     );
 }
