@@ -41,14 +41,30 @@ pub struct Existing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Create and start `<stack>_<job>_<i>`.
-    Start { job: JobName, instance: u32 },
+    Start {
+        job: JobName,
+        instance: u32,
+    },
     /// It exists with this spec but is stopped.
-    Restart { job: JobName, instance: u32, id: String },
+    Restart {
+        job: JobName,
+        instance: u32,
+        id: String,
+    },
     /// Its spec changed: remove it, then create and start it again.
-    Replace { job: JobName, instance: u32, id: String },
-    Keep { name: String },
+    Replace {
+        job: JobName,
+        instance: u32,
+        id: String,
+    },
+    Keep {
+        name: String,
+    },
     /// Its job or instance is gone from the stack.
-    Remove { name: String, id: String },
+    Remove {
+        name: String,
+        id: String,
+    },
 }
 
 /// The container name of instance `i` of a job.
@@ -189,10 +205,7 @@ fn docker_error(what: &str) -> impl Fn(bollard::errors::Error) -> HqError + '_ {
 
 /// The stack's containers, from their labels.
 pub async fn existing(docker: &Docker, stack: &StackName) -> Result<Vec<Existing>, HqError> {
-    let filters = HashMap::from([(
-        "label".to_owned(),
-        vec![format!("viking.stack={stack}")],
-    )]);
+    let filters = HashMap::from([("label".to_owned(), vec![format!("viking.stack={stack}")])]);
     let list = docker
         .list_containers(Some(ListContainersOptions {
             all: true,
@@ -215,9 +228,9 @@ pub async fn existing(docker: &Docker, stack: &StackName) -> Result<Vec<Existing
                 job: labels.get("viking.job")?.clone(),
                 instance: labels.get("viking.instance")?.parse().ok()?,
                 spec: labels.get("viking.spec").cloned().unwrap_or_default(),
-                running: c.state.is_some_and(|s| {
-                    s == bollard::models::ContainerSummaryStateEnum::RUNNING
-                }),
+                running: c
+                    .state
+                    .is_some_and(|s| s == bollard::models::ContainerSummaryStateEnum::RUNNING),
             })
         })
         .collect())

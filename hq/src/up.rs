@@ -69,20 +69,43 @@ async fn answers(client: &Client) -> bool {
 }
 
 fn start_etcd(data: &Path, client_url: &str) -> Result<LocalEtcd, HqError> {
-    std::fs::create_dir_all(data).map_err(|e| {
-        HqError::Input(format!("cannot create --data {}: {e}", data.display()))
-    })?;
+    std::fs::create_dir_all(data)
+        .map_err(|e| HqError::Input(format!("cannot create --data {}: {e}", data.display())))?;
     let log = std::fs::File::options()
         .create(true)
         .append(true)
         .open(data.join("etcd.log"))
-        .map_err(|e| HqError::Input(format!("cannot write {}: {e}", data.join("etcd.log").display())))?;
+        .map_err(|e| {
+            HqError::Input(format!(
+                "cannot write {}: {e}",
+                data.join("etcd.log").display()
+            ))
+        })?;
     let peer = "http://127.0.0.1:2380";
-    let child = Command::new("etcd")
+    // etcd goes down with us even if we are killed (SIGKILL runs no Drop): setpriv (util-linux)
+    // sets its parent-death signal before it becomes etcd.
+    let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
+        let mut c = Command::new("/usr/bin/setpriv");
+        c.args(["--pdeathsig", "TERM", "--", "etcd"]);
+        c
+    } else {
+        Command::new("etcd")
+    };
+    let child = cmd
         .args(["--name", "viking", "--data-dir"])
         .arg(data.join("etcd"))
-        .args(["--listen-client-urls", client_url, "--advertise-client-urls", client_url])
-        .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+        .args([
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
         .args(["--initial-cluster", &format!("viking={peer}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -98,7 +121,11 @@ fn start_etcd(data: &Path, client_url: &str) -> Result<LocalEtcd, HqError> {
 }
 
 /// Runs until `shutdown` fires.
-pub async fn up(etcd: &EtcdArgs, config: UpConfig, shutdown: CancellationToken) -> Result<(), HqError> {
+pub async fn up(
+    etcd: &EtcdArgs,
+    config: UpConfig,
+    shutdown: CancellationToken,
+) -> Result<(), HqError> {
     let client = etcd.connect().await?;
     let mut local = None;
     if !answers(&client).await {
@@ -126,7 +153,10 @@ pub async fn up(etcd: &EtcdArgs, config: UpConfig, shutdown: CancellationToken) 
             "started a local etcd at {}", runtime::etcd::DEFAULT_ENDPOINT
         );
     } else {
-        info!("using the etcd that answers at {}", etcd.endpoints_display());
+        info!(
+            "using the etcd that answers at {}",
+            etcd.endpoints_display()
+        );
     }
 
     let bind = config
@@ -139,24 +169,32 @@ pub async fn up(etcd: &EtcdArgs, config: UpConfig, shutdown: CancellationToken) 
                     .into(),
             )
         })?;
-    let admin = tokio::net::TcpListener::bind(config.admin).await.map_err(|e| {
-        HqError::Input(format!(
-            "cannot listen on --admin {}: {e}; pick another address",
-            config.admin
-        ))
-    })?;
+    let admin = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .map_err(|e| {
+            HqError::Input(format!(
+                "cannot listen on --admin {}: {e}; pick another address",
+                config.admin
+            ))
+        })?;
     let addr = config
         .addr
         .or_else(runtime::host::default_route_addr)
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
 
-    let mut amb_config = ambassador::Config::new(etcd.prefix.clone(), config.host.to_string(), bind);
+    let mut amb_config =
+        ambassador::Config::new(etcd.prefix.clone(), config.host.to_string(), bind);
     amb_config.grace = config.grace;
     let shared = ambassador::Shared::new(amb_config);
     let admin_stop = CancellationToken::new();
-    tokio::spawn(ambassador::admin::serve(admin, shared.clone(), admin_stop.clone()));
+    tokio::spawn(ambassador::admin::serve(
+        admin,
+        shared.clone(),
+        admin_stop.clone(),
+    ));
     let amb = tokio::spawn(
-        ambassador::run(shared, client.clone(), shutdown.clone()).instrument(info_span!("ambassador")),
+        ambassador::run(shared, client.clone(), shutdown.clone())
+            .instrument(info_span!("ambassador")),
     );
     let reg_config = registrator::Config {
         prefix: etcd.prefix.clone(),
@@ -186,7 +224,10 @@ pub async fn up(etcd: &EtcdArgs, config: UpConfig, shutdown: CancellationToken) 
     info!("stopping");
     match amb.await {
         Ok(report) if report.cut > 0 => {
-            warn!(cut = report.cut, "connections closed at the end of the grace period");
+            warn!(
+                cut = report.cut,
+                "connections closed at the end of the grace period"
+            );
         }
         _ => {}
     }

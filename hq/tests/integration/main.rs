@@ -1,6 +1,7 @@
 //! HQ: the design notes' stacks compiled (snapshot) and deployed against a real etcd.
 
 mod cli;
+mod run;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
