@@ -8,6 +8,7 @@
 #   curl               `make up` reads the ambassador's admin server
 #   docker.io          dockerd: the registrator and `viking run` talk to a real Docker
 #   busybox-static     the tests' and examples' images are built from it (no registry)
+#   dnsutils           dig, the real DNS client the ambassador's DNS tests use
 #
 # As root it installs what is missing with apt and starts dockerd if none answers;
 # otherwise it prints the one command to run.
@@ -22,6 +23,7 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found: install Rust with rustup (https://rustup.rs), then run this again" >&2

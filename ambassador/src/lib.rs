@@ -12,6 +12,7 @@
 //! * [`admin`]: `/metrics`, `/healthz`, `/state`.
 
 pub mod admin;
+pub mod dns;
 pub mod relay;
 pub mod routes;
 pub mod server;

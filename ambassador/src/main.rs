@@ -69,6 +69,18 @@ struct Cli {
     #[arg(long, env = "VIKING_PIPE_SIZE", default_value_t = RelayConfig::default().pipe_size)]
     pipe_size: usize,
 
+    /// Service DNS: ADDR:PORT for UDP and TCP, or `off` (default: <bind>:53)
+    #[arg(long, env = "VIKING_DNS")]
+    dns: Option<String>,
+
+    /// The zone DNS answers for
+    #[arg(long, env = "VIKING_DNS_ZONE", default_value = ambassador::dns::DEFAULT_ZONE)]
+    dns_zone: String,
+
+    /// TTL of DNS answers
+    #[arg(long, env = "VIKING_DNS_TTL", default_value = "5s", value_parser = parse_duration)]
+    dns_ttl: Duration,
+
     /// Bytes a direction copies before it switches to splice (0: splice at once)
     #[arg(long, env = "VIKING_SPLICE_AFTER", default_value_t = 65_536)]
     splice_after: u64,
@@ -143,7 +155,29 @@ fn main() -> ExitCode {
             pipe_size: cli.pipe_size,
             ..RelayConfig::default()
         };
+        let dns_listen = match ambassador::dns::settings(cli.dns.as_deref(), &cli.dns_zone, cli.dns_ttl, bind) {
+            Ok(Some((listen, settings))) => {
+                config.dns = Some(settings);
+                Some(listen)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                eprintln!("ambassador: {e}");
+                return ExitCode::from(2);
+            }
+        };
         let shared = Shared::new(config);
+        if let Some(listen) = dns_listen {
+            match ambassador::dns::serve(shared.zone(), listen, shutdown.clone()).await {
+                Ok(_) => info!(dns = %listen, zone = %cli.dns_zone, "DNS listening (UDP and TCP)"),
+                Err(e) => {
+                    eprintln!(
+                        "ambassador: cannot serve DNS on {listen}: {e}; pass --dns ADDR:PORT or --dns off"
+                    );
+                    return ExitCode::from(1);
+                }
+            }
+        }
         info!(admin = %admin.local_addr().unwrap_or(cli.admin), bind = %bind, etcd = %cli.etcd.endpoints_display(), "admin listening on");
         let admin_stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(ambassador::admin::serve(admin, shared.clone(), admin_stop.clone()));

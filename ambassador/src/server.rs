@@ -42,6 +42,8 @@ pub struct Config {
     pub grace: Duration,
     pub max_connections: usize,
     pub max_connections_per_listener: usize,
+    /// Service DNS, built from the same watches as the routes; `None`: no DNS.
+    pub dns: Option<crate::dns::DnsSettings>,
 }
 
 impl Config {
@@ -57,6 +59,7 @@ impl Config {
             grace: Duration::from_secs(30),
             max_connections: 65_536,
             max_connections_per_listener: 16_384,
+            dns: None,
         }
     }
 }
@@ -142,6 +145,7 @@ impl Metrics {
 pub struct Shared {
     pub config: Config,
     routes: tokio::sync::watch::Sender<Arc<Routes>>,
+    zone: tokio::sync::watch::Sender<Arc<crate::dns::Zone>>,
     synced: AtomicBool,
     /// Ports with a bound listener.
     listening: Mutex<BTreeMap<u16, SocketAddr>>,
@@ -155,9 +159,15 @@ impl Shared {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let (routes, _) = tokio::sync::watch::channel(Arc::new(Routes::default()));
+        let empty = match &config.dns {
+            Some(settings) => crate::dns::Zone::empty(settings),
+            None => crate::dns::Zone::empty(&crate::dns::DnsSettings::default()),
+        };
+        let (zone, _) = tokio::sync::watch::channel(Arc::new(empty));
         Arc::new(Self {
             config,
             routes,
+            zone,
             synced: AtomicBool::new(false),
             listening: Mutex::default(),
             registry,
@@ -168,6 +178,11 @@ impl Shared {
 
     pub fn routes(&self) -> Arc<Routes> {
         self.routes.borrow().clone()
+    }
+
+    /// The service DNS zone as it changes (empty until the first sync, or without DNS).
+    pub fn zone(&self) -> tokio::sync::watch::Receiver<Arc<crate::dns::Zone>> {
+        self.zone.subscribe()
     }
 
     /// Whether the first full read of etcd is done.
@@ -336,6 +351,23 @@ async fn sync_routes(
         let routes = Routes::build(&shared.config.prefix, &allocs, &services, &previous);
         debug!(services = routes.by_port.len(), "routes rebuilt");
         shared.routes.send_replace(Arc::new(routes));
+        if let Some(settings) = &shared.config.dns {
+            let revision = allocs
+                .values()
+                .chain(services.values())
+                .map(|kv| kv.mod_revision)
+                .max()
+                .unwrap_or(0);
+            let serial = u32::try_from(revision.rem_euclid(1 << 32)).unwrap_or(0);
+            let zone = crate::dns::Zone::build(
+                settings,
+                &shared.config.prefix,
+                &allocs,
+                &services,
+                serial,
+            );
+            shared.zone.send_replace(Arc::new(zone));
+        }
         if !shared.synced.swap(true, Ordering::Relaxed) {
             shared.metrics.synced.set(1);
             info!("routes synced from etcd");

@@ -161,6 +161,9 @@ enum Command {
         /// How long open connections may finish when stopping
         #[arg(long, default_value = "5s", value_parser = runtime::etcd::parse_duration)]
         grace: Duration,
+        /// Service DNS: ADDR:PORT, or off (default: the ambassador's address, port 53)
+        #[arg(long, env = "VIKING_DNS")]
+        dns: Option<String>,
     },
 }
 
@@ -236,6 +239,7 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         admin,
         addr,
         grace,
+        dns,
     } = &cli.command
     {
         let host = runtime::host::host_id(host.as_deref()).map_err(HqError::Input)?;
@@ -246,6 +250,7 @@ async fn run(cli: Cli) -> Result<(), HqError> {
             admin: *admin,
             addr: *addr,
             grace: *grace,
+            dns: dns.clone(),
         };
         return hq::up::up(&cli.etcd, config, runtime::shutdown::on_signals()).await;
     }

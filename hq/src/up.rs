@@ -30,6 +30,8 @@ pub struct UpConfig {
     pub addr: Option<IpAddr>,
     /// How long the ambassador's open connections may finish on shutdown.
     pub grace: Duration,
+    /// Service DNS: `ADDR:PORT`, `off`, or `None` for `<bind>:53`.
+    pub dns: Option<String>,
 }
 
 /// The default data dir: `$XDG_DATA_HOME/viking` or `~/.local/share/viking`.
@@ -185,7 +187,25 @@ pub async fn up(
     let mut amb_config =
         ambassador::Config::new(etcd.prefix.clone(), config.host.to_string(), bind);
     amb_config.grace = config.grace;
+    let dns = ambassador::dns::settings(
+        config.dns.as_deref(),
+        ambassador::dns::DEFAULT_ZONE,
+        Duration::from_secs(5),
+        bind,
+    )
+    .map_err(HqError::Input)?;
+    let dns_listen = dns.as_ref().map(|(listen, _)| *listen);
+    amb_config.dns = dns.map(|(_, settings)| settings);
     let shared = ambassador::Shared::new(amb_config);
+    if let Some(listen) = dns_listen {
+        ambassador::dns::serve(shared.zone(), listen, shutdown.clone())
+            .await
+            .map_err(|e| {
+                HqError::Input(format!(
+                    "cannot serve DNS on {listen}: {e}; pass --dns ADDR:PORT or --dns off"
+                ))
+            })?;
+    }
     let admin_stop = CancellationToken::new();
     tokio::spawn(ambassador::admin::serve(
         admin,
@@ -215,6 +235,7 @@ pub async fn up(
         host = %config.host,
         etcd = %etcd.endpoints_display(),
         ambassador = %bind,
+        dns = %dns_listen.map_or("off".to_owned(), |l| format!("{l} ({})", ambassador::dns::DEFAULT_ZONE)),
         admin = %format!("http://{}", config.admin),
         endpoints_at = %addr,
         "viking is up; Ctrl-C stops it"

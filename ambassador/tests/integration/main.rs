@@ -1,5 +1,6 @@
 //! The ambassador against a real etcd and real sockets on loopback.
 
+mod dns;
 mod proxy;
 
 use std::net::SocketAddr;

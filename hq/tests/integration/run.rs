@@ -178,6 +178,29 @@ fn up_run_scale_kill_and_stop_the_examples() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // The same services by name, from viking up's DNS on the bridge address.
+    let dig = |args: &[&str]| {
+        let out = Command::new("dig")
+            .args(["@172.17.0.1", "+short", "+time=2", "+tries=2"])
+            .args(args)
+            .output()
+            .expect("dig (make test installs dnsutils)");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(dig(&["web.shared.viking.internal"]), "172.17.0.1");
+    let port = ok(&["env", "app/client"])
+        .lines()
+        .find_map(|l| l.strip_prefix("SHARED_WEB_PORT_80_TCP_PORT="))
+        .expect("port var")
+        .to_owned();
+    assert_eq!(
+        dig(&["_80._tcp.web.shared.viking.internal", "SRV"]),
+        format!("0 0 {port} web.shared.viking.internal.")
+    );
+    // Both backends run on this host: one address, two SRV targets.
+    let srv = dig(&["_80._tcp.web.shared.endpoints.viking.internal", "SRV"]);
+    assert_eq!(srv.lines().count(), 2, "{srv}\n{}", ok(&["ps", "shared"]));
+
     // Scaled to 3: new connections spread over all 3.
     let scaled = ok(&["scale", "shared/web", "3"]);
     assert!(scaled.contains("started shared_web_2"), "{scaled}");

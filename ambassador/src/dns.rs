@@ -1,0 +1,540 @@
+//! Service DNS: an authoritative server for one zone (default `viking.internal.`), answered
+//! from the ambassador's own view of etcd (the same two watches that feed the routes).
+//!
+//! Names (all case-insensitive, TTL `--dns-ttl`):
+//! * `<job>.<stack>.<zone>` A/AAAA -> this ambassador's address;
+//! * `_<port>._<proto>.<job>.<stack>.<zone>` SRV -> `<job>.<stack>.<zone>`, the allocated
+//!   ambassador port;
+//! * `<job>.<stack>.endpoints.<zone>` A/AAAA -> every live endpoint's address;
+//! * `_<port>._<proto>.<job>.<stack>.endpoints.<zone>` SRV -> one target per endpoint,
+//!   `<id12>-<port>.<host>.endpoints.<zone>`, whose A/AAAA is that endpoint's address (also in
+//!   the additional section).
+//!
+//! Unknown names in the zone: NXDOMAIN; a known name (or an empty non-terminal such as
+//! `<stack>.<zone>`) and another type: NOERROR without answers; both with the zone's SOA in the
+//! authority section. Names outside the zone: REFUSED (not a resolver). EDNS is echoed; UDP
+//! answers that do not fit are truncated by the server, and the client retries over TCP.
+//!
+//! [`Zone`] is pure (built from the watched keys, looked up by name and type) and rebuilt on
+//! every change; the [`Handler`] only reads the current one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{
+    Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
+};
+use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use runtime::watch::Kv;
+use schema::records::{self, EndpointRecord, PortAllocRecord};
+use schema::{Key, Prefix};
+use tokio::sync::watch;
+use tracing::debug;
+
+/// What the zone answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// The zone, fully qualified (`viking.internal.`).
+    pub zone: Name,
+    /// The ambassador's address: the answer for service names.
+    pub addr: IpAddr,
+    pub ttl: u32,
+}
+
+/// The default zone.
+pub const DEFAULT_ZONE: &str = "viking.internal.";
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            zone: Name::from_ascii(DEFAULT_ZONE).expect("valid zone"),
+            addr: IpAddr::from([127, 0, 0, 1]),
+            ttl: 5,
+        }
+    }
+}
+
+/// Reads the DNS flags: `dns` is `off`, `ADDR:PORT`, or unset for `<bind>:53`; `zone` gets
+/// its final dot if missing; the TTL is whole seconds. `None` when DNS is off.
+pub fn settings(
+    dns: Option<&str>,
+    zone: &str,
+    ttl: std::time::Duration,
+    bind: IpAddr,
+) -> Result<Option<(std::net::SocketAddr, DnsSettings)>, String> {
+    let listen = match dns {
+        Some("off") => return Ok(None),
+        Some(s) => s
+            .parse()
+            .map_err(|_| format!("--dns {s:?}: expected ADDR:PORT (e.g. 172.17.0.1:53) or off"))?,
+        None => std::net::SocketAddr::new(bind, 53),
+    };
+    let fqdn = if zone.ends_with('.') {
+        zone.to_owned()
+    } else {
+        format!("{zone}.")
+    };
+    let zone = Name::from_ascii(&fqdn)
+        .ok()
+        .filter(|n| n.num_labels() > 0)
+        .ok_or_else(|| format!("--dns-zone {zone:?}: expected a domain such as viking.internal"))?;
+    let ttl = u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX);
+    Ok(Some((
+        listen,
+        DnsSettings {
+            zone,
+            addr: bind,
+            ttl,
+        },
+    )))
+}
+
+/// Serves the zone on `listen` over UDP and TCP until `shutdown`. Binding happens before this
+/// returns, so a taken port is the caller's error to report.
+pub async fn serve(
+    zone: watch::Receiver<Arc<Zone>>,
+    listen: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let udp = tokio::net::UdpSocket::bind(listen).await?;
+    let tcp = tokio::net::TcpListener::bind(listen).await?;
+    let mut server = hickory_server::Server::new(Handler::new(zone));
+    server.register_socket(udp);
+    // Connections idle for 5 s are closed; responses buffer up to 64 per connection.
+    server.register_listener(tcp, std::time::Duration::from_secs(5), 64);
+    Ok(tokio::spawn(async move {
+        shutdown.cancelled().await;
+        let _ = server.shutdown_gracefully().await;
+    }))
+}
+
+/// The outcome of a lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Not in this zone: REFUSED.
+    Refused,
+    /// No such name: NXDOMAIN, SOA in authority.
+    NxDomain,
+    /// The name exists, not with this type: NOERROR, SOA in authority.
+    NoData,
+    Found {
+        answers: Vec<Record>,
+        additionals: Vec<Record>,
+    },
+}
+
+/// The whole zone at one moment.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    origin: LowerName,
+    soa: Record,
+    records: HashMap<(LowerName, RecordType), Vec<Record>>,
+    /// Every name that exists: owners of records and their ancestors inside the zone.
+    names: HashSet<LowerName>,
+}
+
+impl Zone {
+    /// An empty zone: only the apex and its SOA.
+    pub fn empty(settings: &DnsSettings) -> Zone {
+        Self::build(
+            settings,
+            &Prefix::new(schema::DEFAULT_PREFIX).expect("default prefix"),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            0,
+        )
+    }
+
+    /// Builds the zone from the watched `ports/alloc/` and `services/` keys; `serial` is the
+    /// SOA serial (the etcd revision, truncated).
+    pub fn build(
+        settings: &DnsSettings,
+        prefix: &Prefix,
+        allocs: &BTreeMap<String, Kv>,
+        services: &BTreeMap<String, Kv>,
+        serial: u32,
+    ) -> Zone {
+        let origin = settings.zone.clone();
+        let name = |s: &str| Name::parse(s, Some(&origin)).ok();
+        let ttl = settings.ttl;
+        let soa = Record::from_rdata(
+            origin.clone(),
+            ttl,
+            RData::SOA(SOA::new(
+                name("ns").expect("ns label"),
+                name("hostmaster").expect("hostmaster label"),
+                serial,
+                3600,
+                600,
+                86_400,
+                ttl,
+            )),
+        );
+        let mut zone = Zone {
+            origin: LowerName::from(&origin),
+            soa: soa.clone(),
+            records: HashMap::new(),
+            names: HashSet::new(),
+        };
+        zone.add(soa);
+        let address = |owner: Name, ip: IpAddr| match ip {
+            IpAddr::V4(v4) => Record::from_rdata(owner, ttl, RData::A(A(v4))),
+            IpAddr::V6(v6) => Record::from_rdata(owner, ttl, RData::AAAA(AAAA(v6))),
+        };
+        for (key, kv) in allocs {
+            let Ok(Key::PortAlloc(sp)) = prefix.parse(key) else {
+                continue;
+            };
+            let Ok(alloc) = records::decode::<PortAllocRecord>(key, &kv.value) else {
+                continue;
+            };
+            let Some(service) = name(&format!("{}.{}", sp.service.job, sp.service.stack)) else {
+                continue;
+            };
+            zone.add(address(service.clone(), settings.addr));
+            if let Some(srv) = name(&format!(
+                "_{}._{}.{}.{}",
+                sp.port, sp.proto, sp.service.job, sp.service.stack
+            )) {
+                zone.add(Record::from_rdata(
+                    srv,
+                    ttl,
+                    RData::SRV(SRV::new(0, 0, alloc.port, service)),
+                ));
+            }
+        }
+        for (key, kv) in services {
+            let Ok(Key::Endpoint {
+                service_port: sp,
+                instance,
+            }) = prefix.parse(key)
+            else {
+                continue;
+            };
+            let Ok(rec) = records::decode::<EndpointRecord>(key, &kv.value) else {
+                continue;
+            };
+            let Ok(ip) = rec.addr.parse::<IpAddr>() else {
+                continue;
+            };
+            let service = format!("{}.{}.endpoints", sp.service.job, sp.service.stack);
+            let (Some(owner), Some(srv), Some(target)) = (
+                name(&service),
+                name(&format!("_{}._{}.{service}", sp.port, sp.proto)),
+                name(&format!(
+                    "{}-{}.{}.endpoints",
+                    instance.container_id, instance.container_port, instance.host
+                )),
+            ) else {
+                continue;
+            };
+            zone.add(address(owner, ip));
+            zone.add(address(target.clone(), ip));
+            zone.add(Record::from_rdata(
+                srv,
+                ttl,
+                RData::SRV(SRV::new(0, 0, rec.port, target)),
+            ));
+        }
+        zone
+    }
+
+    fn add(&mut self, record: Record) {
+        let owner = LowerName::from(&record.name);
+        let mut ancestor = owner.clone();
+        while self.origin.zone_of(&ancestor) && self.names.insert(ancestor.clone()) {
+            if ancestor == self.origin {
+                break;
+            }
+            ancestor = ancestor.base_name();
+        }
+        let set = self
+            .records
+            .entry((owner, record.record_type()))
+            .or_default();
+        if !set.contains(&record) {
+            set.push(record);
+        }
+    }
+
+    /// Answers `name`/`rtype` from this zone.
+    pub fn lookup(&self, name: &LowerName, rtype: RecordType) -> Lookup {
+        if !self.origin.zone_of(name) {
+            return Lookup::Refused;
+        }
+        if !self.names.contains(name) {
+            return Lookup::NxDomain;
+        }
+        let answers: Vec<Record> = if rtype == RecordType::ANY {
+            self.records
+                .iter()
+                .filter(|((owner, _), _)| owner == name)
+                .flat_map(|(_, records)| records.iter().cloned())
+                .collect()
+        } else {
+            self.records
+                .get(&(name.clone(), rtype))
+                .cloned()
+                .unwrap_or_default()
+        };
+        if answers.is_empty() {
+            return Lookup::NoData;
+        }
+        let mut additionals = Vec::new();
+        for record in &answers {
+            if let RData::SRV(srv) = &record.data {
+                let target = LowerName::from(&srv.target);
+                for t in [RecordType::A, RecordType::AAAA] {
+                    if let Some(found) = self.records.get(&(target.clone(), t)) {
+                        additionals.extend(found.iter().cloned());
+                    }
+                }
+            }
+        }
+        Lookup::Found {
+            answers,
+            additionals,
+        }
+    }
+
+    /// The SOA, for the authority section of negative answers.
+    pub fn soa(&self) -> &Record {
+        &self.soa
+    }
+}
+
+/// hickory's request handler over the current [`Zone`].
+pub struct Handler {
+    zone: watch::Receiver<Arc<Zone>>,
+}
+
+impl Handler {
+    pub fn new(zone: watch::Receiver<Arc<Zone>>) -> Self {
+        Self { zone }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        // EDNS is echoed: our version (0) and a payload size of at least 512.
+        let edns = request.edns.as_ref().map(|req| {
+            let mut e = Edns::new();
+            e.set_max_payload(req.max_payload().max(512));
+            e.set_version(0);
+            e
+        });
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = true;
+        metadata.recursion_available = false;
+        let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+        let bad = request.metadata.message_type != MessageType::Query
+            || request.metadata.op_code != OpCode::Query;
+        let info = match request.request_info() {
+            Ok(info) if !bad => info,
+            _ => {
+                let code = if request.metadata.op_code == OpCode::Query {
+                    ResponseCode::FormErr
+                } else {
+                    ResponseCode::NotImp
+                };
+                let response = builder.error_msg(&request.metadata, code);
+                return send(&mut response_handle, response, request).await;
+            }
+        };
+        let zone = self.zone.borrow().clone();
+        let lookup = zone.lookup(info.query.name(), info.query.query_type());
+        debug!(name = %info.query.name(), rtype = %info.query.query_type(), ?lookup, "dns query");
+        let no_records: &[Record] = &[];
+        let soa = std::slice::from_ref(zone.soa());
+        let response = match &lookup {
+            Lookup::Refused => {
+                metadata.authoritative = false;
+                metadata.response_code = ResponseCode::Refused;
+                builder.build(metadata, no_records, no_records, no_records, no_records)
+            }
+            Lookup::NxDomain => {
+                metadata.response_code = ResponseCode::NXDomain;
+                builder.build(metadata, no_records, soa, no_records, no_records)
+            }
+            Lookup::NoData => builder.build(metadata, no_records, soa, no_records, no_records),
+            Lookup::Found {
+                answers,
+                additionals,
+            } => builder.build(metadata, answers, no_records, no_records, additionals),
+        };
+        send(&mut response_handle, response, request).await
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    handle: &mut R,
+    response: hickory_server::zone_handler::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    request: &Request,
+) -> ResponseInfo {
+    match handle.send_response(response).await {
+        Ok(info) => info,
+        Err(e) => {
+            debug!("cannot send a DNS response: {e}");
+            let mut metadata = Metadata::response_from_request(&request.metadata);
+            metadata.response_code = ResponseCode::ServFail;
+            ResponseInfo::from(Header {
+                metadata,
+                counts: HeaderCounts::default(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str) -> (String, Kv) {
+        (
+            key.to_owned(),
+            Kv {
+                key: key.to_owned(),
+                value: value.as_bytes().to_vec(),
+                mod_revision: 1,
+                lease: 0,
+            },
+        )
+    }
+
+    fn zone() -> Zone {
+        let settings = DnsSettings {
+            zone: Name::from_ascii("viking.internal.").unwrap(),
+            addr: "172.17.0.1".parse().unwrap(),
+            ttl: 5,
+        };
+        let allocs = BTreeMap::from([kv(
+            "/viking/ports/alloc/shared/mongo/27017-tcp",
+            r#"{"v":1,"port":20000}"#,
+        )]);
+        let services = BTreeMap::from([
+            kv(
+                "/viking/services/shared/mongo/27017-tcp/node-a:0123456789ab:27017",
+                r#"{"v":1,"host":"node-a","addr":"10.0.0.1","port":32768,"container_id":"0123456789ab"}"#,
+            ),
+            kv(
+                "/viking/services/shared/mongo/27017-tcp/node-b:ba9876543210:27017",
+                r#"{"v":1,"host":"node-b","addr":"10.0.0.2","port":32769,"container_id":"ba9876543210"}"#,
+            ),
+        ]);
+        Zone::build(
+            &settings,
+            &Prefix::new("/viking").unwrap(),
+            &allocs,
+            &services,
+            7,
+        )
+    }
+
+    fn q(name: &str) -> LowerName {
+        LowerName::from(Name::from_ascii(name).unwrap())
+    }
+
+    fn rdata(l: &Lookup) -> Vec<String> {
+        let Lookup::Found { answers, .. } = l else {
+            return vec![format!("{l:?}")];
+        };
+        let mut v: Vec<String> = answers.iter().map(|r| r.data.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn service_names_point_at_the_ambassador() {
+        let z = zone();
+        assert_eq!(
+            rdata(&z.lookup(&q("mongo.shared.viking.internal."), RecordType::A)),
+            ["172.17.0.1"]
+        );
+        assert_eq!(
+            rdata(&z.lookup(&q("MONGO.Shared.VIKING.internal."), RecordType::A)),
+            ["172.17.0.1"]
+        );
+        let srv = z.lookup(
+            &q("_27017._tcp.mongo.shared.viking.internal."),
+            RecordType::SRV,
+        );
+        assert_eq!(rdata(&srv), ["0 0 20000 mongo.shared.viking.internal."]);
+        let Lookup::Found { additionals, .. } = srv else {
+            panic!()
+        };
+        assert_eq!(additionals.len(), 1);
+    }
+
+    #[test]
+    fn endpoint_names_point_at_the_backends() {
+        let z = zone();
+        assert_eq!(
+            rdata(&z.lookup(&q("mongo.shared.endpoints.viking.internal."), RecordType::A)),
+            ["10.0.0.1", "10.0.0.2"]
+        );
+        let srv = z.lookup(
+            &q("_27017._tcp.mongo.shared.endpoints.viking.internal."),
+            RecordType::SRV,
+        );
+        assert_eq!(
+            rdata(&srv),
+            [
+                "0 0 32768 0123456789ab-27017.node-a.endpoints.viking.internal.",
+                "0 0 32769 ba9876543210-27017.node-b.endpoints.viking.internal."
+            ]
+        );
+        let Lookup::Found { additionals, .. } = srv else {
+            panic!()
+        };
+        assert_eq!(additionals.len(), 2);
+    }
+
+    #[test]
+    fn negative_answers() {
+        let z = zone();
+        assert_eq!(
+            z.lookup(&q("nope.shared.viking.internal."), RecordType::A),
+            Lookup::NxDomain
+        );
+        assert_eq!(
+            z.lookup(&q("mongo.shared.viking.internal."), RecordType::MX),
+            Lookup::NoData
+        );
+        assert_eq!(
+            z.lookup(&q("mongo.shared.viking.internal."), RecordType::AAAA),
+            Lookup::NoData
+        );
+        // Empty non-terminals exist.
+        assert_eq!(
+            z.lookup(&q("shared.viking.internal."), RecordType::A),
+            Lookup::NoData
+        );
+        assert_eq!(
+            z.lookup(&q("endpoints.viking.internal."), RecordType::A),
+            Lookup::NoData
+        );
+        assert_eq!(z.lookup(&q("example.com."), RecordType::A), Lookup::Refused);
+        assert_eq!(z.lookup(&q("internal."), RecordType::A), Lookup::Refused);
+        assert_eq!(
+            rdata(&z.lookup(&q("viking.internal."), RecordType::SOA)).len(),
+            1
+        );
+    }
+}
