@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs:
 #   make up     the main job on this host (a local etcd started for you)
 #   make test   install what is missing, then fmt, clippy and every test
-.PHONY: up test setup fmt lint unit bench bench-proxy bench-registrator bench-locknet
+.PHONY: up test setup fmt lint unit bench bench-proxy bench-registrator bench-locknet bench-dns
 
 CARGO ?= cargo
 
@@ -30,6 +30,9 @@ bench-registrator: setup
 
 bench-locknet: setup
 	$(CARGO) bench -p viking-benches --bench locknet
+
+bench-dns: setup
+	bash benches/dns/harness.sh
 
 bench-proxy: setup
 	bash benches/proxy/harness.sh
