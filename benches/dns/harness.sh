@@ -41,6 +41,8 @@ trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "harness: nothing listens on $1" >&2; return 1; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
 
 ETCD_PORT=$(free_port); PEER_PORT=$(free_port)
 etcd --name bench --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
@@ -81,24 +83,31 @@ dnsmasq --keep-in-foreground --port="$MASQ" --listen-address=127.0.0.1 --bind-in
   --no-resolv --no-hosts --addn-hosts="$work/hosts" --cache-size=10000 --user=root \
   --pid-file="$work/dnsmasq.pid" >"$work/dnsmasq.log" 2>&1 &
 pids+=($!)
+masq_pid=$!
 sleep 0.5
 dig @127.0.0.1 -p "$AMB_DNS" +short svc1.bench.viking.internal | grep -q 127.0.0.1 || { echo "harness: the ambassador does not answer DNS" >&2; exit 1; }
 dig @127.0.0.1 -p "$MASQ" +short svc1.bench.viking.internal | grep -q 127.0.0.1 || { echo "harness: dnsmasq does not answer" >&2; exit 1; }
 
-qps() { # port -> queries per second (and lost %) over SECS
-  dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$SECS" -c 4 -q 200 2>/dev/null \
-    | awk '/Queries per second/ {q=$4} /Queries lost/ {l=$4} END {print q, l}'
+qps() { # port pid -> "queries/s server-CPU-µs/query"
+  local before after out
+  before=$(cpu_ticks "$2")
+  out=$(dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$SECS" -c 4 -q 200 2>/dev/null)
+  after=$(cpu_ticks "$2")
+  echo "$out" | awk -v t=$((after - before)) -v hz="$hz" \
+    '/Queries completed/ {n=$3} /Queries per second/ {q=$4} END {printf "%.0f %.2f\n", q, t / hz * 1e6 / n}'
 }
 
 echo "DNS: $SERVICES names, dnsperf -c 4 -q 200 for ${SECS}s, $ROUNDS alternating rounds"
-: >"$work/amb.qps"; : >"$work/masq.qps"
+: >"$work/amb.qps"; : >"$work/masq.qps"; : >"$work/amb.cpu"; : >"$work/masq.cpu"
 for r in $(seq 1 "$ROUNDS"); do
-  a=$(qps "$AMB_DNS"); m=$(qps "$MASQ")
-  echo "  round $r: ambassador ${a% *} q/s (lost ${a#* }), dnsmasq ${m% *} q/s (lost ${m#* })"
+  a=$(qps "$AMB_DNS" "$amb_pid"); m=$(qps "$MASQ" "$masq_pid")
+  echo "  round $r: ambassador ${a% *} q/s ${a#* } CPU-µs/q, dnsmasq ${m% *} q/s ${m#* } CPU-µs/q"
   echo "${a% *}" >>"$work/amb.qps"; echo "${m% *}" >>"$work/masq.qps"
+  echo "${a#* }" >>"$work/amb.cpu"; echo "${m#* }" >>"$work/masq.cpu"
 done
 a=$(median <"$work/amb.qps"); m=$(median <"$work/masq.qps")
-awk -v a="$a" -v m="$m" 'BEGIN { printf "DNS median: ambassador %.0f q/s, dnsmasq %.0f q/s: %.2fx\n", a, m, a/m }'
+ac=$(median <"$work/amb.cpu"); mc=$(median <"$work/masq.cpu")
+awk -v a="$a" -v m="$m" -v ac="$ac" -v mc="$mc" 'BEGIN { printf "DNS median: ambassador %.0f q/s, dnsmasq %.0f q/s: %.2fx; server CPU per query %.2f vs %.2f µs: %.2fx\n", a, m, a/m, ac, mc, ac/mc }'
 
 gbps() { iperf3 -c 127.0.0.1 -p "$first_port" -t "$SECS" -J 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)'; }
 alone=$(gbps)
