@@ -31,7 +31,7 @@ use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
 use runtime::watch::Kv;
 use schema::records::{self, EndpointRecord, PortAllocRecord};
 use schema::{Key, Prefix};
@@ -174,20 +174,8 @@ pub fn answer_udp(zone: &Zone, packet: &[u8], src: SocketAddr, out: &mut Vec<u8>
         return false;
     }
     let edns = echo_edns(&request);
-    let reply = reply(zone, &request);
     let none = no_queries();
-    let queries = if reply.echo_queries {
-        &request.queries
-    } else {
-        &none
-    };
-    let response = MessageResponseBuilder::new(queries, edns.as_ref()).build(
-        reply.metadata,
-        reply.answers,
-        reply.authorities,
-        Vec::new(),
-        reply.additionals,
-    );
+    let response = response(zone, &request, edns.as_ref(), &none);
     let mut encoder = BinEncoder::new(out);
     encoder.set_max_size(edns.as_ref().map_or(512, Edns::max_payload));
     response.destructive_emit(&mut encoder).is_ok()
@@ -221,6 +209,39 @@ fn echo_edns(request: &Request) -> Option<Edns> {
         e.set_version(0);
         e
     })
+}
+
+/// A response whose records are borrowed from the zone.
+type Response<'q, 'z> = MessageResponse<
+    'q,
+    'z,
+    std::vec::IntoIter<&'z Record>,
+    std::vec::IntoIter<&'z Record>,
+    std::vec::IntoIter<&'z Record>,
+    std::vec::IntoIter<&'z Record>,
+>;
+
+/// The whole response to `request`, for UDP and TCP alike; `none` stands in for the
+/// question when it must not be echoed.
+fn response<'q, 'z>(
+    zone: &'z Zone,
+    request: &'q Request,
+    edns: Option<&'q Edns>,
+    none: &'q Queries,
+) -> Response<'q, 'z> {
+    let reply = reply(zone, request);
+    let queries = if reply.echo_queries {
+        &request.queries
+    } else {
+        none
+    };
+    MessageResponseBuilder::new(queries, edns).build(
+        reply.metadata,
+        reply.answers,
+        reply.authorities,
+        Vec::new(),
+        reply.additionals,
+    )
 }
 
 /// A response's header and records, borrowed from the zone.
@@ -497,21 +518,9 @@ impl RequestHandler for Handler {
     ) -> ResponseInfo {
         let zone = self.zone.borrow().clone();
         let edns = echo_edns(request);
-        let reply = reply(&zone, request);
-        debug!(code = %reply.metadata.response_code, answers = reply.answers.len(), "dns query");
         let none = no_queries();
-        let queries = if reply.echo_queries {
-            &request.queries
-        } else {
-            &none
-        };
-        let response = MessageResponseBuilder::new(queries, edns.as_ref()).build(
-            reply.metadata,
-            reply.answers,
-            reply.authorities,
-            Vec::new(),
-            reply.additionals,
-        );
+        let response = response(&zone, request, edns.as_ref(), &none);
+        debug!(code = %response.metadata().response_code, "dns query over TCP");
         match response_handle.send_response(response).await {
             Ok(info) => info,
             Err(e) => {

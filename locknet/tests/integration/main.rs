@@ -119,20 +119,31 @@ impl Site {
             .expect("run locknet")
     }
 
-    /// `locknet <args>` inside `a`, which must succeed.
-    pub fn locknet_ok(&self, args: &[&str]) -> String {
-        let out = self.locknet(args);
-        assert!(out.status.success(), "locknet {args:?} failed: {out:?}");
+    /// The members as arguments.
+    fn addrs(&self, names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| self.lan.addr(n).to_string()).collect()
+    }
+
+    /// `locknet <addresses of names> <extra>` inside `a`.
+    pub fn members(&self, names: &[&str], extra: &[&str]) -> Output {
+        let addrs = self.addrs(names);
+        let mut args: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        self.locknet(&args)
+    }
+
+    /// The same, which must succeed; returns its output.
+    pub fn admit(&self, names: &[&str], extra: &[&str]) -> String {
+        let out = self.members(names, extra);
+        assert!(
+            out.status.success(),
+            "locknet {names:?} {extra:?} failed: {out:?}"
+        );
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         )
-    }
-
-    /// The members as arguments.
-    pub fn addrs(&self, names: &[&str]) -> Vec<String> {
-        names.iter().map(|n| self.lan.addr(n).to_string()).collect()
     }
 
     /// `nft -s list table <family> <name>` inside `a` (empty if there is no such table).

@@ -60,10 +60,7 @@ async fn a_change_after_which_etcd_does_not_answer_is_rolled_back() {
     let etcd = Etcd::start_on(&root.to_string()).await;
     let client = etcd.client().await;
     // Applied by hand first: members a and b, and the router's web ports.
-    let members = site.addrs(&["a", "b"]);
-    let mut args: Vec<&str> = members.iter().map(String::as_str).collect();
-    args.push("--router");
-    site.locknet_ok(&args);
+    site.admit(&["a", "b"], &["--router"]);
     let before = site.table("inet", "locknet");
 
     // etcd now lists the outsider too, and the rules differ (no --router): a full replace.
