@@ -4,7 +4,7 @@
 //! A daemon that does not answer is a test failure that says how to get one, never a skip:
 //! `make test` installs `docker.io` and starts `dockerd`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -160,7 +160,9 @@ pub(crate) fn run_ok(program: &str, args: &[&str]) -> String {
 /// root and bridge, so the shared daemon is never touched. Stopped and removed on Drop.
 pub struct Dockerd {
     dir: TempDir,
-    netns: Netns,
+    /// The namespace it runs in, and the namespace itself when this daemon created it.
+    netns_path: PathBuf,
+    _own_netns: Option<Netns>,
     bip: String,
     child: Option<Child>,
 }
@@ -173,9 +175,28 @@ impl Dockerd {
             .prefix("viking-dockerd-")
             .tempdir()
             .expect("temp dir");
+        let netns = Netns::new(netns);
         let mut d = Dockerd {
             dir,
-            netns: Netns::new(netns),
+            netns_path: netns.path(),
+            _own_netns: Some(netns),
+            bip: bip.to_owned(),
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts a daemon in an existing namespace (a host of a [`crate::net::Lan`]).
+    pub fn start_in(netns: &Netns, bip: &str) -> Dockerd {
+        let dir = tempfile::Builder::new()
+            .prefix("viking-dockerd-")
+            .tempdir()
+            .expect("temp dir");
+        let mut d = Dockerd {
+            dir,
+            netns_path: netns.path(),
+            _own_netns: None,
             bip: bip.to_owned(),
             child: None,
         };
@@ -188,10 +209,6 @@ impl Dockerd {
         format!("unix://{}", self.dir.path().join("docker.sock").display())
     }
 
-    pub fn netns(&self) -> &Netns {
-        &self.netns
-    }
-
     fn spawn(&mut self) {
         let p = self.dir.path();
         let log = std::fs::OpenOptions::new()
@@ -202,7 +219,7 @@ impl Dockerd {
         // `nsenter`, not `ip netns exec`: the latter remounts /sys and dockerd then finds no
         // cgroup mounts.
         let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns.path().display()))
+            .arg(format!("--net={}", self.netns_path.display()))
             .arg("dockerd")
             .args(["--data-root"])
             .arg(p.join("data"))

@@ -335,6 +335,24 @@ async fn wait_ready(members: &mut [&mut Member]) -> bool {
     true
 }
 
+/// A binary of another package of this workspace (`registrator`, `ambassador`, ...), next to
+/// the running test's own directory: `cargo test --workspace` builds every package's binaries
+/// before it runs any test.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace first (`cargo test --workspace` or `make test` do)",
+        bin.display()
+    );
+    bin
+}
+
 /// Runs one of the project's binaries against the etcd at `endpoint`, with the caller's
 /// `VIKING_*` environment removed so the test sees only the flags it passes.
 pub fn run_cli(binary: &str, endpoint: &str, args: &[&str]) -> std::process::Output {

@@ -1,3 +1,4 @@
 //! Scenarios across viking's parts, against real etcd.
 
 mod allocations_are_watched;
+mod many_hosts;

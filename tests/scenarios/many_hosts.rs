@@ -1,0 +1,321 @@
+//! Many hosts, each a network namespace on one bridge with its own dockerd, registrator and
+//! ambassador (and locknet), sharing one etcd that the test runs in its own namespace. The
+//! examples' client on host `a` reaches the backend on other hosts through `a`'s ambassador.
+//!
+//! Every host's Docker bridge is 172.17.0.1, as on real hosts: the env vars HQ writes hold
+//! wherever a container runs.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::Etcd;
+use testkit::docker::{self, Dockerd};
+use testkit::net::Lan;
+
+/// A daemon inside a host namespace, killed on Drop.
+struct Proc {
+    child: Option<Child>,
+    log: tempfile::NamedTempFile,
+}
+
+impl Proc {
+    fn spawn(lan: &Lan, host: &str, bin: &str, args: &[&str]) -> Proc {
+        let log = tempfile::NamedTempFile::new().expect("log");
+        let child = lan
+            .ns(host)
+            .command(testkit::workspace_bin(bin).to_str().expect("utf-8 path"))
+            .args(args)
+            .env("VIKING_LOG_FORMAT", "plain")
+            .env_remove("VIKING_ETCD")
+            .stdin(Stdio::null())
+            .stdout(log.reopen().expect("log"))
+            .stderr(log.reopen().expect("log"))
+            .spawn()
+            .expect("spawn");
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Host {
+    name: &'static str,
+    // Processes before the daemon: they stop first.
+    procs: Vec<Proc>,
+    dockerd: Dockerd,
+}
+
+struct Cluster {
+    // Hosts first (their daemons and containers), then etcd, then the namespaces.
+    hosts: Vec<Host>,
+    etcd: Etcd,
+    lan: Lan,
+}
+
+impl Cluster {
+    async fn start(names: &[&'static str]) -> Cluster {
+        docker::require(None);
+        let mut all: Vec<&str> = names.to_vec();
+        all.push("out");
+        let mut lan = Lan::new(&all);
+        let root = lan.join_root();
+        let etcd = Etcd::start_on(&root.to_string()).await;
+        let endpoint = etcd.endpoint();
+        let mut hosts = Vec::new();
+        for &name in names {
+            let dockerd = Dockerd::start_in(lan.ns(name), "172.17.0.1/16");
+            let addr = lan.addr(name).to_string();
+            let sock = dockerd.host();
+            let procs = agents(&lan, name, &endpoint, &addr, &sock);
+            hosts.push(Host {
+                name,
+                procs,
+                dockerd,
+            });
+        }
+        let cluster = Cluster { hosts, etcd, lan };
+        for &name in names {
+            let addr = cluster.lan.addr(name).to_string();
+            cluster.viking(None, &["host", "add", name, &addr]);
+        }
+        cluster
+    }
+
+    /// Starts a host's registrator and ambassador (again).
+    fn restart_agents(&mut self, name: &'static str) {
+        let endpoint = self.etcd.endpoint();
+        let addr = self.lan.addr(name).to_string();
+        let i = self
+            .hosts
+            .iter()
+            .position(|h| h.name == name)
+            .expect("host");
+        let sock = self.hosts[i].dockerd.host();
+        let procs = agents(&self.lan, name, &endpoint, &addr, &sock);
+        self.hosts[i].procs = procs;
+    }
+
+    fn host(&self, name: &str) -> &Host {
+        self.hosts.iter().find(|h| h.name == name).expect("host")
+    }
+
+    /// `viking <args>` against the cluster's etcd, with DOCKER_HOST set to `on`'s daemon.
+    fn viking(&self, on: Option<&str>, args: &[&str]) -> String {
+        let mut cmd = Command::new(testkit::workspace_bin("viking"));
+        cmd.env_remove("VIKING_ETCD")
+            .args(["--etcd", &self.etcd.endpoint()])
+            .args(args);
+        if let Some(h) = on {
+            cmd.env("DOCKER_HOST", self.host(h).dockerd.host());
+        }
+        let out: Output = cmd.output().expect("viking");
+        assert!(
+            out.status.success(),
+            "viking {args:?} on {on:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn logs(&self) -> String {
+        let mut all = String::new();
+        for h in &self.hosts {
+            for p in &h.procs {
+                all.push_str(&format!("--- {}:\n{}\n", h.name, p.log()));
+            }
+        }
+        all
+    }
+
+    /// Container ids (12 digits) of `stack` on host `on`.
+    fn containers(&self, on: &str, stack: &str) -> BTreeSet<String> {
+        let out = docker::docker_ok(
+            Some(&self.host(on).dockerd.host()),
+            &[
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=viking.stack={stack}"),
+            ],
+        );
+        out.lines().map(str::to_owned).collect()
+    }
+
+    /// From a throwaway container on `on` with app/client's env: `n` fetches of
+    /// `$SHARED_WEB_PORT_80`; returns (answers, failures).
+    fn fetch(&self, on: &str, n: usize) -> (Vec<String>, usize) {
+        let env = self.viking(None, &["env", "app/client"]);
+        let mut args: Vec<String> = vec!["run".into(), "--rm".into()];
+        for line in env.lines() {
+            args.push("-e".into());
+            args.push(line.to_owned());
+        }
+        args.push(docker::IMAGE.into());
+        args.extend(["sh".into(), "-c".into(), format!(
+            "for i in $(seq {n}); do timeout 3 wget -qO- http://$SHARED_WEB_PORT_80/ || echo FAILED; done"
+        )]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = docker::docker_ok(Some(&self.host(on).dockerd.host()), &refs);
+        let answers: Vec<String> = out.lines().map(str::to_owned).collect();
+        let failures = answers.iter().filter(|l| l.contains("FAILED")).count();
+        (answers, failures)
+    }
+
+    /// Endpoint instances of shared/web in etcd.
+    fn endpoints(&self) -> Vec<String> {
+        let ps = self.viking(None, &["--output", "json", "ps", "shared"]);
+        ps.lines()
+            .filter(|l| l.contains("\"instance\"") || l.contains("\"host\""))
+            .map(|l| l.trim().to_owned())
+            .collect()
+    }
+}
+
+/// A host's registrator (TTL 3 s) and ambassador (on the bridge address, no DNS).
+fn agents(lan: &Lan, name: &str, etcd: &str, addr: &str, docker: &str) -> Vec<Proc> {
+    vec![
+        Proc::spawn(
+            lan,
+            name,
+            "registrator",
+            &[
+                "--etcd", etcd, "--host", name, "--addr", addr, "--docker", docker, "--ttl", "3s",
+            ],
+        ),
+        Proc::spawn(
+            lan,
+            name,
+            "ambassador",
+            &[
+                "--etcd",
+                etcd,
+                "--host",
+                name,
+                "--bind",
+                "172.17.0.1",
+                "--dns",
+                "off",
+                "--grace",
+                "1s",
+            ],
+        ),
+    ]
+}
+
+fn examples() -> (String, String) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+    (
+        dir.join("shared").to_str().expect("utf-8").to_owned(),
+        dir.join("app").to_str().expect("utf-8").to_owned(),
+    )
+}
+
+/// Scenarios 1-3: a client on `a` reaches backends on `b` and `c` through `a`'s ambassador;
+/// `b` is lost (processes killed, link cut) and comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linking_across_hosts_survives_losing_one() {
+    let mut cluster = Cluster::start(&["a", "b", "c"]).await;
+    let (shared, app) = examples();
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(Some("b"), &["run", "shared"]);
+    cluster.viking(Some("a"), &["run", "app"]);
+
+    // 1. Through a's ambassador to b's containers.
+    let on_b = cluster.containers("b", "shared");
+    assert_eq!(on_b.len(), 2);
+    let (answers, failures) = cluster.fetch("a", 10);
+    assert_eq!(failures, 0, "{answers:?}\n{}", cluster.logs());
+    assert!(
+        answers.iter().all(|a| on_b.contains(a)),
+        "{answers:?} not from {on_b:?}"
+    );
+
+    // The backend on c too: answers come from both hosts.
+    cluster.viking(Some("c"), &["run", "shared"]);
+    let on_c = cluster.containers("c", "shared");
+    let start = Instant::now();
+    loop {
+        let (answers, failures) = cluster.fetch("a", 20);
+        assert_eq!(failures, 0, "{answers:?}");
+        if answers.iter().any(|a| on_c.contains(a)) && answers.iter().any(|a| on_b.contains(a)) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never reached c: {answers:?}"
+        );
+    }
+
+    // 2. b is lost: its processes killed and its link cut. New connections keep succeeding.
+    {
+        let b = cluster.hosts.iter_mut().find(|h| h.name == "b").expect("b");
+        for p in &mut b.procs {
+            p.kill();
+        }
+    }
+    cluster
+        .lan
+        .ns("b")
+        .exec(&["ip", "link", "set", "eth0", "down"]);
+    let lost = Instant::now();
+    let (answers, failures) = cluster.fetch("a", 30);
+    eprintln!("with b lost: {failures} failed of 30");
+    assert_eq!(failures, 0, "{answers:?}\n{}", cluster.logs());
+    assert!(answers.iter().all(|a| on_c.contains(a)), "{answers:?}");
+    // Its endpoints leave etcd within the lease TTL (3 s).
+    while cluster.endpoints().iter().any(|l| l.contains("\"b\"")) {
+        assert!(
+            lost.elapsed() < Duration::from_secs(6),
+            "b's endpoints stayed: {:?}",
+            cluster.endpoints()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("b's endpoints gone {:?} after it was lost", lost.elapsed());
+
+    // 3. b comes back (link up, its agents restarted; its containers kept running): its
+    // endpoints return and traffic spreads over b and c again.
+    cluster
+        .lan
+        .ns("b")
+        .exec(&["ip", "link", "set", "eth0", "up"]);
+    cluster.restart_agents("b");
+    let back = Instant::now();
+    loop {
+        let (answers, failures) = cluster.fetch("a", 20);
+        assert_eq!(failures, 0, "{answers:?}");
+        if answers.iter().any(|a| on_b.contains(a)) && answers.iter().any(|a| on_c.contains(a)) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "b never came back: {answers:?}\n{}",
+            cluster.logs()
+        );
+    }
+    eprintln!(
+        "traffic reached b again {:?} after it came back",
+        back.elapsed()
+    );
+}
