@@ -100,6 +100,12 @@ impl Netns {
         }
     }
 
+    /// Whether a TCP connection from inside the namespace to `addr` is accepted within
+    /// `timeout` (dropped or refused: false).
+    pub fn connects(&self, addr: SocketAddr, timeout: Duration) -> bool {
+        self.run(move || TcpStream::connect_timeout(&addr, timeout).is_ok())
+    }
+
     /// Connects from inside the namespace and reads what the server says; an error if the
     /// connection is refused, dropped (no answer within `timeout`) or says nothing.
     pub fn fetch(&self, addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {

@@ -6,6 +6,7 @@
 //! wherever a container runs.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -318,4 +319,95 @@ async fn linking_across_hosts_survives_losing_one() {
         "traffic reached b again {:?} after it came back",
         back.elapsed()
     );
+}
+
+/// Polls until `from` can (or cannot) connect to `to`; returns how long it took.
+fn until_connects(lan: &Lan, from: &str, to: SocketAddr, can: bool, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while lan.ns(from).connects(to, Duration::from_millis(200)) != can {
+        assert!(
+            start.elapsed() < limit,
+            "{from} -> {to}: still {}",
+            if can { "blocked" } else { "open" }
+        );
+    }
+    start.elapsed()
+}
+
+/// Scenario 5: with `locknet --watch` on every host, the outsider reaches no ambassador port
+/// and no published container port, members do, SSH stays open; `viking host add` for the
+/// outsider opens the host within 1 s and `viking host rm` closes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_firewall_admits_only_members() {
+    let mut cluster = Cluster::start(&["a", "b"]).await;
+    let endpoint = cluster.etcd.endpoint();
+    for name in ["a", "b"] {
+        let fw = Proc::spawn(
+            &cluster.lan,
+            name,
+            "locknet",
+            &["--watch", "--etcd", &endpoint],
+        );
+        cluster
+            .hosts
+            .iter_mut()
+            .find(|h| h.name == name)
+            .expect("host")
+            .procs
+            .push(fw);
+    }
+    let (shared, app) = examples();
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(Some("a"), &["run", "shared"]);
+    let a = cluster.lan.addr("a");
+    let published = docker::docker_ok(
+        Some(&cluster.host("a").dockerd.host()),
+        &["port", "shared_web_0", "80/tcp"],
+    );
+    let port: u16 = published
+        .lines()
+        .find_map(|l| l.rsplit(':').next()?.trim().parse().ok())
+        .expect("published port");
+    let ambassador_port: u16 = cluster
+        .viking(None, &["env", "app/client"])
+        .lines()
+        .find_map(|l| l.strip_prefix("SHARED_WEB_PORT_80_TCP_PORT=")?.parse().ok())
+        .expect("ambassador port");
+    // The outsider routes a's bridge through a, to try its ambassador directly (members have
+    // a bridge of their own at that address: they use their own ambassador).
+    cluster
+        .lan
+        .ns("out")
+        .exec(&["ip", "route", "add", "172.17.0.0/16", "via", &a.to_string()]);
+    let _ssh = cluster.lan.ns("a").serve(SocketAddr::from((a, 22)), "ssh");
+    let published = SocketAddr::from((a, port));
+    let ambassador = SocketAddr::from(([172, 17, 0, 1], ambassador_port));
+    let limit = Duration::from_secs(5);
+
+    // locknet has applied once the outsider is blocked.
+    until_connects(&cluster.lan, "out", published, false, limit);
+    until_connects(&cluster.lan, "out", ambassador, false, limit);
+    until_connects(&cluster.lan, "out", SocketAddr::from((a, 22)), true, limit);
+    until_connects(&cluster.lan, "b", published, true, limit);
+
+    let out = cluster.lan.addr("out").to_string();
+    cluster.viking(None, &["host", "add", "out", &out]);
+    let opened = until_connects(&cluster.lan, "out", published, true, Duration::from_secs(1));
+    // The same path to the ambassador was closed by the firewall, not by routing.
+    until_connects(
+        &cluster.lan,
+        "out",
+        ambassador,
+        true,
+        Duration::from_secs(1),
+    );
+    cluster.viking(None, &["host", "rm", "out"]);
+    let closed = until_connects(
+        &cluster.lan,
+        "out",
+        published,
+        false,
+        Duration::from_secs(1),
+    );
+    eprintln!("outsider admitted {opened:?} after host add, shut out {closed:?} after host rm");
 }
