@@ -411,3 +411,85 @@ async fn the_firewall_admits_only_members() {
     );
     eprintln!("outsider admitted {opened:?} after host add, shut out {closed:?} after host rm");
 }
+
+/// Scenario 6: a deploy that links a new service while traffic flows: the new port listens on
+/// every host's ambassador within 1 s, and a connection opened before it keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_while_traffic_flows_reaches_every_host() {
+    let cluster = Cluster::start(&["a", "b"]).await;
+    let (shared, app) = examples();
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(Some("b"), &["run", "shared"]);
+    let web_port: u16 = cluster
+        .viking(None, &["env", "app/client"])
+        .lines()
+        .find_map(|l| l.strip_prefix("SHARED_WEB_PORT_80_TCP_PORT=")?.parse().ok())
+        .expect("ambassador port");
+    // A connection through a's ambassador, opened before the deploy and used after it.
+    let web = SocketAddr::from(([172, 17, 0, 1], web_port));
+    let start = Instant::now();
+    let mut open = loop {
+        let conn = cluster
+            .lan
+            .ns("a")
+            .run(move || std::net::TcpStream::connect_timeout(&web, Duration::from_secs(1)));
+        if let Ok(c) = conn {
+            break c;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a's ambassador never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("stack.yml"),
+        "db:\n\ttype: job\n\timage: viking/busybox\n\tports:\n\t\t- 5432\n\tcommand: sleep 3600\n\
+         user:\n\ttype: job\n\timage: viking/busybox\n\tlink:\n\t\t- db\n\tcommand: sleep 3600\n",
+    )
+    .expect("write stack");
+    let path = dir.path().to_str().expect("utf-8").to_owned();
+    cluster.viking(None, &["deploy", &path, "--name", "extra"]);
+    let deployed = Instant::now();
+    let db_port: u16 = cluster
+        .viking(None, &["env", "extra/user"])
+        .lines()
+        .find_map(|l| l.strip_prefix("DB_PORT_5432_TCP_PORT=")?.parse().ok())
+        .expect("new ambassador port");
+    for host in ["a", "b"] {
+        let state = || {
+            let out = cluster
+                .lan
+                .ns(host)
+                .command("curl")
+                .args(["-fs", "http://127.0.0.1:9100/state"])
+                .output()
+                .expect("curl");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        while !state().contains(&format!("\"port\": {db_port}")) {
+            assert!(
+                deployed.elapsed() < Duration::from_secs(1),
+                "{host}'s ambassador does not listen on {db_port} 1 s after the deploy:\n{}",
+                state()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    eprintln!(
+        "new port on every host {:?} after the deploy",
+        deployed.elapsed()
+    );
+
+    use std::io::{Read, Write};
+    open.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .expect("write on the old connection");
+    open.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut answer = String::new();
+    open.read_to_string(&mut answer)
+        .expect("read on the old connection");
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}
