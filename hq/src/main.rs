@@ -260,7 +260,7 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         Command::Apply { dir } => Some(folder::read_folder(dir)?),
         _ => None,
     };
-    let client = cli.etcd.connect().await?;
+    let client = cli.etcd.connect_live().await?;
     let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range)
         .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))
         .with_endpoints_label(cli.etcd.endpoints_display());

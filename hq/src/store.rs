@@ -86,12 +86,29 @@ impl Store {
         HqError::Etcd(EtcdError::classify(e, &self.endpoints))
     }
 
+    /// Reads a directory. A retryable failure (a leader election, a member going away) is
+    /// retried for up to 5 s: a command should not fail while the cluster heals itself.
     async fn get_prefix(&self, dir: String) -> Result<(i64, BTreeMap<String, Read>), HqError> {
         let mut kv = self.kv.clone();
-        let resp = kv
-            .get(dir, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.etcd(e))?;
+        let mut backoff =
+            runtime::Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let resp = loop {
+            match kv
+                .get(dir.as_str(), Some(GetOptions::new().with_prefix()))
+                .await
+            {
+                Ok(resp) => break resp,
+                Err(e) => {
+                    let e = self.etcd(e);
+                    let retry = matches!(&e, HqError::Etcd(inner) if inner.is_retryable());
+                    if !retry || std::time::Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        };
         let revision = resp.header().map_or(0, |h| h.revision());
         let map = resp
             .kvs()

@@ -135,6 +135,59 @@ impl EtcdArgs {
     }
 }
 
+impl EtcdArgs {
+    /// For one-shot commands: like [`EtcdArgs::connect`], but with several endpoints only
+    /// those that accept a TCP connection within the connect timeout are used (all of them if
+    /// none does, so the error names them). etcd-client sends a request to a dead endpoint of
+    /// its list instead of trying the next, so a stopped member would fail the command.
+    pub async fn connect_live(&self) -> Result<Client, EtcdError> {
+        if self.endpoints.len() < 2 {
+            return self.connect().await;
+        }
+        let probes = self.endpoints.iter().map(|e| {
+            let e = e.trim().to_owned();
+            let timeout = self.timeout.min(Duration::from_secs(1));
+            async move {
+                let hostport = e
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .trim_end_matches('/')
+                    .to_owned();
+                let ok = matches!(
+                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(hostport)).await,
+                    Ok(Ok(_))
+                );
+                (e, ok)
+            }
+        });
+        let live: Vec<String> = futures_join_all(probes)
+            .await
+            .into_iter()
+            .filter_map(|(e, ok)| ok.then_some(e))
+            .collect();
+        if live.is_empty() {
+            return self.connect().await;
+        }
+        let mut only_live = self.clone();
+        only_live.endpoints = live;
+        only_live.connect().await
+    }
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("probe task"));
+    }
+    out
+}
+
 fn read_file(path: &PathBuf, flag: &str) -> Result<Vec<u8>, EtcdError> {
     std::fs::read(path)
         .map_err(|e| EtcdError::Config(format!("cannot read {flag} {}: {e}", path.display())))

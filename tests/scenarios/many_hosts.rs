@@ -22,11 +22,16 @@ struct Proc {
 }
 
 impl Proc {
+    /// One of the workspace's binaries inside `host`.
     fn spawn(lan: &Lan, host: &str, bin: &str, args: &[&str]) -> Proc {
+        Self::spawn_program(lan, host, &testkit::workspace_bin(bin), args)
+    }
+
+    fn spawn_program(lan: &Lan, host: &str, program: &Path, args: &[&str]) -> Proc {
         let log = tempfile::NamedTempFile::new().expect("log");
         let child = lan
             .ns(host)
-            .command(testkit::workspace_bin(bin).to_str().expect("utf-8 path"))
+            .command(program.to_str().expect("utf-8 path"))
             .args(args)
             .env("VIKING_LOG_FORMAT", "plain")
             .env_remove("VIKING_ETCD")
@@ -69,19 +74,48 @@ struct Host {
 struct Cluster {
     // Hosts first (their daemons and containers), then etcd, then the namespaces.
     hosts: Vec<Host>,
-    etcd: Etcd,
+    /// Comma-separated client URLs.
+    endpoints: String,
+    /// One etcd in the test's own namespace, or one member per host.
+    _etcd: Option<Etcd>,
+    members: Vec<(String, Option<Proc>)>,
+    etcd_dir: tempfile::TempDir,
     lan: Lan,
 }
 
 impl Cluster {
+    /// Hosts `names` and the outsider; one etcd in the test's namespace.
     async fn start(names: &[&'static str]) -> Cluster {
+        Self::start_with(names, false).await
+    }
+
+    /// With `etcd_on_hosts`, a member of a 3-member etcd cluster runs on each host instead.
+    async fn start_with(names: &[&'static str], etcd_on_hosts: bool) -> Cluster {
         docker::require(None);
         let mut all: Vec<&str> = names.to_vec();
         all.push("out");
         let mut lan = Lan::new(&all);
         let root = lan.join_root();
-        let etcd = Etcd::start_on(&root.to_string()).await;
-        let endpoint = etcd.endpoint();
+        let etcd_dir = tempfile::tempdir().expect("etcd dir");
+        let mut members = Vec::new();
+        let (etcd, endpoint) = if etcd_on_hosts {
+            for &name in names {
+                members.push((
+                    name.to_owned(),
+                    Some(etcd_member(&lan, names, name, etcd_dir.path(), "new")),
+                ));
+            }
+            let urls: Vec<String> = names
+                .iter()
+                .map(|n| format!("http://{}:2379", lan.addr(n)))
+                .collect();
+            wait_etcd(&urls).await;
+            (None, urls.join(","))
+        } else {
+            let etcd = Etcd::start_on(&root.to_string()).await;
+            let endpoint = etcd.endpoint();
+            (Some(etcd), endpoint)
+        };
         let mut hosts = Vec::new();
         for &name in names {
             let dockerd = Dockerd::start_in(lan.ns(name), "172.17.0.1/16");
@@ -94,7 +128,14 @@ impl Cluster {
                 dockerd,
             });
         }
-        let cluster = Cluster { hosts, etcd, lan };
+        let cluster = Cluster {
+            hosts,
+            endpoints: endpoint,
+            _etcd: etcd,
+            members,
+            etcd_dir,
+            lan,
+        };
         for &name in names {
             let addr = cluster.lan.addr(name).to_string();
             cluster.viking(None, &["host", "add", name, &addr]);
@@ -104,7 +145,7 @@ impl Cluster {
 
     /// Starts a host's registrator and ambassador (again).
     fn restart_agents(&mut self, name: &'static str) {
-        let endpoint = self.etcd.endpoint();
+        let endpoint = self.endpoints.clone();
         let addr = self.lan.addr(name).to_string();
         let i = self
             .hosts
@@ -116,6 +157,74 @@ impl Cluster {
         self.hosts[i].procs = procs;
     }
 
+    /// The name of the etcd member that leads now.
+    async fn leader(&self) -> String {
+        let start = Instant::now();
+        loop {
+            for (name, proc) in &self.members {
+                if proc.is_none() {
+                    continue;
+                }
+                let url = format!("http://{}:2379", self.lan.addr(name));
+                let status = async {
+                    let mut c = etcd_client::Client::connect([url.as_str()], None)
+                        .await
+                        .ok()?;
+                    c.status().await.ok()
+                };
+                if let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), status).await {
+                    if s.header().map(|h| h.member_id()) == Some(s.leader()) {
+                        return name.clone();
+                    }
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "no etcd leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills the etcd member on `name` (SIGKILL), or starts it again on its data.
+    async fn etcd_member(&mut self, name: &str, up: bool) {
+        let names: Vec<String> = self.members.iter().map(|(n, _)| n.clone()).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let i = names.iter().position(|n| n == name).expect("member");
+        if up {
+            let proc = etcd_member(&self.lan, &refs, name, self.etcd_dir.path(), "existing");
+            self.members[i].1 = Some(proc);
+            wait_etcd(&[format!("http://{}:2379", self.lan.addr(name))]).await;
+        } else if let Some(mut p) = self.members[i].1.take() {
+            p.kill();
+        }
+    }
+
+    /// This stack's endpoint keys in etcd, read through the first member that answers.
+    async fn endpoint_keys(&self, stack: &str) -> Vec<String> {
+        let prefix = format!("/viking/services/{stack}/");
+        for url in self.endpoints.split(',') {
+            let read = async {
+                let mut c = etcd_client::Client::connect([url], None).await.ok()?;
+                c.get(
+                    prefix.as_str(),
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only(),
+                    ),
+                )
+                .await
+                .ok()
+            };
+            if let Ok(Some(resp)) = tokio::time::timeout(Duration::from_secs(2), read).await {
+                return resp
+                    .kvs()
+                    .iter()
+                    .map(|kv| kv.key_str().unwrap_or("").to_owned())
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+
     fn host(&self, name: &str) -> &Host {
         self.hosts.iter().find(|h| h.name == name).expect("host")
     }
@@ -124,7 +233,7 @@ impl Cluster {
     fn viking(&self, on: Option<&str>, args: &[&str]) -> String {
         let mut cmd = Command::new(testkit::workspace_bin("viking"));
         cmd.env_remove("VIKING_ETCD")
-            .args(["--etcd", &self.etcd.endpoint()])
+            .args(["--etcd", &self.endpoints])
             .args(args);
         if let Some(h) = on {
             cmd.env("DOCKER_HOST", self.host(h).dockerd.host());
@@ -190,6 +299,65 @@ impl Cluster {
             .filter(|l| l.contains("\"instance\"") || l.contains("\"host\""))
             .map(|l| l.trim().to_owned())
             .collect()
+    }
+}
+
+/// The etcd member of `name`, on its address, in a cluster of `names`.
+fn etcd_member(lan: &Lan, names: &[&str], name: &str, dir: &Path, state: &str) -> Proc {
+    let ip = lan.addr(name);
+    let cluster: Vec<String> = names
+        .iter()
+        .map(|n| format!("{n}=http://{}:2380", lan.addr(n)))
+        .collect();
+    let data = dir.join(name);
+    let args = [
+        "--name".to_owned(),
+        name.to_owned(),
+        "--data-dir".to_owned(),
+        data.to_str().expect("utf-8").to_owned(),
+        "--listen-client-urls".to_owned(),
+        format!("http://{ip}:2379"),
+        "--advertise-client-urls".to_owned(),
+        format!("http://{ip}:2379"),
+        "--listen-peer-urls".to_owned(),
+        format!("http://{ip}:2380"),
+        "--initial-advertise-peer-urls".to_owned(),
+        format!("http://{ip}:2380"),
+        "--initial-cluster".to_owned(),
+        cluster.join(","),
+        "--initial-cluster-state".to_owned(),
+        state.to_owned(),
+        "--initial-cluster-token".to_owned(),
+        "viking-many-hosts".to_owned(),
+        "--log-level".to_owned(),
+        "warn".to_owned(),
+        "--logger".to_owned(),
+        "zap".to_owned(),
+    ];
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn_program(lan, name, &testkit::etcd_binary(), &refs)
+}
+
+/// Waits until every member answers a read.
+async fn wait_etcd(urls: &[String]) {
+    let start = Instant::now();
+    for url in urls {
+        loop {
+            let ok = async {
+                let mut c = etcd_client::Client::connect([url.as_str()], None)
+                    .await
+                    .ok()?;
+                c.get("/probe", None).await.ok()
+            };
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), ok).await {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "etcd at {url} did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -340,7 +508,7 @@ fn until_connects(lan: &Lan, from: &str, to: SocketAddr, can: bool, limit: Durat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_firewall_admits_only_members() {
     let mut cluster = Cluster::start(&["a", "b"]).await;
-    let endpoint = cluster.etcd.endpoint();
+    let endpoint = cluster.endpoints.clone();
     for name in ["a", "b"] {
         let fw = Proc::spawn(
             &cluster.lan,
@@ -492,4 +660,76 @@ async fn a_deploy_while_traffic_flows_reaches_every_host() {
     open.read_to_string(&mut answer)
         .expect("read on the old connection");
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}
+
+/// Scenario 4: a 3-member etcd, one member per host. A follower, then the leader, is stopped:
+/// no connection through the ambassadors fails and a registration made meanwhile is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_an_etcd_member_loses_nothing() {
+    let mut cluster = Cluster::start_with(&["a", "b", "c"], true).await;
+    let (shared, app) = examples();
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(Some("b"), &["run", "shared"]);
+    let (answers, failures) = cluster.fetch("a", 10);
+    assert_eq!(failures, 0, "{answers:?}\n{}", cluster.logs());
+
+    for round in ["a follower", "the leader"] {
+        let leader = cluster.leader().await;
+        let victim = if round == "the leader" {
+            leader
+        } else {
+            ["a", "b", "c"]
+                .into_iter()
+                .find(|n| *n != leader)
+                .expect("follower")
+                .to_owned()
+        };
+        cluster.etcd_member(&victim, false).await;
+        let (answers, failures) = cluster.fetch("a", 30);
+        eprintln!("{round} ({victim}) stopped: {failures} failed of 30");
+        assert_eq!(failures, 0, "{answers:?}\n{}", cluster.logs());
+        // A container started meanwhile on c is registered all the same.
+        let sock = cluster.host("c").dockerd.host();
+        let id = docker::docker_ok(
+            Some(&sock),
+            &[
+                "run",
+                "-d",
+                "--label",
+                "viking.test=1",
+                "-l",
+                "viking.stack=shared",
+                "-l",
+                "viking.job=web",
+                "-p",
+                "80",
+                docker::IMAGE,
+                "httpd",
+                "-f",
+                "-p",
+                "80",
+                "-h",
+                "/www",
+            ],
+        );
+        let start = Instant::now();
+        while !cluster
+            .endpoint_keys("shared")
+            .await
+            .iter()
+            .any(|k| k.contains(&id[..12]))
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "registration lost with {round} down:\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "registered {:?} after docker run with {round} down",
+            start.elapsed()
+        );
+        cluster.etcd_member(&victim, true).await;
+    }
 }
