@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs:
 #   make up     the main job on this host (a local etcd started for you)
 #   make test   install what is missing, then fmt, clippy and every test
-.PHONY: up test setup fmt lint unit bench bench-proxy bench-registrator bench-locknet bench-dns
+.PHONY: up test setup fmt lint unit bench bench-proxy bench-registrator bench-locknet bench-dns bench-multihost
 
 CARGO ?= cargo
 
@@ -33,6 +33,9 @@ bench-locknet: setup
 
 bench-dns: setup
 	bash benches/dns/harness.sh
+
+bench-multihost: setup
+	bash benches/multihost/harness.sh
 
 bench-proxy: setup
 	bash benches/proxy/harness.sh

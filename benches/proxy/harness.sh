@@ -13,6 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 SECS=${BENCH_SECS:-5}        # length of each load run
+# Backends on another host: benches/multihost/harness.sh runs this script inside host a's
+# namespace with the backends in host b's (BENCH_BACKEND_NS) at BENCH_BACKEND_IP.
+BACKEND_IP=${BENCH_BACKEND_IP:-127.0.0.1}
+backend() { if [ -n "${BENCH_BACKEND_NS:-}" ]; then ip netns exec "$BENCH_BACKEND_NS" "$@"; else "$@"; fi; }
 IDLE=${BENCH_IDLE:-1000}     # idle connections for the memory figure
 
 need=()
@@ -43,7 +47,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "harness: nothing listens on $1" >&2; tail -n 5 "$work"/*.log "$work"/*.err 2>/dev/null >&2; return 1; }
+wait_port() { local host=${2:-127.0.0.1}; for _ in $(seq 1 200); do (exec 3<>/dev/tcp/"$host"/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "harness: nothing listens on $1" >&2; tail -n 5 "$work"/*.log "$work"/*.err 2>/dev/null >&2; return 1; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hz=$(getconf CLK_TCK)
@@ -61,7 +65,7 @@ ctl() { etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT" "$@" >/dev/null; }
 
 # Backends: iperf3 for bulk, nginx for requests.
 IPERF=$(free_port); NGINX=$(free_port)
-iperf3 -s -p "$IPERF" -B 127.0.0.1 >/dev/null 2>&1 &
+backend iperf3 -s -p "$IPERF" -B "$BACKEND_IP" >/dev/null 2>&1 &
 pids+=($!)
 mkdir -p "$work/www"
 head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/small.txt"
@@ -74,20 +78,20 @@ events { worker_connections 8192; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$NGINX backlog=4096; root $work/www; }
+  server { listen $BACKEND_IP:$NGINX backlog=4096; root $work/www; }
 }
 EOF
-nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
+backend nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
 pids+=($!)
-wait_port "$IPERF"; wait_port "$NGINX"
+wait_port "$IPERF" "$BACKEND_IP"; wait_port "$NGINX" "$BACKEND_IP"
 
 # The ambassador: allocations and endpoints written as portalloc and registrator would.
 A_IPERF=$(free_port); A_NGINX=$(free_port); ADMIN=$(free_port)
 ctl put /viking/ports/alloc/bench/iperf/5201-tcp "{\"v\":1,\"port\":$A_IPERF}"
 ctl put /viking/ports/alloc/bench/nginx/80-tcp "{\"v\":1,\"port\":$A_NGINX}"
-ctl put /viking/services/bench/iperf/5201-tcp/bench:000000000001:5201 "{\"v\":1,\"host\":\"bench\",\"addr\":\"127.0.0.1\",\"port\":$IPERF,\"container_id\":\"000000000001\"}"
-ctl put /viking/services/bench/nginx/80-tcp/bench:000000000002:80 "{\"v\":1,\"host\":\"bench\",\"addr\":\"127.0.0.1\",\"port\":$NGINX,\"container_id\":\"000000000002\"}"
-env RUST_LOG=warn "$AMB" ${AMB_ARGS:-} --etcd "http://127.0.0.1:$ETCD_PORT" --host bench --bind 127.0.0.1 \
+ctl put /viking/services/bench/iperf/5201-tcp/bench:000000000001:5201 "{\"v\":1,\"host\":\"bench\",\"addr\":\"$BACKEND_IP\",\"port\":$IPERF,\"container_id\":\"000000000001\"}"
+ctl put /viking/services/bench/nginx/80-tcp/bench:000000000002:80 "{\"v\":1,\"host\":\"bench\",\"addr\":\"$BACKEND_IP\",\"port\":$NGINX,\"container_id\":\"000000000002\"}"
+env RUST_LOG=warn "$AMB" ${AMB_ARGS:-} --etcd "http://127.0.0.1:$ETCD_PORT" --host bench --bind 127.0.0.1 --dns off \
   --admin "127.0.0.1:$ADMIN" >"$work/ambassador.log" 2>&1 &
 AMB_PID=$!; pids+=($AMB_PID)
 wait_port "$A_IPERF"; wait_port "$A_NGINX"
@@ -104,10 +108,10 @@ defaults
   timeout server 1h
 listen iperf
   bind 127.0.0.1:$H_IPERF
-  server s 127.0.0.1:$IPERF
+  server s $BACKEND_IP:$IPERF
 listen nginx
   bind 127.0.0.1:$H_NGINX
-  server s 127.0.0.1:$NGINX
+  server s $BACKEND_IP:$NGINX
 EOF
 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
 HA_PID=$!; pids+=($HA_PID)
@@ -118,12 +122,13 @@ targets=(direct ambassador haproxy)
 port_of() { case "$1.$2" in direct.iperf) echo "$IPERF";; direct.nginx) echo "$NGINX";;
   ambassador.iperf) echo "$A_IPERF";; ambassador.nginx) echo "$A_NGINX";;
   haproxy.iperf) echo "$H_IPERF";; haproxy.nginx) echo "$H_NGINX";; esac; }
+host_of() { [ "$1" = direct ] && echo "$BACKEND_IP" || echo 127.0.0.1; }
 pid_of() { case "$1" in ambassador) echo "$AMB_PID";; haproxy) echo "$HA_PID";; *) echo "";; esac; }
 
 bulk() { # target streams -> Gbit/s, and CPU-s/GB of the proxy
   local t=$1 n=$2 pid c0 c1 out gbps bytes
   pid=$(pid_of "$t"); [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
-  out=$(iperf3 -c 127.0.0.1 -p "$(port_of "$t" iperf)" -t "$SECS" -P "$n" -J)
+  out=$(iperf3 -c "$(host_of "$t")" -p "$(port_of "$t" iperf)" -t "$SECS" -P "$n" -J)
   gbps=$(python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' <<<"$out")
   bytes=$(python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["end"]["sum_received"]["bytes"])' <<<"$out")
   R[$t.bulk$n]=$gbps
@@ -138,7 +143,7 @@ requests() { # target kind(ka|close) -> req/s, p50, p99, CPU µs per request
   local t=$1 kind=$2 pid c0 c1 out hdr=()
   [ "$kind" = close ] && hdr=(-H "Connection: close")
   pid=$(pid_of "$t"); [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
-  out=$(wrk -t2 -c50 -d"${SECS}s" --latency "${hdr[@]}" "http://127.0.0.1:$(port_of "$t" nginx)/small.txt")
+  out=$(wrk -t2 -c50 -d"${SECS}s" --latency "${hdr[@]}" "http://$(host_of "$t"):$(port_of "$t" nginx)/small.txt")
   local rps p50 p99 total
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   total=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -177,7 +182,8 @@ for t in "${targets[@]}"; do
 done
 
 ratio() { python3 -c "a,b='$1','$2'; print('%.2f' % (float(a)/float(b)) if a and b and float(b) else '-')"; }
-printf '\n%-34s %12s %12s %12s %10s %10s\n' "metric (same run, loopback)" direct ambassador haproxy "amb/direct" "amb/haproxy"
+where=${BENCH_WHERE:-loopback}
+printf '\n%-34s %12s %12s %12s %10s %10s\n' "metric (same run, $where)" direct ambassador haproxy "amb/direct" "amb/haproxy"
 row() { # label key [lower-is-better]
   local d=${R[direct.$2]:-} a=${R[ambassador.$2]:-} h=${R[haproxy.$2]:-}
   printf '%-34s %12s %12s %12s %10s %10s\n' "$1" "${d:--}" "${a:--}" "${h:--}" "$(ratio "$a" "$d")" "$(ratio "$a" "$h")"
