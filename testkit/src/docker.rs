@@ -80,6 +80,41 @@ fn ensure_image(host: Option<&str>) {
     );
 }
 
+/// Runs a throwaway container on `host` with `env` (`KEY=VALUE` lines, e.g. from `viking
+/// env`) that fetches `http://$<url_var>/` `n` times with busybox wget (3 s each); returns the
+/// answers, one per line, and how many fetches failed.
+pub fn fetch_with_env(
+    host: Option<&str>,
+    env: &str,
+    url_var: &str,
+    n: usize,
+) -> (Vec<String>, usize) {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--rm".into(),
+        "--label".into(),
+        "viking.test=1".into(),
+    ];
+    for line in env.lines().filter(|l| !l.trim().is_empty()) {
+        args.push("-e".into());
+        args.push(line.to_owned());
+    }
+    args.push(IMAGE.into());
+    args.extend([
+        "sh".into(),
+        "-c".into(),
+        // busybox-static's `wget -T` crashes; `timeout` bounds each fetch instead.
+        format!(
+            "for i in $(seq {n}); do timeout 3 wget -qO- http://${url_var}/ || echo FAILED; done"
+        ),
+    ]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = docker_ok(host, &refs);
+    let answers: Vec<String> = out.lines().map(str::to_owned).collect();
+    let failures = answers.iter().filter(|l| l.contains("FAILED")).count();
+    (answers, failures)
+}
+
 /// A container, removed (with `rm -f`) on Drop.
 pub struct Container {
     host: Option<String>,

@@ -276,20 +276,8 @@ impl Cluster {
     /// `$SHARED_WEB_PORT_80`; returns (answers, failures).
     fn fetch(&self, on: &str, n: usize) -> (Vec<String>, usize) {
         let env = self.viking(None, &["env", "app/client"]);
-        let mut args: Vec<String> = vec!["run".into(), "--rm".into()];
-        for line in env.lines() {
-            args.push("-e".into());
-            args.push(line.to_owned());
-        }
-        args.push(docker::IMAGE.into());
-        args.extend(["sh".into(), "-c".into(), format!(
-            "for i in $(seq {n}); do timeout 3 wget -qO- http://$SHARED_WEB_PORT_80/ || echo FAILED; done"
-        )]);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = docker::docker_ok(Some(&self.host(on).dockerd.host()), &refs);
-        let answers: Vec<String> = out.lines().map(str::to_owned).collect();
-        let failures = answers.iter().filter(|l| l.contains("FAILED")).count();
-        (answers, failures)
+        let host = self.host(on).dockerd.host();
+        docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", n)
     }
 
     /// Endpoint instances of shared/web in etcd.

@@ -100,29 +100,9 @@ fn ok(args: &[&str]) -> String {
     stdout(&out)
 }
 
-/// Runs a throwaway container with app/client's env that fetches `$SHARED_WEB_PORT_80`
-/// `n` times; returns (answers, failures).
+/// `n` fetches of `$SHARED_WEB_PORT_80` from a throwaway container with app/client's env.
 fn fetch_through_ambassador(n: usize) -> (Vec<String>, usize) {
-    let env = ok(&["env", "app/client"]);
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        "--rm".into(),
-        "--label".into(),
-        "viking.test=1".into(),
-    ];
-    for line in env.lines() {
-        args.push("-e".into());
-        args.push(line.to_owned());
-    }
-    args.push(docker::IMAGE.into());
-    args.extend(["sh".into(), "-c".into(), format!(
-        "for i in $(seq {n}); do timeout 3 wget -qO- http://$SHARED_WEB_PORT_80/ || echo FAILED; done"
-    )]);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = docker_ok(None, &refs);
-    let answers: Vec<String> = out.lines().map(str::to_owned).collect();
-    let failures = answers.iter().filter(|l| l.contains("FAILED")).count();
-    (answers, failures)
+    docker::fetch_with_env(None, &ok(&["env", "app/client"]), "SHARED_WEB_PORT_80", n)
 }
 
 fn web_hostnames() -> BTreeSet<String> {

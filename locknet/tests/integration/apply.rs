@@ -97,15 +97,7 @@ fn other_tables_are_byte_identical_and_flush_removes_only_ours() {
         a,
         "table inet other {\n\tchain c { type filter hook input priority 10; counter accept; }\n}\n",
     );
-    let before: Vec<String> = [
-        ("ip", "nat"),
-        ("ip", "filter"),
-        ("inet", "other"),
-        ("ip", "testnat"),
-    ]
-    .iter()
-    .map(|(f, n)| site.table(f, n))
-    .collect();
+    let before = others(&site);
     assert!(before.iter().all(|t| !t.is_empty()), "{before:?}");
 
     site.admit(&["a", "b"], &[]);
@@ -113,15 +105,7 @@ fn other_tables_are_byte_identical_and_flush_removes_only_ours() {
     let log = site.admit(&[], &["--flush"]);
     assert!(log.contains("removed table inet locknet"), "{log}");
     assert_eq!(site.table("inet", "locknet"), "");
-    let after: Vec<String> = [
-        ("ip", "nat"),
-        ("ip", "filter"),
-        ("inet", "other"),
-        ("ip", "testnat"),
-    ]
-    .iter()
-    .map(|(f, n)| site.table(f, n))
-    .collect();
+    let after = others(&site);
     assert_eq!(before, after);
     assert_eq!(
         site.reach("out", "a", 9999).as_deref(),
@@ -147,4 +131,17 @@ fn a_bad_address_is_named_and_the_previous_rules_stay() {
     assert_eq!(site.table("inet", "locknet"), before);
     assert_eq!(site.reach("out", "a", 9999), None);
     assert_eq!(site.reach("b", "a", 9999).as_deref(), Some("a:9999"));
+}
+
+/// Docker's kind of tables, the test's own and the DNAT table, as `nft -s list` prints them.
+fn others(site: &Site) -> Vec<String> {
+    [
+        ("ip", "nat"),
+        ("ip", "filter"),
+        ("inet", "other"),
+        ("ip", "testnat"),
+    ]
+    .iter()
+    .map(|(family, name)| site.table(family, name))
+    .collect()
 }
