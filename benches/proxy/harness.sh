@@ -16,7 +16,8 @@ SECS=${BENCH_SECS:-5}        # length of each load run
 # Backends on another host: benches/multihost/harness.sh runs this script inside host a's
 # namespace with the backends in host b's (BENCH_BACKEND_NS) at BENCH_BACKEND_IP.
 BACKEND_IP=${BENCH_BACKEND_IP:-127.0.0.1}
-backend() { if [ -n "${BENCH_BACKEND_NS:-}" ]; then ip netns exec "$BENCH_BACKEND_NS" "$@"; else "$@"; fi; }
+# Used as `backend cmd &`: `exec` makes $! the command itself, so cleanup stops it.
+backend() { if [ -n "${BENCH_BACKEND_NS:-}" ]; then exec ip netns exec "$BENCH_BACKEND_NS" "$@"; else exec "$@"; fi; }
 IDLE=${BENCH_IDLE:-1000}     # idle connections for the memory figure
 
 need=()
