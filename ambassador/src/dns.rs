@@ -33,10 +33,11 @@ use hickory_server::proto::serialize::binary::{BinDecoder, BinEncodable, BinEnco
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
 use runtime::watch::Kv;
-use schema::records::{self, EndpointRecord, PortAllocRecord};
-use schema::{Key, Prefix};
+use schema::Prefix;
 use tokio::sync::watch;
 use tracing::debug;
+
+use crate::routes;
 
 /// What the zone answers with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,13 +377,7 @@ impl Zone {
             IpAddr::V4(v4) => Record::from_rdata(owner, ttl, RData::A(A(v4))),
             IpAddr::V6(v6) => Record::from_rdata(owner, ttl, RData::AAAA(AAAA(v6))),
         };
-        for (key, kv) in allocs {
-            let Ok(Key::PortAlloc(sp)) = prefix.parse(key) else {
-                continue;
-            };
-            let Ok(alloc) = records::decode::<PortAllocRecord>(key, &kv.value) else {
-                continue;
-            };
+        for (sp, port) in routes::allocations(prefix, allocs) {
             let Some(service) = name(&format!("{}.{}", sp.service.job, sp.service.stack)) else {
                 continue;
             };
@@ -394,24 +389,12 @@ impl Zone {
                 zone.add(Record::from_rdata(
                     srv,
                     ttl,
-                    RData::SRV(SRV::new(0, 0, alloc.port, service)),
+                    RData::SRV(SRV::new(0, 0, port, service)),
                 ));
             }
         }
-        for (key, kv) in services {
-            let Ok(Key::Endpoint {
-                service_port: sp,
-                instance,
-            }) = prefix.parse(key)
-            else {
-                continue;
-            };
-            let Ok(rec) = records::decode::<EndpointRecord>(key, &kv.value) else {
-                continue;
-            };
-            let Ok(ip) = rec.addr.parse::<IpAddr>() else {
-                continue;
-            };
+        for e in routes::endpoints(prefix, services) {
+            let (sp, instance, ip) = (&e.service_port, &e.instance, e.addr.ip());
             let service = format!("{}.{}.endpoints", sp.service.job, sp.service.stack);
             let (Some(owner), Some(srv), Some(target)) = (
                 name(&service),
@@ -428,7 +411,7 @@ impl Zone {
             zone.add(Record::from_rdata(
                 srv,
                 ttl,
-                RData::SRV(SRV::new(0, 0, rec.port, target)),
+                RData::SRV(SRV::new(0, 0, e.addr.port(), target)),
             ));
         }
         zone

@@ -179,49 +179,31 @@ impl Routes {
             }
         }
         let mut backends: HashMap<ServicePort, Vec<Arc<Backend>>> = HashMap::new();
-        for (key, kv) in endpoints {
-            let Ok(Key::Endpoint {
-                service_port,
-                instance,
-            }) = prefix.parse(key)
-            else {
-                continue;
-            };
-            let Ok(rec) = records::decode::<EndpointRecord>(key, &kv.value) else {
-                continue;
-            };
-            let Ok(ip) = rec.addr.parse::<std::net::IpAddr>() else {
-                continue;
-            };
-            let addr = SocketAddr::new(ip, rec.port);
-            let instance = instance.to_string();
+        for e in self::endpoints(prefix, endpoints) {
+            let instance = e.instance.to_string();
             let backend = old_backends
-                .get(&(instance.as_str(), addr))
+                .get(&(instance.as_str(), e.addr))
                 .map(|b| Arc::clone(b))
-                .unwrap_or_else(|| Arc::new(Backend::new(instance, addr, rec.host.to_string())));
-            backends.entry(service_port).or_default().push(backend);
+                .unwrap_or_else(|| {
+                    Arc::new(Backend::new(instance, e.addr, e.record.host.to_string()))
+                });
+            backends.entry(e.service_port).or_default().push(backend);
         }
         let mut by_port = BTreeMap::new();
-        for (key, kv) in allocs {
-            let Ok(Key::PortAlloc(service_port)) = prefix.parse(key) else {
-                continue;
-            };
+        for (service_port, port) in allocations(prefix, allocs) {
             if service_port.proto != schema::Proto::Tcp {
                 continue; // the TCP proxy serves TCP service ports
             }
-            let Ok(rec) = records::decode::<PortAllocRecord>(key, &kv.value) else {
-                continue;
-            };
             let stats = old_stats
                 .get(&service_port)
                 .map(|s| Arc::clone(s))
                 .unwrap_or_default();
             let list = backends.remove(&service_port).unwrap_or_default();
             by_port.insert(
-                rec.port,
+                port,
                 Arc::new(Service {
                     service_port,
-                    port: rec.port,
+                    port,
                     backends: list,
                     stats,
                 }),
@@ -229,6 +211,53 @@ impl Routes {
         }
         Routes { by_port }
     }
+}
+
+/// One live endpoint as read from a `services/` key.
+pub struct EndpointEntry {
+    pub service_port: ServicePort,
+    pub instance: schema::Instance,
+    pub record: EndpointRecord,
+    pub addr: SocketAddr,
+}
+
+/// The endpoints among the watched `services/` keys; keys or values that do not parse are
+/// skipped (the routes and the DNS zone read them alike).
+pub fn endpoints<'a>(
+    prefix: &'a Prefix,
+    keys: &'a BTreeMap<String, Kv>,
+) -> impl Iterator<Item = EndpointEntry> + 'a {
+    keys.iter().filter_map(move |(key, kv)| {
+        let Ok(Key::Endpoint {
+            service_port,
+            instance,
+        }) = prefix.parse(key)
+        else {
+            return None;
+        };
+        let record = records::decode::<EndpointRecord>(key, &kv.value).ok()?;
+        let ip = record.addr.parse::<std::net::IpAddr>().ok()?;
+        Some(EndpointEntry {
+            service_port,
+            instance,
+            addr: SocketAddr::new(ip, record.port),
+            record,
+        })
+    })
+}
+
+/// The allocations among the watched `ports/alloc/` keys: (service port, ambassador port).
+pub fn allocations<'a>(
+    prefix: &'a Prefix,
+    keys: &'a BTreeMap<String, Kv>,
+) -> impl Iterator<Item = (ServicePort, u16)> + 'a {
+    keys.iter().filter_map(move |(key, kv)| {
+        let Ok(Key::PortAlloc(service_port)) = prefix.parse(key) else {
+            return None;
+        };
+        let rec = records::decode::<PortAllocRecord>(key, &kv.value).ok()?;
+        Some((service_port, rec.port))
+    })
 }
 
 #[cfg(test)]
