@@ -12,47 +12,13 @@ SECS=${BENCH_SECS:-10}       # length of each load run
 ROUNDS=${BENCH_ROUNDS:-3}
 SERVICES=${BENCH_SERVICES:-100}
 
-need=()
-command -v dnsperf >/dev/null || need+=(dnsperf)
-command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
-command -v iperf3 >/dev/null || need+=(iperf3)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" -eq 0 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/tmp/viking-bench-apt.log 2>&1 \
-      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >>/tmp/viking-bench-apt.log 2>&1; }
-  else
-    echo "harness: missing ${need[*]}; sudo apt-get install -y ${need[*]}" >&2
-    exit 1
-  fi
-fi
+source benches/common.sh
+need dnsperf:dnsperf dnsmasq:dnsmasq-base iperf3:iperf3
 bash scripts/setup.sh
 cargo build --release -q -p ambassador
 AMB=target/release/ambassador
 
-work=$(mktemp -d /tmp/viking-dns-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "harness: nothing listens on $1" >&2; return 1; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
-
-ETCD_PORT=$(free_port); PEER_PORT=$(free_port)
-etcd --name bench --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
-  --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls "http://127.0.0.1:$PEER_PORT" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$PEER_PORT" --initial-cluster "bench=http://127.0.0.1:$PEER_PORT" \
-  --log-level error --logger zap >"$work/etcd.log" 2>&1 &
-pids+=($!)
-wait_port "$ETCD_PORT"
-export ETCDCTL_API=3
-ctl() { etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT" "$@" >/dev/null; }
+start_etcd
 
 IPERF=$(free_port)
 iperf3 -s -p "$IPERF" -B 127.0.0.1 >/dev/null 2>&1 &

@@ -20,49 +20,13 @@ BACKEND_IP=${BENCH_BACKEND_IP:-127.0.0.1}
 backend() { if [ -n "${BENCH_BACKEND_NS:-}" ]; then exec ip netns exec "$BENCH_BACKEND_NS" "$@"; else exec "$@"; fi; }
 IDLE=${BENCH_IDLE:-1000}     # idle connections for the memory figure
 
-need=()
-command -v iperf3 >/dev/null || need+=(iperf3)
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx)
-command -v haproxy >/dev/null || need+=(haproxy)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" -eq 0 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/tmp/viking-bench-apt.log 2>&1 \
-      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >>/tmp/viking-bench-apt.log 2>&1; }
-  else
-    echo "harness: missing ${need[*]}; sudo apt-get install -y ${need[*]}" >&2
-    exit 1
-  fi
-fi
+source benches/common.sh
+need iperf3:iperf3 wrk:wrk nginx:nginx haproxy:haproxy
 bash scripts/setup.sh
 cargo build --release -q -p ambassador
 AMB=target/release/ambassador
 
-work=$(mktemp -d /tmp/viking-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { local host=${2:-127.0.0.1}; for _ in $(seq 1 200); do (exec 3<>/dev/tcp/"$host"/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "harness: nothing listens on $1" >&2; tail -n 5 "$work"/*.log "$work"/*.err 2>/dev/null >&2; return 1; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-hz=$(getconf CLK_TCK)
-
-# etcd, private to this run.
-ETCD_PORT=$(free_port); PEER_PORT=$(free_port)
-etcd --name bench --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
-  --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls "http://127.0.0.1:$PEER_PORT" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$PEER_PORT" --initial-cluster "bench=http://127.0.0.1:$PEER_PORT" \
-  --log-level error --logger zap >"$work/etcd.log" 2>&1 &
-pids+=($!)
-wait_port "$ETCD_PORT"
-export ETCDCTL_API=3
-ctl() { etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT" "$@" >/dev/null; }
+start_etcd
 
 # Backends: iperf3 for bulk, nginx for requests.
 IPERF=$(free_port); NGINX=$(free_port)

@@ -1,0 +1,52 @@
+# Shared by the bench harnesses (sourced, not run): tools, a work dir cleaned up on exit with
+# every process it started, free ports, CPU and memory readings, a private etcd.
+
+# need CMD:PACKAGE ... : installs what is missing with apt when root, else says what to run.
+need() {
+  local missing=() pair
+  for pair in "$@"; do command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "harness: missing ${missing[*]}; sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/viking-bench-apt.log 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >>/tmp/viking-bench-apt.log 2>&1; }
+}
+
+work=$(mktemp -d /tmp/viking-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# wait_port PORT [HOST]
+wait_port() {
+  local host=${2:-127.0.0.1}
+  for _ in $(seq 1 200); do (exec 3<>/dev/tcp/"$host"/"$1") 2>/dev/null && return 0; sleep 0.05; done
+  echo "harness: nothing listens on $host:$1" >&2
+  tail -n 5 "$work"/*.log "$work"/*.err 2>/dev/null >&2
+  return 1
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+hz=$(getconf CLK_TCK)
+
+# A private etcd on a free loopback port: sets ETCD_PORT and defines ctl (etcdctl).
+start_etcd() {
+  ETCD_PORT=$(free_port)
+  local peer; peer=$(free_port)
+  etcd --name bench --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls "http://127.0.0.1:$peer" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$peer" --initial-cluster "bench=http://127.0.0.1:$peer" \
+    --log-level error --logger zap >"$work/etcd.log" 2>&1 &
+  pids+=($!)
+  wait_port "$ETCD_PORT"
+  export ETCDCTL_API=3
+}
+ctl() { etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT" "$@" >/dev/null; }
