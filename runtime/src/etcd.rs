@@ -160,7 +160,7 @@ impl EtcdArgs {
                 (e, ok)
             }
         });
-        let live: Vec<String> = futures_join_all(probes)
+        let live: Vec<String> = futures_util::future::join_all(probes)
             .await
             .into_iter()
             .filter_map(|(e, ok)| ok.then_some(e))
@@ -172,20 +172,6 @@ impl EtcdArgs {
         only_live.endpoints = live;
         only_live.connect().await
     }
-}
-
-/// Runs futures concurrently and collects their outputs in order.
-async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.expect("probe task"));
-    }
-    out
 }
 
 fn read_file(path: &PathBuf, flag: &str) -> Result<Vec<u8>, EtcdError> {
