@@ -17,7 +17,7 @@ use etcd_client::{EventType, WatchOptions};
 use registrator::{Config, Settings};
 use schema::{HostId, Prefix};
 use testkit::Etcd;
-use testkit::docker::{self, IMAGE, docker_ok};
+use testkit::docker::{self, Container, IMAGE, docker_ok};
 use tokio_util::sync::CancellationToken;
 
 const CONTAINERS: usize = 50;
@@ -70,12 +70,9 @@ async fn main() {
     let mut start_ms = Vec::new();
     let mut death_ms = Vec::new();
     for _ in 0..CONTAINERS {
-        let id = docker_ok(
+        let container = Container::create(
             None,
             &[
-                "create",
-                "--label",
-                "viking.test=1",
                 "-l",
                 &label,
                 "-l",
@@ -89,8 +86,8 @@ async fn main() {
                 "8080",
             ],
         );
-        let container = ContainerGuard(id.clone());
-        docker_ok(None, &["start", &id]);
+        let id = container.id().to_owned();
+        container.act("start");
         let returned = SystemTime::now();
         let (kind, key, at) = events.recv().await.expect("watch");
         assert!(
@@ -125,15 +122,6 @@ async fn main() {
         "container died (State.FinishedAt) -> DELETE seen",
         &mut death_ms,
     );
-}
-
-/// Removes the container even when an assertion fails.
-struct ContainerGuard(String);
-
-impl Drop for ContainerGuard {
-    fn drop(&mut self) {
-        let _ = docker::docker(None, &["rm", "-f", &self.0]);
-    }
 }
 
 /// Milliseconds from Docker's RFC 3339 time `t` (UTC, nanoseconds) to `until`.

@@ -134,6 +134,17 @@ impl Container {
         }
     }
 
+    /// `docker create --label viking.test=1 <args>`: created, not started (see [`Self::act`]).
+    pub fn create(host: Option<&str>, args: &[&str]) -> Container {
+        let mut full = vec!["create", "--label", "viking.test=1"];
+        full.extend_from_slice(args);
+        let id = docker_ok(host, &full);
+        Container {
+            host: host.map(str::to_owned),
+            id,
+        }
+    }
+
     /// The full id.
     pub fn id(&self) -> &str {
         &self.id
