@@ -607,6 +607,15 @@ async fn a_deploy_while_traffic_flows_reaches_every_host() {
     )
     .expect("write stack");
     let path = dir.path().to_str().expect("utf-8").to_owned();
+    // Requests through a's ambassador run while the deploy happens.
+    let traffic = {
+        let env = cluster.viking(None, &["env", "app/client"]);
+        let host = cluster.host("a").dockerd.host();
+        std::thread::spawn(move || {
+            docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", 30)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
     cluster.viking(None, &["deploy", &path, "--name", "extra"]);
     let deployed = Instant::now();
     let db_port: u16 = cluster
@@ -637,6 +646,11 @@ async fn a_deploy_while_traffic_flows_reaches_every_host() {
     eprintln!(
         "new port on every host {:?} after the deploy",
         deployed.elapsed()
+    );
+    let (answers, failures) = traffic.join().expect("traffic");
+    assert_eq!(
+        failures, 0,
+        "requests failed during the deploy: {answers:?}"
     );
 
     use std::io::{Read, Write};
