@@ -2,6 +2,8 @@
 # Installs what viking needs to build and test on Debian/Ubuntu, idempotently.
 #
 #   protobuf-compiler  protoc, for etcd-client's build script
+#   libprotobuf-dev    protobuf's well-known .proto files, which etcd-client's protos import
+#                      (a Recommends of protobuf-compiler, so not pulled in below)
 #   etcd-server        etcd: every test talks to a real etcd
 #   etcd-client        etcdctl, for the scripts (Debian ships it apart from the server)
 #   nftables iproute2  locknet and the network-namespace tests
@@ -16,6 +18,7 @@ set -euo pipefail
 
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v nft >/dev/null 2>&1 || need+=(nftables)

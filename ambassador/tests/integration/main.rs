@@ -180,8 +180,11 @@ impl Backend {
     }
 
     /// Stops accepting and closes the listening socket: new connects are refused.
-    pub fn kill(&self) {
+    /// Waits until the task (and with it the socket) is gone: `abort` alone only
+    /// asks, and a connect in between would be accepted and then reset.
+    pub async fn kill(&mut self) {
         self.task.abort();
+        let _ = (&mut self.task).await;
     }
 }
 

@@ -216,7 +216,7 @@ async fn endpoint_changes_reach_new_connections_within_100_ms_and_spare_open_one
 async fn one_of_two_backends_killed_200_new_connections_all_succeed() {
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
-    let (b0, b1) = (Backend::start("b0").await, Backend::start("b1").await);
+    let (mut b0, b1) = (Backend::start("b0").await, Backend::start("b1").await);
     let port = put_alloc(&mut c, SP).await;
     put_endpoint(&mut c, SP, "h0", 0, b0.addr).await;
     put_endpoint(&mut c, SP, "h1", 1, b1.addr).await;
@@ -228,7 +228,7 @@ async fn one_of_two_backends_killed_200_new_connections_all_succeed() {
         *seen.entry(who(addr).await.unwrap()).or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 2, "both backends serve: {seen:?}");
-    b0.kill();
+    b0.kill().await;
     // Its endpoint stays in etcd (as when a host dies before its lease runs out).
     for i in 0..200 {
         let w = who(addr)
