@@ -1,31 +1,40 @@
 //! The data path: bytes between client and backend, each direction on its own.
 //!
-//! A direction starts with buffered copies (a buffer allocated only while bytes flow, so an
-//! idle connection holds none) and switches to zero-copy `splice()` through a pipe once it has
-//! carried [`RelayConfig::splice_after`] bytes: request/response traffic stays on the cheaper
-//! path for small messages, bulk streams move without copying through user space.
+//! A direction starts with buffered copies and switches to zero-copy `splice()` through a pipe
+//! once it has carried [`RelayConfig::splice_after`] bytes: request/response traffic stays on
+//! the cheaper path for small messages, bulk streams move without copying through user space.
+//!
+//! The relay is one hand-written poll function over a small state per direction, not a tree
+//! of futures: an idle connection holds two sockets, this state and one timer, and no buffer
+//! (copies go through a per-thread scratch buffer; only bytes the destination could not take
+//! yet are kept, in a buffer of their own). A splicing direction fills its pipe from the
+//! source while the destination drains it, so neither side waits for the other's turn.
 //!
 //! No `unsafe` here: nix's `splice`, `pipe2` and `fcntl` wrappers take owned or borrowed fds.
 //! End of stream on one side is passed on as a write shutdown on the other (half-close in both
 //! directions); the relay ends when both directions have ended, or on the first error.
 
+use std::cell::RefCell;
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// Sizes chosen by measurement (see ARCHITECTURE.md).
 #[derive(Debug, Clone, Copy)]
 pub struct RelayConfig {
-    /// Buffer of the copying path.
+    /// Most bytes one read of the copying path takes.
     pub buffer: usize,
     /// Bytes a direction carries by copying before it switches to splice; `u64::MAX` never.
     pub splice_after: u64,
-    /// Pipe capacity asked for with F_SETPIPE_SZ, and the most one splice moves.
+    /// Pipe capacity asked for with F_SETPIPE_SZ.
     pub pipe_size: usize,
     /// A connection with no bytes either way for this long is closed.
     pub idle_timeout: Duration,
@@ -60,167 +69,285 @@ pub enum Ended {
     Failed(Moved, io::Error),
 }
 
-/// Relays until both directions end. `up`/`down` count bytes as they move, so metrics and
-/// shutdown logs see live numbers.
-pub async fn relay(
-    client: &TcpStream,
-    backend: &TcpStream,
-    config: &RelayConfig,
-    up: &AtomicU64,
-    down: &AtomicU64,
-) -> Ended {
-    let start = Instant::now();
-    // Milliseconds since `start` of the last byte moved, either way.
-    let last = AtomicU64::new(0);
-    let moved = || Moved {
-        up: up.load(Ordering::Relaxed),
-        down: down.load(Ordering::Relaxed),
-    };
-    // The futures are built in place, not in locals first: a moved-from local keeps its
-    // space in the state machine, and this one lives as long as the connection.
-    tokio::select! {
-        r = async {
-            tokio::try_join!(
-                direction(client, backend, config, up, &last, start),
-                direction(backend, client, config, down, &last, start),
-            )
-        } => match r {
-            Ok(_) => Ended::Done(moved()),
-            Err(e) => Ended::Failed(moved(), e),
-        },
-        () = idle(config.idle_timeout, &last, start) => Ended::Idle(moved()),
-    }
-}
-
-/// Resolves once nothing has moved for `limit`.
-async fn idle(limit: Duration, last: &AtomicU64, start: Instant) {
-    loop {
-        let since = start
-            .elapsed()
-            .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-        if since >= limit {
-            return;
+/// Relays until both directions end.
+pub async fn relay(mut client: TcpStream, mut backend: TcpStream, config: &RelayConfig) -> Ended {
+    let mut to_backend = Direction::default();
+    let mut to_client = Direction::default();
+    let mut last = Instant::now();
+    let idle = tokio::time::sleep(config.idle_timeout);
+    tokio::pin!(idle);
+    poll_fn(|cx| {
+        let mut active = false;
+        let down_done = to_client.is_done();
+        let up = to_backend.poll(
+            cx,
+            &mut client,
+            &mut backend,
+            config,
+            down_done,
+            &mut active,
+        );
+        let up_done = to_backend.is_done();
+        let down = to_client.poll(cx, &mut backend, &mut client, config, up_done, &mut active);
+        let moved = Moved {
+            up: to_backend.moved,
+            down: to_client.moved,
+        };
+        if let Poll::Ready(Err(e)) = up {
+            return Poll::Ready(Ended::Failed(moved, e));
         }
-        tokio::time::sleep(limit - since).await;
-    }
+        if let Poll::Ready(Err(e)) = down {
+            return Poll::Ready(Ended::Failed(moved, e));
+        }
+        if to_backend.is_done() && to_client.is_done() {
+            return Poll::Ready(Ended::Done(moved));
+        }
+        if active {
+            last = Instant::now();
+        }
+        // The timer is set once and moved on only when it fires early: no timer work per byte.
+        while idle.as_mut().poll(cx).is_ready() {
+            let deadline = last + config.idle_timeout;
+            if deadline <= Instant::now() {
+                return Poll::Ready(Ended::Idle(moved));
+            }
+            idle.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
-/// One direction: `src` to `dst`, then a write shutdown of `dst`.
-async fn direction(
-    src: &TcpStream,
-    dst: &TcpStream,
-    config: &RelayConfig,
-    counter: &AtomicU64,
-    last: &AtomicU64,
-    start: Instant,
-) -> io::Result<()> {
-    let mut moved: u64 = 0;
-    let touch = |n: usize| {
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    };
-    // Copying phase.
-    'copy: while moved < config.splice_after {
-        src.readable().await?;
-        // One buffer per burst, dropped once the socket is drained, so an idle connection
-        // holds none; reads go into spare capacity, so it is never zeroed.
-        let mut buf = Vec::with_capacity(config.buffer);
+/// One direction's state.
+#[derive(Default)]
+struct Direction {
+    /// Bytes written to the destination so far.
+    moved: u64,
+    phase: Phase,
+}
+
+#[derive(Default)]
+enum Phase {
+    /// Copying through user space; `held[at..]` was read but not yet taken by the destination.
+    #[default]
+    Copying,
+    Held {
+        held: Vec<u8>,
+        at: usize,
+    },
+    /// Copying for good: no pipe could be had (e.g. out of file descriptors).
+    CopyingOnly,
+    Splicing(Box<Pipe>),
+    /// End of stream passed on.
+    Done,
+}
+
+/// A pipe between the two sockets and what it holds.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+    /// Bytes in the pipe.
+    held: usize,
+    /// The source reached end of stream.
+    eof: bool,
+    /// The last fill found the pipe full: wait for the destination to take some first.
+    full: bool,
+}
+
+thread_local! {
+    /// The copying path's read buffer, shared by every connection this thread polls.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
+
+impl Direction {
+    fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// Moves what can be moved now. `Ready(Ok)` once the end of stream is passed on (and on
+    /// every later call); `Pending` with wake-ups registered for what it waits on. When the
+    /// other direction is done already, this end of stream needs no shutdown: the relay
+    /// ends and closing the sockets says it (one system call less per connection).
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut TcpStream,
+        dst: &mut TcpStream,
+        config: &RelayConfig,
+        other_done: bool,
+        active: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        let Direction { moved, phase } = self;
+        let mut wrote = |moved: &mut u64, n: usize| {
+            *moved += n as u64;
+            *active = true;
+        };
         loop {
-            buf.clear();
-            let n = match src.try_read_buf(&mut buf) {
-                Ok(0) => return shutdown_write(dst),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            };
-            write_all(dst, &buf[..n]).await?;
-            touch(n);
-            moved += n as u64;
-            if moved >= config.splice_after {
-                break 'copy;
+            match phase {
+                Phase::Done => return Poll::Ready(Ok(())),
+                Phase::Held { held, at } => {
+                    while *at < held.len() {
+                        let n = ready!(Pin::new(&mut *dst).poll_write(cx, &held[*at..]))?;
+                        if n == 0 {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                        }
+                        *at += n;
+                        wrote(moved, n);
+                    }
+                    *phase = Phase::Copying;
+                }
+                Phase::Copying if *moved >= config.splice_after => {
+                    *phase = match Pipe::new(config.pipe_size) {
+                        Ok(pipe) => Phase::Splicing(Box::new(pipe)),
+                        Err(_) => Phase::CopyingOnly,
+                    };
+                }
+                Phase::Copying | Phase::CopyingOnly => {
+                    let copied = SCRATCH.with_borrow_mut(|buf| {
+                        if buf.len() < config.buffer {
+                            buf.resize(config.buffer, 0);
+                        }
+                        let mut read = ReadBuf::new(&mut buf[..config.buffer]);
+                        ready!(Pin::new(&mut *src).poll_read(cx, &mut read))?;
+                        let data = read.filled();
+                        if data.is_empty() {
+                            return Poll::Ready(Ok(None));
+                        }
+                        let mut written = 0;
+                        while written < data.len() {
+                            match Pin::new(&mut *dst).poll_write(cx, &data[written..]) {
+                                Poll::Ready(Ok(0)) => {
+                                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                                }
+                                Poll::Ready(Ok(n)) => written += n,
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Pending => break,
+                            }
+                        }
+                        let rest = (written < data.len()).then(|| data[written..].to_vec());
+                        Poll::Ready(Ok(Some((written, rest))))
+                    });
+                    let Some((written, rest)) = ready!(copied)? else {
+                        *phase = Phase::Done;
+                        return Poll::Ready(pass_on_end(dst, other_done));
+                    };
+                    wrote(moved, written);
+                    if let Some(held) = rest {
+                        *phase = Phase::Held { held, at: 0 };
+                    }
+                }
+                Phase::Splicing(pipe) => {
+                    let (n, state) = pipe.poll(cx, src, dst)?;
+                    if n > 0 {
+                        wrote(moved, n);
+                    }
+                    ready!(state);
+                    *phase = Phase::Done;
+                    return Poll::Ready(pass_on_end(dst, other_done));
+                }
             }
         }
-    }
-    // Splicing phase: socket -> pipe -> socket, no copy through user space.
-    let (pipe_r, pipe_w) = match pipe(config.pipe_size) {
-        Ok(p) => p,
-        // Rare (out of file descriptors): boxed so it costs no space in every connection.
-        Err(_) => return Box::pin(copy_rest(src, dst, config, &touch)).await,
-    };
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    loop {
-        let n = loop {
-            src.readable().await?;
-            match src.try_io(Interest::READABLE, || {
-                splice(
-                    src.as_fd(),
-                    None,
-                    pipe_w.as_fd(),
-                    None,
-                    config.pipe_size,
-                    flags,
-                )
-                .map_err(io::Error::from)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        };
-        if n == 0 {
-            return shutdown_write(dst);
-        }
-        let mut left = n;
-        while left > 0 {
-            dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(pipe_r.as_fd(), None, dst.as_fd(), None, left, flags)
-                    .map_err(io::Error::from)
-            }) {
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        touch(n);
     }
 }
 
-/// The copying path to the end, where no pipe could be had (e.g. out of file descriptors).
-///
-/// It repeats `direction`'s copying loop on purpose: sharing one helper future between the
-/// two made every connection task 192 bytes larger (measured: 1,808 -> 2,000 bytes), and task
-/// size is memory per idle connection.
-async fn copy_rest(
-    src: &TcpStream,
-    dst: &TcpStream,
-    config: &RelayConfig,
-    touch: &(dyn Fn(usize) + Sync),
-) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(config.buffer);
-    loop {
-        src.readable().await?;
-        buf.clear();
-        let n = match src.try_read_buf(&mut buf) {
-            Ok(0) => return shutdown_write(dst),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        write_all(dst, &buf[..n]).await?;
-        touch(n);
+impl Pipe {
+    fn new(size: usize) -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // Larger pipes mean fewer splice calls; the kernel may refuse (pipe-max-size), which
+        // only costs speed.
+        let capacity = fcntl(&write, FcntlArg::F_SETPIPE_SZ(size as i32))
+            .or_else(|_| fcntl(&write, FcntlArg::F_GETPIPE_SZ))
+            .map_or(64 * 1024, |c| c as usize);
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+            held: 0,
+            eof: false,
+            full: false,
+        })
+    }
+
+    /// Fills from `src` and drains into `dst` until both wait. Returns the bytes written to
+    /// `dst`, and `Ready` once the source ended and the pipe is empty.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+    ) -> io::Result<(usize, Poll<()>)> {
+        let mut moved = 0;
+        loop {
+            let mut again = false;
+            if !self.eof && !self.full && self.held < self.capacity {
+                if let Poll::Ready(r) = src.poll_read_ready(cx) {
+                    r?;
+                    again = true;
+                    let len = self.capacity - self.held;
+                    let fill = || {
+                        splice(src.as_fd(), None, self.write.as_fd(), None, len, FLAGS)
+                            .map_err(io::Error::from)
+                    };
+                    // Into an empty pipe, EAGAIN can only mean the socket is drained, and
+                    // `try_io` then clears its readiness. Into a pipe that holds bytes it may
+                    // mean the pipe is full (its slots, not its bytes, ran out): then the
+                    // socket's readiness must stay, and we fill again once the pipe drained.
+                    let filled = if self.held == 0 {
+                        src.try_io(Interest::READABLE, fill)
+                    } else {
+                        fill()
+                    };
+                    match filled {
+                        Ok(0) => self.eof = true,
+                        Ok(n) => self.held += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.full = self.held > 0;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if self.held > 0 {
+                if let Poll::Ready(r) = dst.poll_write_ready(cx) {
+                    r?;
+                    again = true;
+                    let drained = dst.try_io(Interest::WRITABLE, || {
+                        splice(self.read.as_fd(), None, dst.as_fd(), None, self.held, FLAGS)
+                            .map_err(io::Error::from)
+                    });
+                    match drained {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => {
+                            self.held -= n;
+                            self.full = false;
+                            moved += n;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if self.eof && self.held == 0 {
+                return Ok((moved, Poll::Ready(())));
+            }
+            if !again {
+                return Ok((moved, Poll::Pending));
+            }
+        }
     }
 }
 
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match dst.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
-            Err(e) => return Err(e),
-        }
+/// End of stream from the source: a write shutdown of the destination, unless the relay is
+/// about to close both sockets anyway (the other direction ended already).
+fn pass_on_end(dst: &TcpStream, other_done: bool) -> io::Result<()> {
+    if other_done {
+        Ok(())
+    } else {
+        shutdown_write(dst)
     }
-    Ok(())
 }
 
 fn shutdown_write(s: &TcpStream) -> io::Result<()> {
@@ -230,11 +357,79 @@ fn shutdown_write(s: &TcpStream) -> io::Result<()> {
     }
 }
 
-/// A non-blocking pipe of (at least) `size` bytes: (read end, write end).
-fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd)> {
-    let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-    // Larger pipes mean fewer splice calls; the kernel may refuse (pipe-max-size), which
-    // only costs speed.
-    let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(size as i32));
-    Ok((r, w))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Two loopback connections: (client, the relay's client side, the relay's backend side,
+    /// backend).
+    async fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (from_client, _) = listener.accept().await.unwrap();
+        let to_backend = TcpStream::connect(addr).await.unwrap();
+        let (backend, _) = listener.accept().await.unwrap();
+        (client, from_client, to_backend, backend)
+    }
+
+    #[tokio::test]
+    async fn half_close_each_way_then_done_with_the_counts() {
+        let (mut client, a, b, mut backend) = sockets().await;
+        let relay = tokio::spawn(async move { relay(a, b, &RelayConfig::default()).await });
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.unwrap();
+        assert_eq!(
+            got, b"request",
+            "the backend reads the request, then end of stream"
+        );
+        // The client's sending half is closed; its receiving half still works.
+        backend.write_all(b"response").await.unwrap();
+        backend.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"response");
+        match relay.await.unwrap() {
+            Ended::Done(m) => assert_eq!(m, Moved { up: 7, down: 8 }),
+            other => panic!("expected Done, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_keeps_a_connection_open_and_silence_closes_it() {
+        let (mut client, a, b, mut backend) = sockets().await;
+        let config = RelayConfig {
+            idle_timeout: Duration::from_secs(10),
+            ..RelayConfig::default()
+        };
+        let start = Instant::now();
+        let relay = tokio::spawn(async move { relay(a, b, &config).await });
+        let mut byte = [0u8; 1];
+        // A byte every 6 s: never 10 s of silence, so the relay outlives its first deadline.
+        for _ in 0..3 {
+            client.write_all(b"x").await.unwrap();
+            backend.read_exact(&mut byte).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(6)).await;
+        }
+        assert!(!relay.is_finished(), "closed while bytes still moved");
+        match relay.await.unwrap() {
+            Ended::Idle(m) => assert_eq!(m, Moved { up: 3, down: 0 }),
+            other => panic!("expected Idle, got {other:?}"),
+        }
+        // The last byte went at 12 s: closed 10 s later, not at the first deadline.
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(22) && took < Duration::from_secs(23),
+            "closed after {took:?}"
+        );
+        assert_eq!(
+            backend.read(&mut byte).await.unwrap(),
+            0,
+            "backend sees the close"
+        );
+    }
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::relay::{self, Ended, RelayConfig};
+use crate::relay::{self, Ended, Moved, RelayConfig};
 use crate::routes::{Routes, Service};
 
 /// Settings of one ambassador.
@@ -273,6 +273,10 @@ pub async fn run(
         background.clone(),
     ));
     tokio::spawn(sync_routes(shared.clone(), alloc_rx, svc_rx).instrument(info_span!("sync")));
+    tokio::spawn(keep_timer_due(
+        shared.config.connect_timeout,
+        background.clone(),
+    ));
 
     // routes -> listeners.
     let global = Arc::new(Semaphore::new(shared.config.max_connections));
@@ -322,6 +326,21 @@ pub async fn run(
     };
     info!(drained = report.drained, cut = report.cut, "shut down");
     report
+}
+
+/// Keeps a timer due sooner than any connect deadline. tokio wakes its I/O driver (a write to
+/// an eventfd) whenever a new timer is due before the driver's next planned wake-up, which
+/// every connection's connect timeout would otherwise be: one system call per connection,
+/// measured with strace, traded for two wake-ups a second.
+async fn keep_timer_due(connect_timeout: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval((connect_timeout / 2).max(Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Applies watch updates to the two key maps and publishes a rebuilt table after each.
@@ -450,19 +469,24 @@ async fn accept_loop(
 ) {
     let local = Arc::new(Semaphore::new(shared.config.max_connections_per_listener));
     let mut backoff = runtime::Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
+    // One wait for the stop signal for the loop's life, not one registered per connection.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         // A permit before accept: at the limit, clients wait in the kernel's backlog.
         let permits = tokio::select! {
+            biased;
             p = async { (global.clone().acquire_owned().await, local.clone().acquire_owned().await) } => p,
-            () = stop.cancelled() => return,
+            () = &mut stopped => return,
         };
         let (Ok(g), Ok(l)) = permits else { return };
         let accepted = tokio::select! {
+            biased;
+            () = &mut stopped => return,
             a = listener.accept() => a,
-            () = stop.cancelled() => return,
         };
-        let (client, peer) = match accepted {
-            Ok(x) => x,
+        let client = match accepted {
+            Ok((client, _)) => client,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(port, error = %e, "accept failed; backing off");
@@ -477,18 +501,12 @@ async fn accept_loop(
         };
         let shared = shared.clone();
         let hard = hard.clone();
-        // Debug level: an enabled span per connection costs an allocation on the hot path.
-        let span =
-            tracing::debug_span!("conn", client.addr = %peer, service = %service.service_port);
-        let task = async move {
+        // No span per connection: it would cost space in every task and time on every
+        // accept; the few log lines of a connection name their service and backend.
+        tracker.spawn(async move {
             let _permits = (g, l);
-            tokio::select! {
-                () = handle(&shared, client, &service) => {}
-                () = hard.cancelled() => debug!("closed at the end of the grace period"),
-            }
-        }
-        .instrument(span);
-        tracker.spawn(task);
+            handle(&shared, client, &service, &hard).await;
+        });
     }
 }
 
@@ -531,48 +549,19 @@ impl Metrics {
     }
 }
 
-async fn handle(shared: &Shared, client: TcpStream, service: &Service) {
-    let m = &shared.metrics;
-    let sm = m.service(service);
+/// `hard` cuts the connection (at the end of the grace period after SIGTERM).
+async fn handle(shared: &Shared, client: TcpStream, service: &Service, hard: &CancellationToken) {
+    let sm = shared.metrics.service(service);
     sm.connections.inc();
     service.stats.connections.fetch_add(1, Ordering::Relaxed);
     let _ = client.set_nodelay(true);
-    let config = &shared.config;
-    let local = config.prefer_local.then_some(config.host.as_str());
-    let mut rng = fastrand::Rng::new();
-    let mut tried = Vec::new();
-    let mut connected = None;
-    while tried.len() < config.connect_attempts {
-        let Some(i) = service.pick(&tried, local, Instant::now(), &mut rng) else {
-            break;
-        };
-        tried.push(i);
-        let backend = &service.backends[i];
-        match connect(backend.addr, config.connect_timeout).await {
-            Ok(Ok(stream)) => {
-                backend.connected();
-                connected = Some((stream, backend));
-                break;
-            }
-            Ok(Err(e)) => debug!(backend = %backend.addr, error = %e, "connect failed"),
-            Err(_) => debug!(backend = %backend.addr, "connect timed out"),
-        }
-        let bl = BackendLabel {
-            service: sm.name.clone(),
-            backend: backend.addr.to_string(),
-        };
-        m.connect_errors.get_or_create(&bl).inc();
-        if backend.failed(Instant::now()) {
-            warn!(backend = %backend.addr, "backend ejected after consecutive connect failures");
-            m.ejections.get_or_create(&bl).inc();
-        }
-    }
+    // Boxed: the connect phase's state is freed once connected instead of taking space in
+    // the task for the connection's whole life.
+    let connected = tokio::select! {
+        c = Box::pin(connect_any(shared, service, sm)) => c,
+        () = hard.cancelled() => return,
+    };
     let Some((upstream, backend)) = connected else {
-        if service.backends.is_empty() {
-            warn!("no backends registered; is registrator running on the backend hosts?");
-        } else {
-            warn!(tried = tried.len(), "no backend answered");
-        }
         service.stats.failed.fetch_add(1, Ordering::Relaxed);
         sm.failed.inc();
         return;
@@ -582,32 +571,80 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service) {
     backend.connections.fetch_add(1, Ordering::Relaxed);
     service.stats.active.fetch_add(1, Ordering::Relaxed);
     sm.active.inc();
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let ended = relay::relay(&client, &upstream, &config.relay, &up, &down).await;
-    let moved = match &ended {
-        Ended::Done(m) => *m,
-        Ended::Idle(m) => {
-            debug!("closed after the idle timeout");
-            *m
+    // Built in place (not first bound to a local) so the task holds the relay's state once.
+    let ended = tokio::select! {
+        e = relay::relay(client, upstream, &shared.config.relay) => Some(e),
+        () = hard.cancelled() => None,
+    };
+    let moved = match ended {
+        None => {
+            debug!(service = %sm.name, backend = %backend.addr, "closed at the end of the grace period");
+            Moved::default()
         }
-        Ended::Failed(m, e) => {
-            debug!(error = %e, "relay ended with an error");
-            *m
+        Some(Ended::Done(m)) => m,
+        Some(Ended::Idle(m)) => {
+            debug!(service = %sm.name, backend = %backend.addr, "closed after the idle timeout");
+            m
+        }
+        Some(Ended::Failed(m, e)) => {
+            debug!(service = %sm.name, backend = %backend.addr, error = %e, "relay ended with an error");
+            m
         }
     };
-    service
-        .stats
-        .bytes_up
-        .fetch_add(moved.up, Ordering::Relaxed);
-    service
-        .stats
-        .bytes_down
-        .fetch_add(moved.down, Ordering::Relaxed);
+    let stats = &service.stats;
+    stats.bytes_up.fetch_add(moved.up, Ordering::Relaxed);
+    stats.bytes_down.fetch_add(moved.down, Ordering::Relaxed);
     sm.bytes_up.inc_by(moved.up);
     sm.bytes_down.inc_by(moved.down);
     backend.active.fetch_sub(1, Ordering::Relaxed);
-    service.stats.active.fetch_sub(1, Ordering::Relaxed);
+    stats.active.fetch_sub(1, Ordering::Relaxed);
     sm.active.dec();
+}
+
+/// Picks backends and connects, trying up to `connect_attempts` of them: the client sees no
+/// failure while a live backend exists. `None` when none answered.
+async fn connect_any<'s>(
+    shared: &Shared,
+    service: &'s Service,
+    sm: &ServiceMetrics,
+) -> Option<(TcpStream, &'s crate::routes::Backend)> {
+    let m = &shared.metrics;
+    let config = &shared.config;
+    let local = config.prefer_local.then_some(config.host.as_str());
+    let mut rng = fastrand::Rng::new();
+    let mut tried = Vec::new();
+    while tried.len() < config.connect_attempts {
+        let Some(i) = service.pick(&tried, local, Instant::now(), &mut rng) else {
+            break;
+        };
+        tried.push(i);
+        let backend = &service.backends[i];
+        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(stream)) => {
+                backend.connected();
+                return Some((stream, backend));
+            }
+            Ok(Err(e)) => {
+                debug!(service = %sm.name, backend = %backend.addr, error = %e, "connect failed")
+            }
+            Err(_) => debug!(service = %sm.name, backend = %backend.addr, "connect timed out"),
+        }
+        let bl = BackendLabel {
+            service: sm.name.clone(),
+            backend: backend.addr.to_string(),
+        };
+        m.connect_errors.get_or_create(&bl).inc();
+        if backend.failed(Instant::now()) {
+            warn!(service = %sm.name, backend = %backend.addr, "backend ejected after consecutive connect failures");
+            m.ejections.get_or_create(&bl).inc();
+        }
+    }
+    if service.backends.is_empty() {
+        warn!(service = %sm.name, "no backends registered; is registrator running on the backend hosts?");
+    } else {
+        warn!(service = %sm.name, tried = tried.len(), "no backend answered");
+    }
+    None
 }
 
 /// Kernel accept queue of each listener: bursts of new connections wait here, not in SYN
@@ -623,20 +660,4 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
-}
-
-/// The connect future, boxed by a plain function: it is large and finished once connected,
-/// and built inside an `async fn` it would keep its space in every connection's task for the
-/// connection's whole life (rustc does not reuse the storage of moved-from temporaries).
-fn connect(
-    addr: SocketAddr,
-    limit: Duration,
-) -> std::pin::Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<std::io::Result<TcpStream>, tokio::time::error::Elapsed>,
-            > + Send,
-    >,
-> {
-    Box::pin(tokio::time::timeout(limit, TcpStream::connect(addr)))
 }

@@ -28,12 +28,38 @@ impl Sum {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_256_mib_each_way_with_server_first_and_half_close() {
+    echo_each_way(256 << 20, |_| {}).await;
+}
+
+/// The copying path alone: with small reads, writes the backend cannot take at once are
+/// held and flushed before the next read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_64_mib_each_way_copying_only() {
+    echo_each_way(64 << 20, |c| {
+        c.relay.splice_after = u64::MAX;
+        c.relay.buffer = 1500;
+    })
+    .await;
+}
+
+/// Splicing from the first byte through the smallest pipe: the pipe fills (its slots run out
+/// before its bytes do) while the destination drains it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_64_mib_each_way_splicing_through_a_small_pipe() {
+    echo_each_way(64 << 20, |c| {
+        c.relay.splice_after = 0;
+        c.relay.pipe_size = 4096;
+    })
+    .await;
+}
+
+async fn echo_each_way(total: usize, tweak: impl FnOnce(&mut ambassador::Config)) {
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
     let backend = Backend::start("b0").await;
     let port = put_alloc(&mut c, SP).await;
     put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
-    let amb = Amb::start(&etcd, |_| {}).await;
+    let amb = Amb::start(&etcd, tweak).await;
     let addr = amb.listening(port).await;
     amb.wait_backends(port, 1, Duration::from_secs(5)).await;
 
@@ -43,14 +69,13 @@ async fn echo_256_mib_each_way_with_server_first_and_half_close() {
     s.read_exact(&mut greeting).await.unwrap();
     assert_eq!(&greeting, b"hello from b0\n");
 
-    const TOTAL: usize = 256 << 20;
     let (mut r, mut w) = s.into_split();
     let writer = tokio::spawn(async move {
         let mut rng = fastrand::Rng::with_seed(42);
         let mut sum = Sum::new();
         let mut chunk = vec![0u8; 64 * 1024];
         let mut sent = 0;
-        while sent < TOTAL {
+        while sent < total {
             rng.fill(&mut chunk);
             sum.add(&chunk);
             w.write_all(&chunk).await.unwrap();
@@ -74,12 +99,12 @@ async fn echo_256_mib_each_way_with_server_first_and_half_close() {
         sum.add(&buf[..n]);
         got += n;
     }
-    assert_eq!(got, TOTAL, "bytes back");
+    assert_eq!(got, total, "bytes back");
     assert_eq!(sum.0, writer.await.unwrap(), "checksum of what came back");
     let state = amb.shared.state_json();
     let svc = &state["services"][0];
-    assert_eq!(svc["bytes_up"], TOTAL as u64);
-    assert_eq!(svc["bytes_down"], TOTAL as u64 + 14);
+    assert_eq!(svc["bytes_up"], total as u64);
+    assert_eq!(svc["bytes_down"], total as u64 + 14);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
