@@ -81,7 +81,8 @@ struct Cli {
     #[arg(long, env = "VIKING_DNS_TTL", default_value = "5s", value_parser = parse_duration)]
     dns_ttl: Duration,
 
-    /// Bytes a direction copies before it switches to splice (0: splice at once)
+    /// Bytes a direction copies in back-to-back full buffers (bulk) before it switches to
+    /// splice (0: splice at once)
     #[arg(long, env = "VIKING_SPLICE_AFTER", default_value_t = 65_536)]
     splice_after: u64,
 }

@@ -1,8 +1,10 @@
 //! The data path: bytes between client and backend, each direction on its own.
 //!
 //! A direction starts with buffered copies and switches to zero-copy `splice()` through a pipe
-//! once it has carried [`RelayConfig::splice_after`] bytes: request/response traffic stays on
-//! the cheaper path for small messages, bulk streams move without copying through user space.
+//! once it carries bulk: [`RelayConfig::splice_after`] bytes in back-to-back reads that each
+//! filled the whole buffer. Request/response traffic, however long the connection lives, stays
+//! on the copying path, which costs two system calls per message where splice costs three;
+//! bulk streams move without copying through user space.
 //!
 //! The relay is one hand-written poll function over a small state per direction, not a tree
 //! of futures: an idle connection holds two sockets, this state and one timer, and no buffer
@@ -32,7 +34,8 @@ use tokio::time::Instant;
 pub struct RelayConfig {
     /// Most bytes one read of the copying path takes.
     pub buffer: usize,
-    /// Bytes a direction carries by copying before it switches to splice; `u64::MAX` never.
+    /// Bytes a direction copies in back-to-back full-buffer reads (a sign of bulk) before it
+    /// switches to splice; 0: splice from the start; `u64::MAX`: never.
     pub splice_after: u64,
     /// Pipe capacity asked for with F_SETPIPE_SZ.
     pub pipe_size: usize,
@@ -123,6 +126,8 @@ pub async fn relay(mut client: TcpStream, mut backend: TcpStream, config: &Relay
 struct Direction {
     /// Bytes written to the destination so far.
     moved: u64,
+    /// Bytes of the current run of reads that each filled the whole buffer.
+    bulk: u64,
     phase: Phase,
 }
 
@@ -180,7 +185,7 @@ impl Direction {
         other_done: bool,
         active: &mut bool,
     ) -> Poll<io::Result<()>> {
-        let Direction { moved, phase } = self;
+        let Direction { moved, bulk, phase } = self;
         let mut wrote = |moved: &mut u64, n: usize| {
             *moved += n as u64;
             *active = true;
@@ -199,7 +204,7 @@ impl Direction {
                     }
                     *phase = Phase::Copying;
                 }
-                Phase::Copying if *moved >= config.splice_after => {
+                Phase::Copying if *bulk >= config.splice_after => {
                     *phase = match Pipe::new(config.pipe_size) {
                         Ok(pipe) => Phase::Splicing(Box::new(pipe)),
                         Err(_) => Phase::CopyingOnly,
@@ -228,11 +233,16 @@ impl Direction {
                             }
                         }
                         let rest = (written < data.len()).then(|| data[written..].to_vec());
-                        Poll::Ready(Ok(Some((written, rest))))
+                        Poll::Ready(Ok(Some((data.len(), written, rest))))
                     });
-                    let Some((written, rest)) = ready!(copied)? else {
+                    let Some((read, written, rest)) = ready!(copied)? else {
                         *phase = Phase::Done;
                         return Poll::Ready(pass_on_end(dst, other_done));
+                    };
+                    *bulk = if read == config.buffer {
+                        *bulk + read as u64
+                    } else {
+                        0
                     };
                     wrote(moved, written);
                     if let Some(held) = rest {

@@ -19,6 +19,7 @@ BACKEND_IP=${BENCH_BACKEND_IP:-127.0.0.1}
 # Used as `backend cmd &`: `exec` makes $! the command itself, so cleanup stops it.
 backend() { if [ -n "${BENCH_BACKEND_NS:-}" ]; then exec ip netns exec "$BENCH_BACKEND_NS" "$@"; else exec "$@"; fi; }
 IDLE=${BENCH_IDLE:-1000}     # idle connections for the memory figure
+RUNS=${BENCH_RUNS:-3}        # rounds over all targets; each figure is the median of the rounds
 
 source benches/common.sh
 need iperf3:iperf3 wrk:wrk nginx:nginx haproxy:haproxy
@@ -139,11 +140,26 @@ EOF
   R[$t.idle]=$(python3 -c "print('%.2f' % (($after-$before)/$IDLE))")
 }
 
+# Rounds over all targets, so a slow spell of the machine hits every target alike; the
+# figures are medians over the rounds. Idle memory is read once, in the first round: later
+# rounds would reuse memory the first one freed and look better than a fresh process would.
+metrics=(bulk1 cpugb1 bulk8 cpugb8 ka kap50 kap99 kacpu close closep50 closep99 closecpu)
+declare -A ALL # ALL[target.metric]: the rounds' figures, one per line
+for r in $(seq 1 "$RUNS"); do
+  for t in "${targets[@]}"; do
+    echo "harness: round $r/$RUNS, measuring $t" >&2
+    bulk "$t" 1; bulk "$t" 8
+    requests "$t" ka; requests "$t" close
+    [ "$r" = 1 ] && idle_memory "$t"
+    for m in "${metrics[@]}"; do
+      [ -n "${R[$t.$m]:-}" ] && ALL[$t.$m]+="${R[$t.$m]}"$'\n'
+    done
+  done
+done
 for t in "${targets[@]}"; do
-  echo "harness: measuring $t" >&2
-  bulk "$t" 1; bulk "$t" 8
-  requests "$t" ka; requests "$t" close
-  idle_memory "$t"
+  for m in "${metrics[@]}"; do
+    [ -n "${ALL[$t.$m]:-}" ] && R[$t.$m]=$(printf '%s' "${ALL[$t.$m]}" | median)
+  done
 done
 
 ratio() { python3 -c "a,b='$1','$2'; print('%.2f' % (float(a)/float(b)) if a and b and float(b) else '-')"; }
@@ -166,4 +182,4 @@ row "new-connection p99 latency (µs)" closep99
 row "proxy CPU µs per new connection" closecpu
 row "proxy KiB per idle connection" idle
 echo
-echo "(${SECS}s per load run, ${IDLE} idle connections; wrk -t2 -c50; iperf3 -t ${SECS})"
+echo "(medians of ${RUNS} rounds; ${SECS}s per load run; ${IDLE} idle connections, read in round 1; wrk -t2 -c50; iperf3 -t ${SECS})"
