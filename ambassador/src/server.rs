@@ -566,7 +566,6 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service, hard: &Ca
         sm.failed.inc();
         return;
     };
-    let _ = upstream.set_nodelay(true);
     backend.active.fetch_add(1, Ordering::Relaxed);
     backend.connections.fetch_add(1, Ordering::Relaxed);
     service.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -619,7 +618,7 @@ async fn connect_any<'s>(
         };
         tried.push(i);
         let backend = &service.backends[i];
-        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
+        match tokio::time::timeout(config.connect_timeout, connect(backend.addr)).await {
             Ok(Ok(stream)) => {
                 backend.connected();
                 return Some((stream, backend));
@@ -660,4 +659,37 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+/// Connects to a backend, TCP_NODELAY set before the SYN. Unlike tokio's `TcpStream::connect`,
+/// it asks the kernel for the socket's error (getsockopt SO_ERROR) only when the readiness says
+/// the connect failed, not after every clean one: one system call less per connection.
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = sock::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let _ = sock::setsockopt(&fd, sock::sockopt::TcpNoDelay, &true);
+    match sock::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+    let ready = stream
+        .ready(tokio::io::Interest::WRITABLE | tokio::io::Interest::ERROR)
+        .await?;
+    if ready.is_error() || ready.is_write_closed() {
+        let error = stream.take_error()?;
+        return Err(error.unwrap_or_else(|| std::io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
 }
