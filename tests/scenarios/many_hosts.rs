@@ -81,6 +81,8 @@ struct Cluster {
     members: Vec<(String, Option<Proc>)>,
     etcd_dir: tempfile::TempDir,
     lan: Lan,
+    /// The test's own address on the LAN: where its `viking` commands come from.
+    root: std::net::Ipv4Addr,
 }
 
 impl Cluster {
@@ -135,6 +137,7 @@ impl Cluster {
             members,
             etcd_dir,
             lan,
+            root,
         };
         for &name in names {
             let addr = cluster.lan.addr(name).to_string();
@@ -490,14 +493,20 @@ fn until_connects(lan: &Lan, from: &str, to: SocketAddr, can: bool, limit: Durat
     start.elapsed()
 }
 
-/// Scenario 5: with `locknet --watch` on every host, the outsider reaches no ambassador port
-/// and no published container port, members do, SSH stays open; `viking host add` for the
+/// Scenario 5: with `locknet --watch` on every host and a 3-member etcd across them, the
+/// outsider reaches no ambassador port, no published container port and no etcd, members do,
+/// SSH stays open; `viking host add` for the
 /// outsider opens the host within 1 s and `viking host rm` closes it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_firewall_admits_only_members() {
-    let mut cluster = Cluster::start(&["a", "b"]).await;
+    // etcd runs on the hosts, so its peer and client traffic crosses the firewalls.
+    let mut cluster = Cluster::start_with(&["a", "b", "c"], true).await;
+    // The test is the operator's workstation: a member, or its `viking` commands would be
+    // shut out of etcd along with the outsider.
+    let root = cluster.root.to_string();
+    cluster.viking(None, &["host", "add", "admin", &root]);
     let endpoint = cluster.endpoints.clone();
-    for name in ["a", "b"] {
+    for name in ["a", "b", "c"] {
         let fw = Proc::spawn(
             &cluster.lan,
             name,
@@ -545,6 +554,9 @@ async fn the_firewall_admits_only_members() {
     until_connects(&cluster.lan, "out", ambassador, false, limit);
     until_connects(&cluster.lan, "out", SocketAddr::from((a, 22)), true, limit);
     until_connects(&cluster.lan, "b", published, true, limit);
+    let etcd = SocketAddr::from((a, 2379));
+    until_connects(&cluster.lan, "out", etcd, false, limit);
+    until_connects(&cluster.lan, "c", etcd, true, limit);
 
     let out = cluster.lan.addr("out").to_string();
     cluster.viking(None, &["host", "add", "out", &out]);
