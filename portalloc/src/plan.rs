@@ -116,7 +116,8 @@ pub struct View {
 }
 
 /// How far above the counter a read looks for owned ports. Gaps left by random picks lie
-/// within the largest spread (512) plus a batch of this, so the window covers them.
+/// within the largest spread (512) plus a batch of this, so the window covers them; candidates
+/// come only from inside it.
 pub const AHEAD_WINDOW: u32 = 1024;
 
 /// The largest spread a retry uses.
@@ -233,8 +234,19 @@ fn candidates(view: &View, range: PortRange, limit: usize) -> Vec<Candidate> {
             });
         }
     }
-    // Upward from the counter, skipping what the read saw owned (gaps left by random picks).
-    for p in next..=u32::from(range.end) {
+    // Upward from the counter, skipping what the read saw owned (gaps left by random picks),
+    // and no further than the read looked: above it every port is a guess, and under heavy
+    // contention, with the frontier held back by a gap, most guesses are owned ports (measured:
+    // a retry loop picking owned ports above the window until it gave up). Too few known free
+    // ports makes a shortage, and the caller reads the whole range. A read that looked at no
+    // owners (no counter hint yet) leaves everything to the compare on the owner key.
+    let looked = view.scanned.0 <= view.scanned.1;
+    let top = if view.full_scan || !looked {
+        u32::from(range.end)
+    } else {
+        view.scanned.1.min(u32::from(range.end))
+    };
+    for p in next..=top {
         if out.len() == limit {
             break;
         }
@@ -327,6 +339,28 @@ mod tests {
             ..View::default()
         };
         assert_eq!(frontier(&v, full, &taken(&[100, 101])), 102);
+    }
+
+    #[test]
+    fn candidates_stay_inside_what_the_read_looked_at() {
+        // The frontier is held back by a gap at 20000; the window above it is owned but for
+        // 3 ports. A retry must pick among those 3, not guess above the window.
+        let (lo, hi) = window(PortRange::DEFAULT, Some(20000));
+        let owned: Vec<u16> = (lo + 1..=hi)
+            .filter(|p| ![20500, 21000].contains(p))
+            .map(|p| p as u16)
+            .collect();
+        let v = view(20000, &owned, &[]);
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..32 {
+            let got = choose(&v, PortRange::DEFAULT, 1, 6, &mut rng).unwrap();
+            assert!([20000, 20500, 21000].contains(&got[0].port), "{got:?}");
+        }
+        // More than the window holds: a shortage, so the caller reads the whole range.
+        assert_eq!(
+            choose(&v, PortRange::DEFAULT, 4, 0, &mut rng),
+            Err(Shortage { available: 3 })
+        );
     }
 
     #[test]
