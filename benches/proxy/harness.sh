@@ -34,6 +34,9 @@ IPERF=$(free_port); NGINX=$(free_port)
 backend iperf3 -s -p "$IPERF" -B "$BACKEND_IP" >/dev/null 2>&1 &
 pids+=($!)
 mkdir -p "$work/www"
+# nginx's workers run as nobody: they must get through the (0700) work dir to the file, or
+# every request is answered 403 instead of the file.
+chmod 711 "$work"; chmod 755 "$work/www"
 head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/small.txt"
 cat >"$work/nginx.conf" <<EOF
 daemon off;
@@ -50,6 +53,8 @@ EOF
 backend nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
 pids+=($!)
 wait_port "$IPERF" "$BACKEND_IP"; wait_port "$NGINX" "$BACKEND_IP"
+status=$(curl -s -o /dev/null -w '%{http_code}' "http://$BACKEND_IP:$NGINX/small.txt" || true)
+[ "$status" = 200 ] || { echo "harness: nginx answers $status, not 200, for small.txt" >&2; exit 1; }
 
 # The ambassador: allocations and endpoints written as portalloc and registrator would.
 A_IPERF=$(free_port); A_NGINX=$(free_port); ADMIN=$(free_port)
