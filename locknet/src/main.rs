@@ -65,6 +65,7 @@ struct Cli {
     flush: bool,
 
     /// With --watch: how long etcd may take to answer after a change before it is rolled back
+    /// (0s: no time at all, so every change is rolled back; for trying the roll-back)
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     check_timeout: Duration,
 
