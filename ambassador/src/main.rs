@@ -60,8 +60,8 @@ struct Cli {
     )]
     max_connections_per_listener: usize,
 
-    /// Worker threads (default: half the cores, at least 1: the proxy shares its host with
-    /// the containers it serves, and on 2 cores one thread measured cheaper per request)
+    /// Threads that accept and relay connections (default: one per core). Each has its own
+    /// listening socket per port; an idle thread costs nothing
     #[arg(long, env = "VIKING_THREADS")]
     threads: Option<usize>,
 
@@ -110,18 +110,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let threads = cli.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
-    });
-    // One thread: the current-thread scheduler, which has no cross-thread queues to pay for.
-    let mut builder = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(threads);
-        b
-    };
-    let rt = match builder.enable_all().build() {
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 {
+        eprintln!(
+            "ambassador: --threads 0: at least one thread must accept connections; pass --threads 1 or more"
+        );
+        return ExitCode::from(2);
+    }
+    // Every thread runs the single-threaded scheduler, which has no cross-thread queues to
+    // pay for; this one also follows etcd and serves the admin port (server::Workers).
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ambassador: cannot start: {e}");
@@ -150,6 +153,7 @@ fn main() -> ExitCode {
         config.grace = cli.grace;
         config.max_connections = cli.max_connections;
         config.max_connections_per_listener = cli.max_connections_per_listener;
+        config.threads = threads;
         config.relay = RelayConfig {
             idle_timeout: cli.idle_timeout,
             splice_after: cli.splice_after,

@@ -17,7 +17,7 @@
 //! directions); the relay ends when both directions have ended, or on the first error.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::Pin;
@@ -25,7 +25,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -72,8 +72,16 @@ pub enum Ended {
     Failed(Moved, io::Error),
 }
 
-/// Relays until both directions end.
-pub async fn relay(mut client: TcpStream, mut backend: TcpStream, config: &RelayConfig) -> Ended {
+/// Relays until both directions end. `ack_pending`: the backend connection's handshake is
+/// not acknowledged yet (TCP_QUICKACK was off while connecting); the first bytes to the
+/// backend carry the ACK, and when the first poll has none to send, the ACK goes alone
+/// there and then: a backend that speaks first must not wait for the delayed-ACK timer.
+pub async fn relay(
+    mut client: TcpStream,
+    mut backend: TcpStream,
+    config: &RelayConfig,
+    mut ack_pending: bool,
+) -> Ended {
     let mut to_backend = Direction::default();
     let mut to_client = Direction::default();
     let mut last = Instant::now();
@@ -92,6 +100,9 @@ pub async fn relay(mut client: TcpStream, mut backend: TcpStream, config: &Relay
         );
         let up_done = to_backend.is_done();
         let down = to_client.poll(cx, &mut backend, &mut client, config, up_done, &mut active);
+        if std::mem::take(&mut ack_pending) && to_backend.moved == 0 && !to_backend.is_done() {
+            let _ = socket2::SockRef::from(&backend).set_tcp_quickack(true);
+        }
         let moved = Moved {
             up: to_backend.moved,
             down: to_client.moved,
@@ -215,15 +226,14 @@ impl Direction {
                         if buf.len() < config.buffer {
                             buf.resize(config.buffer, 0);
                         }
-                        let mut read = ReadBuf::new(&mut buf[..config.buffer]);
-                        ready!(Pin::new(&mut *src).poll_read(cx, &mut read))?;
-                        let data = read.filled();
-                        if data.is_empty() {
+                        let (n, ending) = ready!(poll_read(cx, src, &mut buf[..config.buffer]))?;
+                        if n == 0 {
                             return Poll::Ready(Ok(None));
                         }
+                        let data = &buf[..n];
                         let mut written = 0;
                         while written < data.len() {
-                            match Pin::new(&mut *dst).poll_write(cx, &data[written..]) {
+                            match poll_send(cx, dst, &data[written..], ending) {
                                 Poll::Ready(Ok(0)) => {
                                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                                 }
@@ -350,6 +360,58 @@ impl Pipe {
     }
 }
 
+/// Reads what `src` holds into `buf`: the byte count (0: end of stream) and whether the
+/// source's end of stream has arrived already behind these bytes (the peer's FIN is in; the
+/// next read returns 0).
+fn poll_read(
+    cx: &mut Context<'_>,
+    src: &TcpStream,
+    buf: &mut [u8],
+) -> Poll<io::Result<(usize, bool)>> {
+    loop {
+        ready!(src.poll_read_ready(cx))?;
+        // Readiness is set, so this returns at once, with the flags the kernel reported.
+        let ending = match std::pin::pin!(src.ready(Interest::READABLE)).poll(cx) {
+            Poll::Ready(Ok(ready)) => ready.is_read_closed(),
+            _ => false,
+        };
+        match src.try_read(buf) {
+            Ok(n) => return Poll::Ready(Ok((n, ending))),
+            // The readiness was cleared: wait for the next.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Writes to `dst`. With `more` (the source's end of stream follows these bytes), the last
+/// partial segment is held back (MSG_MORE) until the write shutdown or close that comes next
+/// in the same poll, so data and FIN leave in one segment: a connection-per-request exchange
+/// costs one TCP segment less each way it ends.
+fn poll_send(
+    cx: &mut Context<'_>,
+    dst: &mut TcpStream,
+    data: &[u8],
+    more: bool,
+) -> Poll<io::Result<usize>> {
+    use nix::sys::socket::{MsgFlags, send};
+    // nix names no MSG_MORE.
+    const MSG_MORE: MsgFlags = MsgFlags::from_bits_retain(nix::libc::MSG_MORE);
+    if !more {
+        return Pin::new(dst).poll_write(cx, data);
+    }
+    loop {
+        ready!(dst.poll_write_ready(cx))?;
+        let sent = dst.try_io(Interest::WRITABLE, || {
+            send(dst.as_raw_fd(), data, MSG_MORE | MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
+        });
+        match sent {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => return Poll::Ready(other),
+        }
+    }
+}
+
 /// End of stream from the source: a write shutdown of the destination, unless the relay is
 /// about to close both sockets anyway (the other direction ended already).
 fn pass_on_end(dst: &TcpStream, other_done: bool) -> io::Result<()> {
@@ -388,7 +450,7 @@ mod tests {
     #[tokio::test]
     async fn half_close_each_way_then_done_with_the_counts() {
         let (mut client, a, b, mut backend) = sockets().await;
-        let relay = tokio::spawn(async move { relay(a, b, &RelayConfig::default()).await });
+        let relay = tokio::spawn(async move { relay(a, b, &RelayConfig::default(), false).await });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -417,7 +479,7 @@ mod tests {
             ..RelayConfig::default()
         };
         let start = Instant::now();
-        let relay = tokio::spawn(async move { relay(a, b, &config).await });
+        let relay = tokio::spawn(async move { relay(a, b, &config, false).await });
         let mut byte = [0u8; 1];
         // A byte every 6 s: never 10 s of silence, so the relay outlives its first deadline.
         for _ in 0..3 {

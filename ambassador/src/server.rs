@@ -42,6 +42,10 @@ pub struct Config {
     pub grace: Duration,
     pub max_connections: usize,
     pub max_connections_per_listener: usize,
+    /// Threads that accept and relay connections, each with its own listening socket per
+    /// port (SO_REUSEPORT) and its own single-threaded runtime: the calling runtime is the
+    /// first of them.
+    pub threads: usize,
     /// Service DNS, built from the same watches as the routes; `None`: no DNS.
     pub dns: Option<crate::dns::DnsSettings>,
 }
@@ -59,6 +63,7 @@ impl Config {
             grace: Duration::from_secs(30),
             max_connections: 65_536,
             max_connections_per_listener: 16_384,
+            threads: 1,
             dns: None,
         }
     }
@@ -151,7 +156,8 @@ pub struct Shared {
     listening: Mutex<BTreeMap<u16, SocketAddr>>,
     registry: Registry,
     metrics: Metrics,
-    pub accepted: AtomicU64,
+    /// Connections accepted, per thread.
+    accepted: Box<[AtomicU64]>,
 }
 
 impl Shared {
@@ -164,6 +170,9 @@ impl Shared {
             None => crate::dns::Zone::empty(&crate::dns::DnsSettings::default()),
         };
         let (zone, _) = tokio::sync::watch::channel(Arc::new(empty));
+        let accepted = (0..config.threads.max(1))
+            .map(|_| AtomicU64::new(0))
+            .collect();
         Arc::new(Self {
             config,
             routes,
@@ -172,8 +181,17 @@ impl Shared {
             listening: Mutex::default(),
             registry,
             metrics,
-            accepted: AtomicU64::new(0),
+            accepted,
         })
+    }
+
+    /// Connections accepted so far by each thread (the kernel spreads them over the threads'
+    /// listening sockets).
+    pub fn accepted(&self) -> Vec<u64> {
+        self.accepted
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
     }
 
     pub fn routes(&self) -> Arc<Routes> {
@@ -232,7 +250,11 @@ impl Shared {
                 })
             })
             .collect();
-        serde_json::json!({ "synced": self.is_synced(), "services": services })
+        serde_json::json!({
+            "synced": self.is_synced(),
+            "accepted_per_thread": self.accepted(),
+            "services": services,
+        })
     }
 }
 
@@ -273,20 +295,35 @@ pub async fn run(
         background.clone(),
     ));
     tokio::spawn(sync_routes(shared.clone(), alloc_rx, svc_rx).instrument(info_span!("sync")));
-    tokio::spawn(keep_timer_due(
-        shared.config.connect_timeout,
-        background.clone(),
-    ));
+    let workers = match Workers::start(shared.config.threads) {
+        Ok(w) => w,
+        Err(e) => {
+            // Fewer threads is slower, not wrong.
+            warn!(error = %e, "cannot start worker threads; accepting on one");
+            Workers::start(1).expect("one worker needs no thread")
+        }
+    };
+    for worker in &workers.handles {
+        worker.spawn(keep_timer_due(
+            shared.config.connect_timeout,
+            background.clone(),
+        ));
+    }
 
     // routes -> listeners.
     let global = Arc::new(Semaphore::new(shared.config.max_connections));
-    let mut listeners: HashMap<u16, (CancellationToken, tokio::task::JoinHandle<()>)> =
-        HashMap::new();
+    let mut listeners: HashMap<u16, Listener> = HashMap::new();
     let mut changes = shared.routes.subscribe();
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     loop {
         let routes = shared.routes();
-        reconcile(&shared, &routes, &mut listeners, &tracker, &global, &hard).await;
+        let context = AcceptContext {
+            tracker: &tracker,
+            global: &global,
+            hard: &hard,
+            workers: &workers,
+        };
+        reconcile(&shared, &routes, &mut listeners, &context).await;
         tokio::select! {
             r = changes.changed() => { if r.is_err() { break; } }
             _ = retry.tick() => {}
@@ -295,12 +332,12 @@ pub async fn run(
     }
 
     // Shutdown: stop accepting, let connections finish, then cut the rest.
-    for (token, _) in listeners.values() {
-        token.cancel();
+    for listener in listeners.values() {
+        listener.stop.cancel();
     }
     // Once the accept loops have returned, their sockets are closed: nothing is accepted.
-    for (_, (_, task)) in listeners.drain() {
-        let _ = task.await;
+    for (_, listener) in listeners.drain() {
+        listener.closed().await;
     }
     shared.listening.lock().expect("listening lock").clear();
     background.cancel();
@@ -324,8 +361,78 @@ pub async fn run(
             cut,
         }
     };
+    workers.stop().await;
     info!(drained = report.drained, cut = report.cut, "shut down");
     report
+}
+
+/// The threads that accept and relay: the calling runtime, and one more single-threaded
+/// runtime on a thread of its own per extra thread. A connection lives on the thread whose
+/// socket accepted it, so no connection's wake-ups cross threads (tokio's multi-threaded
+/// scheduler measured dearer per connection on 2 cores); the kernel spreads connections over
+/// the threads' sockets (SO_REUSEPORT).
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    fn start(count: usize) -> std::io::Result<Workers> {
+        let stop = CancellationToken::new();
+        let mut workers = Workers {
+            handles: vec![tokio::runtime::Handle::current()],
+            threads: Vec::new(),
+            stop: stop.clone(),
+        };
+        for i in 1..count.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            workers.handles.push(rt.handle().clone());
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("ambassador-{i}"))
+                .spawn(move || rt.block_on(stop.cancelled()))?;
+            workers.threads.push(thread);
+        }
+        Ok(workers)
+    }
+
+    /// Ends the extra threads (their connections have ended or been cut by now).
+    async fn stop(self) {
+        self.stop.cancel();
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+}
+
+/// One service port's listening sockets, one per worker, and their accept loops.
+struct Listener {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Waits until every accept loop has returned, so every socket is closed.
+    async fn closed(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// What every accept loop shares.
+struct AcceptContext<'a> {
+    tracker: &'a TaskTracker,
+    global: &'a Arc<Semaphore>,
+    hard: &'a CancellationToken,
+    workers: &'a Workers,
 }
 
 /// Keeps a timer due sooner than any connect deadline. tokio wakes its I/O driver (a write to
@@ -398,10 +505,8 @@ async fn sync_routes(
 async fn reconcile(
     shared: &Arc<Shared>,
     routes: &Routes,
-    listeners: &mut HashMap<u16, (CancellationToken, tokio::task::JoinHandle<()>)>,
-    tracker: &TaskTracker,
-    global: &Arc<Semaphore>,
-    hard: &CancellationToken,
+    listeners: &mut HashMap<u16, Listener>,
+    context: &AcceptContext<'_>,
 ) {
     let released: Vec<u16> = listeners
         .keys()
@@ -409,10 +514,10 @@ async fn reconcile(
         .copied()
         .collect();
     for port in released {
-        if let Some((token, task)) = listeners.remove(&port) {
-            token.cancel();
-            // The socket closes when the accept loop returns; only then is the port free.
-            let _ = task.await;
+        if let Some(listener) = listeners.remove(&port) {
+            listener.stop.cancel();
+            // The sockets close when the accept loops return; only then is the port free.
+            listener.closed().await;
             shared
                 .listening
                 .lock()
@@ -429,26 +534,44 @@ async fn reconcile(
             continue;
         }
         let addr = SocketAddr::new(shared.config.bind, port);
-        match listen(addr) {
-            Ok(listener) => {
-                let local = listener.local_addr().unwrap_or(addr);
+        // One socket per worker, all bound before any accepts: a port is served by all
+        // workers or not at all.
+        let sockets: std::io::Result<Vec<std::net::TcpListener>> = context
+            .workers
+            .handles
+            .iter()
+            .map(|_| listen(addr))
+            .collect();
+        match sockets {
+            Ok(sockets) => {
+                let local = sockets[0].local_addr().unwrap_or(addr);
                 info!(addr = %local, service = %service.service_port, "listening on");
-                let token = CancellationToken::new();
                 shared
                     .listening
                     .lock()
                     .expect("listening lock")
                     .insert(port, local);
-                let task = tokio::spawn(accept_loop(
-                    shared.clone(),
-                    listener,
-                    port,
-                    token.clone(),
-                    tracker.clone(),
-                    global.clone(),
-                    hard.clone(),
-                ));
-                listeners.insert(port, (token, task));
+                let stop = CancellationToken::new();
+                // The per-listener limit holds for the port, whichever thread accepts.
+                let local_limit =
+                    Arc::new(Semaphore::new(shared.config.max_connections_per_listener));
+                let tasks = sockets
+                    .into_iter()
+                    .zip(&context.workers.handles)
+                    .enumerate()
+                    .map(|(thread, (socket, worker))| {
+                        worker.spawn(accept_loop(
+                            shared.clone(),
+                            socket,
+                            (port, thread),
+                            stop.clone(),
+                            context.tracker.clone(),
+                            (context.global.clone(), local_limit.clone()),
+                            context.hard.clone(),
+                        ))
+                    })
+                    .collect();
+                listeners.insert(port, Listener { stop, tasks });
             }
             Err(e) => {
                 warn!(addr = %addr, service = %service.service_port, error = %e, "cannot listen; retrying")
@@ -460,14 +583,21 @@ async fn reconcile(
 
 async fn accept_loop(
     shared: Arc<Shared>,
-    listener: TcpListener,
-    port: u16,
+    socket: std::net::TcpListener,
+    (port, thread): (u16, usize),
     stop: CancellationToken,
     tracker: TaskTracker,
-    global: Arc<Semaphore>,
+    (global, local): (Arc<Semaphore>, Arc<Semaphore>),
     hard: CancellationToken,
 ) {
-    let local = Arc::new(Semaphore::new(shared.config.max_connections_per_listener));
+    // Registered with the runtime of the thread this loop runs on.
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(port, error = %e, "cannot watch the listening socket");
+            return;
+        }
+    };
     let mut backoff = runtime::Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
     // One wait for the stop signal for the loop's life, not one registered per connection.
     let stopped = stop.cancelled();
@@ -495,7 +625,7 @@ async fn accept_loop(
             }
         };
         backoff.reset();
-        shared.accepted.fetch_add(1, Ordering::Relaxed);
+        shared.accepted[thread].fetch_add(1, Ordering::Relaxed);
         let Some(service) = shared.routes().by_port.get(&port).cloned() else {
             continue;
         };
@@ -572,7 +702,7 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service, hard: &Ca
     sm.active.inc();
     // Built in place (not first bound to a local) so the task holds the relay's state once.
     let ended = tokio::select! {
-        e = relay::relay(client, upstream, &shared.config.relay) => Some(e),
+        e = relay::relay(client, upstream, &shared.config.relay, true) => Some(e),
         () = hard.cancelled() => None,
     };
     let moved = match ended {
@@ -648,17 +778,33 @@ async fn connect_any<'s>(
 
 /// Kernel accept queue of each listener: bursts of new connections wait here, not in SYN
 /// retransmits (Linux caps it at net.core.somaxconn).
-const BACKLOG: u32 = 4096;
+const BACKLOG: i32 = 4096;
 
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
+/// A non-blocking listening socket that shares its port with the other workers' sockets
+/// (SO_REUSEPORT: the kernel spreads new connections over them). Only sockets of the same
+/// user can join; a port held by anything else fails with EADDRINUSE.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
     } else {
-        tokio::net::TcpSocket::new_v6()?
+        AddressFamily::Inet6
     };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    let fd = sock::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    sock::setsockopt(&fd, sock::sockopt::ReuseAddr, &true)?;
+    sock::setsockopt(&fd, sock::sockopt::ReusePort, &true)?;
+    sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    sock::listen(
+        &fd,
+        sock::Backlog::new(BACKLOG).unwrap_or(sock::Backlog::MAXCONN),
+    )?;
+    Ok(std::net::TcpListener::from(fd))
 }
 
 /// Connects to a backend, TCP_NODELAY set before the SYN. Unlike tokio's `TcpStream::connect`,
@@ -679,6 +825,10 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
         None,
     )?;
     let _ = sock::setsockopt(&fd, sock::sockopt::TcpNoDelay, &true);
+    // The handshake's last ACK waits to ride on the first bytes the relay sends (one
+    // segment less per connection); the relay sends it alone when it has nothing to send at
+    // once (`relay::relay`'s `ack_pending`), so a backend that speaks first is not held up.
+    let _ = socket2::SockRef::from(&fd).set_tcp_quickack(false);
     match sock::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
         Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
         Err(e) => return Err(e.into()),
