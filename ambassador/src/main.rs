@@ -65,6 +65,12 @@ struct Cli {
     #[arg(long, env = "VIKING_THREADS")]
     threads: Option<usize>,
 
+    /// TCP congestion control for hops that stay on this host (clients, and backends on
+    /// this host), or `default` for the host's own (net.ipv4.tcp_congestion_control). A
+    /// pacing one (BBR) slows a hop that has no queue to protect
+    #[arg(long, env = "VIKING_LOCAL_CONGESTION", default_value = ambassador::server::DEFAULT_LOCAL_CONGESTION)]
+    local_congestion: String,
+
     /// Pipe size for splice, bytes
     #[arg(long, env = "VIKING_PIPE_SIZE", default_value_t = RelayConfig::default().pipe_size)]
     pipe_size: usize,
@@ -110,6 +116,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let local_congestion =
+        (cli.local_congestion != "default").then(|| cli.local_congestion.clone());
+    if let Some(name) = &local_congestion {
+        if let Err(e) = ambassador::server::check_congestion(name) {
+            let offered =
+                std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                    .unwrap_or_default();
+            eprintln!(
+                "ambassador: --local-congestion {name}: the kernel does not offer it ({e}); \
+                 offered here: {}; pass one of those, or `default` for the host's own",
+                offered.trim()
+            );
+            return ExitCode::from(2);
+        }
+    }
     let threads = cli
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -154,6 +175,7 @@ fn main() -> ExitCode {
         config.max_connections = cli.max_connections;
         config.max_connections_per_listener = cli.max_connections_per_listener;
         config.threads = threads;
+        config.local_congestion = local_congestion;
         config.relay = RelayConfig {
             idle_timeout: cli.idle_timeout,
             splice_after: cli.splice_after,

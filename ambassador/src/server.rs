@@ -46,6 +46,10 @@ pub struct Config {
     /// port (SO_REUSEPORT) and its own single-threaded runtime: the calling runtime is the
     /// first of them.
     pub threads: usize,
+    /// TCP congestion control for the hops that stay on this host: every client (containers
+    /// here reach the ambassador over the bridge) and backends on this host. `None`: the
+    /// host's default. See [`DEFAULT_LOCAL_CONGESTION`].
+    pub local_congestion: Option<String>,
     /// Service DNS, built from the same watches as the routes; `None`: no DNS.
     pub dns: Option<crate::dns::DnsSettings>,
 }
@@ -64,6 +68,7 @@ impl Config {
             max_connections: 65_536,
             max_connections_per_listener: 16_384,
             threads: 1,
+            local_congestion: None,
             dns: None,
         }
     }
@@ -366,6 +371,32 @@ pub async fn run(
     report
 }
 
+/// Congestion control for hops on this host. A pacing one such as BBR (a common host
+/// default) spaces out segments by timer on a veth or loopback hop that has no queue to
+/// protect; measured on loopback with BBR as the default, the proxy's bulk stream went from
+/// 0.63-0.75 of direct to 0.90-0.94 with its sending hop on cubic, which does not pace.
+pub const DEFAULT_LOCAL_CONGESTION: &str = "cubic";
+
+/// Checks that the kernel offers `name` as a congestion control for this process.
+pub fn check_congestion(name: &str) -> std::io::Result<()> {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0")?;
+    socket2::SockRef::from(&socket).set_tcp_congestion(name.as_bytes())
+}
+
+/// Whether the hop to `backend` stays on this host: registered by this host's registrator,
+/// or on loopback.
+fn on_this_host(backend: &crate::routes::Backend, host: &str) -> bool {
+    backend.host == host || backend.addr.ip().is_loopback()
+}
+
+/// Sets the congestion control of a socket; `None` keeps the host's default. Checked at
+/// start (`check_congestion`), so a failure here only costs speed.
+fn set_congestion(fd: &impl std::os::fd::AsFd, name: Option<&str>) {
+    if let Some(name) = name {
+        let _ = socket2::SockRef::from(fd).set_tcp_congestion(name.as_bytes());
+    }
+}
+
 /// The threads that accept and relay: the calling runtime, and one more single-threaded
 /// runtime on a thread of its own per extra thread. A connection lives on the thread whose
 /// socket accepted it, so no connection's wake-ups cross threads (tokio's multi-threaded
@@ -540,7 +571,7 @@ async fn reconcile(
             .workers
             .handles
             .iter()
-            .map(|_| listen(addr))
+            .map(|_| listen(addr, shared.config.local_congestion.as_deref()))
             .collect();
         match sockets {
             Ok(sockets) => {
@@ -748,7 +779,12 @@ async fn connect_any<'s>(
         };
         tried.push(i);
         let backend = &service.backends[i];
-        match tokio::time::timeout(config.connect_timeout, connect(backend.addr)).await {
+        let congestion = config
+            .local_congestion
+            .as_deref()
+            .filter(|_| on_this_host(backend, &config.host));
+        match tokio::time::timeout(config.connect_timeout, connect(backend.addr, congestion)).await
+        {
             Ok(Ok(stream)) => {
                 backend.connected();
                 return Some((stream, backend));
@@ -783,7 +819,8 @@ const BACKLOG: i32 = 4096;
 /// A non-blocking listening socket that shares its port with the other workers' sockets
 /// (SO_REUSEPORT: the kernel spreads new connections over them). Only sockets of the same
 /// user can join; a port held by anything else fails with EADDRINUSE.
-fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// `congestion` is inherited by every accepted socket.
+fn listen(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<std::net::TcpListener> {
     use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
     use std::os::fd::AsRawFd;
     let family = if addr.is_ipv4() {
@@ -799,6 +836,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     )?;
     sock::setsockopt(&fd, sock::sockopt::ReuseAddr, &true)?;
     sock::setsockopt(&fd, sock::sockopt::ReusePort, &true)?;
+    set_congestion(&fd, congestion);
     sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
     sock::listen(
         &fd,
@@ -810,7 +848,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// Connects to a backend, TCP_NODELAY set before the SYN. Unlike tokio's `TcpStream::connect`,
 /// it asks the kernel for the socket's error (getsockopt SO_ERROR) only when the readiness says
 /// the connect failed, not after every clean one: one system call less per connection.
-async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+async fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<TcpStream> {
     use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
     use std::os::fd::AsRawFd;
     let family = if addr.is_ipv4() {
@@ -829,6 +867,7 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     // segment less per connection); the relay sends it alone when it has nothing to send at
     // once (`relay::relay`'s `ack_pending`), so a backend that speaks first is not held up.
     let _ = socket2::SockRef::from(&fd).set_tcp_quickack(false);
+    set_congestion(&fd, congestion);
     match sock::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
         Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
         Err(e) => return Err(e.into()),
@@ -842,4 +881,24 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
         return Err(error.unwrap_or_else(|| std::io::ErrorKind::ConnectionRefused.into()));
     }
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hop_is_local_when_this_host_registered_the_backend_or_it_is_on_loopback() {
+        let backend = |host: &str, addr: &str| {
+            crate::routes::Backend::new(
+                format!("{host}:000000000001:80"),
+                addr.parse().unwrap(),
+                host.to_owned(),
+            )
+        };
+        assert!(on_this_host(&backend("a", "10.0.0.1:80"), "a"));
+        assert!(on_this_host(&backend("b", "127.0.0.1:80"), "a"));
+        assert!(on_this_host(&backend("b", "[::1]:80"), "a"));
+        assert!(!on_this_host(&backend("b", "10.0.0.2:80"), "a"));
+    }
 }

@@ -187,4 +187,5 @@ row "new-connection p99 latency (µs)" closep99
 row "proxy CPU µs per new connection" closecpu
 row "proxy KiB per idle connection" idle
 echo
-echo "(medians of ${RUNS} rounds; ${SECS}s per load run; ${IDLE} idle connections, read in round 1; wrk -t2 -c50; iperf3 -t ${SECS})"
+echo "(medians of ${RUNS} rounds; ${SECS}s per load run; ${IDLE} idle connections, read in round 1; wrk -t2 -c50; iperf3 -t ${SECS};"
+echo " host congestion control $(cat /proc/sys/net/ipv4/tcp_congestion_control), the ambassador's on local hops ${VIKING_LOCAL_CONGESTION:-cubic})"

@@ -187,6 +187,11 @@ pub async fn up(
     let mut amb_config =
         ambassador::Config::new(etcd.prefix.clone(), config.host.to_string(), bind);
     amb_config.grace = config.grace;
+    // As the ambassador binary does by default; a kernel without it keeps the host's own.
+    let congestion = ambassador::server::DEFAULT_LOCAL_CONGESTION;
+    amb_config.local_congestion = ambassador::server::check_congestion(congestion)
+        .is_ok()
+        .then(|| congestion.to_owned());
     let dns = ambassador::dns::settings(
         config.dns.as_deref(),
         ambassador::dns::DEFAULT_ZONE,

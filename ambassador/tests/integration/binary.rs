@@ -136,3 +136,26 @@ fn without_docker0_and_bind_it_says_to_pass_bind() {
         "{err}"
     );
 }
+
+#[test]
+fn an_unknown_congestion_control_is_a_usage_error_that_names_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ambassador"))
+        .args([
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--bind",
+            "127.0.0.1",
+            "--local-congestion",
+            "no-such-cc",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--local-congestion no-such-cc: the kernel does not offer it")
+            && err.contains("offered here: ")
+            && err.contains("`default`"),
+        "{err}"
+    );
+}

@@ -336,6 +336,48 @@ async fn a_backend_that_speaks_first_is_not_held_up_by_the_held_back_ack() {
     );
 }
 
+/// Both hops of a connection to a backend on this host use the configured congestion
+/// control, not the host's default (read back with `ss`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hops_on_this_host_use_the_local_congestion_control() {
+    let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+    // reno is always built in; cubic if reno is the host's default.
+    let chosen = if default.trim() == "reno" {
+        "cubic"
+    } else {
+        "reno"
+    };
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let backend = Backend::start("b0").await;
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
+    let amb = Amb::start(&etcd, |c| c.local_congestion = Some(chosen.to_owned())).await;
+    let addr = amb.listening(port).await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; 14];
+    open.read_exact(&mut greeting).await.unwrap();
+    let ss = |filter: String| {
+        let out = std::process::Command::new("ss")
+            .args(["-tni", "state", "established", &filter])
+            .output()
+            .expect("ss (iproute2) runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The ambassador's side of the client's connection: its local port is the listener's.
+    let client_hop = ss(format!("( sport = :{port} )"));
+    // The ambassador's side of the backend connection: the only one to the backend's port.
+    let backend_hop = ss(format!("( dport = :{} )", backend.addr.port()));
+    for (hop, out) in [("client", client_hop), ("backend", backend_hop)] {
+        assert!(
+            out.lines().any(|l| l.contains(&format!(" {chosen} "))),
+            "{hop} hop does not use {chosen} (host default {}): {out}",
+            default.trim()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_open_connections_finish_then_cuts_the_rest() {
     let etcd = Etcd::start().await;
