@@ -25,7 +25,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use tokio::io::{AsyncWrite, Interest};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -72,15 +72,26 @@ pub enum Ended {
     Failed(Moved, io::Error),
 }
 
-/// Relays until both directions end. `ack_pending`: the backend connection's handshake is
-/// not acknowledged yet (TCP_QUICKACK was off while connecting); the first bytes to the
-/// backend carry the ACK, and when the first poll has none to send, the ACK goes alone
-/// there and then: a backend that speaks first must not wait for the delayed-ACK timer.
+/// What the relay does for the backend connection besides moving bytes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BackendHop<'a> {
+    /// The handshake is not acknowledged yet (TCP_QUICKACK was off while connecting): the
+    /// first bytes to the backend carry the ACK, and when the first poll has none to send,
+    /// the ACK goes alone there and then, so a backend that speaks first does not wait for
+    /// the delayed-ACK timer.
+    pub ack_pending: bool,
+    /// Congestion control to switch the backend socket to once the bytes sent to it turn out
+    /// to be bulk (a hop on this host); a request/response connection never pays for the
+    /// system call.
+    pub bulk_congestion: Option<&'a str>,
+}
+
+/// Relays until both directions end.
 pub async fn relay(
     mut client: TcpStream,
     mut backend: TcpStream,
     config: &RelayConfig,
-    mut ack_pending: bool,
+    mut hop: BackendHop<'_>,
 ) -> Ended {
     let mut to_backend = Direction::default();
     let mut to_client = Direction::default();
@@ -100,8 +111,12 @@ pub async fn relay(
         );
         let up_done = to_backend.is_done();
         let down = to_client.poll(cx, &mut backend, &mut client, config, up_done, &mut active);
-        if std::mem::take(&mut ack_pending) && to_backend.moved == 0 && !to_backend.is_done() {
+        if std::mem::take(&mut hop.ack_pending) && to_backend.moved == 0 && !to_backend.is_done() {
             let _ = socket2::SockRef::from(&backend).set_tcp_quickack(true);
+        }
+        if hop.bulk_congestion.is_some() && to_backend.is_bulk(config) {
+            let name = hop.bulk_congestion.take().unwrap_or_default();
+            let _ = socket2::SockRef::from(&backend).set_tcp_congestion(name.as_bytes());
         }
         let moved = Moved {
             up: to_backend.moved,
@@ -183,6 +198,11 @@ impl Direction {
         matches!(self.phase, Phase::Done)
     }
 
+    /// Whether this direction has seen bulk (and splices, unless no pipe could be had).
+    fn is_bulk(&self, config: &RelayConfig) -> bool {
+        self.bulk >= config.splice_after || matches!(self.phase, Phase::Splicing(_))
+    }
+
     /// Moves what can be moved now. `Ready(Ok)` once the end of stream is passed on (and on
     /// every later call); `Pending` with wake-ups registered for what it waits on. When the
     /// other direction is done already, this end of stream needs no shutdown: the relay
@@ -230,6 +250,9 @@ impl Direction {
                         if n == 0 {
                             return Poll::Ready(Ok(None));
                         }
+                        // The FIN is in and this read left bytes unasked for: nothing is left
+                        // but the end of stream, and reading it would cost a system call.
+                        let last = ending && n < config.buffer;
                         let data = &buf[..n];
                         let mut written = 0;
                         while written < data.len() {
@@ -243,9 +266,9 @@ impl Direction {
                             }
                         }
                         let rest = (written < data.len()).then(|| data[written..].to_vec());
-                        Poll::Ready(Ok(Some((data.len(), written, rest))))
+                        Poll::Ready(Ok(Some((data.len(), written, rest, last))))
                     });
-                    let Some((read, written, rest)) = ready!(copied)? else {
+                    let Some((read, written, rest, last)) = ready!(copied)? else {
                         *phase = Phase::Done;
                         return Poll::Ready(pass_on_end(dst, other_done));
                     };
@@ -255,8 +278,13 @@ impl Direction {
                         0
                     };
                     wrote(moved, written);
-                    if let Some(held) = rest {
-                        *phase = Phase::Held { held, at: 0 };
+                    match rest {
+                        Some(held) => *phase = Phase::Held { held, at: 0 },
+                        None if last => {
+                            *phase = Phase::Done;
+                            return Poll::Ready(pass_on_end(dst, other_done));
+                        }
+                        None => {}
                     }
                 }
                 Phase::Splicing(pipe) => {
@@ -362,26 +390,22 @@ impl Pipe {
 
 /// Reads what `src` holds into `buf`: the byte count (0: end of stream) and whether the
 /// source's end of stream has arrived already behind these bytes (the peer's FIN is in; the
-/// next read returns 0).
+/// next read returns 0). tokio's `poll_read` takes a short read as "drained" and clears the
+/// readiness, so a message costs one read, not a second one that hears EAGAIN.
 fn poll_read(
     cx: &mut Context<'_>,
-    src: &TcpStream,
+    src: &mut TcpStream,
     buf: &mut [u8],
 ) -> Poll<io::Result<(usize, bool)>> {
-    loop {
-        ready!(src.poll_read_ready(cx))?;
-        // Readiness is set, so this returns at once, with the flags the kernel reported.
-        let ending = match std::pin::pin!(src.ready(Interest::READABLE)).poll(cx) {
-            Poll::Ready(Ok(ready)) => ready.is_read_closed(),
-            _ => false,
-        };
-        match src.try_read(buf) {
-            Ok(n) => return Poll::Ready(Ok((n, ending))),
-            // The readiness was cleared: wait for the next.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
+    ready!(src.poll_read_ready(cx))?;
+    // Readiness is set, so this returns at once, with the flags the kernel reported.
+    let ending = match std::pin::pin!(src.ready(Interest::READABLE)).poll(cx) {
+        Poll::Ready(Ok(ready)) => ready.is_read_closed(),
+        _ => false,
+    };
+    let mut read = ReadBuf::new(buf);
+    ready!(Pin::new(&mut *src).poll_read(cx, &mut read))?;
+    Poll::Ready(Ok((read.filled().len(), ending)))
 }
 
 /// Writes to `dst`. With `more` (the source's end of stream follows these bytes), the last
@@ -450,7 +474,9 @@ mod tests {
     #[tokio::test]
     async fn half_close_each_way_then_done_with_the_counts() {
         let (mut client, a, b, mut backend) = sockets().await;
-        let relay = tokio::spawn(async move { relay(a, b, &RelayConfig::default(), false).await });
+        let relay = tokio::spawn(async move {
+            relay(a, b, &RelayConfig::default(), BackendHop::default()).await
+        });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -479,7 +505,7 @@ mod tests {
             ..RelayConfig::default()
         };
         let start = Instant::now();
-        let relay = tokio::spawn(async move { relay(a, b, &config, false).await });
+        let relay = tokio::spawn(async move { relay(a, b, &config, BackendHop::default()).await });
         let mut byte = [0u8; 1];
         // A byte every 6 s: never 10 s of silence, so the relay outlives its first deadline.
         for _ in 0..3 {

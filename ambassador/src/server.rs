@@ -715,7 +715,6 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service, hard: &Ca
     let sm = shared.metrics.service(service);
     sm.connections.inc();
     service.stats.connections.fetch_add(1, Ordering::Relaxed);
-    let _ = client.set_nodelay(true);
     // Boxed: the connect phase's state is freed once connected instead of taking space in
     // the task for the connection's whole life.
     let connected = tokio::select! {
@@ -733,7 +732,14 @@ async fn handle(shared: &Shared, client: TcpStream, service: &Service, hard: &Ca
     sm.active.inc();
     // Built in place (not first bound to a local) so the task holds the relay's state once.
     let ended = tokio::select! {
-        e = relay::relay(client, upstream, &shared.config.relay, true) => Some(e),
+        e = relay::relay(client, upstream, &shared.config.relay, relay::BackendHop {
+            ack_pending: true,
+            bulk_congestion: shared
+                .config
+                .local_congestion
+                .as_deref()
+                .filter(|_| on_this_host(backend, &shared.config.host)),
+        }) => Some(e),
         () = hard.cancelled() => None,
     };
     let moved = match ended {
@@ -779,12 +785,7 @@ async fn connect_any<'s>(
         };
         tried.push(i);
         let backend = &service.backends[i];
-        let congestion = config
-            .local_congestion
-            .as_deref()
-            .filter(|_| on_this_host(backend, &config.host));
-        match tokio::time::timeout(config.connect_timeout, connect(backend.addr, congestion)).await
-        {
+        match tokio::time::timeout(config.connect_timeout, connect(backend.addr)).await {
             Ok(Ok(stream)) => {
                 backend.connected();
                 return Some((stream, backend));
@@ -819,7 +820,7 @@ const BACKLOG: i32 = 4096;
 /// A non-blocking listening socket that shares its port with the other workers' sockets
 /// (SO_REUSEPORT: the kernel spreads new connections over them). Only sockets of the same
 /// user can join; a port held by anything else fails with EADDRINUSE.
-/// `congestion` is inherited by every accepted socket.
+/// `congestion` and TCP_NODELAY are inherited by every accepted socket.
 fn listen(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<std::net::TcpListener> {
     use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
     use std::os::fd::AsRawFd;
@@ -836,6 +837,8 @@ fn listen(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<std::ne
     )?;
     sock::setsockopt(&fd, sock::sockopt::ReuseAddr, &true)?;
     sock::setsockopt(&fd, sock::sockopt::ReusePort, &true)?;
+    // Accepted sockets inherit it: no system call per connection.
+    sock::setsockopt(&fd, sock::sockopt::TcpNoDelay, &true)?;
     set_congestion(&fd, congestion);
     sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
     sock::listen(
@@ -848,7 +851,7 @@ fn listen(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<std::ne
 /// Connects to a backend, TCP_NODELAY set before the SYN. Unlike tokio's `TcpStream::connect`,
 /// it asks the kernel for the socket's error (getsockopt SO_ERROR) only when the readiness says
 /// the connect failed, not after every clean one: one system call less per connection.
-async fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<TcpStream> {
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
     use std::os::fd::AsRawFd;
     let family = if addr.is_ipv4() {
@@ -865,9 +868,8 @@ async fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<
     let _ = sock::setsockopt(&fd, sock::sockopt::TcpNoDelay, &true);
     // The handshake's last ACK waits to ride on the first bytes the relay sends (one
     // segment less per connection); the relay sends it alone when it has nothing to send at
-    // once (`relay::relay`'s `ack_pending`), so a backend that speaks first is not held up.
+    // once (`relay::BackendHop::ack_pending`), so a backend that speaks first is not held up.
     let _ = socket2::SockRef::from(&fd).set_tcp_quickack(false);
-    set_congestion(&fd, congestion);
     match sock::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
         Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
         Err(e) => return Err(e.into()),

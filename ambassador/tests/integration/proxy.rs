@@ -337,16 +337,14 @@ async fn a_backend_that_speaks_first_is_not_held_up_by_the_held_back_ack() {
 }
 
 /// Both hops of a connection to a backend on this host use the configured congestion
-/// control, not the host's default (read back with `ss`).
+/// control rather than the host's default (read back with `ss`): the client's from the
+/// start (inherited from the listener), the backend's once the bytes to it are bulk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hops_on_this_host_use_the_local_congestion_control() {
     let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+    let default = default.trim();
     // reno is always built in; cubic if reno is the host's default.
-    let chosen = if default.trim() == "reno" {
-        "cubic"
-    } else {
-        "reno"
-    };
+    let chosen = if default == "reno" { "cubic" } else { "reno" };
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
     let backend = Backend::start("b0").await;
@@ -365,17 +363,33 @@ async fn hops_on_this_host_use_the_local_congestion_control() {
             .expect("ss (iproute2) runs");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    let uses = |out: &str, cc: &str| out.lines().any(|l| l.contains(&format!(" {cc} ")));
     // The ambassador's side of the client's connection: its local port is the listener's.
-    let client_hop = ss(format!("( sport = :{port} )"));
+    let client_hop = || ss(format!("( sport = :{port} )"));
     // The ambassador's side of the backend connection: the only one to the backend's port.
-    let backend_hop = ss(format!("( dport = :{} )", backend.addr.port()));
-    for (hop, out) in [("client", client_hop), ("backend", backend_hop)] {
-        assert!(
-            out.lines().any(|l| l.contains(&format!(" {chosen} "))),
-            "{hop} hop does not use {chosen} (host default {}): {out}",
-            default.trim()
-        );
-    }
+    let backend_hop = || ss(format!("( dport = :{} )", backend.addr.port()));
+    let out = client_hop();
+    assert!(uses(&out, chosen), "client hop not on {chosen}: {out}");
+    let out = backend_hop();
+    assert!(
+        uses(&out, default),
+        "backend hop left {default} before any bulk: {out}"
+    );
+
+    // 1 MiB each way (the backend echoes): bulk.
+    let (mut r, mut w) = open.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&vec![7u8; 1 << 20]).await.unwrap();
+        w
+    });
+    let mut back = vec![0u8; 1 << 20];
+    r.read_exact(&mut back).await.unwrap();
+    let _w = writer.await.unwrap();
+    let out = backend_hop();
+    assert!(
+        uses(&out, chosen),
+        "backend hop not on {chosen} after bulk: {out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
