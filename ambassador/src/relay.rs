@@ -72,26 +72,15 @@ pub enum Ended {
     Failed(Moved, io::Error),
 }
 
-/// What the relay does for the backend connection besides moving bytes.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct BackendHop<'a> {
-    /// The handshake is not acknowledged yet (TCP_QUICKACK was off while connecting): the
-    /// first bytes to the backend carry the ACK, and when the first poll has none to send,
-    /// the ACK goes alone there and then, so a backend that speaks first does not wait for
-    /// the delayed-ACK timer.
-    pub ack_pending: bool,
-    /// Congestion control to switch the backend socket to once the bytes sent to it turn out
-    /// to be bulk (a hop on this host); a request/response connection never pays for the
-    /// system call.
-    pub bulk_congestion: Option<&'a str>,
-}
-
-/// Relays until both directions end.
+/// Relays until both directions end. `ack_pending`: the backend connection's handshake is
+/// not acknowledged yet (TCP_QUICKACK was off while connecting); the first bytes to the
+/// backend carry the ACK, and when the first poll has none to send, the ACK goes alone
+/// there and then: a backend that speaks first must not wait for the delayed-ACK timer.
 pub async fn relay(
     mut client: TcpStream,
     mut backend: TcpStream,
     config: &RelayConfig,
-    mut hop: BackendHop<'_>,
+    mut ack_pending: bool,
 ) -> Ended {
     let mut to_backend = Direction::default();
     let mut to_client = Direction::default();
@@ -111,12 +100,8 @@ pub async fn relay(
         );
         let up_done = to_backend.is_done();
         let down = to_client.poll(cx, &mut backend, &mut client, config, up_done, &mut active);
-        if std::mem::take(&mut hop.ack_pending) && to_backend.moved == 0 && !to_backend.is_done() {
+        if std::mem::take(&mut ack_pending) && to_backend.moved == 0 && !to_backend.is_done() {
             let _ = socket2::SockRef::from(&backend).set_tcp_quickack(true);
-        }
-        if hop.bulk_congestion.is_some() && to_backend.is_bulk(config) {
-            let name = hop.bulk_congestion.take().unwrap_or_default();
-            let _ = socket2::SockRef::from(&backend).set_tcp_congestion(name.as_bytes());
         }
         let moved = Moved {
             up: to_backend.moved,
@@ -196,11 +181,6 @@ const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLI
 impl Direction {
     fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done)
-    }
-
-    /// Whether this direction has seen bulk (and splices, unless no pipe could be had).
-    fn is_bulk(&self, config: &RelayConfig) -> bool {
-        self.bulk >= config.splice_after || matches!(self.phase, Phase::Splicing(_))
     }
 
     /// Moves what can be moved now. `Ready(Ok)` once the end of stream is passed on (and on
@@ -474,9 +454,7 @@ mod tests {
     #[tokio::test]
     async fn half_close_each_way_then_done_with_the_counts() {
         let (mut client, a, b, mut backend) = sockets().await;
-        let relay = tokio::spawn(async move {
-            relay(a, b, &RelayConfig::default(), BackendHop::default()).await
-        });
+        let relay = tokio::spawn(async move { relay(a, b, &RelayConfig::default(), false).await });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -505,7 +483,7 @@ mod tests {
             ..RelayConfig::default()
         };
         let start = Instant::now();
-        let relay = tokio::spawn(async move { relay(a, b, &config, BackendHop::default()).await });
+        let relay = tokio::spawn(async move { relay(a, b, &config, false).await });
         let mut byte = [0u8; 1];
         // A byte every 6 s: never 10 s of silence, so the relay outlives its first deadline.
         for _ in 0..3 {
