@@ -817,24 +817,30 @@ async fn connect_any<'s>(
 /// retransmits (Linux caps it at net.core.somaxconn).
 const BACKLOG: i32 = 4096;
 
-/// A non-blocking listening socket that shares its port with the other workers' sockets
-/// (SO_REUSEPORT: the kernel spreads new connections over them). Only sockets of the same
-/// user can join; a port held by anything else fails with EADDRINUSE.
-/// `congestion` and TCP_NODELAY are inherited by every accepted socket.
-fn listen(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<std::net::TcpListener> {
-    use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    use std::os::fd::AsRawFd;
+/// A non-blocking TCP socket of `addr`'s family.
+fn tcp_socket(addr: SocketAddr) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType};
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
     };
-    let fd = sock::socket(
+    sock::socket(
         family,
         SockType::Stream,
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
+    )
+}
+
+/// A non-blocking listening socket that shares its port with the other workers' sockets
+/// (SO_REUSEPORT: the kernel spreads new connections over them). Only sockets of the same
+/// user can join; a port held by anything else fails with EADDRINUSE.
+/// `congestion` and TCP_NODELAY are inherited by every accepted socket.
+fn listen(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{self as sock, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let fd = tcp_socket(addr)?;
     sock::setsockopt(&fd, sock::sockopt::ReuseAddr, &true)?;
     sock::setsockopt(&fd, sock::sockopt::ReusePort, &true)?;
     // Accepted sockets inherit it: no system call per connection.
@@ -852,19 +858,9 @@ fn listen(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<std::ne
 /// it asks the kernel for the socket's error (getsockopt SO_ERROR) only when the readiness says
 /// the connect failed, not after every clean one: one system call less per connection.
 async fn connect(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<TcpStream> {
-    use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use nix::sys::socket::{self as sock, SockaddrStorage};
     use std::os::fd::AsRawFd;
-    let family = if addr.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    let fd = sock::socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let fd = tcp_socket(addr)?;
     let _ = sock::setsockopt(&fd, sock::sockopt::TcpNoDelay, &true);
     // The handshake's last ACK waits to ride on the first bytes the relay sends (one
     // segment less per connection); the relay sends it alone when it has nothing to send at

@@ -26,6 +26,36 @@ impl Sum {
     }
 }
 
+/// One etcd, one greeting echo backend ("b0", host h0) registered for [`SP`], and an
+/// ambassador (configured by `tweak`) listening for it with the backend in its routes.
+struct OneBackend {
+    etcd: Etcd,
+    backend: Backend,
+    amb: Amb,
+    port: u16,
+    addr: std::net::SocketAddr,
+}
+
+impl OneBackend {
+    async fn start(tweak: impl FnOnce(&mut ambassador::Config)) -> OneBackend {
+        let etcd = Etcd::start().await;
+        let mut c = etcd.client().await;
+        let backend = Backend::start("b0").await;
+        let port = put_alloc(&mut c, SP).await;
+        put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
+        let amb = Amb::start(&etcd, tweak).await;
+        let addr = amb.listening(port).await;
+        amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+        OneBackend {
+            etcd,
+            backend,
+            amb,
+            port,
+            addr,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_256_mib_each_way_with_server_first_and_half_close() {
     echo_each_way(256 << 20, |_| {}).await;
@@ -54,14 +84,8 @@ async fn echo_64_mib_each_way_splicing_through_a_small_pipe() {
 }
 
 async fn echo_each_way(total: usize, tweak: impl FnOnce(&mut ambassador::Config)) {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let backend = Backend::start("b0").await;
-    let port = put_alloc(&mut c, SP).await;
-    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
-    let amb = Amb::start(&etcd, tweak).await;
-    let addr = amb.listening(port).await;
-    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    let one = OneBackend::start(tweak).await;
+    let (amb, addr) = (&one.amb, one.addr);
 
     let mut s = TcpStream::connect(addr).await.unwrap();
     // The server speaks first; the client has sent nothing.
@@ -110,14 +134,8 @@ async fn echo_each_way(total: usize, tweak: impl FnOnce(&mut ambassador::Config)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_connections_through_one_listener_on_two_threads() {
     raise_fd_limit();
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let backend = Backend::start("b0").await;
-    let port = put_alloc(&mut c, SP).await;
-    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
-    let amb = Amb::start(&etcd, |c| c.threads = 2).await;
-    let addr = amb.listening(port).await;
-    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    let one = OneBackend::start(|c| c.threads = 2).await;
+    let (amb, addr, port) = (&one.amb, one.addr, one.port);
 
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(1000));
     let mut tasks = tokio::task::JoinSet::new();
@@ -286,26 +304,22 @@ async fn one_of_two_backends_killed_200_new_connections_all_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_away_existing_routes_keep_working() {
-    let mut etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let backend = Backend::start("b0").await;
-    let port = put_alloc(&mut c, SP).await;
-    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
-    let amb = Amb::start(&etcd, |_| {}).await;
-    let addr = amb.listening(port).await;
-    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
-    etcd.stop();
+    let mut one = OneBackend::start(|_| {}).await;
+    let addr = one.addr;
+    one.etcd.stop();
     for _ in 0..50 {
         assert_eq!(who(addr).await.unwrap(), "b0");
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(who(addr).await.unwrap(), "b0");
     // etcd back, a new backend registered: the watch resumes and sees it.
-    etcd.restart().await;
+    one.etcd.restart().await;
     let b1 = Backend::start("b1").await;
-    let mut c = etcd.client().await;
+    let mut c = one.etcd.client().await;
     put_endpoint(&mut c, SP, "h1", 1, b1.addr).await;
-    amb.wait_backends(port, 2, Duration::from_secs(10)).await;
+    one.amb
+        .wait_backends(one.port, 2, Duration::from_secs(10))
+        .await;
 }
 
 /// The backend connection's handshake ACK is held back to ride on the client's first bytes.
@@ -313,14 +327,8 @@ async fn etcd_away_existing_routes_keep_working() {
 /// kernel's delayed-ACK timer (200 ms): the backend cannot even accept before that ACK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_speaks_first_is_not_held_up_by_the_held_back_ack() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let backend = Backend::start("b0").await;
-    let port = put_alloc(&mut c, SP).await;
-    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
-    let amb = Amb::start(&etcd, |_| {}).await;
-    let addr = amb.listening(port).await;
-    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    let one = OneBackend::start(|_| {}).await;
+    let addr = one.addr;
     let mut took = Vec::new();
     for _ in 0..21 {
         let start = Instant::now();
@@ -344,14 +352,8 @@ async fn hops_on_this_host_use_the_local_congestion_control() {
     let default = default.trim();
     // reno is always built in; cubic if reno is the host's default.
     let chosen = if default == "reno" { "cubic" } else { "reno" };
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let backend = Backend::start("b0").await;
-    let port = put_alloc(&mut c, SP).await;
-    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
-    let amb = Amb::start(&etcd, |c| c.local_congestion = Some(chosen.to_owned())).await;
-    let addr = amb.listening(port).await;
-    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    let one = OneBackend::start(|c| c.local_congestion = Some(chosen.to_owned())).await;
+    let (backend, port, addr) = (&one.backend, one.port, one.addr);
     let mut open = TcpStream::connect(addr).await.unwrap();
     let mut greeting = [0u8; 14];
     open.read_exact(&mut greeting).await.unwrap();
