@@ -125,10 +125,17 @@ async fn echo_each_way(total: usize, tweak: impl FnOnce(&mut ambassador::Config)
     }
     assert_eq!(got, total, "bytes back");
     assert_eq!(sum.0, writer.await.unwrap(), "checksum of what came back");
-    let state = amb.shared.state_json();
-    let svc = &state["services"][0];
-    assert_eq!(svc["bytes_up"], total as u64);
-    assert_eq!(svc["bytes_down"], total as u64 + 14);
+    // The client sees the end when the relay closes the sockets; the counts are added just
+    // after, so wait for them rather than race that.
+    let counted = |key: &str, want: u64| {
+        let state = amb.shared.state_json();
+        (state["services"][0][key] == want).then_some(())
+    };
+    wait_for(Duration::from_secs(5), || counted("bytes_up", total as u64)).await;
+    wait_for(Duration::from_secs(5), || {
+        counted("bytes_down", total as u64 + 14)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
