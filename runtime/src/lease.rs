@@ -108,9 +108,21 @@ async fn keep(
         backoff.reset();
 
         loop {
+            // Opening waits for etcd's first answer, which no request timeout covers: a member
+            // that takes the stream but cannot reach a leader would hold the keeper for good.
             let opened = tokio::select! {
-                r = client.lease_keep_alive(id) => r,
+                r = tokio::time::timeout(options.ttl.max(Duration::from_secs(1)), client.lease_keep_alive(id)) => r,
                 () = shutdown.cancelled() => break 'grant,
+            };
+            let Ok(opened) = opened else {
+                warn!(
+                    lease = id,
+                    "no answer to the keep-alive stream in time; reconnecting"
+                );
+                if !backoff.wait(&shutdown).await {
+                    break 'grant;
+                }
+                continue;
             };
             match opened {
                 Ok((mut keeper, mut stream)) => loop {
