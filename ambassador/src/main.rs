@@ -154,7 +154,7 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         let shutdown = runtime::shutdown::on_signals();
-        let client = match cli.etcd.connect().await {
+        let client = match cli.etcd.connect_daemon(&shutdown).await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("ambassador: {e}");

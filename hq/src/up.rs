@@ -128,7 +128,7 @@ pub async fn up(
     config: UpConfig,
     shutdown: CancellationToken,
 ) -> Result<(), HqError> {
-    let client = etcd.connect().await?;
+    let client = etcd.connect_daemon(&shutdown).await?;
     let mut local = None;
     if !answers(&client).await {
         let default = etcd.endpoints == [runtime::etcd::DEFAULT_ENDPOINT.to_owned()];

@@ -209,7 +209,8 @@ fn watch(cli: Cli, static_members: BTreeSet<std::net::IpAddr>, options: Options)
         }
     };
     rt.block_on(async move {
-        let client = match cli.etcd.connect().await {
+        let shutdown = runtime::shutdown::on_signals();
+        let client = match cli.etcd.connect_daemon(&shutdown).await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("locknet: {e}");
@@ -223,7 +224,7 @@ fn watch(cli: Cli, static_members: BTreeSet<std::net::IpAddr>, options: Options)
             options,
             check_timeout: cli.check_timeout,
         };
-        locknet::watch::run(config, client, runtime::shutdown::on_signals()).await;
+        locknet::watch::run(config, client, shutdown).await;
         info!("stopped; the rules stay in place (locknet --flush removes them)");
         ExitCode::SUCCESS
     })

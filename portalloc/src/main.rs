@@ -100,7 +100,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, AllocError> {
-    let client = cli.etcd.connect().await?;
+    let client = cli.etcd.connect_live().await?;
     let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range)
         .with_max_txn_ops(cli.max_txn_ops)
         .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))

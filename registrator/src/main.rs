@@ -105,11 +105,11 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let client = match cli.etcd.connect().await {
-            Ok(c) => c,
-            Err(e) => return usage(e.to_string()),
-        };
         if cli.once || cli.dry_run {
+            let client = match cli.etcd.connect_live().await {
+                Ok(c) => c,
+                Err(e) => return usage(e.to_string()),
+            };
             return match registrator::once(&config, &client, cli.dry_run).await {
                 Ok(ops) => {
                     for op in &ops {
@@ -135,6 +135,10 @@ fn main() -> ExitCode {
             };
         }
         let shutdown = runtime::shutdown::on_signals();
+        let client = match cli.etcd.connect_daemon(&shutdown).await {
+            Ok(c) => c,
+            Err(e) => return usage(e.to_string()),
+        };
         info!(
             host = %config.settings.host,
             addr = %config.settings.addr,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use schema::Prefix;
+use tokio_util::sync::CancellationToken;
 
 /// Where etcd is looked for when no `--etcd` is given: a local one.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
@@ -136,6 +137,14 @@ impl EtcdArgs {
 }
 
 impl EtcdArgs {
+    /// For daemons: like [`EtcdArgs::connect`], and until `shutdown` keeps the client's
+    /// requests off members that do not answer (see [`crate::members`]).
+    pub async fn connect_daemon(&self, shutdown: &CancellationToken) -> Result<Client, EtcdError> {
+        let client = self.connect().await?;
+        crate::members::spawn(self, &client, shutdown.clone());
+        Ok(client)
+    }
+
     /// For one-shot commands: like [`EtcdArgs::connect`], but with several endpoints only
     /// those that accept a TCP connection within the connect timeout are used (all of them if
     /// none does, so the error names them). etcd-client sends a request to a dead endpoint of

@@ -4,6 +4,7 @@
 //!   classification (retry or give up).
 //! * [`watch`]: a prefix watcher that lists, watches from the listed revision, resumes after a
 //!   disconnect and re-lists after a compaction.
+//! * [`members`]: keeps a daemon's requests off etcd members that do not answer.
 //! * [`lease`]: a lease keeper that grants, keeps alive, re-grants and tells its owner.
 //! * [`backoff`]: exponential backoff with jitter.
 //! * [`host`]: this host's id and addresses, and RFC 3339 time.
@@ -14,6 +15,7 @@ pub mod backoff;
 pub mod etcd;
 pub mod host;
 pub mod lease;
+pub mod members;
 pub mod shutdown;
 pub mod telemetry;
 pub mod watch;

@@ -702,8 +702,9 @@ async fn losing_an_etcd_member_loses_nothing() {
         let (answers, failures) = cluster.fetch("a", 30);
         eprintln!("{round} ({victim}) stopped: {failures} failed of 30");
         assert_eq!(failures, 0, "{answers:?}\n{}", cluster.logs());
-        // A container started meanwhile on c is registered all the same.
-        let sock = cluster.host("c").dockerd.host();
+        // A container started meanwhile on the stopped member's host is registered all the
+        // same: its registrator turns to the other members.
+        let sock = cluster.host(&victim).dockerd.host();
         let id = docker::docker_ok(
             Some(&sock),
             &[
