@@ -153,8 +153,10 @@ declare -A ALL # ALL[target.metric]: the rounds' figures, one per line
 for r in $(seq 1 "$RUNS"); do
   for t in "${targets[@]}"; do
     echo "harness: round $r/$RUNS, measuring $t" >&2
-    bulk "$t" 1; bulk "$t" 8
-    requests "$t" ka; requests "$t" close
+    # A pause before each load run: each starts from a quiet proxy, not in the wake of the
+    # last one (the ambassador decides every 100 ms how many threads take new connections).
+    sleep 0.3; bulk "$t" 1; sleep 0.3; bulk "$t" 8
+    sleep 0.3; requests "$t" ka; sleep 0.3; requests "$t" close
     [ "$r" = 1 ] && idle_memory "$t"
     for m in "${metrics[@]}"; do
       [ -n "${R[$t.$m]:-}" ] && ALL[$t.$m]+="${R[$t.$m]}"$'\n'
@@ -188,4 +190,6 @@ row "proxy CPU µs per new connection" closecpu
 row "proxy KiB per idle connection" idle
 echo
 echo "(medians of ${RUNS} rounds; ${SECS}s per load run; ${IDLE} idle connections, read in round 1; wrk -t2 -c50; iperf3 -t ${SECS};"
-echo " host congestion control $(cat /proc/sys/net/ipv4/tcp_congestion_control), the ambassador's on local hops ${VIKING_LOCAL_CONGESTION:-cubic})"
+amb_threads=$(curl -s "http://127.0.0.1:$ADMIN/state" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["accepted_per_thread"]))' || echo "?")
+echo " host congestion control $(cat /proc/sys/net/ipv4/tcp_congestion_control), the ambassador's on local hops ${VIKING_LOCAL_CONGESTION:-cubic};"
+echo " the ambassador's threads $amb_threads, HAProxy's its default)"
