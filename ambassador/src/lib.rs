@@ -16,6 +16,7 @@ pub mod dns;
 pub mod relay;
 pub mod routes;
 pub mod server;
+pub mod steer;
 
 pub use relay::RelayConfig;
 pub use server::{Config, Shared, ShutdownReport, run};

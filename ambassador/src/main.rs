@@ -60,8 +60,9 @@ struct Cli {
     )]
     max_connections_per_listener: usize,
 
-    /// Threads that accept and relay connections (default: one per two cores, at least one).
-    /// Each has its own listening socket per port and keeps the connections it accepts
+    /// Threads that accept and relay connections (default: one per core). Each has its own
+    /// listening socket per port and keeps the connections it accepts; new connections go to
+    /// as few threads as carry the load, the first alone while it has room
     #[arg(long, env = "VIKING_THREADS")]
     threads: Option<usize>,
 
@@ -131,9 +132,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let threads = cli.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
-    });
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     if threads == 0 {
         eprintln!(
             "ambassador: --threads 0: at least one thread must accept connections; pass --threads 1 or more"

@@ -163,6 +163,8 @@ pub struct Shared {
     metrics: Metrics,
     /// Connections accepted, per thread.
     accepted: Box<[AtomicU64]>,
+    /// How many threads take new connections (`steer`).
+    steer: tokio::sync::watch::Sender<usize>,
 }
 
 impl Shared {
@@ -178,6 +180,7 @@ impl Shared {
         let accepted = (0..config.threads.max(1))
             .map(|_| AtomicU64::new(0))
             .collect();
+        let (steer, _) = tokio::sync::watch::channel(1);
         Arc::new(Self {
             config,
             routes,
@@ -187,6 +190,7 @@ impl Shared {
             registry,
             metrics,
             accepted,
+            steer,
         })
     }
 
@@ -258,6 +262,7 @@ impl Shared {
         serde_json::json!({
             "synced": self.is_synced(),
             "accepted_per_thread": self.accepted(),
+            "threads_taking_new_connections": *self.steer.borrow(),
             "services": services,
         })
     }
@@ -313,6 +318,14 @@ pub async fn run(
             shared.config.connect_timeout,
             background.clone(),
         ));
+    }
+    let steering = workers.handles.len() > 1;
+    if steering {
+        if let Some(cpu) = workers.cpu.iter().cloned().collect::<Option<Vec<_>>>() {
+            let shared = shared.clone();
+            let stop = background.clone();
+            tokio::spawn(async move { crate::steer::control(cpu, &shared.steer, stop).await });
+        }
     }
 
     // routes -> listeners.
@@ -404,6 +417,8 @@ fn set_congestion(fd: &impl std::os::fd::AsFd, name: Option<&str>) {
 /// the threads' sockets (SO_REUSEPORT).
 struct Workers {
     handles: Vec<tokio::runtime::Handle>,
+    /// Where each thread's CPU time is read (`steer`); the calling runtime's thread first.
+    cpu: Vec<Option<std::path::PathBuf>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     stop: CancellationToken,
 }
@@ -413,6 +428,7 @@ impl Workers {
         let stop = CancellationToken::new();
         let mut workers = Workers {
             handles: vec![tokio::runtime::Handle::current()],
+            cpu: vec![crate::steer::this_thread()],
             threads: Vec::new(),
             stop: stop.clone(),
         };
@@ -422,9 +438,14 @@ impl Workers {
                 .build()?;
             workers.handles.push(rt.handle().clone());
             let stop = stop.clone();
+            let (cpu_tx, cpu_rx) = std::sync::mpsc::sync_channel(1);
             let thread = std::thread::Builder::new()
                 .name(format!("ambassador-{i}"))
-                .spawn(move || rt.block_on(stop.cancelled()))?;
+                .spawn(move || {
+                    let _ = cpu_tx.send(crate::steer::this_thread());
+                    rt.block_on(stop.cancelled());
+                })?;
+            workers.cpu.push(cpu_rx.recv().ok().flatten());
             workers.threads.push(thread);
         }
         Ok(workers)
@@ -594,7 +615,7 @@ async fn reconcile(
                         worker.spawn(accept_loop(
                             shared.clone(),
                             socket,
-                            (port, thread),
+                            (port, thread, context.workers.handles.len()),
                             stop.clone(),
                             context.tracker.clone(),
                             (context.global.clone(), local_limit.clone()),
@@ -615,7 +636,7 @@ async fn reconcile(
 async fn accept_loop(
     shared: Arc<Shared>,
     socket: std::net::TcpListener,
-    (port, thread): (u16, usize),
+    (port, thread, threads): (u16, usize, usize),
     stop: CancellationToken,
     tracker: TaskTracker,
     (global, local): (Arc<Semaphore>, Arc<Semaphore>),
@@ -633,6 +654,11 @@ async fn accept_loop(
     // One wait for the stop signal for the loop's life, not one registered per connection.
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
+    // The first thread's socket carries the port's steering program (`steer`).
+    let mut steer = (thread == 0 && threads > 1).then(|| shared.steer.subscribe());
+    if let Some(taking) = &mut steer {
+        steer_port(&listener, port, *taking.borrow_and_update());
+    }
     loop {
         // A permit before accept: at the limit, clients wait in the kernel's backlog.
         let permits = tokio::select! {
@@ -644,6 +670,10 @@ async fn accept_loop(
         let accepted = tokio::select! {
             biased;
             () = &mut stopped => return,
+            Some(taking) = steer_changed(&mut steer) => {
+                steer_port(&listener, port, taking);
+                continue;
+            }
             a = listener.accept() => a,
         };
         let client = match accepted {
@@ -668,6 +698,24 @@ async fn accept_loop(
             let _permits = (g, l);
             handle(&shared, client, &service, &hard).await;
         });
+    }
+}
+
+/// The next number of threads taking new connections; never, for a socket that does not steer.
+async fn steer_changed(steer: &mut Option<tokio::sync::watch::Receiver<usize>>) -> Option<usize> {
+    match steer {
+        Some(taking) => match taking.changed().await {
+            Ok(()) => Some(*taking.borrow_and_update()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+fn steer_port(listener: &TcpListener, port: u16, taking: usize) {
+    if let Err(e) = crate::steer::attach(listener, taking) {
+        // The kernel's hash spreads them instead: slower on light loads, never wrong.
+        debug!(port, error = %e, "cannot steer new connections");
     }
 }
 

@@ -33,7 +33,7 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_admin_and_drains_on_sigterm() {
+async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
     let backend = Backend::start("b0").await;
@@ -52,6 +52,8 @@ async fn serves_admin_and_drains_on_sigterm() {
             &admin,
             "--grace",
             "10s",
+            "--threads",
+            "2",
         ])
         .env("RUST_LOG", "info")
         .env_remove("VIKING_LOG_FORMAT")
@@ -79,6 +81,28 @@ async fn serves_admin_and_drains_on_sigterm() {
     wait_line(&format!("listening on addr=127.0.0.1:{port}"));
     let (status, body) = http_get(&admin, "/healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+    // A light load on two threads stays on the first (`ambassador::steer`): the start-up's
+    // work is over after a few of its 100 ms readings, then 30 short connections 10 ms apart.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..30 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut greeting = [0u8; 14];
+        s.read_exact(&mut greeting).await.unwrap();
+        let msg = format!("message {i:05}\n");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, state) = http_get(&admin, "/state");
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        state["accepted_per_thread"],
+        serde_json::json!([30, 0]),
+        "the second thread took connections the first had room for: {state}"
+    );
+    assert_eq!(state["threads_taking_new_connections"], 1, "{state}");
 
     // A connection open when SIGTERM arrives finishes; new ones are refused.
     let mut open = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

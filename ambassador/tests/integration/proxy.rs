@@ -180,13 +180,10 @@ async fn a_thousand_concurrent_connections_through_one_listener_on_two_threads()
             .load(std::sync::atomic::Ordering::Relaxed),
         1000
     );
-    // The kernel spread them over both threads' sockets (by a hash of 1,000 source ports).
+    // How they were spread over the threads depends on how busy the first one was
+    // (`ambassador::steer`, tested on its own).
     let accepted = amb.shared.accepted();
     assert_eq!(accepted.iter().sum::<u64>(), 1000, "{accepted:?}");
-    assert!(
-        accepted.iter().all(|&n| n > 0),
-        "a thread accepted nothing: {accepted:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
