@@ -194,8 +194,8 @@ impl Shared {
         })
     }
 
-    /// Connections accepted so far by each thread (the kernel spreads them over the threads'
-    /// listening sockets).
+    /// Connections accepted so far by each thread (`steer` decides which threads' listening
+    /// sockets take them).
     pub fn accepted(&self) -> Vec<u64> {
         self.accepted
             .iter()
@@ -319,8 +319,7 @@ pub async fn run(
             background.clone(),
         ));
     }
-    let steering = workers.handles.len() > 1;
-    if steering {
+    if workers.handles.len() > 1 {
         if let Some(cpu) = workers.cpu.iter().cloned().collect::<Option<Vec<_>>>() {
             let shared = shared.clone();
             let stop = background.clone();
@@ -413,8 +412,8 @@ fn set_congestion(fd: &impl std::os::fd::AsFd, name: Option<&str>) {
 /// The threads that accept and relay: the calling runtime, and one more single-threaded
 /// runtime on a thread of its own per extra thread. A connection lives on the thread whose
 /// socket accepted it, so no connection's wake-ups cross threads (tokio's multi-threaded
-/// scheduler measured dearer per connection on 2 cores); the kernel spreads connections over
-/// the threads' sockets (SO_REUSEPORT).
+/// scheduler measured dearer per connection on 2 cores); the threads' sockets share each port
+/// (SO_REUSEPORT) and `steer` picks which of them take new connections.
 struct Workers {
     handles: Vec<tokio::runtime::Handle>,
     /// Where each thread's CPU time is read (`steer`); the calling runtime's thread first.
@@ -712,6 +711,7 @@ async fn steer_changed(steer: &mut Option<tokio::sync::watch::Receiver<usize>>) 
     }
 }
 
+/// Puts the program for `taking` threads on the port's socket group.
 fn steer_port(listener: &TcpListener, port: u16, taking: usize) {
     if let Err(e) = crate::steer::attach(listener, taking) {
         // The kernel's hash spreads them instead: slower on light loads, never wrong.
@@ -882,7 +882,7 @@ fn tcp_socket(addr: SocketAddr) -> nix::Result<std::os::fd::OwnedFd> {
 }
 
 /// A non-blocking listening socket that shares its port with the other workers' sockets
-/// (SO_REUSEPORT: the kernel spreads new connections over them). Only sockets of the same
+/// (SO_REUSEPORT: new connections go to one of them, `steer`). Only sockets of the same
 /// user can join; a port held by anything else fails with EADDRINUSE.
 /// `congestion` and TCP_NODELAY are inherited by every accepted socket.
 fn listen(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<std::net::TcpListener> {
