@@ -8,15 +8,31 @@
 //!   wins; ejection after consecutive connect failures, with exponential return).
 //! * [`relay`]: the data path: copying for small exchanges, `splice()` once a direction
 //!   carries bulk; half-close both ways; idle timeout.
-//! * [`server`]: etcd sync, listeners, connections, graceful shutdown, metrics.
+//! * [`daemon`]: the `ambassador` flags, their checks and the one start-up that both the
+//!   binary and `viking up` use.
+//! * [`config`]: the settings the library takes.
+//! * [`server`]: the shared state, etcd into routes and DNS zone, graceful shutdown.
+//! * [`listeners`], [`workers`], [`connection`]: listening sockets and accept loops, the
+//!   worker threads, one proxied connection.
+//! * [`metrics`]: every counter, once, read by `/metrics` and `/state`.
+//! * [`steer`]: which threads take new connections.
 //! * [`admin`]: `/metrics`, `/healthz`, `/state`.
+//! * [`dns`]: the service DNS.
 
 pub mod admin;
+pub mod config;
+mod connection;
+pub mod daemon;
 pub mod dns;
+mod listeners;
+pub mod metrics;
 pub mod relay;
 pub mod routes;
 pub mod server;
 pub mod steer;
+mod workers;
 
+pub use config::Config;
+pub use daemon::{AmbassadorArgs, Running, StartError};
 pub use relay::RelayConfig;
-pub use server::{Config, Shared, ShutdownReport, run};
+pub use server::{Shared, ShutdownReport, run};

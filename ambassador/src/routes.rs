@@ -14,6 +14,8 @@ use runtime::watch::Kv;
 use schema::records::{self, EndpointRecord, PortAllocRecord};
 use schema::{Key, Prefix, ServicePort};
 
+use crate::metrics::{BackendCounters, Metrics, ServiceCounters};
+
 /// Consecutive connect failures that eject a backend.
 pub const EJECT_AFTER: u32 = 3;
 /// First ejection; each further one doubles, up to [`EJECT_MAX`].
@@ -29,8 +31,8 @@ pub struct Backend {
     pub host: String,
     pub active: AtomicU64,
     pub connections: AtomicU64,
-    pub connect_errors: AtomicU64,
-    pub ejections: AtomicU64,
+    /// Also on `/metrics`.
+    pub counters: BackendCounters,
     consecutive_failures: AtomicU32,
     /// Ejections since the last successful connect: the exponent of the next ejection time.
     streak: AtomicU32,
@@ -38,15 +40,24 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// A backend whose counters `/metrics` does not show (tests).
     pub fn new(instance: String, addr: SocketAddr, host: String) -> Self {
+        Self::counted(instance, addr, host, BackendCounters::default())
+    }
+
+    pub fn counted(
+        instance: String,
+        addr: SocketAddr,
+        host: String,
+        counters: BackendCounters,
+    ) -> Self {
         Self {
             instance,
             addr,
             host,
             active: AtomicU64::new(0),
             connections: AtomicU64::new(0),
-            connect_errors: AtomicU64::new(0),
-            ejections: AtomicU64::new(0),
+            counters,
             consecutive_failures: AtomicU32::new(0),
             streak: AtomicU32::new(0),
             ejected_until: Mutex::new(None),
@@ -69,12 +80,12 @@ impl Backend {
 
     /// A connect failed; returns true when this failure ejected the backend.
     pub fn failed(&self, now: Instant) -> bool {
-        self.connect_errors.fetch_add(1, Ordering::Relaxed);
+        self.counters.connect_errors.inc();
         let fails = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if fails < EJECT_AFTER {
             return false;
         }
-        self.ejections.fetch_add(1, Ordering::Relaxed);
+        self.counters.ejections.inc();
         let n = self.streak.fetch_add(1, Ordering::Relaxed);
         let time = EJECT_BASE.saturating_mul(1u32 << n.min(16)).min(EJECT_MAX);
         *self.ejected_until.lock().expect("ejection lock") = Some(now + time);
@@ -83,27 +94,14 @@ impl Backend {
     }
 }
 
-/// Counters of one service port, kept across rebuilds.
-#[derive(Debug, Default)]
-pub struct ServiceStats {
-    pub active: AtomicU64,
-    pub connections: AtomicU64,
-    pub failed: AtomicU64,
-    /// Client to backend.
-    pub bytes_up: AtomicU64,
-    /// Backend to client.
-    pub bytes_down: AtomicU64,
-    /// Prometheus handles, looked up on the first connection.
-    pub metrics: std::sync::OnceLock<crate::server::ServiceMetrics>,
-}
-
 /// One allocated service port.
 #[derive(Debug)]
 pub struct Service {
     pub service_port: ServicePort,
     pub port: u16,
     pub backends: Vec<Arc<Backend>>,
-    pub stats: Arc<ServiceStats>,
+    /// Kept across rebuilds.
+    pub stats: Arc<ServiceCounters>,
 }
 
 impl Service {
@@ -163,15 +161,17 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Builds the table from the watched keys, reusing `previous`'s counters.
+    /// Builds the table from the watched keys, reusing `previous`'s counters; a service port
+    /// or backend seen for the first time gets its counters from `metrics`.
     pub fn build(
         prefix: &Prefix,
         allocs: &BTreeMap<String, Kv>,
         endpoints: &BTreeMap<String, Kv>,
         previous: &Routes,
+        metrics: &Metrics,
     ) -> Routes {
         let mut old_backends: HashMap<(&str, SocketAddr), &Arc<Backend>> = HashMap::new();
-        let mut old_stats: HashMap<&ServicePort, &Arc<ServiceStats>> = HashMap::new();
+        let mut old_stats: HashMap<&ServicePort, &Arc<ServiceCounters>> = HashMap::new();
         for s in previous.by_port.values() {
             old_stats.insert(&s.service_port, &s.stats);
             for b in &s.backends {
@@ -185,7 +185,9 @@ impl Routes {
                 .get(&(instance.as_str(), e.addr))
                 .map(|b| Arc::clone(b))
                 .unwrap_or_else(|| {
-                    Arc::new(Backend::new(instance, e.addr, e.record.host.to_string()))
+                    let counters = metrics.backend(&e.service_port, e.addr);
+                    let host = e.record.host.to_string();
+                    Arc::new(Backend::counted(instance, e.addr, host, counters))
                 });
             backends.entry(e.service_port).or_default().push(backend);
         }
@@ -197,7 +199,7 @@ impl Routes {
             let stats = old_stats
                 .get(&service_port)
                 .map(|s| Arc::clone(s))
-                .unwrap_or_default();
+                .unwrap_or_else(|| Arc::new(metrics.service(&service_port)));
             let list = backends.remove(&service_port).unwrap_or_default();
             by_port.insert(
                 port,

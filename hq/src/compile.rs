@@ -9,87 +9,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use schema::env::{self, LinkPort};
 use schema::records::RECORD_VERSION;
-use schema::{JobName, ServiceId, ServicePort, StackName};
-use serde::{Deserialize, Serialize};
+use schema::{JobName, PortSpec, ServicePort, StackName};
+pub use schema::{JobSpec, LinkPortSpec, LinkSpec};
+use serde::Serialize;
 
-use crate::stackfile::{CommandSpec, JobDef, PortSpec, Pos, StackFile};
+use crate::stackfile::{JobDef, Pos, StackFile};
 
 /// The Docker bridge gateway: the same on every host, so env vars hold wherever a container runs.
 pub const DEFAULT_AMBASSADOR_ADDR: &str = "172.17.0.1";
-
-fn current() -> u32 {
-    RECORD_VERSION
-}
-
-fn one() -> u32 {
-    1
-}
-
-/// A link as compiled: where it points and through which ambassador ports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LinkSpec {
-    /// As written: `shared/mongo` or `middleware`.
-    pub alias: String,
-    /// `stack/job`.
-    pub service: String,
-    /// The env prefix, e.g. `SHARED_MONGO`.
-    pub prefix: String,
-    pub ports: Vec<LinkPortSpec>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LinkPortSpec {
-    pub port: u16,
-    pub proto: schema::Proto,
-    pub ambassador_port: u16,
-}
-
-/// `stacks/<stack>/jobs/<job>`: a compiled job, what `viking run` starts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobSpec {
-    #[serde(default = "current")]
-    pub v: u32,
-    pub stack: StackName,
-    pub job: JobName,
-    pub image: String,
-    #[serde(default)]
-    pub ports: Vec<PortSpec>,
-    #[serde(default)]
-    pub volumes: Vec<String>,
-    #[serde(default)]
-    pub links: Vec<LinkSpec>,
-    #[serde(default = "one")]
-    pub scale: u32,
-    /// The job's own env.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Which of `env` linked containers see as `<P>_ENV_<VAR>`.
-    #[serde(default)]
-    pub export_env: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command: Option<CommandSpec>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Start position in the stack: linked-to jobs come first.
-    #[serde(default)]
-    pub order: u32,
-    /// The docker-link env of every link.
-    #[serde(default)]
-    pub link_env: BTreeMap<String, String>,
-}
-
-impl JobSpec {
-    pub fn service(&self) -> ServiceId {
-        ServiceId::new(self.stack.clone(), self.job.clone())
-    }
-
-    /// The container env: the link vars, then the job's own (which win on a clash).
-    pub fn container_env(&self) -> BTreeMap<String, String> {
-        let mut env = self.link_env.clone();
-        env.extend(self.env.clone());
-        env
-    }
-}
 
 /// What a deploy writes for one stack.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -411,7 +338,7 @@ pub fn compile(stacks: &[StackFile], view: &ClusterView) -> Result<Deployment, C
                 }
                 links.push(LinkSpec {
                     alias: link.alias.clone(),
-                    service: link.target.to_string(),
+                    service: link.target.clone(),
                     prefix,
                     ports: ports
                         .iter()
@@ -424,8 +351,8 @@ pub fn compile(stacks: &[StackFile], view: &ClusterView) -> Result<Deployment, C
                 });
             }
             let labels = BTreeMap::from([
-                ("viking.stack".to_owned(), stack.name.to_string()),
-                ("viking.job".to_owned(), job.name.to_string()),
+                (schema::labels::STACK.to_owned(), stack.name.to_string()),
+                (schema::labels::JOB.to_owned(), job.name.to_string()),
             ]);
             jobs.push(JobSpec {
                 v: RECORD_VERSION,

@@ -17,7 +17,7 @@ use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
 };
 use futures_util::StreamExt;
-use schema::{JobName, StackName};
+use schema::{JobName, ServiceId, StackName};
 
 use crate::compile::JobSpec;
 use crate::stackfile::CommandSpec;
@@ -67,10 +67,7 @@ pub enum Step {
     },
 }
 
-/// The container name of instance `i` of a job.
-pub fn container_name(stack: &StackName, job: &JobName, i: u32) -> String {
-    format!("{stack}_{job}_{i}")
-}
+pub use schema::container_name;
 
 /// The digest of what makes a job's container: everything but `scale` and `order`, so scaling
 /// does not replace running instances.
@@ -151,10 +148,10 @@ pub fn container_config(spec: &JobSpec, instance: u32) -> ContainerCreateBody {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .chain([
-            ("viking.stack".to_owned(), spec.stack.to_string()),
-            ("viking.job".to_owned(), spec.job.to_string()),
-            ("viking.instance".to_owned(), instance.to_string()),
-            ("viking.spec".to_owned(), spec_digest(spec)),
+            (schema::labels::STACK.to_owned(), spec.stack.to_string()),
+            (schema::labels::JOB.to_owned(), spec.job.to_string()),
+            (schema::labels::INSTANCE.to_owned(), instance.to_string()),
+            (schema::labels::SPEC.to_owned(), spec_digest(spec)),
         ])
         .collect();
     ContainerCreateBody {
@@ -226,8 +223,11 @@ pub async fn existing(docker: &Docker, stack: &StackName) -> Result<Vec<Existing
                     .map(|n| n.trim_start_matches('/').to_owned())
                     .unwrap_or_default(),
                 job: labels.get("viking.job")?.clone(),
-                instance: labels.get("viking.instance")?.parse().ok()?,
-                spec: labels.get("viking.spec").cloned().unwrap_or_default(),
+                instance: labels.get(schema::labels::INSTANCE)?.parse().ok()?,
+                spec: labels
+                    .get(schema::labels::SPEC)
+                    .cloned()
+                    .unwrap_or_default(),
                 running: c
                     .state
                     .is_some_and(|s| s == bollard::models::ContainerSummaryStateEnum::RUNNING),
@@ -342,15 +342,16 @@ async fn remove(docker: &Docker, id: &str) -> Result<(), HqError> {
         .map_err(docker_error("remove a container"))
 }
 
-/// Waits until `service` (`stack/job`) has a live endpoint on any host.
-async fn wait_for_endpoints(store: &Store, service: &str, wait: Duration) -> Result<(), HqError> {
-    let (stack, job) = service.split_once('/').unwrap_or(("", service));
-    let (Ok(stack), Ok(job)) = (StackName::new(stack), JobName::new(job)) else {
-        return Err(HqError::Refused(format!("bad linked service {service:?}")));
-    };
+/// Waits until `service` has a live endpoint on any host.
+async fn wait_for_endpoints(
+    store: &Store,
+    service: &ServiceId,
+    wait: Duration,
+) -> Result<(), HqError> {
+    let (stack, job) = (&service.stack, &service.job);
     let deadline = Instant::now() + wait;
     loop {
-        let endpoints = store.endpoints(&stack, &job).await?;
+        let endpoints = store.endpoints(stack, job).await?;
         if endpoints.values().any(|e| !e.is_empty()) {
             return Ok(());
         }

@@ -1,6 +1,5 @@
-//! `viking`: the HQ command.
-//!
-//! Exit status: 0 done, 1 the cluster refused or etcd failed, 2 bad input (nothing written).
+//! `viking`: the HQ command. Each subcommand is one function below; what they print is typed
+//! rows in `hq::output`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,16 +8,18 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use hq::compile::{DEFAULT_AMBASSADOR_ADDR, JobSpec};
+use hq::output::{self, Format, HostRow, JobRow, StackRow};
 use hq::store::{HqError, Store};
+use hq::up::UpArgs;
 use hq::{folder, launch, stackfile::StackFile};
 use portalloc::{Allocator, PortRange};
-use runtime::EtcdArgs;
+use runtime::{EtcdArgs, Failure};
 use schema::records::HostRecord;
 use schema::{HostId, ServiceId, StackName};
 
 /// viking HQ: deploy stacks, inspect them, manage cluster membership.
 #[derive(Debug, Parser)]
-#[command(name = "viking", version, after_help = EXAMPLES)]
+#[command(name = "viking", version, after_help = AFTER_HELP)]
 struct Cli {
     #[command(flatten)]
     etcd: EtcdArgs,
@@ -36,15 +37,24 @@ struct Cli {
     )]
     range: PortRange,
 
-    /// Output format of listings
-    #[arg(long, value_enum, default_value = "text", global = true)]
-    output: Output,
+    /// Output of listings and reports: text for people, json for programs
+    #[arg(
+        long,
+        env = "VIKING_OUTPUT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    output: Format,
 
     #[command(subcommand)]
     command: Command,
 }
 
-const EXAMPLES: &str = "Examples:
+const AFTER_HELP: &str =
+    "Exit status: 0 done (or stopped by SIGTERM/SIGINT); 1 failed while working (the cause is \
+     printed); 2 bad usage or a setting this host cannot honour, nothing changed; 130 a second \
+     SIGTERM/SIGINT.\n\nExamples:
   viking deploy ./shared ./app             # two stacks, linked, in one transaction
   viking deploy . --name mystack
   viking env app/web --format docker
@@ -55,12 +65,6 @@ const EXAMPLES: &str = "Examples:
   viking up                                # etcd, ambassador, registrator on this host
   viking run shared && viking run app      # the stacks' containers on this host
   viking scale shared/web 3; viking logs app/client -f; viking stop app";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
-    Text,
-    Json,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum EnvFormat {
@@ -141,30 +145,8 @@ enum Command {
         tail: u32,
     },
     /// The whole suite on this host: a local etcd (unless one answers), the ambassador and the
-    /// registrator, in this process; Ctrl-C stops it
-    Up {
-        /// This host's id (default: the hostname, lower-cased)
-        #[arg(long, env = "VIKING_HOST")]
-        host: Option<String>,
-        /// Where the local etcd keeps its data (default: ~/.local/share/viking)
-        #[arg(long, env = "VIKING_DATA")]
-        data: Option<PathBuf>,
-        /// The ambassador's address (default: docker0's)
-        #[arg(long, env = "VIKING_BIND")]
-        bind: Option<std::net::IpAddr>,
-        /// The ambassador's admin server
-        #[arg(long, env = "VIKING_ADMIN", default_value = "127.0.0.1:9100")]
-        admin: std::net::SocketAddr,
-        /// The address endpoints are registered at (default: the default route's interface)
-        #[arg(long, env = "VIKING_ADDR")]
-        addr: Option<std::net::IpAddr>,
-        /// How long open connections may finish when stopping
-        #[arg(long, default_value = "5s", value_parser = runtime::etcd::parse_duration)]
-        grace: Duration,
-        /// Service DNS: ADDR:PORT, or off (default: the ambassador's address, port 53)
-        #[arg(long, env = "VIKING_DNS")]
-        dns: Option<String>,
-    },
+    /// registrator, in this process, with their own flags; Ctrl-C stops it
+    Up(Box<UpArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,32 +168,66 @@ enum HostCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `viking up` is a daemon and says what it does; the commands speak only when asked.
-    runtime::telemetry::init(if matches!(cli.command, Command::Up { .. }) {
+    let filter = if matches!(cli.command, Command::Up(_)) {
         "info"
     } else {
         "warn"
-    });
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("viking: cannot start: {e}");
-            return ExitCode::from(1);
-        }
     };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("viking: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
+    runtime::process::main("viking", filter, async move {
+        run(cli).await.map_err(Failure::from)
+    })
 }
 
-fn json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string_pretty(value).expect("serializable")
+async fn run(cli: Cli) -> Result<(), HqError> {
+    if let Command::Up(args) = cli.command {
+        return hq::up::up(&cli.etcd, *args, runtime::shutdown::on_signals()).await;
+    }
+    // Input first: nothing is read from or written to etcd before it is valid.
+    let files = match &cli.command {
+        Command::Deploy { paths, name } => Some(read_paths(paths, name.as_deref())?),
+        Command::Apply { dir } => Some(folder::read_folder(dir)?),
+        _ => None,
+    };
+    let client = cli.etcd.connect_live().await?;
+    let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range)
+        .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))
+        .with_endpoints_label(cli.etcd.endpoints_display());
+    let store = Store::new(
+        &client,
+        cli.etcd.prefix.clone(),
+        allocator,
+        cli.etcd.endpoints_display(),
+    );
+    let out = cli.output;
+    match cli.command {
+        Command::Deploy { .. } | Command::Apply { .. } => {
+            let files = files.expect("read above");
+            deploy(&store, &files, &cli.ambassador_addr, out).await
+        }
+        Command::Export { stack, dir } => export(&store, &stack, &dir).await,
+        Command::Env { service, format } => env(&store, &service, format).await,
+        Command::Stacks => stacks(&store, out).await,
+        Command::Ps { stack } => ps(&store, stack.as_ref(), out).await,
+        Command::Ports => {
+            print!("{}", output::render(&store.allocator.list().await?, out));
+            Ok(())
+        }
+        Command::Graph { stack, dot } => graph(&store, stack.as_ref(), dot, out).await,
+        Command::Rm { stack, force } => rm(&store, &stack, force).await,
+        Command::Run { stack, wait } => run_stack(&store, &stack, wait).await,
+        Command::Stop { stack } => stop(&stack).await,
+        Command::Scale { service, scale } => set_scale(&store, &service, scale).await,
+        Command::Logs {
+            service,
+            follow,
+            tail,
+        } => {
+            let docker = launch::docker().await?;
+            launch::logs(&docker, &service.stack, &service.job, follow, tail).await
+        }
+        Command::Host(command) => host(&store, command, out).await,
+        Command::Up(_) => unreachable!("handled above"),
+    }
 }
 
 /// Reads every path before touching etcd, so bad input writes nothing.
@@ -231,263 +247,187 @@ fn read_paths(paths: &[PathBuf], name: Option<&str>) -> Result<Vec<StackFile>, H
         .collect()
 }
 
-async fn run(cli: Cli) -> Result<(), HqError> {
-    if let Command::Up {
-        host,
-        data,
-        bind,
-        admin,
-        addr,
-        grace,
-        dns,
-    } = &cli.command
-    {
-        let host = runtime::host::host_id(host.as_deref()).map_err(HqError::Input)?;
-        let config = hq::up::UpConfig {
-            host,
-            data: data.clone().unwrap_or_else(hq::up::default_data),
-            bind: *bind,
-            admin: *admin,
-            addr: *addr,
-            grace: *grace,
-            dns: dns.clone(),
-        };
-        return hq::up::up(&cli.etcd, config, runtime::shutdown::on_signals()).await;
+async fn deploy(
+    store: &Store,
+    files: &[StackFile],
+    ambassador_addr: &str,
+    out: Format,
+) -> Result<(), HqError> {
+    let (_, report) = store.deploy(files, ambassador_addr).await?;
+    if out == Format::Json {
+        print!("{}", output::json(&report));
+        return Ok(());
     }
-    // Input first: nothing is read from or written to etcd before it is valid.
-    let files = match &cli.command {
-        Command::Deploy { paths, name } => Some(read_paths(paths, name.as_deref())?),
-        Command::Apply { dir } => Some(folder::read_folder(dir)?),
-        _ => None,
-    };
-    let client = cli.etcd.connect_live().await?;
-    let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range)
-        .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))
-        .with_endpoints_label(cli.etcd.endpoints_display());
-    let store = Store::new(
-        &client,
-        cli.etcd.prefix.clone(),
-        allocator,
-        cli.etcd.endpoints_display(),
-    );
-    let out = cli.output;
+    for s in &report.stacks {
+        let mut parts = Vec::new();
+        for (what, jobs) in [
+            ("created", &s.created),
+            ("updated", &s.updated),
+            ("removed", &s.removed),
+            ("unchanged", &s.unchanged),
+        ] {
+            if !jobs.is_empty() {
+                parts.push(format!("{what} {}", jobs.join(", ")));
+            }
+        }
+        println!("{}: {}", s.stack, parts.join("; "));
+    }
+    Ok(())
+}
 
-    match cli.command {
-        Command::Deploy { .. } | Command::Apply { .. } => {
-            let files = files.expect("read above");
-            let (_, report) = store.deploy(&files, &cli.ambassador_addr).await?;
-            if out == Output::Json {
-                println!("{}", json(&report));
-            } else {
-                for s in &report.stacks {
-                    let mut parts = Vec::new();
-                    for (what, jobs) in [
-                        ("created", &s.created),
-                        ("updated", &s.updated),
-                        ("removed", &s.removed),
-                        ("unchanged", &s.unchanged),
-                    ] {
-                        if !jobs.is_empty() {
-                            parts.push(format!("{what} {}", jobs.join(", ")));
-                        }
-                    }
-                    println!("{}: {}", s.stack, parts.join("; "));
-                }
+async fn export(store: &Store, stack: &StackName, dir: &std::path::Path) -> Result<(), HqError> {
+    let jobs = stack_jobs(store, stack).await?;
+    for path in folder::export(dir, stack, &jobs)? {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+async fn env(store: &Store, service: &ServiceId, format: EnvFormat) -> Result<(), HqError> {
+    let jobs = stack_jobs(store, &service.stack).await?;
+    let job = jobs.iter().find(|j| j.job == service.job).ok_or_else(|| {
+        HqError::Refused(format!(
+            "stack {} has no job {}; `viking ps {}` lists its jobs",
+            service.stack, service.job, service.stack
+        ))
+    })?;
+    let env = job.container_env();
+    match format {
+        EnvFormat::Env => env.iter().for_each(|(k, v)| println!("{k}={v}")),
+        EnvFormat::Docker => {
+            let flags: Vec<String> = env
+                .iter()
+                .map(|(k, v)| format!("-e {}", output::shell_quote(&format!("{k}={v}"))))
+                .collect();
+            println!("{}", flags.join(" "));
+        }
+        EnvFormat::Json => print!("{}", output::json(&env)),
+    }
+    Ok(())
+}
+
+async fn stacks(store: &Store, out: Format) -> Result<(), HqError> {
+    let rows: Vec<StackRow> = store
+        .stack_metas()
+        .await?
+        .into_iter()
+        .map(|m| StackRow {
+            name: m.name,
+            order: m.order,
+            deployed_at: m.deployed_at,
+            source_digest: m.source_digest,
+        })
+        .collect();
+    print!("{}", output::render(&rows, out));
+    Ok(())
+}
+
+async fn ps(store: &Store, stack: Option<&StackName>, out: Format) -> Result<(), HqError> {
+    let (stacks, _) = store.load_stacks().await?;
+    if let Some(s) = stack {
+        if !stacks.contains_key(s) {
+            return Err(not_deployed(s));
+        }
+    }
+    let mut rows = Vec::new();
+    for (name, jobs) in &stacks {
+        if stack.is_some_and(|s| s != name) {
+            continue;
+        }
+        let mut jobs: Vec<&JobSpec> = jobs.values().collect();
+        jobs.sort_by_key(|j| j.order);
+        for job in jobs {
+            let endpoints = store.endpoints(name, &job.job).await?;
+            rows.push(JobRow {
+                service: job.service().to_string(),
+                image: job.image.clone(),
+                scale: job.scale,
+                links: job.links.iter().map(|l| l.alias.clone()).collect(),
+                ambassador_ports: ambassador_ports(store, job).await?,
+                live_endpoints: endpoints.values().map(Vec::len).sum(),
+            });
+        }
+    }
+    print!("{}", output::render(&rows, out));
+    Ok(())
+}
+
+async fn graph(
+    store: &Store,
+    stack: Option<&StackName>,
+    dot: bool,
+    out: Format,
+) -> Result<(), HqError> {
+    let (stacks, _) = store.load_stacks().await?;
+    let mut edges = output::Edges::new();
+    for (name, jobs) in &stacks {
+        for job in jobs.values() {
+            let to: Vec<&ServiceId> = job.links.iter().map(|l| &l.service).collect();
+            let keep = stack.is_none_or(|s| s == name || to.iter().any(|t| &t.stack == s));
+            if keep {
+                let to = to.iter().map(ToString::to_string).collect();
+                edges.insert(job.service().to_string(), to);
             }
         }
-        Command::Export { stack, dir } => {
-            let jobs = stack_jobs(&store, &stack).await?;
-            for path in folder::export(&dir, &stack, &jobs)? {
-                println!("{}", path.display());
-            }
+    }
+    let text = if dot {
+        output::graph_dot(&edges)
+    } else if out == Format::Json {
+        output::json(&edges)
+    } else {
+        output::graph_tree(&edges)
+    };
+    print!("{text}");
+    Ok(())
+}
+
+async fn rm(store: &Store, stack: &StackName, force: bool) -> Result<(), HqError> {
+    let released = store.remove_stack(stack, force).await?;
+    let ports: Vec<String> = released.iter().map(u16::to_string).collect();
+    let ports = if ports.is_empty() {
+        "none".into()
+    } else {
+        ports.join(", ")
+    };
+    println!("removed {stack}; released ports: {ports}");
+    Ok(())
+}
+
+async fn run_stack(store: &Store, stack: &StackName, wait: Duration) -> Result<(), HqError> {
+    let docker = launch::docker().await?;
+    for line in launch::run(&docker, store, stack, wait).await? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+async fn stop(stack: &StackName) -> Result<(), HqError> {
+    let docker = launch::docker().await?;
+    let removed = launch::stop(&docker, stack).await?;
+    if removed.is_empty() {
+        println!("{stack}: no containers on this host");
+    }
+    for name in removed {
+        println!("removed {name}");
+    }
+    Ok(())
+}
+
+async fn set_scale(store: &Store, service: &ServiceId, scale: u32) -> Result<(), HqError> {
+    let before = store.set_scale(&service.stack, &service.job, scale).await?;
+    println!("{service}: scale {before} -> {scale}");
+    let docker = launch::docker().await?;
+    for line in launch::run(&docker, store, &service.stack, launch::DEFAULT_WAIT).await? {
+        if !line.starts_with("unchanged") {
+            println!("{line}");
         }
-        Command::Env { service, format } => {
-            let jobs = stack_jobs(&store, &service.stack).await?;
-            let job = jobs.iter().find(|j| j.job == service.job).ok_or_else(|| {
-                HqError::Refused(format!(
-                    "stack {} has no job {}",
-                    service.stack, service.job
-                ))
-            })?;
-            let env = job.container_env();
-            match format {
-                EnvFormat::Env => env.iter().for_each(|(k, v)| println!("{k}={v}")),
-                EnvFormat::Docker => {
-                    let flags: Vec<String> = env
-                        .iter()
-                        .map(|(k, v)| format!("-e {}", shell_quote(&format!("{k}={v}"))))
-                        .collect();
-                    println!("{}", flags.join(" "));
-                }
-                EnvFormat::Json => println!("{}", json(&env)),
-            }
-        }
-        Command::Stacks => {
-            let metas = store.stack_metas().await?;
-            if out == Output::Json {
-                println!("{}", json(&metas));
-            } else {
-                println!("STACK\tJOBS\tDEPLOYED");
-                for m in metas {
-                    println!("{}\t{}\t{}", m.name, m.order.join(","), m.deployed_at);
-                }
-            }
-        }
-        Command::Ps { stack } => {
-            let (stacks, _) = store.load_stacks().await?;
-            let mut rows = Vec::new();
-            for (name, jobs) in &stacks {
-                if stack.as_ref().is_some_and(|s| s != name) {
-                    continue;
-                }
-                let mut jobs: Vec<&JobSpec> = jobs.values().collect();
-                jobs.sort_by_key(|j| j.order);
-                for job in jobs {
-                    let endpoints = store.endpoints(name, &job.job).await?;
-                    let live: usize = endpoints.values().map(Vec::len).sum();
-                    let ports: Vec<String> = store_ports(&store, job).await?;
-                    rows.push(serde_json::json!({
-                        "service": format!("{name}/{}", job.job),
-                        "image": job.image,
-                        "scale": job.scale,
-                        "links": job.links.iter().map(|l| l.alias.clone()).collect::<Vec<_>>(),
-                        "ambassador_ports": ports,
-                        "live_endpoints": live,
-                    }));
-                }
-            }
-            if let Some(s) = &stack {
-                if !stacks.contains_key(s) {
-                    return Err(HqError::Refused(format!(
-                        "stack {s} is not deployed; `viking stacks` lists what is"
-                    )));
-                }
-            }
-            if out == Output::Json {
-                println!("{}", json(&rows));
-            } else {
-                println!("SERVICE\tIMAGE\tSCALE\tLIVE\tPORTS\tLINKS");
-                for r in rows {
-                    let list = |v: &serde_json::Value| {
-                        v.as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(|x| x.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            })
-                            .unwrap_or_default()
-                    };
-                    println!(
-                        "{}\t{}\t{}\t{}\t{}\t{}",
-                        r["service"].as_str().unwrap_or_default(),
-                        r["image"].as_str().unwrap_or_default(),
-                        r["scale"],
-                        r["live_endpoints"],
-                        list(&r["ambassador_ports"]),
-                        list(&r["links"]),
-                    );
-                }
-            }
-        }
-        Command::Ports => {
-            let list = store.allocator.list().await?;
-            if out == Output::Json {
-                println!("{}", json(&list));
-            } else {
-                for a in list {
-                    println!("{}\t{}", a.port, a.service_port);
-                }
-            }
-        }
-        Command::Graph { stack, dot } => {
-            let (stacks, _) = store.load_stacks().await?;
-            let mut edges: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (name, jobs) in &stacks {
-                for job in jobs.values() {
-                    let from = format!("{name}/{}", job.job);
-                    let to: Vec<String> = job.links.iter().map(|l| l.service.clone()).collect();
-                    let keep = stack.as_ref().is_none_or(|s| {
-                        s == name || to.iter().any(|t| t.starts_with(&format!("{s}/")))
-                    });
-                    if keep {
-                        edges.insert(from, to);
-                    }
-                }
-            }
-            if dot {
-                println!("digraph viking {{");
-                for (from, tos) in &edges {
-                    println!("  \"{from}\";");
-                    for to in tos {
-                        println!("  \"{from}\" -> \"{to}\";");
-                    }
-                }
-                println!("}}");
-            } else if out == Output::Json {
-                println!("{}", json(&edges));
-            } else {
-                for (from, tos) in &edges {
-                    println!("{from}");
-                    for (i, to) in tos.iter().enumerate() {
-                        let branch = if i + 1 == tos.len() {
-                            "└──"
-                        } else {
-                            "├──"
-                        };
-                        println!("{branch} {to}");
-                    }
-                }
-            }
-        }
-        Command::Rm { stack, force } => {
-            let released = store.remove_stack(&stack, force).await?;
-            let ports: Vec<String> = released.iter().map(u16::to_string).collect();
-            println!(
-                "removed {stack}; released ports: {}",
-                if ports.is_empty() {
-                    "none".into()
-                } else {
-                    ports.join(", ")
-                }
-            );
-        }
-        Command::Up { .. } => unreachable!("handled above"),
-        Command::Run { stack, wait } => {
-            let docker = launch::docker().await?;
-            for line in launch::run(&docker, &store, &stack, wait).await? {
-                println!("{line}");
-            }
-        }
-        Command::Stop { stack } => {
-            let docker = launch::docker().await?;
-            let removed = launch::stop(&docker, &stack).await?;
-            if removed.is_empty() {
-                println!("{stack}: no containers on this host");
-            }
-            for name in removed {
-                println!("removed {name}");
-            }
-        }
-        Command::Scale { service, scale } => {
-            let before = store.set_scale(&service.stack, &service.job, scale).await?;
-            println!("{service}: scale {before} -> {scale}");
-            let docker = launch::docker().await?;
-            for line in launch::run(&docker, &store, &service.stack, launch::DEFAULT_WAIT).await? {
-                if !line.starts_with("unchanged") {
-                    println!("{line}");
-                }
-            }
-        }
-        Command::Logs {
-            service,
-            follow,
-            tail,
-        } => {
-            let docker = launch::docker().await?;
-            launch::logs(&docker, &service.stack, &service.job, follow, tail).await?;
-        }
-        Command::Host(HostCommand::Add { host, addr, roles }) => {
+    }
+    Ok(())
+}
+
+async fn host(store: &Store, command: HostCommand, out: Format) -> Result<(), HqError> {
+    match command {
+        HostCommand::Add { host, addr, roles } => {
             let record = HostRecord {
                 v: schema::records::RECORD_VERSION,
                 host: host.clone(),
@@ -498,52 +438,42 @@ async fn run(cli: Cli) -> Result<(), HqError> {
             store.host_add(&record).await?;
             println!("{host} {addr}");
         }
-        Command::Host(HostCommand::Rm { host }) => {
+        HostCommand::Rm { host } => {
             if !store.host_rm(&host).await? {
                 return Err(HqError::Refused(format!(
                     "{host} is not a member; `viking host ls` lists them"
                 )));
             }
         }
-        Command::Host(HostCommand::Ls) => {
-            let hosts = store.hosts().await?;
-            if out == Output::Json {
-                let rows: Vec<_> = hosts
-                    .iter()
-                    .map(|(h, a)| serde_json::json!({"host": h.host, "addr": h.addr, "roles": h.roles, "alive": a.iter().map(|x| x.agent.clone()).collect::<Vec<_>>()}))
-                    .collect();
-                println!("{}", json(&rows));
-            } else {
-                println!("HOST\tADDR\tROLES\tALIVE");
-                for (h, a) in hosts {
-                    let agents: Vec<&str> = a.iter().map(|x| x.agent.as_str()).collect();
-                    println!(
-                        "{}\t{}\t{}\t{}",
-                        h.host,
-                        h.addr,
-                        h.roles.join(","),
-                        if agents.is_empty() {
-                            "-".into()
-                        } else {
-                            agents.join(",")
-                        }
-                    );
-                }
-            }
+        HostCommand::Ls => {
+            let rows: Vec<HostRow> = store
+                .hosts()
+                .await?
+                .into_iter()
+                .map(|(h, alive)| HostRow {
+                    host: h.host.to_string(),
+                    addr: h.addr,
+                    roles: h.roles,
+                    alive: alive.into_iter().map(|a| a.agent).collect(),
+                })
+                .collect();
+            print!("{}", output::render(&rows, out));
         }
     }
     Ok(())
+}
+
+fn not_deployed(stack: &StackName) -> HqError {
+    HqError::Refused(format!(
+        "stack {stack} is not deployed; `viking stacks` lists what is"
+    ))
 }
 
 async fn stack_jobs(store: &Store, stack: &StackName) -> Result<Vec<JobSpec>, HqError> {
     let (stacks, _) = store.load_stacks().await?;
     let mut jobs: Vec<JobSpec> = stacks
         .get(stack)
-        .ok_or_else(|| {
-            HqError::Refused(format!(
-                "stack {stack} is not deployed; `viking stacks` lists what is"
-            ))
-        })?
+        .ok_or_else(|| not_deployed(stack))?
         .values()
         .cloned()
         .collect();
@@ -552,7 +482,7 @@ async fn stack_jobs(store: &Store, stack: &StackName) -> Result<Vec<JobSpec>, Hq
 }
 
 /// `port/proto=ambassador-port` for each allocated port of a job.
-async fn store_ports(store: &Store, job: &JobSpec) -> Result<Vec<String>, HqError> {
+async fn ambassador_ports(store: &Store, job: &JobSpec) -> Result<Vec<String>, HqError> {
     let mut out = Vec::new();
     for p in &job.ports {
         let sp = schema::ServicePort {
@@ -561,18 +491,8 @@ async fn store_ports(store: &Store, job: &JobSpec) -> Result<Vec<String>, HqErro
             proto: p.proto,
         };
         if let Some(n) = store.allocator.get(&sp).await? {
-            out.push(format!("{}={n}", p));
+            out.push(format!("{p}={n}"));
         }
     }
     Ok(out)
-}
-
-fn shell_quote(s: &str) -> String {
-    if s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "_-=./:,@".contains(c))
-    {
-        s.to_owned()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
 }

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
+pub use schema::{CommandSpec, PortSpec};
 use schema::{JobName, Proto, ServiceId, StackName};
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
@@ -33,27 +34,6 @@ impl fmt::Display for Pos {
 pub struct ParseError {
     pub pos: Pos,
     pub message: String,
-}
-
-/// A port a job exposes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct PortSpec {
-    pub port: u16,
-    pub proto: Proto,
-}
-
-impl fmt::Display for PortSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.port, self.proto)
-    }
-}
-
-/// The command a container runs: a shell string or an exec list, as in Docker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum CommandSpec {
-    Shell(String),
-    Exec(Vec<String>),
 }
 
 /// A link as written: `shared/mongo` (another stack) or `middleware` (this stack).

@@ -8,9 +8,10 @@ use portalloc::{AllocError, Allocator};
 use runtime::EtcdError;
 use runtime::host::rfc3339_now;
 use schema::records::{self, AliveRecord, EndpointRecord, HostRecord, StackMetaRecord};
-use schema::{Dir, HostId, JobName, Key, Prefix, ServicePort, StackName};
+use schema::{Dir, HostId, JobName, Key, Kv, Prefix, ServicePort, StackName};
 
 use crate::compile::{self, ClusterView, CompileError, Deployment, JobSpec};
+use crate::deploy::{self, Guard, Write};
 use crate::stackfile::StackFile;
 
 /// Why a command failed, shaped by its exit code.
@@ -28,24 +29,30 @@ pub enum HqError {
     /// The cluster refuses (a stack still linked to, a missing stack): exit 1.
     #[error("{0}")]
     Refused(String),
+    /// `viking up`: no usable host id (exit 2).
+    #[error(transparent)]
+    Host(#[from] runtime::host::HostError),
+    /// `viking up`: the ambassador refused to start, as the `ambassador` binary would.
+    #[error(transparent)]
+    Ambassador(#[from] ambassador::StartError),
+    /// `viking up`: the registrator refused to start, as the `registrator` binary would.
+    #[error(transparent)]
+    Registrator(#[from] registrator::StartError),
 }
 
-impl HqError {
-    pub fn exit_code(&self) -> u8 {
+impl runtime::Fatal for HqError {
+    fn exit_code(&self) -> u8 {
+        use runtime::process::{FAILURE, USAGE};
         match self {
-            HqError::Input(_) | HqError::Compile(_) => 2,
-            HqError::Alloc(e) => e.exit_code() as u8,
-            HqError::Etcd(EtcdError::Config(_)) => 2,
-            _ => 1,
+            HqError::Input(_) | HqError::Compile(_) => USAGE,
+            HqError::Alloc(e) => e.exit_code(),
+            HqError::Etcd(e) => e.exit_code(),
+            HqError::Host(e) => e.exit_code(),
+            HqError::Ambassador(e) => e.exit_code(),
+            HqError::Registrator(e) => e.exit_code(),
+            HqError::Refused(_) => FAILURE,
         }
     }
-}
-
-/// One value with the revision it was read at.
-#[derive(Debug, Clone)]
-pub struct Read {
-    pub value: Vec<u8>,
-    pub mod_revision: i64,
 }
 
 /// Talks to etcd for HQ.
@@ -57,19 +64,24 @@ pub struct Store {
     pub allocator: Allocator,
 }
 
-/// What a deploy changed, per stack.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct DeployReport {
-    pub stacks: Vec<StackReport>,
+pub use crate::deploy::{DeployReport, StackReport};
+
+/// A planned guard as an etcd compare.
+fn compare(guard: &Guard) -> Compare {
+    match guard {
+        Guard::Unchanged { key, mod_revision } => {
+            Compare::mod_revision(key.as_str(), CompareOp::Equal, *mod_revision)
+        }
+        Guard::Absent { key } => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+    }
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct StackReport {
-    pub stack: String,
-    pub created: Vec<String>,
-    pub updated: Vec<String>,
-    pub removed: Vec<String>,
-    pub unchanged: Vec<String>,
+/// A planned write as an etcd operation.
+fn txn_op(write: &Write) -> TxnOp {
+    match write {
+        Write::Put { key, value } => TxnOp::put(key.as_str(), value.as_str(), None),
+        Write::Delete { key } => TxnOp::delete(key.as_str(), None),
+    }
 }
 
 impl Store {
@@ -88,7 +100,7 @@ impl Store {
 
     /// Reads a directory. A retryable failure (a leader election, a member going away) is
     /// retried for up to 5 s: a command should not fail while the cluster heals itself.
-    async fn get_prefix(&self, dir: String) -> Result<(i64, BTreeMap<String, Read>), HqError> {
+    async fn get_prefix(&self, dir: String) -> Result<(i64, BTreeMap<String, Kv>), HqError> {
         let mut kv = self.kv.clone();
         let mut backoff =
             runtime::Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
@@ -114,13 +126,8 @@ impl Store {
             .kvs()
             .iter()
             .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    Read {
-                        value: kv.value().to_vec(),
-                        mod_revision: kv.mod_revision(),
-                    },
-                )
+                let kv = runtime::watch::to_kv(kv);
+                (kv.key.clone(), kv)
             })
             .collect();
         Ok((revision, map))
@@ -132,7 +139,7 @@ impl Store {
     ) -> Result<
         (
             BTreeMap<StackName, BTreeMap<JobName, JobSpec>>,
-            BTreeMap<String, Read>,
+            BTreeMap<String, Kv>,
         ),
         HqError,
     > {
@@ -176,132 +183,19 @@ impl Store {
             view.ports = required.into_iter().zip(ports).collect();
             let deployment = compile::compile(files, &view)?;
 
-            let mut compares = Vec::new();
-            let mut ops = Vec::new();
-            let mut report = DeployReport::default();
-            let now = rfc3339_now();
-            for sd in &deployment.stacks {
-                let mut r = StackReport {
-                    stack: sd.name.to_string(),
-                    ..StackReport::default()
-                };
-                let stack_dir = self.prefix.dir(Dir::Stack(&sd.name));
-                let mut existing: BTreeMap<&String, &Read> = raw
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(&stack_dir))
-                    .collect();
-                for job in &sd.jobs {
-                    let key = self
-                        .prefix
-                        .key(&Key::StackJob(sd.name.clone(), job.job.clone()));
-                    let value = records::encode(job);
-                    match existing.remove(&key) {
-                        Some(old) => {
-                            let same = serde_json::from_slice::<JobSpec>(&old.value).ok().as_ref()
-                                == Some(job);
-                            compares.push(Compare::mod_revision(
-                                key.as_str(),
-                                CompareOp::Equal,
-                                old.mod_revision,
-                            ));
-                            if same {
-                                r.unchanged.push(job.job.to_string());
-                            } else {
-                                ops.push(TxnOp::put(key.as_str(), value, None));
-                                r.updated.push(job.job.to_string());
-                            }
-                        }
-                        None => {
-                            compares.push(Compare::create_revision(
-                                key.as_str(),
-                                CompareOp::Equal,
-                                0,
-                            ));
-                            ops.push(TxnOp::put(key.as_str(), value, None));
-                            r.created.push(job.job.to_string());
-                        }
-                    }
-                }
-                let meta_key = self.prefix.key(&Key::StackMeta(sd.name.clone()));
-                let old_meta = existing.remove(&meta_key);
-                for (key, old) in existing {
-                    // Jobs no longer in the file.
-                    compares.push(Compare::mod_revision(
-                        key.as_str(),
-                        CompareOp::Equal,
-                        old.mod_revision,
-                    ));
-                    ops.push(TxnOp::delete(key.as_str(), None));
-                    if let Ok(Key::StackJob(_, job)) = self.prefix.parse(key) {
-                        r.removed.push(job.to_string());
-                    }
-                }
-                let old: Option<StackMetaRecord> =
-                    old_meta.and_then(|m| serde_json::from_slice(&m.value).ok());
-                let changed =
-                    !r.created.is_empty() || !r.updated.is_empty() || !r.removed.is_empty();
-                let meta_same = old
-                    .as_ref()
-                    .is_some_and(|m| m.source_digest == sd.source_digest && m.order == sd.order);
-                if changed || !meta_same {
-                    let meta = StackMetaRecord {
-                        v: records::RECORD_VERSION,
-                        name: sd.name.to_string(),
-                        deployed_at: now.clone(),
-                        source_digest: sd.source_digest.clone(),
-                        order: sd.order.clone(),
-                    };
-                    match old_meta {
-                        Some(m) => compares.push(Compare::mod_revision(
-                            meta_key.as_str(),
-                            CompareOp::Equal,
-                            m.mod_revision,
-                        )),
-                        None => compares.push(Compare::create_revision(
-                            meta_key.as_str(),
-                            CompareOp::Equal,
-                            0,
-                        )),
-                    }
-                    ops.push(TxnOp::put(meta_key.as_str(), records::encode(&meta), None));
-                }
-                report.stacks.push(r);
+            let plan = deploy::plan(&self.prefix, &deployment, &raw, &rfc3339_now());
+            if plan.writes.is_empty() {
+                return Ok((deployment, plan.report));
             }
-            // Jobs linked to outside this deploy must not have changed under us.
-            for job in deployment.stacks.iter().flat_map(|s| &s.jobs) {
-                for link in &job.links {
-                    let Ok(target) = link.service.parse::<schema::ServiceId>() else {
-                        continue;
-                    };
-                    if files.iter().any(|f| f.name == target.stack) {
-                        continue;
-                    }
-                    let key = self.prefix.key(&Key::StackJob(target.stack, target.job));
-                    if let Some(read) = raw.get(&key) {
-                        let c = Compare::mod_revision(
-                            key.as_str(),
-                            CompareOp::Equal,
-                            read.mod_revision,
-                        );
-                        if !compares
-                            .iter()
-                            .any(|x| format!("{x:?}") == format!("{c:?}"))
-                        {
-                            compares.push(c);
-                        }
-                    }
-                }
-            }
-            if ops.is_empty() {
-                return Ok((deployment, report));
-            }
+            let compares: Vec<Compare> = plan.guards.iter().map(compare).collect();
+            let ops: Vec<TxnOp> = plan.writes.iter().map(txn_op).collect();
             let mut kv = self.kv.clone();
             let resp = kv
                 .txn(Txn::new().when(compares).and_then(ops))
                 .await
                 .map_err(|e| self.etcd(e))?;
             if resp.succeeded() {
-                return Ok((deployment, report));
+                return Ok((deployment, plan.report));
             }
             // Someone changed a stack we read; plan again from fresh state.
             tokio::time::sleep(backoff.next_delay()).await;
@@ -321,7 +215,7 @@ impl Store {
             }
             for job in jobs.values() {
                 for link in &job.links {
-                    if link.service.split('/').next() == Some(stack.as_str()) {
+                    if &link.service.stack == stack {
                         out.push(format!("{name}/{} -> {}", job.job, link.service));
                     }
                 }

@@ -4,34 +4,34 @@
 //! SIGINT or SIGTERM stops all of it: the ambassador drains, the registrator leaves its keys
 //! to the lease, etcd is stopped.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ambassador::AmbassadorArgs;
 use etcd_client::Client;
-use runtime::{CancellationToken, EtcdArgs};
-use schema::HostId;
-use tracing::{Instrument, info, info_span, warn};
+use registrator::RegistratorArgs;
+use runtime::{CancellationToken, EtcdArgs, HostArgs};
+use tracing::{Instrument, info, info_span};
 
 use crate::store::HqError;
 
-/// What `viking up` runs.
-#[derive(Debug, Clone)]
-pub struct UpConfig {
-    pub host: HostId,
-    /// Where a local etcd keeps its data (`<data>/etcd`) and log (`<data>/etcd.log`).
-    pub data: PathBuf,
-    /// The ambassador's address (default: docker0's).
-    pub bind: Option<IpAddr>,
-    pub admin: SocketAddr,
-    /// The address endpoints are registered at (default: the default route's interface, else
-    /// loopback: on one host, the ambassador is the only client).
-    pub addr: Option<IpAddr>,
-    /// How long the ambassador's open connections may finish on shutdown.
-    pub grace: Duration,
-    /// Service DNS: `ADDR:PORT`, `off`, or `None` for `<bind>:53`.
-    pub dns: Option<String>,
+/// `viking up`'s flags: `--host` and `--data` of its own, and every flag of the daemons it
+/// runs, with the same names, env twins and defaults as the daemons' own binaries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+
+    /// Where the local etcd keeps its data (default: ~/.local/share/viking)
+    #[arg(long, env = "VIKING_DATA")]
+    pub data: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub ambassador: AmbassadorArgs,
+
+    #[command(flatten)]
+    pub registrator: RegistratorArgs,
 }
 
 /// The default data dir: `$XDG_DATA_HOME/viking` or `~/.local/share/viking`.
@@ -122,147 +122,80 @@ fn start_etcd(data: &Path, client_url: &str) -> Result<LocalEtcd, HqError> {
     Ok(LocalEtcd(child))
 }
 
-/// Runs until `shutdown` fires.
-pub async fn up(
-    etcd: &EtcdArgs,
-    config: UpConfig,
-    shutdown: CancellationToken,
-) -> Result<(), HqError> {
+/// Runs until `shutdown` fires. Every flag is checked before etcd is started.
+pub async fn up(etcd: &EtcdArgs, args: UpArgs, shutdown: CancellationToken) -> Result<(), HqError> {
+    let host = args.host.id()?;
+    let ambassador = args.ambassador.check(&etcd.prefix, &host)?;
+    let registrator = args.registrator.check(&etcd.prefix, &host)?;
+    let data = args.data.clone().unwrap_or_else(default_data);
     let client = etcd.connect_daemon(&shutdown).await?;
-    let mut local = None;
-    if !answers(&client).await {
-        let default = etcd.endpoints == [runtime::etcd::DEFAULT_ENDPOINT.to_owned()];
-        if !default {
-            return Err(HqError::Refused(format!(
-                "no etcd answers at {}; start it, or leave out --etcd to let viking up start one",
-                etcd.endpoints_display()
-            )));
-        }
-        local = Some(start_etcd(&config.data, runtime::etcd::DEFAULT_ENDPOINT)?);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !answers(&client).await {
-            if Instant::now() > deadline {
-                return Err(HqError::Refused(format!(
-                    "the local etcd did not answer in 30 s; see {}",
-                    config.data.join("etcd.log").display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        info!(
-            data = %config.data.join("etcd").display(),
-            log = %config.data.join("etcd.log").display(),
-            "started a local etcd at {}", runtime::etcd::DEFAULT_ENDPOINT
-        );
-    } else {
-        info!(
-            "using the etcd that answers at {}",
-            etcd.endpoints_display()
-        );
-    }
+    let local = ensure_etcd(etcd, &client, &data).await?;
 
-    let bind = config
-        .bind
-        .or_else(|| runtime::host::interface_addr("docker0"))
-        .ok_or_else(|| {
-            HqError::Input(
-                "no docker0 interface to take the ambassador's address from: start dockerd, or \
-                 pass --bind with the address containers reach this host on"
-                    .into(),
-            )
-        })?;
-    let admin = tokio::net::TcpListener::bind(config.admin)
-        .await
-        .map_err(|e| {
-            HqError::Input(format!(
-                "cannot listen on --admin {}: {e}; pick another address",
-                config.admin
-            ))
-        })?;
-    let addr = config
-        .addr
-        .or_else(runtime::host::default_route_addr)
-        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-
-    let mut amb_config =
-        ambassador::Config::new(etcd.prefix.clone(), config.host.to_string(), bind);
-    amb_config.grace = config.grace;
-    // As the ambassador binary does by default; a kernel without it keeps the host's own.
-    let congestion = ambassador::server::DEFAULT_LOCAL_CONGESTION;
-    amb_config.local_congestion = ambassador::server::check_congestion(congestion)
-        .is_ok()
-        .then(|| congestion.to_owned());
-    let dns = ambassador::dns::settings(
-        config.dns.as_deref(),
-        ambassador::dns::DEFAULT_ZONE,
-        Duration::from_secs(5),
-        bind,
-    )
-    .map_err(HqError::Input)?;
-    let dns_listen = dns.as_ref().map(|(listen, _)| *listen);
-    amb_config.dns = dns.map(|(_, settings)| settings);
-    let shared = ambassador::Shared::new(amb_config);
-    if let Some(listen) = dns_listen {
-        ambassador::dns::serve(shared.zone(), listen, shutdown.clone())
-            .await
-            .map_err(|e| {
-                HqError::Input(format!(
-                    "cannot serve DNS on {listen}: {e}; pass --dns ADDR:PORT or --dns off"
-                ))
-            })?;
-    }
-    let admin_stop = CancellationToken::new();
-    tokio::spawn(ambassador::admin::serve(
-        admin,
-        shared.clone(),
-        admin_stop.clone(),
-    ));
-    let amb = tokio::spawn(
-        ambassador::run(shared, client.clone(), shutdown.clone())
-            .instrument(info_span!("ambassador")),
-    );
-    let reg_config = registrator::Config {
-        prefix: etcd.prefix.clone(),
-        settings: registrator::Settings {
-            host: config.host.clone(),
-            addr,
-            internal: false,
-        },
-        ttl: Duration::from_secs(10),
-        resync: Duration::from_secs(30),
-        docker: None,
-    };
-    let reg = tokio::spawn(
-        registrator::run(reg_config, client.clone(), shutdown.clone())
-            .instrument(info_span!("registrator")),
-    );
+    let bind = ambassador.config.bind;
+    let dns = ambassador.dns;
+    let amb = ambassador::daemon::start(ambassador, client.clone(), shutdown.clone())
+        .instrument(info_span!("ambassador"))
+        .await?;
+    let endpoints_at = registrator.settings.addr;
+    let reg = info_span!("registrator")
+        .in_scope(|| registrator::daemon::start(registrator, client.clone(), shutdown.clone()));
     info!(
-        host = %config.host,
+        host = %host,
         etcd = %etcd.endpoints_display(),
         ambassador = %bind,
-        dns = %dns_listen.map_or("off".to_owned(), |l| format!("{l} ({})", ambassador::dns::DEFAULT_ZONE)),
-        admin = %format!("http://{}", config.admin),
-        endpoints_at = %addr,
+        dns = %dns.map_or("off".to_owned(), |l| format!("{l} ({})", args.ambassador.dns_zone)),
+        admin = %format!("http://{}", amb.admin),
+        endpoints_at = %endpoints_at,
         "viking is up; Ctrl-C stops it"
     );
 
     shutdown.cancelled().await;
     info!("stopping");
-    match amb.await {
-        Ok(report) if report.cut > 0 => {
-            warn!(
-                cut = report.cut,
-                "connections closed at the end of the grace period"
-            );
-        }
-        _ => {}
-    }
-    admin_stop.cancel();
-    let _ = reg.await;
+    amb.wait().instrument(info_span!("ambassador")).await;
+    reg.wait().instrument(info_span!("registrator")).await;
     if let Some(etcd) = local {
         drop(etcd);
         info!("stopped the local etcd");
     }
     info!("viking is down");
     Ok(())
+}
+
+/// Uses the etcd that answers, or starts a local one when none does and `--etcd` was left
+/// at its default.
+async fn ensure_etcd(
+    etcd: &EtcdArgs,
+    client: &Client,
+    data: &Path,
+) -> Result<Option<LocalEtcd>, HqError> {
+    if answers(client).await {
+        info!(
+            "using the etcd that answers at {}",
+            etcd.endpoints_display()
+        );
+        return Ok(None);
+    }
+    if etcd.endpoints != [runtime::etcd::DEFAULT_ENDPOINT.to_owned()] {
+        return Err(HqError::Refused(format!(
+            "no etcd answers at {}; start it, or leave out --etcd to let viking up start one",
+            etcd.endpoints_display()
+        )));
+    }
+    let local = start_etcd(data, runtime::etcd::DEFAULT_ENDPOINT)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !answers(client).await {
+        if Instant::now() > deadline {
+            return Err(HqError::Refused(format!(
+                "the local etcd did not answer in 30 s; see {}",
+                data.join("etcd.log").display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    info!(
+        data = %data.join("etcd").display(),
+        log = %data.join("etcd.log").display(),
+        "started a local etcd at {}", runtime::etcd::DEFAULT_ENDPOINT
+    );
+    Ok(Some(local))
 }

@@ -20,6 +20,13 @@ pub struct Applied {
     pub rules: usize,
 }
 
+/// nft could not run or refused: exit 1, the previous rules still hold.
+impl runtime::Fatal for NftError {
+    fn exit_code(&self) -> u8 {
+        runtime::process::FAILURE
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
     #[error("cannot run nft: {0}; install nftables (apt-get install nftables)")]

@@ -73,6 +73,13 @@ impl Policy {
     }
 }
 
+/// Bad usage: exit 2.
+impl runtime::Fatal for PolicyError {
+    fn exit_code(&self) -> u8 {
+        runtime::process::USAGE
+    }
+}
+
 /// Input the operator must fix; nothing is applied while there is any.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {

@@ -34,9 +34,6 @@ use tracing::debug;
 pub use plan::{PortRange, RangeError};
 pub use repair::Fix;
 
-/// etcd's default `--max-txn-ops`: the most operations (and compares) one transaction may hold.
-pub const ETCD_DEFAULT_MAX_TXN_OPS: usize = 128;
-
 /// Collisions tolerated before an allocation gives up: far more than contention among even
 /// hundreds of allocators produces, since every retry spreads its picks wider.
 const MAX_ATTEMPTS: u32 = 64;
@@ -63,12 +60,12 @@ release unused service ports (portalloc list, portalloc release) or widen --rang
     Contention { attempts: u32 },
 }
 
-impl AllocError {
-    /// Exit status for a command: 2 for bad input or settings, 1 for everything else.
-    pub fn exit_code(&self) -> i32 {
+/// Exit status for a command: 2 for bad settings, 1 for everything else.
+impl runtime::Fatal for AllocError {
+    fn exit_code(&self) -> u8 {
         match self {
-            AllocError::Etcd(EtcdError::Config(_)) => 2,
-            _ => 1,
+            AllocError::Etcd(e) => e.exit_code(),
+            _ => runtime::process::FAILURE,
         }
     }
 }
@@ -120,7 +117,7 @@ impl Allocator {
             kv: client.kv_client().max_decoding_message_size(64 << 20),
             prefix,
             range,
-            max_txn_ops: ETCD_DEFAULT_MAX_TXN_OPS,
+            max_txn_ops: schema::MAX_TXN_OPS,
             retry_for: Duration::from_secs(30),
             endpoints: String::from("etcd"),
             next_hint: Arc::default(),
@@ -581,13 +578,8 @@ impl Allocator {
                 .kvs()
                 .iter()
                 .map(|kv| {
-                    (
-                        String::from_utf8_lossy(kv.key()).into_owned(),
-                        repair::Raw {
-                            value: kv.value().to_vec(),
-                            mod_revision: kv.mod_revision(),
-                        },
-                    )
+                    let kv = runtime::watch::to_kv(kv);
+                    (kv.key.clone(), kv)
                 })
                 .collect::<BTreeMap<_, _>>(),
             other => unreachable!("a read-only txn answered {other:?}"),

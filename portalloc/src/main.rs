@@ -1,14 +1,12 @@
 //! `portalloc`: allocate, look up, release, list and repair ambassador ports by hand.
-//!
-//! Exit status: 0 on success, 1 when the work failed (etcd unreachable, range exhausted, not
-//! allocated), 2 for bad input (nothing is written then).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use portalloc::{AllocError, Allocator, PortRange};
-use runtime::EtcdArgs;
+use portalloc::{Allocator, PortRange};
+use runtime::output::{self, Format};
+use runtime::{EtcdArgs, Failure};
 use schema::ServicePort;
 
 /// Cluster-wide ambassador port allocator on etcd.
@@ -16,7 +14,7 @@ use schema::ServicePort;
 /// Every service port (stack/job:PORT[/tcp|/udp]) that someone links to gets one port, unique in
 /// the whole cluster and stable until released.
 #[derive(Debug, Parser)]
-#[command(name = "portalloc", version, after_help = EXAMPLES)]
+#[command(name = "portalloc", version, after_help = AFTER_HELP)]
 struct Cli {
     #[command(flatten)]
     etcd: EtcdArgs,
@@ -31,19 +29,31 @@ struct Cli {
     range: PortRange,
 
     /// etcd's --max-txn-ops; raise it with the server's to write big batches in one transaction
-    #[arg(long, env = "VIKING_ETCD_MAX_TXN_OPS", default_value_t = portalloc::ETCD_DEFAULT_MAX_TXN_OPS, global = true)]
+    #[arg(long, env = "VIKING_ETCD_MAX_TXN_OPS", default_value_t = schema::MAX_TXN_OPS, global = true)]
     max_txn_ops: usize,
+
+    /// Output of results: text for people, json for programs
+    #[arg(
+        long,
+        env = "VIKING_OUTPUT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    output: Format,
 
     #[command(subcommand)]
     command: Command,
 }
 
-const EXAMPLES: &str = "Examples:
+const AFTER_HELP: &str =
+    "Exit status: 0 done; 1 failed (etcd unreachable, range exhausted, not allocated; the cause \
+     is printed); 2 bad usage, nothing written.\n\nExamples:
   portalloc alloc shared/mongo:27017          # prints the port, e.g. 20000
   portalloc alloc shared/dns:53/udp app/web:80
   portalloc get shared/mongo:27017
   portalloc release shared/mongo:27017
-  portalloc list --json
+  portalloc list --output json
   portalloc repair --dry-run";
 
 #[derive(Debug, Subcommand)]
@@ -63,10 +73,11 @@ enum Command {
         #[arg(value_name = "SERVICE_PORT")]
         service_port: ServicePort,
     },
-    /// List every allocation: PORT SERVICE_PORT [inconsistent]
+    /// List every allocation: PORT SERVICE_PORT [inconsistent]; with --output json one
+    /// array of {service_port, port, consistent}
     List {
-        /// One JSON array of {service_port, port, consistent}
-        #[arg(long)]
+        /// The same as --output json (kept for scripts written before it)
+        #[arg(long, hide = true)]
         json: bool,
     },
     /// Find alloc/owner keys that disagree and fix them, printing each fix
@@ -79,59 +90,67 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    runtime::telemetry::init("warn");
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("portalloc: cannot start: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("portalloc: {e:#}");
-            ExitCode::from(e.exit_code() as u8)
-        }
-    }
+    runtime::process::main("portalloc", "warn", run(cli))
 }
 
-async fn run(cli: Cli) -> Result<ExitCode, AllocError> {
+/// One service port and its ambassador port, for `--output json`.
+#[derive(serde::Serialize)]
+struct PortRow<'a> {
+    service_port: &'a ServicePort,
+    port: Option<u16>,
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
     let client = cli.etcd.connect_live().await?;
     let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range)
         .with_max_txn_ops(cli.max_txn_ops)
         .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))
         .with_endpoints_label(cli.etcd.endpoints_display());
+    let json = cli.output == Format::Json;
+    let show = |service_port: &ServicePort, port: Option<u16>| {
+        if json {
+            print!("{}", output::json(&PortRow { service_port, port }));
+        } else if let Some(port) = port {
+            println!("{port}");
+        }
+    };
     match cli.command {
         Command::Alloc { service_ports } => {
             let ports = allocator.allocate_many(&service_ports).await?;
-            for port in ports {
-                println!("{port}");
+            if json {
+                let rows: Vec<PortRow<'_>> = service_ports
+                    .iter()
+                    .zip(&ports)
+                    .map(|(service_port, port)| PortRow {
+                        service_port,
+                        port: Some(*port),
+                    })
+                    .collect();
+                print!("{}", output::json(&rows));
+            } else {
+                ports.iter().for_each(|port| println!("{port}"));
             }
         }
-        Command::Get { service_port } => match allocator.get(&service_port).await? {
-            Some(port) => println!("{port}"),
-            None => {
-                eprintln!(
-                    "portalloc: {service_port} has no port; allocate one with `portalloc alloc {service_port}`"
-                );
-                return Ok(ExitCode::from(1));
+        Command::Get { service_port } => {
+            let port = allocator.get(&service_port).await?;
+            show(&service_port, port);
+            if port.is_none() {
+                return Err(Failure::failed(format!(
+                    "{service_port} has no port; allocate one with `portalloc alloc {service_port}`"
+                )));
             }
-        },
-        Command::Release { service_port } => match allocator.release(&service_port).await? {
-            Some(port) => println!("{port}"),
-            None => eprintln!("portalloc: {service_port} had no port; nothing to release"),
-        },
-        Command::List { json } => {
+        }
+        Command::Release { service_port } => {
+            let port = allocator.release(&service_port).await?;
+            show(&service_port, port);
+            if port.is_none() {
+                eprintln!("portalloc: {service_port} had no port; nothing to release");
+            }
+        }
+        Command::List { json: legacy } => {
             let list = allocator.list().await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&list).expect("allocations serialize")
-                );
+            if json || legacy {
+                print!("{}", output::json(&list));
             } else {
                 for a in &list {
                     let note = if a.consistent {
@@ -145,6 +164,12 @@ async fn run(cli: Cli) -> Result<ExitCode, AllocError> {
         }
         Command::Repair { dry_run } => {
             let fixes = allocator.repair(dry_run).await?;
+            if json {
+                let fixes: Vec<String> = fixes.iter().map(ToString::to_string).collect();
+                let report = serde_json::json!({ "dry_run": dry_run, "fixes": fixes });
+                print!("{}", output::json(&report));
+                return Ok(());
+            }
             if fixes.is_empty() {
                 eprintln!("portalloc: allocation keys are consistent; nothing to repair");
             }
@@ -153,5 +178,5 @@ async fn run(cli: Cli) -> Result<ExitCode, AllocError> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -20,25 +20,18 @@ use std::fmt;
 
 use etcd_client::{Compare, CompareOp, TxnOp};
 use schema::records::{self, PortAllocRecord};
-use schema::{Key, Prefix, ServicePort};
+use schema::{Key, Kv, Prefix, ServicePort};
 
 use crate::plan::PortRange;
-
-/// A value and its revision, as read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Raw {
-    pub value: Vec<u8>,
-    pub mod_revision: i64,
-}
 
 /// Everything under `ports/` at one revision, keyed by full key.
 #[derive(Debug, Clone, Default)]
 pub struct State {
     pub revision: i64,
-    pub allocs: BTreeMap<String, Raw>,
-    pub owners: BTreeMap<String, Raw>,
-    pub free: BTreeMap<String, Raw>,
-    pub next: Option<Raw>,
+    pub allocs: BTreeMap<String, Kv>,
+    pub owners: BTreeMap<String, Kv>,
+    pub free: BTreeMap<String, Kv>,
+    pub next: Option<Kv>,
 }
 
 /// One change repair makes, with the keys it needs (full paths) and the revisions it read.
@@ -267,7 +260,7 @@ pub fn plan(state: &State, prefix: &Prefix, range: PortRange) -> Vec<Fix> {
     let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
 
     // Owners by port; keys that are not owner keys get dropped.
-    let mut owners: BTreeMap<u16, (&String, &Raw, Option<ServicePort>)> = BTreeMap::new();
+    let mut owners: BTreeMap<u16, (&String, &Kv, Option<ServicePort>)> = BTreeMap::new();
     for (key, raw) in &state.owners {
         match prefix.parse(key) {
             Ok(Key::PortOwner(port)) => {
@@ -506,10 +499,11 @@ pub fn plan(state: &State, prefix: &Prefix, range: PortRange) -> Vec<Fix> {
 mod tests {
     use super::*;
 
-    fn raw(v: &str, rev: i64) -> Raw {
-        Raw {
+    fn raw(v: &str, rev: i64) -> Kv {
+        Kv {
             value: v.as_bytes().to_vec(),
             mod_revision: rev,
+            ..Kv::default()
         }
     }
 

@@ -466,12 +466,12 @@ impl Agent {
 /// Keys go under the lease of this host's running registrator when there is one (so they stay),
 /// else under a new lease of `ttl` (so they vanish unless a registrator takes them over).
 /// Returns the operations, done or (with `dry_run`) to do.
-pub async fn once(config: &Config, client: &Client, dry_run: bool) -> anyhow::Result<Vec<Op>> {
-    let target = docker::describe(config.docker.as_deref());
+pub async fn once(config: &Config, client: &Client, dry_run: bool) -> Result<Vec<Op>, OnceError> {
     let docker = docker::connect(config.docker.as_deref())
         .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot reach Docker at {target}: {e}; start dockerd or pass --docker")
+        .map_err(|error| OnceError::DockerUnreachable {
+            target: docker::describe(config.docker.as_deref()),
+            error,
         })?;
     let containers = docker::running(&docker).await?;
     let mut desired = BTreeMap::new();
@@ -505,6 +505,26 @@ pub async fn once(config: &Config, client: &Client, dry_run: bool) -> anyhow::Re
         sync::write(client, &ops, lease).await?;
     }
     Ok(ops)
+}
+
+/// Why one reconciliation failed (exit 1: nothing half-written, etcd writes are transactions).
+#[derive(Debug, thiserror::Error)]
+pub enum OnceError {
+    #[error("cannot reach Docker at {target}: {error}; start dockerd or pass --docker")]
+    DockerUnreachable {
+        target: String,
+        error: bollard::errors::Error,
+    },
+    #[error("Docker failed: {0}")]
+    Docker(#[from] bollard::errors::Error),
+    #[error("etcd failed: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}
+
+impl runtime::Fatal for OnceError {
+    fn exit_code(&self) -> u8 {
+        runtime::process::FAILURE
+    }
 }
 
 fn short(id: &str) -> String {

@@ -220,11 +220,11 @@ fn service_of(c: &Container, port: u16) -> Result<ServiceId, String> {
     // HQ's labels are our own contract: taken as they are, never rewritten.
     let strict_stack = c
         .labels
-        .get("viking.stack")
+        .get(schema::labels::STACK)
         .map(|s| StackName::new(s).map_err(|e| format!("label viking.stack: {e}; fix the label")));
     let strict_job = c
         .labels
-        .get("viking.job")
+        .get(schema::labels::JOB)
         .map(|j| JobName::new(j).map_err(|e| format!("label viking.job: {e}; fix the label")));
     // The registrator conventions are foreign names: made valid the way Docker users expect.
     let (loose_stack, loose_job) = match service_setting(c, port, "NAME") {

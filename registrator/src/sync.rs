@@ -7,7 +7,7 @@ use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
 use schema::{Dir, HostId, Key, Prefix};
 
 /// etcd's default `--max-txn-ops`: a transaction holds at most this many operations.
-pub const MAX_TXN_OPS: usize = 128;
+use schema::MAX_TXN_OPS;
 
 /// This host's keys as etcd holds them: full key -> (value, lease id).
 pub type Actual = BTreeMap<String, (String, i64)>;

@@ -244,6 +244,16 @@ pub enum EtcdError {
     Rejected(String),
 }
 
+/// Bad settings are bad usage (2); etcd that cannot be reached or refuses is a failure (1).
+impl crate::process::Fatal for EtcdError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            EtcdError::Config(_) => crate::process::USAGE,
+            _ => crate::process::FAILURE,
+        }
+    }
+}
+
 impl EtcdError {
     /// Sorts a client error into retry / give up.
     pub fn classify(error: etcd_client::Error, endpoints: &str) -> Self {

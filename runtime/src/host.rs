@@ -5,16 +5,43 @@ use std::time::SystemTime;
 
 use schema::HostId;
 
+/// The `--host` flag every daemon takes (`#[command(flatten)]`; `viking up` takes it once for
+/// all the daemons it runs).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HostArgs {
+    /// This host's id (default: the hostname, lower-cased)
+    #[arg(long = "host", env = "VIKING_HOST", value_name = "HOST")]
+    pub host: Option<String>,
+}
+
+impl HostArgs {
+    /// This host's id: `--host` if given, else the hostname lower-cased.
+    pub fn id(&self) -> Result<HostId, HostError> {
+        host_id(self.host.as_deref())
+    }
+}
+
+/// This host has no usable id; the message says what to pass. Bad usage (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; pass --host")]
+pub struct HostError(String);
+
+impl crate::process::Fatal for HostError {
+    fn exit_code(&self) -> u8 {
+        crate::process::USAGE
+    }
+}
+
 /// This host's id: `flag` if given, else the hostname lower-cased. The error says what to pass.
-pub fn host_id(flag: Option<&str>) -> Result<HostId, String> {
+pub fn host_id(flag: Option<&str>) -> Result<HostId, HostError> {
     let name = match flag {
         Some(h) => h.to_owned(),
         None => nix::unistd::gethostname()
-            .map_err(|e| format!("cannot read the hostname: {e}; pass --host"))?
+            .map_err(|e| HostError(format!("cannot read the hostname: {e}")))?
             .to_string_lossy()
             .into_owned(),
     };
-    HostId::from_hostname(&name).map_err(|e| format!("{e}; pass --host"))
+    HostId::from_hostname(&name).map_err(|e| HostError(e.to_string()))
 }
 
 /// The first IPv4 address of interface `name` (`docker0`, `eth0`), if it has one.

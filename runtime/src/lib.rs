@@ -10,16 +10,22 @@
 //! * [`host`]: this host's id and addresses, and RFC 3339 time.
 //! * [`telemetry`]: tracing set-up, plain or JSON.
 //! * [`shutdown`]: SIGTERM/SIGINT -> a `CancellationToken`.
+//! * [`output`]: `--output text|json`, the same in every binary.
+//! * [`process`]: one set-up for every binary: logs, runtime, exit status, error printing.
 
 pub mod backoff;
 pub mod etcd;
 pub mod host;
 pub mod lease;
 pub mod members;
+pub mod output;
+pub mod process;
 pub mod shutdown;
 pub mod telemetry;
 pub mod watch;
 
 pub use backoff::Backoff;
 pub use etcd::{EtcdArgs, EtcdError};
+pub use host::HostArgs;
+pub use process::{Failure, Fatal};
 pub use tokio_util::sync::CancellationToken;

@@ -13,15 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 
-/// One key and its value as the owner sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Kv {
-    pub key: String,
-    pub value: Vec<u8>,
-    pub mod_revision: i64,
-    /// The lease the key is attached to, 0 for none.
-    pub lease: i64,
-}
+pub use schema::Kv;
 
 /// A change to one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,7 +188,8 @@ pub async fn watch_prefix_from(
     }
 }
 
-fn to_kv(kv: &etcd_client::KeyValue) -> Kv {
+/// etcd's key-value as the one type every reader keeps.
+pub fn to_kv(kv: &etcd_client::KeyValue) -> Kv {
     Kv {
         key: String::from_utf8_lossy(kv.key()).into_owned(),
         value: kv.value().to_vec(),

@@ -1,16 +1,20 @@
-//! The wire contract of viking (DESIGN.md) as code: names and their validation, service ports,
-//! every etcd key (built and parsed), the JSON records stored under them, and docker-link env
-//! naming.
+//! The wire contract of viking (docs/contract.md) as code: names and their validation, service
+//! ports, every etcd key (built and parsed), the JSON records stored under them, the job spec,
+//! the container labels and names, docker-link env naming, and etcd's transaction limit.
 //!
 //! Pure: no tokio, no I/O. Every other crate depends on this one, and only this one formats
 //! or parses key paths.
 
 pub mod env;
+pub mod job;
 pub mod keys;
+pub mod kv;
 pub mod names;
 pub mod records;
 pub mod service;
 
+pub use job::{CommandSpec, JobSpec, LinkPortSpec, LinkSpec, PortSpec, container_name, labels};
 pub use keys::{DEFAULT_PREFIX, Dir, Instance, Key, KeyError, Prefix};
+pub use kv::{Kv, MAX_TXN_OPS};
 pub use names::{HostId, JobName, NameError, NameKind, StackName};
 pub use service::{Proto, ServiceId, ServicePort, ServicePortError};

@@ -74,6 +74,19 @@ impl fmt::Display for ServiceId {
     }
 }
 
+impl serde::Serialize for ServiceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ServiceId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for ServiceId {
     type Err = ServicePortError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -126,6 +139,12 @@ pub fn parse_port(s: &str) -> Option<u16> {
         return None;
     }
     s.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+impl serde::Serialize for ServicePort {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 impl FromStr for ServicePort {

@@ -174,10 +174,7 @@ async fn a_thousand_concurrent_connections_through_one_listener_on_two_threads()
         );
     }
     assert_eq!(
-        amb.shared.routes().by_port[&port]
-            .stats
-            .connections
-            .load(std::sync::atomic::Ordering::Relaxed),
+        amb.shared.routes().by_port[&port].stats.connections.get(),
         1000
     );
     // How they were spread over the threads depends on how busy the first one was

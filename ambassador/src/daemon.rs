@@ -1,0 +1,268 @@
+//! The ambassador as a daemon: its flags (each with a `VIKING_*` env twin), their checks, and
+//! the one start-up that the `ambassador` binary and `viking up` both call, so a default, a
+//! check or a message lives in one place.
+//!
+//! [`AmbassadorArgs::check`] needs no etcd and binds nothing, so a caller can check every
+//! flag before it starts anything; [`start`] binds the admin and DNS ports and spawns the
+//! proxy. Every error is a [`StartError`]: refused before anything was served, exit 2.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::Client;
+use runtime::etcd::parse_duration;
+use runtime::{CancellationToken, process};
+use schema::{HostId, Prefix};
+use tracing::{Instrument, error, info};
+
+use crate::config::{Config, DEFAULT_LOCAL_CONGESTION, check_congestion};
+use crate::relay::RelayConfig;
+use crate::server::{Shared, ShutdownReport};
+
+/// The ambassador's flags (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Ambassador")]
+pub struct AmbassadorArgs {
+    /// Address the service listeners bind (default: the docker0 bridge address)
+    #[arg(long, env = "VIKING_BIND")]
+    pub bind: Option<IpAddr>,
+
+    /// Admin server: /metrics, /healthz, /state
+    #[arg(long, env = "VIKING_ADMIN", default_value = "127.0.0.1:9100")]
+    pub admin: SocketAddr,
+
+    /// Time limit for connecting to a backend
+    #[arg(long, env = "VIKING_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Close connections idle for this long
+    #[arg(long, env = "VIKING_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Time open connections get to finish after SIGTERM
+    #[arg(long, env = "VIKING_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Prefer backends on this host while one is healthy
+    #[arg(long, env = "VIKING_PREFER_LOCAL")]
+    pub prefer_local: bool,
+
+    /// Most connections open at once, in all
+    #[arg(long, env = "VIKING_MAX_CONNECTIONS", default_value_t = 65_536)]
+    pub max_connections: usize,
+
+    /// Most connections open at once per listener
+    #[arg(
+        long,
+        env = "VIKING_MAX_CONNECTIONS_PER_LISTENER",
+        default_value_t = 16_384
+    )]
+    pub max_connections_per_listener: usize,
+
+    /// Threads that accept and relay connections (default: one per core). Each has its own
+    /// listening socket per port and keeps the connections it accepts; new connections go to
+    /// as few threads as carry the load, the first alone while it has room
+    #[arg(long, env = "VIKING_THREADS")]
+    pub threads: Option<usize>,
+
+    /// TCP congestion control for hops that stay on this host (clients, and backends on
+    /// this host), or `default` for the host's own (net.ipv4.tcp_congestion_control). A
+    /// pacing one (BBR) slows a hop that has no queue to protect
+    #[arg(long, env = "VIKING_LOCAL_CONGESTION", default_value = DEFAULT_LOCAL_CONGESTION)]
+    pub local_congestion: String,
+
+    /// Pipe size for splice, bytes
+    #[arg(long, env = "VIKING_PIPE_SIZE", default_value_t = RelayConfig::default().pipe_size)]
+    pub pipe_size: usize,
+
+    /// Bytes a direction copies in back-to-back full buffers (bulk) before it switches to
+    /// splice (0: splice at once)
+    #[arg(long, env = "VIKING_SPLICE_AFTER", default_value_t = RelayConfig::default().splice_after)]
+    pub splice_after: u64,
+
+    /// Service DNS: ADDR:PORT for UDP and TCP, or `off` (default: <bind>:53)
+    #[arg(long, env = "VIKING_DNS")]
+    pub dns: Option<String>,
+
+    /// The zone DNS answers for
+    #[arg(long, env = "VIKING_DNS_ZONE", default_value = crate::dns::DEFAULT_ZONE)]
+    pub dns_zone: String,
+
+    /// TTL of DNS answers
+    #[arg(long, env = "VIKING_DNS_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub dns_ttl: Duration,
+}
+
+/// Why the ambassador did not start. Each is refused before anything is served: exit 2.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "no --bind given and interface docker0 has no IPv4 address; pass --bind with the \
+         address containers reach this host on (e.g. --bind 172.17.0.1)"
+    )]
+    NoBind,
+    #[error(
+        "--local-congestion {name}: the kernel does not offer it ({error}); offered here: \
+         {offered}; pass one of those, or `default` for the host's own"
+    )]
+    Congestion {
+        name: String,
+        error: std::io::Error,
+        offered: String,
+    },
+    #[error("--threads 0: at least one thread must accept connections; pass --threads 1 or more")]
+    NoThreads,
+    /// A bad `--dns` or `--dns-zone`; the text names the flag and the expected form.
+    #[error("{0}")]
+    Dns(String),
+    #[error("cannot listen on --admin {addr}: {error}; pick another address")]
+    Admin {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("cannot serve DNS on {addr}: {error}; pass --dns ADDR:PORT or --dns off")]
+    DnsListen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+impl runtime::Fatal for StartError {
+    fn exit_code(&self) -> u8 {
+        process::USAGE
+    }
+}
+
+/// Flags that passed their checks, ready for [`start`].
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub config: Config,
+    pub admin: SocketAddr,
+    /// Where DNS listens; `None`: `--dns off`.
+    pub dns: Option<SocketAddr>,
+}
+
+impl AmbassadorArgs {
+    /// Checks every flag and builds the settings; binds nothing and needs no etcd.
+    pub fn check(&self, prefix: &Prefix, host: &HostId) -> Result<Checked, StartError> {
+        let bind = self
+            .bind
+            .or_else(|| runtime::host::interface_addr("docker0"))
+            .ok_or(StartError::NoBind)?;
+        let local_congestion =
+            (self.local_congestion != "default").then(|| self.local_congestion.clone());
+        if let Some(name) = &local_congestion {
+            check_congestion(name).map_err(|error| StartError::Congestion {
+                name: name.clone(),
+                error,
+                offered: offered_congestion(),
+            })?;
+        }
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+        if threads == 0 {
+            return Err(StartError::NoThreads);
+        }
+        let mut config = Config::new(prefix.clone(), host.to_string(), bind);
+        config.prefer_local = self.prefer_local;
+        config.connect_timeout = self.connect_timeout;
+        config.grace = self.grace;
+        config.max_connections = self.max_connections;
+        config.max_connections_per_listener = self.max_connections_per_listener;
+        config.threads = threads;
+        config.local_congestion = local_congestion;
+        config.relay = RelayConfig {
+            idle_timeout: self.idle_timeout,
+            splice_after: self.splice_after,
+            pipe_size: self.pipe_size,
+            ..RelayConfig::default()
+        };
+        let dns = crate::dns::settings(self.dns.as_deref(), &self.dns_zone, self.dns_ttl, bind)
+            .map_err(StartError::Dns)?;
+        let listen = dns.as_ref().map(|(listen, _)| *listen);
+        config.dns = dns.map(|(_, settings)| settings);
+        Ok(Checked {
+            config,
+            admin: self.admin,
+            dns: listen,
+        })
+    }
+}
+
+/// What the kernel offers, for the error that names a congestion control it does not.
+fn offered_congestion() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "(cannot read net.ipv4.tcp_available_congestion_control)".into())
+}
+
+/// A started ambassador.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    /// The admin server's address (the port the kernel chose for `:0`).
+    pub admin: SocketAddr,
+    task: tokio::task::JoinHandle<ShutdownReport>,
+    admin_stop: CancellationToken,
+}
+
+/// Binds the admin (and DNS) ports, then runs the proxy until `shutdown`. `client` may point
+/// at an etcd that is down: routes come when it answers. Tasks run in the caller's span.
+pub async fn start(
+    checked: Checked,
+    client: Client,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
+    let admin_listener = tokio::net::TcpListener::bind(checked.admin)
+        .await
+        .map_err(|error| StartError::Admin {
+            addr: checked.admin,
+            error,
+        })?;
+    let admin = admin_listener.local_addr().unwrap_or(checked.admin);
+    let zone = checked
+        .config
+        .dns
+        .as_ref()
+        .map(|s| s.zone.to_string())
+        .unwrap_or_default();
+    let bind = checked.config.bind;
+    let shared = Shared::new(checked.config);
+    if let Some(addr) = checked.dns {
+        crate::dns::serve(shared.zone(), addr, shutdown.clone())
+            .await
+            .map_err(|error| StartError::DnsListen { addr, error })?;
+        info!(dns = %addr, zone = %zone, "DNS listening (UDP and TCP)");
+    }
+    info!(admin = %admin, bind = %bind, "admin listening on");
+    let span = tracing::Span::current();
+    let admin_stop = CancellationToken::new();
+    tokio::spawn(
+        crate::admin::serve(admin_listener, shared.clone(), admin_stop.clone())
+            .instrument(span.clone()),
+    );
+    let task = tokio::spawn(crate::server::run(shared.clone(), client, shutdown).instrument(span));
+    Ok(Running {
+        shared,
+        admin,
+        task,
+        admin_stop,
+    })
+}
+
+impl Running {
+    /// Waits until the proxy has drained after `shutdown`, then stops the admin server; says
+    /// how many connections the grace period cut.
+    pub async fn wait(self) -> ShutdownReport {
+        let report = self.task.await.unwrap_or_default();
+        self.admin_stop.cancel();
+        if report.cut > 0 {
+            error!(
+                cut = report.cut,
+                "connections closed at the end of the grace period"
+            );
+        }
+        report
+    }
+}

@@ -1,0 +1,234 @@
+//! Listening sockets: one per worker thread for every allocated TCP service port
+//! (SO_REUSEPORT), opened and closed as the route table changes, and their accept loops.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::connection::{handle, set_congestion, tcp_socket};
+use crate::routes::Routes;
+use crate::server::Shared;
+use crate::workers::Workers;
+
+/// One service port's listening sockets, one per worker, and their accept loops.
+pub(crate) struct Listener {
+    pub(crate) stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Waits until every accept loop has returned, so every socket is closed.
+    pub(crate) async fn closed(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// What every accept loop shares.
+pub(crate) struct AcceptContext<'a> {
+    pub(crate) tracker: &'a TaskTracker,
+    pub(crate) global: &'a Arc<Semaphore>,
+    pub(crate) hard: &'a CancellationToken,
+    pub(crate) workers: &'a Workers,
+}
+
+/// Opens listeners for new ports, closes those of released ports.
+pub(crate) async fn reconcile(
+    shared: &Arc<Shared>,
+    routes: &Routes,
+    listeners: &mut HashMap<u16, Listener>,
+    context: &AcceptContext<'_>,
+) {
+    let released: Vec<u16> = listeners
+        .keys()
+        .filter(|port| !routes.by_port.contains_key(port))
+        .copied()
+        .collect();
+    for port in released {
+        if let Some(listener) = listeners.remove(&port) {
+            listener.stop.cancel();
+            // The sockets close when the accept loops return; only then is the port free.
+            listener.closed().await;
+            shared
+                .listening
+                .lock()
+                .expect("listening lock")
+                .remove(&port);
+            info!(
+                port,
+                "port released; listener closed, its connections drain"
+            );
+        }
+    }
+    for (&port, service) in &routes.by_port {
+        if listeners.contains_key(&port) {
+            continue;
+        }
+        let addr = SocketAddr::new(shared.config.bind, port);
+        // One socket per worker, all bound before any accepts: a port is served by all
+        // workers or not at all.
+        let sockets: std::io::Result<Vec<std::net::TcpListener>> = context
+            .workers
+            .handles
+            .iter()
+            .map(|_| listen(addr, shared.config.local_congestion.as_deref()))
+            .collect();
+        match sockets {
+            Ok(sockets) => {
+                let local = sockets[0].local_addr().unwrap_or(addr);
+                info!(addr = %local, service = %service.service_port, "listening on");
+                shared
+                    .listening
+                    .lock()
+                    .expect("listening lock")
+                    .insert(port, local);
+                let stop = CancellationToken::new();
+                // The per-listener limit holds for the port, whichever thread accepts.
+                let local_limit =
+                    Arc::new(Semaphore::new(shared.config.max_connections_per_listener));
+                let tasks = sockets
+                    .into_iter()
+                    .zip(&context.workers.handles)
+                    .enumerate()
+                    .map(|(thread, (socket, worker))| {
+                        worker.spawn(accept_loop(
+                            shared.clone(),
+                            socket,
+                            (port, thread, context.workers.handles.len()),
+                            stop.clone(),
+                            context.tracker.clone(),
+                            (context.global.clone(), local_limit.clone()),
+                            context.hard.clone(),
+                        ))
+                    })
+                    .collect();
+                listeners.insert(port, Listener { stop, tasks });
+            }
+            Err(e) => {
+                warn!(addr = %addr, service = %service.service_port, error = %e, "cannot listen; retrying")
+            }
+        }
+    }
+    shared.metrics.listeners.set(listeners.len() as i64);
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    socket: std::net::TcpListener,
+    (port, thread, threads): (u16, usize, usize),
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    (global, local): (Arc<Semaphore>, Arc<Semaphore>),
+    hard: CancellationToken,
+) {
+    // Registered with the runtime of the thread this loop runs on.
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(port, error = %e, "cannot watch the listening socket");
+            return;
+        }
+    };
+    let mut backoff = runtime::Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
+    // One wait for the stop signal for the loop's life, not one registered per connection.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    // The first thread's socket carries the port's steering program (`steer`).
+    let mut steer = (thread == 0 && threads > 1).then(|| shared.steer.subscribe());
+    if let Some(taking) = &mut steer {
+        steer_port(&listener, port, *taking.borrow_and_update());
+    }
+    loop {
+        // A permit before accept: at the limit, clients wait in the kernel's backlog.
+        let permits = tokio::select! {
+            biased;
+            p = async { (global.clone().acquire_owned().await, local.clone().acquire_owned().await) } => p,
+            () = &mut stopped => return,
+        };
+        let (Ok(g), Ok(l)) = permits else { return };
+        let accepted = tokio::select! {
+            biased;
+            () = &mut stopped => return,
+            Some(taking) = steer_changed(&mut steer) => {
+                steer_port(&listener, port, taking);
+                continue;
+            }
+            a = listener.accept() => a,
+        };
+        let client = match accepted {
+            Ok((client, _)) => client,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(port, error = %e, "accept failed; backing off");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        shared.accepted[thread].fetch_add(1, Ordering::Relaxed);
+        let Some(service) = shared.routes().by_port.get(&port).cloned() else {
+            continue;
+        };
+        let shared = shared.clone();
+        let hard = hard.clone();
+        // No span per connection: it would cost space in every task and time on every
+        // accept; the few log lines of a connection name their service and backend.
+        tracker.spawn(async move {
+            let _permits = (g, l);
+            handle(&shared, client, &service, &hard).await;
+        });
+    }
+}
+
+/// The next number of threads taking new connections; never, for a socket that does not steer.
+async fn steer_changed(steer: &mut Option<tokio::sync::watch::Receiver<usize>>) -> Option<usize> {
+    match steer {
+        Some(taking) => match taking.changed().await {
+            Ok(()) => Some(*taking.borrow_and_update()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Puts the program for `taking` threads on the port's socket group.
+fn steer_port(listener: &TcpListener, port: u16, taking: usize) {
+    if let Err(e) = crate::steer::attach(listener, taking) {
+        // The kernel's hash spreads them instead: slower on light loads, never wrong.
+        debug!(port, error = %e, "cannot steer new connections");
+    }
+}
+
+/// Kernel accept queue of each listener: bursts of new connections wait here, not in SYN
+/// retransmits (Linux caps it at net.core.somaxconn).
+const BACKLOG: i32 = 4096;
+
+/// A non-blocking listening socket that shares its port with the other workers' sockets
+/// (SO_REUSEPORT: new connections go to one of them, `steer`). Only sockets of the same
+/// user can join; a port held by anything else fails with EADDRINUSE.
+/// `congestion` and TCP_NODELAY are inherited by every accepted socket.
+fn listen(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{self as sock, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let fd = tcp_socket(addr)?;
+    sock::setsockopt(&fd, sock::sockopt::ReuseAddr, &true)?;
+    sock::setsockopt(&fd, sock::sockopt::ReusePort, &true)?;
+    // Accepted sockets inherit it: no system call per connection.
+    sock::setsockopt(&fd, sock::sockopt::TcpNoDelay, &true)?;
+    set_congestion(&fd, congestion);
+    sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    sock::listen(
+        &fd,
+        sock::Backlog::new(BACKLOG).unwrap_or(sock::Backlog::MAXCONN),
+    )?;
+    Ok(std::net::TcpListener::from(fd))
+}

@@ -1,0 +1,168 @@
+//! The ambassador's counters. Each is kept once, as a prometheus-client handle (an atomic):
+//! `/metrics` encodes the registry, `/state` reads the same handles through the route table.
+//!
+//! A service port's and a backend's handles are looked up in their family when the route
+//! table first sees them and carried across rebuilds, so a connection touches only atomics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use schema::ServicePort;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabel {
+    service: String,
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    service: String,
+    backend: String,
+}
+
+/// Every metric family, registered once.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    active: Family<ServiceLabel, Gauge>,
+    connections: Family<ServiceLabel, Counter>,
+    failed: Family<ServiceLabel, Counter>,
+    bytes: Family<BytesLabel, Counter>,
+    connect_errors: Family<BackendLabel, Counter>,
+    ejections: Family<BackendLabel, Counter>,
+    pub synced: Gauge,
+    pub listeners: Gauge,
+}
+
+/// One service port's counters (standalone, not registered, when made by `Default`: tests).
+#[derive(Debug, Clone, Default)]
+pub struct ServiceCounters {
+    /// Connections open now.
+    pub active: Gauge,
+    pub connections: Counter,
+    /// Connections closed because no backend answered.
+    pub failed: Counter,
+    /// Client to backend.
+    pub bytes_up: Counter,
+    /// Backend to client.
+    pub bytes_down: Counter,
+}
+
+/// One backend's counters that `/metrics` shows too.
+#[derive(Debug, Clone, Default)]
+pub struct BackendCounters {
+    pub connect_errors: Counter,
+    pub ejections: Counter,
+}
+
+impl Metrics {
+    /// The families, registered in `reg`.
+    pub fn register(reg: &mut Registry) -> Self {
+        let m = Metrics::default();
+        reg.register(
+            "ambassador_connections_active",
+            "Connections open now",
+            m.active.clone(),
+        );
+        reg.register(
+            "ambassador_connections",
+            "Connections accepted",
+            m.connections.clone(),
+        );
+        let failed = "Connections closed because no backend answered";
+        reg.register("ambassador_connections_failed", failed, m.failed.clone());
+        let bytes = "Bytes relayed (up: client to backend)";
+        reg.register("ambassador_bytes", bytes, m.bytes.clone());
+        let errors = "Failed connects to a backend";
+        reg.register(
+            "ambassador_backend_connect_errors",
+            errors,
+            m.connect_errors.clone(),
+        );
+        let ejections = "Times a backend was ejected";
+        reg.register(
+            "ambassador_backend_ejections",
+            ejections,
+            m.ejections.clone(),
+        );
+        let synced = "1 once routes were read from etcd";
+        reg.register("ambassador_etcd_synced", synced, m.synced.clone());
+        reg.register(
+            "ambassador_listeners",
+            "Listening sockets",
+            m.listeners.clone(),
+        );
+        m
+    }
+
+    /// The counters of `service`, the same handles every time it is asked.
+    pub fn service(&self, service: &ServicePort) -> ServiceCounters {
+        let name = service.to_string();
+        let label = ServiceLabel {
+            service: name.clone(),
+        };
+        let bytes = |direction| {
+            self.bytes
+                .get_or_create(&BytesLabel {
+                    service: name.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        ServiceCounters {
+            active: self.active.get_or_create(&label).clone(),
+            connections: self.connections.get_or_create(&label).clone(),
+            failed: self.failed.get_or_create(&label).clone(),
+            bytes_up: bytes("up"),
+            bytes_down: bytes("down"),
+        }
+    }
+
+    /// The counters of the backend at `addr` of `service`.
+    pub fn backend(&self, service: &ServicePort, addr: std::net::SocketAddr) -> BackendCounters {
+        let label = BackendLabel {
+            service: service.to_string(),
+            backend: addr.to_string(),
+        };
+        BackendCounters {
+            connect_errors: self.connect_errors.get_or_create(&label).clone(),
+            ejections: self.ejections.get_or_create(&label).clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_gets_the_same_handles_each_time_and_the_registry_shows_them() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let sp: ServicePort = "shared/echo:7".parse().unwrap();
+        metrics.service(&sp).connections.inc();
+        metrics.service(&sp).connections.inc();
+        assert_eq!(metrics.service(&sp).connections.get(), 2);
+        let backend = metrics.backend(&sp, "10.0.0.1:7".parse().unwrap());
+        backend.ejections.inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("ambassador_connections_total{service=\"shared/echo:7/tcp\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ambassador_backend_ejections_total{service=\"shared/echo:7/tcp\",backend=\"10.0.0.1:7\"} 1"
+            ),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! What a deploy writes, planned without I/O: from the compiled deployment and the keys read
+//! under `stacks/`, the puts and deletes (only what changed), the guards that make the one
+//! transaction commit only if nothing it read has changed since, and the report.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use schema::records::{self, StackMetaRecord};
+use schema::{Dir, JobSpec, Key, Kv, Prefix, StackName};
+
+use crate::compile::Deployment;
+
+/// What a deploy changed, per stack.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeployReport {
+    pub stacks: Vec<StackReport>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StackReport {
+    pub stack: String,
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+/// A condition of the transaction on one key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Guard {
+    /// The key still has the revision it was read at.
+    Unchanged { key: String, mod_revision: i64 },
+    /// The key still does not exist.
+    Absent { key: String },
+}
+
+/// One write of the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Put { key: String, value: String },
+    Delete { key: String },
+}
+
+/// The transaction of a deploy, and what it reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub guards: BTreeSet<Guard>,
+    pub writes: Vec<Write>,
+    pub report: DeployReport,
+}
+
+fn guard(key: &str, read: Option<&Kv>) -> Guard {
+    match read {
+        Some(kv) => Guard::Unchanged {
+            key: key.to_owned(),
+            mod_revision: kv.mod_revision,
+        },
+        None => Guard::Absent {
+            key: key.to_owned(),
+        },
+    }
+}
+
+/// Plans the writes of `deployment` over `read` (every key under `stacks/`, as read), stamping
+/// changed stacks' metas with `now`. Every key it writes or deletes is guarded, and so is every
+/// job outside the deploy that a deployed job links to (its env was built from it). A
+/// deployment that changes nothing plans no writes.
+pub fn plan(
+    prefix: &Prefix,
+    deployment: &Deployment,
+    read: &BTreeMap<String, Kv>,
+    now: &str,
+) -> Plan {
+    let mut plan = Plan::default();
+    for sd in &deployment.stacks {
+        let mut report = StackReport {
+            stack: sd.name.to_string(),
+            ..StackReport::default()
+        };
+        let stack_dir = prefix.dir(Dir::Stack(&sd.name));
+        let mut existing: BTreeMap<&String, &Kv> = read
+            .iter()
+            .filter(|(k, _)| k.starts_with(&stack_dir))
+            .collect();
+        for job in &sd.jobs {
+            let key = prefix.key(&Key::StackJob(sd.name.clone(), job.job.clone()));
+            let old = existing.remove(&key);
+            plan.guards.insert(guard(&key, old));
+            let same = old.is_some_and(|kv| {
+                serde_json::from_slice::<JobSpec>(&kv.value).ok().as_ref() == Some(job)
+            });
+            let list = match (old, same) {
+                (Some(_), true) => &mut report.unchanged,
+                (Some(_), false) => &mut report.updated,
+                (None, _) => &mut report.created,
+            };
+            list.push(job.job.to_string());
+            if !same {
+                let value = records::encode(job);
+                plan.writes.push(Write::Put { key, value });
+            }
+        }
+        let meta_key = prefix.key(&Key::StackMeta(sd.name.clone()));
+        let old_meta = existing.remove(&meta_key);
+        // What is left under the stack: jobs no longer in its file.
+        for (key, old) in existing {
+            plan.guards.insert(guard(key, Some(old)));
+            plan.writes.push(Write::Delete { key: key.clone() });
+            if let Ok(Key::StackJob(_, job)) = prefix.parse(key) {
+                report.removed.push(job.to_string());
+            }
+        }
+        let changed =
+            !report.created.is_empty() || !report.updated.is_empty() || !report.removed.is_empty();
+        let meta_same = old_meta
+            .and_then(|m| serde_json::from_slice::<StackMetaRecord>(&m.value).ok())
+            .is_some_and(|m| m.source_digest == sd.source_digest && m.order == sd.order);
+        if changed || !meta_same {
+            let meta = StackMetaRecord {
+                v: records::RECORD_VERSION,
+                name: sd.name.to_string(),
+                deployed_at: now.to_owned(),
+                source_digest: sd.source_digest.clone(),
+                order: sd.order.clone(),
+            };
+            plan.guards.insert(guard(&meta_key, old_meta));
+            plan.writes.push(Write::Put {
+                key: meta_key,
+                value: records::encode(&meta),
+            });
+        }
+        plan.report.stacks.push(report);
+    }
+    let deploying: BTreeSet<&StackName> = deployment.stacks.iter().map(|s| &s.name).collect();
+    for job in deployment.stacks.iter().flat_map(|s| &s.jobs) {
+        for link in &job.links {
+            if deploying.contains(&link.service.stack) {
+                continue;
+            }
+            let target = &link.service;
+            let key = prefix.key(&Key::StackJob(target.stack.clone(), target.job.clone()));
+            if let Some(kv) = read.get(&key) {
+                plan.guards.insert(guard(&key, Some(kv)));
+            }
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::StackDeployment;
+    use schema::{JobName, LinkSpec};
+
+    fn job(stack: &str, name: &str, links: &[&str]) -> JobSpec {
+        JobSpec {
+            v: records::RECORD_VERSION,
+            stack: StackName::new(stack).unwrap(),
+            job: JobName::new(name).unwrap(),
+            image: "busybox".into(),
+            ports: vec![],
+            volumes: vec![],
+            links: links
+                .iter()
+                .map(|l| LinkSpec {
+                    alias: (*l).into(),
+                    service: l.parse().unwrap(),
+                    prefix: l.replace('/', "_").to_uppercase(),
+                    ports: vec![],
+                })
+                .collect(),
+            scale: 1,
+            env: BTreeMap::new(),
+            export_env: vec![],
+            command: None,
+            labels: BTreeMap::new(),
+            order: 0,
+            link_env: BTreeMap::new(),
+        }
+    }
+
+    fn deployment(stack: &str, jobs: Vec<JobSpec>) -> Deployment {
+        Deployment {
+            stacks: vec![StackDeployment {
+                name: StackName::new(stack).unwrap(),
+                source_digest: "d1".into(),
+                order: jobs.iter().map(|j| j.job.to_string()).collect(),
+                jobs,
+            }],
+        }
+    }
+
+    /// What etcd holds after `d` was deployed to an empty one, each key at revision `rev`.
+    fn deployed(d: &Deployment, rev: i64) -> BTreeMap<String, Kv> {
+        let mut read = BTreeMap::new();
+        for w in &plan(&Prefix::default(), d, &BTreeMap::new(), "t1").writes {
+            match w {
+                Write::Put { key, value } => {
+                    let kv = Kv {
+                        key: key.clone(),
+                        value: value.clone().into_bytes(),
+                        mod_revision: rev,
+                        lease: 0,
+                    };
+                    read.insert(key.clone(), kv);
+                }
+                Write::Delete { key } => {
+                    read.remove(key);
+                }
+            }
+        }
+        read
+    }
+
+    fn key(stack: &str, job: &str) -> String {
+        Prefix::default().key(&Key::StackJob(
+            StackName::new(stack).unwrap(),
+            JobName::new(job).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn a_first_deploy_creates_jobs_and_meta_guarded_as_absent() {
+        let p = Prefix::default();
+        let d = deployment("app", vec![job("app", "web", &[]), job("app", "db", &[])]);
+        let plan = plan(&p, &d, &BTreeMap::new(), "now");
+        assert_eq!(plan.writes.len(), 3, "two jobs and the meta");
+        assert!(
+            plan.guards
+                .iter()
+                .all(|g| matches!(g, Guard::Absent { .. }))
+        );
+        assert_eq!(plan.guards.len(), 3);
+        assert_eq!(plan.report.stacks[0].created, ["web", "db"]);
+    }
+
+    #[test]
+    fn the_same_deploy_again_writes_nothing_and_reports_unchanged() {
+        let p = Prefix::default();
+        let d = deployment("app", vec![job("app", "web", &[])]);
+        let read = deployed(&d, 7);
+        let again = plan(&p, &d, &read, "t2");
+        assert!(again.writes.is_empty(), "{:?}", again.writes);
+        assert_eq!(again.report.stacks[0].unchanged, ["web"]);
+    }
+
+    #[test]
+    fn a_changed_job_is_updated_and_a_dropped_one_deleted_both_guarded_at_their_revision() {
+        let p = Prefix::default();
+        let first = deployment("app", vec![job("app", "web", &[]), job("app", "old", &[])]);
+        let read = deployed(&first, 7);
+        let mut web = job("app", "web", &[]);
+        web.image = "busybox:2".into();
+        let second = plan(&p, &deployment("app", vec![web]), &read, "t2");
+        let r = &second.report.stacks[0];
+        assert_eq!(
+            (r.updated.as_slice(), r.removed.as_slice()),
+            (&["web".to_owned()][..], &["old".to_owned()][..])
+        );
+        assert!(second.writes.contains(&Write::Delete {
+            key: key("app", "old")
+        }));
+        for k in [key("app", "web"), key("app", "old")] {
+            assert!(
+                second.guards.contains(&Guard::Unchanged {
+                    key: k.clone(),
+                    mod_revision: 7
+                }),
+                "{k} guarded at the revision read: {:?}",
+                second.guards
+            );
+        }
+    }
+
+    #[test]
+    fn a_job_linked_to_outside_the_deploy_is_guarded_and_one_inside_it_is_not_twice() {
+        let p = Prefix::default();
+        let read = deployed(&deployment("shared", vec![job("shared", "mongo", &[])]), 3);
+        let d = deployment(
+            "app",
+            vec![
+                job("app", "web", &["shared/mongo", "app/db"]),
+                job("app", "db", &[]),
+            ],
+        );
+        let plan = plan(&p, &d, &read, "t2");
+        let mongo = Guard::Unchanged {
+            key: key("shared", "mongo"),
+            mod_revision: 3,
+        };
+        assert!(plan.guards.contains(&mongo), "{:?}", plan.guards);
+        assert!(
+            !plan
+                .writes
+                .iter()
+                .any(|w| matches!(w, Write::Put { key, .. } if key.contains("/shared/"))),
+            "the linked-to stack is not written"
+        );
+        assert_eq!(
+            plan.guards.len(),
+            4,
+            "two jobs, the meta, and shared/mongo once"
+        );
+    }
+}
