@@ -380,3 +380,7 @@ pub fn compile(stacks: &[StackFile], view: &ClusterView) -> Result<Deployment, C
     }
     Ok(Deployment { stacks: out })
 }
+
+#[cfg(test)]
+#[path = "compile_tests.rs"]
+mod tests;

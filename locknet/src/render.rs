@@ -151,6 +151,12 @@ mod tests {
     use super::*;
     use crate::policy::{Options, parse_members, parse_open_port};
 
+    fn snapshot(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/snapshots")
+            .join(name)
+    }
+
     fn policy(members: &[&str], options: &Options) -> Policy {
         Policy::new(
             parse_members(members.iter().copied(), "test").unwrap(),
@@ -161,11 +167,7 @@ mod tests {
     #[test]
     fn default_policy_snapshot() {
         let p = policy(&["10.0.0.2", "10.0.0.1", "fd00::1"], &Options::default());
-        assert_eq!(
-            render(&p),
-            include_str!("../tests/snapshots/default.nft"),
-            "the ruleset changed; if on purpose, update tests/snapshots/default.nft"
-        );
+        testkit::assert_snapshot(snapshot("default.nft"), &render(&p));
     }
 
     #[test]
@@ -181,11 +183,7 @@ mod tests {
                 ifaces: vec!["eth0".into(), "enp*".into()],
             },
         );
-        assert_eq!(
-            render(&p),
-            include_str!("../tests/snapshots/router.nft"),
-            "the ruleset changed; if on purpose, update tests/snapshots/router.nft"
-        );
+        testkit::assert_snapshot(snapshot("router.nft"), &render(&p));
     }
 
     #[test]

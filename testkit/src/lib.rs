@@ -5,9 +5,17 @@
 //! by one. Both kill their processes and remove their data in `Drop`, also when a test panics.
 //!
 //! A missing `etcd` binary is a test failure, never a skip: `make test` installs it.
+//!
+//! [`process`]: [`Daemon`], the one way a test runs a program, and [`eventually`];
+//! [`snapshot`]: [`assert_snapshot`].
 
 pub mod docker;
 pub mod net;
+pub mod process;
+pub mod snapshot;
+
+pub use process::{Daemon, eventually, eventually_async};
+pub use snapshot::assert_snapshot;
 
 use std::fs::File;
 use std::net::TcpListener;

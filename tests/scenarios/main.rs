@@ -2,3 +2,4 @@
 
 mod allocations_are_watched;
 mod many_hosts;
+mod startup;

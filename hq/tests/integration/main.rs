@@ -1,8 +1,8 @@
-//! HQ: the design notes' stacks compiled (snapshot) and deployed against a real etcd.
+//! HQ against a real etcd (and Docker for `viking up` and `run`); the pure compile is unit-tested
+//! in the library (`src/compile_tests.rs`).
 
 mod cli;
 mod run;
-mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -1,13 +1,19 @@
-//! `compile` is pure: its output for the design notes' stacks is checked in as a snapshot, so
-//! a change to compiled config shows in review as a diff. `UPDATE_SNAPSHOTS=1` rewrites it.
+//! `compile` is pure: its output for the design notes' stacks is checked in as a snapshot
+//! (`tests/snapshots/design_notes.json`), so a change to compiled config shows in review as a
+//! diff. `UPDATE_SNAPSHOTS=1` rewrites it.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-use hq::compile::{ClusterView, compile, required_service_ports};
-use hq::folder;
 use schema::ServicePort;
 
-use crate::fixtures;
+use super::{ClusterView, compile, required_service_ports};
+use crate::folder;
+
+/// The design notes' example stacks, copied exactly (tab-indented).
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/design-notes")
+}
 
 #[test]
 fn design_notes_stacks_compile_to_the_snapshot() {
@@ -56,21 +62,9 @@ fn design_notes_stacks_compile_to_the_snapshot() {
     );
     let mut got = serde_json::to_string_pretty(&deployment).unwrap();
     got.push('\n');
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/design_notes.json");
-    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, &got).unwrap();
-    }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "no snapshot at {}; run with UPDATE_SNAPSHOTS=1",
-            path.display()
-        )
-    });
-    assert_eq!(
-        got, want,
-        "compiled config changed; review, then UPDATE_SNAPSHOTS=1"
+    testkit::assert_snapshot(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/design_notes.json"),
+        &got,
     );
 }
 
