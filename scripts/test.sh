@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace once and ends with one summary line over all test binaries
-# ("N passed, N failed"), so a reader (or CI) sees the totals rather than the last binary's.
+# Runs every test of the workspace once, in two tiers, and ends with one summary line over all
+# test binaries ("N passed, N failed"), so a reader (or CI) sees the totals rather than the
+# last binary's.
+#
+#   1. unit tests of every library (`cargo test --workspace --lib`), in a network namespace
+#      with only loopback and without etcd, Docker or nft (scripts/unit-isolated.sh);
+#   2. everything else: the binaries' own tests, the integration tests and the scenarios,
+#      against real etcd, Docker and nftables. Doc comments hold no tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+bash scripts/unit-isolated.sh 2>&1 | tee "$log"
+unit=${PIPESTATUS[0]}
 # --no-fail-fast: one failing test binary does not hide the results of the others.
-cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast --bins --test '*' "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
-exit "$status"
+[ "$unit" -eq 0 ] && [ "$status" -eq 0 ]

@@ -153,30 +153,21 @@ mod tests {
     use schema::{JobName, LinkSpec};
 
     fn job(stack: &str, name: &str, links: &[&str]) -> JobSpec {
-        JobSpec {
-            v: records::RECORD_VERSION,
-            stack: StackName::new(stack).unwrap(),
-            job: JobName::new(name).unwrap(),
-            image: "busybox".into(),
-            ports: vec![],
-            volumes: vec![],
-            links: links
-                .iter()
-                .map(|l| LinkSpec {
-                    alias: (*l).into(),
-                    service: l.parse().unwrap(),
-                    prefix: l.replace('/', "_").to_uppercase(),
-                    ports: vec![],
-                })
-                .collect(),
-            scale: 1,
-            env: BTreeMap::new(),
-            export_env: vec![],
-            command: None,
-            labels: BTreeMap::new(),
-            order: 0,
-            link_env: BTreeMap::new(),
-        }
+        let mut job = JobSpec::new(
+            StackName::new(stack).unwrap(),
+            JobName::new(name).unwrap(),
+            "busybox",
+        );
+        job.links = links
+            .iter()
+            .map(|l| LinkSpec {
+                alias: (*l).into(),
+                service: l.parse().unwrap(),
+                prefix: l.replace('/', "_").to_uppercase(),
+                ports: vec![],
+            })
+            .collect();
+        job
     }
 
     fn deployment(stack: &str, jobs: Vec<JobSpec>) -> Deployment {

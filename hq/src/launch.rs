@@ -423,3 +423,116 @@ pub async fn logs(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, scale: u32) -> JobSpec {
+        let stack = StackName::new("app").unwrap();
+        let mut spec = JobSpec::new(stack, JobName::new(name).unwrap(), "busybox");
+        spec.scale = scale;
+        spec
+    }
+
+    fn existing(spec: &JobSpec, instance: u32, running: bool) -> Existing {
+        Existing {
+            id: format!("id-{}-{instance}", spec.job),
+            name: container_name(&spec.stack, &spec.job, instance),
+            job: spec.job.to_string(),
+            instance,
+            spec: spec_digest(spec),
+            running,
+        }
+    }
+
+    #[test]
+    fn nothing_there_starts_every_instance_in_job_order() {
+        let (db, web) = (job("db", 1), job("web", 2));
+        let steps = plan(&[db, web], &[]);
+        let starts: Vec<(String, u32)> = steps
+            .iter()
+            .map(|s| match s {
+                Step::Start { job, instance } => (job.to_string(), *instance),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            starts,
+            [("db".into(), 0), ("web".into(), 0), ("web".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn running_ones_are_kept_stopped_ones_restarted_changed_ones_replaced() {
+        let web = job("web", 3);
+        let mut changed = web.clone();
+        changed.image = "busybox:2".into();
+        let have = [
+            existing(&web, 0, true),
+            existing(&web, 1, false),
+            existing(&changed, 2, true),
+        ];
+        let steps = plan(std::slice::from_ref(&web), &have);
+        assert_eq!(
+            steps,
+            [
+                Step::Keep {
+                    name: "app_web_0".into()
+                },
+                Step::Restart {
+                    job: web.job.clone(),
+                    instance: 1,
+                    id: "id-web-1".into()
+                },
+                Step::Replace {
+                    job: web.job.clone(),
+                    instance: 2,
+                    id: "id-web-2".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn scaling_down_removes_the_highest_instances_and_scaling_replaces_nothing() {
+        let three = job("web", 3);
+        let have: Vec<Existing> = (0..3).map(|i| existing(&three, i, true)).collect();
+        let one = job("web", 1);
+        assert_eq!(
+            spec_digest(&one),
+            spec_digest(&three),
+            "scale is not part of the spec"
+        );
+        let steps = plan(&[one], &have);
+        assert_eq!(
+            steps,
+            [
+                Step::Keep {
+                    name: "app_web_0".into()
+                },
+                Step::Remove {
+                    name: "app_web_1".into(),
+                    id: "id-web-1".into()
+                },
+                Step::Remove {
+                    name: "app_web_2".into(),
+                    id: "id-web-2".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_job_gone_from_the_stack_is_removed() {
+        let old = job("old", 1);
+        let steps = plan(&[], &[existing(&old, 0, true)]);
+        assert_eq!(
+            steps,
+            [Step::Remove {
+                name: "app_old_0".into(),
+                id: "id-old-0".into()
+            }]
+        );
+    }
+}

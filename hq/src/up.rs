@@ -4,6 +4,7 @@
 //! SIGINT or SIGTERM stops all of it: the ambassador drains, the registrator leaves its keys
 //! to the lease, etcd is stopped.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -70,7 +71,10 @@ async fn answers(client: &Client) -> bool {
     )
 }
 
-fn start_etcd(data: &Path, client_url: &str) -> Result<LocalEtcd, HqError> {
+/// Starts etcd at `client` (peers on the next port: 2380 for the default 2379).
+fn start_etcd(data: &Path, client: SocketAddr) -> Result<LocalEtcd, HqError> {
+    let client_url = format!("http://{client}");
+    let client_url = client_url.as_str();
     std::fs::create_dir_all(data)
         .map_err(|e| HqError::Input(format!("cannot create --data {}: {e}", data.display())))?;
     let log = std::fs::File::options()
@@ -83,7 +87,7 @@ fn start_etcd(data: &Path, client_url: &str) -> Result<LocalEtcd, HqError> {
                 data.join("etcd.log").display()
             ))
         })?;
-    let peer = "http://127.0.0.1:2380";
+    let peer = format!("http://{}:{}", client.ip(), client.port().wrapping_add(1));
     // etcd goes down with us even if we are killed (SIGKILL runs no Drop): setpriv (util-linux)
     // sets its parent-death signal before it becomes etcd.
     let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
@@ -104,9 +108,9 @@ fn start_etcd(data: &Path, client_url: &str) -> Result<LocalEtcd, HqError> {
         ])
         .args([
             "--listen-peer-urls",
-            peer,
+            &peer,
             "--initial-advertise-peer-urls",
-            peer,
+            &peer,
         ])
         .args(["--initial-cluster", &format!("viking={peer}")])
         .stdin(Stdio::null())
@@ -161,8 +165,19 @@ pub async fn up(etcd: &EtcdArgs, args: UpArgs, shutdown: CancellationToken) -> R
     Ok(())
 }
 
-/// Uses the etcd that answers, or starts a local one when none does and `--etcd` was left
-/// at its default.
+/// The one loopback address of `--etcd`, where `viking up` may start an etcd of its own.
+fn local_endpoint(endpoints: &[String]) -> Option<SocketAddr> {
+    let [one] = endpoints else { return None };
+    let addr: SocketAddr = one
+        .strip_prefix("http://")?
+        .trim_end_matches('/')
+        .parse()
+        .ok()?;
+    addr.ip().is_loopback().then_some(addr)
+}
+
+/// Uses the etcd that answers, or starts a local one when none does and `--etcd` is one
+/// plain-HTTP loopback address (the default, `http://127.0.0.1:2379`, is one).
 async fn ensure_etcd(
     etcd: &EtcdArgs,
     client: &Client,
@@ -175,13 +190,14 @@ async fn ensure_etcd(
         );
         return Ok(None);
     }
-    if etcd.endpoints != [runtime::etcd::DEFAULT_ENDPOINT.to_owned()] {
+    let Some(addr) = local_endpoint(&etcd.endpoints) else {
         return Err(HqError::Refused(format!(
-            "no etcd answers at {}; start it, or leave out --etcd to let viking up start one",
+            "no etcd answers at {}; start it, or give --etcd one loopback address \
+             (http://127.0.0.1:PORT, the default is 2379) to let viking up start one there",
             etcd.endpoints_display()
         )));
-    }
-    let local = start_etcd(data, runtime::etcd::DEFAULT_ENDPOINT)?;
+    };
+    let local = start_etcd(data, addr)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !answers(client).await {
         if Instant::now() > deadline {
@@ -195,7 +211,36 @@ async fn ensure_etcd(
     info!(
         data = %data.join("etcd").display(),
         log = %data.join("etcd.log").display(),
-        "started a local etcd at {}", runtime::etcd::DEFAULT_ENDPOINT
+        "started a local etcd at http://{addr}"
     );
     Ok(Some(local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viking_up_starts_etcd_only_at_one_plain_loopback_address() {
+        let one = |s: &str| local_endpoint(&[s.to_owned()]);
+        assert_eq!(
+            one("http://127.0.0.1:2379"),
+            Some("127.0.0.1:2379".parse().unwrap())
+        );
+        assert_eq!(
+            one("http://[::1]:40001/"),
+            Some("[::1]:40001".parse().unwrap())
+        );
+        assert_eq!(
+            one("https://127.0.0.1:2379"),
+            None,
+            "TLS: not ours to start"
+        );
+        assert_eq!(one("http://10.0.0.1:2379"), None, "another host's");
+        let two = [
+            "http://127.0.0.1:1".to_owned(),
+            "http://127.0.0.1:2".to_owned(),
+        ];
+        assert_eq!(local_endpoint(&two), None, "a cluster");
+    }
 }

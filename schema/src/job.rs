@@ -92,6 +92,26 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// A job of one instance of `image` with nothing else set.
+    pub fn new(stack: StackName, job: JobName, image: impl Into<String>) -> Self {
+        Self {
+            v: RECORD_VERSION,
+            stack,
+            job,
+            image: image.into(),
+            ports: Vec::new(),
+            volumes: Vec::new(),
+            links: Vec::new(),
+            scale: 1,
+            env: BTreeMap::new(),
+            export_env: Vec::new(),
+            command: None,
+            labels: BTreeMap::new(),
+            order: 0,
+            link_env: BTreeMap::new(),
+        }
+    }
+
     pub fn service(&self) -> ServiceId {
         ServiceId::new(self.stack.clone(), self.job.clone())
     }
@@ -111,7 +131,7 @@ pub mod labels {
     pub const STACK: &str = "viking.stack";
     /// The job the container runs.
     pub const JOB: &str = "viking.job";
-    /// Its instance number within the job, from 1.
+    /// Its instance number within the job, from 0.
     pub const INSTANCE: &str = "viking.instance";
     /// A digest of the job spec it was made from (all but scale and order): a different one
     /// means the container is replaced.

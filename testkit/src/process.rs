@@ -31,24 +31,25 @@ impl Daemon {
     pub fn spawn<S: AsRef<OsStr>>(program: impl AsRef<Path>, args: &[S]) -> Daemon {
         let mut command = Command::new(program.as_ref());
         command.args(args);
-        Self::spawn_command(command)
+        let name = program.as_ref().file_name().map_or_else(
+            || "program".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        Self::spawn_command(&name, command)
     }
 
-    /// Runs a prepared command (e.g. one that enters a network namespace first); the
-    /// `VIKING_*` environment is removed the same way, and the logs made plain.
-    pub fn spawn_command(mut command: Command) -> Daemon {
+    /// Runs a prepared command (e.g. one that enters a network namespace first), called
+    /// `name` in failures; the `VIKING_*` environment is removed the same way, and the logs
+    /// made plain.
+    pub fn spawn_command(name: &str, mut command: Command) -> Daemon {
         for (k, _) in std::env::vars() {
             if k.starts_with("VIKING_") {
                 command.env_remove(k);
             }
         }
         command.env("VIKING_LOG_FORMAT", "plain");
-        let name = Path::new(command.get_program()).file_name().map_or_else(
-            || "program".to_owned(),
-            |n| n.to_string_lossy().into_owned(),
-        );
         let mut daemon = Daemon {
-            name,
+            name: name.to_owned(),
             command,
             child: None,
             dir: tempfile::tempdir().expect("temp dir for a daemon's log"),
@@ -87,11 +88,14 @@ impl Daemon {
         self.child.as_ref().expect("running").id()
     }
 
-    /// Waits until the log of this run holds `needle`; fails after `budget` with the log, or
-    /// at once when the program exits first.
-    pub fn wait_log(&mut self, needle: &str, budget: Duration) {
+    /// Waits until the log of this run holds `needle` and returns the first line with it;
+    /// fails after `budget` with the log, or at once when the program exits first.
+    pub fn wait_log(&mut self, needle: &str, budget: Duration) -> String {
         let start = Instant::now();
-        while !self.log().contains(needle) {
+        loop {
+            if let Some(line) = self.log().lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
             if let Some(status) = self.exited() {
                 panic!(
                     "{} exited ({status}) before logging {needle:?}:\n{}",
@@ -146,6 +150,12 @@ impl Daemon {
         }
     }
 
+    /// SIGKILL, then a new run with a new log: a crash and a supervisor's restart.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.start();
+    }
+
     /// SIGKILL: no chance to clean up, as when a host dies.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -161,31 +171,65 @@ impl Drop for Daemon {
     }
 }
 
-/// Polls `check` until it gives a value; fails after `budget` saying `what` was awaited.
-pub fn eventually<T>(budget: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+/// What a check of [`eventually`] says: `Some`/`Ok` when it holds; `None`, or `Err` with
+/// what it saw instead (shown when the budget runs out), when not yet.
+pub trait Check {
+    type Value;
+    fn outcome(self) -> Result<Self::Value, Option<String>>;
+}
+
+impl<T> Check for Option<T> {
+    type Value = T;
+    fn outcome(self) -> Result<T, Option<String>> {
+        self.ok_or(None)
+    }
+}
+
+impl<T> Check for Result<T, String> {
+    type Value = T;
+    fn outcome(self) -> Result<T, Option<String>> {
+        self.map_err(Some)
+    }
+}
+
+fn give_up(what: &str, budget: Duration, last: Option<String>) -> ! {
+    match last {
+        Some(seen) => panic!("{what}: not within {budget:?}; last seen: {seen}"),
+        None => panic!("{what}: not within {budget:?}"),
+    }
+}
+
+/// Polls `check` until it holds and returns its value; fails after `budget` with `what` was
+/// awaited and what the last check saw.
+pub fn eventually<C: Check>(
+    budget: Duration,
+    what: &str,
+    mut check: impl FnMut() -> C,
+) -> C::Value {
     let start = Instant::now();
     loop {
-        if let Some(v) = check() {
-            return v;
+        match check().outcome() {
+            Ok(v) => return v,
+            Err(last) if start.elapsed() >= budget => give_up(what, budget, last),
+            Err(_) => std::thread::sleep(POLL),
         }
-        assert!(start.elapsed() < budget, "{what}: not within {budget:?}");
-        std::thread::sleep(POLL);
     }
 }
 
 /// [`eventually`] for a check that awaits (reads etcd, say).
-pub async fn eventually_async<T, F, Fut>(budget: Duration, what: &str, mut check: F) -> T
+pub async fn eventually_async<C, F, Fut>(budget: Duration, what: &str, mut check: F) -> C::Value
 where
+    C: Check,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
+    Fut: Future<Output = C>,
 {
     let start = Instant::now();
     loop {
-        if let Some(v) = check().await {
-            return v;
+        match check().await.outcome() {
+            Ok(v) => return v,
+            Err(last) if start.elapsed() >= budget => give_up(what, budget, last),
+            Err(_) => tokio::time::sleep(POLL).await,
         }
-        assert!(start.elapsed() < budget, "{what}: not within {budget:?}");
-        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -232,5 +276,13 @@ mod tests {
         let message = failed.unwrap_err();
         let text = message.downcast_ref::<String>().unwrap();
         assert!(text.contains("the moon: not within"), "{text}");
+        let failed = std::panic::catch_unwind(|| {
+            eventually(Duration::from_millis(30), "the sun", || {
+                Err::<(), _>("clouds".to_owned())
+            })
+        });
+        let message = failed.unwrap_err();
+        let text = message.downcast_ref::<String>().unwrap();
+        assert!(text.ends_with("last seen: clouds"), "{text}");
     }
 }

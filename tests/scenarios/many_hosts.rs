@@ -8,66 +8,32 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use testkit::Etcd;
 use testkit::docker::{self, Dockerd};
 use testkit::net::Lan;
+use testkit::{Daemon, Etcd};
 
-/// A daemon inside a host namespace, killed on Drop.
-struct Proc {
-    child: Option<Child>,
-    log: tempfile::NamedTempFile,
+/// One of the workspace's binaries inside `host`, killed on Drop.
+fn spawn(lan: &Lan, host: &str, bin: &str, args: &[&str]) -> Daemon {
+    spawn_program(lan, host, &testkit::workspace_bin(bin), args)
 }
 
-impl Proc {
-    /// One of the workspace's binaries inside `host`.
-    fn spawn(lan: &Lan, host: &str, bin: &str, args: &[&str]) -> Proc {
-        Self::spawn_program(lan, host, &testkit::workspace_bin(bin), args)
-    }
-
-    fn spawn_program(lan: &Lan, host: &str, program: &Path, args: &[&str]) -> Proc {
-        let log = tempfile::NamedTempFile::new().expect("log");
-        let child = lan
-            .ns(host)
-            .command(program.to_str().expect("utf-8 path"))
-            .args(args)
-            .env("VIKING_LOG_FORMAT", "plain")
-            .env_remove("VIKING_ETCD")
-            .stdin(Stdio::null())
-            .stdout(log.reopen().expect("log"))
-            .stderr(log.reopen().expect("log"))
-            .spawn()
-            .expect("spawn");
-        Proc {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A program inside `host`, killed on Drop.
+fn spawn_program(lan: &Lan, host: &str, program: &Path, args: &[&str]) -> Daemon {
+    let mut command = lan.ns(host).command(program.to_str().expect("utf-8 path"));
+    command.args(args);
+    let name = program
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    Daemon::spawn_command(&format!("{name} on {host}"), command)
 }
 
 struct Host {
     name: &'static str,
     // Processes before the daemon: they stop first.
-    procs: Vec<Proc>,
+    procs: Vec<Daemon>,
     dockerd: Dockerd,
 }
 
@@ -78,7 +44,7 @@ struct Cluster {
     endpoints: String,
     /// One etcd in the test's own namespace, or one member per host.
     _etcd: Option<Etcd>,
-    members: Vec<(String, Option<Proc>)>,
+    members: Vec<(String, Option<Daemon>)>,
     etcd_dir: tempfile::TempDir,
     lan: Lan,
     /// The test's own address on the LAN: where its `viking` commands come from.
@@ -294,7 +260,7 @@ impl Cluster {
 }
 
 /// The etcd member of `name`, on its address, in a cluster of `names`.
-fn etcd_member(lan: &Lan, names: &[&str], name: &str, dir: &Path, state: &str) -> Proc {
+fn etcd_member(lan: &Lan, names: &[&str], name: &str, dir: &Path, state: &str) -> Daemon {
     let ip = lan.addr(name);
     let cluster: Vec<String> = names
         .iter()
@@ -326,7 +292,7 @@ fn etcd_member(lan: &Lan, names: &[&str], name: &str, dir: &Path, state: &str) -
         "zap".to_owned(),
     ];
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::spawn_program(lan, name, &testkit::etcd_binary(), &refs)
+    spawn_program(lan, name, &testkit::etcd_binary(), &refs)
 }
 
 /// Waits until every member answers a read.
@@ -353,9 +319,9 @@ async fn wait_etcd(urls: &[String]) {
 }
 
 /// A host's registrator (TTL 3 s) and ambassador (on the bridge address, no DNS).
-fn agents(lan: &Lan, name: &str, etcd: &str, addr: &str, docker: &str) -> Vec<Proc> {
+fn agents(lan: &Lan, name: &str, etcd: &str, addr: &str, docker: &str) -> Vec<Daemon> {
     vec![
-        Proc::spawn(
+        spawn(
             lan,
             name,
             "registrator",
@@ -363,7 +329,7 @@ fn agents(lan: &Lan, name: &str, etcd: &str, addr: &str, docker: &str) -> Vec<Pr
                 "--etcd", etcd, "--host", name, "--addr", addr, "--docker", docker, "--ttl", "3s",
             ],
         ),
-        Proc::spawn(
+        spawn(
             lan,
             name,
             "ambassador",
@@ -507,7 +473,7 @@ async fn the_firewall_admits_only_members() {
     cluster.viking(None, &["host", "add", "admin", &root]);
     let endpoint = cluster.endpoints.clone();
     for name in ["a", "b", "c"] {
-        let fw = Proc::spawn(
+        let fw = spawn(
             &cluster.lan,
             name,
             "locknet",

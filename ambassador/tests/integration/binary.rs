@@ -1,23 +1,14 @@
 //! The `ambassador` binary: flags, admin server, SIGTERM.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Command;
 use std::time::Duration;
 
-use testkit::Etcd;
+use testkit::{Daemon, Etcd};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::{Backend, put_alloc, put_endpoint, who};
-
-/// Kills the process on drop, also when the test fails.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -40,8 +31,9 @@ async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
     let port = put_alloc(&mut c, "shared/echo:7").await;
     put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
     let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ambassador"))
-        .args([
+    let mut amb = Daemon::spawn(
+        env!("CARGO_BIN_EXE_ambassador"),
+        &[
             "--etcd",
             &etcd.endpoint(),
             "--host",
@@ -54,28 +46,12 @@ async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
             "10s",
             "--threads",
             "2",
-        ])
-        .env("RUST_LOG", "info")
-        .env_remove("VIKING_LOG_FORMAT")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let proc = Proc(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let wait_line = |needle: &str| loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
-        if line.contains(needle) {
-            return line;
-        }
-    };
+            "--dns",
+            "off",
+        ],
+    );
+    let limit = Duration::from_secs(20);
+    let mut wait_line = |needle: &str| amb.wait_log(needle, limit);
     // Routes are published (synced) before the listener for them is opened.
     wait_line("routes synced from etcd");
     wait_line(&format!("listening on addr=127.0.0.1:{port}"));
@@ -114,25 +90,20 @@ async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
         backend.addr.to_string()
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(proc.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    wait_line("stopped accepting; waiting for open connections");
+    amb.signal(nix::sys::signal::Signal::SIGTERM);
+    amb.wait_log("stopped accepting; waiting for open connections", limit);
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
     open.write_all(b"after sigterm\n").await.unwrap();
     let mut back = [0u8; 14];
     open.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"after sigterm\n");
     open.shutdown().await.unwrap();
-    let line = wait_line("shut down");
+    let line = amb.wait_log("shut down", limit);
     assert!(
         line.contains("drained=1") && line.contains("cut=0"),
         "{line}"
     );
-    let mut proc = proc;
-    let status = proc.0.wait().unwrap();
+    let status = amb.wait_exit(limit);
     assert!(status.success(), "{status}");
 }
 
@@ -151,29 +122,6 @@ fn without_docker0_and_bind_it_says_to_pass_bind() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("interface docker0 has no IPv4 address; pass --bind"),
-        "{err}"
-    );
-}
-
-#[test]
-fn an_unknown_congestion_control_is_a_usage_error_that_names_it() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ambassador"))
-        .args([
-            "--etcd",
-            "http://127.0.0.1:1",
-            "--bind",
-            "127.0.0.1",
-            "--local-congestion",
-            "no-such-cc",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--local-congestion no-such-cc: the kernel does not offer it")
-            && err.contains("offered here: ")
-            && err.contains("`default`"),
         "{err}"
     );
 }

@@ -5,13 +5,15 @@ mod proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambassador::{Config, Shared, ShutdownReport};
 use etcd_client::Client;
 use schema::records::{self, EndpointRecord, PortAllocRecord};
 use schema::{HostId, Instance, Key, Prefix, ServicePort};
-use testkit::Etcd;
+use std::future::ready;
+
+use testkit::{Etcd, eventually_async};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -58,38 +60,23 @@ impl Amb {
 
     /// Waits until `port` has a listener and returns its address.
     pub async fn listening(&self, port: u16) -> SocketAddr {
-        wait_for(Duration::from_secs(10), || {
-            self.shared.listening().get(&port).copied()
+        eventually_async(Duration::from_secs(10), "a listener on the port", || {
+            ready(self.shared.listening().get(&port).copied())
         })
         .await
     }
 
     /// Waits (up to `limit`) until `port` routes to `n` backends.
     pub async fn wait_backends(&self, port: u16, n: usize, limit: Duration) {
-        wait_for(limit, || {
+        eventually_async(limit, &format!("{n} backends on port {port}"), || {
             let routes = self.shared.routes();
-            routes
+            let there = routes
                 .by_port
                 .get(&port)
-                .is_some_and(|s| s.backends.len() == n)
-                .then_some(())
+                .is_some_and(|s| s.backends.len() == n);
+            ready(there.then_some(()))
         })
         .await;
-    }
-}
-
-/// Polls `f` every 2 ms until it gives a value.
-pub async fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

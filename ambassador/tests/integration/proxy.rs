@@ -3,11 +3,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use testkit::Etcd;
+use std::future::ready;
+
+use testkit::{Etcd, eventually_async};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::{Amb, Backend, put_alloc, put_endpoint, wait_for, who};
+use crate::{Amb, Backend, put_alloc, put_endpoint, who};
 
 const SP: &str = "shared/echo:7/tcp";
 
@@ -131,9 +133,14 @@ async fn echo_each_way(total: usize, tweak: impl FnOnce(&mut ambassador::Config)
         let state = amb.shared.state_json();
         (state["services"][0][key] == want).then_some(())
     };
-    wait_for(Duration::from_secs(5), || counted("bytes_up", total as u64)).await;
-    wait_for(Duration::from_secs(5), || {
-        counted("bytes_down", total as u64 + 14)
+    let limit = Duration::from_secs(5);
+    eventually_async(limit, "bytes up counted", || {
+        ready(counted("bytes_up", total as u64))
+    })
+    .await;
+    let down = total as u64 + 14;
+    eventually_async(limit, "bytes down counted", || {
+        ready(counted("bytes_down", down))
     })
     .await;
 }
@@ -247,9 +254,11 @@ async fn endpoint_changes_reach_new_connections_within_100_ms_and_spare_open_one
     )
     .await
     .unwrap();
-    wait_for(Duration::from_secs(5), || {
-        (!amb.shared.listening().contains_key(&port)).then_some(())
-    })
+    eventually_async(
+        Duration::from_secs(5),
+        "the released port's listener closed",
+        || ready((!amb.shared.listening().contains_key(&port)).then_some(())),
+    )
     .await;
     // Each connect comes from a new source port, so the kernel's hash sends them to both
     // threads' sockets: none may be left open.
@@ -396,8 +405,8 @@ async fn shutdown_lets_open_connections_finish_then_cuts_the_rest() {
     open.read_exact(&mut greeting).await.unwrap();
 
     amb.stop.cancel();
-    wait_for(Duration::from_secs(5), || {
-        amb.shared.listening().is_empty().then_some(())
+    eventually_async(Duration::from_secs(5), "every listener closed", || {
+        ready(amb.shared.listening().is_empty().then_some(()))
     })
     .await;
     for _ in 0..20 {

@@ -1,194 +1,234 @@
 //! `viking up` and `viking run` end to end: real Docker, a real local etcd started by
 //! `viking up`, its registrator and ambassador, the `examples/hello` stacks.
 //!
-//! One test, because the scenarios share one expensive set-up and one Docker host: the
-//! examples' container names (`shared_web_0`, ...) are fixed.
+//! One test, because the scenarios share one expensive set-up. Nothing it uses is what a
+//! running `make up` uses: etcd on free loopback ports, DNS on a free loopback port,
+//! ambassador ports from a probed free range outside the default 20000-29999, and the
+//! examples' stacks under names of this run (so their containers are named apart).
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use testkit::docker::{self, docker_ok};
+use testkit::{Daemon, eventually};
 
 use crate::{stderr, stdout, viking};
 
-const ETCD: &str = "http://127.0.0.1:2379";
-
-/// `viking up` as a child; stopped with SIGINT and checked on Drop.
-struct Up {
-    child: Option<Child>,
-    log: tempfile::NamedTempFile,
+/// One run's world: `viking up` and the names and ports it was given.
+struct World {
+    up: Daemon,
+    etcd: String,
+    /// `--range` of every deploy.
+    range: String,
+    dns: u16,
+    admin: String,
+    /// The examples' stacks as named in this run.
+    shared: String,
+    app: String,
+    dir: tempfile::TempDir,
 }
 
-impl Up {
-    fn start(data: &Path, admin: &str) -> Up {
-        let log = tempfile::NamedTempFile::new().expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_viking"))
-            .args([
-                "up", "--host", "e2e", "--admin", admin, "--grace", "1s", "--data",
-            ])
-            .arg(data)
-            .env_remove("VIKING_ETCD")
-            .env("VIKING_LOG_FORMAT", "plain")
-            .stdin(Stdio::null())
-            .stdout(log.reopen().expect("log"))
-            .stderr(log.reopen().expect("log"))
-            .spawn()
-            .expect("start viking up");
-        let up = Up {
-            child: Some(child),
-            log,
+/// A loopback port whose next port is free too (etcd's client and peer ports).
+fn free_port_pair() -> u16 {
+    eventually(Duration::from_secs(5), "two free ports in a row", || {
+        let port = testkit::free_ports(1)[0];
+        let next = port.checked_add(1)?;
+        TcpListener::bind(("127.0.0.1", next)).ok().map(|_| port)
+    })
+}
+
+/// Eight ports free on the bridge address, below the ephemeral range and above the range a
+/// `make up` hands out.
+fn free_range() -> String {
+    eventually(
+        Duration::from_secs(5),
+        "eight free ports above 30000",
+        || {
+            let first = 30_000 + fastrand::u16(0..2_700);
+            let free = (first..first + 8).all(|p| {
+                TcpListener::bind(("172.17.0.1", p)).is_ok()
+                    && TcpListener::bind(("127.0.0.1", p)).is_ok()
+            });
+            free.then(|| format!("{first}-{}", first + 7))
+        },
+    )
+}
+
+impl World {
+    fn start() -> World {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let id = std::process::id();
+        let (shared, app) = (format!("shared{id}"), format!("app{id}"));
+        // The examples, with this run's stack names (and so env var names) in them.
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+        for (from, to) in [("shared", &shared), ("app", &app)] {
+            let text = std::fs::read_to_string(examples.join(from).join("stack.yml")).unwrap();
+            let text = text
+                .replace("shared/web", &format!("{shared}/web"))
+                .replace("SHARED_WEB", &format!("{}_WEB", shared.to_uppercase()));
+            std::fs::create_dir_all(dir.path().join(to)).unwrap();
+            std::fs::write(dir.path().join(to).join("stack.yml"), text).unwrap();
+        }
+        let etcd = format!("http://127.0.0.1:{}", free_port_pair());
+        let [admin, dns] = testkit::free_ports(2)[..] else {
+            unreachable!()
         };
+        let data = dir.path().join("data");
+        let admin = format!("127.0.0.1:{admin}");
+        let mut up = Daemon::spawn(
+            env!("CARGO_BIN_EXE_viking"),
+            &[
+                "--etcd",
+                &etcd,
+                "up",
+                "--host",
+                "e2e",
+                "--admin",
+                &admin,
+                "--dns",
+                &format!("127.0.0.1:{dns}"),
+                "--grace",
+                "1s",
+                "--data",
+                data.to_str().expect("utf-8"),
+            ],
+        );
         up.wait_log("viking is up", Duration::from_secs(30));
-        up
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn wait_log(&self, what: &str, limit: Duration) {
-        let start = Instant::now();
-        while !self.log().contains(what) {
-            assert!(
-                start.elapsed() < limit,
-                "no {what:?} in viking up's log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        World {
+            up,
+            etcd,
+            range: free_range(),
+            dns,
+            admin,
+            shared,
+            app,
+            dir,
         }
     }
 
-    /// SIGINT, then waits for a clean exit.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let Some(mut child) = self.child.take() else {
-            panic!("viking up is not running");
-        };
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("viking up did not stop in 20 s:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// `viking <args>` against this run's etcd and range, which must succeed.
+    fn ok(&self, args: &[&str]) -> String {
+        let mut all = vec!["--range", &self.range];
+        all.extend_from_slice(args);
+        let out = viking(&self.etcd, &all);
+        assert!(out.status.success(), "viking {args:?}: {}", stderr(&out));
+        stdout(&out)
+    }
+
+    /// `n` fetches of the web's URL from a throwaway container with the client's env.
+    fn fetch_through_ambassador(&self, n: usize) -> (Vec<String>, usize) {
+        let env = self.ok(&["env", &format!("{}/client", self.app)]);
+        let var = format!("{}_WEB_PORT_80", self.shared.to_uppercase());
+        docker::fetch_with_env(None, &env, &var, n)
+    }
+
+    fn web_hostnames(&self) -> BTreeSet<String> {
+        let label = format!("label=viking.stack={}", self.shared);
+        let ids = docker_ok(None, &["ps", "-q", "--filter", &label]);
+        ids.lines().map(str::to_owned).collect()
+    }
+
+    fn dig(&self, args: &[&str]) -> String {
+        let out = Command::new("dig")
+            .args([
+                "@127.0.0.1",
+                "-p",
+                &self.dns.to_string(),
+                "+short",
+                "+time=2",
+                "+tries=2",
+            ])
+            .args(args)
+            .output()
+            .expect("dig (make test installs dnsutils)");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 }
 
-impl Drop for Up {
+impl Drop for World {
     fn drop(&mut self) {
         // Containers first, while etcd is there; then viking up (and its etcd) gently.
-        for stack in ["app", "shared"] {
-            let _ = viking(ETCD, &["stop", stack]);
+        for stack in [&self.app, &self.shared] {
+            let _ = viking(&self.etcd, &["stop", stack]);
         }
-        if self.child.is_some() {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.stop()));
+        if self.up.exited().is_none() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.up.terminate(Duration::from_secs(20))
+            }));
         }
+        let _ = &self.dir;
     }
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = viking(ETCD, args);
-    assert!(out.status.success(), "viking {args:?}: {}", stderr(&out));
-    stdout(&out)
-}
-
-/// `n` fetches of `$SHARED_WEB_PORT_80` from a throwaway container with app/client's env.
-fn fetch_through_ambassador(n: usize) -> (Vec<String>, usize) {
-    docker::fetch_with_env(None, &ok(&["env", "app/client"]), "SHARED_WEB_PORT_80", n)
-}
-
-fn web_hostnames() -> BTreeSet<String> {
-    let ids = docker_ok(None, &["ps", "-q", "--filter", "label=viking.stack=shared"]);
-    ids.lines().map(str::to_owned).collect()
 }
 
 #[test]
 fn up_run_scale_kill_and_stop_the_examples() {
     docker::require(None);
-    let probe = TcpListener::bind("127.0.0.1:2379");
+    let mut w = World::start();
+    let (shared, app) = (w.shared.clone(), w.app.clone());
+    let (client, web) = (format!("{app}/client"), format!("{shared}/web"));
+    let dir = |name: &str| w.dir.path().join(name).to_str().expect("utf-8").to_owned();
+    w.ok(&["deploy", &dir(&shared), &dir(&app)]);
+    let started = w.ok(&["run", &shared]);
     assert!(
-        probe.is_ok(),
-        "something already listens on 127.0.0.1:2379 (a `make up`?); this test starts its own \
-         etcd there through `viking up`"
-    );
-    drop(probe);
-    let data = tempfile::tempdir().expect("data dir");
-    let admin_port = testkit::free_ports(1)[0];
-    let admin = format!("127.0.0.1:{admin_port}");
-    let mut up = Up::start(data.path(), &admin);
-
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
-    ok(&[
-        "deploy",
-        examples.join("shared").to_str().expect("utf-8"),
-        examples.join("app").to_str().expect("utf-8"),
-    ]);
-    let started = ok(&["run", "shared"]);
-    assert!(
-        started.contains("started shared_web_0") && started.contains("started shared_web_1"),
+        started.contains(&format!("started {shared}_web_0"))
+            && started.contains(&format!("started {shared}_web_1")),
         "{started}"
     );
-    ok(&["run", "app"]);
+    w.ok(&["run", &app]);
     // Converging again changes nothing.
-    assert_eq!(ok(&["run", "app"]).trim(), "unchanged app_client_0");
+    assert_eq!(
+        w.ok(&["run", &app]).trim(),
+        format!("unchanged {app}_client_0")
+    );
 
     // The client container reaches a backend through $SHARED_WEB_PORT_80.
-    let start = Instant::now();
-    loop {
-        let logs = ok(&["logs", "app/client", "--tail", "3"]);
-        let answered = web_hostnames()
+    eventually(Duration::from_secs(15), "the client reaches a web", || {
+        let logs = w.ok(&["logs", &client, "--tail", "3"]);
+        let answered = w
+            .web_hostnames()
             .iter()
-            .any(|h| logs.contains(&format!("shared/web answered {h}")));
+            .any(|h| logs.contains(&format!("{web} answered {h}")));
         if answered {
-            break;
+            Ok(())
+        } else {
+            Err(format!("client logs:\n{logs}\nviking up:\n{}", w.up.log()))
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "client logs:\n{logs}\nviking up:\n{}",
-            up.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
 
-    // The same services by name, from viking up's DNS on the bridge address.
-    let dig = |args: &[&str]| {
-        let out = Command::new("dig")
-            .args(["@172.17.0.1", "+short", "+time=2", "+tries=2"])
-            .args(args)
-            .output()
-            .expect("dig (make test installs dnsutils)");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
-    assert_eq!(dig(&["web.shared.viking.internal"]), "172.17.0.1");
-    let port = ok(&["env", "app/client"])
+    // The same services by name, from viking up's DNS.
+    let name = format!("web.{shared}.viking.internal");
+    assert_eq!(w.dig(&[&name]), "172.17.0.1");
+    let port_var = format!("{}_WEB_PORT_80_TCP_PORT=", shared.to_uppercase());
+    let port = w
+        .ok(&["env", &client])
         .lines()
-        .find_map(|l| l.strip_prefix("SHARED_WEB_PORT_80_TCP_PORT="))
-        .expect("port var")
-        .to_owned();
+        .find_map(|l| l.strip_prefix(&port_var).map(str::to_owned))
+        .expect("port var");
     assert_eq!(
-        dig(&["_80._tcp.web.shared.viking.internal", "SRV"]),
-        format!("0 0 {port} web.shared.viking.internal.")
+        w.dig(&[&format!("_80._tcp.{name}"), "SRV"]),
+        format!("0 0 {port} {name}.")
     );
     // Both backends run on this host: one address, two SRV targets.
-    let srv = dig(&["_80._tcp.web.shared.endpoints.viking.internal", "SRV"]);
-    assert_eq!(srv.lines().count(), 2, "{srv}\n{}", ok(&["ps", "shared"]));
+    let srv = w.dig(&[
+        &format!("_80._tcp.web.{shared}.endpoints.viking.internal"),
+        "SRV",
+    ]);
+    assert_eq!(srv.lines().count(), 2, "{srv}\n{}", w.ok(&["ps", &shared]));
 
     // Scaled to 3: new connections spread over all 3.
-    let scaled = ok(&["scale", "shared/web", "3"]);
-    assert!(scaled.contains("started shared_web_2"), "{scaled}");
-    let hosts = web_hostnames();
+    let scaled = w.ok(&["scale", &web, "3"]);
+    assert!(
+        scaled.contains(&format!("started {shared}_web_2")),
+        "{scaled}"
+    );
+    let hosts = w.web_hostnames();
     assert_eq!(hosts.len(), 3);
     let start = Instant::now();
     let seen = loop {
-        let (answers, failures) = fetch_through_ambassador(30);
+        let (answers, failures) = w.fetch_through_ambassador(30);
         assert_eq!(failures, 0, "{answers:?}");
         let seen: BTreeSet<String> = answers.into_iter().collect();
         if seen == hosts || start.elapsed() > Duration::from_secs(10) {
@@ -198,46 +238,55 @@ fn up_run_scale_kill_and_stop_the_examples() {
     assert_eq!(seen, hosts, "30 requests did not reach all 3 backends");
 
     // One backend killed: clients keep succeeding.
-    docker_ok(None, &["kill", "shared_web_1"]);
-    let (answers, failures) = fetch_through_ambassador(30);
+    docker_ok(None, &["kill", &format!("{shared}_web_1")]);
+    let (answers, failures) = w.fetch_through_ambassador(30);
     assert_eq!(
         failures,
         0,
         "requests failed after a backend died: {answers:?}\n{}",
-        up.log()
+        w.up.log()
     );
 
     // Stopped: containers and endpoints gone, the listener stays for the next run.
-    ok(&["stop", "app"]);
-    let stopped = ok(&["stop", "shared"]);
+    w.ok(&["stop", &app]);
+    let stopped = w.ok(&["stop", &shared]);
     assert_eq!(stopped.lines().count(), 3, "{stopped}");
-    assert!(web_hostnames().is_empty());
-    let start = Instant::now();
-    while !ok(&["ps", "shared"]).contains("\t3\t0\t") {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "endpoints stayed: {}",
-            ok(&["ps", "shared"])
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(w.web_hostnames().is_empty());
+    eventually(
+        Duration::from_secs(5),
+        "the stopped webs' endpoints gone",
+        || {
+            let ps = w.ok(&["ps", &shared]);
+            if ps.contains("\t3\t0\t") {
+                Ok(())
+            } else {
+                Err(ps)
+            }
+        },
+    );
     let state = Command::new("curl")
-        .args(["-fs", &format!("http://{admin}/state")])
+        .args(["-fs", &format!("http://{}/state", w.admin)])
         .output()
         .expect("curl");
     let state = String::from_utf8_lossy(&state.stdout);
     assert!(
-        state.contains("\"service_port\": \"shared/web:80/tcp\""),
+        state.contains(&format!("\"service_port\": \"{web}:80/tcp\"")),
         "{state}"
     );
     assert!(state.contains("\"listening\": true"), "{state}");
 
-    // viking up stops cleanly and takes its etcd with it.
-    let status = up.stop();
-    assert!(status.success(), "{status:?}\n{}", up.log());
-    assert!(up.log().contains("stopped the local etcd"), "{}", up.log());
+    // viking up stops cleanly (SIGINT, as Ctrl-C) and takes its etcd with it.
+    w.up.signal(nix::sys::signal::Signal::SIGINT);
+    let status = w.up.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", w.up.log());
     assert!(
-        TcpListener::bind("127.0.0.1:2379").is_ok(),
-        "etcd still listens on 2379"
+        w.up.log().contains("stopped the local etcd"),
+        "{}",
+        w.up.log()
+    );
+    let etcd_port = w.etcd.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    assert!(
+        TcpListener::bind(("127.0.0.1", etcd_port)).is_ok(),
+        "etcd still listens on {etcd_port}"
     );
 }

@@ -5,9 +5,10 @@
 //! locknet runs inside `a`.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use testkit::Daemon;
 use testkit::net::{Lan, Netns, Server};
 
 mod apply;
@@ -200,37 +201,9 @@ pub fn nft(ns: &Netns, script: &str) {
     );
 }
 
-/// A `locknet --watch` process, killed on Drop.
-pub struct Watcher {
-    pub child: Child,
-    pub log: tempfile::NamedTempFile,
-}
-
-impl Watcher {
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn spawn_watch(site: &Site, args: &[&str]) -> Watcher {
-    let log = tempfile::NamedTempFile::new().expect("log");
-    let child = site
-        .lan
-        .ns("a")
-        .command(env!("CARGO_BIN_EXE_locknet"))
-        .arg("--watch")
-        .args(args)
-        .env("VIKING_LOG_FORMAT", "plain")
-        .stdout(log.reopen().expect("log"))
-        .stderr(log.reopen().expect("log"))
-        .spawn()
-        .expect("locknet --watch");
-    Watcher { child, log }
+/// `locknet --watch <args>` inside `a`, killed on Drop.
+pub fn spawn_watch(site: &Site, args: &[&str]) -> Daemon {
+    let mut command = site.lan.ns("a").command(env!("CARGO_BIN_EXE_locknet"));
+    command.arg("--watch").args(args);
+    Daemon::spawn_command("locknet --watch", command)
 }

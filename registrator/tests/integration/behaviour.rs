@@ -209,19 +209,9 @@ async fn dry_run_prints_and_once_writes_then_exits() {
     let c = s.web("web", &[]);
     let endpoint = s.etcd.endpoint();
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "--etcd",
-            &endpoint,
-            "--host",
-            "node-a",
-            "--addr",
-            "127.0.0.1",
-        ];
+        let mut args = vec!["--host", "node-a", "--addr", "127.0.0.1"];
         args.extend_from_slice(extra);
-        std::process::Command::new(env!("CARGO_BIN_EXE_registrator"))
-            .args(args)
-            .output()
-            .expect("run registrator")
+        testkit::run_cli(env!("CARGO_BIN_EXE_registrator"), &endpoint, &args)
     };
     let key = format!(
         "/viking/services/{stack}/web/8080-tcp/node-a:{}:8080",

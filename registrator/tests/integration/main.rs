@@ -5,102 +5,38 @@
 //! their own stacks).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions};
 use schema::records::EndpointRecord;
-use tempfile::TempDir;
-use testkit::Etcd;
 use testkit::docker::{self, Container, IMAGE};
+use testkit::{Daemon, Etcd};
 
 mod behaviour;
 mod failures;
 
-/// A registrator process, SIGKILLed on Drop.
-pub struct Registrator {
-    child: Option<Child>,
-    args: Vec<String>,
-    dir: TempDir,
-    runs: usize,
-}
-
-impl Registrator {
-    /// `registrator --etcd <etcd> --host node-a --addr 127.0.0.1 --ttl 2s <extra>`.
-    pub fn start(etcd: &str, extra: &[&str]) -> Registrator {
-        let mut args: Vec<String> = [
-            "--etcd",
-            etcd,
-            "--host",
-            "node-a",
-            "--addr",
-            "127.0.0.1",
-            "--ttl",
-            "2s",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let mut r = Registrator {
-            child: None,
-            args,
-            dir: tempfile::tempdir().expect("temp dir"),
-            runs: 0,
-        };
-        r.spawn();
-        r
-    }
-
-    fn spawn(&mut self) {
-        self.runs += 1;
-        let log = std::fs::File::create(self.log_path()).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_registrator"))
-            .args(&self.args)
-            .env("VIKING_LOG_FORMAT", "plain")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start registrator");
-        self.child = Some(child);
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join(format!("run{}.log", self.runs))
-    }
-
-    /// The log of the current run.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// SIGKILL: no chance to clean up, as when a host dies.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-}
-
-impl Drop for Registrator {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// `registrator --etcd <etcd> --host node-a --addr 127.0.0.1 --ttl 2s <extra>`,
+/// killed on Drop.
+pub fn registrator(etcd: &str, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--etcd",
+        etcd,
+        "--host",
+        "node-a",
+        "--addr",
+        "127.0.0.1",
+        "--ttl",
+        "2s",
+    ];
+    args.extend_from_slice(extra);
+    Daemon::spawn(env!("CARGO_BIN_EXE_registrator"), &args)
 }
 
 /// One test's world: its own etcd, a registrator on it, and a stack name of its own.
 pub struct Scene {
     pub etcd: Etcd,
     pub client: Client,
-    pub reg: Registrator,
+    pub reg: Daemon,
     pub stack: String,
 }
 
@@ -110,7 +46,7 @@ impl Scene {
         docker::require(None);
         let etcd = Etcd::start().await;
         let client = etcd.client().await;
-        let reg = Registrator::start(&etcd.endpoint(), extra);
+        let reg = registrator(&etcd.endpoint(), extra);
         Scene {
             etcd,
             client,
@@ -141,8 +77,8 @@ impl Scene {
             .collect()
     }
 
-    /// Polls `check` on this stack's endpoints every 20 ms until it holds; fails after
-    /// `limit` with what was there and the registrator's log. Returns how long it took.
+    /// Polls `check` on this stack's endpoints until it holds; fails after `limit` with
+    /// what was there and the registrator's log. Returns how long it took.
     pub async fn until(
         &self,
         limit: Duration,
@@ -150,20 +86,20 @@ impl Scene {
         check: impl Fn(&BTreeMap<String, EndpointRecord>) -> bool,
     ) -> Duration {
         let start = Instant::now();
-        loop {
+        testkit::eventually_async(limit, what, || async {
             let now = self.endpoints().await;
             if check(&now) {
-                return start.elapsed();
+                return Ok(());
             }
-            assert!(
-                start.elapsed() < limit,
-                "{what}: not within {limit:?}; endpoints of {}: {:#?}\nregistrator log:\n{}",
-                self.stack,
-                now.keys().collect::<Vec<_>>(),
-                self.reg.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            let keys: Vec<&String> = now.keys().collect();
+            let log = self.reg.log();
+            Err(format!(
+                "endpoints of {}: {keys:#?}\nregistrator log:\n{log}",
+                self.stack
+            ))
+        })
+        .await;
+        start.elapsed()
     }
 
     /// A busybox httpd labelled as `<stack>/<job>`, publishing 8080, on the shared daemon.
