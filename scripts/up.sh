@@ -12,7 +12,11 @@ cargo build --release -q -p hq
 viking=target/release/viking
 admin=${VIKING_ADMIN:-127.0.0.1:9100}
 
-"$viking" up --admin "$admin" &
+# The registrator registers endpoints at the default route's address; on a box without one
+# (offline), this host alone is the cluster and loopback will do.
+addr=()
+[ -n "$(ip route show default 2>/dev/null)" ] || addr=(--addr 127.0.0.1)
+"$viking" up --admin "$admin" "${addr[@]}" &
 up=$!
 logs=""
 cleanup() {

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use schema::Prefix;
+use schema::{PortRange, Prefix};
 
 use crate::relay::RelayConfig;
 
@@ -36,6 +36,8 @@ pub struct Config {
     pub local_congestion: Option<String>,
     /// Service DNS, built from the same watches as the routes; `None`: no DNS.
     pub dns: Option<crate::dns::DnsSettings>,
+    /// Ambassador ports outside it are not served (a stray value in etcd).
+    pub range: PortRange,
 }
 
 impl Config {
@@ -54,6 +56,7 @@ impl Config {
             threads: 1,
             local_congestion: None,
             dns: None,
+            range: PortRange::DEFAULT,
         }
     }
 }

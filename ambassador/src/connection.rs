@@ -185,3 +185,37 @@ mod tests {
         assert!(!on_this_host(&backend("b", "10.0.0.2:80"), "a"));
     }
 }
+
+#[cfg(test)]
+mod size {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::routes::Service;
+
+    /// An idle connection costs its task: keep the future small (docs/performance.md).
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let shared = Shared::new(Config::new(
+            schema::Prefix::default(),
+            "h".into(),
+            "127.0.0.1".parse().unwrap(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let service = Service {
+            service_port: "s/j:80".parse().unwrap(),
+            port: 1,
+            backends: Vec::new(),
+            stats: Arc::default(),
+        };
+        let hard = CancellationToken::new();
+        let task = handle(&shared, client, &service, &hard);
+        let size = std::mem::size_of_val(&task);
+        println!("connection task: {size} bytes");
+        assert!(size <= 1024, "the connection task grew to {size} bytes");
+    }
+}

@@ -7,13 +7,14 @@
 //! proxy. Every error is a [`StartError`]: refused before anything was served, exit 2.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::Client;
 use runtime::etcd::parse_duration;
 use runtime::{CancellationToken, process};
-use schema::{HostId, Prefix};
+use schema::{HostId, PortRange, Prefix};
 use tracing::{Instrument, error, info};
 
 use crate::config::{Config, DEFAULT_LOCAL_CONGESTION, check_congestion};
@@ -92,6 +93,11 @@ pub struct AmbassadorArgs {
     /// TTL of DNS answers
     #[arg(long, env = "VIKING_DNS_TTL", default_value = "5s", value_parser = parse_duration)]
     pub dns_ttl: Duration,
+
+    /// Where the lock that keeps a second ambassador off this bind address lives (default:
+    /// /run/viking for root, else $XDG_RUNTIME_DIR/viking)
+    #[arg(long, env = "VIKING_RUN_DIR", value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
 }
 
 /// Why the ambassador did not start. Each is refused before anything is served: exit 2.
@@ -126,6 +132,19 @@ pub enum StartError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error(
+        "{holder} already serves --bind {bind} (lock {}); two ambassadors on one address would \
+         share each other's ports and send connections to the wrong cluster: stop that one, or \
+         pass another --bind",
+        path.display()
+    )]
+    BindTaken {
+        bind: IpAddr,
+        holder: String,
+        path: PathBuf,
+    },
+    #[error("cannot use --run-dir {}: {error}; pass --run-dir with a directory this user may write", dir.display())]
+    RunDir { dir: PathBuf, error: std::io::Error },
 }
 
 impl runtime::Fatal for StartError {
@@ -139,13 +158,20 @@ impl runtime::Fatal for StartError {
 pub struct Checked {
     pub config: Config,
     pub admin: SocketAddr,
+    pub run_dir: PathBuf,
     /// Where DNS listens; `None`: `--dns off`.
     pub dns: Option<SocketAddr>,
 }
 
 impl AmbassadorArgs {
-    /// Checks every flag and builds the settings; binds nothing and needs no etcd.
-    pub fn check(&self, prefix: &Prefix, host: &HostId) -> Result<Checked, StartError> {
+    /// Checks every flag and builds the settings; binds nothing and needs no etcd. `range` is
+    /// `--range` ([`runtime::RangeArgs`], which `viking` takes for all its commands).
+    pub fn check(
+        &self,
+        prefix: &Prefix,
+        host: &HostId,
+        range: PortRange,
+    ) -> Result<Checked, StartError> {
         let bind = self
             .bind
             .or_else(|| runtime::host::interface_addr("docker0"))
@@ -173,6 +199,7 @@ impl AmbassadorArgs {
         config.max_connections_per_listener = self.max_connections_per_listener;
         config.threads = threads;
         config.local_congestion = local_congestion;
+        config.range = range;
         config.relay = RelayConfig {
             idle_timeout: self.idle_timeout,
             splice_after: self.splice_after,
@@ -186,6 +213,10 @@ impl AmbassadorArgs {
         Ok(Checked {
             config,
             admin: self.admin,
+            run_dir: self
+                .run_dir
+                .clone()
+                .unwrap_or_else(crate::lock::default_run_dir),
             dns: listen,
         })
     }
@@ -205,15 +236,19 @@ pub struct Running {
     pub admin: SocketAddr,
     task: tokio::task::JoinHandle<ShutdownReport>,
     admin_stop: CancellationToken,
+    /// Keeps a second ambassador off the bind address until this one has drained.
+    _lock: crate::lock::BindLock,
 }
 
-/// Binds the admin (and DNS) ports, then runs the proxy until `shutdown`. `client` may point
-/// at an etcd that is down: routes come when it answers. Tasks run in the caller's span.
+/// Takes the bind address's lock, binds the admin (and DNS) ports, then runs the proxy until
+/// `shutdown`. `client` may point at an etcd that is down: routes come when it answers. Tasks
+/// run in the caller's span.
 pub async fn start(
     checked: Checked,
     client: Client,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
+    let lock = crate::lock::take(&checked.run_dir, checked.config.bind, checked.admin)?;
     let admin_listener = tokio::net::TcpListener::bind(checked.admin)
         .await
         .map_err(|error| StartError::Admin {
@@ -248,6 +283,7 @@ pub async fn start(
         admin,
         task,
         admin_stop,
+        _lock: lock,
     })
 }
 

@@ -16,6 +16,7 @@
 //!   worker threads, one proxied connection.
 //! * [`metrics`]: every counter, once, read by `/metrics` and `/state`.
 //! * [`steer`]: which threads take new connections.
+//! * [`lock`]: one ambassador per bind address.
 //! * [`admin`]: `/metrics`, `/healthz`, `/state`.
 //! * [`dns`]: the service DNS.
 
@@ -25,6 +26,7 @@ mod connection;
 pub mod daemon;
 pub mod dns;
 mod listeners;
+pub mod lock;
 pub mod metrics;
 pub mod relay;
 pub mod routes;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use ambassador::AmbassadorArgs;
 use clap::Parser;
-use runtime::{EtcdArgs, HostArgs};
+use runtime::{EtcdArgs, HostArgs, RangeArgs};
 
 /// viking's per-host TCP proxy: one cluster-wide port per linked service port.
 #[derive(Debug, Parser)]
@@ -20,6 +20,9 @@ struct Cli {
     host: HostArgs,
 
     #[command(flatten)]
+    range: RangeArgs,
+
+    #[command(flatten)]
     ambassador: AmbassadorArgs,
 }
 
@@ -27,7 +30,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     runtime::process::main("ambassador", "info", async move {
         let host = cli.host.id()?;
-        let checked = cli.ambassador.check(&cli.etcd.prefix, &host)?;
+        let checked = cli
+            .ambassador
+            .check(&cli.etcd.prefix, &host, cli.range.range)?;
         let shutdown = runtime::shutdown::on_signals();
         let client = cli.etcd.connect_daemon(&shutdown).await?;
         tracing::info!(etcd = %cli.etcd.endpoints_display(), host = %host, "ambassador starting");

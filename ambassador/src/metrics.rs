@@ -92,7 +92,7 @@ impl Metrics {
             ejections,
             m.ejections.clone(),
         );
-        let synced = "1 once routes were read from etcd";
+        let synced = "1 while the routes are current: read from etcd, which answers now";
         reg.register("ambassador_etcd_synced", synced, m.synced.clone());
         reg.register(
             "ambassador_listeners",

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use runtime::watch::Kv;
 use schema::records::{self, EndpointRecord, PortAllocRecord};
-use schema::{Key, Prefix, ServicePort};
+use schema::{Key, PortRange, Prefix, ServicePort};
 
 use crate::metrics::{BackendCounters, Metrics, ServiceCounters};
 
@@ -262,6 +262,49 @@ pub fn allocations<'a>(
     })
 }
 
+/// Every watched key the ambassador cannot serve, with why: values that do not parse, keys
+/// outside the contract, and allocations of port 0 or outside `range` (a stray value must not
+/// make it bind an ephemeral port, or one such as 22). The caller logs each once and leaves the
+/// allocations out of the table and the zone.
+pub fn problems(
+    prefix: &Prefix,
+    range: PortRange,
+    allocs: &BTreeMap<String, Kv>,
+    endpoints: &BTreeMap<String, Kv>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (key, kv) in allocs {
+        let why = match prefix.parse(key) {
+            Ok(Key::PortAlloc(_)) => match records::decode::<PortAllocRecord>(key, &kv.value) {
+                Ok(rec) if rec.port == 0 || !range.contains(rec.port) => format!(
+                    "port {} is outside the range {range} (--range): not served",
+                    rec.port
+                ),
+                Ok(_) => continue,
+                Err(e) => e.to_string(),
+            },
+            Ok(_) => continue,
+            Err(e) => e.to_string(),
+        };
+        out.insert(key.clone(), why);
+    }
+    for (key, kv) in endpoints {
+        let why = match prefix.parse(key) {
+            Ok(Key::Endpoint { .. }) => match records::decode::<EndpointRecord>(key, &kv.value) {
+                Ok(rec) if rec.addr.parse::<std::net::IpAddr>().is_err() => {
+                    format!("addr {:?} is not an IP address: not a backend", rec.addr)
+                }
+                Ok(_) => continue,
+                Err(e) => e.to_string(),
+            },
+            Ok(_) => continue,
+            Err(e) => e.to_string(),
+        };
+        out.insert(key.clone(), why);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +381,43 @@ mod tests {
             s.backends[2].failed(Instant::now());
         }
         assert_ne!(s.pick(&[], Some("h2"), Instant::now(), &mut rng), Some(2));
+    }
+
+    #[test]
+    fn allocations_outside_the_range_and_unreadable_values_are_problems_with_their_key() {
+        let kv = |key: &str, value: &str| {
+            let kv = Kv {
+                key: key.into(),
+                value: value.into(),
+                ..Kv::default()
+            };
+            (key.to_owned(), kv)
+        };
+        let allocs = BTreeMap::from([
+            kv("/viking/ports/alloc/s/a/80-tcp", r#"{"v":1,"port":20000}"#),
+            kv("/viking/ports/alloc/s/b/80-tcp", r#"{"v":1,"port":0}"#),
+            kv("/viking/ports/alloc/s/c/80-tcp", r#"{"v":1,"port":22}"#),
+            kv("/viking/ports/alloc/s/d/80-tcp", "garbage"),
+        ]);
+        let endpoints = BTreeMap::from([kv(
+            "/viking/services/s/a/80-tcp/h:0123456789ab:80",
+            r#"{"v":1,"host":"h","addr":"nowhere","port":1,"container_id":"x"}"#,
+        )]);
+        let p = problems(&Prefix::default(), PortRange::DEFAULT, &allocs, &endpoints);
+        let keys: Vec<&str> = p.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "/viking/ports/alloc/s/b/80-tcp",
+                "/viking/ports/alloc/s/c/80-tcp",
+                "/viking/ports/alloc/s/d/80-tcp",
+                "/viking/services/s/a/80-tcp/h:0123456789ab:80",
+            ]
+        );
+        assert!(
+            p["/viking/ports/alloc/s/c/80-tcp"]
+                .contains("port 22 is outside the range 20000-29999")
+        );
+        assert!(p["/viking/services/s/a/80-tcp/h:0123456789ab:80"].contains("\"nowhere\""));
     }
 }

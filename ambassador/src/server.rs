@@ -22,12 +22,54 @@ use crate::metrics::Metrics;
 use crate::routes::Routes;
 use crate::workers::{Workers, keep_timer_due};
 
+/// Whether etcd answered the last probe, and since when that is so.
+#[derive(Debug, Clone, Copy)]
+struct EtcdState {
+    answering: bool,
+    since: std::time::SystemTime,
+}
+
+/// How often `run` asks etcd whether it answers, and how long an answer may take: the
+/// synced gauge drops within about two of these after etcd stops answering.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Asks etcd for its status every [`PROBE_EVERY`] and records whether it answered, so that
+/// `ambassador_etcd_synced` says when the routes may be stale (they keep being served).
+async fn probe_etcd(shared: Arc<Shared>, client: Client, stop: CancellationToken) {
+    let mut maintenance = client.maintenance_client();
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        if !shared.is_synced() {
+            continue; // the first read says so itself
+        }
+        let answered = matches!(
+            tokio::time::timeout(PROBE_EVERY, maintenance.status()).await,
+            Ok(Ok(_))
+        );
+        if shared.set_etcd_answering(answered) {
+            if answered {
+                info!("etcd answers again; routes are current");
+            } else {
+                warn!("etcd does not answer; serving the last known routes until it does");
+            }
+        }
+    }
+}
+
 /// State shared by the tasks, the admin server and tests.
 pub struct Shared {
     pub config: Config,
     routes: tokio::sync::watch::Sender<Arc<Routes>>,
     zone: tokio::sync::watch::Sender<Arc<crate::dns::Zone>>,
+    /// The first full read of etcd is done: the routes are known (what `/healthz` says).
     synced: AtomicBool,
+    /// Whether etcd answers now, and since when (the probe in `run`).
+    etcd: Mutex<EtcdState>,
     /// Ports with a bound listener.
     pub(crate) listening: Mutex<BTreeMap<u16, SocketAddr>>,
     registry: Registry,
@@ -57,6 +99,10 @@ impl Shared {
             routes,
             zone,
             synced: AtomicBool::new(false),
+            etcd: Mutex::new(EtcdState {
+                answering: false,
+                since: std::time::SystemTime::now(),
+            }),
             listening: Mutex::default(),
             registry,
             metrics,
@@ -83,9 +129,33 @@ impl Shared {
         self.zone.subscribe()
     }
 
-    /// Whether the first full read of etcd is done.
+    /// Whether the first full read of etcd is done: the routes are known, and served while
+    /// etcd is away.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Whether the routes are current: read once, and etcd answers now. What
+    /// `ambassador_etcd_synced` and `/state`'s `synced` say.
+    pub fn is_current(&self) -> bool {
+        self.is_synced() && self.etcd.lock().expect("etcd state lock").answering
+    }
+
+    /// Records whether etcd answered; returns true when that changed.
+    fn set_etcd_answering(&self, answering: bool) -> bool {
+        let changed = {
+            let mut etcd = self.etcd.lock().expect("etcd state lock");
+            let changed = etcd.answering != answering;
+            if changed {
+                *etcd = EtcdState {
+                    answering,
+                    since: std::time::SystemTime::now(),
+                };
+            }
+            changed
+        };
+        self.metrics.synced.set(i64::from(self.is_current()));
+        changed
     }
 
     /// Ports with a bound listener and their addresses.
@@ -130,8 +200,11 @@ impl Shared {
                 })
             })
             .collect();
+        let since = self.etcd.lock().expect("etcd state lock").since;
         serde_json::json!({
-            "synced": self.is_synced(),
+            "synced": self.is_current(),
+            "routes_read": self.is_synced(),
+            "etcd_answering_changed_at": runtime::host::rfc3339(since),
             "accepted_per_thread": self.accepted(),
             "threads_taking_new_connections": *self.steer.borrow(),
             "services": services,
@@ -169,6 +242,7 @@ pub async fn run(
         alloc_tx,
         background.clone(),
     ));
+    let client_for_probe = client.clone();
     tokio::spawn(watch::watch_prefix(
         client,
         prefix.dir(Dir::Services),
@@ -176,6 +250,11 @@ pub async fn run(
         background.clone(),
     ));
     tokio::spawn(sync_routes(shared.clone(), alloc_rx, svc_rx).instrument(info_span!("sync")));
+    tokio::spawn(probe_etcd(
+        shared.clone(),
+        client_for_probe,
+        background.clone(),
+    ));
     let workers = match Workers::start(shared.config.threads) {
         Ok(w) => w,
         Err(e) => {
@@ -263,6 +342,8 @@ async fn sync_routes(
     let mut allocs: BTreeMap<String, Kv> = BTreeMap::new();
     let mut services: BTreeMap<String, Kv> = BTreeMap::new();
     let (mut have_allocs, mut have_services) = (false, false);
+    // Keys already logged as unservable, so each is said once.
+    let mut warned: BTreeMap<String, String> = BTreeMap::new();
     loop {
         tokio::select! {
             u = allocs_rx.recv() => match u {
@@ -277,14 +358,25 @@ async fn sync_routes(
         if !(have_allocs && have_services) {
             continue;
         }
+        let prefix = &shared.config.prefix;
+        let problems = crate::routes::problems(prefix, shared.config.range, &allocs, &services);
+        for (key, why) in &problems {
+            if warned.get(key) != Some(why) {
+                warn!(key = %key, "cannot serve this key: {why}");
+            }
+        }
+        warned = problems;
+        // The table and the zone see only allocations that may be served (a copy only while
+        // there is a bad one).
+        let bad_alloc = warned.keys().any(|k| allocs.contains_key(k));
+        let served: std::borrow::Cow<'_, BTreeMap<String, Kv>> = if bad_alloc {
+            let ok = allocs.iter().filter(|(k, _)| !warned.contains_key(*k));
+            std::borrow::Cow::Owned(ok.map(|(k, v)| (k.clone(), v.clone())).collect())
+        } else {
+            std::borrow::Cow::Borrowed(&allocs)
+        };
         let previous = shared.routes();
-        let routes = Routes::build(
-            &shared.config.prefix,
-            &allocs,
-            &services,
-            &previous,
-            &shared.metrics,
-        );
+        let routes = Routes::build(prefix, &served, &services, &previous, &shared.metrics);
         debug!(services = routes.by_port.len(), "routes rebuilt");
         shared.routes.send_replace(Arc::new(routes));
         if let Some(settings) = &shared.config.dns {
@@ -295,17 +387,12 @@ async fn sync_routes(
                 .max()
                 .unwrap_or(0);
             let serial = u32::try_from(revision.rem_euclid(1 << 32)).unwrap_or(0);
-            let zone = crate::dns::Zone::build(
-                settings,
-                &shared.config.prefix,
-                &allocs,
-                &services,
-                serial,
-            );
+            let zone = crate::dns::Zone::build(settings, prefix, &served, &services, serial);
             shared.zone.send_replace(Arc::new(zone));
         }
         if !shared.synced.swap(true, Ordering::Relaxed) {
-            shared.metrics.synced.set(1);
+            // Read from etcd: it answers.
+            shared.set_etcd_answering(true);
             info!("routes synced from etcd");
         }
     }

@@ -39,7 +39,7 @@ done
 
 AMB_DNS=$(free_port); ADMIN=$(free_port)
 "$AMB" --etcd "http://127.0.0.1:$ETCD_PORT" --bind 127.0.0.1 --dns "127.0.0.1:$AMB_DNS" \
-  --admin "127.0.0.1:$ADMIN" --host bench >"$work/amb.log" 2>&1 &
+  --range 1-65535 --run-dir "$work/run" --admin "127.0.0.1:$ADMIN" --host bench >"$work/amb.log" 2>&1 &
 pids+=($!)
 amb_pid=$!
 wait_port "$first_port"

@@ -62,8 +62,10 @@ ctl put /viking/ports/alloc/bench/iperf/5201-tcp "{\"v\":1,\"port\":$A_IPERF}"
 ctl put /viking/ports/alloc/bench/nginx/80-tcp "{\"v\":1,\"port\":$A_NGINX}"
 ctl put /viking/services/bench/iperf/5201-tcp/bench:000000000001:5201 "{\"v\":1,\"host\":\"bench\",\"addr\":\"$BACKEND_IP\",\"port\":$IPERF,\"container_id\":\"000000000001\"}"
 ctl put /viking/services/bench/nginx/80-tcp/bench:000000000002:80 "{\"v\":1,\"host\":\"bench\",\"addr\":\"$BACKEND_IP\",\"port\":$NGINX,\"container_id\":\"000000000002\"}"
+# Its ports are free ones the kernel picked (ephemeral): --range takes them all; --run-dir
+# keeps its bind lock apart from an ambassador that runs here for real.
 env RUST_LOG=warn "$AMB" ${AMB_ARGS:-} --etcd "http://127.0.0.1:$ETCD_PORT" --host bench --bind 127.0.0.1 --dns off \
-  --admin "127.0.0.1:$ADMIN" >"$work/ambassador.log" 2>&1 &
+  --range 1-65535 --run-dir "$work/run" --admin "127.0.0.1:$ADMIN" >"$work/ambassador.log" 2>&1 &
 AMB_PID=$!; pids+=($AMB_PID)
 wait_port "$A_IPERF"; wait_port "$A_NGINX"
 

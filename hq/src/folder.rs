@@ -73,10 +73,22 @@ pub fn read_stack(path: &Path, name: &str) -> Result<StackFile, HqError> {
 }
 
 /// Writes `<dir>/<stack>/<job>.yaml` for each job, in the stack-file shape.
+///
+/// Job files hold env values, secrets among them: each is written 0600, in a stack folder
+/// that only its owner may enter (0700, also when it existed already).
 pub fn export(dir: &Path, stack: &StackName, jobs: &[JobSpec]) -> Result<Vec<PathBuf>, HqError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let stack_dir = dir.join(stack.as_str());
-    std::fs::create_dir_all(&stack_dir)
-        .map_err(|e| HqError::Refused(format!("cannot create {}: {e}", stack_dir.display())))?;
+    let refused = |what: &str, p: &Path, e: std::io::Error| {
+        HqError::Refused(format!("cannot {what} {}: {e}", p.display()))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&stack_dir)
+        .map_err(|e| refused("create", &stack_dir, e))?;
+    std::fs::set_permissions(&stack_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| refused("restrict", &stack_dir, e))?;
     let mut written = Vec::new();
     for job in jobs {
         let out = JobOut {
@@ -100,8 +112,18 @@ pub fn export(dir: &Path, stack: &StackName, jobs: &[JobSpec]) -> Result<Vec<Pat
         let text = serde_saphyr::to_string(&out)
             .map_err(|e| HqError::Refused(format!("cannot write job {}: {e}", job.job)))?;
         let path = stack_dir.join(format!("{}.yaml", job.job));
-        std::fs::write(&path, text)
-            .map_err(|e| HqError::Refused(format!("cannot write {}: {e}", path.display())))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| refused("write", &path, e))?;
+        // An existing file keeps its mode on open: restrict it before the values go in.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| refused("restrict", &path, e))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
+            .map_err(|e| refused("write", &path, e))?;
         written.push(path);
     }
     Ok(written)
@@ -171,4 +193,42 @@ pub fn read_folder(dir: &Path) -> Result<Vec<StackFile>, HqError> {
         )));
     }
     Ok(stacks)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn exported_job_files_are_private_to_their_owner() {
+        let root = tempfile::tempdir().unwrap();
+        let stack = StackName::new("app").unwrap();
+        let mut job = JobSpec::new(
+            stack.clone(),
+            schema::JobName::new("web").unwrap(),
+            "busybox",
+        );
+        job.env.insert("PASSWORD".into(), "secret".into());
+        // A stack folder and job file left world-readable by an earlier export.
+        std::fs::create_dir_all(root.path().join("app")).unwrap();
+        let old = root.path().join("app/web.yaml");
+        std::fs::write(&old, "old").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(
+            root.path().join("app"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let written = export(root.path(), &stack, &[job]).unwrap();
+        assert_eq!(written, std::slice::from_ref(&old));
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(mode(&root.path().join("app")), 0o700);
+        assert!(std::fs::read_to_string(&old).unwrap().contains("secret"));
+    }
 }

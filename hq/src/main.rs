@@ -12,8 +12,8 @@ use hq::output::{self, Format, HostRow, JobRow, StackRow};
 use hq::store::{HqError, Store};
 use hq::up::UpArgs;
 use hq::{folder, launch, stackfile::StackFile};
-use portalloc::{Allocator, PortRange};
-use runtime::{EtcdArgs, Failure};
+use portalloc::Allocator;
+use runtime::{EtcdArgs, Failure, OutputArgs, RangeArgs};
 use schema::records::HostRecord;
 use schema::{HostId, ServiceId, StackName};
 
@@ -28,24 +28,11 @@ struct Cli {
     #[arg(long, env = "VIKING_AMBASSADOR_ADDR", default_value = DEFAULT_AMBASSADOR_ADDR, global = true)]
     ambassador_addr: String,
 
-    /// Ambassador ports handed out, FIRST-LAST
-    #[arg(
-        long,
-        env = "VIKING_PORT_RANGE",
-        default_value = "20000-29999",
-        global = true
-    )]
-    range: PortRange,
+    #[command(flatten)]
+    range: RangeArgs,
 
-    /// Output of listings and reports: text for people, json for programs
-    #[arg(
-        long,
-        env = "VIKING_OUTPUT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
-    output: Format,
+    #[command(flatten)]
+    output: OutputArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -94,7 +81,7 @@ enum Command {
     Env {
         #[arg(value_name = "STACK/JOB")]
         service: ServiceId,
-        #[arg(long, value_enum, default_value = "env")]
+        #[arg(long, env = "VIKING_ENV_FORMAT", value_enum, default_value = "env")]
         format: EnvFormat,
     },
     /// List deployed stacks
@@ -122,7 +109,7 @@ enum Command {
     Run {
         stack: StackName,
         /// How long to wait for a linked-to job's first live endpoint
-        #[arg(long, default_value = "30s", value_parser = runtime::etcd::parse_duration)]
+        #[arg(long, env = "VIKING_WAIT", default_value = "30s", value_parser = runtime::etcd::parse_duration)]
         wait: Duration,
     },
     /// Remove a stack's containers from this host (its config and ports stay)
@@ -141,7 +128,7 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
         /// Lines from the end of each log
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, env = "VIKING_TAIL", default_value_t = 100)]
         tail: u32,
     },
     /// The whole suite on this host: a local etcd (unless one answers), the ambassador and the
@@ -180,7 +167,13 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), HqError> {
     if let Command::Up(args) = cli.command {
-        return hq::up::up(&cli.etcd, *args, runtime::shutdown::on_signals()).await;
+        return hq::up::up(
+            &cli.etcd,
+            cli.range.range,
+            *args,
+            runtime::shutdown::on_signals(),
+        )
+        .await;
     }
     // Input first: nothing is read from or written to etcd before it is valid.
     let files = match &cli.command {
@@ -189,7 +182,7 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         _ => None,
     };
     let client = cli.etcd.connect_live().await?;
-    let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range)
+    let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range.range)
         .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))
         .with_endpoints_label(cli.etcd.endpoints_display());
     let store = Store::new(
@@ -198,7 +191,7 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         allocator,
         cli.etcd.endpoints_display(),
     );
-    let out = cli.output;
+    let out = cli.output.output;
     match cli.command {
         Command::Deploy { .. } | Command::Apply { .. } => {
             let files = files.expect("read above");

@@ -13,6 +13,7 @@ use ambassador::AmbassadorArgs;
 use etcd_client::Client;
 use registrator::RegistratorArgs;
 use runtime::{CancellationToken, EtcdArgs, HostArgs};
+use schema::PortRange;
 use tracing::{Instrument, info, info_span};
 
 use crate::store::HqError;
@@ -127,9 +128,14 @@ fn start_etcd(data: &Path, client: SocketAddr) -> Result<LocalEtcd, HqError> {
 }
 
 /// Runs until `shutdown` fires. Every flag is checked before etcd is started.
-pub async fn up(etcd: &EtcdArgs, args: UpArgs, shutdown: CancellationToken) -> Result<(), HqError> {
+pub async fn up(
+    etcd: &EtcdArgs,
+    range: PortRange,
+    args: UpArgs,
+    shutdown: CancellationToken,
+) -> Result<(), HqError> {
     let host = args.host.id()?;
-    let ambassador = args.ambassador.check(&etcd.prefix, &host)?;
+    let ambassador = args.ambassador.check(&etcd.prefix, &host, range)?;
     let registrator = args.registrator.check(&etcd.prefix, &host)?;
     let data = args.data.clone().unwrap_or_else(default_data);
     let client = etcd.connect_daemon(&shutdown).await?;

@@ -10,9 +10,9 @@ use locknet::watch::WatchConfig;
 use locknet::{Outcome, nft, render};
 use runtime::etcd::parse_duration;
 use runtime::output::{self, Format};
-use runtime::{EtcdArgs, Failure};
+use runtime::{EtcdArgs, Failure, OutputArgs};
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 /// viking's host firewall: only the cluster's hosts may talk to this one (plus SSH, and HTTP
 /// on the router). Only its own table (inet locknet) is ever touched.
@@ -44,7 +44,8 @@ struct Cli {
     )]
     allow_port: Vec<String>,
 
-    /// Filter only these interfaces (repeatable; default: all but lo and Docker bridges)
+    /// Filter only these interfaces (repeatable; default: all but lo and Docker bridges). Each
+    /// must exist (a name ending in `*` must match one) unless --iface-may-appear
     #[arg(
         long = "iface",
         env = "VIKING_IFACE",
@@ -52,6 +53,10 @@ struct Cli {
         value_name = "NAME"
     )]
     iface: Vec<String>,
+
+    /// An --iface that does not exist yet will come later: warn instead of refusing
+    #[arg(long, env = "VIKING_IFACE_MAY_APPEAR")]
+    iface_may_appear: bool,
 
     /// Do not keep SSH (22) open; refused unless --i-have-console is given too
     #[arg(long, env = "VIKING_NO_SSH")]
@@ -78,9 +83,8 @@ struct Cli {
     #[arg(long, env = "VIKING_CHECK_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     check_timeout: Duration,
 
-    /// Output of --status, --flush, --dry-run and the one-shot result: text or json
-    #[arg(long, env = "VIKING_OUTPUT", value_enum, default_value = "text")]
-    output: Format,
+    #[command(flatten)]
+    output: OutputArgs,
 
     #[command(flatten)]
     etcd: EtcdArgs,
@@ -95,7 +99,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let json = cli.output == Format::Json;
+    let json = cli.output.output == Format::Json;
     if cli.status {
         return status(json);
     }
@@ -119,6 +123,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         ));
     }
     let options = options(&cli)?;
+    let absent = policy::check_ifaces(&options.ifaces, cli.iface_may_appear)?;
+    if !absent.is_empty() {
+        warn!(absent = ?absent, "--iface names no interface yet: nothing is filtered on it until it appears");
+    }
     let members = members(&cli)?;
     if cli.watch {
         return watch(cli, members, options).await;
@@ -249,6 +257,7 @@ async fn watch(
         static_members,
         options,
         check_timeout: cli.check_timeout,
+        iface_may_appear: cli.iface_may_appear,
     };
     locknet::watch::run(config, client, shutdown).await;
     info!("stopped; the rules stay in place (locknet --flush removes them)");

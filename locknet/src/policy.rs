@@ -103,6 +103,17 @@ pub enum PolicyError {
          '-', '_', '.', optionally ending in '*'), e.g. --iface eth0"
     )]
     Iface(String),
+    #[error(
+        "--iface {}: no such interface here (this host has {}); a rule for it would filter \
+         nothing and leave the host open: fix the name, or add --iface-may-appear if it comes \
+         up later",
+        .absent.join(", --iface "),
+        .present.join(", ")
+    )]
+    NoIface {
+        absent: Vec<String>,
+        present: Vec<String>,
+    },
 }
 
 /// Parses member addresses; `source_name` says where they came from (for the error).
@@ -168,6 +179,44 @@ pub fn parse_open_port(s: &str) -> Result<OpenPort, PolicyError> {
 
 /// Checks an interface name: it goes into the ruleset as a quoted string, so nothing that
 /// could close the quote gets through.
+/// The interfaces of this network namespace now (`/sys/class/net`), sorted.
+pub fn interfaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The `--iface` names that match none of `present` (a name ending in `*` matches by prefix).
+pub fn absent_ifaces(ifaces: &[String], present: &[String]) -> Vec<String> {
+    ifaces
+        .iter()
+        .filter(|want| {
+            !present.iter().any(|have| match want.strip_suffix('*') {
+                Some(prefix) => have.starts_with(prefix),
+                None => have == *want,
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+/// Fails when an `--iface` matches no interface here, unless it `may_appear` later; returns
+/// the absent ones.
+pub fn check_ifaces(ifaces: &[String], may_appear: bool) -> Result<Vec<String>, PolicyError> {
+    let present = interfaces();
+    let absent = absent_ifaces(ifaces, &present);
+    if absent.is_empty() || may_appear {
+        return Ok(absent);
+    }
+    Err(PolicyError::NoIface { absent, present })
+}
+
 pub fn parse_iface(s: &str) -> Result<String, PolicyError> {
     let body = s.strip_suffix('*').unwrap_or(s);
     let ok = !body.is_empty()
@@ -185,6 +234,22 @@ pub fn parse_iface(s: &str) -> Result<String, PolicyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_iface_is_absent_unless_a_present_one_matches_it_or_its_prefix() {
+        let present = ["eth0".to_owned(), "lo".to_owned()];
+        let want = ["eth0", "eth*", "enp*", "nosuch0"].map(String::from);
+        assert_eq!(absent_ifaces(&want, &present), ["enp*", "nosuch0"]);
+        let e = PolicyError::NoIface {
+            absent: vec!["nosuch0".into()],
+            present: present.to_vec(),
+        };
+        assert!(
+            e.to_string()
+                .starts_with("--iface nosuch0: no such interface here (this host has eth0, lo)"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn members_name_the_bad_value_and_where_it_came_from() {

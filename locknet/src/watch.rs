@@ -29,6 +29,8 @@ pub struct WatchConfig {
     pub options: Options,
     /// How long etcd may take to answer after an apply before it is rolled back.
     pub check_timeout: Duration,
+    /// An `--iface` may be absent: warn at every apply instead of refusing.
+    pub iface_may_appear: bool,
 }
 
 /// Follows `/viking/hosts/` until `shutdown`. The rules stay in place when it stops.
@@ -79,6 +81,13 @@ pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToke
             continue;
         }
         let policy = Policy::new(members, &config.options);
+        if config.iface_may_appear {
+            let present = crate::policy::interfaces();
+            let absent = crate::policy::absent_ifaces(&config.options.ifaces, &present);
+            if !absent.is_empty() {
+                warn!(absent = ?absent, "--iface names no interface yet: nothing is filtered on it until it appears");
+            }
+        }
         apply_safely(&mut fw, &policy, &client, &config).await;
     }
     let _ = watcher.await;

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use portalloc::{Allocator, PortRange};
+use portalloc::{Allocator, Fix};
 use runtime::output::{self, Format};
-use runtime::{EtcdArgs, Failure};
+use runtime::{EtcdArgs, Failure, OutputArgs, RangeArgs};
 use schema::ServicePort;
 
 /// Cluster-wide ambassador port allocator on etcd.
@@ -19,28 +19,15 @@ struct Cli {
     #[command(flatten)]
     etcd: EtcdArgs,
 
-    /// Ports handed out, FIRST-LAST (keep below the ephemeral range 32768-60999)
-    #[arg(
-        long,
-        env = "VIKING_PORT_RANGE",
-        default_value = "20000-29999",
-        global = true
-    )]
-    range: PortRange,
+    #[command(flatten)]
+    range: RangeArgs,
 
     /// etcd's --max-txn-ops; raise it with the server's to write big batches in one transaction
     #[arg(long, env = "VIKING_ETCD_MAX_TXN_OPS", default_value_t = schema::MAX_TXN_OPS, global = true)]
     max_txn_ops: usize,
 
-    /// Output of results: text for people, json for programs
-    #[arg(
-        long,
-        env = "VIKING_OUTPUT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
-    output: Format,
+    #[command(flatten)]
+    output: OutputArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -102,11 +89,11 @@ struct PortRow<'a> {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let client = cli.etcd.connect_live().await?;
-    let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range)
+    let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range.range)
         .with_max_txn_ops(cli.max_txn_ops)
         .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))
         .with_endpoints_label(cli.etcd.endpoints_display());
-    let json = cli.output == Format::Json;
+    let json = cli.output.output == Format::Json;
     let show = |service_port: &ServicePort, port: Option<u16>| {
         if json {
             print!("{}", output::json(&PortRow { service_port, port }));
@@ -173,8 +160,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if fixes.is_empty() {
                 eprintln!("portalloc: allocation keys are consistent; nothing to repair");
             }
-            for fix in &fixes {
+            let unfixable = |f: &&Fix| matches!(f, Fix::Unfixable { .. });
+            for fix in fixes.iter().filter(|f| !unfixable(f)) {
                 println!("{}{fix}", if dry_run { "would fix: " } else { "fixed: " });
+            }
+            let left: Vec<&Fix> = fixes.iter().filter(unfixable).collect();
+            for fix in &left {
+                println!("{fix}");
+            }
+            if !left.is_empty() {
+                return Err(Failure::failed(format!(
+                    "{} problem(s) left that repair cannot fix (printed above)",
+                    left.len()
+                )));
             }
         }
     }

@@ -291,6 +291,16 @@ pub fn plan(state: &State, prefix: &Prefix, range: PortRange) -> Vec<Fix> {
             continue;
         };
         match records::decode::<PortAllocRecord>(key, &raw.value) {
+            // Blessing it with an owner key would make a stray value (port 22, say) stick.
+            Ok(rec) if rec.port != 0 && !range.contains(rec.port) => {
+                fixes.push(Fix::Unfixable {
+                    what: format!(
+                        "{key} holds port {} outside the range {range}: release it \
+                         (portalloc release {sp}) and allocate it again, or widen --range",
+                        rec.port
+                    ),
+                });
+            }
             Ok(rec) if rec.port != 0 => {
                 claims
                     .entry(rec.port)

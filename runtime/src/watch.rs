@@ -63,6 +63,8 @@ pub async fn watch_prefix_from(
     shutdown: CancellationToken,
 ) -> WatchEnd {
     let mut backoff = Backoff::default();
+    // The cluster the listed state came from, to notice an etcd that is not it any more.
+    let mut history = History::default();
     loop {
         if shutdown.is_cancelled() {
             return WatchEnd::Shutdown;
@@ -77,6 +79,8 @@ pub async fn watch_prefix_from(
                 match listed {
                     Ok(resp) => {
                         let revision = resp.header().map_or(0, |h| h.revision());
+                        history = History::default();
+                        history.saw(resp.header());
                         let kvs = resp.kvs().iter().map(to_kv).collect();
                         debug!(prefix, revision, "listed");
                         if tx
@@ -134,6 +138,15 @@ pub async fn watch_prefix_from(
                     break;
                 }
             };
+            if let Some(why) = history.broken(resp.header(), seen) {
+                warn!(
+                    prefix,
+                    "{why}: etcd was restored or replaced (or this member is behind); listing everything again"
+                );
+                seen = None;
+                break;
+            }
+            history.saw(resp.header());
             if resp.compact_revision() > 0 {
                 info!(
                     prefix,
@@ -185,6 +198,54 @@ pub async fn watch_prefix_from(
         if !backoff.wait(&shutdown).await {
             return WatchEnd::Shutdown;
         }
+    }
+}
+
+/// What the watcher knows of the etcd history it follows, from response headers: a cluster
+/// whose id changed, whose revision went below what was seen, or whose raft term went back is
+/// another history (an etcd wiped and started again, or restored from an old snapshot), and
+/// what was seen of the old one must not be kept.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct History {
+    cluster_id: Option<u64>,
+    raft_term: u64,
+}
+
+impl History {
+    fn saw(&mut self, header: Option<&etcd_client::ResponseHeader>) {
+        if let Some(h) = header {
+            self.cluster_id.get_or_insert(h.cluster_id());
+            self.raft_term = self.raft_term.max(h.raft_term());
+        }
+    }
+
+    /// Why `header` cannot belong to the history seen up to revision `seen`, if it cannot.
+    fn broken(
+        &self,
+        header: Option<&etcd_client::ResponseHeader>,
+        seen: Option<i64>,
+    ) -> Option<String> {
+        let h = header?;
+        if let Some(id) = self.cluster_id.filter(|id| *id != h.cluster_id()) {
+            return Some(format!(
+                "the etcd cluster id changed ({id:x} -> {:x})",
+                h.cluster_id()
+            ));
+        }
+        if let Some(seen) = seen.filter(|s| h.revision() < *s) {
+            return Some(format!(
+                "etcd's revision went back from {seen} to {}",
+                h.revision()
+            ));
+        }
+        if h.raft_term() < self.raft_term {
+            return Some(format!(
+                "etcd's raft term went back from {} to {}",
+                self.raft_term,
+                h.raft_term()
+            ));
+        }
+        None
     }
 }
 

@@ -1,4 +1,4 @@
-//! Docker-link environment naming (DESIGN.md, "Docker-link environment").
+//! Docker-link environment naming (docs/contract.md, "The docker-link environment").
 //!
 //! A link `shared/mongo` has the link name `shared_mongo` and the env prefix `SHARED_MONGO`;
 //! its vars point at the ambassador (`A:N`), not at the backend, so they hold on every host.

@@ -122,7 +122,7 @@ impl Prefix {
                 StackName::new(*stack).map_err(name_err)?,
                 JobName::new(*job).map_err(name_err)?,
             ),
-            _ => return Err(bad("it matches no key of the contract (DESIGN.md)")),
+            _ => return Err(bad("it matches no key of the contract (docs/contract.md)")),
         };
         Ok(key)
     }
@@ -199,7 +199,7 @@ pub enum Dir<'a> {
     Stack(&'a StackName),
 }
 
-/// One key of the contract (see DESIGN.md's keyspace table).
+/// One key of the contract (docs/contract.md, "etcd keys and values").
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Key {
     /// `hosts/<host>`: durable cluster membership.

@@ -10,6 +10,7 @@ pub mod job;
 pub mod keys;
 pub mod kv;
 pub mod names;
+pub mod range;
 pub mod records;
 pub mod service;
 
@@ -17,4 +18,5 @@ pub use job::{CommandSpec, JobSpec, LinkPortSpec, LinkSpec, PortSpec, container_
 pub use keys::{DEFAULT_PREFIX, Dir, Instance, Key, KeyError, Prefix};
 pub use kv::{Kv, MAX_TXN_OPS};
 pub use names::{HostId, JobName, NameError, NameKind, StackName};
+pub use range::{PortRange, RangeError};
 pub use service::{Proto, ServiceId, ServicePort, ServicePortError};

@@ -190,6 +190,14 @@ impl Etcd {
         self.member.kill();
     }
 
+    /// Kills etcd, deletes its data and starts it again on the same ports, with the same
+    /// flags: an etcd restored from nothing (its revision starts again at 1).
+    pub async fn restart_empty(&mut self) {
+        self.member.kill();
+        std::fs::remove_dir_all(&self.member.data_dir).expect("remove etcd's data");
+        self.restart().await;
+    }
+
     /// Starts it again on the same ports and data, and waits until it answers.
     pub async fn restart(&mut self) {
         self.member.kill();

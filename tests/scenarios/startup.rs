@@ -5,6 +5,7 @@
 
 use std::net::TcpListener;
 use std::process::Output;
+use std::time::Duration;
 
 use testkit::Etcd;
 
@@ -209,4 +210,67 @@ fn a_start_up_error_is_a_json_line_when_logs_are_json() {
     assert_eq!(line["fields"]["exit_code"], 2, "{line}");
     let message = line["fields"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("--threads 0"), "{line}");
+}
+
+#[tokio::test]
+async fn a_second_ambassador_on_the_same_bind_address_refuses_to_start_and_names_the_first() {
+    let etcd = Etcd::start().await;
+    let locks = tempfile::tempdir().unwrap();
+    let run_dir = locks.path().to_str().unwrap();
+    let [first_admin, second_admin] = testkit::free_ports(2)[..] else {
+        unreachable!()
+    };
+    let first_admin = format!("127.0.0.1:{first_admin}");
+    let second_admin = format!("127.0.0.1:{second_admin}");
+    let flags = |admin: &str| {
+        let mut f = vec!["--etcd".to_owned(), etcd.endpoint()];
+        for x in [
+            "--host",
+            "h1",
+            "--bind",
+            "127.0.0.1",
+            "--dns",
+            "off",
+            "--run-dir",
+            run_dir,
+            "--admin",
+            admin,
+        ] {
+            f.push(x.to_owned());
+        }
+        f
+    };
+    let mut first =
+        testkit::Daemon::spawn(testkit::workspace_bin("ambassador"), &flags(&first_admin));
+    first.wait_log("admin listening on", Duration::from_secs(20));
+
+    // Another admin address changes nothing: the bind address is what they would share.
+    let second = run(
+        "ambassador",
+        &etcd.endpoint(),
+        &flags(&second_admin)[2..]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let (code, text) = failure("ambassador", &second);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains(&format!("pid {}", first.pid())) && text.contains(&first_admin),
+        "names the running one: {text}"
+    );
+    assert!(text.contains("already serves --bind 127.0.0.1"), "{text}");
+    let mut up = vec!["up", "--addr", "127.0.0.1"];
+    let second_flags = flags(&second_admin);
+    up.extend(second_flags[2..].iter().map(String::as_str));
+    assert_eq!(
+        failure("viking", &run("viking", &etcd.endpoint(), &up)),
+        (code, text)
+    );
+
+    // Once the first is gone, the address is free.
+    first.kill();
+    let mut again =
+        testkit::Daemon::spawn(testkit::workspace_bin("ambassador"), &flags(&second_admin));
+    again.wait_log("admin listening on", Duration::from_secs(20));
 }

@@ -31,6 +31,7 @@ async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
     let port = put_alloc(&mut c, "shared/echo:7").await;
     put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
     let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
+    let run = tempfile::tempdir().unwrap();
     let mut amb = Daemon::spawn(
         env!("CARGO_BIN_EXE_ambassador"),
         &[
@@ -48,6 +49,10 @@ async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
             "2",
             "--dns",
             "off",
+            "--range",
+            "1-65535",
+            "--run-dir",
+            run.path().to_str().unwrap(),
         ],
     );
     let limit = Duration::from_secs(20);

@@ -43,6 +43,8 @@ impl Amb {
             "127.0.0.1".parse().unwrap(),
         );
         config.grace = Duration::from_secs(5);
+        // The tests allocate free ports the kernel picked, outside the default range.
+        config.range = schema::PortRange::new(1, 65535).unwrap();
         tweak(&mut config);
         let shared = Shared::new(config);
         let stop = CancellationToken::new();

@@ -450,3 +450,83 @@ fn raise_fd_limit() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocations_of_port_0_or_outside_the_range_are_not_served() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let backend = Backend::start("b0").await;
+    // The one port in range is the one a good allocation holds.
+    let good = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
+    let stray = |port: u16, job: &str| {
+        let key = schema::Prefix::default().key(&schema::Key::PortAlloc(
+            format!("shared/{job}:7").parse().unwrap(),
+        ));
+        (
+            key,
+            schema::records::encode(&schema::records::PortAllocRecord::new(port)),
+        )
+    };
+    let outside = testkit::free_ports(1)[0];
+    for (key, value) in [stray(0, "zero"), stray(outside, "outside")] {
+        c.put(key, value, None).await.unwrap();
+    }
+    let amb = Amb::start(&etcd, |c| {
+        c.range = schema::PortRange::new(good, good).unwrap()
+    })
+    .await;
+    amb.listening(good).await;
+    let routes = amb.shared.routes();
+    let ports: Vec<u16> = routes.by_port.keys().copied().collect();
+    assert_eq!(ports, [good], "only the allocation in range is served");
+    assert_eq!(
+        amb.shared.listening().len(),
+        1,
+        "{:?}",
+        amb.shared.listening()
+    );
+    assert!(TcpStream::connect(("127.0.0.1", outside)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_synced_gauge_drops_while_etcd_is_away_and_healthz_stays_ok() {
+    let mut one = OneBackend::start(|_| {}).await;
+    let amb = &one.amb;
+    assert!(amb.shared.is_current());
+    assert!(
+        amb.shared
+            .metrics_text()
+            .contains("ambassador_etcd_synced 1")
+    );
+    one.etcd.stop();
+    eventually_async(Duration::from_secs(5), "the synced gauge at 0", || {
+        ready((!one.amb.shared.is_current()).then_some(()))
+    })
+    .await;
+    let amb = &one.amb;
+    assert!(
+        amb.shared
+            .metrics_text()
+            .contains("ambassador_etcd_synced 0")
+    );
+    assert!(
+        amb.shared.is_synced(),
+        "the routes are still known (/healthz 200)"
+    );
+    assert_eq!(amb.shared.state_json()["synced"], false);
+    assert_eq!(who(one.addr).await.unwrap(), "b0", "still served");
+    one.etcd.restart().await;
+    eventually_async(
+        Duration::from_secs(10),
+        "the synced gauge back at 1",
+        || ready(one.amb.shared.is_current().then_some(())),
+    )
+    .await;
+    assert!(
+        one.amb
+            .shared
+            .metrics_text()
+            .contains("ambassador_etcd_synced 1")
+    );
+}

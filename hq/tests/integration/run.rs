@@ -77,6 +77,7 @@ impl World {
             unreachable!()
         };
         let data = dir.path().join("data");
+        let range = free_range();
         let admin = format!("127.0.0.1:{admin}");
         let mut up = Daemon::spawn(
             env!("CARGO_BIN_EXE_viking"),
@@ -94,13 +95,20 @@ impl World {
                 "1s",
                 "--data",
                 data.to_str().expect("utf-8"),
+                // Its own lock dir: a `make up` here holds the bridge address's lock, and this
+                // run's ports (a range of their own) do not meet its ports.
+                "--run-dir",
+                dir.path().join("run").to_str().expect("utf-8"),
+                // The ambassador serves only the range its deploys allocate from.
+                "--range",
+                &range,
             ],
         );
         up.wait_log("viking is up", Duration::from_secs(30));
         World {
             up,
             etcd,
-            range: free_range(),
+            range,
             dns,
             admin,
             shared,

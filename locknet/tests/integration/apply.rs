@@ -151,3 +151,30 @@ fn others(site: &Site) -> Vec<String> {
     .map(|(family, name)| site.table(family, name))
     .collect()
 }
+
+#[test]
+fn an_iface_that_does_not_exist_is_refused_unless_it_may_appear() {
+    let site = Site::start();
+    // A typo would filter nothing: the host would stay open while locknet said it applied.
+    let out = site.members(&["b"], &["--iface", "nosuch0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--iface nosuch0: no such interface here")
+            && stderr.contains("--iface-may-appear"),
+        "{stderr}"
+    );
+    assert_eq!(site.table("inet", "locknet"), "", "nothing applied");
+    assert_eq!(site.reach("out", "a", 9999).as_deref(), Some("a:9999"));
+
+    // Said to come later: applied, with a warning naming it.
+    let log = site.admit(&["b"], &["--iface", "nosuch0", "--iface-may-appear"]);
+    assert!(
+        log.contains("--iface names no interface yet") && log.contains("nosuch0"),
+        "{log}"
+    );
+    // A name, or a wildcard, that matches an interface here is fine, and filters.
+    let log = site.admit(&["b"], &["--iface", "eth*"]);
+    assert!(!log.contains("no interface yet"), "{log}");
+    assert_eq!(site.reach("out", "a", 9999), None, "outsider got in");
+}

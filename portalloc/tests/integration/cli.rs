@@ -179,3 +179,36 @@ async fn repair_fixes_a_hand_broken_state() {
     let out = portalloc(&ep, &["alloc", "s/e:80"]);
     assert_eq!(stdout(&out), "20008\n");
 }
+
+#[tokio::test]
+async fn repair_reports_an_allocation_outside_the_range_instead_of_blessing_it() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let mut c = etcd.client().await;
+    // A hand-written (or stray) value: port 22, outside the default range.
+    c.put(
+        "/viking/ports/alloc/s/x/80-tcp",
+        r#"{"v":1,"port":22}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    let out = portalloc(&ep, &["repair"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "not fixed: /viking/ports/alloc/s/x/80-tcp holds port 22 outside the range 20000-29999"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot fix"),
+        "{out:?}"
+    );
+    let owner = c.get("/viking/ports/owner/22", None).await.unwrap();
+    assert!(
+        owner.kvs().is_empty(),
+        "repair created an owner key for port 22"
+    );
+}

@@ -190,3 +190,42 @@ async fn lists_again_when_its_revision_was_compacted() {
     client.put("/p/c", "4", None).await.unwrap();
     assert!(matches!(next(&mut rx).await, WatchUpdate::Changes { .. }));
 }
+
+#[tokio::test]
+async fn an_etcd_restored_empty_is_listed_again_not_waited_for() {
+    let mut etcd = Etcd::start().await;
+    let mut client = etcd.client().await;
+    // The old history gets well past the revisions the new one will have.
+    for i in 0..20 {
+        client.put(format!("/w/old{i}"), "1", None).await.unwrap();
+    }
+    let (tx, mut rx) = mpsc::channel(16);
+    let stop = Stop(CancellationToken::new());
+    tokio::spawn(watch::watch_prefix(
+        etcd.client().await,
+        "/w/".into(),
+        tx,
+        stop.0.clone(),
+    ));
+    let mut state = BTreeMap::new();
+    watch::apply(&mut state, next(&mut rx).await);
+    assert_eq!(state.len(), 20);
+
+    etcd.restart_empty().await;
+    let mut fresh = etcd.client().await;
+    fresh.put("/w/new", "2", None).await.unwrap();
+    // Without noticing, the watcher would wait for revision 22 of a history that is gone and
+    // keep the 20 old keys.
+    let start = std::time::Instant::now();
+    let mut relisted = false;
+    while !(relisted && state.keys().map(String::as_str).eq(["/w/new"])) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "still {:?} (listed again: {relisted})",
+            state.keys().collect::<Vec<_>>()
+        );
+        let update = next(&mut rx).await;
+        relisted |= matches!(update, WatchUpdate::Snapshot { .. });
+        watch::apply(&mut state, update);
+    }
+}
