@@ -61,6 +61,18 @@ pub(crate) async fn handle(
     stats.active.dec();
 }
 
+/// Tries of a connection that fail for want of a file descriptor, and the wait after each.
+const LOCAL_RETRIES: usize = 5;
+const LOCAL_BACKOFF: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// EMFILE or ENFILE: this process or host is out of file descriptors.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == nix::errno::Errno::EMFILE as i32 || code == nix::errno::Errno::ENFILE as i32
+    )
+}
+
 /// Picks backends and connects, trying up to `connect_attempts` of them: the client sees no
 /// failure while a live backend exists. `None` when none answered.
 async fn connect_any<'s>(
@@ -71,7 +83,9 @@ async fn connect_any<'s>(
     let local = config.prefer_local.then_some(config.host.as_str());
     let mut rng = fastrand::Rng::new();
     let mut tried = Vec::new();
-    while tried.len() < config.connect_attempts {
+    // Failures of our own (no file descriptor left) do not count against a backend.
+    let mut local_failures = 0;
+    while tried.len() < config.connect_attempts && local_failures < LOCAL_RETRIES {
         let Some(i) = service.pick(&tried, local, Instant::now(), &mut rng) else {
             break;
         };
@@ -89,6 +103,16 @@ async fn connect_any<'s>(
                 backend.connected();
                 return Some((stream, backend));
             }
+            Ok(Err(e)) if out_of_descriptors(&e) => {
+                // This host's limit, not the backend's fault: wait a little for descriptors
+                // to be freed, try again, eject nobody.
+                service.stats.local_errors.inc();
+                debug!(service = %service.service_port, error = %e, "no file descriptor for a backend connection; backing off");
+                tried.pop();
+                local_failures += 1;
+                tokio::time::sleep(LOCAL_BACKOFF).await;
+                continue;
+            }
             Ok(Err(e)) => {
                 debug!(service = %service.service_port, backend = %backend.addr, error = %e, "connect failed")
             }
@@ -102,6 +126,8 @@ async fn connect_any<'s>(
     }
     if service.backends.is_empty() {
         warn!(service = %service.service_port, "no backends registered; is registrator running on the backend hosts?");
+    } else if local_failures > 0 && tried.is_empty() {
+        warn!(service = %service.service_port, "out of file descriptors: raise the nofile limit or lower --max-connections");
     } else {
         warn!(service = %service.service_port, tried = tried.len(), "no backend answered");
     }

@@ -15,7 +15,7 @@ use etcd_client::Client;
 use runtime::etcd::parse_duration;
 use runtime::{CancellationToken, process};
 use schema::{HostId, PortRange, Prefix};
-use tracing::{Instrument, error, info};
+use tracing::{Instrument, error, info, warn};
 
 use crate::config::{Config, DEFAULT_LOCAL_CONGESTION, check_congestion};
 use crate::relay::RelayConfig;
@@ -229,6 +229,34 @@ fn offered_congestion() -> String {
         .unwrap_or_else(|_| "(cannot read net.ipv4.tcp_available_congestion_control)".into())
 }
 
+/// Raises the soft limit of open files to the hard one (as most servers do: the soft default
+/// of 1024 is for programs that do not expect many), and warns when `--max-connections` does
+/// not fit: each connection holds two descriptors, a client's and a backend's.
+fn raise_nofile(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256);
+    if needed > limit {
+        warn!(
+            limit,
+            max_connections,
+            "--max-connections {max_connections} needs about {needed} file descriptors and this \
+             process may open {limit}: raise its nofile limit (LimitNOFILE= in the systemd unit) \
+             or lower --max-connections; connects that find none are retried and counted as \
+             ambassador_local_connect_errors, never blamed on a backend"
+        );
+    }
+}
+
 /// A started ambassador.
 pub struct Running {
     pub shared: Arc<Shared>,
@@ -249,6 +277,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
     let lock = crate::lock::take(&checked.run_dir, checked.config.bind, checked.admin)?;
+    raise_nofile(checked.config.max_connections);
     let admin_listener = tokio::net::TcpListener::bind(checked.admin)
         .await
         .map_err(|error| StartError::Admin {

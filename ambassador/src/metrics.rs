@@ -34,6 +34,7 @@ pub struct Metrics {
     active: Family<ServiceLabel, Gauge>,
     connections: Family<ServiceLabel, Counter>,
     failed: Family<ServiceLabel, Counter>,
+    local_errors: Family<ServiceLabel, Counter>,
     bytes: Family<BytesLabel, Counter>,
     connect_errors: Family<BackendLabel, Counter>,
     ejections: Family<BackendLabel, Counter>,
@@ -49,6 +50,8 @@ pub struct ServiceCounters {
     pub connections: Counter,
     /// Connections closed because no backend answered.
     pub failed: Counter,
+    /// Backend connects that failed here, for want of a file descriptor.
+    pub local_errors: Counter,
     /// Client to backend.
     pub bytes_up: Counter,
     /// Backend to client.
@@ -78,6 +81,12 @@ impl Metrics {
         );
         let failed = "Connections closed because no backend answered";
         reg.register("ambassador_connections_failed", failed, m.failed.clone());
+        let local = "Backend connects that failed on this host (out of file descriptors)";
+        reg.register(
+            "ambassador_local_connect_errors",
+            local,
+            m.local_errors.clone(),
+        );
         let bytes = "Bytes relayed (up: client to backend)";
         reg.register("ambassador_bytes", bytes, m.bytes.clone());
         let errors = "Failed connects to a backend";
@@ -120,6 +129,7 @@ impl Metrics {
             active: self.active.get_or_create(&label).clone(),
             connections: self.connections.get_or_create(&label).clone(),
             failed: self.failed.get_or_create(&label).clone(),
+            local_errors: self.local_errors.get_or_create(&label).clone(),
             bytes_up: bytes("up"),
             bytes_down: bytes("down"),
         }

@@ -185,6 +185,7 @@ impl Shared {
                     "active": s.stats.active.get(),
                     "connections": s.stats.connections.get(),
                     "failed": s.stats.failed.get(),
+                    "local_connect_errors": s.stats.local_errors.get(),
                     "bytes_up": s.stats.bytes_up.get(),
                     "bytes_down": s.stats.bytes_down.get(),
                     "backends": s.backends.iter().map(|b| serde_json::json!({

@@ -130,3 +130,74 @@ fn without_docker0_and_bind_it_says_to_pass_bind() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_is_not_blamed_on_the_backend() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let backend = Backend::start("b0").await;
+    let port = put_alloc(&mut c, "shared/echo:7").await;
+    put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
+    let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
+    let run = tempfile::tempdir().unwrap();
+    let (endpoint, run_dir) = (etcd.endpoint(), run.path().to_str().unwrap().to_owned());
+    // 64 descriptors: a few dozen connections use them up.
+    let mut amb = Daemon::spawn(
+        "prlimit",
+        &[
+            "--nofile=64:64",
+            "--",
+            env!("CARGO_BIN_EXE_ambassador"),
+            "--etcd",
+            &endpoint,
+            "--host",
+            "h0",
+            "--bind",
+            "127.0.0.1",
+            "--admin",
+            &admin,
+            "--threads",
+            "1",
+            "--dns",
+            "off",
+            "--range",
+            "1-65535",
+            "--run-dir",
+            &run_dir,
+        ],
+    );
+    let limit = Duration::from_secs(20);
+    amb.wait_log(&format!("listening on addr=127.0.0.1:{port}"), limit);
+    let warned = amb.wait_log("file descriptors", limit);
+    assert!(warned.contains("LimitNOFILE"), "{warned}");
+
+    // Hold connections open until the ambassador has none left for a backend connection.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        else {
+            break;
+        };
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (_, state) = http_get(&admin, "/state");
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let service = &state["services"][0];
+    assert!(
+        service["local_connect_errors"].as_u64().unwrap_or(0) > 0,
+        "it never ran out, so this test shows nothing: {state}"
+    );
+    assert_eq!(service["backends"][0]["ejections"], 0, "{state}");
+    assert_eq!(service["backends"][0]["connect_errors"], 0, "{state}");
+    assert!(!amb.log().contains("backend ejected"), "{}", amb.log());
+    // And the backend still serves.
+    assert_eq!(who(([127, 0, 0, 1], port).into()).await.unwrap(), "b0");
+}
