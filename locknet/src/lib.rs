@@ -78,6 +78,23 @@ impl Firewall {
         Ok(())
     }
 
+    /// Reads the kernel's table again and says whether it differs from what this process
+    /// applied (gone, or other members or rules): someone flushed or edited it. What was read
+    /// is what the next plan starts from.
+    pub fn refresh(&mut self) -> Result<bool, NftError> {
+        let now = nft::read()?;
+        let same =
+            |a: &Applied, b: &Applied| a.members == b.members && a.drop_comment == b.drop_comment;
+        let drifted = match (self.known.as_ref(), now.as_ref()) {
+            (None, _) => false,
+            (Some(None), None) => false,
+            (Some(Some(known)), Some(now)) => !same(known, now),
+            (Some(_), _) => true,
+        };
+        self.known = Some(now);
+        Ok(drifted)
+    }
+
     /// What the table held before the last plan, if known: for undoing a membership change.
     pub fn members(&self) -> Option<&std::collections::BTreeSet<std::net::IpAddr>> {
         self.known.as_ref()?.as_ref().map(|a| &a.members)

@@ -83,6 +83,11 @@ struct Cli {
     #[arg(long, env = "VIKING_CHECK_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     check_timeout: Duration,
 
+    /// With --watch: how often the kernel's table is compared with what was applied, and
+    /// applied again if it was flushed or changed
+    #[arg(long, env = "VIKING_RESYNC", default_value = "30s", value_parser = parse_duration)]
+    resync: Duration,
+
     #[command(flatten)]
     output: OutputArgs,
 
@@ -249,6 +254,9 @@ async fn watch(
             "--dry-run prints one ruleset; it does not combine with --watch",
         ));
     }
+    if cli.resync.is_zero() {
+        return Err(Failure::usage("--resync must be longer than 0s (e.g. 30s)"));
+    }
     let shutdown = runtime::shutdown::on_signals();
     let client = cli.etcd.connect_daemon(&shutdown).await?;
     info!(etcd = %cli.etcd.endpoints_display(), "following the cluster's hosts");
@@ -258,6 +266,7 @@ async fn watch(
         options,
         check_timeout: cli.check_timeout,
         iface_may_appear: cli.iface_may_appear,
+        resync: cli.resync,
     };
     locknet::watch::run(config, client, shutdown).await;
     info!("stopped; the rules stay in place (locknet --flush removes them)");

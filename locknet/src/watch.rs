@@ -31,6 +31,9 @@ pub struct WatchConfig {
     pub check_timeout: Duration,
     /// An `--iface` may be absent: warn at every apply instead of refusing.
     pub iface_may_appear: bool,
+    /// How often the kernel's table is compared with what was applied (and applied again
+    /// when it was flushed or changed behind locknet's back).
+    pub resync: Duration,
 }
 
 /// Follows `/viking/hosts/` until `shutdown`. The rules stay in place when it stops.
@@ -46,9 +49,18 @@ pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToke
     let mut hosts: BTreeMap<String, Kv> = BTreeMap::new();
     let mut warned = BTreeSet::new();
     let mut fw = Firewall::default();
+    let mut last: Option<Policy> = None;
+    let mut resync = tokio::time::interval(config.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let update = tokio::select! {
             u = rx.recv() => u,
+            _ = resync.tick() => {
+                if let Some(policy) = &last {
+                    resync_table(&mut fw, policy, &client, &config).await;
+                }
+                continue;
+            }
             () = shutdown.cancelled() => None,
         };
         let Some(update) = update else { break };
@@ -89,8 +101,25 @@ pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToke
             }
         }
         apply_safely(&mut fw, &policy, &client, &config).await;
+        last = Some(policy);
     }
     let _ = watcher.await;
+}
+
+/// Compares the kernel's table with what was applied; when it is gone or changed (a
+/// `locknet --flush`, an `nft delete table`), applies the whole policy again and says so.
+async fn resync_table(fw: &mut Firewall, policy: &Policy, client: &Client, config: &WatchConfig) {
+    match fw.refresh() {
+        Ok(false) => {}
+        Ok(true) => {
+            warn!(
+                "table inet {} is gone or was changed since locknet applied it; applying it again",
+                render::TABLE
+            );
+            apply_safely(fw, policy, client, config).await;
+        }
+        Err(e) => error!("cannot read the current rules: {e}; will try again"),
+    }
 }
 
 fn host_addr(kv: &Kv) -> Result<IpAddr, String> {
@@ -130,7 +159,13 @@ async fn apply_safely(fw: &mut Firewall, policy: &Policy, client: &Client, confi
         }
     };
     if let Err(e) = fw.run(&script, Some(policy)) {
-        error!("{e}; the previous rules still hold");
+        // A membership change fails when the table is not what this process thought (flushed
+        // behind its back): plan again from what the kernel really has.
+        if matches!(outcome, Outcome::Members { .. }) && retry_whole(fw, policy) {
+            warn!("{e}; the table was not as applied: applied the whole policy again");
+        } else {
+            error!("{e}; the kernel's rules are as `locknet --status` shows");
+        }
         return;
     }
     if etcd_answers(client, config).await {
@@ -155,6 +190,18 @@ async fn apply_safely(fw: &mut Firewall, policy: &Policy, client: &Client, confi
             policy.members.len()
         ),
         Err(e) => error!("etcd did not answer after applying, and the roll-back failed: {e}"),
+    }
+}
+
+/// Reads the table again and applies `policy` from what is there; whether that worked.
+fn retry_whole(fw: &mut Firewall, policy: &Policy) -> bool {
+    if fw.refresh().is_err() {
+        return false;
+    }
+    match fw.plan(policy) {
+        Ok(Some((script, _))) => fw.run(&script, Some(policy)).is_ok(),
+        Ok(None) => true,
+        Err(_) => false,
     }
 }
 

@@ -84,3 +84,60 @@ async fn a_change_after_which_etcd_does_not_answer_is_rolled_back() {
     assert_eq!(site.reach("out", "a", 9999), None);
     assert_eq!(site.reach("out", "a", 80).as_deref(), Some("a:80"));
 }
+
+#[tokio::test]
+async fn a_table_flushed_behind_its_back_is_applied_again() {
+    let mut site = Site::start();
+    let root = site.lan.join_root();
+    let etcd = Etcd::start_on(&root.to_string()).await;
+    let client = etcd.client().await;
+    put_host(&client, "b", &site.lan.addr("b").to_string()).await;
+    let mut watcher = spawn_watch(&site, &["--etcd", &etcd.endpoint(), "--resync", "1s"]);
+    watcher.wait_log("ruleset applied", Duration::from_secs(10));
+    let wait = |from: &str, can: bool| site.until_reach(from, 9999, can, Duration::from_secs(5));
+    wait("out", false);
+
+    // Gone: the host would be open to everyone until the next membership change.
+    let out = site
+        .lan
+        .ns("a")
+        .command("nft")
+        .args(["delete", "table", "inet", "locknet"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = watcher.wait_log("is gone or was changed", Duration::from_secs(5));
+    assert!(line.contains("applying it again"), "{line}");
+    wait("out", false);
+    wait("b", true);
+
+    // And a membership change after it is an ordinary one.
+    put_host(&client, "out", &site.lan.addr("out").to_string()).await;
+    wait("out", true);
+}
+
+#[tokio::test]
+async fn a_membership_change_after_the_table_vanished_applies_the_whole_table() {
+    let mut site = Site::start();
+    let root = site.lan.join_root();
+    let etcd = Etcd::start_on(&root.to_string()).await;
+    let client = etcd.client().await;
+    put_host(&client, "b", &site.lan.addr("b").to_string()).await;
+    // No resync in the test's time: only the failed membership change can notice.
+    let mut watcher = spawn_watch(&site, &["--etcd", &etcd.endpoint(), "--resync", "1h"]);
+    watcher.wait_log("ruleset applied", Duration::from_secs(10));
+    let out = site
+        .lan
+        .ns("a")
+        .command("nft")
+        .args(["delete", "table", "inet", "locknet"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    put_host(&client, "c", &site.lan.addr("c").to_string()).await;
+    let line = watcher.wait_log("applied the whole policy again", Duration::from_secs(5));
+    assert!(!line.contains("previous rules still hold"), "{line}");
+    let wait = |from: &str, can: bool| site.until_reach(from, 9999, can, Duration::from_secs(5));
+    wait("out", false);
+    wait("c", true);
+}
