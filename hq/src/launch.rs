@@ -238,7 +238,15 @@ pub async fn existing(docker: &Docker, stack: &StackName) -> Result<Vec<Existing
 
 /// The compiled jobs of a deployed stack, in start order.
 pub async fn jobs(store: &Store, stack: &StackName) -> Result<Vec<JobSpec>, HqError> {
-    let (stacks, _) = store.load_stacks().await?;
+    let (stacks, raw) = store.load_stacks().await?;
+    let bad = crate::store::unreadable_jobs(&store.prefix, stack, stacks.get(stack), &raw);
+    if !bad.is_empty() {
+        return Err(HqError::Refused(format!(
+            "stack {stack} has job specs that cannot be read ({}); deploy it again to replace \
+             them, or `viking rm {stack}`; nothing was started",
+            bad.join(", ")
+        )));
+    }
     let jobs = stacks.get(stack).ok_or_else(|| {
         HqError::Refused(format!(
             "stack {stack} is not deployed; `viking deploy` its stack file first (`viking stacks` lists what is)"

@@ -10,6 +10,8 @@ use runtime::host::rfc3339_now;
 use schema::records::{self, AliveRecord, EndpointRecord, HostRecord, StackMetaRecord};
 use schema::{Dir, HostId, JobName, Key, Kv, Prefix, ServicePort, StackName};
 
+use tracing::warn;
+
 use crate::compile::{self, ClusterView, CompileError, Deployment, JobSpec};
 use crate::deploy::{self, Guard, Write};
 use crate::stackfile::StackFile;
@@ -65,6 +67,23 @@ pub struct Store {
 }
 
 pub use crate::deploy::{DeployReport, StackReport};
+
+/// The job keys of `stack` under `raw` (as `load_stacks` returns it) that `jobs` lacks: the
+/// ones whose value could not be read.
+pub fn unreadable_jobs<'a>(
+    prefix: &Prefix,
+    stack: &StackName,
+    jobs: Option<&BTreeMap<JobName, JobSpec>>,
+    raw: &'a BTreeMap<String, Kv>,
+) -> Vec<&'a str> {
+    raw.keys()
+        .filter(|key| match prefix.parse(key) {
+            Ok(Key::StackJob(s, job)) => &s == stack && !jobs.is_some_and(|j| j.contains_key(&job)),
+            _ => false,
+        })
+        .map(String::as_str)
+        .collect()
+}
 
 /// A planned guard as an etcd compare.
 fn compare(guard: &Guard) -> Compare {
@@ -133,7 +152,10 @@ impl Store {
         Ok((revision, map))
     }
 
-    /// Every deployed stack's jobs, and the raw keys under `stacks/` with their revisions.
+    /// Every deployed stack's jobs, and the raw keys under `stacks/` with their revisions. A job
+    /// value that cannot be read is left out with a warning naming its key, so that one bad
+    /// key (say, hand-edited) does not stop commands about the other stacks; `viking rm` of its
+    /// stack removes it, and [`unreadable_jobs`] lets a command refuse to act on the stack.
     pub async fn load_stacks(
         &self,
     ) -> Result<
@@ -147,9 +169,15 @@ impl Store {
         let mut stacks: BTreeMap<StackName, BTreeMap<JobName, JobSpec>> = BTreeMap::new();
         for (key, read) in &raw {
             if let Ok(Key::StackJob(stack, job)) = self.prefix.parse(key) {
-                let spec: JobSpec = records::decode(key, &read.value)
-                    .map_err(|e| HqError::Refused(format!("{e}; fix or remove that key")))?;
-                stacks.entry(stack).or_default().insert(job, spec);
+                match records::decode::<JobSpec>(key, &read.value) {
+                    Ok(spec) => {
+                        stacks.entry(stack).or_default().insert(job, spec);
+                    }
+                    Err(e) => {
+                        warn!("{e}; left out: deploy stack {stack} again, or `viking rm {stack}`");
+                        stacks.entry(stack).or_default();
+                    }
+                }
             } else if let Ok(Key::StackMeta(stack)) = self.prefix.parse(key) {
                 stacks.entry(stack).or_default();
             }

@@ -348,3 +348,59 @@ async fn hosts_add_list_remove() {
     assert_eq!(v[0]["host"], "node-2");
     assert_eq!(v.as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn one_unreadable_job_key_stops_only_its_own_stack_and_rm_removes_it() {
+    let f = fixtures();
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let out = viking(
+        &ep,
+        &["deploy", path(&f.join("shared")), path(&f.join("app"))],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut c = etcd.client().await;
+    c.put("/viking/stacks/x/meta", r#"{"v":1,"name":"x"}"#, None)
+        .await
+        .unwrap();
+    c.put("/viking/stacks/x/jobs/y", "garbage", None)
+        .await
+        .unwrap();
+
+    // Every command about other stacks works, and says which key it left out.
+    for args in [
+        &["ps"][..],
+        &["ps", "app"],
+        &["env", "app/web"],
+        &["graph"],
+        &["stacks"],
+    ] {
+        let out = viking(&ep, args);
+        assert!(out.status.success(), "viking {args:?}: {}", stderr(&out));
+    }
+    let out = viking(&ep, &["ps"]);
+    assert!(
+        stderr(&out).contains("/viking/stacks/x/jobs/y"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("app/web"), "{}", stdout(&out));
+    let out = viking(&ep, &["deploy", path(&f.join("shared"))]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Its own stack: run refuses, naming the key; rm removes it.
+    let out = viking(&ep, &["run", "x"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot be read (/viking/stacks/x/jobs/y)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = viking(&ep, &["rm", "x"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let left = c
+        .get("/viking/stacks/x/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(left.kvs().is_empty(), "rm left {:?}", left.kvs());
+}
