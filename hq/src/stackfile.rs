@@ -69,8 +69,7 @@ pub struct StackFile {
     pub jobs: Vec<JobDef>,
 }
 
-/// The largest `scale` accepted: beyond it is a typo more often than a plan.
-pub const MAX_SCALE: u32 = 1000;
+pub use schema::MAX_SCALE;
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -187,13 +186,10 @@ fn check_job(
         }
     }
     let image = match raw.image {
-        Some(i) if !i.value.trim().is_empty() => i.value,
-        Some(i) => {
-            return Err(err(
-                at(&i.referenced),
-                format!("job {name}: image is empty"),
-            ));
-        }
+        Some(i) => match schema::check_image(&i.value) {
+            Ok(()) => i.value,
+            Err(why) => return Err(err(at(&i.referenced), format!("job {name}: {why}"))),
+        },
         None => {
             return Err(err(
                 job_at,
@@ -304,7 +300,18 @@ fn check_job(
                     ),
                 ));
             }
-            env.insert(k, v);
+            if v.contains('\0') {
+                return Err(err(
+                    env_at,
+                    format!("job {name}: env {k} holds a NUL character"),
+                ));
+            }
+            if let Some(old) = env.insert(k.clone(), v) {
+                return Err(err(
+                    env_at,
+                    format!("job {name}: env {k} is set twice ({old:?} first); keep one of them"),
+                ));
+            }
         }
     }
     let mut export_env = Vec::new();
@@ -388,11 +395,7 @@ pub fn resolve_stack(mut file: StackFile) -> StackFile {
     file
 }
 
-fn is_env_name(k: &str) -> bool {
-    let mut chars = k.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
+use schema::is_env_name;
 
 /// A YAML error at its place in the file as written.
 fn yaml_error(path: &str, tabs: &[usize], e: &serde_saphyr::Error) -> ParseError {
@@ -590,6 +593,18 @@ mod tests {
                 "stack.yml:3:16: job a: export_env names \"X\"",
             ),
             ("a:\n  image: [x\n", "stack.yml:2:10: "),
+            (
+                "a:\n  image: \"--privileged\"\n",
+                "stack.yml:2:10: job a: image \"--privileged\" starts with '-'",
+            ),
+            (
+                "a:\n  image: My/Image\n",
+                "stack.yml:2:10: job a: image \"My/Image\" has upper-case letters",
+            ),
+            (
+                "a:\n  image: x\n  env: [A=1, A=2]\n",
+                "stack.yml:3:8: job a: env A is set twice (\"1\" first)",
+            ),
             ("", "stack.yml:1:1: the stack file has no jobs"),
         ];
         let mut wrong = Vec::new();

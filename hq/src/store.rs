@@ -169,7 +169,13 @@ impl Store {
         let mut stacks: BTreeMap<StackName, BTreeMap<JobName, JobSpec>> = BTreeMap::new();
         for (key, read) in &raw {
             if let Ok(Key::StackJob(stack, job)) = self.prefix.parse(key) {
-                match records::decode::<JobSpec>(key, &read.value) {
+                let spec = records::decode::<JobSpec>(key, &read.value)
+                    .map_err(|e| e.to_string())
+                    .and_then(|spec| match spec.check() {
+                        Ok(()) => Ok(spec),
+                        Err(why) => Err(format!("{key}: {why}")),
+                    });
+                match spec {
                     Ok(spec) => {
                         stacks.entry(stack).or_default().insert(job, spec);
                     }

@@ -116,12 +116,141 @@ impl JobSpec {
         ServiceId::new(self.stack.clone(), self.job.clone())
     }
 
+    /// Checks a spec read from etcd with the rules a stack file follows (a key edited by
+    /// hand deserves the same): the image, the scale, env names and values, export_env, ports.
+    pub fn check(&self) -> Result<(), String> {
+        check_image(&self.image)?;
+        if self.scale > MAX_SCALE {
+            return Err(format!(
+                "scale {} is out of range 0-{MAX_SCALE}",
+                self.scale
+            ));
+        }
+        for (k, v) in self.env.iter().chain(&self.link_env) {
+            if !is_env_name(k) {
+                return Err(format!(
+                    "env name {k:?} is not letters, digits and '_' (not starting with a digit)"
+                ));
+            }
+            if v.contains('\0') {
+                return Err(format!("env {k} holds a NUL character"));
+            }
+        }
+        if let Some(x) = self.export_env.iter().find(|x| !self.env.contains_key(*x)) {
+            return Err(format!("export_env names {x:?}, which is not in its env"));
+        }
+        if let Some(p) = self.ports.iter().find(|p| p.port == 0) {
+            return Err(format!("port {p} is not 1-65535"));
+        }
+        Ok(())
+    }
+
     /// The container env: the link vars, then the job's own (which win on a clash).
     pub fn container_env(&self) -> BTreeMap<String, String> {
         let mut env = self.link_env.clone();
         env.extend(self.env.clone());
         env
     }
+}
+
+/// The largest `scale` accepted: beyond it is a typo more often than a plan.
+pub const MAX_SCALE: u32 = 1000;
+
+/// Checks a Docker image reference: `[HOST[:PORT]/]NAME[/NAME...][:TAG][@DIGEST]`, each name of
+/// lower-case letters and digits joined by `.`, `_`, `__` or `-`. The error says what is wrong
+/// (a flag such as `--privileged`, white space, upper case) and the rule.
+pub fn check_image(image: &str) -> Result<(), String> {
+    let rule = "an image is [HOST[:PORT]/]NAME[:TAG][@sha256:DIGEST] with names of lower-case \
+                letters, digits and '.', '_', '-' inside, e.g. mongo:4.4 or reg:5000/team/api";
+    let bad = |why: &str| Err(format!("image {image:?} {why}; {rule}"));
+    if image.is_empty() {
+        return bad("is empty");
+    }
+    if image.starts_with('-') {
+        return bad("starts with '-' (it would be read as a flag)");
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("holds white space or a control character");
+    }
+    let (rest, digest) = match image.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (image, None),
+    };
+    if let Some(d) = digest {
+        let ok = d.split_once(':').is_some_and(|(alg, hex)| {
+            !alg.is_empty()
+                && alg
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && hex.len() >= 32
+                && hex.chars().all(|c| c.is_ascii_hexdigit())
+        });
+        if !ok {
+            return bad("has a digest that is not ALGORITHM:HEX");
+        }
+    }
+    let mut parts: Vec<&str> = rest.split('/').collect();
+    // A first part with '.', ':' or "localhost" is a registry host.
+    if parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost") {
+        let host = parts.remove(0);
+        let (name, port) = host.split_once(':').unwrap_or((host, ""));
+        let host_ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+            && (port.is_empty() || port.parse::<u16>().is_ok_and(|p| p > 0));
+        if !host_ok {
+            return bad("has a registry host that is not HOST[:PORT]");
+        }
+    }
+    let last = parts.len() - 1;
+    let (path_end, tag) = match parts[last].split_once(':') {
+        Some((n, t)) => (n, Some(t)),
+        None => (parts[last], None),
+    };
+    parts[last] = path_end;
+    if let Some(t) = tag {
+        let ok = !t.is_empty()
+            && t.len() <= 128
+            && t.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !ok {
+            return bad("has a tag that is not 1-128 of letters, digits, '_', '.', '-'");
+        }
+    }
+    for name in &parts {
+        let ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+            && name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .last()
+                .is_some_and(|c| c.is_ascii_alphanumeric());
+        if !ok {
+            return bad(if name.chars().any(|c| c.is_ascii_uppercase()) {
+                "has upper-case letters in a name"
+            } else {
+                "has a name that is not lower-case letters and digits joined by '.', '_', '-'"
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An env variable name as a shell and Docker take it: letters, digits and `_`, not starting
+/// with a digit.
+pub fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// The Docker labels viking puts on the containers it starts; the registrator names endpoints
@@ -161,6 +290,52 @@ mod tests {
         assert_eq!(back, link);
         let bad = serde_json::json!({"alias": "x", "service": "Bad/x", "prefix": "X", "ports": []});
         assert!(serde_json::from_value::<LinkSpec>(bad).is_err());
+    }
+
+    #[test]
+    fn image_references_follow_dockers_rule_and_the_error_says_why() {
+        for ok in [
+            "busybox",
+            "mongo:4.4",
+            "viking/busybox",
+            "reg:5000/team/api:v1.2-rc_3",
+            "localhost/x",
+            "ghcr.io/a/b",
+            "a@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(check_image(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("--privileged", "starts with '-'"),
+            ("my image", "white space"),
+            ("a\nb", "white space or a control"),
+            ("Mongo", "upper-case"),
+            ("mongo:", "tag"),
+            ("", "is empty"),
+            ("a//b", "name that is not"),
+        ] {
+            let e = check_image(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_spec_from_etcd_is_checked_like_a_stack_file() {
+        let stack = StackName::new("app").unwrap();
+        let good = JobSpec::new(stack, JobName::new("web").unwrap(), "busybox");
+        assert_eq!(good.check(), Ok(()));
+        let mut big = good.clone();
+        big.scale = 5000;
+        assert!(big.check().unwrap_err().contains("scale 5000"));
+        let mut env = good.clone();
+        env.env.insert("A=B".into(), "1".into());
+        assert!(env.check().unwrap_err().contains("\"A=B\""));
+        let mut nul = good.clone();
+        nul.env.insert("A".into(), "x\0y".into());
+        assert!(nul.check().unwrap_err().contains("NUL"));
+        let mut empty = good;
+        empty.image = String::new();
+        assert!(empty.check().unwrap_err().contains("is empty"));
     }
 
     #[test]

@@ -14,7 +14,10 @@ pub mod range;
 pub mod records;
 pub mod service;
 
-pub use job::{CommandSpec, JobSpec, LinkPortSpec, LinkSpec, PortSpec, container_name, labels};
+pub use job::{
+    CommandSpec, JobSpec, LinkPortSpec, LinkSpec, MAX_SCALE, PortSpec, check_image, container_name,
+    is_env_name, labels,
+};
 pub use keys::{DEFAULT_PREFIX, Dir, Instance, Key, KeyError, Prefix};
 pub use kv::{Kv, MAX_TXN_OPS};
 pub use names::{HostId, JobName, NameError, NameKind, StackName};

@@ -404,3 +404,32 @@ async fn one_unreadable_job_key_stops_only_its_own_stack_and_rm_removes_it() {
         .unwrap();
     assert!(left.kvs().is_empty(), "rm left {:?}", left.kvs());
 }
+
+#[tokio::test]
+async fn a_hand_edited_spec_is_checked_like_a_stack_file_before_anything_runs() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let mut c = etcd.client().await;
+    c.put("/viking/stacks/x/meta", r#"{"v":1,"name":"x"}"#, None)
+        .await
+        .unwrap();
+    // Valid JSON, but a spec no stack file could produce.
+    let spec = r#"{"v":1,"stack":"x","job":"big","image":"busybox","scale":5000}"#;
+    c.put("/viking/stacks/x/jobs/big", spec, None)
+        .await
+        .unwrap();
+    let env = r#"{"v":1,"stack":"x","job":"env","image":"","env":{"A=B":"1"}}"#;
+    c.put("/viking/stacks/x/jobs/env", env, None).await.unwrap();
+    let out = viking(&ep, &["run", "x"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("/viking/stacks/x/jobs/big: scale 5000 is out of range"),
+        "{err}"
+    );
+    assert!(
+        err.contains("/viking/stacks/x/jobs/env: image \"\" is empty"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was started"), "{err}");
+}
