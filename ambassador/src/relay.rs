@@ -72,6 +72,11 @@ pub enum Ended {
     Failed(Moved, io::Error),
 }
 
+/// Makes the coming close send a RST instead of a FIN (SO_LINGER 0).
+fn reset_on_close(socket: &TcpStream) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// Relays until both directions end. `ack_pending`: the backend connection's handshake is
 /// not acknowledged yet (TCP_QUICKACK was off while connecting); the first bytes to the
 /// backend carry the ACK, and when the first poll has none to send, the ACK goes alone
@@ -107,11 +112,16 @@ pub async fn relay(
             up: to_backend.moved,
             down: to_client.moved,
         };
-        if let Poll::Ready(Err(e)) = up {
-            return Poll::Ready(Ended::Failed(moved, e));
-        }
-        if let Poll::Ready(Err(e)) = down {
-            return Poll::Ready(Ended::Failed(moved, e));
+        for result in [up, down] {
+            if let Poll::Ready(Err(e)) = result {
+                if e.kind() == io::ErrorKind::ConnectionReset {
+                    // One side reset: the other must see a reset too, not a clean end of
+                    // stream that could pass for a complete answer.
+                    reset_on_close(&client);
+                    reset_on_close(&backend);
+                }
+                return Poll::Ready(Ended::Failed(moved, e));
+            }
         }
         if to_backend.is_done() && to_client.is_done() {
             return Poll::Ready(Ended::Done(moved));

@@ -530,3 +530,37 @@ async fn the_synced_gauge_drops_while_etcd_is_away_and_healthz_stays_ok() {
             .contains("ambassador_etcd_synced 1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_resets_resets_the_client_too() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    // A backend that reads a request, then resets the connection instead of answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 16];
+        let _ = s.read(&mut buf).await;
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend).await;
+    let amb = Amb::start(&etcd, |_| {}).await;
+    let addr = amb.listening(port).await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client.write_all(b"GET /\n").await.unwrap();
+    let mut buf = [0u8; 16];
+    let got = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+        .await
+        .expect("an answer or an error within 5 s");
+    server.await.unwrap();
+    match got {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("the client saw a clean end of stream ({n} bytes), as if answered"),
+    }
+}
