@@ -93,11 +93,6 @@ pub struct AmbassadorArgs {
     /// TTL of DNS answers
     #[arg(long, env = "VIKING_DNS_TTL", default_value = "5s", value_parser = parse_duration)]
     pub dns_ttl: Duration,
-
-    /// Where the lock that keeps a second ambassador off this bind address lives (default:
-    /// /run/viking for root, else $XDG_RUNTIME_DIR/viking)
-    #[arg(long, env = "VIKING_RUN_DIR", value_name = "DIR")]
-    pub run_dir: Option<PathBuf>,
 }
 
 /// Why the ambassador did not start. Each is refused before anything is served: exit 2.
@@ -164,13 +159,15 @@ pub struct Checked {
 }
 
 impl AmbassadorArgs {
-    /// Checks every flag and builds the settings; binds nothing and needs no etcd. `range` is
-    /// `--range` ([`runtime::RangeArgs`], which `viking` takes for all its commands).
+    /// Checks every flag and builds the settings; binds nothing and needs no etcd. `range` and
+    /// `run_dir` are `--range` and `--run-dir` ([`runtime::RangeArgs`], [`runtime::RunDirArgs`],
+    /// which `viking` takes for all its commands).
     pub fn check(
         &self,
         prefix: &Prefix,
         host: &HostId,
         range: PortRange,
+        run_dir: PathBuf,
     ) -> Result<Checked, StartError> {
         let bind = self
             .bind
@@ -213,10 +210,7 @@ impl AmbassadorArgs {
         Ok(Checked {
             config,
             admin: self.admin,
-            run_dir: self
-                .run_dir
-                .clone()
-                .unwrap_or_else(crate::lock::default_run_dir),
+            run_dir,
             dns: listen,
         })
     }

@@ -20,21 +20,6 @@ pub struct BindLock {
     _lock: Flock<File>,
 }
 
-/// The run dir when none is given: `/run/viking` for root, else the user's runtime dir (SO_REUSEPORT
-/// groups only sockets of one user, so each user needs only its own locks).
-pub fn default_run_dir() -> PathBuf {
-    // The owner of /proc/self is this process's effective user.
-    let uid =
-        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc/self"));
-    if uid == 0 {
-        return PathBuf::from("/run/viking");
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) => PathBuf::from(dir).join("viking"),
-        None => std::env::temp_dir().join(format!("viking-{uid}")),
-    }
-}
-
 /// This network namespace's id, as `/proc/self/ns/net` names it (`net:[4026531840]`).
 fn netns_id() -> String {
     std::fs::read_link("/proc/self/ns/net")

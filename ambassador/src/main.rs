@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use ambassador::AmbassadorArgs;
 use clap::Parser;
-use runtime::{EtcdArgs, HostArgs, RangeArgs};
+use runtime::{EtcdArgs, HostArgs, RangeArgs, RunDirArgs};
 
 /// viking's per-host TCP proxy: one cluster-wide port per linked service port.
 #[derive(Debug, Parser)]
@@ -23,6 +23,9 @@ struct Cli {
     range: RangeArgs,
 
     #[command(flatten)]
+    run_dir: RunDirArgs,
+
+    #[command(flatten)]
     ambassador: AmbassadorArgs,
 }
 
@@ -30,9 +33,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     runtime::process::main("ambassador", "info", async move {
         let host = cli.host.id()?;
-        let checked = cli
-            .ambassador
-            .check(&cli.etcd.prefix, &host, cli.range.range)?;
+        let checked =
+            cli.ambassador
+                .check(&cli.etcd.prefix, &host, cli.range.range, cli.run_dir.dir())?;
         let shutdown = runtime::shutdown::on_signals();
         let client = cli.etcd.connect_daemon(&shutdown).await?;
         tracing::info!(etcd = %cli.etcd.endpoints_display(), host = %host, "ambassador starting");

@@ -257,6 +257,50 @@ pub async fn jobs(store: &Store, stack: &StackName) -> Result<Vec<JobSpec>, HqEr
     Ok(jobs)
 }
 
+/// Held while one `viking run`, `scale` or `stop` changes a stack's containers on this host:
+/// two at once would both create the same container names (Docker answers the second with
+/// 409 Conflict). A second one waits for the first, saying so, then plans from what the first
+/// left.
+pub struct StackLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl StackLock {
+    pub async fn take(run_dir: &std::path::Path, stack: &StackName) -> Result<StackLock, HqError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let refused = |e: std::io::Error| {
+            HqError::Refused(format!(
+                "cannot use --run-dir {}: {e}; pass --run-dir with a directory this user may write",
+                run_dir.display()
+            ))
+        };
+        std::fs::create_dir_all(run_dir).map_err(refused)?;
+        let path = run_dir.join(format!("viking-run-{stack}.lock"));
+        let mut file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(refused)?;
+        let mut said = false;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(StackLock { _lock: lock }),
+                Err((f, _)) => {
+                    if !std::mem::replace(&mut said, true) {
+                        tracing::warn!(
+                            "another viking run, scale or stop of {stack} is under way on this \
+                             host; waiting for it"
+                        );
+                    }
+                    file = f;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
 /// `viking run`: converges the stack's containers on this host. Returns one line per step.
 pub async fn run(
     docker: &Docker,

@@ -13,7 +13,7 @@ use hq::store::{HqError, Store};
 use hq::up::UpArgs;
 use hq::{folder, launch, stackfile::StackFile};
 use portalloc::Allocator;
-use runtime::{EtcdArgs, Failure, OutputArgs, RangeArgs};
+use runtime::{EtcdArgs, Failure, OutputArgs, RangeArgs, RunDirArgs};
 use schema::records::HostRecord;
 use schema::{HostId, ServiceId, StackName};
 
@@ -30,6 +30,9 @@ struct Cli {
 
     #[command(flatten)]
     range: RangeArgs,
+
+    #[command(flatten)]
+    run_dir: RunDirArgs,
 
     #[command(flatten)]
     output: OutputArgs,
@@ -170,6 +173,7 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         return hq::up::up(
             &cli.etcd,
             cli.range.range,
+            cli.run_dir.dir(),
             *args,
             runtime::shutdown::on_signals(),
         )
@@ -192,6 +196,7 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         cli.etcd.endpoints_display(),
     );
     let out = cli.output.output;
+    let run_dir = cli.run_dir.dir();
     match cli.command {
         Command::Deploy { .. } | Command::Apply { .. } => {
             let files = files.expect("read above");
@@ -207,9 +212,9 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         }
         Command::Graph { stack, dot } => graph(&store, stack.as_ref(), dot, out).await,
         Command::Rm { stack, force } => rm(&store, &stack, force).await,
-        Command::Run { stack, wait } => run_stack(&store, &stack, wait).await,
-        Command::Stop { stack } => stop(&stack).await,
-        Command::Scale { service, scale } => set_scale(&store, &service, scale).await,
+        Command::Run { stack, wait } => run_stack(&store, &stack, wait, &run_dir).await,
+        Command::Stop { stack } => stop(&stack, &run_dir).await,
+        Command::Scale { service, scale } => set_scale(&store, &service, scale, &run_dir).await,
         Command::Logs {
             service,
             follow,
@@ -386,16 +391,23 @@ async fn rm(store: &Store, stack: &StackName, force: bool) -> Result<(), HqError
     Ok(())
 }
 
-async fn run_stack(store: &Store, stack: &StackName, wait: Duration) -> Result<(), HqError> {
+async fn run_stack(
+    store: &Store,
+    stack: &StackName,
+    wait: Duration,
+    run_dir: &std::path::Path,
+) -> Result<(), HqError> {
     let docker = launch::docker().await?;
+    let _lock = launch::StackLock::take(run_dir, stack).await?;
     for line in launch::run(&docker, store, stack, wait).await? {
         println!("{line}");
     }
     Ok(())
 }
 
-async fn stop(stack: &StackName) -> Result<(), HqError> {
+async fn stop(stack: &StackName, run_dir: &std::path::Path) -> Result<(), HqError> {
     let docker = launch::docker().await?;
+    let _lock = launch::StackLock::take(run_dir, stack).await?;
     let removed = launch::stop(&docker, stack).await?;
     if removed.is_empty() {
         println!("{stack}: no containers on this host");
@@ -406,10 +418,16 @@ async fn stop(stack: &StackName) -> Result<(), HqError> {
     Ok(())
 }
 
-async fn set_scale(store: &Store, service: &ServiceId, scale: u32) -> Result<(), HqError> {
+async fn set_scale(
+    store: &Store,
+    service: &ServiceId,
+    scale: u32,
+    run_dir: &std::path::Path,
+) -> Result<(), HqError> {
     let before = store.set_scale(&service.stack, &service.job, scale).await?;
     println!("{service}: scale {before} -> {scale}");
     let docker = launch::docker().await?;
+    let _lock = launch::StackLock::take(run_dir, &service.stack).await?;
     for line in launch::run(&docker, store, &service.stack, launch::DEFAULT_WAIT).await? {
         if !line.starts_with("unchanged") {
             println!("{line}");

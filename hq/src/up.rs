@@ -131,11 +131,12 @@ fn start_etcd(data: &Path, client: SocketAddr) -> Result<LocalEtcd, HqError> {
 pub async fn up(
     etcd: &EtcdArgs,
     range: PortRange,
+    run_dir: std::path::PathBuf,
     args: UpArgs,
     shutdown: CancellationToken,
 ) -> Result<(), HqError> {
     let host = args.host.id()?;
-    let ambassador = args.ambassador.check(&etcd.prefix, &host, range)?;
+    let ambassador = args.ambassador.check(&etcd.prefix, &host, range, run_dir)?;
     let registrator = args.registrator.check(&etcd.prefix, &host)?;
     let data = args.data.clone().unwrap_or_else(default_data);
     let client = etcd.connect_daemon(&shutdown).await?;

@@ -21,6 +21,43 @@ pub struct RangeArgs {
     pub range: PortRange,
 }
 
+/// `--run-dir`: where this host's viking processes keep their locks (one ambassador per bind
+/// address, one `viking run` per stack at a time).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunDirArgs {
+    /// Where locks live (default: /run/viking for root, else $XDG_RUNTIME_DIR/viking)
+    #[arg(
+        long = "run-dir",
+        env = "VIKING_RUN_DIR",
+        value_name = "DIR",
+        global = true
+    )]
+    pub run_dir: Option<std::path::PathBuf>,
+}
+
+impl RunDirArgs {
+    /// `--run-dir`, or the default for this user.
+    pub fn dir(&self) -> std::path::PathBuf {
+        self.run_dir.clone().unwrap_or_else(default_run_dir)
+    }
+}
+
+/// The run dir when none is given: `/run/viking` for root, else the user's runtime dir
+/// (locks between processes of one user are all these are for).
+pub fn default_run_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    // The owner of /proc/self is this process's effective user.
+    let uid =
+        std::fs::metadata("/proc/self").map_or(0, |m| std::os::unix::fs::MetadataExt::uid(&m));
+    if uid == 0 {
+        return PathBuf::from("/run/viking");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => PathBuf::from(dir).join("viking"),
+        None => std::env::temp_dir().join(format!("viking-{uid}")),
+    }
+}
+
 /// `--output`: results as text for people or JSON for programs; logs always go to stderr.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct OutputArgs {

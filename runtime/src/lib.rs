@@ -6,7 +6,7 @@
 //!   disconnect and re-lists after a compaction.
 //! * [`members`]: keeps a daemon's requests off etcd members that do not answer.
 //! * [`lease`]: a lease keeper that grants, keeps alive, re-grants and tells its owner.
-//! * [`args`]: `--range` and `--output`, defined once for every binary that takes them.
+//! * [`args`]: `--range`, `--run-dir` and `--output`, defined once for every binary that takes them.
 //! * [`backoff`]: exponential backoff with jitter.
 //! * [`host`]: this host's id and addresses, and RFC 3339 time.
 //! * [`telemetry`]: tracing set-up, plain or JSON.
@@ -26,7 +26,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod watch;
 
-pub use args::{OutputArgs, RangeArgs};
+pub use args::{OutputArgs, RangeArgs, RunDirArgs};
 pub use backoff::Backoff;
 pub use etcd::{EtcdArgs, EtcdError};
 pub use host::HostArgs;

@@ -298,3 +298,56 @@ fn up_run_scale_kill_and_stop_the_examples() {
         "etcd still listens on {etcd_port}"
     );
 }
+
+/// Stops a stack's containers when the test ends, also on failure.
+struct StopStack<'a>(&'a str, &'a str);
+impl Drop for StopStack<'_> {
+    fn drop(&mut self) {
+        let _ = viking(self.0, &["stop", self.1]);
+    }
+}
+
+#[tokio::test]
+async fn two_runs_of_one_stack_at_once_both_converge_without_a_conflict() {
+    docker::require(None);
+    let etcd = testkit::Etcd::start().await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let stack = format!("race{}", std::process::id());
+    std::fs::create_dir_all(dir.path().join(&stack)).unwrap();
+    std::fs::write(
+        dir.path().join(&stack).join("stack.yml"),
+        format!(
+            "w:\n  image: {}\n  command: sleep 3600\n  scale: 3\n",
+            testkit::docker::IMAGE
+        ),
+    )
+    .unwrap();
+    let out = viking(&ep, &["deploy", dir.path().join(&stack).to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _stop = StopStack(&ep, &stack);
+    let locks = dir.path().join("run");
+    let run = || {
+        let (ep, stack, locks) = (ep.clone(), stack.clone(), locks.clone());
+        std::thread::spawn(move || {
+            viking(&ep, &["--run-dir", locks.to_str().unwrap(), "run", &stack])
+        })
+    };
+    let (a, b) = (run(), run());
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    for out in [&a, &b] {
+        assert!(out.status.success(), "{}\n{}", stdout(out), stderr(out));
+        assert!(!stderr(out).contains("409"), "{}", stderr(out));
+    }
+    let started = stdout(&a).matches("started").count() + stdout(&b).matches("started").count();
+    assert_eq!(
+        started,
+        3,
+        "each instance started once:\n{}\n{}",
+        stdout(&a),
+        stdout(&b)
+    );
+    let label = format!("label=viking.stack={stack}");
+    let ids = docker_ok(None, &["ps", "-q", "--filter", &label]);
+    assert_eq!(ids.lines().count(), 3, "{ids}");
+}
