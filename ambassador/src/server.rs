@@ -376,10 +376,8 @@ async fn sync_routes(
         } else {
             std::borrow::Cow::Borrowed(&allocs)
         };
-        let previous = shared.routes();
-        let routes = Routes::build(prefix, &served, &services, &previous, &shared.metrics);
-        debug!(services = routes.by_port.len(), "routes rebuilt");
-        shared.routes.send_replace(Arc::new(routes));
+        // The zone first: whoever sees the new routes (a test, a client) finds the zone that
+        // goes with them.
         if let Some(settings) = &shared.config.dns {
             let revision = allocs
                 .values()
@@ -391,6 +389,10 @@ async fn sync_routes(
             let zone = crate::dns::Zone::build(settings, prefix, &served, &services, serial);
             shared.zone.send_replace(Arc::new(zone));
         }
+        let previous = shared.routes();
+        let routes = Routes::build(prefix, &served, &services, &previous, &shared.metrics);
+        debug!(services = routes.by_port.len(), "routes rebuilt");
+        shared.routes.send_replace(Arc::new(routes));
         if !shared.synced.swap(true, Ordering::Relaxed) {
             // Read from etcd: it answers.
             shared.set_etcd_answering(true);

@@ -180,13 +180,14 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         .await;
     }
     // Input first: nothing is read from or written to etcd before it is valid.
+    let range = (cli.range.for_allocation()).map_err(|f| HqError::Input(f.message()))?;
     let files = match &cli.command {
         Command::Deploy { paths, name } => Some(read_paths(paths, name.as_deref())?),
         Command::Apply { dir } => Some(folder::read_folder(dir)?),
         _ => None,
     };
     let client = cli.etcd.connect_live().await?;
-    let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range.range)
+    let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), range)
         .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))
         .with_endpoints_label(cli.etcd.endpoints_display());
     let store = Store::new(
@@ -439,6 +440,7 @@ async fn set_scale(
 async fn host(store: &Store, command: HostCommand, out: Format) -> Result<(), HqError> {
     match command {
         HostCommand::Add { host, addr, roles } => {
+            schema::check_member_addr(addr).map_err(HqError::Input)?;
             let record = HostRecord {
                 v: schema::records::RECORD_VERSION,
                 host: host.clone(),

@@ -103,6 +103,8 @@ pub enum PolicyError {
          '-', '_', '.', optionally ending in '*'), e.g. --iface eth0"
     )]
     Iface(String),
+    #[error("{why} ({source_name})")]
+    NotAHost { why: String, source_name: String },
     #[error(
         "--iface {}: no such interface here (this host has {}); a rule for it would filter \
          nothing and leave the host open: fix the name, or add --iface-may-appear if it comes \
@@ -129,6 +131,10 @@ pub fn parse_members<'a>(
         }
         match value.parse::<IpAddr>() {
             Ok(ip) => {
+                schema::check_member_addr(ip).map_err(|why| PolicyError::NotAHost {
+                    why,
+                    source_name: source_name.to_owned(),
+                })?;
                 out.insert(ip);
             }
             Err(_)
@@ -249,6 +255,19 @@ mod tests {
                 .starts_with("--iface nosuch0: no such interface here (this host has eth0, lo)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn special_addresses_are_not_members() {
+        let e = parse_members(["10.0.0.1", "::ffff:10.250.0.1"], "the command line").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "::ffff:10.250.0.1 is an IPv4 address written as IPv6, which IPv4 packets do not \
+             match; write 10.250.0.1 (the command line)"
+        );
+        for bad in ["0.0.0.0", "255.255.255.255", "127.0.0.1"] {
+            assert!(parse_members([bad], "t").is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -88,8 +88,9 @@ struct PortRow<'a> {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let range = cli.range.for_allocation()?;
     let client = cli.etcd.connect_live().await?;
-    let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), cli.range.range)
+    let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), range)
         .with_max_txn_ops(cli.max_txn_ops)
         .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))
         .with_endpoints_label(cli.etcd.endpoints_display());

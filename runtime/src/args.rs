@@ -21,6 +21,40 @@ pub struct RangeArgs {
     pub range: PortRange,
 }
 
+impl RangeArgs {
+    /// The range to hand ports out from: refused below 1024, where this host's own services
+    /// listen (DNS 53, SSH 22), and warned about where it overlaps the kernel's ephemeral ports
+    /// (outgoing connections may hold one when an ambassador wants to bind it).
+    pub fn for_allocation(&self) -> Result<PortRange, crate::Failure> {
+        let range = self.range;
+        if range.start < 1024 {
+            return Err(crate::Failure::usage(format!(
+                "--range {range} reaches below 1024, where system services listen (DNS 53, SSH \
+                 22): an ambassador port there would collide with them; give a range from 1024 \
+                 up, e.g. 20000-29999"
+            )));
+        }
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|t| {
+                let mut it = t.split_whitespace().map(|n| n.parse::<u16>().ok());
+                Some((it.next()??, it.next()??))
+            })
+            .unwrap_or((32768, 60999));
+        if range.start <= ephemeral.1 && range.end >= ephemeral.0 {
+            tracing::warn!(
+                "--range {range} overlaps this host's ephemeral ports {}-{} \
+                 (net.ipv4.ip_local_port_range): an outgoing connection may hold a port when an \
+                 ambassador wants to bind it; keep the range below {}",
+                ephemeral.0,
+                ephemeral.1,
+                ephemeral.0
+            );
+        }
+        Ok(range)
+    }
+}
+
 /// `--run-dir`: where this host's viking processes keep their locks (one ambassador per bind
 /// address, one `viking run` per stack at a time).
 #[derive(Debug, Clone, clap::Args)]

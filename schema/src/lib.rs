@@ -20,6 +20,6 @@ pub use job::{
 };
 pub use keys::{DEFAULT_PREFIX, Dir, Instance, Key, KeyError, Prefix};
 pub use kv::{Kv, MAX_TXN_OPS};
-pub use names::{HostId, JobName, NameError, NameKind, StackName};
+pub use names::{HostId, JobName, NameError, NameKind, StackName, check_member_addr};
 pub use range::{PortRange, RangeError};
 pub use service::{Proto, ServiceId, ServicePort, ServicePortError};

@@ -224,3 +224,68 @@ mod tests {
         assert!(HostId::from_hostname("under_score").is_err());
     }
 }
+
+/// Checks that `addr` can be a cluster member's address: one host that other hosts reach. Not
+/// the unspecified address, a broadcast, loopback or multicast address; not an IPv4 address
+/// written as IPv6 (`::ffff:10.0.0.1`), which a firewall's IPv4 rules would not match. The
+/// error says which and what to write.
+pub fn check_member_addr(addr: std::net::IpAddr) -> Result<(), String> {
+    use std::net::IpAddr;
+    let why = match addr {
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return Err(format!(
+                    "{addr} is an IPv4 address written as IPv6, which IPv4 packets do not match; write {v4}"
+                ));
+            }
+            if v6.is_unspecified() {
+                "is the unspecified address (no host)"
+            } else if v6.is_loopback() {
+                "is loopback (this host only, never another)"
+            } else if v6.is_multicast() {
+                "is a multicast address (a group, not a host)"
+            } else {
+                return Ok(());
+            }
+        }
+        IpAddr::V4(v4) => {
+            if v4.is_unspecified() {
+                "is the unspecified address (no host)"
+            } else if v4.is_broadcast() {
+                "is the broadcast address (every host)"
+            } else if v4.is_loopback() {
+                "is loopback (this host only, never another)"
+            } else if v4.is_multicast() {
+                "is a multicast address (a group, not a host)"
+            } else {
+                return Ok(());
+            }
+        }
+    };
+    Err(format!(
+        "{addr} {why}; give the address other hosts reach this one on, e.g. 10.0.0.5"
+    ))
+}
+
+#[cfg(test)]
+mod member_addr_tests {
+    use super::check_member_addr;
+
+    #[test]
+    fn a_member_address_is_one_reachable_host() {
+        for ok in ["10.0.0.1", "192.168.1.5", "fd00::1", "2001:db8::5"] {
+            assert_eq!(check_member_addr(ok.parse().unwrap()), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("0.0.0.0", "unspecified"),
+            ("255.255.255.255", "broadcast"),
+            ("127.0.0.1", "loopback"),
+            ("::1", "loopback"),
+            ("224.0.0.1", "multicast"),
+            ("::ffff:10.250.0.1", "write 10.250.0.1"),
+        ] {
+            let e = check_member_addr(bad.parse().unwrap()).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+}

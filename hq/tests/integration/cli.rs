@@ -338,6 +338,16 @@ async fn hosts_add_list_remove() {
     );
     let out = viking(&ep, &["host", "add", "Node_3", "10.0.0.3"]);
     assert_eq!(out.status.code(), Some(2));
+    for special in [
+        "0.0.0.0",
+        "255.255.255.255",
+        "127.0.0.1",
+        "::ffff:10.250.0.1",
+    ] {
+        let out = viking(&ep, &["host", "add", "node-3", special]);
+        assert_eq!(out.status.code(), Some(2), "{special}: {}", stderr(&out));
+        assert!(stderr(&out).contains(special), "{}", stderr(&out));
+    }
     let out = viking(&ep, &["host", "add", "node-3", "10.0.0.300"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(viking(&ep, &["host", "rm", "node-1"]).status.success());

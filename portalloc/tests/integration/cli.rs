@@ -212,3 +212,28 @@ async fn repair_reports_an_allocation_outside_the_range_instead_of_blessing_it()
         "repair created an owner key for port 22"
     );
 }
+
+#[tokio::test]
+async fn a_range_below_1024_is_refused_and_one_in_the_ephemeral_ports_warned_about() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let out = portalloc(&ep, &["--range", "53-54", "alloc", "s/a:1"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        stderr(&out).contains("--range 53-54 reaches below 1024"),
+        "{}",
+        stderr(&out)
+    );
+    let out = portalloc(&ep, &["--range", "40000-40010", "alloc", "s/a:1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("overlaps this host's ephemeral ports"),
+        "{}",
+        stderr(&out)
+    );
+    let out = portalloc(&ep, &["alloc", "s/b:1"]);
+    assert!(
+        !stderr(&out).contains("ephemeral"),
+        "the default range is not warned about"
+    );
+}
