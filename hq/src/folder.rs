@@ -64,12 +64,29 @@ pub fn read_stack(path: &Path, name: &str) -> Result<StackFile, HqError> {
     let name = StackName::new(name)
         .map_err(|e| HqError::Input(format!("{e}; pass --name to choose the stack name")))?;
     let (file, _) = locate(path)?;
-    let text = std::fs::read_to_string(&file)
-        .map_err(|e| HqError::Input(format!("cannot read {}: {e}", file.display())))?;
+    let text = read_small(&file)?;
     let display = file.display().to_string();
     let parsed =
         stackfile::parse(name, &display, &text).map_err(|e| HqError::Input(e.to_string()))?;
     Ok(stackfile::resolve_stack(parsed))
+}
+
+/// The largest stack or job file read: a deploy is one etcd request, which etcd caps at
+/// 1.5 MiB by default (`--max-request-bytes`).
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads a file people wrote, refusing one too big to be a stack file before anything else.
+fn read_small(file: &Path) -> Result<String, HqError> {
+    let io = |e: std::io::Error| HqError::Input(format!("cannot read {}: {e}", file.display()));
+    let size = std::fs::metadata(file).map_err(io)?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(HqError::Input(format!(
+            "{} is {size} bytes; a stack file is at most {MAX_FILE_BYTES} bytes (a deploy is one \
+             etcd request, which etcd caps at 1.5 MiB): is it the right file?",
+            file.display()
+        )));
+    }
+    std::fs::read_to_string(file).map_err(io)
 }
 
 /// Writes `<dir>/<stack>/<job>.yaml` for each job, in the stack-file shape.
@@ -167,7 +184,7 @@ pub fn read_folder(dir: &Path) -> Result<Vec<StackFile>, HqError> {
                 .unwrap_or_default();
             let job = JobName::new(stem)
                 .map_err(|e| HqError::Input(format!("{}: {e}", file.display())))?;
-            let text = std::fs::read_to_string(&file).map_err(|e| io(&file, e))?;
+            let text = read_small(&file)?;
             let def = stackfile::parse_job_file(&stack, &job, &file.display().to_string(), &text)
                 .map_err(|e| HqError::Input(e.to_string()))?;
             all_text.push_str(&format!("{stem}\n{text}\n"));
@@ -230,5 +247,16 @@ mod tests {
         assert_eq!(mode(&old), 0o600);
         assert_eq!(mode(&root.path().join("app")), 0o700);
         assert!(std::fs::read_to_string(&old).unwrap().contains("secret"));
+    }
+
+    #[test]
+    fn a_file_too_big_for_a_stack_is_refused_before_it_is_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stack.yml");
+        let big = "a:\n  image: x\n".to_owned() + &"#".repeat(MAX_FILE_BYTES as usize);
+        std::fs::write(&file, big).unwrap();
+        let e = read_stack(dir.path(), "app").unwrap_err();
+        assert!(matches!(e, HqError::Input(_)), "bad input, exit 2: {e:?}");
+        assert!(e.to_string().contains("a stack file is at most"), "{e}");
     }
 }

@@ -62,8 +62,10 @@ async fn an_etcd_outage_is_caught_up_after_etcd_returns() {
     let during_key = key(&during);
     tokio::time::sleep(Duration::from_secs(5)).await;
     s.etcd.restart().await;
+    // Retries back off up to 5 s (runtime::Backoff's default), so after a 5 s outage the next
+    // try may come 5 s after etcd is back: the budget is that plus the re-registration.
     let took = s
-        .until(Duration::from_secs(3), "caught up", |e| {
+        .until(Duration::from_secs(8), "caught up", |e| {
             e.keys().eq([&during_key])
         })
         .await;
