@@ -417,11 +417,44 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
         Some(rest) => rest.split_once(": ").map_or(rest, |(_, m)| m),
         None => first,
     };
+    // The place is already in front of the message.
+    let message = match message.rfind(" at line ") {
+        Some(i) if message[i..].contains(", column ") => &message[..i],
+        _ => message,
+    };
+    in_file_terms(message)
+}
+
+/// The YAML library's words for what is wrong, said in the stack file's terms, with what to
+/// write instead.
+fn in_file_terms(message: &str) -> String {
     if message.starts_with("unknown field") {
-        format!("{message}; the keys of a job are: {JOB_KEYS}")
-    } else {
-        message.to_owned()
+        return format!("{message}; the keys of a job are: {JOB_KEYS}");
     }
+    if message.contains("untagged enum PortValue") {
+        return "a port is a whole number 1-65535, optionally with /tcp or /udp: 80, \"53/udp\""
+            .to_owned();
+    }
+    if message.contains("untagged enum EnvValue") {
+        return "env is a map (`KEY: value`) or a list of `KEY=VALUE` strings".to_owned();
+    }
+    if message.starts_with("invalid i64") || message.starts_with("invalid u") {
+        return "expected a whole number here (scale is 0-1000, a port 1-65535), not a \
+                fraction or an exponent"
+            .to_owned();
+    }
+    if let Some(rest) = message.strip_prefix("duplicate mapping key: ") {
+        let key = rest.split(',').next().unwrap_or(rest).trim();
+        return format!(
+            "{key} appears twice; a job, and each key of a job, is written once (merge the two)"
+        );
+    }
+    if message.starts_with("expected mapping start") {
+        return "expected `key: value` lines here: a job needs at least `image: NAME` below \
+                its name, and a stack file is jobs by name"
+            .to_owned();
+    }
+    message.to_owned()
 }
 
 /// Maps a position in the untabbed text back to the file as written.
@@ -600,6 +633,22 @@ mod tests {
             (
                 "a:\n  image: My/Image\n",
                 "stack.yml:2:10: job a: image \"My/Image\" has upper-case letters",
+            ),
+            (
+                "a:\n  image: x\n  ports: [80.5]\n",
+                "stack.yml:3:11: a port is a whole number 1-65535",
+            ),
+            (
+                "a:\n  image: x\n  scale: 1e9\n",
+                "stack.yml:3:10: expected a whole number here",
+            ),
+            (
+                "a:\n  image: x\na:\n  image: y\n",
+                "stack.yml:3:1: a appears twice; a job, and each key of a job, is written once",
+            ),
+            (
+                "a:\n",
+                "stack.yml:1:2: expected `key: value` lines here: a job needs at least",
             ),
             (
                 "a:\n  image: x\n  env: [A=1, A=2]\n",
