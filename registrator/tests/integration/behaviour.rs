@@ -8,7 +8,7 @@ use crate::{Scene, key};
 
 #[tokio::test]
 async fn a_published_port_is_registered_and_removed_within_a_second() {
-    let s = Scene::start(&[]).await;
+    let mut s = Scene::start(&[]).await;
     let stack = s.stack.clone();
     let c = s.web("web", &[]);
     let key = key(&c);
@@ -26,21 +26,13 @@ async fn a_published_port_is_registered_and_removed_within_a_second() {
     c.act("stop");
     s.until(Duration::from_secs(1), "removed", |e| e.is_empty())
         .await;
-    let log = s.reg.log();
-    assert!(
-        log.contains(&format!(
-            "registered {stack}/web:8080/tcp node-a:{}:8080 at 127.0.0.1:{host_port}",
-            c.short_id()
-        )),
-        "{log}"
-    );
-    assert!(
-        log.contains(&format!(
-            "removed {stack}/web:8080/tcp node-a:{}:8080 (container",
-            c.short_id()
-        )),
-        "{log}"
-    );
+    // Each line is logged just after the write the waits above saw.
+    let id = c.short_id();
+    let registered =
+        format!("registered {stack}/web:8080/tcp node-a:{id}:8080 at 127.0.0.1:{host_port}");
+    s.reg.wait_log(&registered, Duration::from_secs(2));
+    let removed = format!("removed {stack}/web:8080/tcp node-a:{id}:8080 (container");
+    s.reg.wait_log(&removed, Duration::from_secs(2));
 }
 
 #[tokio::test]

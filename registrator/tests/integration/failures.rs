@@ -30,8 +30,9 @@ async fn a_killed_registrator_loses_its_keys_after_the_ttl_and_corrects_them_at_
     .await;
     // The reason is the replayed `destroy` event if it comes before the first list, else
     // "no running container matches it": either way one line says what was removed.
+    // Logged just after the write that the wait above saw: wait for the line too.
     let removed = format!("removed {}/web:8080/tcp {first_instance} (", s.stack);
-    assert!(s.reg.log().contains(&removed), "{}", s.reg.log());
+    s.reg.wait_log(&removed, Duration::from_secs(2));
 
     // Down for longer: the lease (2 s) takes the keys, a restart brings them back.
     s.reg.kill();
