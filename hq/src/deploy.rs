@@ -24,6 +24,50 @@ pub struct StackReport {
     pub unchanged: Vec<String>,
 }
 
+/// Fails, before anything is allocated or written, when deploying `files` over `read` would
+/// need a transaction of more than `max_txn_ops` compares or operations (etcd's
+/// `--max-txn-ops`): one guard and at most one write per job and per stack meta, one delete
+/// and guard per job the files drop, one guard per job of another stack they link to.
+pub fn check_size(
+    prefix: &Prefix,
+    files: &[crate::StackFile],
+    read: &BTreeMap<String, Kv>,
+    max_txn_ops: usize,
+) -> Result<(), crate::HqError> {
+    let deploying: BTreeSet<&StackName> = files.iter().map(|f| &f.name).collect();
+    let jobs: usize = files.iter().map(|f| f.jobs.len()).sum();
+    let dropped = read
+        .keys()
+        .filter(|k| match prefix.parse(k) {
+            Ok(Key::StackJob(stack, job)) => files
+                .iter()
+                .find(|f| f.name == stack)
+                .is_some_and(|f| !f.jobs.iter().any(|j| j.name == job)),
+            _ => false,
+        })
+        .count();
+    let outside: BTreeSet<&schema::ServiceId> = files
+        .iter()
+        .flat_map(|f| &f.jobs)
+        .flat_map(|j| &j.links)
+        .map(|l| &l.target)
+        .filter(|t| !deploying.contains(&t.stack))
+        .collect();
+    let guards = jobs + files.len() + dropped + outside.len();
+    if guards <= max_txn_ops {
+        return Ok(());
+    }
+    let room = max_txn_ops.saturating_sub(files.len() + dropped + outside.len());
+    Err(crate::HqError::Input(format!(
+        "this deploy is one etcd transaction of {guards} compares ({jobs} jobs, {} stack \
+         metas, {dropped} jobs removed, {} linked jobs of other stacks) and etcd takes at most \
+         {max_txn_ops} (its --max-txn-ops): deploy at most {room} jobs at once, or raise etcd's \
+         --max-txn-ops and pass the same to viking --max-txn-ops; nothing was allocated or written",
+        files.len(),
+        outside.len()
+    )))
+}
+
 /// A condition of the transaction on one key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Guard {

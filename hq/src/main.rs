@@ -13,7 +13,7 @@ use hq::store::{HqError, Store};
 use hq::up::UpArgs;
 use hq::{folder, launch, stackfile::StackFile};
 use portalloc::Allocator;
-use runtime::{EtcdArgs, Failure, OutputArgs, RangeArgs, RunDirArgs};
+use runtime::{EtcdArgs, Failure, OutputArgs, RangeArgs, RunDirArgs, TxnArgs};
 use schema::records::HostRecord;
 use schema::{HostId, ServiceId, StackName};
 
@@ -33,6 +33,9 @@ struct Cli {
 
     #[command(flatten)]
     run_dir: RunDirArgs,
+
+    #[command(flatten)]
+    txn: TxnArgs,
 
     #[command(flatten)]
     output: OutputArgs,
@@ -188,6 +191,7 @@ async fn run(cli: Cli) -> Result<(), HqError> {
     };
     let client = cli.etcd.connect_live().await?;
     let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), range)
+        .with_max_txn_ops(cli.txn.max_txn_ops)
         .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))
         .with_endpoints_label(cli.etcd.endpoints_display());
     let store = Store::new(

@@ -212,6 +212,8 @@ impl Store {
             for f in files {
                 view.stacks.remove(&f.name);
             }
+            // Before any port is allocated: the whole deploy must fit in one transaction.
+            deploy::check_size(&self.prefix, files, &raw, self.allocator.max_txn_ops())?;
             let required = compile::required_service_ports(files, &view)?;
             let ports = self.allocator.allocate_many(&required).await?;
             view.ports = required.into_iter().zip(ports).collect();

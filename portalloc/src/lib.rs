@@ -145,6 +145,11 @@ impl Allocator {
         self
     }
 
+    /// etcd's `--max-txn-ops` as this allocator was told it.
+    pub fn max_txn_ops(&self) -> usize {
+        self.max_txn_ops
+    }
+
     pub fn range(&self) -> PortRange {
         self.range
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use portalloc::{Allocator, Fix};
 use runtime::output::{self, Format};
-use runtime::{EtcdArgs, Failure, OutputArgs, RangeArgs};
+use runtime::{EtcdArgs, Failure, OutputArgs, RangeArgs, TxnArgs};
 use schema::ServicePort;
 
 /// Cluster-wide ambassador port allocator on etcd.
@@ -22,9 +22,8 @@ struct Cli {
     #[command(flatten)]
     range: RangeArgs,
 
-    /// etcd's --max-txn-ops; raise it with the server's to write big batches in one transaction
-    #[arg(long, env = "VIKING_ETCD_MAX_TXN_OPS", default_value_t = schema::MAX_TXN_OPS, global = true)]
-    max_txn_ops: usize,
+    #[command(flatten)]
+    txn: TxnArgs,
 
     #[command(flatten)]
     output: OutputArgs,
@@ -91,7 +90,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let range = cli.range.for_allocation()?;
     let client = cli.etcd.connect_live().await?;
     let allocator = Allocator::new(&client, cli.etcd.prefix.clone(), range)
-        .with_max_txn_ops(cli.max_txn_ops)
+        .with_max_txn_ops(cli.txn.max_txn_ops)
         .with_retry_for(cli.etcd.timeout.max(Duration::from_secs(1)))
         .with_endpoints_label(cli.etcd.endpoints_display());
     let json = cli.output.output == Format::Json;

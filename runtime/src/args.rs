@@ -55,6 +55,21 @@ impl RangeArgs {
     }
 }
 
+/// `--max-txn-ops`: etcd's limit on the operations (and, apart, the compares) of one
+/// transaction. What belongs together is written in one, so a larger batch needs the server's
+/// `--max-txn-ops` raised and this flag with it.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct TxnArgs {
+    /// etcd's --max-txn-ops; raise it with the server's to write big batches in one transaction
+    #[arg(
+        long = "max-txn-ops",
+        env = "VIKING_ETCD_MAX_TXN_OPS",
+        default_value_t = schema::MAX_TXN_OPS,
+        global = true
+    )]
+    pub max_txn_ops: usize,
+}
+
 /// `--run-dir`: where this host's viking processes keep their locks (one ambassador per bind
 /// address, one `viking run` per stack at a time).
 #[derive(Debug, Clone, clap::Args)]

@@ -26,7 +26,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod watch;
 
-pub use args::{OutputArgs, RangeArgs, RunDirArgs};
+pub use args::{OutputArgs, RangeArgs, RunDirArgs, TxnArgs};
 pub use backoff::Backoff;
 pub use etcd::{EtcdArgs, EtcdError};
 pub use host::HostArgs;

@@ -443,3 +443,54 @@ async fn a_hand_edited_spec_is_checked_like_a_stack_file_before_anything_runs() 
     );
     assert!(err.contains("nothing was started"), "{err}");
 }
+
+#[tokio::test]
+async fn a_deploy_too_big_for_one_transaction_is_refused_before_any_port_is_allocated() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    // 140 jobs, each exposing a port that another links to: 140 writes and allocations.
+    let mut text = String::new();
+    for i in 0..140 {
+        text.push_str(&format!("j{i}:\n  image: x\n  ports: [80]\n"));
+        if i > 0 {
+            text.push_str(&format!("  link: [j{}]\n", i - 1));
+        }
+    }
+    std::fs::write(dir.path().join("stack.yml"), text).unwrap();
+    let out = viking(
+        &ep,
+        &["deploy", dir.path().to_str().unwrap(), "--name", "big"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("one etcd transaction of 141 compares (140 jobs, 1 stack metas"),
+        "{err}"
+    );
+    assert!(err.contains("deploy at most 127 jobs at once"), "{err}");
+    let mut c = etcd.client().await;
+    let keys = c
+        .get(
+            "/viking/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap()
+        .count();
+    assert_eq!(keys, 0, "nothing allocated or written");
+    // With etcd's limit raised (and told), it fits.
+    let etcd2 = Etcd::start_with(&["--max-txn-ops", "1024"]).await;
+    let out = viking(
+        &etcd2.endpoint(),
+        &[
+            "--max-txn-ops",
+            "1024",
+            "deploy",
+            dir.path().to_str().unwrap(),
+            "--name",
+            "big",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
