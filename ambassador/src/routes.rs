@@ -165,6 +165,7 @@ impl Routes {
     /// or backend seen for the first time gets its counters from `metrics`.
     pub fn build(
         prefix: &Prefix,
+        range: PortRange,
         allocs: &BTreeMap<String, Kv>,
         endpoints: &BTreeMap<String, Kv>,
         previous: &Routes,
@@ -192,7 +193,7 @@ impl Routes {
             backends.entry(e.service_port).or_default().push(backend);
         }
         let mut by_port = BTreeMap::new();
-        for (service_port, port) in allocations(prefix, allocs) {
+        for (service_port, port) in allocations(prefix, range, allocs) {
             if service_port.proto != schema::Proto::Tcp {
                 continue; // the TCP proxy serves TCP service ports
             }
@@ -251,6 +252,7 @@ pub fn endpoints<'a>(
 /// The allocations among the watched `ports/alloc/` keys: (service port, ambassador port).
 pub fn allocations<'a>(
     prefix: &'a Prefix,
+    range: PortRange,
     keys: &'a BTreeMap<String, Kv>,
 ) -> impl Iterator<Item = (ServicePort, u16)> + 'a {
     keys.iter().filter_map(move |(key, kv)| {
@@ -258,14 +260,15 @@ pub fn allocations<'a>(
             return None;
         };
         let rec = records::decode::<PortAllocRecord>(key, &kv.value).ok()?;
-        Some((service_port, rec.port))
+        // Port 0 or outside the range: a stray value, not served (`problems` says so).
+        (rec.port != 0 && range.contains(rec.port)).then_some((service_port, rec.port))
     })
 }
 
 /// Every watched key the ambassador cannot serve, with why: values that do not parse, keys
 /// outside the contract, and allocations of port 0 or outside `range` (a stray value must not
-/// make it bind an ephemeral port, or one such as 22). The caller logs each once and leaves the
-/// allocations out of the table and the zone.
+/// make it bind an ephemeral port, or one such as 22; [`allocations`] leaves those out of the
+/// table and the zone). The caller logs each once.
 pub fn problems(
     prefix: &Prefix,
     range: PortRange,

@@ -360,22 +360,14 @@ async fn sync_routes(
             continue;
         }
         let prefix = &shared.config.prefix;
-        let problems = crate::routes::problems(prefix, shared.config.range, &allocs, &services);
+        let range = shared.config.range;
+        let problems = crate::routes::problems(prefix, range, &allocs, &services);
         for (key, why) in &problems {
             if warned.get(key) != Some(why) {
                 warn!(key = %key, "cannot serve this key: {why}");
             }
         }
         warned = problems;
-        // The table and the zone see only allocations that may be served (a copy only while
-        // there is a bad one).
-        let bad_alloc = warned.keys().any(|k| allocs.contains_key(k));
-        let served: std::borrow::Cow<'_, BTreeMap<String, Kv>> = if bad_alloc {
-            let ok = allocs.iter().filter(|(k, _)| !warned.contains_key(*k));
-            std::borrow::Cow::Owned(ok.map(|(k, v)| (k.clone(), v.clone())).collect())
-        } else {
-            std::borrow::Cow::Borrowed(&allocs)
-        };
         // The zone first: whoever sees the new routes (a test, a client) finds the zone that
         // goes with them.
         if let Some(settings) = &shared.config.dns {
@@ -386,11 +378,18 @@ async fn sync_routes(
                 .max()
                 .unwrap_or(0);
             let serial = u32::try_from(revision.rem_euclid(1 << 32)).unwrap_or(0);
-            let zone = crate::dns::Zone::build(settings, prefix, &served, &services, serial);
+            let zone = crate::dns::Zone::build(settings, prefix, range, &allocs, &services, serial);
             shared.zone.send_replace(Arc::new(zone));
         }
         let previous = shared.routes();
-        let routes = Routes::build(prefix, &served, &services, &previous, &shared.metrics);
+        let routes = Routes::build(
+            prefix,
+            range,
+            &allocs,
+            &services,
+            &previous,
+            &shared.metrics,
+        );
         debug!(services = routes.by_port.len(), "routes rebuilt");
         shared.routes.send_replace(Arc::new(routes));
         if !shared.synced.swap(true, Ordering::Relaxed) {

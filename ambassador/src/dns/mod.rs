@@ -384,6 +384,7 @@ mod tests {
         Zone::build(
             &settings,
             &Prefix::new("/viking").unwrap(),
+            schema::PortRange::DEFAULT,
             &allocs,
             &services,
             7,

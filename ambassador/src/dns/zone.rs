@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use runtime::watch::Kv;
-use schema::Prefix;
+use schema::{PortRange, Prefix};
 
 use super::DnsSettings;
 use crate::routes;
@@ -43,6 +43,7 @@ impl Zone {
         Self::build(
             settings,
             &Prefix::new(schema::DEFAULT_PREFIX).expect("default prefix"),
+            PortRange::DEFAULT,
             &BTreeMap::new(),
             &BTreeMap::new(),
             0,
@@ -54,6 +55,7 @@ impl Zone {
     pub fn build(
         settings: &DnsSettings,
         prefix: &Prefix,
+        range: PortRange,
         allocs: &BTreeMap<String, Kv>,
         services: &BTreeMap<String, Kv>,
         serial: u32,
@@ -85,7 +87,7 @@ impl Zone {
             IpAddr::V4(v4) => Record::from_rdata(owner, ttl, RData::A(A(v4))),
             IpAddr::V6(v6) => Record::from_rdata(owner, ttl, RData::AAAA(AAAA(v6))),
         };
-        for (sp, port) in routes::allocations(prefix, allocs) {
+        for (sp, port) in routes::allocations(prefix, range, allocs) {
             let Some(service) = name(&format!("{}.{}", sp.service.job, sp.service.stack)) else {
                 continue;
             };
