@@ -183,7 +183,10 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         .await;
     }
     // Input first: nothing is read from or written to etcd before it is valid.
-    let range = (cli.range.for_allocation()).map_err(|f| HqError::Input(f.message()))?;
+    let range = cli
+        .range
+        .for_allocation()
+        .map_err(|f| HqError::Input(f.message()))?;
     let files = match &cli.command {
         Command::Deploy { paths, name } => Some(read_paths(paths, name.as_deref())?),
         Command::Apply { dir } => Some(folder::read_folder(dir)?),

@@ -20,7 +20,7 @@ pub fn on_signals() -> CancellationToken {
         cancel.cancel();
         let again = wait_for_signal().await;
         warn!(signal = again, "second signal: exiting now");
-        std::process::exit(130);
+        std::process::exit(i32::from(crate::process::INTERRUPTED));
     });
     token
 }
