@@ -339,6 +339,18 @@ impl Allocator {
                 ),
             ),
         ];
+        // A full scan is the only read that may pick a port below the frontier (a hole), so it
+        // also reads the other side of the truth: a port some allocation record claims is
+        // taken even when its owner key was lost (deleted by hand, say). Window reads pick only
+        // released ports and ports at or above the frontier, which no allocation claims unless
+        // the free list or the counter were edited by hand too; `portalloc repair` finds those.
+        if full_scan {
+            head.push(TxnOp::get(
+                self.prefix.dir(Dir::PortAllocs),
+                Some(GetOptions::new().with_prefix()),
+            ));
+        }
+        let owners_from = head.len();
         if scanned.0 <= scanned.1 {
             for (from, to) in plan::lexicographic_pieces(scanned.0, scanned.1) {
                 let mut end = format!("{owner_dir}{to}").into_bytes();
@@ -393,7 +405,15 @@ impl Allocator {
             .filter_map(|kv| port_of(kv.key(), &free_dir))
             .collect();
         let mut owned = BTreeSet::new();
-        for _ in 2..head_len {
+        if full_scan {
+            // Unreadable records are repair's business; the owner compare still guards them.
+            for kv in gets.next().expect("allocs").kvs() {
+                if let Ok(rec) = serde_json::from_slice::<PortAllocRecord>(kv.value()) {
+                    owned.insert(rec.port);
+                }
+            }
+        }
+        for _ in owners_from..head_len {
             for kv in gets.next().expect("owners").kvs() {
                 if let Some(p) = port_of(kv.key(), &owner_dir) {
                     if (scanned.0..=scanned.1).contains(&u32::from(p)) {

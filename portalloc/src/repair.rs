@@ -328,10 +328,15 @@ pub fn plan(state: &State, prefix: &Prefix, range: PortRange) -> Vec<Fix> {
     for (&port, claimants) in &claims {
         let owner = owners.get(&port);
         let owner_sp = owner.and_then(|(_, _, sp)| sp.as_ref());
+        // The original holder keeps the port: its containers already carry it in their env.
+        // That is the claim unchanged the longest (an allocation record changes only when its
+        // port does), not the one the owner key names: an allocation that took the port after
+        // its owner key was lost wrote a new owner key naming itself. On a tie (one
+        // transaction), the owner key decides, then the name.
         let winner = claimants
             .iter()
-            .find(|(sp, _, _)| Some(sp) == owner_sp)
-            .unwrap_or(&claimants[0]);
+            .min_by_key(|(sp, _, rev)| (*rev, Some(sp) != owner_sp))
+            .expect("a claim has claimants");
         let (wsp, wkey, wrev) = winner;
         match owner {
             None => fixes.push(Fix::CreateOwner {

@@ -181,6 +181,74 @@ async fn repair_fixes_a_hand_broken_state() {
 }
 
 #[tokio::test]
+async fn a_port_whose_owner_key_was_lost_is_not_handed_out_again() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let mut c = etcd.client().await;
+    let range = ["--range", "31000-31002"];
+    let out = portalloc(
+        &ep,
+        &[&range[..], &["alloc", "s/a:1", "s/d2:1", "s/c:1"]].concat(),
+    );
+    assert_eq!(stdout(&out), "31000\n31001\n31002\n", "{}", stderr(&out));
+    c.delete("/viking/ports/owner/31001", None).await.unwrap();
+    // The range is full: the allocator scans all of it and must see that s/d2 holds 31001.
+    let out = portalloc(&ep, &[&range[..], &["alloc", "s/new2:1"]].concat());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("no free ambassador port left in range 31000-31002"),
+        "{}",
+        stderr(&out)
+    );
+    let out = portalloc(&ep, &[&range[..], &["repair"]].concat());
+    assert_eq!(
+        stdout(&out),
+        "fixed: created owner of port 31001 for s/d2:1/tcp (it was missing)\n"
+    );
+}
+
+#[tokio::test]
+async fn repair_moves_the_newcomer_and_never_the_original_holder() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let mut c = etcd.client().await;
+    let out = portalloc(&ep, &["alloc", "s/d2:1"]);
+    assert_eq!(stdout(&out), "20000\n");
+    // What an allocator without the alloc-side check did after the owner key was lost: the
+    // newcomer took the port and wrote an owner key naming itself.
+    c.put(
+        "/viking/ports/alloc/s/new2/1-tcp",
+        r#"{"v":1,"port":20000}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    c.put("/viking/ports/owner/20000", "s/new2:1/tcp", None)
+        .await
+        .unwrap();
+    let out = portalloc(&ep, &["repair"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fixed = stdout(&out);
+    for line in [
+        "fixed: owner of port 20000 set to s/d2:1/tcp (was \"s/new2:1/tcp\")",
+        "fixed: moved s/new2:1/tcp from port 20000 (held by s/d2:1/tcp) to port 20001",
+    ] {
+        assert!(
+            fixed.lines().any(|l| l == line),
+            "missing {line:?} in:\n{fixed}"
+        );
+    }
+    let out = portalloc(&ep, &["list"]);
+    assert_eq!(stdout(&out), "20000\ts/d2:1/tcp\n20001\ts/new2:1/tcp\n");
+}
+
+#[tokio::test]
 async fn repair_reports_an_allocation_outside_the_range_instead_of_blessing_it() {
     let etcd = Etcd::start().await;
     let ep = etcd.endpoint();
