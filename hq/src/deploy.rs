@@ -53,11 +53,12 @@ pub fn check_size(
         .map(|l| &l.target)
         .filter(|t| !deploying.contains(&t.stack))
         .collect();
-    let guards = jobs + files.len() + dropped + outside.len();
+    // Two more: the ports it writes in the env were not released since they were allocated.
+    let guards = jobs + files.len() + dropped + outside.len() + 2;
     if guards <= max_txn_ops {
         return Ok(());
     }
-    let room = max_txn_ops.saturating_sub(files.len() + dropped + outside.len());
+    let room = max_txn_ops.saturating_sub(files.len() + dropped + outside.len() + 2);
     Err(crate::HqError::Input(format!(
         "this deploy is one etcd transaction of {guards} compares ({jobs} jobs, {} stack \
          metas, {dropped} jobs removed, {} linked jobs of other stacks) and etcd takes at most \

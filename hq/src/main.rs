@@ -388,14 +388,20 @@ async fn graph(
 }
 
 async fn rm(store: &Store, stack: &StackName, force: bool) -> Result<(), HqError> {
-    let released = store.remove_stack(stack, force).await?;
-    let ports: Vec<String> = released.iter().map(u16::to_string).collect();
+    let removed = store.remove_stack(stack, force).await?;
+    let ports: Vec<String> = removed.released.iter().map(u16::to_string).collect();
     let ports = if ports.is_empty() {
         "none".into()
     } else {
         ports.join(", ")
     };
-    println!("removed {stack}; released ports: {ports}");
+    if removed.deployed {
+        println!("removed {stack}; released ports: {ports}");
+    } else {
+        println!(
+            "{stack} was not deployed; released the ports a failed deploy left allocated: {ports}"
+        );
+    }
     Ok(())
 }
 

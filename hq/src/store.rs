@@ -1,6 +1,6 @@
 //! The etcd edge of HQ: read the cluster, allocate, write a deployment in one transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp};
@@ -67,6 +67,44 @@ pub struct Store {
 }
 
 pub use crate::deploy::{DeployReport, StackReport};
+
+/// What `viking rm` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// Whether the stack was deployed (else only ports it still held were released).
+    pub deployed: bool,
+    pub released: Vec<u16>,
+}
+
+/// What [`Store::release_unused`] may do.
+#[derive(Debug, Clone, Copy)]
+enum Release {
+    /// `viking rm`: remove the stack (refused while linked to, unless forced) and its ports.
+    Remove { force: bool },
+    /// After a failed deploy: release the ports of a stack only if it is not deployed.
+    LeftoversOnly,
+}
+
+/// The jobs of other stacks that link to `stack`, as `stack/job -> service`.
+fn linkers(
+    stacks: &BTreeMap<StackName, BTreeMap<JobName, JobSpec>>,
+    stack: &StackName,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, jobs) in stacks {
+        if name == stack {
+            continue;
+        }
+        for job in jobs.values() {
+            for link in &job.links {
+                if &link.service.stack == stack {
+                    out.push(format!("{name}/{} -> {}", job.job, link.service));
+                }
+            }
+        }
+    }
+    out
+}
 
 /// The job keys of `stack` under `raw` (as `load_stacks` returns it) that `jobs` lacks: the
 /// ones whose value could not be read.
@@ -165,7 +203,23 @@ impl Store {
         ),
         HqError,
     > {
-        let (_, raw) = self.get_prefix(self.prefix.dir(Dir::Stacks)).await?;
+        let (_, stacks, raw) = self.read_stacks().await?;
+        Ok((stacks, raw))
+    }
+
+    /// [`Store::load_stacks`] and the revision it read at.
+    #[allow(clippy::type_complexity)]
+    async fn read_stacks(
+        &self,
+    ) -> Result<
+        (
+            i64,
+            BTreeMap<StackName, BTreeMap<JobName, JobSpec>>,
+            BTreeMap<String, Kv>,
+        ),
+        HqError,
+    > {
+        let (revision, raw) = self.get_prefix(self.prefix.dir(Dir::Stacks)).await?;
         let mut stacks: BTreeMap<StackName, BTreeMap<JobName, JobSpec>> = BTreeMap::new();
         for (key, read) in &raw {
             if let Ok(Key::StackJob(stack, job)) = self.prefix.parse(key) {
@@ -188,16 +242,53 @@ impl Store {
                 stacks.entry(stack).or_default();
             }
         }
-        Ok((stacks, raw))
+        Ok((revision, stacks, raw))
     }
 
     /// Deploys `files` (several stacks may link to each other): allocates every linked
     /// service port, then writes all metas and jobs in one transaction that commits only if
     /// nothing it read has changed. Re-deploying the same files writes nothing.
+    ///
+    /// A deploy that fails after allocating releases what it allocated for stacks that are
+    /// still not deployed (and that no deployed stack links to), so no port stays held by a
+    /// stack that does not exist.
     pub async fn deploy(
         &self,
         files: &[StackFile],
         ambassador_addr: &str,
+    ) -> Result<(Deployment, DeployReport), HqError> {
+        let mut allocated = BTreeSet::new();
+        let result = self
+            .try_deploy(files, ambassador_addr, &mut allocated)
+            .await;
+        if result.is_err() {
+            // Also stacks outside the deploy: a linked stack removed while deploying had its
+            // ports released, and this deploy may have allocated them again.
+            for stack in &allocated {
+                match self.release_unused(stack, Release::LeftoversOnly).await {
+                    Ok(Some(removed)) if !removed.released.is_empty() => warn!(
+                        %stack,
+                        ports = ?removed.released,
+                        "the deploy failed; released the ports it had allocated for a stack \
+                         that is not deployed"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => warn!(
+                        %stack,
+                        "the deploy failed, and releasing the ports it allocated failed too: \
+                         {e}; `viking rm {stack}` releases them later"
+                    ),
+                }
+            }
+        }
+        result
+    }
+
+    async fn try_deploy(
+        &self,
+        files: &[StackFile],
+        ambassador_addr: &str,
+        allocated: &mut BTreeSet<StackName>,
     ) -> Result<(Deployment, DeployReport), HqError> {
         let mut backoff =
             runtime::Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
@@ -215,7 +306,12 @@ impl Store {
             // Before any port is allocated: the whole deploy must fit in one transaction.
             deploy::check_size(&self.prefix, files, &raw, self.allocator.max_txn_ops())?;
             let required = compile::required_service_ports(files, &view)?;
-            let ports = self.allocator.allocate_many(&required).await?;
+            allocated.extend(required.iter().map(|sp| sp.service.stack.clone()));
+            let (ports, allocated_at) = self.allocator.allocate_many_at(&required).await?;
+            let no_release = (!required.is_empty())
+                .then(|| self.allocator.released_since(allocated_at))
+                .into_iter()
+                .flatten();
             view.ports = required.into_iter().zip(ports).collect();
             let deployment = compile::compile(files, &view)?;
 
@@ -223,7 +319,10 @@ impl Store {
             if plan.writes.is_empty() {
                 return Ok((deployment, plan.report));
             }
-            let compares: Vec<Compare> = plan.guards.iter().map(compare).collect();
+            // The ports in the env must still be allocated when it is written: a concurrent
+            // `viking rm` (or a failed deploy's clean-up) may release them.
+            let compares: Vec<Compare> =
+                plan.guards.iter().map(compare).chain(no_release).collect();
             let ops: Vec<TxnOp> = plan.writes.iter().map(txn_op).collect();
             let mut kv = self.kv.clone();
             let resp = kv
@@ -241,82 +340,137 @@ impl Store {
         ))
     }
 
-    /// Stacks that link to `stack` (other than itself), as `stack/job` of the linking job.
-    pub async fn linked_from(&self, stack: &StackName) -> Result<Vec<String>, HqError> {
-        let (stacks, _) = self.load_stacks().await?;
-        let mut out = Vec::new();
-        for (name, jobs) in &stacks {
-            if name == stack {
-                continue;
-            }
-            for job in jobs.values() {
-                for link in &job.links {
-                    if &link.service.stack == stack {
-                        out.push(format!("{name}/{} -> {}", job.job, link.service));
-                    }
-                }
-            }
-        }
-        Ok(out)
+    /// `viking rm`: removes a stack's config and releases its ambassador ports, in one
+    /// transaction where it fits. A stack that is not deployed but still holds ports (left by
+    /// a deploy that failed) has them released.
+    pub async fn remove_stack(&self, stack: &StackName, force: bool) -> Result<Removed, HqError> {
+        self.release_unused(stack, Release::Remove { force })
+            .await?
+            .ok_or_else(|| {
+                HqError::Refused(format!(
+                    "stack {stack} is not deployed and holds no ports; `viking stacks` lists \
+                     what is"
+                ))
+            })
     }
 
-    /// Removes a stack's config and releases its ambassador ports.
-    pub async fn remove_stack(&self, stack: &StackName, force: bool) -> Result<Vec<u16>, HqError> {
-        let linked = self.linked_from(stack).await?;
-        if !linked.is_empty() && !force {
-            return Err(HqError::Refused(format!(
-                "stack {stack} is linked to by {}; remove those first or pass --force",
-                linked.join(", ")
-            )));
-        }
-        let (_, raw) = self.get_prefix(self.prefix.dir(Dir::Stack(stack))).await?;
-        if raw.is_empty() {
-            return Err(HqError::Refused(format!(
-                "stack {stack} is not deployed; `viking stacks` lists what is"
-            )));
-        }
-        let mut kv = self.kv.clone();
-        let compares: Vec<Compare> = raw
-            .iter()
-            .map(|(k, r)| Compare::mod_revision(k.as_str(), CompareOp::Equal, r.mod_revision))
-            .collect();
-        let ops = vec![TxnOp::delete(
-            self.prefix.dir(Dir::Stack(stack)),
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
-        )];
-        let resp = kv
-            .txn(Txn::new().when(compares).and_then(ops))
-            .await
-            .map_err(|e| self.etcd(e))?;
-        if !resp.succeeded() {
-            return Err(HqError::Refused(format!(
-                "stack {stack} changed while removing it; try again"
-            )));
-        }
-        // Ports that stacks still deployed link to stay allocated (after --force): their env
-        // points at them, and handing them to another service would misroute those clients.
-        let (others, _) = self.load_stacks().await?;
-        let still_linked: std::collections::BTreeSet<String> = others
-            .values()
-            .flat_map(|jobs| jobs.values())
-            .flat_map(|j| &j.links)
-            .flat_map(|l| {
-                l.ports
-                    .iter()
-                    .map(move |p| format!("{}:{}/{}", l.service, p.port, p.proto))
-            })
-            .collect();
-        let mut released = Vec::new();
-        for a in self.allocator.list().await? {
-            if let Ok(sp) = a.service_port.parse::<ServicePort>() {
-                if &sp.service.stack == stack && !still_linked.contains(&sp.to_string()) {
-                    if let Some(p) = self.allocator.release(&sp).await? {
+    /// Removes `stack` (with [`Release::Remove`]) and releases the ports it holds that no
+    /// other deployed stack links to; `None` when there was nothing to do.
+    ///
+    /// One read of `stacks/` at a revision decides; the transaction commits only if nothing
+    /// under `stacks/` changed since, so a deploy that links to this stack and commits first
+    /// makes it read again (and refuse), and a deploy that commits after fails its own compare
+    /// on the linked job. Exactly one of the two wins.
+    async fn release_unused(
+        &self,
+        stack: &StackName,
+        mode: Release,
+    ) -> Result<Option<Removed>, HqError> {
+        let mut backoff =
+            runtime::Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
+        for _ in 0..16 {
+            let (revision, stacks, raw) = self.read_stacks().await?;
+            let stack_dir = self.prefix.dir(Dir::Stack(stack));
+            let keys: Vec<&Kv> = raw
+                .iter()
+                .filter(|(k, _)| k.starts_with(&stack_dir))
+                .map(|(_, kv)| kv)
+                .collect();
+            let deployed = !keys.is_empty();
+            match mode {
+                Release::LeftoversOnly if deployed => return Ok(None),
+                Release::Remove { force: false } => {
+                    let linked = linkers(&stacks, stack);
+                    if !linked.is_empty() {
+                        return Err(HqError::Refused(format!(
+                            "stack {stack} is linked to by {}; remove those first or pass --force",
+                            linked.join(", ")
+                        )));
+                    }
+                }
+                _ => {}
+            }
+            // Ports that other deployed stacks link to stay allocated (after --force): their
+            // env points at them, and handing them to another service would misroute them.
+            let still_linked: BTreeSet<ServicePort> = stacks
+                .iter()
+                .filter(|(name, _)| *name != stack)
+                .flat_map(|(_, jobs)| jobs.values())
+                .flat_map(|j| &j.links)
+                .flat_map(|l| {
+                    l.ports.iter().map(|p| ServicePort {
+                        service: l.service.clone(),
+                        port: p.port,
+                        proto: p.proto,
+                    })
+                })
+                .collect();
+            let (_, allocs) = self
+                .get_prefix(self.prefix.dir(Dir::StackPortAllocs(stack)))
+                .await?;
+            let releases: Vec<(ServicePort, u16, i64)> = allocs
+                .iter()
+                .filter_map(|(k, kv)| match self.prefix.parse(k) {
+                    Ok(Key::PortAlloc(sp)) if !still_linked.contains(&sp) => {
+                        records::decode::<records::PortAllocRecord>(k, &kv.value)
+                            .ok()
+                            .map(|r| (sp, r.port, kv.mod_revision))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !deployed && releases.is_empty() {
+                return Ok(None);
+            }
+            let nothing_newer =
+                Compare::mod_revision(self.prefix.dir(Dir::Stacks), CompareOp::Less, revision + 1)
+                    .with_prefix();
+            let mut compares = vec![nothing_newer];
+            let mut ops = Vec::new();
+            if deployed {
+                ops.push(TxnOp::delete(
+                    stack_dir.as_str(),
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                ));
+            }
+            // Each release is a compare and two operations, the second nesting two more.
+            let fits = compares.len() + releases.len() <= self.allocator.max_txn_ops()
+                && ops.len() + 4 * releases.len() <= self.allocator.max_txn_ops();
+            if fits {
+                for (sp, port, rev) in &releases {
+                    let (c, o) = self.allocator.release_parts(sp, *port, *rev);
+                    compares.push(c);
+                    ops.extend(o);
+                }
+            }
+            let mut kv = self.kv.clone();
+            let resp = kv
+                .txn(Txn::new().when(compares).and_then(ops))
+                .await
+                .map_err(|e| self.etcd(e))?;
+            if !resp.succeeded() {
+                // A stack or a port changed since the read: decide again from a fresh one.
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+            let mut released: Vec<u16> = Vec::new();
+            if fits {
+                released.extend(releases.iter().map(|(_, port, _)| *port));
+            } else {
+                // Too many ports for one transaction with the removal: each is released on
+                // its own after it (a crash in between leaves them to the next `viking rm`).
+                for (sp, _, _) in &releases {
+                    if let Some(p) = self.allocator.release(sp).await? {
                         released.push(p);
                     }
                 }
             }
+            released.sort_unstable();
+            return Ok(Some(Removed { deployed, released }));
         }
-        Ok(released)
+        Err(HqError::Refused(format!(
+            "the stacks kept changing while removing {stack}; try again"
+        )))
     }
 
     /// Stack metas.

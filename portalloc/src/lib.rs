@@ -106,6 +106,8 @@ pub struct Allocator {
 
 /// What one read saw.
 struct Snapshot {
+    /// The revision the read saw.
+    revision: i64,
     existing: HashMap<ServicePort, u16>,
     view: plan::View,
     next_present: bool,
@@ -277,6 +279,74 @@ impl Allocator {
         Ok(service_ports.iter().map(|sp| got[sp]).collect())
     }
 
+    /// [`Allocator::allocate_many`], and an etcd revision at which every returned port was
+    /// allocated as returned (one read that saw them all, after any write): a writer that
+    /// puts the ports in a transaction of its own adds [`Allocator::released_since`] of it,
+    /// so that a release in between fails that transaction. One read more than
+    /// `allocate_many`.
+    pub async fn allocate_many_at(
+        &self,
+        service_ports: &[ServicePort],
+    ) -> Result<(Vec<u16>, i64), AllocError> {
+        let sps = unique(service_ports);
+        for _ in 0..MAX_ATTEMPTS {
+            let ports = self.allocate_many(service_ports).await?;
+            let snap = self.read(&sps, false).await?;
+            let same = service_ports
+                .iter()
+                .zip(&ports)
+                .all(|(sp, port)| snap.existing.get(sp) == Some(port));
+            if same {
+                return Ok((ports, snap.revision));
+            }
+            // Released (and maybe handed out again) between the two: allocate again.
+        }
+        Err(AllocError::Contention {
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    /// Compares that fail once any port was released after `revision`: a release creates
+    /// `ports/free/<port>`, and handing the port out again creates `ports/owner/<port>`, so
+    /// nothing newer than `revision` under either directory means every port allocated at
+    /// `revision` still belongs to whom it did. Two compares, whatever the number of ports;
+    /// any allocation after `revision` fails them too, and the writer plans again.
+    pub fn released_since(&self, revision: i64) -> [Compare; 2] {
+        [Dir::PortFree, Dir::PortOwners].map(|dir| {
+            Compare::mod_revision(self.prefix.dir(dir), CompareOp::Less, revision + 1).with_prefix()
+        })
+    }
+
+    /// The compare and operations that release `service_port`, whose allocation record was
+    /// read at `alloc_rev` holding `port`, inside a caller's transaction: the record goes,
+    /// and the owner key goes (and the port joins the free list) only if it names
+    /// `service_port`. Two operations, the second a nested transaction of two.
+    pub fn release_parts(
+        &self,
+        service_port: &ServicePort,
+        port: u16,
+        alloc_rev: i64,
+    ) -> (Compare, [TxnOp; 2]) {
+        let alloc_key = self.key(&Key::PortAlloc(service_port.clone()));
+        let owner_key = self.key(&Key::PortOwner(port));
+        // Delete the owner key (and free the port) only if it names us: a mismatch is
+        // repair's business, and the port may belong to someone else.
+        let owner = Txn::new()
+            .when([Compare::value(
+                owner_key.clone(),
+                CompareOp::Equal,
+                records::owner_value(service_port),
+            )])
+            .and_then([
+                TxnOp::delete(owner_key, None),
+                TxnOp::put(self.key(&Key::PortFree(port)), "", None),
+            ]);
+        (
+            Compare::mod_revision(alloc_key.clone(), CompareOp::Equal, alloc_rev),
+            [TxnOp::delete(alloc_key, None), TxnOp::txn(owner)],
+        )
+    }
+
     /// Splits `items` so that each write stays within `max_txn_ops` compares and operations.
     fn chunks<'a, 'b>(
         &self,
@@ -364,6 +434,7 @@ impl Allocator {
         let head_len = head.len();
         let per_txn = self.max_txn_ops.saturating_sub(head_len).max(1);
         let mut responses: Vec<TxnOpResponse> = Vec::new();
+        let mut revision = 0;
         let sp_chunks: Vec<&[&ServicePort]> = if sps.is_empty() {
             vec![&[]]
         } else {
@@ -377,6 +448,7 @@ impl Allocator {
                     .map(|sp| TxnOp::get(self.key(&Key::PortAlloc((*sp).clone())), None)),
             );
             let resp = self.txn(|| Txn::new().and_then(ops.clone())).await?;
+            revision = revision.max(resp.header().map_or(0, |h| h.revision()));
             responses.extend(resp.op_responses());
         }
 
@@ -431,6 +503,7 @@ impl Allocator {
             }
         }
         Ok(Snapshot {
+            revision,
             existing,
             view: plan::View {
                 next,
@@ -522,31 +595,8 @@ impl Allocator {
                 return Ok(attempted);
             };
             let port = records::decode::<PortAllocRecord>(&alloc_key, &value)?.port;
-            let owner_key = self.key(&Key::PortOwner(port));
-            let owner_text = records::owner_value(service_port);
-            // Delete the owner key (and free the port) only if it names us: a mismatch is
-            // repair's business, and the port may belong to someone else.
-            let release = Txn::new()
-                .when([Compare::mod_revision(
-                    alloc_key.clone(),
-                    CompareOp::Equal,
-                    mod_rev,
-                )])
-                .and_then([
-                    TxnOp::delete(alloc_key.clone(), None),
-                    TxnOp::txn(
-                        Txn::new()
-                            .when([Compare::value(
-                                owner_key.clone(),
-                                CompareOp::Equal,
-                                owner_text.clone(),
-                            )])
-                            .and_then([
-                                TxnOp::delete(owner_key.clone(), None),
-                                TxnOp::put(self.key(&Key::PortFree(port)), "", None),
-                            ]),
-                    ),
-                ]);
+            let (compare, ops) = self.release_parts(service_port, port, mod_rev);
+            let release = Txn::new().when([compare]).and_then(ops);
             attempted = Some(port);
             if self.txn(|| release.clone()).await?.succeeded() {
                 return Ok(Some(port));

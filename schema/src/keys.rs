@@ -75,6 +75,7 @@ impl Prefix {
             }
             Dir::Ports => "ports/".to_owned(),
             Dir::PortAllocs => "ports/alloc/".to_owned(),
+            Dir::StackPortAllocs(stack) => format!("ports/alloc/{stack}/"),
             Dir::PortOwners => "ports/owner/".to_owned(),
             Dir::PortFree => "ports/free/".to_owned(),
             Dir::Stacks => "stacks/".to_owned(),
@@ -193,6 +194,8 @@ pub enum Dir<'a> {
     ServicePort(&'a ServicePort),
     Ports,
     PortAllocs,
+    /// The allocations of one stack's service ports.
+    StackPortAllocs(&'a StackName),
     PortOwners,
     PortFree,
     Stacks,

@@ -465,10 +465,10 @@ async fn a_deploy_too_big_for_one_transaction_is_refused_before_any_port_is_allo
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("one etcd transaction of 141 compares (140 jobs, 1 stack metas"),
+        err.contains("one etcd transaction of 143 compares (140 jobs, 1 stack metas"),
         "{err}"
     );
-    assert!(err.contains("deploy at most 127 jobs at once"), "{err}");
+    assert!(err.contains("deploy at most 125 jobs at once"), "{err}");
     let mut c = etcd.client().await;
     let keys = c
         .get(
@@ -493,4 +493,133 @@ async fn a_deploy_too_big_for_one_transaction_is_refused_before_any_port_is_allo
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// `viking rm lone` racing `viking deploy` of a stack that links to `lone/db`: exactly one
+/// wins, every time, and what is left is consistent (no link to a removed stack, no port held
+/// by a stack that does not exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rm_racing_a_deploy_that_links_to_it_lets_exactly_one_win() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let lone = dir.path().join("lone.yml");
+    std::fs::write(&lone, "db:\n  image: x\n  ports: [5432]\n").unwrap();
+    let linker = dir.path().join("linker.yml");
+    std::fs::write(&linker, "app:\n  image: x\n  link: [lone/db]\n").unwrap();
+    let (mut rm_won, mut deploy_won) = (0, 0);
+    for round in 0..30 {
+        let out = viking(&ep, &["deploy", path(&lone), "--name", "lone"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let (ep1, ep2, linker) = (ep.clone(), ep.clone(), linker.clone());
+        // The remove starts a little later each round, so that it lands before, inside and
+        // after the deploy's read-allocate-write.
+        let delay = std::time::Duration::from_millis(round % 10 * 4);
+        let rm = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(delay);
+            viking(&ep1, &["rm", "lone"])
+        });
+        let deploy = tokio::task::spawn_blocking(move || {
+            viking(&ep2, &["deploy", path(&linker), "--name", "linker"])
+        });
+        let (rm, deploy) = (rm.await.unwrap(), deploy.await.unwrap());
+        let stacks = stdout(&viking(&ep, &["stacks"]));
+        let allocated = ports(&ep);
+        match (rm.status.success(), deploy.status.success()) {
+            (true, false) => {
+                rm_won += 1;
+                assert!(
+                    stderr(&deploy).contains("lone/db"),
+                    "round {round}: {}",
+                    stderr(&deploy)
+                );
+                assert!(
+                    !stacks.contains("lone") && !stacks.contains("linker"),
+                    "{stacks}"
+                );
+                assert!(
+                    allocated.is_empty(),
+                    "round {round}: ports left: {allocated:?}"
+                );
+            }
+            (false, true) => {
+                deploy_won += 1;
+                assert!(
+                    stderr(&rm).contains("linked to by linker/app -> lone/db"),
+                    "round {round}: {}",
+                    stderr(&rm)
+                );
+                assert!(
+                    stacks.contains("lone") && stacks.contains("linker"),
+                    "{stacks}"
+                );
+                assert_eq!(allocated.len(), 1, "round {round}: {allocated:?}");
+                let out = viking(&ep, &["rm", "linker"]);
+                assert!(out.status.success(), "{}", stderr(&out));
+                let out = viking(&ep, &["rm", "lone"]);
+                assert!(out.status.success(), "{}", stderr(&out));
+            }
+            (r, d) => panic!(
+                "round {round}: rm {r}, deploy {d}: exactly one must win\nrm: {}\ndeploy: {}",
+                stderr(&rm),
+                stderr(&deploy)
+            ),
+        }
+    }
+    eprintln!("rm won {rm_won}, deploy won {deploy_won}");
+}
+
+#[tokio::test]
+async fn a_deploy_that_fails_after_allocating_releases_its_ports() {
+    // Small requests: the allocation fits, the deploy's transaction (with a 40 KB env) does not.
+    let etcd = Etcd::start_with(&["--max-request-bytes", "32768"]).await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let big = "x".repeat(40_000);
+    std::fs::write(
+        dir.path().join("stack.yml"),
+        format!("db:\n  image: x\n  ports: [5432]\napp:\n  image: x\n  link: [db]\n  env:\n    BIG: {big}\n"),
+    )
+    .unwrap();
+    let out = viking(&ep, &["deploy", path(dir.path()), "--name", "big"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("released the ports it had allocated"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(ports(&ep).is_empty(), "{:?}", ports(&ep));
+}
+
+#[tokio::test]
+async fn rm_of_a_stack_that_is_not_deployed_releases_the_ports_it_still_holds() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let mut c = etcd.client().await;
+    // What a deploy that failed half-way left behind (before deploys cleaned up after
+    // themselves): an allocation for a stack that does not exist.
+    c.put(
+        "/viking/ports/alloc/ghost/db/5432-tcp",
+        r#"{"v":1,"port":20000}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    c.put("/viking/ports/owner/20000", "ghost/db:5432/tcp", None)
+        .await
+        .unwrap();
+    let out = viking(&ep, &["rm", "ghost"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "ghost was not deployed; released the ports a failed deploy left allocated: 20000\n"
+    );
+    assert!(ports(&ep).is_empty());
+    let out = viking(&ep, &["rm", "ghost"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("stack ghost is not deployed and holds no ports"),
+        "{}",
+        stderr(&out)
+    );
 }
