@@ -16,9 +16,10 @@ use bollard::Docker;
 use etcd_client::Client;
 use futures_util::StreamExt;
 use runtime::lease::{LeaseKeeper, LeaseOptions, LeaseState};
+use runtime::watch::WatchUpdate;
 use runtime::{Backoff, CancellationToken};
 use schema::records::{self, AliveRecord, RECORD_VERSION};
-use schema::{Key, Prefix};
+use schema::{Dir, Key, Prefix};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
@@ -68,9 +69,18 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) {
         },
         shutdown.clone(),
     );
+    // The deployed stacks decide who may claim a name (see `naming`): followed live.
+    let (stacks_tx, stacks_rx) = mpsc::channel(16);
+    let stacks_watch = tokio::spawn(runtime::watch::watch_prefix(
+        client.clone(),
+        config.prefix.dir(Dir::Stacks),
+        stacks_tx,
+        shutdown.clone(),
+    ));
     let mut agent = Agent::new(config, client);
-    agent.run(rx, lease.subscribe(), &shutdown).await;
+    agent.run(rx, stacks_rx, lease.subscribe(), &shutdown).await;
     let _ = follower.await;
+    let _ = stacks_watch.await;
     lease.join().await;
 }
 
@@ -174,6 +184,9 @@ struct Agent {
     lease: LeaseState,
     /// Problems already logged, so a resync does not repeat them.
     warned: BTreeSet<String>,
+    /// Everything under `stacks/`, as watched, and the deployed stacks it makes.
+    stacks: BTreeMap<String, runtime::watch::Kv>,
+    deployed: naming::Deployed,
     docker_backoff: Backoff,
     etcd_backoff: Backoff,
     retry_at: Option<Instant>,
@@ -206,6 +219,8 @@ impl Agent {
             applied: None,
             lease: LeaseState::default(),
             warned: BTreeSet::new(),
+            stacks: BTreeMap::new(),
+            deployed: naming::Deployed::Unknown,
             docker_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             etcd_backoff: Backoff::default(),
             retry_at: None,
@@ -216,6 +231,7 @@ impl Agent {
     async fn run(
         &mut self,
         mut rx: mpsc::Receiver<Msg>,
+        mut stacks: mpsc::Receiver<WatchUpdate>,
         mut lease: watch::Receiver<LeaseState>,
         shutdown: &CancellationToken,
     ) {
@@ -232,6 +248,14 @@ impl Agent {
                     while let Ok(msg) = rx.try_recv() {
                         self.take(msg);
                     }
+                }
+                update = stacks.recv() => {
+                    let Some(update) = update else { break };
+                    runtime::watch::apply(&mut self.stacks, update);
+                    while let Ok(more) = stacks.try_recv() {
+                        runtime::watch::apply(&mut self.stacks, more);
+                    }
+                    self.deployed = deployed(&self.config.prefix, self.stacks.keys());
                 }
                 _ = resync.tick() => {
                     debug!("periodic reconciliation");
@@ -351,7 +375,7 @@ impl Agent {
         let mut desired = BTreeMap::from([(self.alive_key.clone(), self.alive_value.clone())]);
         let mut problems = BTreeSet::new();
         for c in self.containers.values() {
-            let plan = naming::plan(c, &self.config.settings);
+            let plan = naming::plan(c, &self.config.settings, &self.deployed);
             for r in plan.registrations {
                 let key = self.config.prefix.key(&Key::Endpoint {
                     service_port: r.service_port,
@@ -359,10 +383,15 @@ impl Agent {
                 });
                 desired.insert(key, records::encode(&r.record));
             }
-            problems.extend(plan.problems);
+            problems.extend(
+                plan.problems
+                    .into_iter()
+                    .map(|p| format!("not registered: {p}")),
+            );
+            problems.extend(plan.notes);
         }
         for p in problems.difference(&self.warned) {
-            warn!("not registered: {p}");
+            warn!("{p}");
         }
         self.warned = problems;
         desired
@@ -372,6 +401,12 @@ impl Agent {
         let Some(lease) = self.lease.id else {
             return;
         };
+        // Until the deployed stacks are read, some containers' names cannot be decided, and
+        // writing without them would remove their keys (taken over from an earlier run) only
+        // to write them again: wait, the lease keeps them meanwhile.
+        if self.deployed == naming::Deployed::Unknown {
+            return;
+        }
         let desired = self.desired();
         if self.applied.is_none() {
             let host = &self.config.settings.host;
@@ -474,11 +509,31 @@ pub async fn once(config: &Config, client: &Client, dry_run: bool) -> Result<Vec
             error,
         })?;
     let containers = docker::running(&docker).await?;
+    let stacks = client
+        .clone()
+        .get(
+            config.prefix.dir(Dir::Stacks),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await?;
+    let keys: Vec<String> = stacks
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
+    let deployed = deployed(&config.prefix, keys.iter());
     let mut desired = BTreeMap::new();
     for c in &containers {
-        let plan = naming::plan(c, &config.settings);
+        let plan = naming::plan(c, &config.settings, &deployed);
         for p in plan.problems {
             warn!("not registered: {p}");
+        }
+        for n in plan.notes {
+            warn!("{n}");
         }
         for r in plan.registrations {
             let key = config.prefix.key(&Key::Endpoint {
@@ -525,6 +580,23 @@ impl runtime::Fatal for OnceError {
     fn exit_code(&self) -> u8 {
         runtime::process::FAILURE
     }
+}
+
+/// The deployed stacks and their jobs, from the keys under `stacks/`.
+fn deployed<'a>(prefix: &Prefix, keys: impl Iterator<Item = &'a String>) -> naming::Deployed {
+    let mut stacks: BTreeMap<schema::StackName, BTreeSet<schema::JobName>> = BTreeMap::new();
+    for key in keys {
+        match prefix.parse(key) {
+            Ok(Key::StackJob(stack, job)) => {
+                stacks.entry(stack).or_default().insert(job);
+            }
+            Ok(Key::StackMeta(stack)) => {
+                stacks.entry(stack).or_default();
+            }
+            _ => {}
+        }
+    }
+    naming::Deployed::Known(stacks)
 }
 
 fn short(id: &str) -> String {

@@ -6,8 +6,13 @@
 //! `SERVICE_<port>_IGNORE`, read from labels or env (a label beats env; a port-specific
 //! setting beats the generic one). Without any of these the stack is `default` and the job is
 //! the image's last path segment without its tag, made into a valid name.
+//!
+//! Names under a stack that viking deployed belong to the containers viking launches for it:
+//! only the `viking.*` labels may claim them. A `SERVICE_*` setting (or an image name) that
+//! lands in a deployed stack is refused, so that a stray container cannot become a backend of
+//! a deployed service; names outside deployed stacks keep the registrator conventions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use schema::records::{EndpointRecord, RECORD_VERSION};
@@ -62,6 +67,23 @@ pub struct Settings {
     pub internal: bool,
 }
 
+/// The stacks viking deployed and their jobs, as last read from etcd (`stacks/`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Deployed {
+    /// Not read yet: a claim by a `SERVICE_*` setting or an image name waits, since it might
+    /// name a deployed stack. Label claims do not wait.
+    #[default]
+    Unknown,
+    Known(BTreeMap<StackName, BTreeSet<JobName>>),
+}
+
+impl Deployed {
+    /// Nothing deployed (what a cluster without HQ has).
+    pub fn nothing() -> Self {
+        Deployed::Known(BTreeMap::new())
+    }
+}
+
 /// One endpoint to keep in etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
@@ -78,6 +100,11 @@ pub struct Plan {
     /// each with the reason and what to do. Worth a warning; ignored and unpublished ports are
     /// not listed here.
     pub problems: Vec<String>,
+    /// Registered, but not as asked (a `SERVICE_NAME` made into a valid name): worth a
+    /// warning too.
+    pub notes: Vec<String>,
+    /// Ports that wait until the deployed stacks are known.
+    pub waiting: usize,
 }
 
 /// Why a container has no endpoints at all even though nothing is wrong with it.
@@ -95,8 +122,8 @@ pub fn not_serving(c: &Container) -> Option<&'static str> {
     }
 }
 
-/// The endpoints a container should have right now.
-pub fn plan(c: &Container, settings: &Settings) -> Plan {
+/// The endpoints a container should have right now, given the stacks viking deployed.
+pub fn plan(c: &Container, settings: &Settings, deployed: &Deployed) -> Plan {
     let mut plan = Plan::default();
     if not_serving(c).is_some() {
         return plan;
@@ -105,7 +132,7 @@ pub fn plan(c: &Container, settings: &Settings) -> Plan {
         if is_ignored(c, port.port) {
             continue;
         }
-        let service = match service_of(c, port.port) {
+        let (service, claim) = match service_of(c, port.port) {
             Ok(s) => s,
             Err(why) => {
                 plan.problems.push(format!(
@@ -115,6 +142,35 @@ pub fn plan(c: &Container, settings: &Settings) -> Plan {
                 continue;
             }
         };
+        match (&claim, deployed) {
+            (Claim::Labels, _) => {}
+            (_, Deployed::Unknown) => {
+                plan.waiting += 1;
+                continue;
+            }
+            (Claim::Convention { from, .. }, Deployed::Known(stacks))
+                if stacks.contains_key(&service.stack) =>
+            {
+                plan.problems.push(format!(
+                    "container {} port {}/{}: it claims {service} through {from}, but stack {} \
+                     is deployed by viking and its names belong to the containers viking \
+                     launches for it (labels {} and {}); give it a name outside that stack, \
+                     or make it a job of the stack and deploy it",
+                    c.name,
+                    port.port,
+                    port.proto,
+                    service.stack,
+                    schema::labels::STACK,
+                    schema::labels::JOB,
+                ));
+                continue;
+            }
+            (Claim::Convention { rewritten, .. }, _) => {
+                if let Some(note) = rewritten {
+                    plan.notes.push(format!("container {}: {note}", c.name));
+                }
+            }
+        }
         let (addr, host_port) = if settings.internal {
             match c.ip {
                 Some(ip) => (ip, port.port),
@@ -215,8 +271,21 @@ fn is_ignored(c: &Container, port: u16) -> bool {
     })
 }
 
-/// The service a port belongs to, or why it has none.
-fn service_of(c: &Container, port: u16) -> Result<ServiceId, String> {
+/// How a container named the service of a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Claim {
+    /// The `viking.stack` and `viking.job` labels: viking launched it.
+    Labels,
+    /// A registrator convention (`from` says which), or the image name; `rewritten` says how
+    /// a `SERVICE_*` value that was not a valid name was made into one.
+    Convention {
+        from: String,
+        rewritten: Option<String>,
+    },
+}
+
+/// The service a port belongs to and how it was claimed, or why it has none.
+fn service_of(c: &Container, port: u16) -> Result<(ServiceId, Claim), String> {
     // HQ's labels are our own contract: taken as they are, never rewritten.
     let strict_stack = c
         .labels
@@ -227,6 +296,7 @@ fn service_of(c: &Container, port: u16) -> Result<ServiceId, String> {
         .get(schema::labels::JOB)
         .map(|j| JobName::new(j).map_err(|e| format!("label viking.job: {e}; fix the label")));
     // The registrator conventions are foreign names: made valid the way Docker users expect.
+    let setting_name = service_setting_name(c, port, "NAME");
     let (loose_stack, loose_job) = match service_setting(c, port, "NAME") {
         Some(name) => match name.split_once('/') {
             Some((stack, job)) => (Some(stack.to_owned()), job.to_owned()),
@@ -252,7 +322,48 @@ fn service_of(c: &Container, port: u16) -> Result<ServiceId, String> {
             )
         })?,
     };
-    Ok(ServiceId { stack, job })
+    let service = ServiceId { stack, job };
+    if c.labels.contains_key(schema::labels::STACK) && c.labels.contains_key(schema::labels::JOB) {
+        return Ok((service, Claim::Labels));
+    }
+    let claim = match setting_name {
+        Some(from) => {
+            let asked = service_setting(c, port, "NAME").unwrap_or_default();
+            let got = format!("{}/{}", service.stack, service.job);
+            let same = asked == got || (!asked.contains('/') && asked == service.job.as_str());
+            Claim::Convention {
+                rewritten: (!same).then(|| {
+                    format!(
+                        "{from} {asked:?} is not a valid name; registered as {got} (names are \
+                         DNS labels: lower-case letters, digits and '-'); set {from} to that to \
+                         silence this"
+                    )
+                }),
+                from,
+            }
+        }
+        None => Claim::Convention {
+            from: format!("its image name ({})", c.image),
+            rewritten: None,
+        },
+    };
+    Ok((service, claim))
+}
+
+/// Where `SERVICE_<port>_<what>` or `SERVICE_<what>` came from, as a user would name it
+/// (`label SERVICE_NAME`, `env SERVICE_80_NAME`), if set.
+fn service_setting_name(c: &Container, port: u16, what: &str) -> Option<String> {
+    [format!("SERVICE_{port}_{what}"), format!("SERVICE_{what}")]
+        .into_iter()
+        .find_map(|name| {
+            if c.labels.contains_key(&name) {
+                Some(format!("label {name}"))
+            } else if c.env.contains_key(&name) {
+                Some(format!("env {name}"))
+            } else {
+                None
+            }
+        })
 }
 
 /// The image's last path segment without tag or digest: `reg:5000/team/api:1.2` -> `api`.
@@ -313,7 +424,7 @@ mod tests {
     }
 
     fn names(c: &Container) -> Vec<String> {
-        plan(c, &settings())
+        plan(c, &settings(), &Deployed::nothing())
             .registrations
             .iter()
             .map(|r| r.service_port.to_string())
@@ -322,7 +433,7 @@ mod tests {
 
     #[test]
     fn published_port_is_registered_at_the_host_address() {
-        let p = plan(&container(), &settings());
+        let p = plan(&container(), &settings(), &Deployed::nothing());
         assert!(p.problems.is_empty());
         let [r] = p.registrations.as_slice() else {
             panic!("{p:?}")
@@ -344,7 +455,7 @@ mod tests {
             proto: Proto::Udp,
             published: vec![],
         });
-        let p = plan(&c, &s);
+        let p = plan(&c, &s, &Deployed::nothing());
         let got: Vec<_> = p
             .registrations
             .iter()
@@ -358,7 +469,7 @@ mod tests {
             ]
         );
         c.ip = None;
-        let p = plan(&c, &s);
+        let p = plan(&c, &s, &Deployed::nothing());
         assert!(p.registrations.is_empty());
         assert!(p.problems[0].contains("no address of its own"), "{p:?}");
     }
@@ -367,13 +478,13 @@ mod tests {
     fn unpublished_ports_are_skipped_quietly_and_loopback_ones_with_a_reason() {
         let mut c = container();
         c.ports[0].published.clear();
-        assert_eq!(plan(&c, &settings()), Plan::default());
+        assert_eq!(plan(&c, &settings(), &Deployed::nothing()), Plan::default());
         c.ports[0].published = vec![(Some("127.0.0.1".parse().unwrap()), 4000)];
-        let p = plan(&c, &settings());
+        let p = plan(&c, &settings(), &Deployed::nothing());
         assert!(p.registrations.is_empty());
         assert!(p.problems[0].contains("loopback"), "{p:?}");
         c.ports[0].published = vec![(Some("10.9.9.9".parse().unwrap()), 4000)];
-        let p = plan(&c, &settings());
+        let p = plan(&c, &settings(), &Deployed::nothing());
         assert_eq!(p.registrations[0].record.addr, "10.9.9.9");
     }
 
@@ -385,7 +496,7 @@ mod tests {
         c.env.insert("SERVICE_NAME".into(), "other".into());
         assert_eq!(names(&c), ["shared/mongo:27017/tcp"]);
         c.labels.insert("viking.job".into(), "Bad_Name".into());
-        let p = plan(&c, &settings());
+        let p = plan(&c, &settings(), &Deployed::nothing());
         assert!(p.registrations.is_empty());
         assert!(p.problems[0].contains("label viking.job"), "{p:?}");
     }
@@ -400,6 +511,92 @@ mod tests {
         c.env
             .insert("SERVICE_27017_NAME".into(), "shared/Port_Specific".into());
         assert_eq!(names(&c), ["shared/port-specific:27017/tcp"]);
+    }
+
+    fn deployed(stacks: &[(&str, &[&str])]) -> Deployed {
+        Deployed::Known(
+            stacks
+                .iter()
+                .map(|(s, jobs)| {
+                    (
+                        StackName::new(*s).unwrap(),
+                        jobs.iter().map(|j| JobName::new(*j).unwrap()).collect(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_service_name_claim_on_a_deployed_stack_is_refused_naming_the_container() {
+        let shared = deployed(&[("shared", &["web"])]);
+        let mut c = container();
+        c.env.insert("SERVICE_NAME".into(), "shared/web".into());
+        let p = plan(&c, &settings(), &shared);
+        assert!(p.registrations.is_empty(), "{p:?}");
+        assert!(
+            p.problems[0].starts_with(
+                "container mongo-1 port 27017/tcp: it claims shared/web through env SERVICE_NAME, \
+                 but stack shared is deployed by viking"
+            ),
+            "{p:?}"
+        );
+        // Any name under a deployed stack, not only its jobs'; and a label setting too.
+        c.env.clear();
+        c.labels
+            .insert("SERVICE_27017_NAME".into(), "shared/other".into());
+        let p = plan(&c, &settings(), &shared);
+        assert!(
+            p.problems[0].contains("through label SERVICE_27017_NAME"),
+            "{p:?}"
+        );
+        // What viking launches (its labels) is registered; so is a name outside the stack.
+        let mut launched = container();
+        launched
+            .labels
+            .insert("viking.stack".into(), "shared".into());
+        launched.labels.insert("viking.job".into(), "web".into());
+        assert_eq!(plan(&launched, &settings(), &shared).registrations.len(), 1);
+        c.labels
+            .insert("SERVICE_27017_NAME".into(), "team/web".into());
+        assert_eq!(names(&c), ["team/web:27017/tcp"]);
+        assert_eq!(plan(&c, &settings(), &shared).registrations.len(), 1);
+    }
+
+    #[test]
+    fn conventions_wait_until_the_deployed_stacks_are_known_labels_do_not() {
+        let mut c = container();
+        c.env.insert("SERVICE_NAME".into(), "shared/web".into());
+        let p = plan(&c, &settings(), &Deployed::Unknown);
+        assert!(p.registrations.is_empty() && p.problems.is_empty(), "{p:?}");
+        assert_eq!(p.waiting, 1);
+        c.labels.insert("viking.stack".into(), "shared".into());
+        c.labels.insert("viking.job".into(), "web".into());
+        let p = plan(&c, &settings(), &Deployed::Unknown);
+        assert_eq!((p.registrations.len(), p.waiting), (1, 0));
+    }
+
+    #[test]
+    fn a_service_name_made_valid_is_registered_with_a_note_saying_so() {
+        let mut c = container();
+        c.env.insert("SERVICE_NAME".into(), "A B".into());
+        let p = plan(&c, &settings(), &Deployed::nothing());
+        assert_eq!(
+            p.registrations[0].service_port.to_string(),
+            "default/a-b:27017/tcp"
+        );
+        assert_eq!(
+            p.notes,
+            [
+                "container mongo-1: env SERVICE_NAME \"A B\" is not a valid name; registered as \
+              default/a-b (names are DNS labels: lower-case letters, digits and '-'); set env \
+              SERVICE_NAME to that to silence this"
+            ]
+        );
+        c.env.insert("SERVICE_NAME".into(), "team/web".into());
+        assert!(plan(&c, &settings(), &Deployed::nothing()).notes.is_empty());
+        c.env.insert("SERVICE_NAME".into(), "web".into());
+        assert!(plan(&c, &settings(), &Deployed::nothing()).notes.is_empty());
     }
 
     #[test]
@@ -435,7 +632,7 @@ mod tests {
             let mut c = container();
             change(&mut c);
             assert_eq!(not_serving(&c), Some(why));
-            assert_eq!(plan(&c, &settings()), Plan::default());
+            assert_eq!(plan(&c, &settings(), &Deployed::nothing()), Plan::default());
         }
         let mut c = container();
         c.health = Health::Healthy;
@@ -446,7 +643,7 @@ mod tests {
     fn invalid_names_are_problems_not_panics() {
         let mut c = container();
         c.image = "___:latest".into();
-        let p = plan(&c, &settings());
+        let p = plan(&c, &settings(), &Deployed::nothing());
         assert!(p.registrations.is_empty());
         assert!(
             p.problems[0].contains("cannot be made a valid name"),

@@ -100,6 +100,12 @@ async fn service_conventions_name_ignore_and_udp() {
     .await;
     let udp = &s.endpoints().await[&want[1]];
     assert_eq!(udp.port, c.host_port("5353/udp"));
+    // The name was made valid, and the log says so (once, naming the container).
+    let log = s.reg.log();
+    let note = format!(
+        "env SERVICE_NAME \"{stack}/Api_Server\" is not a valid name; registered as {stack}/api-server"
+    );
+    assert_eq!(log.matches(&note).count(), 1, "{log}");
 
     // Ignoring the whole container removes what it had.
     drop(c);
@@ -230,4 +236,43 @@ async fn dry_run_prints_and_once_writes_then_exits() {
         String::from_utf8_lossy(&out.stderr).contains("--ttl"),
         "{out:?}"
     );
+}
+
+/// A container may not join a service that viking deployed by naming it with `SERVICE_NAME`:
+/// the deployed stack's names belong to the containers viking launches (its labels).
+#[tokio::test]
+async fn a_service_name_claim_on_a_deployed_service_is_refused_with_a_warning() {
+    let mut s = Scene::start(&[]).await;
+    let stack = s.stack.clone();
+    let mut kv = s.client.kv_client();
+    kv.put(format!("/viking/stacks/{stack}/jobs/web"), "{}", None)
+        .await
+        .unwrap();
+    let launched = s.web("web", &[]);
+    let claim = format!("SERVICE_NAME={stack}/web");
+    let name = format!("{stack}-impostor");
+    let _impostor = Container::run(
+        None,
+        &[
+            "--name", &name, "-e", &claim, "-p", "8080", IMAGE, "httpd", "-f", "-p", "8080",
+        ],
+    );
+    let want = [key(&launched)];
+    s.until(Duration::from_secs(3), "only the launched container", |e| {
+        e.keys().eq(want.iter())
+    })
+    .await;
+    let warning = format!(
+        "not registered: container {name} port 8080/tcp: it claims {stack}/web through env \
+         SERVICE_NAME, but stack {stack} is deployed by viking"
+    );
+    s.reg.wait_log(&warning, Duration::from_secs(3));
+    // Undeployed, the same claim is the registrator convention again.
+    kv.delete(format!("/viking/stacks/{stack}/jobs/web"), None)
+        .await
+        .unwrap();
+    s.until(Duration::from_secs(3), "both once undeployed", |e| {
+        e.len() == 2
+    })
+    .await;
 }
