@@ -369,6 +369,11 @@ pub fn compile(stacks: &[StackFile], view: &ClusterView) -> Result<Deployment, C
                 labels,
                 order: position as u32,
                 link_env,
+                kind: job.kind,
+                restart: job.restart,
+                resources: job.resources,
+                placement: job.placement.clone(),
+                update: job.update,
             });
         }
         out.push(StackDeployment {

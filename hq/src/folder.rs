@@ -108,24 +108,7 @@ pub fn export(dir: &Path, stack: &StackName, jobs: &[JobSpec]) -> Result<Vec<Pat
         .map_err(|e| refused("restrict", &stack_dir, e))?;
     let mut written = Vec::new();
     for job in jobs {
-        let out = JobOut {
-            kind: "job",
-            image: &job.image,
-            ports: job
-                .ports
-                .iter()
-                .map(|p| match p.proto {
-                    schema::Proto::Tcp => p.port.to_string(),
-                    schema::Proto::Udp => format!("{}/udp", p.port),
-                })
-                .collect(),
-            volume: &job.volumes,
-            link: job.links.iter().map(|l| l.alias.as_str()).collect(),
-            scale: job.scale,
-            env: &job.env,
-            export_env: &job.export_env,
-            command: &job.command,
-        };
+        let out = JobOut::of(job);
         let text = serde_saphyr::to_string(&out)
             .map_err(|e| HqError::Refused(format!("cannot write job {}: {e}", job.job)))?;
         let path = stack_dir.join(format!("{}.yaml", job.job));

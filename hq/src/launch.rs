@@ -69,13 +69,9 @@ pub enum Step {
 
 pub use schema::container_name;
 
-/// The digest of what makes a job's container: everything but `scale` and `order`, so scaling
-/// does not replace running instances.
+/// The digest of what makes a job's container: see [`JobSpec::digest`].
 pub fn spec_digest(spec: &JobSpec) -> String {
-    let mut s = spec.clone();
-    s.scale = 1;
-    s.order = 0;
-    schema::records::digest(&serde_json::to_string(&s).expect("serializable"))
+    spec.digest()
 }
 
 /// The steps that turn `existing` into `jobs` (in start order), then the removals.

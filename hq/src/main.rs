@@ -460,6 +460,7 @@ async fn host(store: &Store, command: HostCommand, out: Format) -> Result<(), Hq
                 addr: addr.to_string(),
                 roles,
                 labels: BTreeMap::new(),
+                draining: false,
             };
             store.host_add(&record).await?;
             println!("{host} {addr}");

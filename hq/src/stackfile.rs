@@ -1,8 +1,9 @@
 //! Stack files: the design notes' YAML (or JSON) shape, parsed strictly, every error with
 //! `file:line:column`.
 //!
-//! Top-level keys are job names; each job has `type` (`job`), `image`, `ports`, `volume`,
-//! `link`, `scale`, `env`, `export_env` and `command`. The design notes indent with tabs, which
+//! Top-level keys are job names; each job has `type` (`job` or `task`), `image`, `ports`,
+//! `volume`, `link`, `scale`, `env`, `export_env`, `command`, and for the grid `restart`,
+//! `resources`, `placement` and `update`. The design notes indent with tabs, which
 //! YAML forbids: a file indented consistently with tabs is read as one tab per level; a file
 //! that mixes tabs and spaces in its indentation is an error that says where.
 
@@ -10,7 +11,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 pub use schema::{CommandSpec, PortSpec};
-use schema::{JobName, Proto, ServiceId, StackName};
+use schema::{
+    HostId, JobKind, JobName, Placement, Proto, Resources, Restart, ServiceId, StackName,
+    UpdatePolicy,
+};
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
@@ -57,6 +61,11 @@ pub struct JobDef {
     pub env: BTreeMap<String, String>,
     pub export_env: Vec<String>,
     pub command: Option<CommandSpec>,
+    pub kind: JobKind,
+    pub restart: Option<Restart>,
+    pub resources: Resources,
+    pub placement: Placement,
+    pub update: UpdatePolicy,
 }
 
 /// A parsed stack: its jobs in file order.
@@ -126,10 +135,53 @@ struct RawJob {
     export_env: Vec<Spanned<String>>,
     #[serde(default)]
     command: Option<CommandSpec>,
+    #[serde(default)]
+    restart: Option<Spanned<String>>,
+    #[serde(default)]
+    resources: Option<Spanned<RawResources>>,
+    #[serde(default)]
+    placement: Option<Spanned<RawPlacement>>,
+    #[serde(default)]
+    update: Option<Spanned<RawUpdate>>,
+}
+
+/// `resources: {cpus: 0.5, memory: 256M}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    #[serde(default)]
+    cpus: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    memory: Option<Spanned<Scalar>>,
+}
+
+/// `placement: {labels: {role: db}, hosts: [node-1], max_per_host: 1}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlacement {
+    #[serde(default)]
+    labels: HashMap<Spanned<String>, Scalar>,
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    max_per_host: Option<Spanned<i64>>,
+}
+
+/// `update: {max_parallel: 1, min_healthy: 5s, timeout: 2m}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    #[serde(default)]
+    max_parallel: Option<Spanned<i64>>,
+    #[serde(default)]
+    min_healthy: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    timeout: Option<Spanned<Scalar>>,
 }
 
 /// The job keys a stack file may use, for messages.
-pub const JOB_KEYS: &str = "type, image, ports, volume, link, scale, env, export_env, command";
+pub const JOB_KEYS: &str = "type, image, ports, volume, link, scale, env, export_env, command, \
+                            restart, resources, placement, update";
 
 /// Parses the text of one stack file (`path` is only for messages).
 pub fn parse(name: StackName, path: &str, text: &str) -> Result<StackFile, ParseError> {
@@ -174,17 +226,142 @@ fn check_job(
     at: &dyn Fn(&serde_saphyr::Location) -> Pos,
 ) -> Result<JobDef, ParseError> {
     let err = |pos: Pos, message: String| ParseError { pos, message };
-    if let Some(kind) = &raw.kind {
-        if kind.value != "job" {
+    let kind = match &raw.kind {
+        None => JobKind::Job,
+        Some(k) if k.value == "job" => JobKind::Job,
+        Some(k) if k.value == "task" => JobKind::Task,
+        Some(k) => {
             return Err(err(
-                at(&kind.referenced),
+                at(&k.referenced),
                 format!(
-                    "job {name}: unknown type {:?}; the only type is `job`",
-                    kind.value
+                    "job {name}: unknown type {:?}; write `job` (long-running, restarted: the \
+                     default) or `task` (runs once to completion)",
+                    k.value
                 ),
             ));
         }
-    }
+    };
+    let restart = match &raw.restart {
+        None => None,
+        Some(r) => Some(match r.value.as_str() {
+            "always" => Restart::Always,
+            "on-failure" => Restart::OnFailure,
+            "never" => Restart::Never,
+            other => {
+                return Err(err(
+                    at(&r.referenced),
+                    format!(
+                        "job {name}: unknown restart {other:?}; write always, on-failure or never"
+                    ),
+                ));
+            }
+        }),
+    };
+    let resources = match raw.resources {
+        None => Resources::default(),
+        Some(r) => {
+            let mut out = Resources::default();
+            if let Some(c) = r.value.cpus {
+                out.cpus_milli = schema::parse_cpus(&c.value.text()).map_err(|e| {
+                    err(
+                        at(&c.referenced),
+                        format!("job {name}: resources.cpus: {e}"),
+                    )
+                })?;
+            }
+            if let Some(m) = r.value.memory {
+                out.memory = schema::parse_memory(&m.value.text()).map_err(|e| {
+                    err(
+                        at(&m.referenced),
+                        format!("job {name}: resources.memory: {e}"),
+                    )
+                })?;
+            }
+            out
+        }
+    };
+    let placement = match raw.placement {
+        None => Placement::default(),
+        Some(p) => {
+            let mut out = Placement::default();
+            let mut labels: Vec<(Spanned<String>, Scalar)> = p.value.labels.into_iter().collect();
+            labels.sort_by_key(|(k, _)| (k.referenced.line(), k.referenced.column()));
+            for (k, v) in labels {
+                let v = v.text();
+                if !is_label(&k.value) || !is_label_value(&v) {
+                    return Err(err(
+                        at(&k.referenced),
+                        format!(
+                            "job {name}: placement label {}={v:?} is not a label: names and \
+                             values are letters, digits, '.', '_', '-' (names start with a \
+                             letter), at most 63 each",
+                            k.value
+                        ),
+                    ));
+                }
+                out.labels.insert(k.value, v);
+            }
+            for h in p.value.hosts {
+                let host = HostId::new(h.value.as_str()).map_err(|e| {
+                    err(
+                        at(&h.referenced),
+                        format!("job {name}: placement.hosts: {e}"),
+                    )
+                })?;
+                if out.hosts.contains(&host) {
+                    return Err(err(
+                        at(&h.referenced),
+                        format!("job {name}: placement.hosts lists {host} twice"),
+                    ));
+                }
+                out.hosts.push(host);
+            }
+            if let Some(m) = p.value.max_per_host {
+                if !(1..=i64::from(MAX_SCALE)).contains(&m.value) {
+                    return Err(err(
+                        at(&m.referenced),
+                        format!(
+                            "job {name}: placement.max_per_host {} is out of range 1-{MAX_SCALE}",
+                            m.value
+                        ),
+                    ));
+                }
+                out.max_per_host = Some(m.value as u32);
+            }
+            out
+        }
+    };
+    let update = match raw.update {
+        None => UpdatePolicy::default(),
+        Some(u) => {
+            let mut out = UpdatePolicy::default();
+            if let Some(m) = u.value.max_parallel {
+                if !(1..=i64::from(MAX_SCALE)).contains(&m.value) {
+                    return Err(err(
+                        at(&m.referenced),
+                        format!(
+                            "job {name}: update.max_parallel {} is out of range 1-{MAX_SCALE}",
+                            m.value
+                        ),
+                    ));
+                }
+                out.max_parallel = m.value as u32;
+            }
+            let millis = |d: Spanned<Scalar>, what: &str| -> Result<u64, ParseError> {
+                let text = d.value.text();
+                runtime::etcd::parse_duration(&text)
+                    .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
+                    .map_err(|e| err(at(&d.referenced), format!("job {name}: update.{what}: {e}")))
+            };
+            if let Some(d) = u.value.min_healthy {
+                out.min_healthy_ms = millis(d, "min_healthy")?;
+            }
+            if let Some(d) = u.value.timeout {
+                out.timeout_ms = millis(d, "timeout")?;
+            }
+            out
+        }
+    };
     let image = match raw.image {
         Some(i) => match schema::check_image(&i.value) {
             Ok(()) => i.value,
@@ -338,7 +515,29 @@ fn check_job(
         env,
         export_env,
         command: raw.command,
+        kind,
+        restart,
+        resources,
+        placement,
+        update,
     })
+}
+
+/// A host label name: a letter, then letters, digits, '.', '_', '-'; at most 63.
+pub fn is_label(name: &str) -> bool {
+    name.len() <= 63
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// A host label value: letters, digits, '.', '_', '-'; at most 63 (may be empty).
+pub fn is_label_value(value: &str) -> bool {
+    value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 /// Parses one job file of a deployment folder (`<dir>/<stack>/<job>.yaml`): the body of one
@@ -365,7 +564,7 @@ pub fn parse_job_file(
 #[derive(Debug, Serialize)]
 pub struct JobOut<'a> {
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: String,
     pub image: &'a str,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<String>,
@@ -380,6 +579,58 @@ pub struct JobOut<'a> {
     pub export_env: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: &'a Option<CommandSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart: Option<Restart>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub resources: BTreeMap<&'static str, String>,
+    #[serde(skip_serializing_if = "Placement::is_anywhere")]
+    pub placement: &'a Placement,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub update: BTreeMap<&'static str, String>,
+}
+
+impl<'a> JobOut<'a> {
+    /// The stack-file shape of a deployed job.
+    pub fn of(job: &'a schema::JobSpec) -> Self {
+        let mut resources = BTreeMap::new();
+        if job.resources.cpus_milli > 0 {
+            resources.insert(
+                "cpus",
+                format!("{}", job.resources.cpus_milli as f64 / 1000.0),
+            );
+        }
+        if job.resources.memory > 0 {
+            resources.insert("memory", schema::format_memory(job.resources.memory));
+        }
+        let mut update = BTreeMap::new();
+        if !job.update.is_default() {
+            update.insert("max_parallel", job.update.max_parallel.to_string());
+            update.insert("min_healthy", format!("{}ms", job.update.min_healthy_ms));
+            update.insert("timeout", format!("{}ms", job.update.timeout_ms));
+        }
+        JobOut {
+            kind: job.kind.to_string(),
+            image: &job.image,
+            ports: job
+                .ports
+                .iter()
+                .map(|p| match p.proto {
+                    schema::Proto::Tcp => p.port.to_string(),
+                    schema::Proto::Udp => format!("{}/udp", p.port),
+                })
+                .collect(),
+            volume: &job.volumes,
+            link: job.links.iter().map(|l| l.alias.as_str()).collect(),
+            scale: job.scale,
+            env: &job.env,
+            export_env: &job.export_env,
+            command: &job.command,
+            restart: job.restart,
+            resources,
+            placement: &job.placement,
+            update,
+        }
+    }
 }
 
 /// Gives same-stack links (written without a `/`) their stack.
@@ -429,7 +680,11 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
 /// write instead.
 fn in_file_terms(message: &str) -> String {
     if message.starts_with("unknown field") {
-        return format!("{message}; the keys of a job are: {JOB_KEYS}");
+        // Inside `resources`, `placement` or `update` the message lists their own keys.
+        if message.contains("expected one of type") {
+            return format!("{message}; the keys of a job are: {JOB_KEYS}");
+        }
+        return message.to_owned();
     }
     if message.contains("untagged enum PortValue") {
         return "a port is a whole number 1-65535, optionally with /tcp or /udp: 80, \"53/udp\""
@@ -582,6 +837,42 @@ mod tests {
     }
 
     #[test]
+    fn grid_keys_are_read_into_the_job() {
+        let f = stack(
+            "db:\n  type: task\n  image: x\n  restart: on-failure\n  resources: {cpus: 0.5, memory: 256M}\n  \
+             placement:\n    labels: {role: db, zone: 2}\n    hosts: [node-1, node-2]\n    max_per_host: 1\n  \
+             update: {max_parallel: 2, min_healthy: 5s, timeout: 2m}\n",
+        )
+        .unwrap();
+        let j = &f.jobs[0];
+        assert_eq!(j.kind, JobKind::Task);
+        assert_eq!(j.restart, Some(Restart::OnFailure));
+        assert_eq!(
+            j.resources,
+            Resources {
+                cpus_milli: 500,
+                memory: 256 << 20
+            }
+        );
+        assert_eq!(j.placement.labels["role"], "db");
+        assert_eq!(j.placement.labels["zone"], "2");
+        assert_eq!(j.placement.hosts.len(), 2);
+        assert_eq!(j.placement.max_per_host, Some(1));
+        assert_eq!(
+            j.update,
+            UpdatePolicy {
+                max_parallel: 2,
+                min_healthy_ms: 5000,
+                timeout_ms: 120_000
+            }
+        );
+        // Without them, the defaults: a job, anywhere, reserving nothing.
+        let plain = &stack("a:\n  image: x\n").unwrap().jobs[0];
+        assert_eq!(plain.kind, JobKind::Job);
+        assert!(plain.placement.is_anywhere() && plain.resources.is_none());
+    }
+
+    #[test]
     fn errors_carry_file_line_column() {
         let table = [
             (
@@ -617,6 +908,38 @@ mod tests {
                 "stack.yml:2:9: job a: unknown type \"service\"",
             ),
             ("a:\n  ports: [1]\n", "stack.yml:1:1: job a has no image"),
+            (
+                "a:\n  image: x\n  restart: sometimes\n",
+                "stack.yml:3:12: job a: unknown restart \"sometimes\"; write always, on-failure or never",
+            ),
+            (
+                "a:\n  image: x\n  resources: {memory: 12 parsecs}\n",
+                "stack.yml:3:23: job a: resources.memory: invalid memory size \"12 parsecs\"",
+            ),
+            (
+                "a:\n  image: x\n  resources: {cpus: 0}\n",
+                "stack.yml:3:21: job a: resources.cpus: invalid CPU count \"0\"",
+            ),
+            (
+                "a:\n  image: x\n  resources: {disk: 1G}\n",
+                "stack.yml:3:15: unknown field `disk`, expected one of cpus, memory",
+            ),
+            (
+                "a:\n  image: x\n  placement: {max_per_host: 0}\n",
+                "stack.yml:3:29: job a: placement.max_per_host 0 is out of range 1-1000",
+            ),
+            (
+                "a:\n  image: x\n  placement: {hosts: [Node_1]}\n",
+                "stack.yml:3:23: job a: placement.hosts: invalid host name \"Node_1\"",
+            ),
+            (
+                "a:\n  image: x\n  placement: {labels: {\"role db\": x}}\n",
+                "stack.yml:3:24: job a: placement label role db=\"x\" is not a label",
+            ),
+            (
+                "a:\n  image: x\n  update: {timeout: soon}\n",
+                "stack.yml:3:21: job a: update.timeout: invalid duration \"soon\"",
+            ),
             (
                 "a:\n  image: x\n  scale: 5000\n",
                 "stack.yml:3:10: job a: scale 5000 is out of range",

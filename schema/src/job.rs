@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::records::RECORD_VERSION;
-use crate::{JobName, Proto, ServiceId, StackName};
+use crate::{HostId, JobName, Proto, ServiceId, StackName};
 
 fn current() -> u32 {
     RECORD_VERSION
@@ -89,6 +89,123 @@ pub struct JobSpec {
     /// The docker-link env of every link.
     #[serde(default)]
     pub link_env: BTreeMap<String, String>,
+    /// A long-running job (restarted) or a task (runs once to completion).
+    #[serde(rename = "type", default, skip_serializing_if = "JobKind::is_job")]
+    pub kind: JobKind,
+    /// When the launcher starts a stopped container again; `None` takes the kind's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<Restart>,
+    /// What each instance reserves on its host.
+    #[serde(default, skip_serializing_if = "Resources::is_none")]
+    pub resources: Resources,
+    /// Where instances may run.
+    #[serde(default, skip_serializing_if = "Placement::is_anywhere")]
+    pub placement: Placement,
+    /// How a changed spec rolls out.
+    #[serde(default, skip_serializing_if = "UpdatePolicy::is_default")]
+    pub update: UpdatePolicy,
+}
+
+/// `type:` in a stack file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// Long-running; restarted when it stops (the design notes' only type).
+    #[default]
+    Job,
+    /// Runs once to completion; its exit status is reported.
+    Task,
+}
+
+impl JobKind {
+    pub fn is_job(&self) -> bool {
+        *self == JobKind::Job
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            JobKind::Job => "job",
+            JobKind::Task => "task",
+        })
+    }
+}
+
+/// `restart:` in a stack file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    /// Whenever it stops (a job's default).
+    Always,
+    /// When it exits with a code other than 0.
+    OnFailure,
+    /// Never (a task's default).
+    Never,
+}
+
+/// Reservations of one instance: the scheduler never places more on a host than it offers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Resources {
+    /// Thousandths of a core.
+    #[serde(default)]
+    pub cpus_milli: u64,
+    /// Bytes.
+    #[serde(default)]
+    pub memory: u64,
+}
+
+impl Resources {
+    pub fn is_none(&self) -> bool {
+        *self == Resources::default()
+    }
+}
+
+/// Constraints on where a job's instances run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Only hosts with every one of these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Only these hosts (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostId>,
+    /// At most this many instances on one host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_host: Option<u32>,
+}
+
+impl Placement {
+    pub fn is_anywhere(&self) -> bool {
+        *self == Placement::default()
+    }
+}
+
+/// How a changed spec rolls out over the instances (used by rolling updates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdatePolicy {
+    /// Instances replaced at once.
+    pub max_parallel: u32,
+    /// How long a new instance must run before the next one is replaced, in milliseconds.
+    pub min_healthy_ms: u64,
+    /// How long one replacement may take before the update stops, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        Self {
+            max_parallel: 1,
+            min_healthy_ms: 0,
+            timeout_ms: 120_000,
+        }
+    }
+}
+
+impl UpdatePolicy {
+    pub fn is_default(&self) -> bool {
+        *self == UpdatePolicy::default()
+    }
 }
 
 impl JobSpec {
@@ -109,7 +226,35 @@ impl JobSpec {
             labels: BTreeMap::new(),
             order: 0,
             link_env: BTreeMap::new(),
+            kind: JobKind::Job,
+            restart: None,
+            resources: Resources::default(),
+            placement: Placement::default(),
+            update: UpdatePolicy::default(),
         }
+    }
+
+    /// The restart policy in force: the one set, else `always` for a job and `never` for a
+    /// task.
+    pub fn restart_policy(&self) -> Restart {
+        self.restart.unwrap_or(match self.kind {
+            JobKind::Job => Restart::Always,
+            JobKind::Task => Restart::Never,
+        })
+    }
+
+    /// The digest of what makes a job's container (label `viking.spec`): everything but
+    /// `scale`, `order`, `resources`, `placement` and `update`, so scaling, moving or
+    /// re-tuning a job does not replace its running instances. A spec without the grid's
+    /// fields digests as it did before they existed.
+    pub fn digest(&self) -> String {
+        let mut s = self.clone();
+        s.scale = 1;
+        s.order = 0;
+        s.resources = Resources::default();
+        s.placement = Placement::default();
+        s.update = UpdatePolicy::default();
+        crate::records::digest(&serde_json::to_string(&s).expect("serializable"))
     }
 
     pub fn service(&self) -> ServiceId {
@@ -142,6 +287,14 @@ impl JobSpec {
         if let Some(p) = self.ports.iter().find(|p| p.port == 0) {
             return Err(format!("port {p} is not 1-65535"));
         }
+        if self.placement.max_per_host == Some(0) {
+            return Err(
+                "placement.max_per_host 0 places nothing; leave it out or use 1 or more".to_owned(),
+            );
+        }
+        if self.update.max_parallel == 0 {
+            return Err("update.max_parallel 0 updates nothing; use 1 or more".to_owned());
+        }
         Ok(())
     }
 
@@ -151,6 +304,68 @@ impl JobSpec {
         env.extend(self.env.clone());
         env
     }
+}
+
+/// Parses a memory size as Docker takes it: a number of bytes, or with a unit `k`, `m`, `g`,
+/// `t` (also `K`, `KB`, `KiB`, ...; all powers of 1024): `256M`, `1.5g`, `512MiB`.
+pub fn parse_memory(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || {
+        format!(
+            "invalid memory size {text:?}: write a number of bytes or one with a unit k, m, g or \
+             t (powers of 1024), e.g. 256M or 1.5G"
+        )
+    };
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    let bytes = value * 2f64.powi(shift);
+    if !bytes.is_finite() || !(0.0..=1e18).contains(&bytes) {
+        return Err(bad());
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Shows a memory size in the largest unit that keeps it whole to a tenth: `256M`, `1.5G`.
+pub fn format_memory(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
+    for (size, unit) in UNITS {
+        if bytes >= size {
+            let v = bytes as f64 / size as f64;
+            return if (v - v.round()).abs() < 0.05 {
+                format!("{}{unit}", v.round())
+            } else {
+                format!("{v:.1}{unit}")
+            };
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// Parses a CPU count (`0.5`, `2`) into thousandths of a core, at most 4096 cores.
+pub fn parse_cpus(text: &str) -> Result<u64, String> {
+    let bad =
+        || format!("invalid CPU count {text:?}: write a number of cores above 0, e.g. 0.5 or 2");
+    let v: f64 = text.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v <= 0.0 || v > 4096.0 {
+        return Err(bad());
+    }
+    Ok(((v * 1000.0).round() as u64).max(1))
 }
 
 /// The largest `scale` accepted: beyond it is a typo more often than a plan.
@@ -336,6 +551,50 @@ mod tests {
         let mut empty = good;
         empty.image = String::new();
         assert!(empty.check().unwrap_err().contains("is empty"));
+    }
+
+    #[test]
+    fn memory_and_cpus_parse_as_docker_takes_them() {
+        assert_eq!(parse_memory("256M"), Ok(256 << 20));
+        assert_eq!(parse_memory("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_memory("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_memory("1024"), Ok(1024));
+        assert_eq!(parse_memory("2T"), Ok(2 << 40));
+        for bad in ["", "M", "-1G", "12 parsecs", "1e30"] {
+            assert!(
+                parse_memory(bad)
+                    .unwrap_err()
+                    .contains("invalid memory size"),
+                "{bad}"
+            );
+        }
+        assert_eq!(format_memory(256 << 20), "256M");
+        assert_eq!(format_memory(3 << 29), "1.5G");
+        assert_eq!(parse_cpus("0.5"), Ok(500));
+        assert_eq!(parse_cpus("2"), Ok(2000));
+        for bad in ["0", "-1", "x", "NaN", "5000"] {
+            assert!(parse_cpus(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_digest_ignores_what_does_not_make_the_container() {
+        let stack = StackName::new("app").unwrap();
+        let one = JobSpec::new(stack, JobName::new("web").unwrap(), "busybox");
+        let mut moved = one.clone();
+        moved.scale = 4;
+        moved.resources.memory = 1 << 30;
+        moved.placement.max_per_host = Some(1);
+        moved.update.max_parallel = 2;
+        assert_eq!(one.digest(), moved.digest());
+        let mut task = one.clone();
+        task.kind = JobKind::Task;
+        assert_ne!(one.digest(), task.digest());
+        // The grid's fields are left out of the JSON when unset, so older digests hold.
+        let json = serde_json::to_value(&one).unwrap();
+        for field in ["type", "restart", "resources", "placement", "update"] {
+            assert!(json.get(field).is_none(), "{field} in {json}");
+        }
     }
 
     #[test]

@@ -80,6 +80,13 @@ impl Prefix {
             Dir::PortFree => "ports/free/".to_owned(),
             Dir::Stacks => "stacks/".to_owned(),
             Dir::Stack(stack) => format!("stacks/{stack}/"),
+            Dir::Grid => "grid/".to_owned(),
+            Dir::Nodes => "grid/nodes/".to_owned(),
+            Dir::Runs => "grid/run/".to_owned(),
+            Dir::Assignments => "grid/assign/".to_owned(),
+            Dir::HostAssignments(host) => format!("grid/assign/{host}/"),
+            Dir::Statuses => "grid/status/".to_owned(),
+            Dir::HostStatuses(host) => format!("grid/status/{host}/"),
         };
         format!("{}/{tail}", self.0)
     }
@@ -123,6 +130,31 @@ impl Prefix {
                 StackName::new(*stack).map_err(name_err)?,
                 JobName::new(*job).map_err(name_err)?,
             ),
+            ["grid", "nodes", host] => Key::Node(HostId::new(*host).map_err(name_err)?),
+            ["grid", "run", stack] => Key::Run(StackName::new(*stack).map_err(name_err)?),
+            [
+                "grid",
+                kind @ ("assign" | "status"),
+                host,
+                stack,
+                job,
+                instance,
+            ] => {
+                let slot = Slot {
+                    host: HostId::new(*host).map_err(name_err)?,
+                    service: ServiceId::new(
+                        StackName::new(*stack).map_err(name_err)?,
+                        JobName::new(*job).map_err(name_err)?,
+                    ),
+                    instance: parse_instance(instance)
+                        .ok_or_else(|| bad("the instance is not a number 0-999"))?,
+                };
+                if *kind == "assign" {
+                    Key::Assign(slot)
+                } else {
+                    Key::Status(slot)
+                }
+            }
             _ => return Err(bad("it matches no key of the contract (docs/contract.md)")),
         };
         Ok(key)
@@ -140,6 +172,15 @@ impl FromStr for Prefix {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::new(s)
     }
+}
+
+/// An instance number as a key segment: decimal without leading zeros, below `MAX_SCALE`.
+fn parse_instance(s: &str) -> Option<u32> {
+    if s.is_empty() || (s.len() > 1 && s.starts_with('0')) || !s.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    s.parse().ok().filter(|i| *i < crate::MAX_SCALE)
 }
 
 fn service_port(stack: &str, job: &str, port_proto: &str) -> Result<ServicePort, KeyPartError> {
@@ -200,6 +241,19 @@ pub enum Dir<'a> {
     PortFree,
     Stacks,
     Stack(&'a StackName),
+    /// Everything the grid keeps.
+    Grid,
+    /// `grid/nodes/`: what each live launcher's host offers.
+    Nodes,
+    /// `grid/run/`: the stacks asked to run.
+    Runs,
+    /// `grid/assign/`: every instance placed on a host.
+    Assignments,
+    /// The instances placed on one host: what its launcher watches.
+    HostAssignments(&'a HostId),
+    /// `grid/status/`: what every launcher reports.
+    Statuses,
+    HostStatuses(&'a HostId),
 }
 
 /// One key of the contract (docs/contract.md, "etcd keys and values").
@@ -226,6 +280,29 @@ pub enum Key {
     StackMeta(StackName),
     /// `stacks/<stack>/jobs/<job>`.
     StackJob(StackName, JobName),
+    /// `grid/nodes/<host>`: what a host offers, under its launcher's lease.
+    Node(HostId),
+    /// `grid/run/<stack>`: the stack is asked to run.
+    Run(StackName),
+    /// `grid/assign/<host>/<stack>/<job>/<instance>`: an instance placed on a host.
+    Assign(Slot),
+    /// `grid/status/<host>/<stack>/<job>/<instance>`: what the host's launcher sees of it.
+    Status(Slot),
+}
+
+/// One instance of a job on one host: the last segments of `grid/assign/` and `grid/status/`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Slot {
+    pub host: HostId,
+    pub service: ServiceId,
+    /// `0..scale`.
+    pub instance: u32,
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{} on {}", self.service, self.instance, self.host)
+    }
 }
 
 impl Key {
@@ -248,6 +325,16 @@ impl Key {
             Key::PortFree(p) => format!("ports/free/{p}"),
             Key::StackMeta(s) => format!("stacks/{s}/meta"),
             Key::StackJob(s, j) => format!("stacks/{s}/jobs/{j}"),
+            Key::Node(h) => format!("grid/nodes/{h}"),
+            Key::Run(s) => format!("grid/run/{s}"),
+            Key::Assign(slot) => format!(
+                "grid/assign/{}/{}/{}",
+                slot.host, slot.service, slot.instance
+            ),
+            Key::Status(slot) => format!(
+                "grid/status/{}/{}/{}",
+                slot.host, slot.service, slot.instance
+            ),
         }
     }
 }
@@ -372,6 +459,20 @@ mod tests {
                 StackName::new(s).unwrap(),
                 JobName::new(j).unwrap()
             )),
+            host().prop_map(Key::Node),
+            name().prop_map(|s| Key::Run(StackName::new(s).unwrap())),
+            (host(), name(), name(), 0u32..1000, any::<bool>()).prop_map(|(h, s, j, i, a)| {
+                let slot = Slot {
+                    host: h,
+                    service: ServiceId::new(StackName::new(s).unwrap(), JobName::new(j).unwrap()),
+                    instance: i,
+                };
+                if a {
+                    Key::Assign(slot)
+                } else {
+                    Key::Status(slot)
+                }
+            }),
         ]
     }
 
@@ -413,6 +514,14 @@ mod tests {
             ),
             (Key::PortOwner(20000), "/viking/ports/owner/20000"),
             (Key::PortFree(20001), "/viking/ports/free/20001"),
+            (
+                Key::Assign(Slot {
+                    host: HostId::new("node-1").unwrap(),
+                    service: "shared/web".parse().unwrap(),
+                    instance: 3,
+                }),
+                "/viking/grid/assign/node-1/shared/web/3",
+            ),
         ];
         for (key, path) in table {
             assert_eq!(p.key(&key), path);
@@ -438,6 +547,9 @@ mod tests {
             "/viking/ports/alloc/shared/mongo/27017",
             "/viking/ports/alloc/shared/mongo/27017-sctp",
             "/viking/services/s/j/80-tcp/h:xyz:80",
+            "/viking/grid/assign/h/s/j/01",
+            "/viking/grid/assign/h/s/j/1000",
+            "/viking/grid/status/h/s/j/x",
             "/viking/unknown",
         ] {
             assert!(p.parse(bad).is_err(), "{bad}");

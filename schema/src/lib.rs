@@ -15,10 +15,11 @@ pub mod records;
 pub mod service;
 
 pub use job::{
-    CommandSpec, JobSpec, LinkPortSpec, LinkSpec, MAX_SCALE, PortSpec, check_image, container_name,
-    is_env_name, labels,
+    CommandSpec, JobKind, JobSpec, LinkPortSpec, LinkSpec, MAX_SCALE, Placement, PortSpec,
+    Resources, Restart, UpdatePolicy, check_image, container_name, format_memory, is_env_name,
+    labels, parse_cpus, parse_memory,
 };
-pub use keys::{DEFAULT_PREFIX, Dir, Instance, Key, KeyError, Prefix};
+pub use keys::{DEFAULT_PREFIX, Dir, Instance, Key, KeyError, Prefix, Slot};
 pub use kv::{Kv, MAX_TXN_OPS};
 pub use names::{HostId, JobName, NameError, NameKind, StackName, check_member_addr};
 pub use range::{PortRange, RangeError};

@@ -30,6 +30,13 @@ pub struct HostRecord {
     pub roles: Vec<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Takes no new work (`viking host drain`); what runs there is moved by the scheduler.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub draining: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// `alive/<host>`: a live agent, under that host's lease.
@@ -193,4 +200,99 @@ mod tests {
             r#"{"v":1,"port":20000}"#
         );
     }
+}
+
+/// `grid/nodes/<host>`: what a host offers the grid, under its launcher's lease: present
+/// while the launcher lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    pub host: HostId,
+    /// CPUs offered, in thousandths of a core.
+    pub cpus_milli: u64,
+    /// Memory offered, in bytes (what the host has less `--reserve-memory`).
+    pub memory: u64,
+    #[serde(default)]
+    pub launcher_version: String,
+    /// RFC 3339 time the launcher started.
+    #[serde(default)]
+    pub since: String,
+}
+
+/// `grid/run/<stack>`: the stack is asked to run (`viking run`); `viking stop` deletes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    /// RFC 3339 time it was asked.
+    #[serde(default)]
+    pub since: String,
+}
+
+/// `grid/assign/<host>/<stack>/<job>/<instance>`: the scheduler placed an instance there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    /// The digest of the job spec to run (`JobSpec::digest`).
+    pub spec_digest: String,
+    /// The scheduler's term that placed it (its election revision): later terms are higher.
+    #[serde(default)]
+    pub generation: i64,
+    #[serde(default)]
+    pub assigned_at: String,
+}
+
+/// What a launcher sees of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Assigned, not started: waiting for its links, or for Docker.
+    Pending,
+    /// Its container is being created or started.
+    Starting,
+    Running,
+    /// It could not start or it crashed: `reason` says why.
+    Failed,
+    /// A task that ran to completion: `exit_code` says how.
+    Exited,
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Starting => "starting",
+            InstanceState::Running => "running",
+            InstanceState::Failed => "failed",
+            InstanceState::Exited => "exited",
+        })
+    }
+}
+
+/// `grid/status/<host>/<stack>/<job>/<instance>`: what the host's launcher sees, under its
+/// lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    pub state: InstanceState,
+    #[serde(default)]
+    pub container_id: String,
+    /// The spec digest of the container it reports on.
+    #[serde(default)]
+    pub spec_digest: String,
+    /// RFC 3339 time it entered `state`.
+    #[serde(default)]
+    pub since: String,
+    /// How many times the launcher restarted it.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Why it is pending or failed, in words; empty otherwise.
+    #[serde(default)]
+    pub reason: String,
+    /// A task's exit code, or a crashed container's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
 }
