@@ -1,0 +1,1 @@
+//! The scheduler loop (filled in below).
