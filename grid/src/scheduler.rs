@@ -1,1 +1,469 @@
-//! The scheduler loop (filled in below).
+//! The scheduler: one launcher at a time, elected through etcd, places every instance of the
+//! jobs asked to run and writes the assignments.
+//!
+//! Every launcher campaigns for `grid/leader` under a lease of its own. The leader follows
+//! `stacks/` (the specs), `grid/run/` (which stacks run), `grid/nodes/` (the live hosts and
+//! what they offer), `hosts/` (labels, draining) and `grid/assign/` (its own writes), and
+//! after every change (coalesced for a few milliseconds) computes [`crate::place`] and writes
+//! the difference, in transactions of at most `--max-txn-ops` operations, each guarded by a
+//! compare on its election key: a deposed leader's write fails, and it campaigns again.
+//!
+//! Nothing is placed until every one of those prefixes has been listed once: a partial view
+//! would read as "nothing runs" and move everything. A host whose launcher's lease is gone
+//! keeps its instances (it may be cut off, still running them) for `reschedule_after`, counted
+//! from when this leader first saw it gone; then they are placed elsewhere.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use runtime::lease::{LeaseKeeper, LeaseOptions};
+use runtime::watch::{Kv, WatchUpdate};
+use runtime::{Backoff, CancellationToken};
+use schema::records::{self, AssignRecord, HostRecord, NodeRecord, RECORD_VERSION};
+use schema::{Dir, HostId, JobSpec, Key, Prefix, ServiceId, Slot};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::place::{Host, HostState, InstanceId, Plan, place};
+
+/// What the scheduler needs to know.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub prefix: Prefix,
+    /// This launcher's host: the value it campaigns with.
+    pub host: HostId,
+    /// The election lease: a leader that stops renewing it is replaced this long after.
+    pub ttl: Duration,
+    /// How long a host's launcher may be gone before its instances are placed elsewhere.
+    pub reschedule_after: Duration,
+    /// etcd's `--max-txn-ops`.
+    pub max_txn_ops: usize,
+}
+
+/// The election's name: candidates' keys are `<name>/<lease>`.
+pub fn election(prefix: &Prefix) -> String {
+    prefix.dir(Dir::Grid) + "leader"
+}
+
+/// Campaigns, and while elected places work; until `shutdown`.
+pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
+    let mut keeper = LeaseKeeper::spawn(
+        client.clone(),
+        LeaseOptions {
+            ttl: config.ttl,
+            // Resigning at once hands the work to another launcher without waiting a TTL.
+            revoke_on_shutdown: true,
+        },
+        shutdown.clone(),
+    );
+    let mut backoff = Backoff::default();
+    let mut leases = keeper.subscribe();
+    while !shutdown.is_cancelled() {
+        let Some(lease) = (tokio::select! {
+            s = keeper.granted() => s,
+            () = shutdown.cancelled() => None,
+        }) else {
+            break;
+        };
+        let lease_id = lease.id.expect("granted");
+        let mut election = client.election_client();
+        let campaign = tokio::select! {
+            r = election.campaign(election_name(&config), config.host.as_str(), lease_id) => Some(r),
+            // A new lease means the key we campaigned with is gone: campaign again.
+            _ = leases.wait_for(|s| s.generation != lease.generation) => None,
+            () = shutdown.cancelled() => break,
+        };
+        let leader = match campaign {
+            None => continue,
+            Some(Ok(mut resp)) => match resp.take_leader() {
+                Some(l) => l,
+                None => continue,
+            },
+            Some(Err(e)) => {
+                warn!("campaign for the scheduler failed: {e}; retrying");
+                if !backoff.wait(&shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        info!(
+            term = leader.rev(),
+            "elected: this launcher places the grid's work"
+        );
+        let end = Leader::new(client.clone(), config.clone(), leader)
+            .lead(&mut leases, lease.generation, &shutdown)
+            .await;
+        match end {
+            End::Shutdown => break,
+            End::Deposed(why) => warn!("no longer the scheduler: {why}; campaigning again"),
+        }
+    }
+    keeper.join().await;
+}
+
+fn election_name(config: &Config) -> String {
+    election(&config.prefix)
+}
+
+enum End {
+    Shutdown,
+    Deposed(String),
+}
+
+/// The prefixes a leader follows, in the order of [`View::maps`].
+const WATCHED: usize = 5;
+
+/// What the leader has read.
+#[derive(Default)]
+struct View {
+    stacks: BTreeMap<String, Kv>,
+    runs: BTreeMap<String, Kv>,
+    nodes: BTreeMap<String, Kv>,
+    hosts: BTreeMap<String, Kv>,
+    assign: BTreeMap<String, Kv>,
+}
+
+impl View {
+    fn map(&mut self, i: usize) -> &mut BTreeMap<String, Kv> {
+        match i {
+            0 => &mut self.stacks,
+            1 => &mut self.runs,
+            2 => &mut self.nodes,
+            3 => &mut self.hosts,
+            _ => &mut self.assign,
+        }
+    }
+}
+
+struct Leader {
+    client: Client,
+    config: Config,
+    leader: etcd_client::LeaderKey,
+    view: View,
+    /// Hosts with assignments but no live launcher, since when this leader saw them so.
+    lost_since: HashMap<HostId, Instant>,
+    /// Jobs whose pending instances were last logged, to log only changes.
+    pending_logged: BTreeMap<ServiceId, usize>,
+}
+
+impl Leader {
+    fn new(client: Client, config: Config, leader: etcd_client::LeaderKey) -> Self {
+        Self {
+            client,
+            config,
+            leader,
+            view: View::default(),
+            lost_since: HashMap::new(),
+            pending_logged: BTreeMap::new(),
+        }
+    }
+
+    async fn lead(
+        mut self,
+        leases: &mut tokio::sync::watch::Receiver<runtime::lease::LeaseState>,
+        generation: u64,
+        shutdown: &CancellationToken,
+    ) -> End {
+        let token = shutdown.child_token();
+        let _stop_watches = token.clone().drop_guard();
+        let dirs = [
+            self.config.prefix.dir(Dir::Stacks),
+            self.config.prefix.dir(Dir::Runs),
+            self.config.prefix.dir(Dir::Nodes),
+            self.config.prefix.dir(Dir::Hosts),
+            self.config.prefix.dir(Dir::Assignments),
+        ];
+        let (tx, mut rx) = mpsc::channel::<(usize, WatchUpdate)>(64);
+        for (i, dir) in dirs.into_iter().enumerate() {
+            let (wtx, mut wrx) = mpsc::channel(16);
+            tokio::spawn(runtime::watch::watch_prefix(
+                self.client.clone(),
+                dir,
+                wtx,
+                token.clone(),
+            ));
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(u) = wrx.recv().await {
+                    if tx.send((i, u)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut listed = [false; WATCHED];
+        let mut wake: Option<Instant> = None;
+        loop {
+            let deadline = wake;
+            tokio::select! {
+                () = shutdown.cancelled() => return End::Shutdown,
+                changed = leases.wait_for(|s| s.generation != generation) => {
+                    let _ = changed;
+                    return End::Deposed("its election lease was lost".into());
+                }
+                update = rx.recv() => {
+                    let Some((i, update)) = update else {
+                        return End::Shutdown;
+                    };
+                    if matches!(update, WatchUpdate::Snapshot { .. }) {
+                        listed[i] = true;
+                    }
+                    runtime::watch::apply(self.view.map(i), update);
+                    // Coalesce a burst of changes into one placement.
+                    while let Ok((i, update)) = rx.try_recv() {
+                        if matches!(update, WatchUpdate::Snapshot { .. }) {
+                            listed[i] = true;
+                        }
+                        runtime::watch::apply(self.view.map(i), update);
+                    }
+                    if wake.is_none() {
+                        wake = Some(Instant::now() + Duration::from_millis(20));
+                    }
+                    continue;
+                }
+                () = sleep_until(deadline) => {}
+            }
+            wake = None;
+            if !listed.iter().all(|l| *l) {
+                continue;
+            }
+            match self.place_and_write().await {
+                Ok(next) => wake = next,
+                Err(end) => return end,
+            }
+        }
+    }
+
+    /// One round: place and write the difference. Returns when to look again (a lost host's
+    /// time running out), or why leadership ended.
+    async fn place_and_write(&mut self) -> Result<Option<Instant>, End> {
+        let now = Instant::now();
+        let prefix = &self.config.prefix;
+        let jobs = jobs_to_run(prefix, &self.view);
+        let current = current(prefix, &self.view.assign);
+        let (hosts, next_wake) = self.hosts(&current, now);
+        let refs: Vec<&JobSpec> = jobs.values().collect();
+        let plan = place(&refs, &hosts, &current);
+        self.log_pending(&plan);
+        let ops = self.writes(&plan, &jobs);
+        if !ops.is_empty() {
+            self.write(ops).await?;
+        }
+        Ok(next_wake)
+    }
+
+    /// Every host the grid knows: those with a live launcher, and those holding assignments
+    /// whose launcher is gone (lost, until `reschedule_after`).
+    fn hosts(
+        &mut self,
+        current: &BTreeMap<InstanceId, HostId>,
+        now: Instant,
+    ) -> (Vec<Host>, Option<Instant>) {
+        let prefix = &self.config.prefix;
+        let records: BTreeMap<HostId, HostRecord> = self
+            .view
+            .hosts
+            .iter()
+            .filter_map(|(k, kv)| records::decode::<HostRecord>(k, &kv.value).ok())
+            .map(|r| (r.host.clone(), r))
+            .collect();
+        let mut out = Vec::new();
+        let mut live = std::collections::BTreeSet::new();
+        for (k, kv) in &self.view.nodes {
+            let Ok(Key::Node(host)) = prefix.parse(k) else {
+                continue;
+            };
+            let Ok(node) = records::decode::<NodeRecord>(k, &kv.value) else {
+                continue;
+            };
+            let record = records.get(&host);
+            live.insert(host.clone());
+            out.push(Host {
+                host: host.clone(),
+                cpus_milli: node.cpus_milli,
+                memory: node.memory,
+                labels: record.map(|r| r.labels.clone()).unwrap_or_default(),
+                state: if record.is_some_and(|r| r.draining) {
+                    HostState::Draining
+                } else {
+                    HostState::Ready
+                },
+            });
+        }
+        self.lost_since.retain(|h, _| !live.contains(h));
+        let mut wake: Option<Instant> = None;
+        let holding: std::collections::BTreeSet<&HostId> = current.values().collect();
+        for host in holding {
+            if live.contains(host) {
+                continue;
+            }
+            let since = *self.lost_since.entry(host.clone()).or_insert_with(|| {
+                warn!(%host, after = ?self.config.reschedule_after, "the launcher of a host with work is gone; its instances move elsewhere unless it comes back");
+                now
+            });
+            let until = since + self.config.reschedule_after;
+            if now < until {
+                wake = Some(wake.map_or(until, |w| w.min(until)));
+                out.push(Host {
+                    host: host.clone(),
+                    cpus_milli: 0,
+                    memory: 0,
+                    labels: BTreeMap::new(),
+                    state: HostState::Lost,
+                });
+            }
+        }
+        (out, wake)
+    }
+
+    fn log_pending(&mut self, plan: &Plan) {
+        let now: BTreeMap<ServiceId, usize> = plan
+            .pending
+            .iter()
+            .map(|(s, p)| (s.clone(), p.instances.len()))
+            .collect();
+        for (service, p) in &plan.pending {
+            if self.pending_logged.get(service) != Some(&p.instances.len()) {
+                let reasons: Vec<String> = p
+                    .reasons
+                    .iter()
+                    .take(5)
+                    .map(|(h, r)| format!("{h}: {r}"))
+                    .collect();
+                info!(
+                    %service,
+                    pending = p.instances.len(),
+                    "instances fit on no host ({}{})",
+                    reasons.join("; "),
+                    if p.reasons.len() > 5 { "; ..." } else { "" }
+                );
+            }
+        }
+        self.pending_logged = now;
+    }
+
+    /// The puts and deletes that turn the assignments into `plan`.
+    fn writes(&self, plan: &Plan, jobs: &BTreeMap<ServiceId, JobSpec>) -> Vec<TxnOp> {
+        let prefix = &self.config.prefix;
+        let mut ops = Vec::new();
+        let mut wanted = std::collections::BTreeSet::new();
+        let now = runtime::host::rfc3339_now();
+        for ((service, instance), host) in &plan.placed {
+            let key = prefix.key(&Key::Assign(Slot {
+                host: host.clone(),
+                service: service.clone(),
+                instance: *instance,
+            }));
+            let digest = jobs[service].digest();
+            let same = self.view.assign.get(&key).is_some_and(|kv| {
+                records::decode::<AssignRecord>(&key, &kv.value)
+                    .is_ok_and(|r| r.spec_digest == digest)
+            });
+            if !same {
+                let record = AssignRecord {
+                    v: RECORD_VERSION,
+                    spec_digest: digest,
+                    generation: self.leader.rev(),
+                    assigned_at: now.clone(),
+                };
+                ops.push(TxnOp::put(key.as_str(), records::encode(&record), None));
+            }
+            wanted.insert(key);
+        }
+        for key in self.view.assign.keys() {
+            if !wanted.contains(key) {
+                ops.push(TxnOp::delete(key.as_str(), None));
+            }
+        }
+        ops
+    }
+
+    /// Writes `ops` in chunks, each guarded by this leader's election key.
+    async fn write(&mut self, ops: Vec<TxnOp>) -> Result<(), End> {
+        let guard =
+            Compare::create_revision(self.leader.key(), CompareOp::Equal, self.leader.rev());
+        let per_txn = self.config.max_txn_ops.max(2) - 1;
+        let total = ops.len();
+        let mut kv = self.client.kv_client();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        for chunk in ops.chunks(per_txn) {
+            loop {
+                let txn = Txn::new().when([guard.clone()]).and_then(chunk.to_vec());
+                match kv.txn(txn).await {
+                    Ok(resp) if resp.succeeded() => break,
+                    Ok(_) => {
+                        return Err(End::Deposed(
+                            "its election key is gone (another launcher leads)".into(),
+                        ));
+                    }
+                    Err(e) => {
+                        // etcd away: keep what is placed, try again; the lease decides whether
+                        // this launcher still leads.
+                        debug!("writing assignments failed: {e}; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+        }
+        info!(changes = total, "assignments written");
+        Ok(())
+    }
+}
+
+/// The jobs of every stack asked to run, by service; job specs that cannot be read or fail
+/// their check are left out (HQ says so to whoever runs the stack).
+fn jobs_to_run(prefix: &Prefix, view: &View) -> BTreeMap<ServiceId, JobSpec> {
+    let running: std::collections::BTreeSet<schema::StackName> = view
+        .runs
+        .keys()
+        .filter_map(|k| match prefix.parse(k) {
+            Ok(Key::Run(stack)) => Some(stack),
+            _ => None,
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for (k, kv) in &view.stacks {
+        let Ok(Key::StackJob(stack, job)) = prefix.parse(k) else {
+            continue;
+        };
+        if !running.contains(&stack) {
+            continue;
+        }
+        match records::decode::<JobSpec>(k, &kv.value) {
+            Ok(spec) if spec.check().is_ok() && spec.stack == stack && spec.job == job => {
+                out.insert(spec.service(), spec);
+            }
+            _ => debug!(
+                key = k,
+                "job spec left out: unreadable or failing its check"
+            ),
+        }
+    }
+    out
+}
+
+/// Where instances are assigned now.
+fn current(prefix: &Prefix, assign: &BTreeMap<String, Kv>) -> BTreeMap<InstanceId, HostId> {
+    let mut out = BTreeMap::new();
+    for k in assign.keys() {
+        if let Ok(Key::Assign(slot)) = prefix.parse(k) {
+            // Two hosts for one instance (a hand edit): the first stays, the plan drops the
+            // other.
+            out.entry((slot.service, slot.instance))
+                .or_insert(slot.host);
+        }
+    }
+    out
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -16,6 +16,7 @@
 
 pub mod args;
 pub mod backoff;
+pub mod docker;
 pub mod etcd;
 pub mod host;
 pub mod lease;

@@ -480,6 +480,9 @@ pub mod labels {
     /// A digest of the job spec it was made from (all but scale and order): a different one
     /// means the container is replaced.
     pub const SPEC: &str = "viking.spec";
+    /// The host whose launcher made it: a launcher removes only its own containers, never
+    /// those of another cluster's launcher or of a hand-run `docker run` sharing the daemon.
+    pub const HOST: &str = "viking.host";
 }
 
 /// The container name of instance `i` of a job: `<stack>_<job>_<i>`.

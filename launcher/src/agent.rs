@@ -1,0 +1,694 @@
+//! The launcher's loop: the grid's assignments for this host in, containers and reports out.
+//!
+//! It acts only on a whole view: until both `grid/assign/<host>/` and `stacks/` have been
+//! listed, and while etcd has not answered for longer than the lease, it starts and stops
+//! nothing (what runs keeps running; Docker's restart policy still heals crashes). Statuses
+//! and the node record are written under the launcher's lease, rewritten in full on a new
+//! lease, and only what changed otherwise.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
+use futures_util::StreamExt;
+use runtime::lease::{LeaseKeeper, LeaseOptions, LeaseState};
+use runtime::watch::{Kv, WatchUpdate};
+use runtime::{Backoff, CancellationToken};
+use schema::records::{
+    self, AssignRecord, InstanceState, NodeRecord, RECORD_VERSION, StatusRecord,
+};
+use schema::{Dir, HostId, JobSpec, Key, Prefix, ServiceId, Slot};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, info, warn};
+
+use crate::converge::{self, Step, Wanted};
+use crate::engine::{Engine, Existing};
+
+/// Everything the launcher needs to know.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub prefix: Prefix,
+    pub host: HostId,
+    /// Lease time to live: the scheduler counts this host lost this long after it stops.
+    pub ttl: Duration,
+    /// How often Docker is listed even without an event.
+    pub resync: Duration,
+    /// Docker endpoint; `None` for `DOCKER_HOST` or the local socket.
+    pub docker: Option<String>,
+    /// What this host offers.
+    pub cpus_milli: u64,
+    pub memory: u64,
+    /// The scheduler this launcher campaigns to be; `None` to never lead.
+    pub scheduler: Option<grid::scheduler::Config>,
+}
+
+/// Runs the launcher (and its campaign for the scheduler) against the local Docker until
+/// `shutdown`. Docker may be away at first: it connects with backoff.
+pub async fn run(config: Config, client: Client, shutdown: CancellationToken) {
+    let scheduler = config
+        .scheduler
+        .clone()
+        .map(|s| tokio::spawn(grid::scheduler::run(client.clone(), s, shutdown.clone())));
+    let target = runtime::docker::describe(config.docker.as_deref());
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let docker = loop {
+        match runtime::docker::connect(config.docker.as_deref()).await {
+            Ok(d) => break Some(d),
+            Err(e) => {
+                if backoff.attempts() % 20 == 0 {
+                    warn!(docker = %target, "cannot reach Docker: {e}; retrying");
+                }
+                if !backoff.wait(&shutdown).await {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(docker) = docker {
+        info!(docker = %target, "connected to Docker");
+        let (wake_tx, wake_rx) = mpsc::channel(64);
+        let events = tokio::spawn(follow_events(docker.clone(), wake_tx, shutdown.clone()));
+        let engine: Arc<dyn Engine> = Arc::new(crate::engine::DockerEngine::new(docker));
+        run_with(config, client, engine, wake_rx, shutdown).await;
+        let _ = events.await;
+    }
+    if let Some(s) = scheduler {
+        let _ = s.await;
+    }
+}
+
+/// Wakes the loop on every event of a viking container; reconnects the stream when it breaks.
+async fn follow_events(
+    docker: bollard::Docker,
+    wake: mpsc::Sender<()>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    while !shutdown.is_cancelled() {
+        let filters = HashMap::from([
+            ("type".to_owned(), vec!["container".to_owned()]),
+            ("label".to_owned(), vec![schema::labels::STACK.to_owned()]),
+        ]);
+        let mut events = docker.events(Some(bollard::query_parameters::EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }));
+        // Reconnected: look at everything again.
+        let _ = wake.try_send(());
+        loop {
+            let next = tokio::select! {
+                n = events.next() => n,
+                () = shutdown.cancelled() => return,
+            };
+            match next {
+                Some(Ok(_)) => {
+                    backoff.reset();
+                    let _ = wake.try_send(());
+                }
+                Some(Err(e)) => {
+                    debug!("Docker event stream failed: {e}; reconnecting");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !backoff.wait(&shutdown).await {
+            return;
+        }
+    }
+}
+
+/// The loop, with any engine: `wake` says something changed in it.
+pub async fn run_with(
+    config: Config,
+    client: Client,
+    engine: Arc<dyn Engine>,
+    mut wake: mpsc::Receiver<()>,
+    shutdown: CancellationToken,
+) {
+    let lease = LeaseKeeper::spawn(
+        client.clone(),
+        LeaseOptions {
+            ttl: config.ttl,
+            revoke_on_shutdown: false,
+        },
+        shutdown.clone(),
+    );
+    let (assign_tx, mut assign_rx) = mpsc::channel(16);
+    let (stacks_tx, mut stacks_rx) = mpsc::channel(16);
+    let watches = [
+        tokio::spawn(runtime::watch::watch_prefix(
+            client.clone(),
+            config.prefix.dir(Dir::HostAssignments(&config.host)),
+            assign_tx,
+            shutdown.clone(),
+        )),
+        tokio::spawn(runtime::watch::watch_prefix(
+            client.clone(),
+            config.prefix.dir(Dir::Stacks),
+            stacks_tx,
+            shutdown.clone(),
+        )),
+    ];
+    let mut agent = Agent::new(config, client, engine);
+    let mut leases = lease.subscribe();
+    let mut resync = tokio::time::interval(agent.config.resync);
+    resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let retry = agent.retry_at;
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = leases.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                agent.lease = *leases.borrow_and_update();
+                agent.written = None;
+            }
+            u = assign_rx.recv() => {
+                let Some(u) = u else { break };
+                agent.take(Source::Assign, u);
+                while let Ok(u) = assign_rx.try_recv() {
+                    agent.take(Source::Assign, u);
+                }
+            }
+            u = stacks_rx.recv() => {
+                let Some(u) = u else { break };
+                agent.take(Source::Stacks, u);
+                while let Ok(u) = stacks_rx.try_recv() {
+                    agent.take(Source::Stacks, u);
+                }
+            }
+            w = wake.recv() => {
+                if w.is_none() {
+                    // No more events (a stand-in engine that says nothing): resync only.
+                    wake = mpsc::channel(1).1;
+                }
+                while wake.try_recv().is_ok() {}
+            }
+            _ = resync.tick() => {}
+            () = sleep_until(retry) => agent.retry_at = None,
+        }
+        agent.step().await;
+    }
+    for w in watches {
+        let _ = w.await;
+    }
+    lease.join().await;
+}
+
+/// Instances whose assignment and spec disagree for a moment: left alone.
+type Unsure = BTreeSet<(ServiceId, u32)>;
+
+enum Source {
+    Assign,
+    Stacks,
+}
+
+/// What the launcher remembers of an instance between rounds.
+#[derive(Debug, Clone)]
+struct Memory {
+    state: InstanceState,
+    since: String,
+    reason: String,
+    /// A failed start: when to try again, and how long to wait after the next failure.
+    retry_at: Option<Instant>,
+    delay: Duration,
+}
+
+struct Agent {
+    config: Config,
+    client: Client,
+    engine: Arc<dyn Engine>,
+    assign: BTreeMap<String, Kv>,
+    stacks: BTreeMap<String, Kv>,
+    listed: (bool, bool),
+    lease: LeaseState,
+    /// What etcd holds of this launcher's keys, as written under the current lease; `None`
+    /// to write everything again.
+    written: Option<BTreeMap<String, String>>,
+    memory: BTreeMap<(ServiceId, u32), Memory>,
+    /// Log lines of failed containers, by container id and restart count.
+    logs: HashMap<(String, u32), String>,
+    last_etcd_ok: Option<Instant>,
+    etcd_down: bool,
+    retry_at: Option<Instant>,
+    etcd_backoff: Backoff,
+    since: String,
+}
+
+impl Agent {
+    fn new(config: Config, client: Client, engine: Arc<dyn Engine>) -> Self {
+        Self {
+            config,
+            client,
+            engine,
+            assign: BTreeMap::new(),
+            stacks: BTreeMap::new(),
+            listed: (false, false),
+            lease: LeaseState::default(),
+            written: None,
+            memory: BTreeMap::new(),
+            logs: HashMap::new(),
+            last_etcd_ok: None,
+            etcd_down: false,
+            retry_at: None,
+            etcd_backoff: Backoff::default(),
+            since: runtime::host::rfc3339_now(),
+        }
+    }
+
+    fn take(&mut self, source: Source, update: WatchUpdate) {
+        let snapshot = matches!(update, WatchUpdate::Snapshot { .. });
+        match source {
+            Source::Assign => {
+                self.listed.0 |= snapshot;
+                runtime::watch::apply(&mut self.assign, update);
+            }
+            Source::Stacks => {
+                self.listed.1 |= snapshot;
+                runtime::watch::apply(&mut self.stacks, update);
+            }
+        }
+        self.last_etcd_ok = Some(Instant::now());
+    }
+
+    fn retry_later(&mut self, delay: Duration) {
+        let at = Instant::now() + delay;
+        self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
+    }
+
+    /// Whether etcd answered recently enough to act on what it said.
+    fn etcd_fresh(&self) -> bool {
+        self.last_etcd_ok
+            .is_some_and(|t| t.elapsed() <= self.config.ttl)
+    }
+
+    /// The assigned instances with their specs; and those whose assignment and spec disagree.
+    fn wanted(&self) -> (Vec<(u32, JobSpec)>, Unsure) {
+        let prefix = &self.config.prefix;
+        let mut wanted = Vec::new();
+        let mut unsure = BTreeSet::new();
+        for (k, kv) in &self.assign {
+            let Ok(Key::Assign(slot)) = prefix.parse(k) else {
+                continue;
+            };
+            if slot.host != self.config.host {
+                continue;
+            }
+            let Ok(assigned) = records::decode::<AssignRecord>(k, &kv.value) else {
+                warn!(key = k, "unreadable assignment left alone");
+                unsure.insert((slot.service, slot.instance));
+                continue;
+            };
+            let spec_key = prefix.key(&Key::StackJob(
+                slot.service.stack.clone(),
+                slot.service.job.clone(),
+            ));
+            let spec = self
+                .stacks
+                .get(&spec_key)
+                .and_then(|kv| records::decode::<JobSpec>(&spec_key, &kv.value).ok())
+                .filter(|s| s.check().is_ok());
+            match spec {
+                Some(spec) if spec.digest() == assigned.spec_digest => {
+                    wanted.push((slot.instance, spec));
+                }
+                // The spec changed or went, and the scheduler has not caught up yet.
+                _ => {
+                    unsure.insert((slot.service, slot.instance));
+                }
+            }
+        }
+        (wanted, unsure)
+    }
+
+    async fn step(&mut self) {
+        if !(self.listed.0 && self.listed.1) {
+            return;
+        }
+        let (wanted, unsure) = self.wanted();
+        let mut existing = match self.mine().await {
+            Some(e) => e,
+            None => return,
+        };
+        if self.etcd_fresh() {
+            let acted = self.converge(&wanted, &unsure, &existing).await;
+            if acted {
+                existing = self.mine().await.unwrap_or(existing);
+            }
+        } else if !self.etcd_down {
+            debug!("etcd has not answered within the lease: starting and stopping nothing");
+        }
+        self.report(&wanted, &existing).await;
+    }
+
+    /// The containers this host's launcher made (label `viking.host`): the only ones it
+    /// starts, stops or removes. `None` (retried) when the engine does not answer.
+    async fn mine(&mut self) -> Option<Vec<Existing>> {
+        match self.engine.list().await {
+            Ok(all) => Some(
+                all.into_iter()
+                    .filter(|e| e.host.as_deref() == Some(self.config.host.as_str()))
+                    .collect(),
+            ),
+            Err(e) => {
+                warn!("{e}; keeping what runs and retrying");
+                self.retry_later(Duration::from_secs(1));
+                None
+            }
+        }
+    }
+
+    /// Carries out the plan; true if anything was done.
+    async fn converge(
+        &mut self,
+        wanted: &[(u32, JobSpec)],
+        unsure: &Unsure,
+        existing: &[Existing],
+    ) -> bool {
+        let want: Vec<Wanted<'_>> = wanted
+            .iter()
+            .map(|(instance, spec)| Wanted {
+                instance: *instance,
+                spec,
+            })
+            .collect();
+        let steps = converge::plan(&want, unsure, existing);
+        let specs: BTreeMap<(ServiceId, u32), &JobSpec> =
+            wanted.iter().map(|(i, s)| ((s.service(), *i), s)).collect();
+        let mut links_ready: BTreeMap<ServiceId, bool> = BTreeMap::new();
+        let mut acted = false;
+        let now = Instant::now();
+        for step in steps {
+            match step {
+                Step::Remove { name, id } => {
+                    acted = true;
+                    match self.engine.remove(&id).await {
+                        Ok(()) => info!("removed {name}: not assigned to this host"),
+                        Err(e) => {
+                            warn!("cannot remove {name}: {e}");
+                            self.retry_later(Duration::from_secs(1));
+                        }
+                    }
+                }
+                Step::Start { service, instance }
+                | Step::Replace {
+                    service, instance, ..
+                }
+                | Step::Restart {
+                    service, instance, ..
+                } if self
+                    .memory
+                    .get(&(service.clone(), instance))
+                    .and_then(|m| m.retry_at)
+                    .is_some_and(|at| at > now) =>
+                {
+                    // Failed recently: wait for its backoff.
+                    let at = self.memory[&(service, instance)].retry_at.expect("set");
+                    self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
+                }
+                Step::Restart {
+                    service,
+                    instance,
+                    id,
+                } => {
+                    acted = true;
+                    let name = schema::container_name(&service.stack, &service.job, instance);
+                    let r = self.engine.restart(&id).await;
+                    self.started(&service, instance, &name, "restarted", r.map(|()| id));
+                }
+                Step::Start { service, instance }
+                | Step::Replace {
+                    service, instance, ..
+                } if let Some(missing) = self
+                    .missing_link(specs[&(service.clone(), instance)], &mut links_ready)
+                    .await =>
+                {
+                    // A job starts only once everything it links to answers somewhere.
+                    let why = format!("waiting for a live endpoint of {missing}");
+                    let m = self
+                        .memory
+                        .entry((service.clone(), instance))
+                        .or_insert_with(|| Memory::new(InstanceState::Pending));
+                    if m.reason != why {
+                        info!(%service, instance, "{why}");
+                        m.reason = why;
+                    }
+                    self.retry_later(Duration::from_secs(1));
+                }
+                Step::Replace {
+                    service,
+                    instance,
+                    id,
+                } => {
+                    acted = true;
+                    let spec = specs[&(service.clone(), instance)];
+                    let name = schema::container_name(&service.stack, &service.job, instance);
+                    let r = match self.engine.remove(&id).await {
+                        Ok(()) => self.engine.start(spec, instance, &self.config.host).await,
+                        Err(e) => Err(e),
+                    };
+                    self.started(&service, instance, &name, "replaced (its spec changed)", r);
+                }
+                Step::Start { service, instance } => {
+                    acted = true;
+                    let spec = specs[&(service.clone(), instance)];
+                    let name = schema::container_name(&service.stack, &service.job, instance);
+                    let r = self.engine.start(spec, instance, &self.config.host).await;
+                    self.started(&service, instance, &name, "started", r);
+                }
+            }
+        }
+        acted
+    }
+
+    /// Records the outcome of a start, restart or replace.
+    fn started(
+        &mut self,
+        service: &ServiceId,
+        instance: u32,
+        name: &str,
+        what: &str,
+        result: Result<String, crate::engine::EngineError>,
+    ) {
+        let m = self
+            .memory
+            .entry((service.clone(), instance))
+            .or_insert_with(|| Memory::new(InstanceState::Pending));
+        match result {
+            Ok(id) => {
+                info!("{what} {name} ({})", &id[..id.len().min(12)]);
+                m.retry_at = None;
+                m.delay = Duration::from_secs(1);
+                m.reason.clear();
+            }
+            Err(e) => {
+                warn!("cannot start {name}: {e}; trying again in {:?}", m.delay);
+                m.reason = e.to_string();
+                m.retry_at = Some(Instant::now() + m.delay);
+                m.delay = (m.delay * 2).min(Duration::from_secs(60));
+                let at = m.retry_at.expect("set");
+                self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
+            }
+        }
+    }
+
+    /// The first service `spec` links to that has no live endpoint anywhere in the cluster,
+    /// if any (`known` caches the answers of one round).
+    async fn missing_link(
+        &self,
+        spec: &JobSpec,
+        known: &mut BTreeMap<ServiceId, bool>,
+    ) -> Option<ServiceId> {
+        for link in &spec.links {
+            let ready = match known.get(&link.service) {
+                Some(r) => *r,
+                None => {
+                    let dir = format!("{}{}/", self.config.prefix.dir(Dir::Services), link.service);
+                    let mut kv = self.client.kv_client();
+                    let r = kv
+                        .get(dir, Some(GetOptions::new().with_prefix().with_count_only()))
+                        .await
+                        .is_ok_and(|r| r.count() > 0);
+                    known.insert(link.service.clone(), r);
+                    r
+                }
+            };
+            if !ready {
+                return Some(link.service.clone());
+            }
+        }
+        None
+    }
+
+    /// Writes the node record and every assigned instance's status, under the lease.
+    async fn report(&mut self, wanted: &[(u32, JobSpec)], existing: &[Existing]) {
+        let Some(lease) = self.lease.id else {
+            return;
+        };
+        let prefix = self.config.prefix.clone();
+        let mut desired: BTreeMap<String, String> = BTreeMap::new();
+        desired.insert(
+            prefix.key(&Key::Node(self.config.host.clone())),
+            records::encode(&NodeRecord {
+                v: RECORD_VERSION,
+                host: self.config.host.clone(),
+                cpus_milli: self.config.cpus_milli,
+                memory: self.config.memory,
+                launcher_version: env!("CARGO_PKG_VERSION").to_owned(),
+                since: self.since.clone(),
+            }),
+        );
+        let mut seen = BTreeSet::new();
+        for (instance, spec) in wanted {
+            let key = (spec.service(), *instance);
+            seen.insert(key.clone());
+            let container = existing
+                .iter()
+                .find(|e| e.service == key.0 && e.instance == *instance);
+            let (state, exit_code, container_id, restarts, mut reason) = match container {
+                Some(e) => {
+                    let (state, code) = converge::status_of(spec, e);
+                    let reason = match (state, code) {
+                        (InstanceState::Failed, Some(code)) => {
+                            let logs = self.failure_logs(e).await;
+                            format!("exited with code {code}{logs}")
+                        }
+                        _ => String::new(),
+                    };
+                    (state, code, e.id.clone(), e.restarts, reason)
+                }
+                None => (
+                    InstanceState::Pending,
+                    None,
+                    String::new(),
+                    0,
+                    String::new(),
+                ),
+            };
+            let m = self
+                .memory
+                .entry(key.clone())
+                .or_insert_with(|| Memory::new(state));
+            let state = if container.is_none() && m.retry_at.is_some() {
+                InstanceState::Failed
+            } else {
+                state
+            };
+            if reason.is_empty() && container.is_none() {
+                reason = if m.reason.is_empty() {
+                    "waiting to start".to_owned()
+                } else {
+                    m.reason.clone()
+                };
+            }
+            if m.state != state {
+                m.state = state;
+                m.since = runtime::host::rfc3339_now();
+            }
+            let record = StatusRecord {
+                v: RECORD_VERSION,
+                state,
+                container_id: container_id.chars().take(12).collect(),
+                spec_digest: container.map(|e| e.spec.clone()).unwrap_or_default(),
+                since: m.since.clone(),
+                restarts,
+                reason,
+                exit_code,
+            };
+            desired.insert(
+                prefix.key(&Key::Status(Slot {
+                    host: self.config.host.clone(),
+                    service: key.0,
+                    instance: key.1,
+                })),
+                records::encode(&record),
+            );
+        }
+        self.memory.retain(|k, _| seen.contains(k));
+        let written = self.written.get_or_insert_with(BTreeMap::new);
+        let mut ops = Vec::new();
+        for (k, v) in &desired {
+            if written.get(k) != Some(v) {
+                ops.push(TxnOp::put(
+                    k.as_str(),
+                    v.as_str(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ));
+            }
+        }
+        for k in written.keys() {
+            if !desired.contains_key(k) {
+                ops.push(TxnOp::delete(k.as_str(), None));
+            }
+        }
+        if ops.is_empty() {
+            return;
+        }
+        let mut kv = self.client.kv_client();
+        for chunk in ops.chunks(schema::MAX_TXN_OPS) {
+            if let Err(e) = kv.txn(Txn::new().and_then(chunk.to_vec())).await {
+                if !self.etcd_down {
+                    warn!(
+                        "cannot write this host's statuses to etcd: {e}; keeping what runs, retrying"
+                    );
+                }
+                self.etcd_down = true;
+                self.written = None;
+                let delay = self.etcd_backoff.next_delay();
+                self.retry_later(delay);
+                return;
+            }
+        }
+        if self.etcd_down {
+            info!("etcd is back; statuses written");
+        }
+        self.etcd_down = false;
+        self.etcd_backoff.reset();
+        self.last_etcd_ok = Some(Instant::now());
+        // Statuses an earlier run left for instances no longer here hang on its lease and
+        // expire with it.
+        self.written = Some(desired);
+    }
+
+    /// ` | <last log lines>` of a failed container, read once per container and restart.
+    async fn failure_logs(&mut self, e: &Existing) -> String {
+        let key = (e.id.clone(), e.restarts);
+        if let Some(text) = self.logs.get(&key) {
+            return text.clone();
+        }
+        let lines = self.engine.last_logs(&e.id).await;
+        let text = if lines.is_empty() {
+            String::new()
+        } else {
+            format!(": {lines}")
+        };
+        if self.logs.len() > 1000 {
+            self.logs.clear();
+        }
+        self.logs.insert(key, text.clone());
+        text
+    }
+}
+
+impl Memory {
+    fn new(state: InstanceState) -> Self {
+        Memory {
+            state,
+            since: runtime::host::rfc3339_now(),
+            reason: String::new(),
+            retry_at: None,
+            delay: Duration::from_secs(1),
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

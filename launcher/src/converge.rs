@@ -1,0 +1,240 @@
+//! What to do to this host's containers: a pure function of what the grid assigned and what
+//! the engine has.
+
+use std::collections::BTreeSet;
+
+use schema::records::InstanceState;
+use schema::{JobKind, JobSpec, Restart, ServiceId};
+
+use crate::engine::{Existing, RunState};
+
+/// One instance assigned to this host, with the spec to run.
+#[derive(Debug, Clone)]
+pub struct Wanted<'a> {
+    pub instance: u32,
+    pub spec: &'a JobSpec,
+}
+
+/// One change to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Create and start the instance.
+    Start { service: ServiceId, instance: u32 },
+    /// Its container exists with the right spec but stopped, and should run.
+    Restart {
+        service: ServiceId,
+        instance: u32,
+        id: String,
+    },
+    /// Its container runs another spec: remove it, then start the instance.
+    Replace {
+        service: ServiceId,
+        instance: u32,
+        id: String,
+    },
+    /// A viking container that nothing assigns to this host.
+    Remove { name: String, id: String },
+}
+
+/// The steps that make `existing` what `wanted` asks, removals first (they free ports and
+/// names). `unsure` are instances whose assignment and spec disagree for a moment (the spec
+/// changed, the scheduler has not caught up): their containers are left alone.
+pub fn plan(
+    wanted: &[Wanted<'_>],
+    unsure: &BTreeSet<(ServiceId, u32)>,
+    existing: &[Existing],
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut claimed = BTreeSet::new();
+    let mut starts = Vec::new();
+    for w in wanted {
+        let service = w.spec.service();
+        let key = (service.clone(), w.instance);
+        // Several containers for one instance (a hand-made copy): the first is it, the
+        // others go.
+        let have = existing
+            .iter()
+            .find(|e| e.service == service && e.instance == w.instance);
+        claimed.insert(key);
+        match have {
+            None => starts.push(Step::Start {
+                service,
+                instance: w.instance,
+            }),
+            Some(e) if e.spec != w.spec.digest() => starts.push(Step::Replace {
+                service,
+                instance: w.instance,
+                id: e.id.clone(),
+            }),
+            Some(e) if should_restart(w.spec, e.state) => starts.push(Step::Restart {
+                service,
+                instance: w.instance,
+                id: e.id.clone(),
+            }),
+            Some(_) => {}
+        }
+    }
+    let mut kept = BTreeSet::new();
+    for e in existing {
+        let key = (e.service.clone(), e.instance);
+        if unsure.contains(&key) {
+            continue;
+        }
+        let first = claimed.contains(&key) && kept.insert(key);
+        if !first {
+            steps.push(Step::Remove {
+                name: e.name.clone(),
+                id: e.id.clone(),
+            });
+        }
+    }
+    steps.extend(starts);
+    steps
+}
+
+/// Whether a stopped container of `spec` should be started again by the launcher (Docker's
+/// policy did not, or was told not to).
+fn should_restart(spec: &JobSpec, state: RunState) -> bool {
+    match state {
+        RunState::Running | RunState::Starting => false,
+        // Created but never started: a start that failed half-way.
+        RunState::Exited(None) => true,
+        RunState::Exited(Some(code)) => match spec.restart_policy() {
+            Restart::Always => true,
+            Restart::OnFailure => code != 0,
+            Restart::Never => false,
+        },
+    }
+}
+
+/// What to report of an instance whose container is `e`: its state, reason and exit code.
+pub fn status_of(spec: &JobSpec, e: &Existing) -> (InstanceState, Option<i64>) {
+    match e.state {
+        RunState::Running => (InstanceState::Running, None),
+        RunState::Starting | RunState::Exited(None) => (InstanceState::Starting, None),
+        RunState::Exited(Some(0)) if spec.kind == JobKind::Task => (InstanceState::Exited, Some(0)),
+        RunState::Exited(Some(code)) => (InstanceState::Failed, Some(code)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use schema::{JobName, StackName};
+
+    use super::*;
+
+    fn spec(job: &str) -> JobSpec {
+        JobSpec::new(
+            StackName::new("app").unwrap(),
+            JobName::new(job).unwrap(),
+            "busybox",
+        )
+    }
+
+    fn existing(spec: &JobSpec, instance: u32, state: RunState) -> Existing {
+        Existing {
+            id: format!("id-{}-{instance}", spec.job),
+            name: schema::container_name(&spec.stack, &spec.job, instance),
+            service: spec.service(),
+            instance,
+            spec: spec.digest(),
+            state,
+            restarts: 0,
+            host: Some("node-a".into()),
+        }
+    }
+
+    #[test]
+    fn starts_what_is_missing_keeps_what_runs_and_removes_what_is_not_assigned() {
+        let web = spec("web");
+        let old = spec("old");
+        let wanted = [
+            Wanted {
+                instance: 0,
+                spec: &web,
+            },
+            Wanted {
+                instance: 1,
+                spec: &web,
+            },
+        ];
+        let have = [
+            existing(&web, 0, RunState::Running),
+            existing(&web, 2, RunState::Running),
+            existing(&old, 0, RunState::Running),
+        ];
+        let steps = plan(&wanted, &BTreeSet::new(), &have);
+        assert_eq!(
+            steps,
+            [
+                Step::Remove {
+                    name: "app_web_2".into(),
+                    id: "id-web-2".into()
+                },
+                Step::Remove {
+                    name: "app_old_0".into(),
+                    id: "id-old-0".into()
+                },
+                Step::Start {
+                    service: web.service(),
+                    instance: 1
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_changed_spec_is_replaced_unless_the_assignment_is_behind() {
+        let web = spec("web");
+        let mut newer = web.clone();
+        newer.image = "busybox:2".into();
+        let wanted = [Wanted {
+            instance: 0,
+            spec: &newer,
+        }];
+        let have = [existing(&web, 0, RunState::Running)];
+        assert_eq!(
+            plan(&wanted, &BTreeSet::new(), &have),
+            [Step::Replace {
+                service: web.service(),
+                instance: 0,
+                id: "id-web-0".into()
+            }]
+        );
+        // Assignment and spec disagree: not wanted yet, but not removed either.
+        let unsure = BTreeSet::from([(web.service(), 0)]);
+        assert!(plan(&[], &unsure, &have).is_empty());
+    }
+
+    #[test]
+    fn stopped_containers_follow_the_restart_policy() {
+        let web = spec("web");
+        let mut task = spec("migrate");
+        task.kind = JobKind::Task;
+        let mut retry = task.clone();
+        retry.restart = Some(Restart::OnFailure);
+        let cases = [
+            (&web, RunState::Exited(Some(0)), true),
+            (&web, RunState::Exited(Some(1)), true),
+            (&web, RunState::Exited(None), true),
+            (&web, RunState::Starting, false),
+            (&task, RunState::Exited(Some(0)), false),
+            (&task, RunState::Exited(Some(3)), false),
+            (&retry, RunState::Exited(Some(3)), true),
+            (&retry, RunState::Exited(Some(0)), false),
+        ];
+        for (spec, state, restart) in cases {
+            let wanted = [Wanted { instance: 0, spec }];
+            let steps = plan(&wanted, &BTreeSet::new(), &[existing(spec, 0, state)]);
+            assert_eq!(!steps.is_empty(), restart, "{} {state:?}", spec.job);
+        }
+        assert_eq!(
+            status_of(&task, &existing(&task, 0, RunState::Exited(Some(0)))),
+            (InstanceState::Exited, Some(0))
+        );
+        assert_eq!(
+            status_of(&task, &existing(&task, 0, RunState::Exited(Some(3)))),
+            (InstanceState::Failed, Some(3))
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! The launcher as a daemon: its flags (each with a `VIKING_*` env twin), their checks, and
+//! the one start-up that the `launcher` binary and `viking up` both call.
+//!
+//! `--docker` and `--ttl` are not here: the binary has its own, and `viking up` hands its
+//! launcher the registrator's (one Docker and one host lease per host).
+
+use std::time::Duration;
+
+use etcd_client::Client;
+use runtime::etcd::parse_duration;
+use runtime::{CancellationToken, process};
+use schema::{HostId, Prefix};
+use tracing::{Instrument, info};
+
+use crate::Config;
+
+/// The launcher's flags (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Launcher")]
+pub struct LauncherArgs {
+    /// CPUs this host offers the grid, e.g. 3.5 (default: every CPU this process may use)
+    #[arg(long, env = "VIKING_CPUS")]
+    pub cpus: Option<String>,
+
+    /// Memory this host offers the grid, e.g. 14G (default: all of it, less --reserve-memory)
+    #[arg(long, env = "VIKING_MEMORY")]
+    pub memory: Option<String>,
+
+    /// Memory kept for the host itself and not offered, e.g. 512M
+    #[arg(long, env = "VIKING_RESERVE_MEMORY", default_value = "0")]
+    pub reserve_memory: String,
+
+    /// How long a host's launcher may be gone before the scheduler places its instances
+    /// elsewhere
+    #[arg(long, env = "VIKING_RESCHEDULE_AFTER", default_value = "30s", value_parser = parse_duration)]
+    pub reschedule_after: Duration,
+
+    /// The scheduler election's lease: a lost scheduler is replaced within this long
+    #[arg(long, env = "VIKING_LEADER_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub leader_ttl: Duration,
+}
+
+/// Why the launcher did not start: refused before anything was written, exit 2.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--cpus: {0}")]
+    Cpus(String),
+    #[error("--{flag}: {why}")]
+    Memory { flag: &'static str, why: String },
+    #[error(
+        "--reserve-memory {reserve} leaves nothing of this host's {total} to offer; reserve \
+         less, or pass --memory"
+    )]
+    NothingLeft { reserve: String, total: String },
+    #[error(
+        "this host's memory cannot be read from /proc/meminfo; pass --memory, e.g. --memory 8G"
+    )]
+    NoMeminfo,
+    #[error("--{flag} {value:?} is too short: etcd leases count whole seconds; use at least 1s")]
+    TtlTooShort { flag: &'static str, value: Duration },
+}
+
+impl runtime::Fatal for StartError {
+    fn exit_code(&self) -> u8 {
+        process::USAGE
+    }
+}
+
+impl LauncherArgs {
+    /// Checks every flag and builds the settings; needs neither etcd nor Docker.
+    pub fn check(
+        &self,
+        prefix: &Prefix,
+        host: &HostId,
+        ttl: Duration,
+        docker: Option<String>,
+        max_txn_ops: usize,
+    ) -> Result<Config, StartError> {
+        let cpus_milli = match &self.cpus {
+            Some(c) => schema::parse_cpus(c).map_err(StartError::Cpus)?,
+            None => crate::capacity::cpus_milli(),
+        };
+        let reserve =
+            schema::parse_memory(&self.reserve_memory).map_err(|why| StartError::Memory {
+                flag: "reserve-memory",
+                why,
+            })?;
+        let memory = match &self.memory {
+            Some(m) => schema::parse_memory(m).map_err(|why| StartError::Memory {
+                flag: "memory",
+                why,
+            })?,
+            None => {
+                let total = crate::capacity::memory().ok_or(StartError::NoMeminfo)?;
+                if reserve >= total {
+                    return Err(StartError::NothingLeft {
+                        reserve: self.reserve_memory.clone(),
+                        total: schema::format_memory(total),
+                    });
+                }
+                total - reserve
+            }
+        };
+        for (flag, value) in [("ttl", ttl), ("leader-ttl", self.leader_ttl)] {
+            if value < Duration::from_secs(1) {
+                return Err(StartError::TtlTooShort { flag, value });
+            }
+        }
+        Ok(Config {
+            prefix: prefix.clone(),
+            host: host.clone(),
+            ttl,
+            resync: Duration::from_secs(10),
+            docker,
+            cpus_milli,
+            memory,
+            scheduler: Some(grid::scheduler::Config {
+                prefix: prefix.clone(),
+                host: host.clone(),
+                ttl: self.leader_ttl,
+                reschedule_after: self.reschedule_after,
+                max_txn_ops,
+            }),
+        })
+    }
+}
+
+/// A started launcher.
+pub struct Running {
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the launcher until `shutdown`, in the caller's span. Docker and etcd may be away: it
+/// reconnects to both.
+pub fn start(config: Config, client: Client, shutdown: CancellationToken) -> Running {
+    info!(
+        host = %config.host,
+        cpus = %grid::place::cores(config.cpus_milli),
+        memory = %schema::format_memory(config.memory),
+        docker = %runtime::docker::describe(config.docker.as_deref()),
+        "launcher starting"
+    );
+    let task = tokio::spawn(
+        crate::agent::run(config, client, shutdown).instrument(tracing::Span::current()),
+    );
+    Running { task }
+}
+
+impl Running {
+    /// Waits until it has stopped (its containers keep running; its keys are left to the
+    /// lease).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+        info!("launcher stopped");
+    }
+}

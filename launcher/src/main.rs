@@ -1,0 +1,58 @@
+//! `launcher`: runs what the grid assigned to this host and reports back; one launcher,
+//! elected through etcd, is the scheduler.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use launcher::LauncherArgs;
+use runtime::etcd::parse_duration;
+use runtime::{EtcdArgs, HostArgs, TxnArgs};
+use tracing::info;
+
+/// viking's launcher: the grid's work on this host's Docker.
+#[derive(Debug, Parser)]
+#[command(name = "launcher", version, after_help = runtime::process::EXIT_STATUS_HELP)]
+struct Cli {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+
+    #[command(flatten)]
+    host: HostArgs,
+
+    #[command(flatten)]
+    txn: TxnArgs,
+
+    #[command(flatten)]
+    launcher: LauncherArgs,
+
+    /// Docker endpoint: unix:///var/run/docker.sock, a socket path, or tcp://host:2375
+    /// (default: DOCKER_HOST, else the local socket)
+    #[arg(long, env = "VIKING_DOCKER")]
+    docker: Option<String>,
+
+    /// Lease time to live: the scheduler counts this host lost this long after it stops
+    #[arg(long, env = "VIKING_TTL", default_value = "10s", value_parser = parse_duration)]
+    ttl: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    runtime::process::main("launcher", "info", async move {
+        let host = cli.host.id()?;
+        let config = cli.launcher.check(
+            &cli.etcd.prefix,
+            &host,
+            cli.ttl,
+            cli.docker.clone(),
+            cli.txn.max_txn_ops,
+        )?;
+        let shutdown = runtime::shutdown::on_signals();
+        let client = cli.etcd.connect_daemon(&shutdown).await?;
+        info!(etcd = %cli.etcd.endpoints_display(), "following the grid");
+        launcher::daemon::start(config, client, shutdown)
+            .wait()
+            .await;
+        Ok(())
+    })
+}

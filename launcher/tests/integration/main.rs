@@ -1,0 +1,298 @@
+//! The launcher binary against a real etcd and the real Docker daemon: it is alone, so it is
+//! the scheduler too. Job specs and run requests are written to etcd as `viking deploy` and
+//! `viking run` write them; every test has its own etcd, host id and stack name, and the
+//! launcher touches only containers labelled with its host id.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions};
+use schema::records::{InstanceState, StatusRecord};
+use schema::{CommandSpec, JobKind, JobName, JobSpec, PortSpec, Proto, StackName};
+use testkit::docker::{self, IMAGE};
+use testkit::{Daemon, Etcd};
+
+/// One test's world: etcd, a launcher with a host id of its own, a stack name of its own.
+struct World {
+    etcd: Etcd,
+    client: Client,
+    launcher: Daemon,
+    host: String,
+    stack: String,
+}
+
+impl World {
+    async fn start() -> World {
+        docker::require(None);
+        let etcd = Etcd::start().await;
+        let client = etcd.client().await;
+        let host = format!("t{:08x}", fastrand_u32());
+        let launcher = Daemon::spawn(
+            env!("CARGO_BIN_EXE_launcher"),
+            &[
+                "--etcd",
+                &etcd.endpoint(),
+                "--host",
+                &host,
+                "--cpus",
+                "2",
+                "--memory",
+                "1G",
+                "--ttl",
+                "2s",
+            ],
+        );
+        World {
+            etcd,
+            client,
+            launcher,
+            stack: format!("s{:08x}", fastrand_u32()),
+            host,
+        }
+    }
+
+    fn spec(&self, job: &str, scale: u32) -> JobSpec {
+        let mut spec = JobSpec::new(
+            StackName::new(&self.stack).unwrap(),
+            JobName::new(job).unwrap(),
+            IMAGE,
+        );
+        spec.scale = scale;
+        // testkit removes what carries its label, also after a failed test.
+        spec.labels
+            .insert(docker::TEST_LABEL.to_owned(), "1".to_owned());
+        spec
+    }
+
+    async fn deploy(&self, spec: &JobSpec) {
+        let mut kv = self.client.kv_client();
+        kv.put(
+            format!("/viking/stacks/{}/jobs/{}", self.stack, spec.job),
+            serde_json::to_string(spec).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+
+    async fn run(&self) {
+        let mut kv = self.client.kv_client();
+        kv.put(
+            format!("/viking/grid/run/{}", self.stack),
+            "{\"v\":1}",
+            None,
+        )
+        .await
+        .unwrap();
+    }
+
+    async fn stop(&self) {
+        let mut kv = self.client.kv_client();
+        kv.delete(format!("/viking/grid/run/{}", self.stack), None)
+            .await
+            .unwrap();
+    }
+
+    /// `job/instance` -> status, of this stack on this host.
+    async fn statuses(&self) -> BTreeMap<String, StatusRecord> {
+        let prefix = format!("/viking/grid/status/{}/{}/", self.host, self.stack);
+        let mut kv = self.client.kv_client();
+        let Ok(resp) = kv
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+        else {
+            return BTreeMap::new();
+        };
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    kv.key_str().unwrap()[prefix.len()..].to_owned(),
+                    serde_json::from_slice(kv.value()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Polls the statuses until `check` holds; fails with them and the launcher's log.
+    async fn until(&self, what: &str, check: impl Fn(&BTreeMap<String, StatusRecord>) -> bool) {
+        testkit::eventually_async(Duration::from_secs(20), what, || async {
+            let now = self.statuses().await;
+            if check(&now) {
+                Ok(())
+            } else {
+                Err(format!("{now:#?}\nlauncher log:\n{}", self.launcher.log()))
+            }
+        })
+        .await;
+    }
+
+    /// This host's containers of this stack: name -> state.
+    fn containers(&self) -> BTreeMap<String, String> {
+        let out = docker::docker_ok(
+            None,
+            &[
+                "ps",
+                "-a",
+                "--filter",
+                &format!("label=viking.host={}", self.host),
+                "--format",
+                "{{.Names}} {{.State}}",
+            ],
+        );
+        out.lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(n, s)| (n.to_owned(), s.to_owned()))
+            .collect()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // The launcher first (it would start them again), then its containers.
+        self.launcher.kill();
+        let ids = docker::docker_ok(
+            None,
+            &[
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=viking.host={}", self.host),
+            ],
+        );
+        for id in ids.lines() {
+            let _ = docker::docker(None, &["rm", "-f", id]);
+        }
+        let _ = &self.etcd;
+    }
+}
+
+fn fastrand_u32() -> u32 {
+    // A process-unique, time-salted id; no extra dependency for two random names.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    t ^ std::process::id().rotate_left(16)
+}
+
+fn running(s: &BTreeMap<String, StatusRecord>, names: &[&str]) -> bool {
+    s.len() == names.len()
+        && names
+            .iter()
+            .all(|n| s.get(*n).is_some_and(|r| r.state == InstanceState::Running))
+}
+
+#[tokio::test]
+async fn a_launcher_runs_what_it_is_assigned_scales_it_and_stops_it() {
+    let w = World::start().await;
+    let mut web = w.spec("web", 2);
+    web.ports = vec![PortSpec {
+        port: 8080,
+        proto: Proto::Tcp,
+    }];
+    web.command = Some(CommandSpec::Exec(
+        ["httpd", "-f", "-p", "8080"].map(String::from).to_vec(),
+    ));
+    w.deploy(&web).await;
+    // Deployed but not asked to run: nothing starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(w.containers().is_empty(), "{:?}", w.containers());
+    w.run().await;
+    w.until("two web instances running", |s| {
+        running(s, &["web/0", "web/1"])
+    })
+    .await;
+    let names = w.containers();
+    let web0 = format!("{}_web_0", w.stack);
+    assert_eq!(
+        names.get(&web0).map(String::as_str),
+        Some("running"),
+        "{names:?}"
+    );
+    let node = {
+        let mut kv = w.client.kv_client();
+        let resp = kv
+            .get(format!("/viking/grid/nodes/{}", w.host), None)
+            .await
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(resp.kvs()[0].value()).unwrap()
+    };
+    assert_eq!(node["cpus_milli"], 2000);
+    assert_eq!(node["memory"], 1u64 << 30);
+
+    // Scale down: instance 1 goes, instance 0 is the same container.
+    let id0 = w.statuses().await["web/0"].container_id.clone();
+    web.scale = 1;
+    w.deploy(&web).await;
+    w.until("one web instance", |s| running(s, &["web/0"]))
+        .await;
+    assert_eq!(
+        w.statuses().await["web/0"].container_id,
+        id0,
+        "instance 0 was replaced"
+    );
+    testkit::eventually(Duration::from_secs(10), "web_1 removed", || {
+        (w.containers().len() == 1).then_some(())
+    });
+
+    // A changed spec replaces the container.
+    web.env.insert("COLOUR".into(), "blue".into());
+    w.deploy(&web).await;
+    w.until("replaced", |s| {
+        s.get("web/0")
+            .is_some_and(|r| r.state == InstanceState::Running && r.container_id != id0)
+    })
+    .await;
+
+    w.stop().await;
+    w.until("no instance", BTreeMap::is_empty).await;
+    testkit::eventually(Duration::from_secs(10), "containers removed", || {
+        w.containers().is_empty().then_some(())
+    });
+}
+
+#[tokio::test]
+async fn tasks_report_their_exit_code_and_a_missing_image_fails_with_its_reason() {
+    let w = World::start().await;
+    let mut ok = w.spec("ok", 1);
+    ok.kind = JobKind::Task;
+    ok.command = Some(CommandSpec::Shell("exit 0".into()));
+    let mut bad = w.spec("bad", 1);
+    bad.kind = JobKind::Task;
+    bad.command = Some(CommandSpec::Shell("echo migration failed; exit 3".into()));
+    let mut missing = w.spec("missing", 1);
+    missing.image = "viking/no-such-image:1".into();
+    for spec in [&ok, &bad, &missing] {
+        w.deploy(spec).await;
+    }
+    w.run().await;
+    w.until("the three report", |s| {
+        s.get("ok/0")
+            .is_some_and(|r| r.state == InstanceState::Exited)
+            && s.get("bad/0")
+                .is_some_and(|r| r.state == InstanceState::Failed)
+            && s.get("missing/0")
+                .is_some_and(|r| r.state == InstanceState::Failed)
+    })
+    .await;
+    let s = w.statuses().await;
+    assert_eq!(s["ok/0"].exit_code, Some(0));
+    assert_eq!(s["bad/0"].exit_code, Some(3));
+    assert!(
+        s["bad/0"].reason.contains("exited with code 3")
+            && s["bad/0"].reason.contains("migration failed"),
+        "{:?}",
+        s["bad/0"].reason
+    );
+    assert!(
+        s["missing/0"].reason.contains("viking/no-such-image:1"),
+        "{:?}",
+        s["missing/0"].reason
+    );
+    // A task that finished is not started again.
+    let before = w.containers();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(w.statuses().await["ok/0"].restarts, 0);
+    assert_eq!(w.containers(), before);
+}
