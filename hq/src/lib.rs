@@ -12,6 +12,7 @@
 pub mod compile;
 pub mod deploy;
 pub mod folder;
+pub mod grid;
 pub mod launch;
 pub mod output;
 pub mod stackfile;

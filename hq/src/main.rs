@@ -56,7 +56,8 @@ const AFTER_HELP: &str =
   viking export app ./deploy && viking apply ./deploy
   viking host add node-1 10.0.0.1 --role router
   viking up                                # etcd, ambassador, registrator on this host
-  viking run shared && viking run app      # the stacks' containers on this host
+  viking run shared app                    # the grid places them on the cluster's hosts
+  viking ps app; viking grid               # where each instance runs, and what is pending
   viking scale shared/web 3; viking logs app/client -f; viking stop app";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,22 +112,36 @@ enum Command {
     /// Cluster membership (what locknet admits)
     #[command(subcommand)]
     Host(HostCommand),
-    /// Start (or converge) a deployed stack's containers on this host's Docker
+    /// Ask the grid to run deployed stacks on the cluster's hosts, and follow them until
+    /// every instance runs
     Run {
-        stack: StackName,
-        /// How long to wait for a linked-to job's first live endpoint
-        #[arg(long, env = "VIKING_WAIT", default_value = "30s", value_parser = runtime::etcd::parse_duration)]
-        wait: Duration,
+        #[arg(required = true, value_name = "STACK")]
+        stacks: Vec<StackName>,
+        /// How long to wait for every instance to run before exiting 1 with what does not
+        #[arg(long, env = "VIKING_RUN_TIMEOUT", default_value = "2m", value_parser = runtime::etcd::parse_duration)]
+        timeout: Duration,
+        /// Return once the request is written
+        #[arg(long)]
+        detach: bool,
     },
-    /// Remove a stack's containers from this host (its config and ports stay)
-    Stop { stack: StackName },
-    /// Set a job's number of containers, and converge this host's
+    /// Stop stacks on every host (their config and ports stay)
+    Stop {
+        #[arg(required = true, value_name = "STACK")]
+        stacks: Vec<StackName>,
+        /// How long to wait for their containers to go
+        #[arg(long, env = "VIKING_RUN_TIMEOUT", default_value = "2m", value_parser = runtime::etcd::parse_duration)]
+        timeout: Duration,
+    },
+    /// Set a job's number of instances, cluster-wide
     Scale {
         #[arg(value_name = "STACK/JOB")]
         service: ServiceId,
         scale: u32,
     },
-    /// Print the logs of a job's containers on this host
+    /// Each host with its CPU and memory reserved and free, what runs there, and what is
+    /// pending and why
+    Grid,
+    /// Print the logs of a job's containers on this host (and name the hosts of the others)
     Logs {
         #[arg(value_name = "STACK/JOB")]
         service: ServiceId,
@@ -137,8 +152,8 @@ enum Command {
         #[arg(long, env = "VIKING_TAIL", default_value_t = 100)]
         tail: u32,
     },
-    /// The whole suite on this host: a local etcd (unless one answers), the ambassador and the
-    /// registrator, in this process, with their own flags; Ctrl-C stops it
+    /// The whole suite on this host: a local etcd (unless one answers), the ambassador, the
+    /// registrator and the launcher, in this process, with their own flags; Ctrl-C stops it
     Up(Box<UpArgs>),
 }
 
@@ -151,6 +166,15 @@ enum HostCommand {
         /// A role, e.g. router (repeatable)
         #[arg(long = "role")]
         roles: Vec<String>,
+        /// A label jobs can be placed by, KEY=VALUE (repeatable)
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Set (KEY=VALUE) or remove (KEY-) a member's labels
+    Label {
+        host: HostId,
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        changes: Vec<String>,
     },
     /// Remove a member
     Rm { host: HostId },
@@ -177,6 +201,7 @@ async fn run(cli: Cli) -> Result<(), HqError> {
             &cli.etcd,
             cli.range.range,
             cli.run_dir.dir(),
+            cli.txn.max_txn_ops,
             *args,
             runtime::shutdown::on_signals(),
         )
@@ -204,7 +229,6 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         cli.etcd.endpoints_display(),
     );
     let out = cli.output.output;
-    let run_dir = cli.run_dir.dir();
     match cli.command {
         Command::Deploy { .. } | Command::Apply { .. } => {
             let files = files.expect("read above");
@@ -220,17 +244,27 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         }
         Command::Graph { stack, dot } => graph(&store, stack.as_ref(), dot, out).await,
         Command::Rm { stack, force } => rm(&store, &stack, force).await,
-        Command::Run { stack, wait } => run_stack(&store, &stack, wait, &run_dir).await,
-        Command::Stop { stack } => stop(&stack, &run_dir).await,
-        Command::Scale { service, scale } => set_scale(&store, &service, scale, &run_dir).await,
+        Command::Run {
+            stacks,
+            timeout,
+            detach,
+        } => hq::grid::run(&store, &stacks, timeout, detach).await,
+        Command::Stop { stacks, timeout } => hq::grid::stop(&store, &stacks, timeout).await,
+        Command::Scale { service, scale } => set_scale(&store, &service, scale).await,
+        Command::Grid => {
+            let report = hq::grid::GridState::read(&store).await?.report();
+            if out == Format::Json {
+                print!("{}", output::json(&report));
+            } else {
+                print!("{}", hq::grid::render_grid(&report));
+            }
+            Ok(())
+        }
         Command::Logs {
             service,
             follow,
             tail,
-        } => {
-            let docker = launch::docker().await?;
-            launch::logs(&docker, &service.stack, &service.job, follow, tail).await
-        }
+        } => logs(&store, &service, follow, tail).await,
         Command::Host(command) => host(&store, command, out).await,
         Command::Up(_) => unreachable!("handled above"),
     }
@@ -335,6 +369,7 @@ async fn ps(store: &Store, stack: Option<&StackName>, out: Format) -> Result<(),
             return Err(not_deployed(s));
         }
     }
+    let all_instances = hq::grid::GridState::read(store).await?.instances(None);
     let mut rows = Vec::new();
     for (name, jobs) in &stacks {
         if stack.is_some_and(|s| s != name) {
@@ -344,7 +379,14 @@ async fn ps(store: &Store, stack: Option<&StackName>, out: Format) -> Result<(),
         jobs.sort_by_key(|j| j.order);
         for job in jobs {
             let endpoints = store.endpoints(name, &job.job).await?;
+            let instances: Vec<hq::grid::InstanceRow> = all_instances
+                .iter()
+                .filter(|r| r.service == job.service().to_string())
+                .cloned()
+                .collect();
             rows.push(JobRow {
+                running: instances.iter().filter(|r| r.state == "running").count(),
+                instances,
                 service: job.service().to_string(),
                 image: job.image.clone(),
                 scale: job.scale,
@@ -355,6 +397,11 @@ async fn ps(store: &Store, stack: Option<&StackName>, out: Format) -> Result<(),
         }
     }
     print!("{}", output::render(&rows, out));
+    let instances: Vec<&hq::grid::InstanceRow> = rows.iter().flat_map(|r| &r.instances).collect();
+    if out == Format::Text && !instances.is_empty() {
+        let owned: Vec<hq::grid::InstanceRow> = instances.into_iter().cloned().collect();
+        print!("\n{}", output::render(&owned, out));
+    }
     Ok(())
 }
 
@@ -405,65 +452,102 @@ async fn rm(store: &Store, stack: &StackName, force: bool) -> Result<(), HqError
     Ok(())
 }
 
-async fn run_stack(
-    store: &Store,
-    stack: &StackName,
-    wait: Duration,
-    run_dir: &std::path::Path,
-) -> Result<(), HqError> {
-    let docker = launch::docker().await?;
-    let _lock = launch::StackLock::take(run_dir, stack).await?;
-    for line in launch::run(&docker, store, stack, wait).await? {
-        println!("{line}");
-    }
-    Ok(())
-}
-
-async fn stop(stack: &StackName, run_dir: &std::path::Path) -> Result<(), HqError> {
-    let docker = launch::docker().await?;
-    let _lock = launch::StackLock::take(run_dir, stack).await?;
-    let removed = launch::stop(&docker, stack).await?;
-    if removed.is_empty() {
-        println!("{stack}: no containers on this host");
-    }
-    for name in removed {
-        println!("removed {name}");
-    }
-    Ok(())
-}
-
-async fn set_scale(
-    store: &Store,
-    service: &ServiceId,
-    scale: u32,
-    run_dir: &std::path::Path,
-) -> Result<(), HqError> {
+async fn set_scale(store: &Store, service: &ServiceId, scale: u32) -> Result<(), HqError> {
     let before = store.set_scale(&service.stack, &service.job, scale).await?;
     println!("{service}: scale {before} -> {scale}");
-    let docker = launch::docker().await?;
-    let _lock = launch::StackLock::take(run_dir, &service.stack).await?;
-    for line in launch::run(&docker, store, &service.stack, launch::DEFAULT_WAIT).await? {
-        if !line.starts_with("unchanged") {
-            println!("{line}");
-        }
-    }
     Ok(())
+}
+
+/// The job's logs from this host's Docker; the hosts of its other instances are named.
+async fn logs(store: &Store, service: &ServiceId, follow: bool, tail: u32) -> Result<(), HqError> {
+    let state = hq::grid::GridState::read(store).await?;
+    let elsewhere: Vec<String> = state
+        .assign
+        .keys()
+        .filter(|s| &s.service == service)
+        .map(|s| format!("{}/{} on {}", service, s.instance, s.host))
+        .collect();
+    let docker = launch::docker().await?;
+    let here = launch::existing(&docker, &service.stack)
+        .await?
+        .into_iter()
+        .any(|e| e.job == service.job.as_str());
+    if !here {
+        return Err(HqError::Refused(if elsewhere.is_empty() {
+            format!(
+                "{service} has no instances; `viking run {}` starts them",
+                service.stack
+            )
+        } else {
+            format!(
+                "{service} has no container on this host's Docker; its instances run elsewhere \
+                 ({}): run `viking logs` there",
+                elsewhere.join(", ")
+            )
+        }));
+    }
+    if !elsewhere.is_empty() {
+        eprintln!("instances: {}", elsewhere.join(", "));
+    }
+    launch::logs(&docker, &service.stack, &service.job, follow, tail).await
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("label {text:?} is not KEY=VALUE, e.g. role=db"))?;
+    if !hq::stackfile::is_label(k) || !hq::stackfile::is_label_value(v) {
+        return Err(format!(
+            "label {text:?}: names and values are letters, digits, '.', '_', '-' (names start \
+             with a letter), at most 63 each"
+        ));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 async fn host(store: &Store, command: HostCommand, out: Format) -> Result<(), HqError> {
     match command {
-        HostCommand::Add { host, addr, roles } => {
+        HostCommand::Add {
+            host,
+            addr,
+            roles,
+            labels,
+        } => {
             schema::check_member_addr(addr).map_err(HqError::Input)?;
             let record = HostRecord {
                 v: schema::records::RECORD_VERSION,
                 host: host.clone(),
                 addr: addr.to_string(),
                 roles,
-                labels: BTreeMap::new(),
+                labels: labels.into_iter().collect(),
                 draining: false,
             };
             store.host_add(&record).await?;
             println!("{host} {addr}");
+        }
+        HostCommand::Label { host, changes } => {
+            let mut set = BTreeMap::new();
+            let mut unset = Vec::new();
+            for c in &changes {
+                match c.strip_suffix('-') {
+                    Some(k) if !c.contains('=') => {
+                        if !hq::stackfile::is_label(k) {
+                            return Err(HqError::Input(format!(
+                                "{c:?}: {k:?} is not a label name (a letter, then letters, \
+                                 digits, '.', '_', '-')"
+                            )));
+                        }
+                        unset.push(k.to_owned());
+                    }
+                    _ => {
+                        let (k, v) = parse_label(c).map_err(HqError::Input)?;
+                        set.insert(k, v);
+                    }
+                }
+            }
+            let labels = store.host_label(&host, &set, &unset).await?;
+            let text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("{host}: {}", output::list(&text));
         }
         HostCommand::Rm { host } => {
             if !store.host_rm(&host).await? {
@@ -473,15 +557,27 @@ async fn host(store: &Store, command: HostCommand, out: Format) -> Result<(), Hq
             }
         }
         HostCommand::Ls => {
-            let rows: Vec<HostRow> = store
-                .hosts()
-                .await?
+            let state = hq::grid::GridState::read(store).await?;
+            let report = state.report();
+            let rows: Vec<HostRow> = report
+                .hosts
                 .into_iter()
-                .map(|(h, alive)| HostRow {
-                    host: h.host.to_string(),
-                    addr: h.addr,
-                    roles: h.roles,
-                    alive: alive.into_iter().map(|a| a.agent).collect(),
+                .map(|b| {
+                    let record = state.hosts.get(&HostId::new(&b.host).expect("a host id"));
+                    HostRow {
+                        member: record.is_some(),
+                        roles: record.map(|r| r.roles.clone()).unwrap_or_default(),
+                        host: b.host,
+                        addr: b.addr,
+                        alive: b.agents,
+                        labels: b.labels,
+                        state: b.state,
+                        cpus_milli: b.cpus_milli,
+                        cpus_reserved_milli: b.cpus_reserved_milli,
+                        memory: b.memory,
+                        memory_reserved: b.memory_reserved,
+                        instances: b.instances.len(),
+                    }
                 })
                 .collect();
             print!("{}", output::render(&rows, out));

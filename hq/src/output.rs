@@ -55,16 +55,20 @@ pub struct JobRow {
     /// `PORT/PROTO=AMBASSADOR_PORT` for each of its ports that has one.
     pub ambassador_ports: Vec<String>,
     pub live_endpoints: usize,
+    /// Instances running (of `scale`).
+    pub running: usize,
+    /// Each instance: where it runs and how it is.
+    pub instances: Vec<crate::grid::InstanceRow>,
 }
 
 impl Row for JobRow {
     const HEADER: &'static [&'static str] =
-        &["SERVICE", "IMAGE", "SCALE", "LIVE", "PORTS", "LINKS"];
+        &["SERVICE", "IMAGE", "RUNNING", "LIVE", "PORTS", "LINKS"];
     fn cells(&self) -> Vec<String> {
         vec![
             self.service.clone(),
             self.image.clone(),
-            self.scale.to_string(),
+            format!("{}/{}", self.running, self.scale),
             self.live_endpoints.to_string(),
             self.ambassador_ports.join(","),
             self.links.join(","),
@@ -93,24 +97,66 @@ impl Row for StackRow {
     }
 }
 
-/// `viking host ls`: one member.
+/// `viking host ls`: one host: a member (`viking host add`), or one whose launcher runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostRow {
     pub host: String,
     pub addr: String,
+    /// Whether `viking host add` made it a member (what locknet admits).
+    pub member: bool,
     pub roles: Vec<String>,
-    /// The agents whose alive key is there (their lease is held).
+    /// The agents whose keys are there (their lease is held).
     pub alive: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// `ready`, `draining` or `lost` (no launcher).
+    pub state: String,
+    pub cpus_milli: u64,
+    pub cpus_reserved_milli: u64,
+    pub memory: u64,
+    pub memory_reserved: u64,
+    pub instances: usize,
 }
 
 impl Row for HostRow {
-    const HEADER: &'static [&'static str] = &["HOST", "ADDR", "ROLES", "ALIVE"];
+    const HEADER: &'static [&'static str] = &[
+        "HOST",
+        "ADDR",
+        "ROLES",
+        "ALIVE",
+        "STATE",
+        "CPUS",
+        "MEMORY",
+        "INSTANCES",
+        "LABELS",
+    ];
     fn cells(&self) -> Vec<String> {
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         vec![
             self.host.clone(),
-            self.addr.clone(),
-            self.roles.join(","),
+            if self.addr.is_empty() {
+                "-".to_owned()
+            } else {
+                self.addr.clone()
+            },
+            list(&self.roles),
             list(&self.alive),
+            self.state.clone(),
+            format!(
+                "{}/{}",
+                grid::place::cores(self.cpus_reserved_milli),
+                grid::place::cores(self.cpus_milli)
+            ),
+            format!(
+                "{}/{}",
+                schema::format_memory(self.memory_reserved),
+                schema::format_memory(self.memory)
+            ),
+            self.instances.to_string(),
+            list(&labels),
         ]
     }
 }
@@ -180,6 +226,8 @@ mod tests {
             links: vec!["db".into()],
             ambassador_ports: vec![],
             live_endpoints: 1,
+            running: 1,
+            instances: vec![],
         }
     }
 
@@ -187,7 +235,7 @@ mod tests {
     fn text_has_a_header_and_a_tab_separated_line_per_row() {
         assert_eq!(
             render(&[row()], Format::Text),
-            "SERVICE\tIMAGE\tSCALE\tLIVE\tPORTS\tLINKS\napp/web\tbusybox\t2\t1\t\tdb\n"
+            "SERVICE\tIMAGE\tRUNNING\tLIVE\tPORTS\tLINKS\napp/web\tbusybox\t1/2\t1\t\tdb\n"
         );
     }
 

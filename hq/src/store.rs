@@ -40,6 +40,9 @@ pub enum HqError {
     /// `viking up`: the registrator refused to start, as the `registrator` binary would.
     #[error(transparent)]
     Registrator(#[from] registrator::StartError),
+    /// `viking up`: the launcher refused to start, as the `launcher` binary would.
+    #[error(transparent)]
+    Launcher(#[from] launcher::StartError),
 }
 
 impl runtime::Fatal for HqError {
@@ -52,6 +55,7 @@ impl runtime::Fatal for HqError {
             HqError::Host(e) => e.exit_code(),
             HqError::Ambassador(e) => e.exit_code(),
             HqError::Registrator(e) => e.exit_code(),
+            HqError::Launcher(e) => e.exit_code(),
             HqError::Refused(_) => FAILURE,
         }
     }
@@ -473,6 +477,40 @@ impl Store {
         )))
     }
 
+    /// Reads several directories in one transaction (one revision).
+    pub async fn read_dirs(&self, dirs: &[Dir<'_>]) -> Result<Vec<BTreeMap<String, Kv>>, HqError> {
+        let ops: Vec<TxnOp> = dirs
+            .iter()
+            .map(|d| TxnOp::get(self.prefix.dir(*d), Some(GetOptions::new().with_prefix())))
+            .collect();
+        let mut kv = self.kv.clone();
+        let resp = kv
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| self.etcd(e))?;
+        Ok(resp
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                etcd_client::TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .iter()
+                    .map(|kv| {
+                        let kv = runtime::watch::to_kv(kv);
+                        (kv.key.clone(), kv)
+                    })
+                    .collect(),
+                _ => BTreeMap::new(),
+            })
+            .collect())
+    }
+
+    /// One transaction; whether its compares held.
+    pub async fn txn(&self, txn: Txn) -> Result<bool, HqError> {
+        let mut kv = self.kv.clone();
+        Ok(kv.txn(txn).await.map_err(|e| self.etcd(e))?.succeeded())
+    }
+
     /// Stack metas.
     pub async fn stack_metas(&self) -> Result<Vec<StackMetaRecord>, HqError> {
         let (_, raw) = self.get_prefix(self.prefix.dir(Dir::Stacks)).await?;
@@ -512,6 +550,26 @@ impl Store {
         job: &JobName,
         scale: u32,
     ) -> Result<u32, HqError> {
+        // Concurrent scales of one job: each is applied to what it read, the last one wins.
+        for _ in 0..64 {
+            if let Some(before) = self.try_set_scale(stack, job, scale).await? {
+                return Ok(before);
+            }
+            // Spread, so that retrying writers do not collide again.
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=20))).await;
+        }
+        Err(HqError::Refused(format!(
+            "{stack}/{job} kept changing while scaling (a deploy?); run the command again"
+        )))
+    }
+
+    /// One compare-and-put of the scale; `None` if the spec changed since it was read.
+    async fn try_set_scale(
+        &self,
+        stack: &StackName,
+        job: &JobName,
+        scale: u32,
+    ) -> Result<Option<u32>, HqError> {
         let key = self.prefix.key(&Key::StackJob(stack.clone(), job.clone()));
         let mut kv = self.kv.clone();
         let resp = kv
@@ -538,12 +596,7 @@ impl Store {
             .txn(txn)
             .await
             .map_err(|e| EtcdError::classify(e, &self.endpoints))?;
-        if !done.succeeded() {
-            return Err(HqError::Refused(format!(
-                "{stack}/{job} changed while scaling (a deploy?); run the command again"
-            )));
-        }
-        Ok(before)
+        Ok(done.succeeded().then_some(before))
     }
 
     /// `viking host add`: durable membership.
@@ -557,6 +610,45 @@ impl Store {
         .await
         .map_err(|e| self.etcd(e))?;
         Ok(())
+    }
+
+    /// `viking host label`: sets and removes labels of a member, compared against what it
+    /// read; returns the labels it has now.
+    pub async fn host_label(
+        &self,
+        host: &HostId,
+        set: &BTreeMap<String, String>,
+        unset: &[String],
+    ) -> Result<BTreeMap<String, String>, HqError> {
+        let key = self.prefix.key(&Key::Host(host.clone()));
+        for _ in 0..16 {
+            let mut kv = self.kv.clone();
+            let resp = kv.get(key.as_str(), None).await.map_err(|e| self.etcd(e))?;
+            let Some(found) = resp.kvs().first() else {
+                return Err(HqError::Refused(format!(
+                    "{host} is not a member; `viking host add {host} ADDR` first"
+                )));
+            };
+            let mut record: HostRecord = records::decode(&key, found.value())
+                .map_err(|e| HqError::Refused(format!("{e}; add the host again")))?;
+            record.labels.extend(set.clone());
+            for k in unset {
+                record.labels.remove(k);
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    found.mod_revision(),
+                )])
+                .and_then([TxnOp::put(key.as_str(), records::encode(&record), None)]);
+            if self.txn(txn).await? {
+                return Ok(record.labels);
+            }
+        }
+        Err(HqError::Refused(format!(
+            "{host} kept changing while labelling it; try again"
+        )))
     }
 
     /// `viking host rm`: true if it was a member.

@@ -1,8 +1,9 @@
 //! `viking up`: the whole suite on this host in one process, the design notes' "development"
 //! flavour: a local etcd (a child process, unless one answers already or `--etcd` points at
-//! one), the ambassador and the registrator as tasks, every log on one stdout tagged by part.
-//! SIGINT or SIGTERM stops all of it: the ambassador drains, the registrator leaves its keys
-//! to the lease, etcd is stopped.
+//! one), the ambassador, the registrator and the launcher (and so a scheduler) as tasks, every
+//! log on one stdout tagged by part. SIGINT or SIGTERM stops all of it: the ambassador drains,
+//! the registrator and the launcher leave their keys to the lease (the containers keep
+//! running), etcd is stopped.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use ambassador::AmbassadorArgs;
 use etcd_client::Client;
+use launcher::LauncherArgs;
 use registrator::RegistratorArgs;
 use runtime::{CancellationToken, EtcdArgs, HostArgs};
 use schema::PortRange;
@@ -34,6 +36,9 @@ pub struct UpArgs {
 
     #[command(flatten)]
     pub registrator: RegistratorArgs,
+
+    #[command(flatten)]
+    pub launcher: LauncherArgs,
 }
 
 /// The default data dir: `$XDG_DATA_HOME/viking` or `~/.local/share/viking`.
@@ -132,12 +137,21 @@ pub async fn up(
     etcd: &EtcdArgs,
     range: PortRange,
     run_dir: std::path::PathBuf,
+    max_txn_ops: usize,
     args: UpArgs,
     shutdown: CancellationToken,
 ) -> Result<(), HqError> {
     let host = args.host.id()?;
     let ambassador = args.ambassador.check(&etcd.prefix, &host, range, run_dir)?;
     let registrator = args.registrator.check(&etcd.prefix, &host)?;
+    // One Docker and one host lease for the registrator and the launcher.
+    let launcher = args.launcher.check(
+        &etcd.prefix,
+        &host,
+        args.registrator.ttl,
+        args.registrator.docker.clone(),
+        max_txn_ops,
+    )?;
     let data = args.data.clone().unwrap_or_else(default_data);
     let client = etcd.connect_daemon(&shutdown).await?;
     let local = ensure_etcd(etcd, &client, &data).await?;
@@ -150,6 +164,8 @@ pub async fn up(
     let endpoints_at = registrator.settings.addr;
     let reg = info_span!("registrator")
         .in_scope(|| registrator::daemon::start(registrator, client.clone(), shutdown.clone()));
+    let launch = info_span!("launcher")
+        .in_scope(|| launcher::daemon::start(launcher, client.clone(), shutdown.clone()));
     info!(
         host = %host,
         etcd = %etcd.endpoints_display(),
@@ -164,6 +180,7 @@ pub async fn up(
     info!("stopping");
     amb.wait().instrument(info_span!("ambassador")).await;
     reg.wait().instrument(info_span!("registrator")).await;
+    launch.wait().instrument(info_span!("launcher")).await;
     if let Some(etcd) = local {
         drop(etcd);
         info!("stopped the local etcd");

@@ -334,8 +334,35 @@ async fn hosts_add_list_remove() {
     let out = viking(&ep, &["host", "ls"]);
     assert_eq!(
         stdout(&out),
-        "HOST\tADDR\tROLES\tALIVE\nnode-1\t10.0.0.1\trouter\t-\nnode-2\t10.0.0.2\t\t-\n"
+        "HOST\tADDR\tROLES\tALIVE\tSTATE\tCPUS\tMEMORY\tINSTANCES\tLABELS\n\
+         node-1\t10.0.0.1\trouter\t-\tno launcher\t0/0\t0B/0B\t0\t-\n\
+         node-2\t10.0.0.2\t-\t-\tno launcher\t0/0\t0B/0B\t0\t-\n"
     );
+    // Labels: at add, then set and removed; a bad one is refused naming it.
+    let out = viking(&ep, &["host", "label", "node-2", "role=db", "zone=a"]);
+    assert_eq!(stdout(&out), "node-2: role=db,zone=a\n", "{}", stderr(&out));
+    let out = viking(&ep, &["host", "label", "node-2", "zone-"]);
+    assert_eq!(stdout(&out), "node-2: role=db\n");
+    let out = viking(&ep, &["host", "label", "node-2", "bad label=x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("\"bad label=x\""), "{}", stderr(&out));
+    let out = viking(&ep, &["host", "label", "node-9", "role=db"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("node-9 is not a member"),
+        "{}",
+        stderr(&out)
+    );
+    let out = viking(
+        &ep,
+        &["host", "add", "node-4", "10.0.0.4", "--label", "role=web"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = viking(&ep, &["--output", "json", "host", "ls"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[2]["host"], "node-4");
+    assert_eq!(rows[2]["labels"]["role"], "web");
+    assert!(viking(&ep, &["host", "rm", "node-4"]).status.success());
     let out = viking(&ep, &["host", "add", "Node_3", "10.0.0.3"]);
     assert_eq!(out.status.code(), Some(2));
     for special in [

@@ -179,18 +179,24 @@ fn up_run_scale_kill_and_stop_the_examples() {
     let (client, web) = (format!("{app}/client"), format!("{shared}/web"));
     let dir = |name: &str| w.dir.path().join(name).to_str().expect("utf-8").to_owned();
     w.ok(&["deploy", &dir(&shared), &dir(&app)]);
+    // Through the grid: viking up's launcher is the scheduler and runs them.
     let started = w.ok(&["run", &shared]);
-    assert!(
-        started.contains(&format!("started {shared}_web_0"))
-            && started.contains(&format!("started {shared}_web_1")),
-        "{started}"
-    );
+    assert_eq!(started.trim(), format!("{shared}: 2 instances running"));
+    assert_eq!(w.web_hostnames().len(), 2);
     w.ok(&["run", &app]);
-    // Converging again changes nothing.
+    let client_id = || {
+        docker_ok(
+            None,
+            &["ps", "-q", "--filter", &format!("name={app}_client_0")],
+        )
+    };
+    let first = client_id();
+    // Asking again changes nothing.
     assert_eq!(
         w.ok(&["run", &app]).trim(),
-        format!("unchanged {app}_client_0")
+        format!("{app}: 1 instances running")
     );
+    assert_eq!(client_id(), first);
 
     // The client container reaches a backend through $SHARED_WEB_PORT_80.
     eventually(Duration::from_secs(15), "the client reaches a web", || {
@@ -228,12 +234,11 @@ fn up_run_scale_kill_and_stop_the_examples() {
 
     // Scaled to 3: new connections spread over all 3.
     let scaled = w.ok(&["scale", &web, "3"]);
-    assert!(
-        scaled.contains(&format!("started {shared}_web_2")),
-        "{scaled}"
-    );
-    let hosts = w.web_hostnames();
-    assert_eq!(hosts.len(), 3);
+    assert_eq!(scaled.trim(), format!("{web}: scale 2 -> 3"));
+    let hosts = eventually(Duration::from_secs(15), "a third web", || {
+        let hosts = w.web_hostnames();
+        (hosts.len() == 3).then_some(hosts)
+    });
     let start = Instant::now();
     let seen = loop {
         let (answers, failures) = w.fetch_through_ambassador(30);
@@ -258,14 +263,14 @@ fn up_run_scale_kill_and_stop_the_examples() {
     // Stopped: containers and endpoints gone, the listener stays for the next run.
     w.ok(&["stop", &app]);
     let stopped = w.ok(&["stop", &shared]);
-    assert_eq!(stopped.lines().count(), 3, "{stopped}");
+    assert_eq!(stopped.trim(), format!("stopped {shared}"));
     assert!(w.web_hostnames().is_empty());
     eventually(
         Duration::from_secs(5),
         "the stopped webs' endpoints gone",
         || {
             let ps = w.ok(&["ps", &shared]);
-            if ps.contains("\t3\t0\t") {
+            if ps.contains("\t0/3\t0\t") {
                 Ok(())
             } else {
                 Err(ps)
@@ -299,19 +304,47 @@ fn up_run_scale_kill_and_stop_the_examples() {
     );
 }
 
-/// Stops a stack's containers when the test ends, also on failure.
-struct StopStack<'a>(&'a str, &'a str);
-impl Drop for StopStack<'_> {
+/// A launcher of its own (a host id of this test) against a test's etcd; on Drop it is
+/// killed and the containers it made are removed.
+struct Launcher {
+    daemon: Daemon,
+    host: String,
+}
+
+impl Launcher {
+    fn start(etcd: &str) -> Launcher {
+        let host = format!("h{}", std::process::id());
+        let daemon = Daemon::spawn(
+            testkit::workspace_bin("launcher"),
+            &["--etcd", etcd, "--host", &host, "--ttl", "2s"],
+        );
+        Launcher { daemon, host }
+    }
+
+    /// Its containers: name -> state.
+    fn containers(&self) -> BTreeSet<String> {
+        let filter = format!("label=viking.host={}", self.host);
+        let out = docker_ok(None, &["ps", "--filter", &filter, "--format", "{{.Names}}"]);
+        out.lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for Launcher {
     fn drop(&mut self) {
-        let _ = viking(self.0, &["stop", self.1]);
+        self.daemon.kill();
+        let filter = format!("label=viking.host={}", self.host);
+        for id in docker_ok(None, &["ps", "-aq", "--filter", &filter]).lines() {
+            let _ = docker::docker(None, &["rm", "-f", id]);
+        }
     }
 }
 
 #[tokio::test]
-async fn two_runs_of_one_stack_at_once_both_converge_without_a_conflict() {
+async fn concurrent_runs_and_twenty_concurrent_scales_end_in_one_asked_state() {
     docker::require(None);
     let etcd = testkit::Etcd::start().await;
     let ep = etcd.endpoint();
+    let launcher = Launcher::start(&ep);
     let dir = tempfile::tempdir().unwrap();
     let stack = format!("race{}", std::process::id());
     std::fs::create_dir_all(dir.path().join(&stack)).unwrap();
@@ -325,29 +358,54 @@ async fn two_runs_of_one_stack_at_once_both_converge_without_a_conflict() {
     .unwrap();
     let out = viking(&ep, &["deploy", dir.path().join(&stack).to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let _stop = StopStack(&ep, &stack);
-    let locks = dir.path().join("run");
+    // Two runs at once: both see the same three instances run.
     let run = || {
-        let (ep, stack, locks) = (ep.clone(), stack.clone(), locks.clone());
-        std::thread::spawn(move || {
-            viking(&ep, &["--run-dir", locks.to_str().unwrap(), "run", &stack])
-        })
+        let (ep, stack) = (ep.clone(), stack.clone());
+        std::thread::spawn(move || viking(&ep, &["run", &stack, "--timeout", "60s"]))
     };
     let (a, b) = (run(), run());
-    let (a, b) = (a.join().unwrap(), b.join().unwrap());
-    for out in [&a, &b] {
-        assert!(out.status.success(), "{}\n{}", stdout(out), stderr(out));
-        assert!(!stderr(out).contains("Conflict"), "{}", stderr(out));
+    for out in [a.join().unwrap(), b.join().unwrap()] {
+        assert!(
+            out.status.success(),
+            "{}\n{}\n{}",
+            stdout(&out),
+            stderr(&out),
+            launcher.daemon.log()
+        );
+        assert_eq!(stdout(&out).trim(), format!("{stack}: 3 instances running"));
     }
-    let started = stdout(&a).matches("started").count() + stdout(&b).matches("started").count();
-    assert_eq!(
-        started,
-        3,
-        "each instance started once:\n{}\n{}",
-        stdout(&a),
-        stdout(&b)
+    assert_eq!(launcher.containers().len(), 3);
+
+    // Twenty scales at once, 1 to 20: the last write wins, and exactly that many run.
+    let service = format!("{stack}/w");
+    let scales: Vec<_> = (1..=20u32)
+        .map(|n| {
+            let (ep, service) = (ep.clone(), service.clone());
+            std::thread::spawn(move || viking(&ep, &["scale", &service, &n.to_string()]))
+        })
+        .collect();
+    for s in scales {
+        let out = s.join().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = viking(&ep, &["--output", "json", "ps", &stack]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scale = rows[0]["scale"].as_u64().unwrap() as usize;
+    assert!((1..=20).contains(&scale));
+    eventually(
+        Duration::from_secs(60),
+        "as many containers as the scale",
+        || {
+            let names = launcher.containers();
+            let want: BTreeSet<String> = (0..scale).map(|i| format!("{stack}_w_{i}")).collect();
+            if names == want {
+                Ok(())
+            } else {
+                Err(format!("scale {scale}, containers {names:?}"))
+            }
+        },
     );
-    let label = format!("label=viking.stack={stack}");
-    let ids = docker_ok(None, &["ps", "-q", "--filter", &label]);
-    assert_eq!(ids.lines().count(), 3, "{ids}");
+    let out = viking(&ep, &["stop", &stack]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(launcher.containers().is_empty());
 }
