@@ -1,6 +1,7 @@
-//! Many hosts, each a network namespace on one bridge with its own dockerd, registrator and
-//! ambassador (and locknet), sharing one etcd that the test runs in its own namespace. The
-//! examples' client on host `a` reaches the backend on other hosts through `a`'s ambassador.
+//! Many hosts, each a network namespace on one bridge with its own dockerd, registrator,
+//! ambassador and launcher (and locknet), sharing one etcd that the test runs in its own
+//! namespace. The grid places the examples' instances on the hosts; a client on host `a`
+//! reaches the backends on every host through `a`'s ambassador.
 //!
 //! Every host's Docker bridge is 172.17.0.1, as on real hosts: the env vars HQ writes hold
 //! wherever a container runs.
@@ -249,13 +250,34 @@ impl Cluster {
         docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", n)
     }
 
-    /// Endpoint instances of shared/web in etcd.
-    fn endpoints(&self) -> Vec<String> {
-        let ps = self.viking(None, &["--output", "json", "ps", "shared"]);
-        ps.lines()
-            .filter(|l| l.contains("\"instance\"") || l.contains("\"host\""))
-            .map(|l| l.trim().to_owned())
-            .collect()
+    /// `viking ps --output json STACK`'s instances: (job, instance, host, container, state).
+    fn instances(&self, stack: &str) -> Vec<(String, u64, String, String, String)> {
+        let ps = self.viking(None, &["--output", "json", "ps", stack]);
+        let rows: serde_json::Value = serde_json::from_str(&ps).expect("ps json");
+        let mut out = Vec::new();
+        for job in rows.as_array().expect("rows") {
+            for i in job["instances"].as_array().expect("instances") {
+                out.push((
+                    i["service"].as_str().unwrap_or_default().to_owned(),
+                    i["instance"].as_u64().unwrap_or_default(),
+                    i["host"].as_str().unwrap_or_default().to_owned(),
+                    i["container"].as_str().unwrap_or_default().to_owned(),
+                    i["state"].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The host running instance `i` of `service` (waits until one runs).
+    fn host_of(&self, service: &str, i: u64) -> String {
+        let stack = service.split('/').next().expect("stack");
+        testkit::eventually(Duration::from_secs(20), "the instance running", || {
+            self.instances(stack)
+                .into_iter()
+                .find(|(s, n, _, _, state)| s == service && *n == i && state == "running")
+                .map(|(_, _, host, _, _)| host)
+        })
     }
 }
 
@@ -318,9 +340,19 @@ async fn wait_etcd(urls: &[String]) {
     }
 }
 
-/// A host's registrator (TTL 3 s) and ambassador (on the bridge address, no DNS).
+/// A host's registrator (TTL 3 s), ambassador (on the bridge address, no DNS) and launcher
+/// (TTL 3 s; 2 CPUs and 2 GiB offered).
 fn agents(lan: &Lan, name: &str, etcd: &str, addr: &str, docker: &str) -> Vec<Daemon> {
     vec![
+        spawn(
+            lan,
+            name,
+            "launcher",
+            &[
+                "--etcd", etcd, "--host", name, "--docker", docker, "--ttl", "3s", "--cpus", "2",
+                "--memory", "2G",
+            ],
+        ),
         spawn(
             lan,
             name,
@@ -357,39 +389,49 @@ fn examples() -> (String, String) {
     )
 }
 
-/// Scenarios 1-3: a client on `a` reaches backends on `b` and `c` through `a`'s ambassador;
-/// `b` is lost (processes killed, link cut) and comes back.
+/// Scenarios 1-3: the grid spreads shared/web (scale 5) 2/2/1 over `a`, `b` and `c`, each
+/// instance on exactly one host as `viking ps` says; a client on `a` reaches backends on
+/// every host through `a`'s ambassador; `b` is lost (processes killed, link cut) and comes
+/// back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linking_across_hosts_survives_losing_one() {
     let mut cluster = Cluster::start(&["a", "b", "c"]).await;
     let (shared, app) = examples();
     cluster.viking(None, &["deploy", &shared, &app]);
-    cluster.viking(Some("b"), &["run", "shared"]);
-    cluster.viking(Some("a"), &["run", "app"]);
+    cluster.viking(None, &["scale", "shared/web", "5"]);
+    cluster.viking(None, &["scale", "app/client", "3"]);
+    cluster.viking(None, &["run", "shared", "app"]);
 
-    // 1. Through a's ambassador to b's containers.
-    let on_b = cluster.containers("b", "shared");
-    assert_eq!(on_b.len(), 2);
-    let (answers, failures) = cluster.fetch("a", 10);
-    assert_eq!(failures, 0, "{answers:?}\n{}", cluster.logs());
-    assert!(
-        answers.iter().all(|a| on_b.contains(a)),
-        "{answers:?} not from {on_b:?}"
-    );
-
-    // The backend on c too: answers come from both hosts.
-    cluster.viking(Some("c"), &["run", "shared"]);
-    let on_c = cluster.containers("c", "shared");
+    // 1. Spread 2/2/1, and what ps says is what each host's Docker runs.
+    let instances = cluster.instances("shared");
+    let mut per_host: Vec<usize> = ["a", "b", "c"]
+        .iter()
+        .map(|h| instances.iter().filter(|i| i.2 == *h).count())
+        .collect();
+    per_host.sort_unstable();
+    assert_eq!(per_host, [1, 2, 2], "{instances:?}");
+    let hosted = |h: &str| -> BTreeSet<String> {
+        instances
+            .iter()
+            .filter(|i| i.2 == h)
+            .map(|i| i.3.clone())
+            .collect()
+    };
+    for h in ["a", "b", "c"] {
+        assert_eq!(cluster.containers(h, "shared"), hosted(h), "host {h}");
+    }
+    let (on_b, on_c) = (hosted("b"), hosted("c"));
+    let all: BTreeSet<String> = instances.iter().map(|i| i.3.clone()).collect();
+    // Through a's ambassador to the backends on every host.
     let start = Instant::now();
-    loop {
+    let mut seen = BTreeSet::new();
+    while seen != all {
         let (answers, failures) = cluster.fetch("a", 20);
-        assert_eq!(failures, 0, "{answers:?}");
-        if answers.iter().any(|a| on_c.contains(a)) && answers.iter().any(|a| on_b.contains(a)) {
-            break;
-        }
+        assert_eq!(failures, 0, "{answers:?}\n{}", cluster.logs());
+        seen.extend(answers);
         assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "never reached c: {answers:?}"
+            start.elapsed() < Duration::from_secs(20),
+            "reached {seen:?} of {all:?}"
         );
     }
 
@@ -408,16 +450,34 @@ async fn linking_across_hosts_survives_losing_one() {
     let (answers, failures) = cluster.fetch("a", 30);
     eprintln!("with b lost: {failures} failed of 30");
     assert_eq!(failures, 0, "{answers:?}\n{}", cluster.logs());
-    assert!(answers.iter().all(|a| on_c.contains(a)), "{answers:?}");
+    assert!(answers.iter().all(|a| !on_b.contains(a)), "{answers:?}");
     // Its endpoints leave etcd within the lease TTL (3 s).
-    while cluster.endpoints().iter().any(|l| l.contains("\"b\"")) {
+    while cluster
+        .endpoint_keys("shared")
+        .await
+        .iter()
+        .any(|k| k.contains("/b:"))
+    {
         assert!(
             lost.elapsed() < Duration::from_secs(6),
             "b's endpoints stayed: {:?}",
-            cluster.endpoints()
+            cluster.endpoint_keys("shared").await
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // ps says its instances are lost, not yet moved (the reschedule delay is 30 s).
+    testkit::eventually(Duration::from_secs(5), "b's instances shown lost", || {
+        let on_b: Vec<_> = cluster
+            .instances("shared")
+            .into_iter()
+            .filter(|i| i.2 == "b")
+            .collect();
+        if !on_b.is_empty() && on_b.iter().all(|i| i.4 == "lost") {
+            Ok(())
+        } else {
+            Err(format!("{on_b:?}"))
+        }
+    });
     eprintln!("b's endpoints gone {:?} after it was lost", lost.elapsed());
 
     // 3. b comes back (link up, its agents restarted; its containers kept running): its
@@ -489,10 +549,16 @@ async fn the_firewall_admits_only_members() {
     }
     let (shared, app) = examples();
     cluster.viking(None, &["deploy", &shared, &app]);
-    cluster.viking(Some("a"), &["run", "shared"]);
-    let a = cluster.lan.addr("a");
+    cluster.viking(None, &["run", "shared"]);
+    // The host the grid put web/0 on is the one the outsider tries; the other two are members.
+    let target = cluster.host_of("shared/web", 0);
+    let members: Vec<&str> = ["a", "b", "c"]
+        .into_iter()
+        .filter(|h| *h != target)
+        .collect();
+    let a = cluster.lan.addr(&target);
     let published = docker::docker_ok(
-        Some(&cluster.host("a").dockerd.host()),
+        Some(&cluster.host(&target).dockerd.host()),
         &["port", "shared_web_0", "80/tcp"],
     );
     let port: u16 = published
@@ -510,7 +576,10 @@ async fn the_firewall_admits_only_members() {
         .lan
         .ns("out")
         .exec(&["ip", "route", "add", "172.17.0.0/16", "via", &a.to_string()]);
-    let _ssh = cluster.lan.ns("a").serve(SocketAddr::from((a, 22)), "ssh");
+    let _ssh = cluster
+        .lan
+        .ns(&target)
+        .serve(SocketAddr::from((a, 22)), "ssh");
     let published = SocketAddr::from((a, port));
     let ambassador = SocketAddr::from(([172, 17, 0, 1], ambassador_port));
     let limit = Duration::from_secs(5);
@@ -519,10 +588,10 @@ async fn the_firewall_admits_only_members() {
     until_connects(&cluster.lan, "out", published, false, limit);
     until_connects(&cluster.lan, "out", ambassador, false, limit);
     until_connects(&cluster.lan, "out", SocketAddr::from((a, 22)), true, limit);
-    until_connects(&cluster.lan, "b", published, true, limit);
+    until_connects(&cluster.lan, members[0], published, true, limit);
     let etcd = SocketAddr::from((a, 2379));
     until_connects(&cluster.lan, "out", etcd, false, limit);
-    until_connects(&cluster.lan, "c", etcd, true, limit);
+    until_connects(&cluster.lan, members[1], etcd, true, limit);
 
     let out = cluster.lan.addr("out").to_string();
     cluster.viking(None, &["host", "add", "out", &out]);
@@ -553,7 +622,7 @@ async fn a_deploy_while_traffic_flows_reaches_every_host() {
     let cluster = Cluster::start(&["a", "b"]).await;
     let (shared, app) = examples();
     cluster.viking(None, &["deploy", &shared, &app]);
-    cluster.viking(Some("b"), &["run", "shared"]);
+    cluster.viking(None, &["run", "shared"]);
     let web_port: u16 = cluster
         .viking(None, &["env", "app/client"])
         .lines()
@@ -649,7 +718,7 @@ async fn losing_an_etcd_member_loses_nothing() {
     let mut cluster = Cluster::start_with(&["a", "b", "c"], true).await;
     let (shared, app) = examples();
     cluster.viking(None, &["deploy", &shared, &app]);
-    cluster.viking(Some("b"), &["run", "shared"]);
+    cluster.viking(None, &["run", "shared"]);
     let (answers, failures) = cluster.fetch("a", 10);
     assert_eq!(failures, 0, "{answers:?}\n{}", cluster.logs());
 
