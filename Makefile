@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs:
 #   make up     the main job on this host (a local etcd started for you)
 #   make test   install what is missing, then fmt, clippy and every test
-.PHONY: up test setup fmt lint unit bench bench-proxy bench-registrator bench-locknet bench-dns bench-multihost
+.PHONY: up test setup fmt lint unit bench bench-grid bench-proxy bench-registrator bench-locknet bench-dns bench-multihost
 
 CARGO ?= cargo
 
@@ -24,6 +24,10 @@ unit:
 
 bench: setup
 	$(CARGO) bench -p viking-benches --bench portalloc
+
+bench-grid: setup
+	$(CARGO) bench -p viking-benches --bench placement
+	$(CARGO) bench -p viking-benches --bench scheduler
 
 bench-registrator: setup
 	$(CARGO) bench -p viking-benches --bench registrator

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on one host: `viking up` (a local etcd unless one answers on 127.0.0.1:2379,
-# the ambassador and the registrator, in one process), the hello examples deployed and run
-# in Docker, and the app's container fetching from its backend through the ambassador.
+# the ambassador, the registrator and the launcher, in one process), the hello examples
+# deployed and run through the grid, and the app's container fetching from its backend
+# through the ambassador.
 # Ctrl-C stops all of it: the example containers, viking up and the etcd it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,8 +40,7 @@ done
 
 echo "up: deploying and running examples/hello (shared/web x2, app/client linking to it)"
 "$viking" deploy examples/hello/shared examples/hello/app
-"$viking" run shared
-"$viking" run app
+"$viking" run shared app
 echo
 "$viking" ps
 echo

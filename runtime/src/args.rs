@@ -71,7 +71,7 @@ pub struct TxnArgs {
 }
 
 /// `--run-dir`: where this host's viking processes keep their locks (one ambassador per bind
-/// address, one `viking run` per stack at a time).
+/// address).
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunDirArgs {
     /// Where locks live (default: /run/viking for root, else $XDG_RUNTIME_DIR/viking)
