@@ -199,6 +199,16 @@ impl Cluster {
         self.hosts.iter().find(|h| h.name == name).expect("host")
     }
 
+    /// `viking <args>` against the cluster's etcd, whatever its exit status.
+    fn viking_out(&self, args: &[&str]) -> Output {
+        Command::new(testkit::workspace_bin("viking"))
+            .env_remove("VIKING_ETCD")
+            .args(["--etcd", &self.endpoints])
+            .args(args)
+            .output()
+            .expect("viking")
+    }
+
     /// `viking <args>` against the cluster's etcd, with DOCKER_HOST set to `on`'s daemon.
     fn viking(&self, on: Option<&str>, args: &[&str]) -> String {
         let mut cmd = Command::new(testkit::workspace_bin("viking"));
@@ -781,5 +791,125 @@ async fn losing_an_etcd_member_loses_nothing() {
             start.elapsed()
         );
         cluster.etcd_member(&victim, true).await;
+    }
+}
+
+/// The grid's rules on four hosts: labels and `max_per_host` constrain (what fits nowhere is
+/// pending, with each host's reason, until a label makes room); memory reservations are never
+/// exceeded (a job that fits nowhere makes `viking run` exit 1 naming every host's reason, and
+/// disturbs nothing); labelling a host or scaling another job moves no running instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grid_keeps_constraints_capacity_and_stability() {
+    let cluster = Cluster::start(&["a", "b", "c", "d"]).await;
+    cluster.viking(None, &["host", "label", "a", "role=db", "tier=web"]);
+    cluster.viking(None, &["host", "label", "b", "tier=web"]);
+    cluster.viking(None, &["host", "label", "c", "tier=web"]);
+    let dir = tempfile::tempdir().expect("dir");
+    let sleep = "image: viking/busybox\n  command: sleep 3600";
+    std::fs::write(
+        dir.path().join("stack.yml"),
+        format!(
+            "db:\n  {sleep}\n  scale: 2\n  placement: {{labels: {{role: db}}}}\n\
+             one:\n  {sleep}\n  scale: 4\n  placement: {{labels: {{tier: web}}, max_per_host: 1}}\n\
+             big:\n  {sleep}\n  scale: 2\n  resources: {{memory: 1536M}}\n"
+        ),
+    )
+    .expect("write");
+    let path = dir.path().to_str().expect("utf-8").to_owned();
+    cluster.viking(None, &["deploy", &path, "--name", "grid"]);
+    // one/3 fits nowhere: run exits 1 naming it and each host's reason.
+    let out = cluster.viking_out(&["run", "grid", "--timeout", "10s"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("1 of 8 instances not running"), "{err}");
+    for reason in [
+        "grid/one/3: pending",
+        "d: lacks label tier=web",
+        "a: runs 1 of this job already (placement.max_per_host 1)",
+    ] {
+        assert!(err.contains(reason), "{reason:?} not in:\n{err}");
+    }
+    let placed = |service: &str| -> Vec<(u64, String, String)> {
+        cluster
+            .instances("grid")
+            .into_iter()
+            .filter(|i| i.0 == service && i.4 == "running")
+            .map(|i| (i.1, i.2, i.3))
+            .collect()
+    };
+    assert!(
+        placed("grid/db").iter().all(|(_, h, _)| h == "a"),
+        "{:?}",
+        placed("grid/db")
+    );
+    let one_hosts: BTreeSet<String> = placed("grid/one").into_iter().map(|i| i.1).collect();
+    assert_eq!(one_hosts.len(), 3, "one per host: {one_hosts:?}");
+    assert!(!one_hosts.contains("d"));
+    let big_hosts: BTreeSet<String> = placed("grid/big").into_iter().map(|i| i.1).collect();
+    assert_eq!(
+        big_hosts.len(),
+        2,
+        "1.5G twice never fits one 2G host: {big_hosts:?}"
+    );
+    let running_before: BTreeSet<(String, u64, String, String)> = cluster
+        .instances("grid")
+        .into_iter()
+        .filter(|i| i.4 == "running")
+        .map(|i| (i.0, i.1, i.2, i.3))
+        .collect();
+    assert_eq!(running_before.len(), 7);
+
+    // A job that fits nowhere: exit 1 with each host's reason; nothing else moves.
+    std::fs::write(
+        dir.path().join("stack.yml"),
+        format!("huge:\n  {sleep}\n  resources: {{memory: 4G}}\n"),
+    )
+    .expect("write");
+    cluster.viking(None, &["deploy", &path, "--name", "huge"]);
+    let out = cluster.viking_out(&["run", "huge", "--timeout", "3s"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("huge/huge/0: pending"), "{err}");
+    assert!(err.contains("needs 4G"), "{err}");
+    cluster.viking(None, &["stop", "huge"]);
+
+    // Labelling d places one/3 there; scaling db adds one on a; nothing that ran moved.
+    cluster.viking(None, &["host", "label", "d", "tier=web"]);
+    cluster.viking(None, &["scale", "grid/db", "3"]);
+    testkit::eventually(Duration::from_secs(30), "one/3 on d and db/2 on a", || {
+        let now = cluster.instances("grid");
+        let ok = now
+            .iter()
+            .any(|i| i.0 == "grid/one" && i.1 == 3 && i.2 == "d" && i.4 == "running")
+            && now
+                .iter()
+                .any(|i| i.0 == "grid/db" && i.1 == 2 && i.2 == "a" && i.4 == "running");
+        if ok { Ok(()) } else { Err(format!("{now:?}")) }
+    });
+    let running_after: BTreeSet<(String, u64, String, String)> = cluster
+        .instances("grid")
+        .into_iter()
+        .filter(|i| i.4 == "running")
+        .map(|i| (i.0, i.1, i.2, i.3))
+        .collect();
+    for i in &running_before {
+        assert!(
+            running_after.contains(i),
+            "{i:?} moved or was replaced:\n{running_after:?}"
+        );
+    }
+    // Each host's Docker runs exactly what ps says.
+    for h in ["a", "b", "c", "d"] {
+        let said: BTreeSet<String> = running_after
+            .iter()
+            .filter(|i| i.2 == h)
+            .map(|i| i.3.clone())
+            .collect();
+        assert_eq!(cluster.containers(h, "grid"), said, "host {h}");
     }
 }
