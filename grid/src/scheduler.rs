@@ -13,7 +13,7 @@
 //! keeps its instances (it may be cut off, still running them) for `reschedule_after`, counted
 //! from when this leader first saw it gone; then they are placed elsewhere.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
@@ -244,13 +244,13 @@ impl Leader {
     async fn place_and_write(&mut self) -> Result<Option<Instant>, End> {
         let now = Instant::now();
         let prefix = &self.config.prefix;
-        let jobs = jobs_to_run(prefix, &self.view);
+        let (jobs, broken) = jobs_to_run(prefix, &self.view);
         let current = current(prefix, &self.view.assign);
         let (hosts, next_wake) = self.hosts(&current, now);
         let refs: Vec<&JobSpec> = jobs.values().collect();
         let plan = place(&refs, &hosts, &current);
         self.log_pending(&plan);
-        let ops = self.writes(&plan, &jobs);
+        let ops = self.writes(&plan, &jobs, &broken);
         if !ops.is_empty() {
             self.write(ops).await?;
         }
@@ -273,7 +273,7 @@ impl Leader {
             .map(|r| (r.host.clone(), r))
             .collect();
         let mut out = Vec::new();
-        let mut live = std::collections::BTreeSet::new();
+        let mut live = BTreeSet::new();
         for (k, kv) in &self.view.nodes {
             let Ok(Key::Node(host)) = prefix.parse(k) else {
                 continue;
@@ -297,7 +297,7 @@ impl Leader {
         }
         self.lost_since.retain(|h, _| !live.contains(h));
         let mut wake: Option<Instant> = None;
-        let holding: std::collections::BTreeSet<&HostId> = current.values().collect();
+        let holding: BTreeSet<&HostId> = current.values().collect();
         for host in holding {
             if live.contains(host) {
                 continue;
@@ -348,10 +348,15 @@ impl Leader {
     }
 
     /// The puts and deletes that turn the assignments into `plan`.
-    fn writes(&self, plan: &Plan, jobs: &BTreeMap<ServiceId, JobSpec>) -> Vec<TxnOp> {
+    fn writes(
+        &self,
+        plan: &Plan,
+        jobs: &BTreeMap<ServiceId, JobSpec>,
+        broken: &BTreeSet<ServiceId>,
+    ) -> Vec<TxnOp> {
         let prefix = &self.config.prefix;
         let mut ops = Vec::new();
-        let mut wanted = std::collections::BTreeSet::new();
+        let mut wanted = BTreeSet::new();
         let now = runtime::host::rfc3339_now();
         for ((service, instance), host) in &plan.placed {
             let key = prefix.key(&Key::Assign(Slot {
@@ -376,7 +381,11 @@ impl Leader {
             wanted.insert(key);
         }
         for key in self.view.assign.keys() {
-            if !wanted.contains(key) {
+            let broken_spec = matches!(
+                prefix.parse(key),
+                Ok(Key::Assign(slot)) if broken.contains(&slot.service)
+            );
+            if !wanted.contains(key) && !broken_spec {
                 ops.push(TxnOp::delete(key.as_str(), None));
             }
         }
@@ -415,10 +424,15 @@ impl Leader {
     }
 }
 
-/// The jobs of every stack asked to run, by service; job specs that cannot be read or fail
-/// their check are left out (HQ says so to whoever runs the stack).
-fn jobs_to_run(prefix: &Prefix, view: &View) -> BTreeMap<ServiceId, JobSpec> {
-    let running: std::collections::BTreeSet<schema::StackName> = view
+/// The jobs of every stack asked to run, by service; and the services of running stacks whose
+/// spec cannot be read or fails its check: left out of the placement, and their assignments
+/// left as they are (a key broken by hand stops nothing; HQ names it to whoever runs the
+/// stack).
+fn jobs_to_run(
+    prefix: &Prefix,
+    view: &View,
+) -> (BTreeMap<ServiceId, JobSpec>, BTreeSet<ServiceId>) {
+    let running: BTreeSet<schema::StackName> = view
         .runs
         .keys()
         .filter_map(|k| match prefix.parse(k) {
@@ -427,6 +441,7 @@ fn jobs_to_run(prefix: &Prefix, view: &View) -> BTreeMap<ServiceId, JobSpec> {
         })
         .collect();
     let mut out = BTreeMap::new();
+    let mut broken = BTreeSet::new();
     for (k, kv) in &view.stacks {
         let Ok(Key::StackJob(stack, job)) = prefix.parse(k) else {
             continue;
@@ -438,13 +453,16 @@ fn jobs_to_run(prefix: &Prefix, view: &View) -> BTreeMap<ServiceId, JobSpec> {
             Ok(spec) if spec.check().is_ok() && spec.stack == stack && spec.job == job => {
                 out.insert(spec.service(), spec);
             }
-            _ => debug!(
-                key = k,
-                "job spec left out: unreadable or failing its check"
-            ),
+            _ => {
+                debug!(
+                    key = k,
+                    "job spec left out: unreadable or failing its check"
+                );
+                broken.insert(ServiceId::new(stack, job));
+            }
         }
     }
-    out
+    (out, broken)
 }
 
 /// Where instances are assigned now.

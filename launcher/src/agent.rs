@@ -342,7 +342,7 @@ impl Agent {
         } else if !self.etcd_down {
             debug!("etcd has not answered within the lease: starting and stopping nothing");
         }
-        self.report(&wanted, &existing).await;
+        self.report(&wanted, &unsure, &existing).await;
     }
 
     /// The containers this host's launcher made (label `viking.host`): the only ones it
@@ -525,7 +525,7 @@ impl Agent {
     }
 
     /// Writes the node record and every assigned instance's status, under the lease.
-    async fn report(&mut self, wanted: &[(u32, JobSpec)], existing: &[Existing]) {
+    async fn report(&mut self, wanted: &[(u32, JobSpec)], unsure: &Unsure, existing: &[Existing]) {
         let Some(lease) = self.lease.id else {
             return;
         };
@@ -607,6 +607,19 @@ impl Agent {
                 })),
                 records::encode(&record),
             );
+        }
+        // An instance left alone (its spec unreadable, or ahead of its assignment) keeps the
+        // status last written for it.
+        for (service, instance) in unsure {
+            let key = prefix.key(&Key::Status(Slot {
+                host: self.config.host.clone(),
+                service: service.clone(),
+                instance: *instance,
+            }));
+            if let Some(v) = self.written.as_ref().and_then(|w| w.get(&key)) {
+                desired.insert(key, v.clone());
+            }
+            seen.insert((service.clone(), *instance));
         }
         self.memory.retain(|k, _| seen.contains(k));
         let written = self.written.get_or_insert_with(BTreeMap::new);

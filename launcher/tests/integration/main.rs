@@ -245,6 +245,22 @@ async fn a_launcher_runs_what_it_is_assigned_scales_it_and_stops_it() {
     })
     .await;
 
+    // A spec broken by hand stops nothing: the scheduler keeps its assignment, the launcher
+    // its container.
+    let running_id = w.statuses().await["web/0"].container_id.clone();
+    let mut kv = w.client.kv_client();
+    kv.put(
+        format!("/viking/stacks/{}/jobs/web", w.stack),
+        "garbage",
+        None,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(w.containers().len(), 1, "{}", w.launcher.log());
+    assert_eq!(w.statuses().await["web/0"].container_id, running_id);
+    w.deploy(&web).await;
+
     w.stop().await;
     w.until("no instance", BTreeMap::is_empty).await;
     testkit::eventually(Duration::from_secs(10), "containers removed", || {
