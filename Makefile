@@ -28,6 +28,8 @@ bench: setup
 bench-grid: setup
 	$(CARGO) bench -p viking-benches --bench placement
 	$(CARGO) bench -p viking-benches --bench scheduler
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p viking-benches --bench grid_real
 
 bench-registrator: setup
 	$(CARGO) bench -p viking-benches --bench registrator

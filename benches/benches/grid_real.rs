@@ -1,0 +1,164 @@
+//! The grid on real Docker: three hosts, each a network namespace with its own dockerd and
+//! launcher (as the many-hosts tests build them), one etcd; `viking run` of 30 instances
+//! (busybox `sleep`) until all run, and, in the same run as the reference, the time Docker
+//! itself takes to start the same 30 containers (`docker run -d`, ten per host, the hosts in
+//! parallel). Needs root (namespaces) and the release binaries: `make bench-grid`.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use testkit::docker::{self, Dockerd, IMAGE};
+use testkit::net::Lan;
+use testkit::{Daemon, Etcd};
+
+const HOSTS: [&str; 3] = ["a", "b", "c"];
+const INSTANCES: usize = 30;
+
+fn viking(etcd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(testkit::workspace_bin("viking"))
+        .env_remove("VIKING_ETCD")
+        .args(["--etcd", etcd])
+        .args(args)
+        .output()
+        .expect("viking")
+}
+
+fn main() {
+    docker::require(None);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut lan = Lan::new(&HOSTS);
+    let root = lan.join_root();
+    let etcd = rt.block_on(Etcd::start_on(&root.to_string()));
+    let ep = etcd.endpoint();
+    let dockerds: Vec<Dockerd> = HOSTS
+        .iter()
+        .map(|h| Dockerd::start_in(lan.ns(h), "172.17.0.1/16"))
+        .collect();
+    for d in &dockerds {
+        docker::require(Some(&d.host()));
+    }
+
+    // Docker's own start time: ten `docker run -d` per host, the hosts in parallel.
+    let start = Instant::now();
+    let threads: Vec<_> = dockerds
+        .iter()
+        .map(|d| {
+            let host = d.host();
+            std::thread::spawn(move || {
+                for i in 0..INSTANCES / HOSTS.len() {
+                    docker::docker_ok(
+                        Some(&host),
+                        &[
+                            "run",
+                            "-d",
+                            "--name",
+                            &format!("ref{i}"),
+                            "--label",
+                            "viking.test=1",
+                            IMAGE,
+                            "sleep",
+                            "3600",
+                        ],
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let docker_took = start.elapsed();
+    for d in &dockerds {
+        let ids = docker::docker_ok(Some(&d.host()), &["ps", "-aq"]);
+        for id in ids.lines() {
+            let _ = docker::docker(Some(&d.host()), &["rm", "-f", id]);
+        }
+    }
+
+    let launchers: Vec<Daemon> = HOSTS
+        .iter()
+        .zip(&dockerds)
+        .map(|(h, d)| {
+            let mut cmd = lan
+                .ns(h)
+                .command(testkit::workspace_bin("launcher").to_str().unwrap());
+            cmd.args([
+                "--etcd",
+                &ep,
+                "--host",
+                h,
+                "--docker",
+                &d.host(),
+                "--ttl",
+                "3s",
+            ]);
+            Daemon::spawn_command(&format!("launcher on {h}"), cmd)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("stack.yml"),
+        format!("sleeper:\n  image: {IMAGE}\n  command: sleep 3600\n  scale: {INSTANCES}\n"),
+    )
+    .unwrap();
+    let out = viking(
+        &ep,
+        &["deploy", dir.path().to_str().unwrap(), "--name", "bench"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every launcher up (its node record written) before the clock starts.
+    let up = Instant::now();
+    loop {
+        let out = viking(&ep, &["--output", "json", "host", "ls"]);
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let ready = rows
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|h| h["state"] == "ready").count());
+        if ready == HOSTS.len() {
+            break;
+        }
+        assert!(up.elapsed() < Duration::from_secs(30), "launchers not up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let start = Instant::now();
+    let out = viking(&ep, &["run", "bench", "--timeout", "120s"]);
+    let grid_took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        launchers
+            .iter()
+            .map(Daemon::log)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    println!(
+        "grid on Docker: viking run of {INSTANCES} instances on {} hosts, all running in {:.2} s; \
+         Docker alone starts them in {:.2} s (10 per host, hosts in parallel): the grid adds \
+         {:.2} s ({:.2}x Docker's time)",
+        HOSTS.len(),
+        grid_took.as_secs_f64(),
+        docker_took.as_secs_f64(),
+        (grid_took.as_secs_f64() - docker_took.as_secs_f64()).max(0.0),
+        grid_took.as_secs_f64() / docker_took.as_secs_f64()
+    );
+    let out = viking(&ep, &["stop", "bench"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(launchers);
+    drop(dockerds);
+    drop(etcd);
+    drop(lan);
+}
