@@ -223,6 +223,7 @@ async fn simulation(hosts: usize, specs: &[JobSpec]) {
             memory: 64 << 30,
             // One candidate is enough to measure; every launcher campaigning adds only keys.
             scheduler: (i == 0).then(|| scheduler_config(&prefix, &host)),
+            stop_after: None,
         };
         let engine = Arc::new(StandIn {
             host: host.to_string(),

@@ -4,6 +4,7 @@
 //! is the loop that one elected launcher runs: it follows etcd, places, and writes the
 //! assignments, every write guarded by its leadership.
 
+pub mod lost;
 pub mod place;
 pub mod scheduler;
 

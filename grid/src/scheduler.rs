@@ -3,29 +3,34 @@
 //!
 //! Every launcher campaigns for `grid/leader` under a lease of its own. The leader follows
 //! `stacks/` (the specs), `grid/run/` (which stacks run), `grid/nodes/` (the live hosts and
-//! what they offer), `hosts/` (labels, draining) and `grid/assign/` (its own writes), and
+//! what they offer), `hosts/` (labels, draining), `grid/assign/` (its own writes) and
+//! `grid/lost/` (its lost-host records), and
 //! after every change (coalesced for a few milliseconds) computes [`crate::place`] and writes
 //! the difference, in transactions of at most `--max-txn-ops` operations, each guarded by a
 //! compare on its election key: a deposed leader's write fails, and it campaigns again.
 //!
 //! Nothing is placed until every one of those prefixes has been listed once: a partial view
 //! would read as "nothing runs" and move everything. A host whose launcher's lease is gone
-//! keeps its instances (it may be cut off, still running them) for `reschedule_after`, counted
-//! from when this leader first saw it gone; then they are placed elsewhere.
+//! keeps its instances (it may be cut off, still running them) until the deadline of its
+//! `grid/lost/<host>` record ([`crate::lost`]: `reschedule_after`, doubling for a host that
+//! flaps); then they are placed elsewhere. The record is in etcd, so a new leader keeps the
+//! deadline its predecessor set.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+use std::time::SystemTime;
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use runtime::lease::{LeaseKeeper, LeaseOptions};
 use runtime::watch::{Kv, WatchUpdate};
 use runtime::{Backoff, CancellationToken};
-use schema::records::{self, AssignRecord, HostRecord, NodeRecord, RECORD_VERSION};
+use schema::records::{self, AssignRecord, HostRecord, LostRecord, NodeRecord, RECORD_VERSION};
 use schema::{Dir, HostId, JobSpec, Key, Prefix, ServiceId, Slot};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::lost;
 use crate::place::{Host, HostState, InstanceId, Plan, place};
 
 /// What the scheduler needs to know.
@@ -81,6 +86,12 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
                 Some(l) => l,
                 None => continue,
             },
+            // The client's request timeout ends a campaign that is still waiting its turn:
+            // campaign again at once (with the same lease, it resumes its place).
+            Some(Err(e)) if is_timeout(&e) => {
+                debug!("campaign still waiting: {e}");
+                continue;
+            }
             Some(Err(e)) => {
                 warn!("campaign for the scheduler failed: {e}; retrying");
                 if !backoff.wait(&shutdown).await {
@@ -105,6 +116,19 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
     keeper.join().await;
 }
 
+/// Whether a campaign ended only because the client's request timeout ran out.
+fn is_timeout(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(
+                status.code(),
+                tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+            )
+        }
+        other => other.to_string().contains("Timeout expired"),
+    }
+}
+
 fn election_name(config: &Config) -> String {
     election(&config.prefix)
 }
@@ -114,8 +138,8 @@ enum End {
     Deposed(String),
 }
 
-/// The prefixes a leader follows, in the order of [`View::maps`].
-const WATCHED: usize = 5;
+/// The prefixes a leader follows, in the order of [`View::map`].
+const WATCHED: usize = 6;
 
 /// What the leader has read.
 #[derive(Default)]
@@ -125,6 +149,7 @@ struct View {
     nodes: BTreeMap<String, Kv>,
     hosts: BTreeMap<String, Kv>,
     assign: BTreeMap<String, Kv>,
+    lost: BTreeMap<String, Kv>,
 }
 
 impl View {
@@ -134,7 +159,8 @@ impl View {
             1 => &mut self.runs,
             2 => &mut self.nodes,
             3 => &mut self.hosts,
-            _ => &mut self.assign,
+            4 => &mut self.assign,
+            _ => &mut self.lost,
         }
     }
 }
@@ -144,8 +170,6 @@ struct Leader {
     config: Config,
     leader: etcd_client::LeaderKey,
     view: View,
-    /// Hosts with assignments but no live launcher, since when this leader saw them so.
-    lost_since: HashMap<HostId, Instant>,
     /// Jobs whose pending instances were last logged, to log only changes.
     pending_logged: BTreeMap<ServiceId, usize>,
 }
@@ -157,7 +181,6 @@ impl Leader {
             config,
             leader,
             view: View::default(),
-            lost_since: HashMap::new(),
             pending_logged: BTreeMap::new(),
         }
     }
@@ -176,6 +199,7 @@ impl Leader {
             self.config.prefix.dir(Dir::Nodes),
             self.config.prefix.dir(Dir::Hosts),
             self.config.prefix.dir(Dir::Assignments),
+            self.config.prefix.dir(Dir::Lost),
         ];
         let (tx, mut rx) = mpsc::channel::<(usize, WatchUpdate)>(64);
         for (i, dir) in dirs.into_iter().enumerate() {
@@ -221,9 +245,9 @@ impl Leader {
                         }
                         runtime::watch::apply(self.view.map(i), update);
                     }
-                    if wake.is_none() {
-                        wake = Some(Instant::now() + Duration::from_millis(20));
-                    }
+                    // Soon, even when a later wake-up (a lost host's deadline) is set.
+                    let soon = Instant::now() + Duration::from_millis(20);
+                    wake = Some(wake.map_or(soon, |w| w.min(soon)));
                     continue;
                 }
                 () = sleep_until(deadline) => {}
@@ -246,11 +270,12 @@ impl Leader {
         let prefix = &self.config.prefix;
         let (jobs, broken) = jobs_to_run(prefix, &self.view);
         let current = current(prefix, &self.view.assign);
-        let (hosts, next_wake) = self.hosts(&current, now);
+        let (hosts, next_wake, lost_ops) = self.hosts(&current, now);
         let refs: Vec<&JobSpec> = jobs.values().collect();
         let plan = place(&refs, &hosts, &current);
         self.log_pending(&plan);
-        let ops = self.writes(&plan, &jobs, &broken);
+        let mut ops = lost_ops;
+        ops.extend(self.writes(&plan, &jobs, &broken));
         if !ops.is_empty() {
             self.write(ops).await?;
         }
@@ -258,12 +283,13 @@ impl Leader {
     }
 
     /// Every host the grid knows: those with a live launcher, and those holding assignments
-    /// whose launcher is gone (lost, until `reschedule_after`).
+    /// whose launcher is gone (lost, until their `grid/lost/` deadline); when to look again;
+    /// and the changes to the lost records.
     fn hosts(
         &mut self,
         current: &BTreeMap<InstanceId, HostId>,
         now: Instant,
-    ) -> (Vec<Host>, Option<Instant>) {
+    ) -> (Vec<Host>, Option<Instant>, Vec<TxnOp>) {
         let prefix = &self.config.prefix;
         let records: BTreeMap<HostId, HostRecord> = self
             .view
@@ -295,20 +321,59 @@ impl Leader {
                 },
             });
         }
-        self.lost_since.retain(|h, _| !live.contains(h));
-        let mut wake: Option<Instant> = None;
+        let lost_records: BTreeMap<HostId, LostRecord> = self
+            .view
+            .lost
+            .iter()
+            .filter_map(|(k, kv)| records::decode::<LostRecord>(k, &kv.value).ok())
+            .map(|r| (r.host.clone(), r))
+            .collect();
         let holding: BTreeSet<&HostId> = current.values().collect();
-        for host in holding {
-            if live.contains(host) {
+        let mut concerned: BTreeSet<&HostId> = holding.clone();
+        concerned.extend(lost_records.keys());
+        let wall = SystemTime::now();
+        let mut wake: Option<Instant> = None;
+        let mut ops = Vec::new();
+        for host in concerned {
+            let is_live = live.contains(host);
+            let change = lost::track(
+                lost_records.get(host),
+                host,
+                is_live,
+                holding.contains(host),
+                wall,
+                self.config.reschedule_after,
+            );
+            let key = prefix.key(&Key::Lost(host.clone()));
+            let record = match change {
+                lost::Change::Put(r) => {
+                    if r.back_since.is_none() {
+                        warn!(
+                            %host,
+                            losses = r.losses,
+                            until = %r.until,
+                            "the launcher of a host with work is gone; its instances move \
+                             elsewhere unless it comes back first"
+                        );
+                    } else {
+                        info!(%host, "the host's launcher is back");
+                    }
+                    ops.push(TxnOp::put(key.as_str(), records::encode(&r), None));
+                    Some(r)
+                }
+                lost::Change::Delete => {
+                    ops.push(TxnOp::delete(key.as_str(), None));
+                    None
+                }
+                lost::Change::Keep => lost_records.get(host).cloned(),
+            };
+            if is_live || !holding.contains(host) {
                 continue;
             }
-            let since = *self.lost_since.entry(host.clone()).or_insert_with(|| {
-                warn!(%host, after = ?self.config.reschedule_after, "the launcher of a host with work is gone; its instances move elsewhere unless it comes back");
-                now
-            });
-            let until = since + self.config.reschedule_after;
-            if now < until {
-                wake = Some(wake.map_or(until, |w| w.min(until)));
+            let deadline = record.as_ref().and_then(lost::deadline);
+            if let Some(until) = deadline.filter(|u| *u > wall) {
+                let at = now + until.duration_since(wall).unwrap_or_default();
+                wake = Some(wake.map_or(at, |w| w.min(at)));
                 out.push(Host {
                     host: host.clone(),
                     cpus_milli: 0,
@@ -318,7 +383,7 @@ impl Leader {
                 });
             }
         }
-        (out, wake)
+        (out, wake, ops)
     }
 
     fn log_pending(&mut self, plan: &Plan) {

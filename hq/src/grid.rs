@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use grid::{Host, HostState, place};
 use schema::records::{
-    self, AliveRecord, AssignRecord, HostRecord, InstanceState, NodeRecord, RECORD_VERSION,
-    RunRecord, StatusRecord,
+    self, AliveRecord, AssignRecord, HostRecord, InstanceState, LostRecord, NodeRecord,
+    RECORD_VERSION, RunRecord, StatusRecord,
 };
 use schema::{Dir, HostId, JobSpec, Key, ServiceId, Slot, StackName};
 use serde::Serialize;
@@ -32,6 +32,7 @@ pub struct GridState {
     pub alive: BTreeMap<HostId, Vec<String>>,
     pub assign: BTreeMap<Slot, AssignRecord>,
     pub status: BTreeMap<Slot, StatusRecord>,
+    pub lost: BTreeMap<HostId, LostRecord>,
 }
 
 impl GridState {
@@ -79,6 +80,11 @@ impl GridState {
                             s.status.insert(slot, st);
                         }
                     }
+                    Ok(Key::Lost(host)) => {
+                        if let Ok(l) = records::decode::<LostRecord>(k, &kv.value) {
+                            s.lost.insert(host, l);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -106,11 +112,19 @@ impl GridState {
                 }
             })
             .collect();
+        // Lost hosts keep their instances until their deadline (as the scheduler does).
+        let now = SystemTime::now();
         let lost: BTreeSet<&HostId> = self
             .assign
             .keys()
             .map(|s| &s.host)
             .filter(|h| !self.nodes.contains_key(*h))
+            .filter(|h| {
+                self.lost
+                    .get(*h)
+                    .and_then(grid::lost::deadline)
+                    .is_none_or(|d| d > now)
+            })
             .collect();
         out.extend(lost.into_iter().map(|h| Host {
             host: h.clone(),
@@ -172,8 +186,7 @@ impl GridState {
                             restarts: status.map_or(0, |s| s.restarts),
                             exit_code: status.and_then(|s| s.exit_code),
                             reason: if lost {
-                                "its host's launcher is gone; moved elsewhere unless it returns"
-                                    .to_owned()
+                                self.lost_reason(&slot.host, now)
                             } else {
                                 status.map(|s| s.reason.clone()).unwrap_or_default()
                             },
@@ -216,6 +229,30 @@ impl GridState {
             }
         }
         rows
+    }
+}
+
+impl GridState {
+    /// Why an instance on a lost host is shown there: since when, and the time left.
+    fn lost_reason(&self, host: &HostId, now: SystemTime) -> String {
+        let Some(record) = self.lost.get(host) else {
+            return "its host's launcher is gone; the scheduler has not seen it yet".to_owned();
+        };
+        let left = grid::lost::deadline(record)
+            .and_then(|d| d.duration_since(now).ok())
+            .map_or_else(
+                || "moving now".to_owned(),
+                |d| format!("moves elsewhere in {}", runtime::host::human_duration(d)),
+            );
+        let flaps = if record.losses > 1 {
+            format!(" (lost {} times in a row)", record.losses)
+        } else {
+            String::new()
+        };
+        format!(
+            "its host's launcher is gone since {}; {left} unless it comes back{flaps}",
+            record.since
+        )
     }
 }
 
@@ -529,6 +566,7 @@ impl GridState {
                     state: match (node, record.is_some_and(|r| r.draining)) {
                         (None, _) if mine.is_empty() => "no launcher".to_owned(),
                         (None, _) => "lost".to_owned(),
+                        (Some(_), true) if mine.is_empty() => "drained".to_owned(),
                         (Some(_), true) => "draining".to_owned(),
                         (Some(_), false) => "ready".to_owned(),
                     },

@@ -176,8 +176,12 @@ enum HostCommand {
         #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
         changes: Vec<String>,
     },
-    /// Remove a member
+    /// Remove a member; refused while instances are assigned to it (drain it first)
     Rm { host: HostId },
+    /// Take no new work and move this host's instances elsewhere
+    Drain { host: HostId },
+    /// Take work again
+    Undrain { host: HostId },
     /// List members and their live agents
     Ls,
 }
@@ -549,7 +553,25 @@ async fn host(store: &Store, command: HostCommand, out: Format) -> Result<(), Hq
             let text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             println!("{host}: {}", output::list(&text));
         }
+        HostCommand::Drain { host } => {
+            store.host_update(&host, |r| r.draining = true).await?;
+            println!(
+                "{host}: draining; its instances move elsewhere (`viking host ls` says when it is drained)"
+            );
+        }
+        HostCommand::Undrain { host } => {
+            store.host_update(&host, |r| r.draining = false).await?;
+            println!("{host}: takes work again");
+        }
         HostCommand::Rm { host } => {
+            let state = hq::grid::GridState::read(store).await?;
+            let assigned = state.assign.keys().filter(|s| s.host == host).count();
+            if assigned > 0 {
+                return Err(HqError::Refused(format!(
+                    "{host} has {assigned} instances assigned; `viking host drain {host}` moves \
+                     them elsewhere, then remove it once `viking host ls` shows it drained"
+                )));
+            }
             if !store.host_rm(&host).await? {
                 return Err(HqError::Refused(format!(
                     "{host} is not a member; `viking host ls` lists them"

@@ -620,6 +620,23 @@ impl Store {
         set: &BTreeMap<String, String>,
         unset: &[String],
     ) -> Result<BTreeMap<String, String>, HqError> {
+        let record = self
+            .host_update(host, |r| {
+                r.labels.extend(set.clone());
+                for k in unset {
+                    r.labels.remove(k);
+                }
+            })
+            .await?;
+        Ok(record.labels)
+    }
+
+    /// Changes a member's record with `change`, compared against what it read.
+    pub async fn host_update(
+        &self,
+        host: &HostId,
+        change: impl Fn(&mut HostRecord),
+    ) -> Result<HostRecord, HqError> {
         let key = self.prefix.key(&Key::Host(host.clone()));
         for _ in 0..16 {
             let mut kv = self.kv.clone();
@@ -631,10 +648,7 @@ impl Store {
             };
             let mut record: HostRecord = records::decode(&key, found.value())
                 .map_err(|e| HqError::Refused(format!("{e}; add the host again")))?;
-            record.labels.extend(set.clone());
-            for k in unset {
-                record.labels.remove(k);
-            }
+            change(&mut record);
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.as_str(),
@@ -643,11 +657,11 @@ impl Store {
                 )])
                 .and_then([TxnOp::put(key.as_str(), records::encode(&record), None)]);
             if self.txn(txn).await? {
-                return Ok(record.labels);
+                return Ok(record);
             }
         }
         Err(HqError::Refused(format!(
-            "{host} kept changing while labelling it; try again"
+            "{host} kept changing while updating it; try again"
         )))
     }
 

@@ -42,6 +42,9 @@ pub struct Config {
     pub memory: u64,
     /// The scheduler this launcher campaigns to be; `None` to never lead.
     pub scheduler: Option<grid::scheduler::Config>,
+    /// Fencing: stop this host's containers once etcd has not answered for this long
+    /// (`--stop-after`; off by default).
+    pub stop_after: Option<Duration>,
 }
 
 /// Runs the launcher (and its campaign for the scheduler) against the local Docker until
@@ -166,6 +169,12 @@ pub async fn run_with(
                 }
                 agent.lease = *leases.borrow_and_update();
                 agent.written = None;
+                // A new lease after the first: this host was cut off long enough to be lost.
+                // Read its assignments afresh, and converge (remove what was placed
+                // elsewhere meanwhile) before the node record says it takes work again.
+                if agent.lease.generation > 1 {
+                    agent.relist = true;
+                }
             }
             u = assign_rx.recv() => {
                 let Some(u) = u else { break };
@@ -234,6 +243,11 @@ struct Agent {
     logs: HashMap<(String, u32), String>,
     last_etcd_ok: Option<Instant>,
     etcd_down: bool,
+    /// Read the assignments directly before the next round (after a new lease).
+    relist: bool,
+    /// Fenced: the containers were stopped for `stop_after`.
+    fenced: bool,
+    started: Instant,
     retry_at: Option<Instant>,
     etcd_backoff: Backoff,
     since: String,
@@ -254,6 +268,9 @@ impl Agent {
             logs: HashMap::new(),
             last_etcd_ok: None,
             etcd_down: false,
+            relist: false,
+            fenced: false,
+            started: Instant::now(),
             retry_at: None,
             etcd_backoff: Backoff::default(),
             since: runtime::host::rfc3339_now(),
@@ -329,6 +346,12 @@ impl Agent {
         if !(self.listed.0 && self.listed.1) {
             return;
         }
+        if self.relist && !self.read_assignments().await {
+            return;
+        }
+        if self.fence().await {
+            return;
+        }
         let (wanted, unsure) = self.wanted();
         let mut existing = match self.mine().await {
             Some(e) => e,
@@ -343,6 +366,75 @@ impl Agent {
             debug!("etcd has not answered within the lease: starting and stopping nothing");
         }
         self.report(&wanted, &unsure, &existing).await;
+    }
+
+    /// Reads this host's assignments afresh; false (retried) if etcd does not answer.
+    async fn read_assignments(&mut self) -> bool {
+        let dir = self
+            .config
+            .prefix
+            .dir(Dir::HostAssignments(&self.config.host));
+        let mut kv = self.client.kv_client();
+        match kv.get(dir, Some(GetOptions::new().with_prefix())).await {
+            Ok(resp) => {
+                self.assign = resp
+                    .kvs()
+                    .iter()
+                    .map(|kv| {
+                        let kv = runtime::watch::to_kv(kv);
+                        (kv.key.clone(), kv)
+                    })
+                    .collect();
+                self.relist = false;
+                self.last_etcd_ok = Some(Instant::now());
+                info!(
+                    assigned = self.assign.len(),
+                    "back after losing the lease: assignments read again"
+                );
+                true
+            }
+            Err(e) => {
+                debug!("cannot read the assignments: {e}; retrying");
+                self.retry_later(Duration::from_secs(1));
+                false
+            }
+        }
+    }
+
+    /// `--stop-after`: once etcd has not answered for that long, stops every container this
+    /// launcher made (at-most-once work must not run twice when the scheduler moves it).
+    /// True while fenced.
+    async fn fence(&mut self) -> bool {
+        let Some(limit) = self.config.stop_after else {
+            return false;
+        };
+        let silent = self.last_etcd_ok.unwrap_or(self.started).elapsed();
+        if silent < limit {
+            if self.fenced {
+                info!("etcd answers again: no longer fenced");
+                self.fenced = false;
+            }
+            return false;
+        }
+        self.retry_later(Duration::from_secs(1));
+        if self.fenced {
+            return true;
+        }
+        let Some(mine) = self.mine().await else {
+            return true;
+        };
+        warn!(
+            containers = mine.len(),
+            "etcd has not answered for {silent:?} (--stop-after {limit:?}): stopping this \
+             host's containers"
+        );
+        for e in mine {
+            if let Err(err) = self.engine.remove(&e.id).await {
+                warn!("cannot stop {}: {err}", e.name);
+            }
+        }
+        self.fenced = true;
+        true
     }
 
     /// The containers this host's launcher made (label `viking.host`): the only ones it

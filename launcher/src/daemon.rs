@@ -38,6 +38,11 @@ pub struct LauncherArgs {
     /// The scheduler election's lease: a lost scheduler is replaced within this long
     #[arg(long, env = "VIKING_LEADER_TTL", default_value = "10s", value_parser = parse_duration)]
     pub leader_ttl: Duration,
+
+    /// Fencing for at-most-once work: stop this host's containers once etcd has not answered
+    /// for this long (off by default; longer than --ttl plus --reschedule-after is safe)
+    #[arg(long, env = "VIKING_STOP_AFTER", value_parser = parse_duration)]
+    pub stop_after: Option<Duration>,
 }
 
 /// Why the launcher did not start: refused before anything was written, exit 2.
@@ -121,6 +126,7 @@ impl LauncherArgs {
                 reschedule_after: self.reschedule_after,
                 max_txn_ops,
             }),
+            stop_after: self.stop_after,
         })
     }
 }

@@ -87,6 +87,7 @@ impl Prefix {
             Dir::HostAssignments(host) => format!("grid/assign/{host}/"),
             Dir::Statuses => "grid/status/".to_owned(),
             Dir::HostStatuses(host) => format!("grid/status/{host}/"),
+            Dir::Lost => "grid/lost/".to_owned(),
         };
         format!("{}/{tail}", self.0)
     }
@@ -132,6 +133,7 @@ impl Prefix {
             ),
             ["grid", "nodes", host] => Key::Node(HostId::new(*host).map_err(name_err)?),
             ["grid", "run", stack] => Key::Run(StackName::new(*stack).map_err(name_err)?),
+            ["grid", "lost", host] => Key::Lost(HostId::new(*host).map_err(name_err)?),
             [
                 "grid",
                 kind @ ("assign" | "status"),
@@ -254,6 +256,8 @@ pub enum Dir<'a> {
     /// `grid/status/`: what every launcher reports.
     Statuses,
     HostStatuses(&'a HostId),
+    /// `grid/lost/`: hosts whose launcher went away while they held work.
+    Lost,
 }
 
 /// One key of the contract (docs/contract.md, "etcd keys and values").
@@ -288,6 +292,9 @@ pub enum Key {
     Assign(Slot),
     /// `grid/status/<host>/<stack>/<job>/<instance>`: what the host's launcher sees of it.
     Status(Slot),
+    /// `grid/lost/<host>`: since when a host with work has had no launcher, and when its
+    /// instances move.
+    Lost(HostId),
 }
 
 /// One instance of a job on one host: the last segments of `grid/assign/` and `grid/status/`.
@@ -335,6 +342,7 @@ impl Key {
                 "grid/status/{}/{}/{}",
                 slot.host, slot.service, slot.instance
             ),
+            Key::Lost(h) => format!("grid/lost/{h}"),
         }
     }
 }
@@ -460,6 +468,7 @@ mod tests {
                 JobName::new(j).unwrap()
             )),
             host().prop_map(Key::Node),
+            host().prop_map(Key::Lost),
             name().prop_map(|s| Key::Run(StackName::new(s).unwrap())),
             (host(), name(), name(), 0u32..1000, any::<bool>()).prop_map(|(h, s, j, i, a)| {
                 let slot = Slot {

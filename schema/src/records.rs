@@ -296,3 +296,22 @@ pub struct StatusRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i64>,
 }
+
+/// `grid/lost/<host>`: a host whose launcher went away while it held work. Written by the
+/// scheduler, so that its successor carries on with the same delay, and kept after the host
+/// comes back (`back_since`) to count flapping; deleted after an hour of good health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    pub host: HostId,
+    /// RFC 3339: when the scheduler saw it gone (this time).
+    pub since: String,
+    /// RFC 3339: when its instances are placed elsewhere, unless it comes back first.
+    pub until: String,
+    /// Losses in a row without an hour of good health between them (1 the first time).
+    pub losses: u32,
+    /// RFC 3339: when it came back, if it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub back_since: Option<String>,
+}

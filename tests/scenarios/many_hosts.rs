@@ -41,6 +41,8 @@ struct Host {
 struct Cluster {
     // Hosts first (their daemons and containers), then etcd, then the namespaces.
     hosts: Vec<Host>,
+    /// Extra flags of every launcher.
+    launcher_args: Vec<&'static str>,
     /// Comma-separated client URLs.
     endpoints: String,
     /// One etcd in the test's own namespace, or one member per host.
@@ -60,6 +62,15 @@ impl Cluster {
 
     /// With `etcd_on_hosts`, a member of a 3-member etcd cluster runs on each host instead.
     async fn start_with(names: &[&'static str], etcd_on_hosts: bool) -> Cluster {
+        Self::start_full(names, etcd_on_hosts, &[]).await
+    }
+
+    /// With extra flags for every launcher (e.g. a short `--reschedule-after`).
+    async fn start_full(
+        names: &[&'static str],
+        etcd_on_hosts: bool,
+        launcher_args: &[&'static str],
+    ) -> Cluster {
         docker::require(None);
         let mut all: Vec<&str> = names.to_vec();
         all.push("out");
@@ -90,7 +101,7 @@ impl Cluster {
             let dockerd = Dockerd::start_in(lan.ns(name), "172.17.0.1/16");
             let addr = lan.addr(name).to_string();
             let sock = dockerd.host();
-            let procs = agents(&lan, name, &endpoint, &addr, &sock);
+            let procs = agents(&lan, name, &endpoint, &addr, &sock, launcher_args);
             hosts.push(Host {
                 name,
                 procs,
@@ -99,6 +110,7 @@ impl Cluster {
         }
         let cluster = Cluster {
             hosts,
+            launcher_args: launcher_args.to_vec(),
             endpoints: endpoint,
             _etcd: etcd,
             members,
@@ -123,7 +135,14 @@ impl Cluster {
             .position(|h| h.name == name)
             .expect("host");
         let sock = self.hosts[i].dockerd.host();
-        let procs = agents(&self.lan, name, &endpoint, &addr, &sock);
+        let procs = agents(
+            &self.lan,
+            name,
+            &endpoint,
+            &addr,
+            &sock,
+            &self.launcher_args,
+        );
         self.hosts[i].procs = procs;
     }
 
@@ -352,17 +371,21 @@ async fn wait_etcd(urls: &[String]) {
 
 /// A host's registrator (TTL 3 s), ambassador (on the bridge address, no DNS) and launcher
 /// (TTL 3 s; 2 CPUs and 2 GiB offered).
-fn agents(lan: &Lan, name: &str, etcd: &str, addr: &str, docker: &str) -> Vec<Daemon> {
+fn agents(
+    lan: &Lan,
+    name: &str,
+    etcd: &str,
+    addr: &str,
+    docker: &str,
+    launcher_args: &[&str],
+) -> Vec<Daemon> {
+    let mut launcher = vec![
+        "--etcd", etcd, "--host", name, "--docker", docker, "--ttl", "3s", "--cpus", "2",
+        "--memory", "2G",
+    ];
+    launcher.extend_from_slice(launcher_args);
     vec![
-        spawn(
-            lan,
-            name,
-            "launcher",
-            &[
-                "--etcd", etcd, "--host", name, "--docker", docker, "--ttl", "3s", "--cpus", "2",
-                "--memory", "2G",
-            ],
-        ),
+        spawn(lan, name, "launcher", &launcher),
         spawn(
             lan,
             name,
@@ -912,4 +935,214 @@ async fn the_grid_keeps_constraints_capacity_and_stability() {
             .collect();
         assert_eq!(cluster.containers(h, "grid"), said, "host {h}");
     }
+}
+
+/// The grid under failure (issue 17, scenarios 1 and 2): a host lost (its agents killed, its
+/// link cut) has its instances placed elsewhere once its lease and `--reschedule-after` have
+/// run out, shown `lost` with the time left meanwhile; when it comes back its launcher removes
+/// the old copies within 5 s, and from then on the job never runs more than `scale`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_host_is_replaced_and_its_old_copies_go_when_it_returns() {
+    let mut cluster =
+        Cluster::start_full(&["a", "b", "c"], false, &["--reschedule-after", "4s"]).await;
+    let (shared, app) = examples();
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(None, &["scale", "shared/web", "3"]);
+    cluster.viking(None, &["run", "shared"]);
+    let before = cluster.instances("shared");
+    assert!(before.iter().any(|i| i.2 == "b"), "{before:?}");
+
+    {
+        let b = cluster.hosts.iter_mut().find(|h| h.name == "b").expect("b");
+        for p in &mut b.procs {
+            p.kill();
+        }
+    }
+    cluster
+        .lan
+        .ns("b")
+        .exec(&["ip", "link", "set", "eth0", "down"]);
+    let lost = Instant::now();
+    // Shown lost, with the time left, before it moves.
+    testkit::eventually(Duration::from_secs(10), "b's instance shown lost", || {
+        let ps = cluster.viking(None, &["ps", "shared"]);
+        ps.contains("lost").then_some(()).ok_or(ps)
+    });
+    let ps = cluster.viking(None, &["ps", "shared"]);
+    assert!(
+        ps.contains("moves elsewhere in") || ps.contains("moving now"),
+        "{ps}"
+    );
+    // Within ttl (3 s) + reschedule-after (4 s) + 10 s: all three run on a and c.
+    testkit::eventually(Duration::from_secs(17), "web re-placed on a and c", || {
+        let now = cluster.instances("shared");
+        let ok = now.len() == 3 && now.iter().all(|i| i.2 != "b" && i.4 == "running");
+        ok.then_some(()).ok_or(format!("{now:?}"))
+    });
+    eprintln!(
+        "re-placed and running {:?} after b was lost",
+        lost.elapsed()
+    );
+    // b still runs its old copy, cut off.
+    assert_eq!(cluster.containers("b", "shared").len(), 1);
+
+    // Back: its launcher finds nothing assigned to it and removes the old copy.
+    cluster
+        .lan
+        .ns("b")
+        .exec(&["ip", "link", "set", "eth0", "up"]);
+    cluster.restart_agents("b");
+    let back = Instant::now();
+    testkit::eventually(Duration::from_secs(5), "b's old copy removed", || {
+        cluster.containers("b", "shared").is_empty().then_some(())
+    });
+    eprintln!(
+        "b's old copy removed {:?} after it came back",
+        back.elapsed()
+    );
+    let sampled = Instant::now();
+    let mut samples = 0;
+    while sampled.elapsed() < Duration::from_secs(20) {
+        let running: usize = ["a", "b", "c"]
+            .iter()
+            .map(|h| cluster.containers(h, "shared").len())
+            .sum();
+        assert!(running <= 3, "{running} web containers run for scale 3");
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(samples > 50);
+}
+
+/// Issue 17, scenario 3: the scheduler's launcher killed: another takes over within the
+/// election lease, a scale issued right after is applied, and a write guarded by the dead
+/// leader's election key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_scheduler_is_replaced_and_the_old_one_cannot_write() {
+    let mut cluster = Cluster::start(&["a", "b", "c"]).await;
+    let (shared, app) = examples();
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(None, &["run", "shared"]);
+    let mut client = etcd_client::Client::connect([cluster.endpoints.as_str()], None)
+        .await
+        .expect("etcd");
+    let leader = |resp: &etcd_client::GetResponse| -> Option<(String, Vec<u8>, i64)> {
+        resp.kvs()
+            .iter()
+            .min_by_key(|kv| kv.create_revision())
+            .map(|kv| {
+                (
+                    kv.value_str().unwrap_or("").to_owned(),
+                    kv.key().to_vec(),
+                    kv.create_revision(),
+                )
+            })
+    };
+    let opts = || Some(etcd_client::GetOptions::new().with_prefix());
+    let (old, old_key, old_rev) =
+        leader(&client.get("/viking/grid/leader/", opts()).await.unwrap()).expect("a leader");
+    {
+        let host = cluster
+            .hosts
+            .iter_mut()
+            .find(|h| h.name == old)
+            .expect("host");
+        host.procs[0].kill(); // the launcher
+    }
+    let killed = Instant::now();
+    let new = loop {
+        let resp = client.get("/viking/grid/leader/", opts()).await.unwrap();
+        if let Some((h, _, _)) = leader(&resp).filter(|(h, _, _)| *h != old) {
+            break h;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(15), "no new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "{new} leads {:?} after {old}'s launcher was killed",
+        killed.elapsed()
+    );
+    cluster.viking(None, &["scale", "shared/web", "4"]);
+    testkit::eventually(Duration::from_secs(20), "four webs running", || {
+        let now = cluster.instances("shared");
+        let running = now
+            .iter()
+            .filter(|i| i.4 == "running" || i.2 == old)
+            .count();
+        (now.len() == 4 && running == 4)
+            .then_some(())
+            .ok_or_else(|| {
+                format!(
+                    "{}\n{}",
+                    cluster.viking(None, &["ps", "shared"]),
+                    cluster.logs()
+                )
+            })
+    });
+    // The old leader's view is stale and its key gone: a write guarded by it fails.
+    let stale = etcd_client::Txn::new()
+        .when([etcd_client::Compare::create_revision(
+            old_key,
+            etcd_client::CompareOp::Equal,
+            old_rev,
+        )])
+        .and_then([etcd_client::TxnOp::put(
+            format!("/viking/grid/assign/{old}/shared/web/9"),
+            "{\"v\":1,\"spec_digest\":\"stale\"}",
+            None,
+        )]);
+    let resp = client.txn(stale).await.unwrap();
+    assert!(!resp.succeeded(), "a deposed leader wrote an assignment");
+    let left = client
+        .get(format!("/viking/grid/assign/{old}/shared/web/9"), None)
+        .await
+        .unwrap();
+    assert!(left.kvs().is_empty());
+}
+
+/// Issue 17, scenario 7: a host drained while traffic flows ends with no instances, `viking
+/// host rm` refused before and accepted after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_host_ends_empty_and_only_then_can_be_removed() {
+    let cluster = Cluster::start(&["a", "b"]).await;
+    let (shared, app) = examples();
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(None, &["run", "shared"]);
+    assert_eq!(cluster.containers("b", "shared").len(), 1);
+    let out = cluster.viking_out(&["host", "rm", "b"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("viking host drain b"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let traffic = {
+        let env = cluster.viking(None, &["env", "app/client"]);
+        let host = cluster.host("a").dockerd.host();
+        std::thread::spawn(move || {
+            docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", 40)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.viking(None, &["host", "drain", "b"]);
+    testkit::eventually(Duration::from_secs(20), "b drained", || {
+        let rows: serde_json::Value =
+            serde_json::from_str(&cluster.viking(None, &["--output", "json", "host", "ls"]))
+                .ok()?;
+        let b = rows.as_array()?.iter().find(|r| r["host"] == "b")?.clone();
+        (b["state"] == "drained" && cluster.containers("b", "shared").is_empty()).then_some(())
+    });
+    testkit::eventually(Duration::from_secs(20), "both on a, running", || {
+        let now = cluster.instances("shared");
+        now.iter()
+            .all(|i| i.2 == "a" && i.4 == "running")
+            .then_some(())
+            .ok_or(format!("{now:?}"))
+    });
+    let (answers, failures) = traffic.join().expect("traffic");
+    eprintln!(
+        "drain under traffic: {failures} failed of {}",
+        answers.len()
+    );
+    cluster.viking(None, &["host", "rm", "b"]);
 }
