@@ -172,6 +172,7 @@ impl Engine for StandIn {
         spec: &JobSpec,
         instance: u32,
         host: &HostId,
+        name: &str,
     ) -> Result<String, EngineError> {
         tokio::time::sleep(self.delay).await;
         let id = format!("{:012x}{:052x}", fastrand::u64(..) >> 16, 0);
@@ -179,7 +180,7 @@ impl Engine for StandIn {
             id.clone(),
             Existing {
                 id: id.clone(),
-                name: schema::container_name(&spec.stack, &spec.job, instance),
+                name: name.to_owned(),
                 service: spec.service(),
                 instance,
                 spec: spec.digest(),
@@ -196,6 +197,15 @@ impl Engine for StandIn {
     }
     async fn remove(&self, id: &str) -> Result<(), EngineError> {
         self.containers.lock().unwrap().remove(id);
+        Ok(())
+    }
+    async fn stop(&self, _id: &str, _timeout: Duration) -> Result<(), EngineError> {
+        Ok(())
+    }
+    async fn rename(&self, id: &str, name: &str) -> Result<(), EngineError> {
+        if let Some(c) = self.containers.lock().unwrap().get_mut(id) {
+            c.name = name.to_owned();
+        }
         Ok(())
     }
     async fn last_logs(&self, _id: &str) -> String {

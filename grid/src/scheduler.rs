@@ -21,10 +21,14 @@ use std::time::Duration;
 use std::time::SystemTime;
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use runtime::host::parse_rfc3339;
 use runtime::lease::{LeaseKeeper, LeaseOptions};
 use runtime::watch::{Kv, WatchUpdate};
 use runtime::{Backoff, CancellationToken};
-use schema::records::{self, AssignRecord, HostRecord, LostRecord, NodeRecord, RECORD_VERSION};
+use schema::records::{
+    self, AssignRecord, HostRecord, InstanceState, LostRecord, NodeRecord, RECORD_VERSION,
+    StatusRecord,
+};
 use schema::{Dir, HostId, JobSpec, Key, Prefix, ServiceId, Slot};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -139,7 +143,7 @@ enum End {
 }
 
 /// The prefixes a leader follows, in the order of [`View::map`].
-const WATCHED: usize = 6;
+const WATCHED: usize = 7;
 
 /// What the leader has read.
 #[derive(Default)]
@@ -150,6 +154,7 @@ struct View {
     hosts: BTreeMap<String, Kv>,
     assign: BTreeMap<String, Kv>,
     lost: BTreeMap<String, Kv>,
+    statuses: BTreeMap<String, Kv>,
 }
 
 impl View {
@@ -160,7 +165,8 @@ impl View {
             2 => &mut self.nodes,
             3 => &mut self.hosts,
             4 => &mut self.assign,
-            _ => &mut self.lost,
+            5 => &mut self.lost,
+            _ => &mut self.statuses,
         }
     }
 }
@@ -200,6 +206,7 @@ impl Leader {
             self.config.prefix.dir(Dir::Hosts),
             self.config.prefix.dir(Dir::Assignments),
             self.config.prefix.dir(Dir::Lost),
+            self.config.prefix.dir(Dir::Statuses),
         ];
         let (tx, mut rx) = mpsc::channel::<(usize, WatchUpdate)>(64);
         for (i, dir) in dirs.into_iter().enumerate() {
@@ -275,7 +282,15 @@ impl Leader {
         let plan = place(&refs, &hosts, &current);
         self.log_pending(&plan);
         let mut ops = lost_ops;
-        ops.extend(self.writes(&plan, &jobs, &broken));
+        let (writes, rolling) = self.writes(&plan, &jobs, &broken);
+        ops.extend(writes);
+        // While an update rolls, look again soon: statuses and `min_healthy` gate each batch.
+        let next_wake = if rolling {
+            let soon = now + Duration::from_millis(500);
+            Some(next_wake.map_or(soon, |w: Instant| w.min(soon)))
+        } else {
+            next_wake
+        };
         if !ops.is_empty() {
             self.write(ops).await?;
         }
@@ -413,38 +428,110 @@ impl Leader {
     }
 
     /// The puts and deletes that turn the assignments into `plan`.
+    /// The puts and deletes that turn the assignments into `plan`, and whether a rolling
+    /// update is under way (then the caller looks again soon).
+    ///
+    /// A job whose spec changed is rolled: an instance that keeps its host gets the new
+    /// digest only while fewer than `update.max_parallel` of the job's instances are on the
+    /// new digest without being healthy yet (its status running that digest for
+    /// `update.min_healthy`). An instance that is not healthy within `update.timeout` of its
+    /// assignment stops the update: no further instance is changed (`viking ps` shows its
+    /// launcher's reason) until the spec changes again. New and moved instances get the new
+    /// digest at once.
     fn writes(
         &self,
         plan: &Plan,
         jobs: &BTreeMap<ServiceId, JobSpec>,
         broken: &BTreeSet<ServiceId>,
-    ) -> Vec<TxnOp> {
+    ) -> (Vec<TxnOp>, bool) {
         let prefix = &self.config.prefix;
         let mut ops = Vec::new();
         let mut wanted = BTreeSet::new();
         let now = runtime::host::rfc3339_now();
+        let wall = SystemTime::now();
+        let assigned: BTreeMap<&String, AssignRecord> = self
+            .view
+            .assign
+            .iter()
+            .filter_map(|(k, kv)| Some((k, records::decode::<AssignRecord>(k, &kv.value).ok()?)))
+            .collect();
+        let statuses: BTreeMap<Slot, StatusRecord> = self
+            .view
+            .statuses
+            .iter()
+            .filter_map(|(k, kv)| match prefix.parse(k) {
+                Ok(Key::Status(slot)) => Some((slot, records::decode(k, &kv.value).ok()?)),
+                _ => None,
+            })
+            .collect();
+        // Per job: instances on the new digest that are not healthy yet, and whether one of
+        // them is past its timeout.
+        let mut budget: BTreeMap<&ServiceId, (u32, bool)> = BTreeMap::new();
         for ((service, instance), host) in &plan.placed {
+            let job = &jobs[service];
+            let slot = Slot {
+                host: host.clone(),
+                service: service.clone(),
+                instance: *instance,
+            };
+            let key = prefix.key(&Key::Assign(slot.clone()));
+            let Some(record) = assigned.get(&key).filter(|r| r.spec_digest == job.digest()) else {
+                continue;
+            };
+            let healthy = statuses.get(&slot).is_some_and(|st| {
+                st.state == InstanceState::Running
+                    && st.spec_digest == record.spec_digest
+                    && parse_rfc3339(&st.since).is_some_and(|t| {
+                        wall.duration_since(t).unwrap_or_default()
+                            >= Duration::from_millis(job.update.min_healthy_ms)
+                    })
+            });
+            if !healthy {
+                let timed_out = parse_rfc3339(&record.assigned_at).is_some_and(|t| {
+                    wall.duration_since(t).unwrap_or_default()
+                        > Duration::from_millis(job.update.timeout_ms)
+                });
+                let e = budget.entry(service).or_default();
+                e.0 += 1;
+                e.1 |= timed_out;
+            }
+        }
+        let mut rolling = false;
+        let mut changed: BTreeMap<&ServiceId, u32> = BTreeMap::new();
+        for ((service, instance), host) in &plan.placed {
+            let job = &jobs[service];
+            let digest = job.digest();
             let key = prefix.key(&Key::Assign(Slot {
                 host: host.clone(),
                 service: service.clone(),
                 instance: *instance,
             }));
-            let digest = jobs[service].digest();
-            let same = self.view.assign.get(&key).is_some_and(|kv| {
-                records::decode::<AssignRecord>(&key, &kv.value)
-                    .is_ok_and(|r| r.spec_digest == digest)
-            });
-            if !same {
-                let record = AssignRecord {
-                    v: RECORD_VERSION,
-                    spec_digest: digest,
-                    generation: self.leader.rev(),
-                    assigned_at: now.clone(),
-                };
-                ops.push(TxnOp::put(key.as_str(), records::encode(&record), None));
+            wanted.insert(key.clone());
+            let current = assigned.get(&key);
+            if current.is_some_and(|r| r.spec_digest == digest) {
+                continue;
             }
-            wanted.insert(key);
+            if current.is_some() {
+                // Same host, another digest: a rolling update.
+                rolling = true;
+                let (unhealthy, stuck) = budget.get(service).copied().unwrap_or_default();
+                let done = changed.entry(service).or_default();
+                if stuck || unhealthy + *done >= job.update.max_parallel {
+                    continue;
+                }
+                *done += 1;
+            }
+            let record = AssignRecord {
+                v: RECORD_VERSION,
+                spec_digest: digest,
+                generation: self.leader.rev(),
+                assigned_at: now.clone(),
+            };
+            ops.push(TxnOp::put(key.as_str(), records::encode(&record), None));
         }
+        rolling |= budget
+            .values()
+            .any(|(unhealthy, stuck)| *unhealthy > 0 && !stuck);
         for key in self.view.assign.keys() {
             let broken_spec = matches!(
                 prefix.parse(key),
@@ -454,7 +541,7 @@ impl Leader {
                 ops.push(TxnOp::delete(key.as_str(), None));
             }
         }
-        ops
+        (ops, rolling)
     }
 
     /// Writes `ops` in chunks, each guarded by this leader's election key.

@@ -220,6 +220,8 @@ enum Source {
 #[derive(Debug, Clone)]
 struct Memory {
     state: InstanceState,
+    /// The container it was in at `since`.
+    container: String,
     since: String,
     reason: String,
     /// A failed start: when to try again, and how long to wait after the next failure.
@@ -539,22 +541,107 @@ impl Agent {
                     acted = true;
                     let spec = specs[&(service.clone(), instance)];
                     let name = schema::container_name(&service.stack, &service.job, instance);
-                    let r = match self.engine.remove(&id).await {
-                        Ok(()) => self.engine.start(spec, instance, &self.config.host).await,
-                        Err(e) => Err(e),
-                    };
+                    let r = self.replace(spec, instance, &name, &id).await;
                     self.started(&service, instance, &name, "replaced (its spec changed)", r);
                 }
                 Step::Start { service, instance } => {
                     acted = true;
                     let spec = specs[&(service.clone(), instance)];
                     let name = schema::container_name(&service.stack, &service.job, instance);
-                    let r = self.engine.start(spec, instance, &self.config.host).await;
+                    let r = self
+                        .engine
+                        .start(spec, instance, &self.config.host, &name)
+                        .await;
                     self.started(&service, instance, &name, "started", r);
                 }
             }
         }
         acted
+    }
+
+    /// Replaces `old` with a container of `spec` without a gap: the new one starts beside it
+    /// (as `<name>-next`), and only once it runs, and for a job with ports is a live endpoint,
+    /// is the old one stopped (SIGTERM, its stop timeout) and removed and the new one given
+    /// the instance's name. A new one that exits or does not get there within
+    /// `update.timeout` (at most a minute) is removed and the old one keeps serving.
+    async fn replace(
+        &self,
+        spec: &JobSpec,
+        instance: u32,
+        name: &str,
+        old: &str,
+    ) -> Result<String, crate::engine::EngineError> {
+        use crate::engine::{EngineError, RunState};
+        let next = format!("{name}-next");
+        // A replacement left half-way by an earlier run.
+        let _ = self.engine.remove(&next).await;
+        let new = self
+            .engine
+            .start(spec, instance, &self.config.host, &next)
+            .await?;
+        let limit = Duration::from_millis(spec.update.timeout_ms).min(Duration::from_secs(60));
+        let deadline = Instant::now() + limit;
+        let failed = loop {
+            let found = self.engine.list().await?.into_iter().find(|e| e.id == new);
+            match found.map(|e| (e.state, e.restarts)) {
+                Some((RunState::Running, 0)) if self.serves(spec, &new).await => break None,
+                Some((RunState::Exited(Some(code)), _)) => {
+                    let logs = self.engine.last_logs(&new).await;
+                    break Some(format!("the new container exited with code {code}: {logs}"));
+                }
+                // Docker's restart policy brought it back: it crashed.
+                Some((_, restarts)) if restarts > 0 => {
+                    let logs = self.engine.last_logs(&new).await;
+                    break Some(format!(
+                        "the new container exited and was restarted {restarts} times: {logs}"
+                    ));
+                }
+                None => break Some("the new container vanished".to_owned()),
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                break Some(format!(
+                    "the new container did not run{} within {limit:?}",
+                    if spec.ports.is_empty() {
+                        ""
+                    } else {
+                        " and register"
+                    }
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if let Some(why) = failed {
+            let _ = self.engine.remove(&new).await;
+            return Err(EngineError(format!(
+                "{why}; {name} keeps running its old spec"
+            )));
+        }
+        self.engine.stop(old, Duration::from_secs(10)).await?;
+        self.engine.remove(old).await?;
+        self.engine.rename(&new, name).await?;
+        Ok(new)
+    }
+
+    /// Whether container `id` of `spec` is a live endpoint (always, for a job without ports).
+    async fn serves(&self, spec: &JobSpec, id: &str) -> bool {
+        if spec.ports.is_empty() {
+            return true;
+        }
+        let dir = format!(
+            "{}{}/",
+            self.config.prefix.dir(Dir::Services),
+            spec.service()
+        );
+        let short: String = id.chars().take(12).collect();
+        let mut kv = self.client.kv_client();
+        kv.get(dir, Some(GetOptions::new().with_prefix().with_keys_only()))
+            .await
+            .is_ok_and(|r| {
+                r.kvs()
+                    .iter()
+                    .any(|kv| String::from_utf8_lossy(kv.key()).contains(&format!(":{short}:")))
+            })
     }
 
     /// Records the outcome of a start, restart or replace.
@@ -677,8 +764,14 @@ impl Agent {
                     m.reason.clone()
                 };
             }
-            if m.state != state {
+            // Running its old spec: why the new one is not there yet (a failed replacement).
+            if reason.is_empty() && container.is_some_and(|e| e.spec != spec.digest()) {
+                reason.clone_from(&m.reason);
+            }
+            // A new state, or another container in it (a replacement): since now.
+            if m.state != state || m.container != container_id {
                 m.state = state;
+                m.container.clone_from(&container_id);
                 m.since = runtime::host::rfc3339_now();
             }
             let record = StatusRecord {
@@ -783,6 +876,7 @@ impl Memory {
     fn new(state: InstanceState) -> Self {
         Memory {
             state,
+            container: String::new(),
             since: runtime::host::rfc3339_now(),
             reason: String::new(),
             retry_at: None,

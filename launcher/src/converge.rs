@@ -50,18 +50,22 @@ pub fn plan(
     for w in wanted {
         let service = w.spec.service();
         let key = (service.clone(), w.instance);
-        // Several containers for one instance (a hand-made copy): the first is it, the
-        // others go.
-        let have = existing
-            .iter()
-            .find(|e| e.service == service && e.instance == w.instance);
+        // Several containers for one instance (a replacement left half-way, a hand-made
+        // copy): the one with the wanted spec is it, else the first; the others go.
+        let digest = w.spec.digest();
+        let mine = || {
+            existing
+                .iter()
+                .filter(|e| e.service == service && e.instance == w.instance)
+        };
+        let have = mine().find(|e| e.spec == digest).or_else(|| mine().next());
         claimed.insert(key);
         match have {
             None => starts.push(Step::Start {
                 service,
                 instance: w.instance,
             }),
-            Some(e) if e.spec != w.spec.digest() => starts.push(Step::Replace {
+            Some(e) if e.spec != digest => starts.push(Step::Replace {
                 service,
                 instance: w.instance,
                 id: e.id.clone(),
@@ -74,14 +78,26 @@ pub fn plan(
             Some(_) => {}
         }
     }
-    let mut kept = BTreeSet::new();
+    let kept_ids: BTreeSet<&str> = wanted
+        .iter()
+        .filter_map(|w| {
+            let service = w.spec.service();
+            let digest = w.spec.digest();
+            let mine = || {
+                existing
+                    .iter()
+                    .filter(|e| e.service == service && e.instance == w.instance)
+            };
+            mine().find(|e| e.spec == digest).or_else(|| mine().next())
+        })
+        .map(|e| e.id.as_str())
+        .collect();
     for e in existing {
         let key = (e.service.clone(), e.instance);
         if unsure.contains(&key) {
             continue;
         }
-        let first = claimed.contains(&key) && kept.insert(key);
-        if !first {
+        if !claimed.contains(&key) || !kept_ids.contains(e.id.as_str()) {
             steps.push(Step::Remove {
                 name: e.name.clone(),
                 id: e.id.clone(),

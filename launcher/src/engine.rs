@@ -64,11 +64,16 @@ pub trait Engine: Send + Sync {
         spec: &JobSpec,
         instance: u32,
         host: &HostId,
+        name: &str,
     ) -> Result<String, EngineError>;
     /// Starts a stopped container again.
     async fn restart(&self, id: &str) -> Result<(), EngineError>;
-    /// Removes a container, running or not.
+    /// Removes a container (by id or name), running or not.
     async fn remove(&self, id: &str) -> Result<(), EngineError>;
+    /// Stops a container gracefully (SIGTERM, then SIGKILL after `timeout`).
+    async fn stop(&self, id: &str, timeout: std::time::Duration) -> Result<(), EngineError>;
+    /// Gives a container another name.
+    async fn rename(&self, id: &str, name: &str) -> Result<(), EngineError>;
     /// Its last few log lines, for a failure's reason.
     async fn last_logs(&self, id: &str) -> String;
 }
@@ -244,8 +249,9 @@ impl Engine for DockerEngine {
         spec: &JobSpec,
         instance: u32,
         host: &HostId,
+        name: &str,
     ) -> Result<String, EngineError> {
-        let name = schema::container_name(&spec.stack, &spec.job, instance);
+        let name = name.to_owned();
         let created = self
             .docker
             .create_container(
@@ -292,6 +298,41 @@ impl Engine for DockerEngine {
             }) => Ok(()),
             Err(e) => Err(refused("remove a container".into())(e)),
         }
+    }
+
+    async fn stop(&self, id: &str, timeout: std::time::Duration) -> Result<(), EngineError> {
+        let t = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
+        match self
+            .docker
+            .stop_container(
+                id,
+                Some(bollard::query_parameters::StopContainerOptions {
+                    t: Some(t),
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            // Not running (304) or gone (404): stopped all the same.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304 | 404,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(refused("stop a container".into())(e)),
+        }
+    }
+
+    async fn rename(&self, id: &str, name: &str) -> Result<(), EngineError> {
+        self.docker
+            .rename_container(
+                id,
+                bollard::query_parameters::RenameContainerOptions {
+                    name: name.to_owned(),
+                },
+            )
+            .await
+            .map_err(refused(format!("rename a container to {name}")))
     }
 
     async fn last_logs(&self, id: &str) -> String {

@@ -1146,3 +1146,142 @@ async fn a_drained_host_ends_empty_and_only_then_can_be_removed() {
     );
     cluster.viking(None, &["host", "rm", "b"]);
 }
+
+/// A `shared/web` that serves its container's hostname and stops at once on SIGTERM, with the
+/// rolling-update policy under test and `COLOUR` as the thing that changes.
+fn rolling_web(dir: &Path, colour: &str, command: &str) {
+    std::fs::create_dir_all(dir.join("shared")).expect("dir");
+    std::fs::write(
+        dir.join("shared").join("stack.yml"),
+        format!(
+            "web:\n  image: viking/busybox\n  ports: [80]\n  scale: 4\n  env: {{COLOUR: {colour}}}\n  \
+             update: {{max_parallel: 1, min_healthy: 1s, timeout: 20s}}\n  command: {command}\n"
+        ),
+    )
+    .expect("write");
+}
+
+const SERVE: &str =
+    "\"hostname > /www/index.html; httpd -f -p 80 -h /www & trap 'kill $!; exit 0' TERM; wait\"";
+
+/// Issue 17, scenarios 5 and 6: a rolling update of 4 instances, `max_parallel: 1`, with
+/// traffic through an ambassador: no request fails, never more than 5 instances run, and
+/// the new spec is on all 4 at the end. Then an update to a command that exits at once: it
+/// stops after the first instance, the other 3 keep the old spec and serve, `viking ps` says
+/// why; deploying the good spec again brings back 4 healthy instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
+    let cluster = Cluster::start(&["a", "b"]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, app) = examples();
+    let shared = dir
+        .path()
+        .join("shared")
+        .to_str()
+        .expect("utf-8")
+        .to_owned();
+    rolling_web(dir.path(), "blue", SERVE);
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(None, &["run", "shared"]);
+    let colours = || -> Vec<String> {
+        let mut out = Vec::new();
+        for h in ["a", "b"] {
+            for id in cluster.containers(h, "shared") {
+                let env = docker::docker_ok(
+                    Some(&cluster.host(h).dockerd.host()),
+                    &[
+                        "inspect",
+                        "-f",
+                        "{{range .Config.Env}}{{println .}}{{end}}",
+                        &id,
+                    ],
+                );
+                out.extend(
+                    env.lines()
+                        .filter_map(|l| l.strip_prefix("COLOUR="))
+                        .map(str::to_owned),
+                );
+            }
+        }
+        out.sort();
+        out
+    };
+    assert_eq!(colours(), ["blue"; 4]);
+
+    // Traffic from a throughout, in batches, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let env = cluster.viking(None, &["env", "app/client"]);
+        let host = cluster.host("a").dockerd.host();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut made, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || made < 200 {
+                let (answers, failures) =
+                    docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", 25);
+                made += answers.len();
+                failed += failures;
+                assert!(made < 5000, "bounded");
+            }
+            (made, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    rolling_web(dir.path(), "green", SERVE);
+    cluster.viking(None, &["deploy", &shared]);
+    let started = Instant::now();
+    let mut most = 0;
+    loop {
+        let running: usize = ["a", "b"]
+            .iter()
+            .map(|h| cluster.containers(h, "shared").len())
+            .sum();
+        most = most.max(running);
+        let now = colours();
+        if now == ["green"; 4] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "update not done: {now:?}\n{}",
+            cluster.viking(None, &["ps", "shared"])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "rolling update of 4 done in {:?}; at most {most} instances ran",
+        started.elapsed()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (made, failed) = traffic.join().expect("traffic");
+    eprintln!("rolling update under traffic: {failed} failed of {made}");
+    assert!(made >= 200, "{made}");
+    assert_eq!(failed, 0, "requests failed during the rolling update");
+    assert!(
+        most <= 5,
+        "{most} instances ran at once for scale 4, max_parallel 1"
+    );
+
+    // An update whose containers exit at once stops after the first instance.
+    rolling_web(dir.path(), "red", "\"exit 1\"");
+    cluster.viking(None, &["deploy", &shared]);
+    testkit::eventually(Duration::from_secs(30), "the failed update shown", || {
+        let ps = cluster.viking(None, &["ps", "shared"]);
+        ps.contains("keeps running its old spec")
+            .then_some(())
+            .ok_or(ps)
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(colours(), ["green"; 4], "the old spec keeps serving");
+    let (answers, failures) = cluster.fetch("a", 20);
+    assert_eq!(failures, 0, "{answers:?}");
+    // The good spec back: four healthy instances.
+    rolling_web(dir.path(), "green", SERVE);
+    cluster.viking(None, &["deploy", &shared]);
+    testkit::eventually(Duration::from_secs(30), "four healthy again", || {
+        let now = cluster.instances("shared");
+        (now.len() == 4 && now.iter().all(|i| i.4 == "running"))
+            .then_some(())
+            .ok_or(format!("{now:?}"))
+    });
+}
