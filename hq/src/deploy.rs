@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use schema::records::{self, StackMetaRecord};
-use schema::{Dir, JobSpec, Key, Kv, Prefix, StackName};
+use schema::{Dir, JobName, JobSpec, Key, Kv, Prefix, StackName};
 
 use crate::compile::Deployment;
 
@@ -39,7 +39,7 @@ pub fn check_size(
     let dropped = read
         .keys()
         .filter(|k| match prefix.parse(k) {
-            Ok(Key::StackJob(stack, job)) => files
+            Ok(Key::StackJob(stack, job) | Key::StackPrev(stack, job)) => files
                 .iter()
                 .find(|f| f.name == stack)
                 .is_some_and(|f| !f.jobs.iter().any(|j| j.name == job)),
@@ -54,7 +54,13 @@ pub fn check_size(
         .filter(|t| !deploying.contains(&t.stack))
         .collect();
     // Two more: the ports it writes in the env were not released since they were allocated.
-    let guards = jobs + files.len() + dropped + outside.len() + 2;
+    // A job that exists already may also write its previous spec (for `viking rollback`).
+    let existing = files
+        .iter()
+        .flat_map(|f| f.jobs.iter().map(move |j| (&f.name, &j.name)))
+        .filter(|(s, j)| read.contains_key(&prefix.key(&Key::StackJob((*s).clone(), (*j).clone()))))
+        .count();
+    let guards = jobs + existing + files.len() + dropped + outside.len() + 2;
     if guards <= max_txn_ops {
         return Ok(());
     }
@@ -140,10 +146,25 @@ pub fn plan(
             };
             list.push(job.job.to_string());
             if !same {
+                // The spec it replaces is kept for `viking rollback` (guarded with the job key:
+                // the two change together).
+                if let Some(old) = old {
+                    plan.writes.push(Write::Put {
+                        key: prefix.key(&Key::StackPrev(sd.name.clone(), job.job.clone())),
+                        value: String::from_utf8_lossy(&old.value).into_owned(),
+                    });
+                }
                 let value = records::encode(job);
                 plan.writes.push(Write::Put { key, value });
             }
         }
+        // A previous spec stays while its job does (it was written above if the job changed);
+        // it goes with its job.
+        let jobs_here: BTreeSet<&JobName> = sd.jobs.iter().map(|j| &j.job).collect();
+        existing.retain(|k, _| match prefix.parse(k) {
+            Ok(Key::StackPrev(_, job)) => !jobs_here.contains(&job),
+            _ => true,
+        });
         let meta_key = prefix.key(&Key::StackMeta(sd.name.clone()));
         let old_meta = existing.remove(&meta_key);
         // What is left under the stack: jobs no longer in its file.

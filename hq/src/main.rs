@@ -141,6 +141,11 @@ enum Command {
     /// Each host with its CPU and memory reserved and free, what runs there, and what is
     /// pending and why
     Grid,
+    /// Put back the spec a job had before its last deploy (rolled out like any update)
+    Rollback {
+        #[arg(value_name = "STACK/JOB")]
+        service: ServiceId,
+    },
     /// Print the logs of a job's containers on this host (and name the hosts of the others)
     Logs {
         #[arg(value_name = "STACK/JOB")]
@@ -255,6 +260,13 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         } => hq::grid::run(&store, &stacks, timeout, detach).await,
         Command::Stop { stacks, timeout } => hq::grid::stop(&store, &stacks, timeout).await,
         Command::Scale { service, scale } => set_scale(&store, &service, scale).await,
+        Command::Rollback { service } => {
+            store.rollback(&service.stack, &service.job).await?;
+            println!(
+                "{service}: rolled back to the spec it had before its last deploy; the grid rolls it out"
+            );
+            Ok(())
+        }
         Command::Grid => {
             let report = hq::grid::GridState::read(&store).await?.report();
             if out == Format::Json {

@@ -612,6 +612,55 @@ impl Store {
         Ok(())
     }
 
+    /// `viking rollback`: puts back the spec the last deploy of `stack/job` replaced (keeping
+    /// the current scale), and keeps the one it replaces as the previous one, in one
+    /// transaction compared on both. The grid rolls it out like any update.
+    pub async fn rollback(&self, stack: &StackName, job: &JobName) -> Result<(), HqError> {
+        let key = self.prefix.key(&Key::StackJob(stack.clone(), job.clone()));
+        let prev_key = self.prefix.key(&Key::StackPrev(stack.clone(), job.clone()));
+        let mut kv = self.kv.clone();
+        let txn = Txn::new().and_then([
+            TxnOp::get(key.as_str(), None),
+            TxnOp::get(prev_key.as_str(), None),
+        ]);
+        let resp = kv.txn(txn).await.map_err(|e| self.etcd(e))?;
+        let mut found = resp.op_responses().into_iter().map(|r| match r {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(runtime::watch::to_kv),
+            _ => None,
+        });
+        let (Some(current), prev) = (found.next().flatten(), found.next().flatten()) else {
+            return Err(HqError::Refused(format!(
+                "{stack}/{job} is not deployed; `viking ps {stack}` lists the stack's jobs"
+            )));
+        };
+        let Some(prev) = prev else {
+            return Err(HqError::Refused(format!(
+                "{stack}/{job} has no previous spec: it was deployed once, and rollback puts \
+                 back what a later deploy replaced"
+            )));
+        };
+        let now: JobSpec = records::decode(&key, &current.value)
+            .map_err(|e| HqError::Refused(format!("{e}; deploy the stack again")))?;
+        let mut back: JobSpec = records::decode(&prev_key, &prev.value)
+            .map_err(|e| HqError::Refused(format!("{e}; deploy the stack again")))?;
+        back.scale = now.scale;
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, current.mod_revision),
+                Compare::mod_revision(prev_key.as_str(), CompareOp::Equal, prev.mod_revision),
+            ])
+            .and_then([
+                TxnOp::put(key.as_str(), records::encode(&back), None),
+                TxnOp::put(prev_key.as_str(), current.value.clone(), None),
+            ]);
+        if !self.txn(txn).await? {
+            return Err(HqError::Refused(format!(
+                "{stack}/{job} changed while rolling it back (a deploy?); run the command again"
+            )));
+        }
+        Ok(())
+    }
+
     /// `viking host label`: sets and removes labels of a member, compared against what it
     /// read; returns the labels it has now.
     pub async fn host_label(

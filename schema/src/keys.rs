@@ -131,6 +131,10 @@ impl Prefix {
                 StackName::new(*stack).map_err(name_err)?,
                 JobName::new(*job).map_err(name_err)?,
             ),
+            ["stacks", stack, "prev", job] => Key::StackPrev(
+                StackName::new(*stack).map_err(name_err)?,
+                JobName::new(*job).map_err(name_err)?,
+            ),
             ["grid", "nodes", host] => Key::Node(HostId::new(*host).map_err(name_err)?),
             ["grid", "run", stack] => Key::Run(StackName::new(*stack).map_err(name_err)?),
             ["grid", "lost", host] => Key::Lost(HostId::new(*host).map_err(name_err)?),
@@ -284,6 +288,8 @@ pub enum Key {
     StackMeta(StackName),
     /// `stacks/<stack>/jobs/<job>`.
     StackJob(StackName, JobName),
+    /// `stacks/<stack>/prev/<job>`: the spec a deploy replaced, for `viking rollback`.
+    StackPrev(StackName, JobName),
     /// `grid/nodes/<host>`: what a host offers, under its launcher's lease.
     Node(HostId),
     /// `grid/run/<stack>`: the stack is asked to run.
@@ -332,6 +338,7 @@ impl Key {
             Key::PortFree(p) => format!("ports/free/{p}"),
             Key::StackMeta(s) => format!("stacks/{s}/meta"),
             Key::StackJob(s, j) => format!("stacks/{s}/jobs/{j}"),
+            Key::StackPrev(s, j) => format!("stacks/{s}/prev/{j}"),
             Key::Node(h) => format!("grid/nodes/{h}"),
             Key::Run(s) => format!("grid/run/{s}"),
             Key::Assign(slot) => format!(
@@ -464,6 +471,10 @@ mod tests {
             (1u16..).prop_map(Key::PortFree),
             name().prop_map(|s| Key::StackMeta(StackName::new(s).unwrap())),
             (name(), name()).prop_map(|(s, j)| Key::StackJob(
+                StackName::new(s).unwrap(),
+                JobName::new(j).unwrap()
+            )),
+            (name(), name()).prop_map(|(s, j)| Key::StackPrev(
                 StackName::new(s).unwrap(),
                 JobName::new(j).unwrap()
             )),

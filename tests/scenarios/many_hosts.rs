@@ -1275,13 +1275,15 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
     assert_eq!(colours(), ["green"; 4], "the old spec keeps serving");
     let (answers, failures) = cluster.fetch("a", 20);
     assert_eq!(failures, 0, "{answers:?}");
-    // The good spec back: four healthy instances.
-    rolling_web(dir.path(), "green", SERVE);
-    cluster.viking(None, &["deploy", &shared]);
+    // Rolled back: four healthy instances of the good spec.
+    let out = cluster.viking(None, &["rollback", "shared/web"]);
+    assert!(out.contains("rolled back"), "{out}");
     testkit::eventually(Duration::from_secs(30), "four healthy again", || {
         let now = cluster.instances("shared");
-        (now.len() == 4 && now.iter().all(|i| i.4 == "running"))
+        let ps = cluster.viking(None, &["ps", "shared"]);
+        (now.len() == 4 && now.iter().all(|i| i.4 == "running") && !ps.contains("old spec"))
             .then_some(())
-            .ok_or(format!("{now:?}"))
+            .ok_or(format!("{now:?}\n{ps}"))
     });
+    assert_eq!(colours(), ["green"; 4]);
 }

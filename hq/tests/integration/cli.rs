@@ -650,3 +650,60 @@ async fn rm_of_a_stack_that_is_not_deployed_releases_the_ports_it_still_holds() 
         stderr(&out)
     );
 }
+
+#[tokio::test]
+async fn rollback_puts_back_the_spec_the_last_deploy_replaced_keeping_the_scale() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stack.yml");
+    let write = |image: &str| {
+        std::fs::write(&file, format!("web:\n  image: {image}\n  scale: 2\n")).unwrap();
+    };
+    write("web:1");
+    assert!(
+        viking(&ep, &["deploy", path(&file), "--name", "s"])
+            .status
+            .success()
+    );
+    let out = viking(&ep, &["rollback", "s/web"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("s/web has no previous spec"),
+        "{}",
+        stderr(&out)
+    );
+    write("web:2");
+    assert!(
+        viking(&ep, &["deploy", path(&file), "--name", "s"])
+            .status
+            .success()
+    );
+    assert!(viking(&ep, &["scale", "s/web", "5"]).status.success());
+    let out = viking(&ep, &["rollback", "s/web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let image = |ep: &str| {
+        let out = viking(ep, &["--output", "json", "ps", "s"]);
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            rows[0]["image"].as_str().unwrap().to_owned(),
+            rows[0]["scale"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(
+        image(&ep),
+        ("web:1".to_owned(), 5),
+        "the previous spec, at the current scale"
+    );
+    // Again: back to web:2.
+    assert!(viking(&ep, &["rollback", "s/web"]).status.success());
+    assert_eq!(image(&ep).0, "web:2");
+    // rm takes the previous specs with it.
+    assert!(viking(&ep, &["rm", "s"]).status.success());
+    let mut c = etcd.client().await;
+    let left = c
+        .get("/viking/stacks/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(left.kvs().is_empty(), "{:?}", left.kvs());
+}
