@@ -1287,3 +1287,94 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
     });
     assert_eq!(colours(), ["green"; 4]);
 }
+
+/// Issue 17, scenario 4: with a 3-member etcd across the hosts, its leader stopped, then every
+/// member stopped for 10 s: no container is started or stopped meanwhile (Docker's event log
+/// says so), and afterwards everything runs as before, in the same containers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_away_or_changing_leader_starts_and_stops_nothing() {
+    let mut cluster = Cluster::start_with(&["a", "b", "c"], true).await;
+    let (shared, app) = examples();
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(None, &["scale", "shared/web", "3"]);
+    cluster.viking(None, &["run", "shared"]);
+    let before: BTreeSet<String> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|h| cluster.containers(h, "shared"))
+        .collect();
+    assert_eq!(before.len(), 3);
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        .to_string();
+
+    // The etcd leader stopped for 5 s, then every member for 10 s.
+    let leader = cluster.leader().await;
+    cluster.etcd_member(&leader, false).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.etcd_member(&leader, true).await;
+    for name in ["a", "b", "c"] {
+        cluster.etcd_member(name, false).await;
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let restarts: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            let names = ["a", "b", "c"];
+            let dir = cluster.etcd_dir.path().to_path_buf();
+            etcd_member(&cluster.lan, &names, name, &dir, "existing")
+        })
+        .collect();
+    for (i, proc) in restarts.into_iter().enumerate() {
+        cluster.members[i].1 = Some(proc);
+    }
+    let urls: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| format!("http://{}:2379", cluster.lan.addr(n)))
+        .collect();
+    wait_etcd(&urls).await;
+    // Everything converges, in the same containers.
+    testkit::eventually(Duration::from_secs(30), "all running again", || {
+        let now = cluster.instances("shared");
+        (now.len() == 3 && now.iter().all(|i| i.4 == "running"))
+            .then_some(())
+            .ok_or(format!("{now:?}"))
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: BTreeSet<String> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|h| cluster.containers(h, "shared"))
+        .collect();
+    assert_eq!(after, before, "a container was replaced");
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        .to_string();
+    for h in ["a", "b", "c"] {
+        let events = docker::docker_ok(
+            Some(&cluster.host(h).dockerd.host()),
+            &[
+                "events",
+                "--since",
+                &since,
+                "--until",
+                &until,
+                "--filter",
+                "type=container",
+                "--filter",
+                "event=start",
+                "--filter",
+                "event=die",
+                "--filter",
+                "event=stop",
+                "--filter",
+                "event=destroy",
+                "--format",
+                "{{.Action}} {{.Actor.Attributes.name}}",
+            ],
+        );
+        assert!(events.is_empty(), "host {h}: Docker saw {events}");
+    }
+}
