@@ -8,4 +8,4 @@ pub mod lost;
 pub mod place;
 pub mod scheduler;
 
-pub use place::{Host, HostState, InstanceId, Pending, Plan, place};
+pub use place::{Host, HostState, InstanceId, Pending, Plan, place, place_avoiding};

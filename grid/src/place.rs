@@ -9,7 +9,8 @@
 //!    the least reserved (CPU and memory, as shares of what the host offers), then the fewest
 //!    instances in all, then the host name, so the same input always gives the same plan.
 //! 4. **Stability**: an instance that runs where it may stay (the host is up and not
-//!    draining, the constraints hold, it fits) stays: nothing is reshuffled when a host joins
+//!    draining, the constraints hold, it fits, it does not keep crashing there) stays: nothing
+//!    is reshuffled when a host joins
 //!    or another job scales. Every staying instance is counted before anything new is placed.
 //!
 //! What fits nowhere is pending, with each host's reason.
@@ -18,7 +19,7 @@
 //! back with its new score, so placing `n` instances on `h` hosts is O(h + n log h) per job.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use schema::{HostId, JobSpec, ServiceId};
 
@@ -64,6 +65,10 @@ pub struct Plan {
     pub placed: BTreeMap<InstanceId, HostId>,
     pub pending: BTreeMap<ServiceId, Pending>,
 }
+
+/// A host's rank for one more instance of a job, lowest first: avoided (the job keeps
+/// crashing there), instances of the job, reserved share, instances in all, position by name.
+type Score = (bool, u32, u64, u32, usize);
 
 /// What is used of one host while placing.
 struct Usage<'a> {
@@ -122,6 +127,17 @@ fn allowed(job: &JobSpec, host: &Host) -> Result<(), String> {
 /// the scheduler knows, `current` where instances are assigned now (instances of jobs not in
 /// `jobs`, or at or above their scale, are simply not in the plan).
 pub fn place(jobs: &[&JobSpec], hosts: &[Host], current: &BTreeMap<InstanceId, HostId>) -> Plan {
+    place_avoiding(jobs, hosts, current, &BTreeSet::new())
+}
+
+/// [`place`], where each `(service, host)` in `avoid` (a job that keeps crashing there) may
+/// not stay on that host and ranks it last for new instances of that job.
+pub fn place_avoiding(
+    jobs: &[&JobSpec],
+    hosts: &[Host],
+    current: &BTreeMap<InstanceId, HostId>,
+    avoid: &BTreeSet<(ServiceId, HostId)>,
+) -> Plan {
     let mut jobs: Vec<&JobSpec> = jobs.to_vec();
     jobs.sort_by(|a, b| (&a.stack, &a.job).cmp(&(&b.stack, &b.job)));
     let mut hosts: Vec<&Host> = hosts.iter().collect();
@@ -157,6 +173,7 @@ pub fn place(jobs: &[&JobSpec], hosts: &[Host], current: &BTreeMap<InstanceId, H
                 .filter(|&n| {
                     let u = &usage[n];
                     u.host.state != HostState::Draining
+                    && !avoid.contains(&(service.clone(), u.host.host.clone()))
                     && allowed(job, u.host).is_ok()
                     && job
                         .placement
@@ -183,9 +200,11 @@ pub fn place(jobs: &[&JobSpec], hosts: &[Host], current: &BTreeMap<InstanceId, H
             continue;
         }
         let service = job.service();
-        let score =
-            |u: &Usage<'_>, n: usize, mine: u32| Reverse((mine, u.reserved(), u.instances, n));
-        let mut heap: BinaryHeap<Reverse<(u32, u64, u32, usize)>> = usage
+        let avoided = |u: &Usage<'_>| avoid.contains(&(service.clone(), u.host.host.clone()));
+        let score = |u: &Usage<'_>, n: usize, mine: u32| {
+            Reverse((avoided(u), mine, u.reserved(), u.instances, n))
+        };
+        let mut heap: BinaryHeap<Reverse<Score>> = usage
             .iter()
             .enumerate()
             .filter(|(_, u)| u.host.state == HostState::Ready && allowed(job, u.host).is_ok())
@@ -194,7 +213,7 @@ pub fn place(jobs: &[&JobSpec], hosts: &[Host], current: &BTreeMap<InstanceId, H
         let mut left = Vec::new();
         for &i in &unplaced[j] {
             let mut chosen = None;
-            while let Some(Reverse((mine, _, _, n))) = heap.pop() {
+            while let Some(Reverse((_, mine, _, _, n))) = heap.pop() {
                 let u = &usage[n];
                 // Usage only grows while this job is placed: a host that cannot take one
                 // more now never will in this round.

@@ -344,3 +344,18 @@ fn rules_hold_for_an_arbitrary_current_too() {
     let hosts_used: BTreeSet<&HostId> = plan.placed.values().collect();
     assert_eq!(hosts_used.len(), 1);
 }
+
+#[test]
+fn a_job_that_keeps_crashing_on_a_host_moves_and_ranks_that_host_last() {
+    let web = job("shared/web", 1);
+    let hosts = vec![host("node-1", 4, 4096, &[]), host("node-2", 4, 4096, &[])];
+    let first = place(&[&web], &hosts, &BTreeMap::new());
+    let on = first.placed[&(web.service(), 0)].clone();
+    let avoid = BTreeSet::from([(web.service(), on.clone())]);
+    let second = place_avoiding(&[&web], &hosts, &first.placed, &avoid);
+    assert_ne!(second.placed[&(web.service(), 0)], on, "it moved");
+    // With nowhere else to go, it stays placed (on the host it crashes on) rather than pending.
+    let alone = vec![hosts.iter().find(|h| h.host == on).unwrap().clone()];
+    let third = place_avoiding(&[&web], &alone, &first.placed, &avoid);
+    assert_eq!(third.placed[&(web.service(), 0)], on);
+}

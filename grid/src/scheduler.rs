@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::lost;
-use crate::place::{Host, HostState, InstanceId, Plan, place};
+use crate::place::{Host, HostState, InstanceId, Plan, place_avoiding};
 
 /// What the scheduler needs to know.
 #[derive(Debug, Clone)]
@@ -176,6 +176,8 @@ struct Leader {
     config: Config,
     leader: etcd_client::LeaderKey,
     view: View,
+    /// Jobs crashing on a host, since when this leader saw it.
+    crashing: BTreeMap<(ServiceId, HostId), Instant>,
     /// Jobs whose pending instances were last logged, to log only changes.
     pending_logged: BTreeMap<ServiceId, usize>,
 }
@@ -187,6 +189,7 @@ impl Leader {
             config,
             leader,
             view: View::default(),
+            crashing: BTreeMap::new(),
             pending_logged: BTreeMap::new(),
         }
     }
@@ -279,7 +282,8 @@ impl Leader {
         let current = current(prefix, &self.view.assign);
         let (hosts, next_wake, lost_ops) = self.hosts(&current, now);
         let refs: Vec<&JobSpec> = jobs.values().collect();
-        let plan = place(&refs, &hosts, &current);
+        let avoid = self.crashing(now);
+        let plan = place_avoiding(&refs, &hosts, &current, &avoid);
         self.log_pending(&plan);
         let mut ops = lost_ops;
         let (writes, rolling) = self.writes(&plan, &jobs, &broken);
@@ -399,6 +403,31 @@ impl Leader {
             }
         }
         (out, wake, ops)
+    }
+
+    /// Jobs that keep crashing on a host (their status says so), remembered for five
+    /// minutes: such an instance moves if another host can take it, and that host ranks last
+    /// for the job meanwhile.
+    fn crashing(&mut self, now: Instant) -> BTreeSet<(ServiceId, HostId)> {
+        let prefix = &self.config.prefix;
+        for (k, kv) in &self.view.statuses {
+            let Ok(Key::Status(slot)) = prefix.parse(k) else {
+                continue;
+            };
+            let crash_loop =
+                records::decode::<StatusRecord>(k, &kv.value).is_ok_and(|s| s.crash_loop);
+            if crash_loop {
+                self.crashing
+                    .entry((slot.service.clone(), slot.host.clone()))
+                    .or_insert_with(|| {
+                        warn!(service = %slot.service, host = %slot.host, "keeps crashing there; moving it to another host if one can take it");
+                        now
+                    });
+            }
+        }
+        self.crashing
+            .retain(|_, since| now.duration_since(*since) < Duration::from_secs(300));
+        self.crashing.keys().cloned().collect()
     }
 
     fn log_pending(&mut self, plan: &Plan) {

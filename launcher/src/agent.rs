@@ -208,6 +208,10 @@ pub async fn run_with(
     lease.join().await;
 }
 
+/// Failures within [`CRASH_LOOP_WINDOW`] that make a crash loop.
+const CRASH_LOOP_FAILURES: usize = 5;
+const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(300);
+
 /// Instances whose assignment and spec disagree for a moment: left alone.
 type Unsure = BTreeSet<(ServiceId, u32)>;
 
@@ -220,6 +224,10 @@ enum Source {
 #[derive(Debug, Clone)]
 struct Memory {
     state: InstanceState,
+    /// When its container failed lately (its restart count grew), within the last 5 minutes.
+    failures: Vec<Instant>,
+    /// The restart count last seen, and of which container.
+    restarts_seen: (String, u32),
     /// The container it was in at `since`.
     container: String,
     since: String,
@@ -768,6 +776,32 @@ impl Agent {
             if reason.is_empty() && container.is_some_and(|e| e.spec != spec.digest()) {
                 reason.clone_from(&m.reason);
             }
+            // Failures of its container: restarts by Docker's policy, counted as they happen.
+            let mut crash_loop = false;
+            if let Some(e) = container {
+                let now = Instant::now();
+                if m.restarts_seen.0 == e.id && e.restarts > m.restarts_seen.1 {
+                    for _ in m.restarts_seen.1..e.restarts.min(m.restarts_seen.1 + 5) {
+                        m.failures.push(now);
+                    }
+                }
+                m.restarts_seen = (e.id.clone(), e.restarts);
+                m.failures
+                    .retain(|t| now.duration_since(*t) < CRASH_LOOP_WINDOW);
+                crash_loop = m.failures.len() >= CRASH_LOOP_FAILURES;
+                if crash_loop && reason.is_empty() {
+                    let logs = self
+                        .logs
+                        .get(&(e.id.clone(), e.restarts))
+                        .cloned()
+                        .unwrap_or_default();
+                    reason = format!(
+                        "failed {} times in 5 minutes here; moved to another host if one can \
+                         take it{logs}",
+                        m.failures.len()
+                    );
+                }
+            }
             // A new state, or another container in it (a replacement): since now.
             if m.state != state || m.container != container_id {
                 m.state = state;
@@ -783,6 +817,7 @@ impl Agent {
                 restarts,
                 reason,
                 exit_code,
+                crash_loop,
             };
             desired.insert(
                 prefix.key(&Key::Status(Slot {
@@ -876,6 +911,8 @@ impl Memory {
     fn new(state: InstanceState) -> Self {
         Memory {
             state,
+            failures: Vec::new(),
+            restarts_seen: (String::new(), 0),
             container: String::new(),
             since: runtime::host::rfc3339_now(),
             reason: String::new(),

@@ -138,6 +138,10 @@ pub fn container_config(spec: &JobSpec, instance: u32, host: &HostId) -> Contain
             spec.container_env()
                 .into_iter()
                 .map(|(k, v)| format!("{k}={v}"))
+                // Which host it runs on (the job's own env wins).
+                .chain(
+                    (!spec.env.contains_key("VIKING_HOST")).then(|| format!("VIKING_HOST={host}")),
+                )
                 .collect(),
         ),
         exposed_ports: Some(ports),
@@ -211,9 +215,8 @@ impl Engine for DockerEngine {
                 Some(ContainerSummaryStateEnum::CREATED) => RunState::Exited(None),
                 _ => RunState::Starting,
             };
-            // The restart count is only in the inspect answer: asked only of containers
-            // that are not simply running since their start.
-            let restarts = if state == RunState::Running || state == RunState::Exited(None) {
+            // The restart count is only in the inspect answer (one request a container).
+            let restarts = if state == RunState::Exited(None) {
                 0
             } else {
                 self.docker

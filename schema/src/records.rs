@@ -295,6 +295,10 @@ pub struct StatusRecord {
     /// A task's exit code, or a crashed container's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i64>,
+    /// It failed 5 times within 5 minutes here: the scheduler moves it to another host if
+    /// one can take it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub crash_loop: bool,
 }
 
 /// `grid/lost/<host>`: a host whose launcher went away while it held work. Written by the

@@ -1378,3 +1378,47 @@ async fn etcd_away_or_changing_leader_starts_and_stops_nothing() {
         assert!(events.is_empty(), "host {h}: Docker saw {events}");
     }
 }
+
+/// Issue 17, scenario 8: a job whose container exits after a second on host `a` only (the
+/// command checks `$VIKING_HOST`) is restarted there by Docker's policy, and after its fifth
+/// failure the scheduler moves it to `b`, where it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_keeps_crashing_on_one_host_moves_to_another() {
+    let cluster = Cluster::start(&["a", "b"]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("stack.yml"),
+        "flaky:\n  image: viking/busybox\n  command: \"if [ \\\"$VIKING_HOST\\\" = a ]; then sleep 1; exit 1; fi; exec sleep 3600\"\n",
+    )
+    .expect("write");
+    let path = dir.path().to_str().expect("utf-8").to_owned();
+    cluster.viking(None, &["deploy", &path, "--name", "crash"]);
+    // Placed on a: b takes no work until the job is there.
+    cluster.viking(None, &["host", "drain", "b"]);
+    cluster.viking(None, &["run", "crash", "--detach"]);
+    testkit::eventually(Duration::from_secs(20), "placed on a", || {
+        let now = cluster.instances("crash");
+        now.iter()
+            .any(|i| i.2 == "a")
+            .then_some(())
+            .ok_or(format!("{now:?}"))
+    });
+    cluster.viking(None, &["host", "undrain", "b"]);
+    let start = Instant::now();
+    testkit::eventually(Duration::from_secs(60), "moved to b and running", || {
+        let now = cluster.instances("crash");
+        (now.len() == 1 && now[0].2 == "b" && now[0].4 == "running")
+            .then_some(())
+            .ok_or(format!(
+                "{now:?}\n{}",
+                cluster.viking(None, &["ps", "crash"])
+            ))
+    });
+    eprintln!(
+        "crash loop on a moved to b {:?} after b took work again",
+        start.elapsed()
+    );
+    testkit::eventually(Duration::from_secs(10), "a's copy removed", || {
+        cluster.containers("a", "crash").is_empty().then_some(())
+    });
+}
