@@ -964,14 +964,16 @@ async fn a_lost_host_is_replaced_and_its_old_copies_go_when_it_returns() {
         .exec(&["ip", "link", "set", "eth0", "down"]);
     let lost = Instant::now();
     // Shown lost, with the time left, before it moves.
-    testkit::eventually(Duration::from_secs(10), "b's instance shown lost", || {
-        let ps = cluster.viking(None, &["ps", "shared"]);
-        ps.contains("lost").then_some(()).ok_or(ps)
-    });
-    let ps = cluster.viking(None, &["ps", "shared"]);
-    assert!(
-        ps.contains("moves elsewhere in") || ps.contains("moving now"),
-        "{ps}"
+    testkit::eventually(
+        Duration::from_secs(10),
+        "b's instance shown lost, with the time left",
+        || {
+            let ps = cluster.viking(None, &["ps", "shared"]);
+            (ps.contains("lost")
+                && (ps.contains("moves elsewhere in") || ps.contains("moving now")))
+            .then_some(())
+            .ok_or(ps)
+        },
     );
     // Within ttl (3 s) + reschedule-after (4 s) + 10 s: all three run on a and c.
     testkit::eventually(Duration::from_secs(17), "web re-placed on a and c", || {
@@ -1187,7 +1189,8 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
         let mut out = Vec::new();
         for h in ["a", "b"] {
             for id in cluster.containers(h, "shared") {
-                let env = docker::docker_ok(
+                // A container may go between the list and the inspect (a replacement).
+                let env = docker::docker(
                     Some(&cluster.host(h).dockerd.host()),
                     &[
                         "inspect",
@@ -1196,6 +1199,7 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
                         &id,
                     ],
                 );
+                let env = String::from_utf8_lossy(&env.stdout).into_owned();
                 out.extend(
                     env.lines()
                         .filter_map(|l| l.strip_prefix("COLOUR="))
@@ -1207,6 +1211,11 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
         out
     };
     assert_eq!(colours(), ["blue"; 4]);
+    // a's ambassador serves the port before traffic starts.
+    testkit::eventually(Duration::from_secs(20), "a's ambassador answers", || {
+        let (_, failures) = cluster.fetch("a", 1);
+        (failures == 0).then_some(())
+    });
 
     // Traffic from a throughout, in batches, until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1303,11 +1312,14 @@ async fn etcd_away_or_changing_leader_starts_and_stops_nothing() {
         .flat_map(|h| cluster.containers(h, "shared"))
         .collect();
     assert_eq!(before.len(), 3);
+    // Docker's `--since` counts whole seconds: start in the next one, after every start above.
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs()
-        .to_string();
+        + 1;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let since = since.to_string();
 
     // The etcd leader stopped for 5 s, then every member for 10 s.
     let leader = cluster.leader().await;
