@@ -51,6 +51,39 @@ pub struct Host {
     pub state: HostState,
 }
 
+impl Host {
+    /// A host whose launcher is alive: what its node record offers, with the labels and the
+    /// draining mark of its member record (`hosts/<host>`), if it has one.
+    pub fn live(
+        host: &HostId,
+        node: &schema::records::NodeRecord,
+        member: Option<&schema::records::HostRecord>,
+    ) -> Host {
+        Host {
+            host: host.clone(),
+            cpus_milli: node.cpus_milli,
+            memory: node.memory,
+            labels: member.map(|r| r.labels.clone()).unwrap_or_default(),
+            state: if member.is_some_and(|r| r.draining) {
+                HostState::Draining
+            } else {
+                HostState::Ready
+            },
+        }
+    }
+
+    /// A host whose launcher is gone but whose instances stay placed for now.
+    pub fn lost(host: &HostId) -> Host {
+        Host {
+            host: host.clone(),
+            cpus_milli: 0,
+            memory: 0,
+            labels: BTreeMap::new(),
+            state: HostState::Lost,
+        }
+    }
+}
+
 /// Instances that fit nowhere, and why not, host by host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pending {

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::lost;
-use crate::place::{Host, HostState, InstanceId, Plan, place_avoiding};
+use crate::place::{Host, InstanceId, Plan, place_avoiding};
 
 /// What the scheduler needs to know.
 #[derive(Debug, Clone)]
@@ -326,19 +326,8 @@ impl Leader {
             let Ok(node) = records::decode::<NodeRecord>(k, &kv.value) else {
                 continue;
             };
-            let record = records.get(&host);
             live.insert(host.clone());
-            out.push(Host {
-                host: host.clone(),
-                cpus_milli: node.cpus_milli,
-                memory: node.memory,
-                labels: record.map(|r| r.labels.clone()).unwrap_or_default(),
-                state: if record.is_some_and(|r| r.draining) {
-                    HostState::Draining
-                } else {
-                    HostState::Ready
-                },
-            });
+            out.push(Host::live(&host, &node, records.get(&host)));
         }
         let lost_records: BTreeMap<HostId, LostRecord> = self
             .view
@@ -393,13 +382,7 @@ impl Leader {
             if let Some(until) = deadline.filter(|u| *u > wall) {
                 let at = now + until.duration_since(wall).unwrap_or_default();
                 wake = Some(wake.map_or(at, |w| w.min(at)));
-                out.push(Host {
-                    host: host.clone(),
-                    cpus_milli: 0,
-                    memory: 0,
-                    labels: BTreeMap::new(),
-                    state: HostState::Lost,
-                });
+                out.push(Host::lost(host));
             }
         }
         (out, wake, ops)

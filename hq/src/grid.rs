@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant, SystemTime};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-use grid::{Host, HostState, place};
+use grid::{Host, place};
 use schema::records::{
     self, AliveRecord, AssignRecord, HostRecord, InstanceState, LostRecord, NodeRecord,
     RECORD_VERSION, RunRecord, StatusRecord,
@@ -97,20 +97,7 @@ impl GridState {
         let mut out: Vec<Host> = self
             .nodes
             .iter()
-            .map(|(host, n)| {
-                let record = self.hosts.get(host);
-                Host {
-                    host: host.clone(),
-                    cpus_milli: n.cpus_milli,
-                    memory: n.memory,
-                    labels: record.map(|r| r.labels.clone()).unwrap_or_default(),
-                    state: if record.is_some_and(|r| r.draining) {
-                        HostState::Draining
-                    } else {
-                        HostState::Ready
-                    },
-                }
-            })
+            .map(|(host, n)| Host::live(host, n, self.hosts.get(host)))
             .collect();
         // Lost hosts keep their instances until their deadline (as the scheduler does).
         let now = SystemTime::now();
@@ -126,13 +113,7 @@ impl GridState {
                     .is_none_or(|d| d > now)
             })
             .collect();
-        out.extend(lost.into_iter().map(|h| Host {
-            host: h.clone(),
-            cpus_milli: 0,
-            memory: 0,
-            labels: BTreeMap::new(),
-            state: HostState::Lost,
-        }));
+        out.extend(lost.into_iter().map(Host::lost));
         out
     }
 
