@@ -1434,3 +1434,59 @@ async fn a_job_that_keeps_crashing_on_one_host_moves_to_another() {
         cluster.containers("a", "crash").is_empty().then_some(())
     });
 }
+
+/// Issue 17, scenario 9: a host whose launcher is lost and back three times in a row waits
+/// twice as long each time before its instances move (the deadline is in `grid/lost/<host>`,
+/// and `viking ps` shows it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_host_waits_longer_each_time() {
+    let mut cluster = Cluster::start_full(&["a", "b"], false, &["--reschedule-after", "8s"]).await;
+    let (shared, app) = examples();
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(None, &["run", "shared"]);
+    assert_eq!(cluster.containers("b", "shared").len(), 1);
+    let mut client = etcd_client::Client::connect([cluster.endpoints.as_str()], None)
+        .await
+        .expect("etcd");
+    let mut waits = Vec::new();
+    for round in 1..=3u64 {
+        // b's agents go (their leases then run out); its container keeps running.
+        let b = cluster.hosts.iter_mut().find(|h| h.name == "b").expect("b");
+        for p in &mut b.procs {
+            p.kill();
+        }
+        let asked = Instant::now();
+        let record = loop {
+            assert!(
+                asked.elapsed() < Duration::from_secs(30),
+                "no lost record for b's loss {round}"
+            );
+            let resp = client.get("/viking/grid/lost/b", None).await.expect("get");
+            let rec = resp
+                .kvs()
+                .first()
+                .and_then(|kv| serde_json::from_slice::<serde_json::Value>(kv.value()).ok());
+            if let Some(r) = rec.filter(|r| r["losses"] == round && r.get("back_since").is_none()) {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let at = |f: &str| runtime::host::parse_rfc3339(record[f].as_str().unwrap()).unwrap();
+        waits.push(at("until").duration_since(at("since")).unwrap());
+        if round == 3 {
+            let ps = cluster.viking(None, &["ps", "shared"]);
+            assert!(ps.contains("(lost 3 times in a row)"), "{ps}");
+        }
+        // Back before its deadline.
+        cluster.restart_agents("b");
+        testkit::eventually(Duration::from_secs(10), "b back", || {
+            let ps = cluster.viking(None, &["ps", "shared"]);
+            (!ps.contains("lost")).then_some(()).ok_or(ps)
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("waits before re-placing b's instances: {waits:?}");
+    assert_eq!(waits, [8, 16, 32].map(Duration::from_secs));
+    // Nothing moved: b kept its instance through all three.
+    assert_eq!(cluster.containers("b", "shared").len(), 1);
+}
