@@ -2,7 +2,9 @@
 //! launcher (as the many-hosts tests build them), one etcd; `viking run` of 30 instances
 //! (busybox `sleep`) until all run, and, in the same run as the reference, the time Docker
 //! itself takes to start the same 30 containers (`docker run -d`, ten per host, the hosts in
-//! parallel). Needs root (namespaces) and the release binaries: `make bench-grid`.
+//! parallel). Then a rolling update of the 30 (3 at a time, `min_healthy: 1s`) against the
+//! sum of its `min_healthy` waits. Needs root (namespaces) and the release binaries: `make
+//! bench-grid`.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,6 +15,8 @@ use testkit::{Daemon, Etcd};
 
 const HOSTS: [&str; 3] = ["a", "b", "c"];
 const INSTANCES: usize = 30;
+/// The rolling update's `max_parallel`.
+const PARALLEL: usize = 3;
 
 fn viking(etcd: &str, args: &[&str]) -> std::process::Output {
     Command::new(testkit::workspace_bin("viking"))
@@ -100,11 +104,14 @@ fn main() {
         })
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("stack.yml"),
-        format!("sleeper:\n  image: {IMAGE}\n  command: sleep 3600\n  scale: {INSTANCES}\n"),
-    )
-    .unwrap();
+    let stack = |colour: &str| {
+        format!(
+            "sleeper:\n  image: {IMAGE}\n  command: \"sleep 3600 & trap 'exit 0' TERM; wait\"\n  \
+             scale: {INSTANCES}\n  env: {{COLOUR: {colour}}}\n  \
+             update: {{max_parallel: {PARALLEL}, min_healthy: 1s}}\n"
+        )
+    };
+    std::fs::write(dir.path().join("stack.yml"), stack("blue")).unwrap();
     let out = viking(
         &ep,
         &["deploy", dir.path().to_str().unwrap(), "--name", "bench"],
@@ -150,6 +157,61 @@ fn main() {
         docker_took.as_secs_f64(),
         (grid_took.as_secs_f64() - docker_took.as_secs_f64()).max(0.0),
         grid_took.as_secs_f64() / docker_took.as_secs_f64()
+    );
+    // A rolling update of the 30, PARALLEL at a time, each batch held for min_healthy (1 s):
+    // the floor is the sum of those waits.
+    std::fs::write(dir.path().join("stack.yml"), stack("green")).unwrap();
+    let start = Instant::now();
+    let out = viking(
+        &ep,
+        &["deploy", dir.path().to_str().unwrap(), "--name", "bench"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    loop {
+        let green: usize = dockerds
+            .iter()
+            .map(|d| {
+                let ids = docker::docker_ok(
+                    Some(&d.host()),
+                    &["ps", "-q", "--filter", "label=viking.stack=bench"],
+                );
+                ids.lines()
+                    .filter(|id| {
+                        // It may go between the list and the inspect (a replaced one).
+                        let out = docker::docker(
+                            Some(&d.host()),
+                            &[
+                                "inspect",
+                                "-f",
+                                "{{range .Config.Env}}{{println .}}{{end}}",
+                                id,
+                            ],
+                        );
+                        String::from_utf8_lossy(&out.stdout).contains("COLOUR=green")
+                    })
+                    .count()
+            })
+            .sum();
+        if green == INSTANCES {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "update not done: {green} green"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rolled = start.elapsed();
+    let floor = (INSTANCES / PARALLEL) as f64;
+    println!(
+        "rolling update of {INSTANCES} instances, {PARALLEL} at a time, min_healthy 1 s: {:.1} s \
+         against a floor of {floor:.0} s ({:.2}x)",
+        rolled.as_secs_f64(),
+        rolled.as_secs_f64() / floor
     );
     let out = viking(&ep, &["stop", "bench"]);
     assert!(
