@@ -432,7 +432,7 @@ async fn follow(
             if tty {
                 eprintln!();
             }
-            println!("{}: {} instances running", list_set(only), rows.len());
+            println!("{}: {} instances running", list(only), rows.len());
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -625,17 +625,9 @@ pub fn render_grid(report: &GridReport) -> String {
     out
 }
 
-fn list(stacks: &[StackName]) -> String {
+fn list<'a>(stacks: impl IntoIterator<Item = &'a StackName>) -> String {
     stacks
-        .iter()
-        .map(StackName::as_str)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn list_set(stacks: &BTreeSet<StackName>) -> String {
-    stacks
-        .iter()
+        .into_iter()
         .map(StackName::as_str)
         .collect::<Vec<_>>()
         .join(", ")

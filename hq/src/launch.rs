@@ -17,8 +17,6 @@ pub struct Existing {
     pub name: String,
     pub job: String,
     pub instance: u32,
-    pub spec: String,
-    pub running: bool,
 }
 
 /// Connects to the local Docker (`DOCKER_HOST` or the socket).
@@ -28,11 +26,7 @@ pub async fn docker() -> Result<Docker, HqError> {
             "cannot reach Docker ({e}); start dockerd (make up and make test do) or set DOCKER_HOST"
         ))
     };
-    Docker::connect_with_defaults()
-        .map_err(refused)?
-        .negotiate_version()
-        .await
-        .map_err(refused)
+    runtime::docker::connect(None).await.map_err(refused)
 }
 
 fn docker_error(what: &str) -> impl Fn(bollard::errors::Error) -> HqError + '_ {
@@ -63,13 +57,6 @@ pub async fn existing(docker: &Docker, stack: &StackName) -> Result<Vec<Existing
                     .unwrap_or_default(),
                 job: labels.get("viking.job")?.clone(),
                 instance: labels.get(schema::labels::INSTANCE)?.parse().ok()?,
-                spec: labels
-                    .get(schema::labels::SPEC)
-                    .cloned()
-                    .unwrap_or_default(),
-                running: c
-                    .state
-                    .is_some_and(|s| s == bollard::models::ContainerSummaryStateEnum::RUNNING),
             })
         })
         .collect())

@@ -183,15 +183,7 @@ impl Store {
             }
         };
         let revision = resp.header().map_or(0, |h| h.revision());
-        let map = resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                let kv = runtime::watch::to_kv(kv);
-                (kv.key.clone(), kv)
-            })
-            .collect();
-        Ok((revision, map))
+        Ok((revision, runtime::watch::to_map(resp.kvs())))
     }
 
     /// Every deployed stack's jobs, and the raw keys under `stacks/` with their revisions. A job
@@ -492,14 +484,7 @@ impl Store {
             .op_responses()
             .into_iter()
             .map(|r| match r {
-                etcd_client::TxnOpResponse::Get(g) => g
-                    .kvs()
-                    .iter()
-                    .map(|kv| {
-                        let kv = runtime::watch::to_kv(kv);
-                        (kv.key.clone(), kv)
-                    })
-                    .collect(),
+                etcd_client::TxnOpResponse::Get(g) => runtime::watch::to_map(g.kvs()),
                 _ => BTreeMap::new(),
             })
             .collect())

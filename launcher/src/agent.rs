@@ -387,14 +387,7 @@ impl Agent {
         let mut kv = self.client.kv_client();
         match kv.get(dir, Some(GetOptions::new().with_prefix())).await {
             Ok(resp) => {
-                self.assign = resp
-                    .kvs()
-                    .iter()
-                    .map(|kv| {
-                        let kv = runtime::watch::to_kv(kv);
-                        (kv.key.clone(), kv)
-                    })
-                    .collect();
+                self.assign = runtime::watch::to_map(resp.kvs());
                 self.relist = false;
                 self.last_etcd_ok = Some(Instant::now());
                 info!(

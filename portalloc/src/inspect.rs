@@ -1,7 +1,6 @@
 //! The whole of `ports/` at once: `list` every allocation and `repair` keys that disagree
 //! (the pure plan is [`crate::repair`]), applied in transactions of at most `--max-txn-ops`.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
@@ -54,14 +53,7 @@ impl Allocator {
         let resp = self.txn(|| Txn::new().and_then(ops.clone())).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut maps = resp.op_responses().into_iter().map(|r| match r {
-            TxnOpResponse::Get(g) => g
-                .kvs()
-                .iter()
-                .map(|kv| {
-                    let kv = runtime::watch::to_kv(kv);
-                    (kv.key.clone(), kv)
-                })
-                .collect::<BTreeMap<_, _>>(),
+            TxnOpResponse::Get(g) => runtime::watch::to_map(g.kvs()),
             other => unreachable!("a read-only txn answered {other:?}"),
         });
         let allocs = maps.next().unwrap_or_default();

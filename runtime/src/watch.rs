@@ -259,6 +259,16 @@ pub fn to_kv(kv: &etcd_client::KeyValue) -> Kv {
     }
 }
 
+/// The keys of a range read, by key, as [`Kv`]s.
+pub fn to_map(kvs: &[etcd_client::KeyValue]) -> std::collections::BTreeMap<String, Kv> {
+    kvs.iter()
+        .map(|kv| {
+            let kv = to_kv(kv);
+            (kv.key.clone(), kv)
+        })
+        .collect()
+}
+
 /// Applies updates to a plain map, the way most owners keep their state.
 pub fn apply(state: &mut std::collections::BTreeMap<String, Kv>, update: WatchUpdate) {
     match update {
