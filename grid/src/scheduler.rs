@@ -122,15 +122,11 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
 
 /// Whether a campaign ended only because the client's request timeout ran out.
 fn is_timeout(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(status) => {
-            matches!(
-                status.code(),
-                tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
-            )
-        }
-        other => other.to_string().contains("Timeout expired"),
-    }
+    matches!(
+        e,
+        etcd_client::Error::GRpcStatus(status)
+            if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
+    )
 }
 
 fn election_name(config: &Config) -> String {
@@ -478,6 +474,9 @@ impl Leader {
             .collect();
         // Per job: instances on the new digest that are not healthy yet, and whether one of
         // them is past its timeout.
+        // Each job's digest once (it encodes the whole spec), not once per instance.
+        let digests: BTreeMap<&ServiceId, String> =
+            jobs.iter().map(|(s, j)| (s, j.digest())).collect();
         let mut budget: BTreeMap<&ServiceId, (u32, bool)> = BTreeMap::new();
         for ((service, instance), host) in &plan.placed {
             let job = &jobs[service];
@@ -487,7 +486,10 @@ impl Leader {
                 instance: *instance,
             };
             let key = prefix.key(&Key::Assign(slot.clone()));
-            let Some(record) = assigned.get(&key).filter(|r| r.spec_digest == job.digest()) else {
+            let Some(record) = assigned
+                .get(&key)
+                .filter(|r| r.spec_digest == digests[service])
+            else {
                 continue;
             };
             let healthy = statuses.get(&slot).is_some_and(|st| {
@@ -512,7 +514,7 @@ impl Leader {
         let mut changed: BTreeMap<&ServiceId, u32> = BTreeMap::new();
         for ((service, instance), host) in &plan.placed {
             let job = &jobs[service];
-            let digest = job.digest();
+            let digest = digests[service].clone();
             let key = prefix.key(&Key::Assign(Slot {
                 host: host.clone(),
                 service: service.clone(),

@@ -132,6 +132,11 @@ impl GridState {
             .collect();
         let plan = place(&running, &self.grid_hosts(), &current);
         let now = SystemTime::now();
+        // The first slot of an instance, as the scheduler's current view keeps it.
+        let mut slots: BTreeMap<(&ServiceId, u32), &Slot> = BTreeMap::new();
+        for s in self.assign.keys() {
+            slots.entry((&s.service, s.instance)).or_insert(s);
+        }
         let mut rows = Vec::new();
         for job in running {
             if only.is_some_and(|o| !o.contains(&job.stack)) {
@@ -139,10 +144,7 @@ impl GridState {
             }
             let service = job.service();
             for i in 0..job.scale {
-                let assigned = self
-                    .assign
-                    .keys()
-                    .find(|s| s.service == service && s.instance == i);
+                let assigned = slots.get(&(&service, i)).copied();
                 let row = match assigned {
                     Some(slot) => {
                         let status = self.status.get(slot);

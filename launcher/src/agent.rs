@@ -73,7 +73,10 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) {
         info!(docker = %target, "connected to Docker");
         let (wake_tx, wake_rx) = mpsc::channel(64);
         let events = tokio::spawn(follow_events(docker.clone(), wake_tx, shutdown.clone()));
-        let engine: Arc<dyn Engine> = Arc::new(crate::engine::DockerEngine::new(docker));
+        let engine: Arc<dyn Engine> = Arc::new(crate::engine::DockerEngine::new(
+            docker,
+            config.host.clone(),
+        ));
         run_with(config, client, engine, wake_rx, shutdown).await;
         let _ = events.await;
     }

@@ -45,13 +45,13 @@ pub fn plan(
     existing: &[Existing],
 ) -> Vec<Step> {
     let mut steps = Vec::new();
-    let mut claimed = BTreeSet::new();
+    // The container that is each wanted instance; every other container goes.
+    let mut kept: BTreeSet<&str> = BTreeSet::new();
     let mut starts = Vec::new();
     for w in wanted {
         let service = w.spec.service();
-        let key = (service.clone(), w.instance);
         // Several containers for one instance (a replacement left half-way, a hand-made
-        // copy): the one with the wanted spec is it, else the first; the others go.
+        // copy): the one with the wanted spec is it, else the first.
         let digest = w.spec.digest();
         let mine = || {
             existing
@@ -59,50 +59,37 @@ pub fn plan(
                 .filter(|e| e.service == service && e.instance == w.instance)
         };
         let have = mine().find(|e| e.spec == digest).or_else(|| mine().next());
-        claimed.insert(key);
         match have {
             None => starts.push(Step::Start {
                 service,
                 instance: w.instance,
             }),
-            Some(e) if e.spec != digest => starts.push(Step::Replace {
-                service,
-                instance: w.instance,
-                id: e.id.clone(),
-            }),
-            Some(e) if should_restart(w.spec, e.state) => starts.push(Step::Restart {
-                service,
-                instance: w.instance,
-                id: e.id.clone(),
-            }),
-            Some(_) => {}
+            Some(e) => {
+                kept.insert(&e.id);
+                if e.spec != digest {
+                    starts.push(Step::Replace {
+                        service,
+                        instance: w.instance,
+                        id: e.id.clone(),
+                    });
+                } else if should_restart(w.spec, e.state) {
+                    starts.push(Step::Restart {
+                        service,
+                        instance: w.instance,
+                        id: e.id.clone(),
+                    });
+                }
+            }
         }
     }
-    let kept_ids: BTreeSet<&str> = wanted
-        .iter()
-        .filter_map(|w| {
-            let service = w.spec.service();
-            let digest = w.spec.digest();
-            let mine = || {
-                existing
-                    .iter()
-                    .filter(|e| e.service == service && e.instance == w.instance)
-            };
-            mine().find(|e| e.spec == digest).or_else(|| mine().next())
-        })
-        .map(|e| e.id.as_str())
-        .collect();
     for e in existing {
-        let key = (e.service.clone(), e.instance);
-        if unsure.contains(&key) {
+        if unsure.contains(&(e.service.clone(), e.instance)) || kept.contains(e.id.as_str()) {
             continue;
         }
-        if !claimed.contains(&key) || !kept_ids.contains(e.id.as_str()) {
-            steps.push(Step::Remove {
-                name: e.name.clone(),
-                id: e.id.clone(),
-            });
-        }
+        steps.push(Step::Remove {
+            name: e.name.clone(),
+            id: e.id.clone(),
+        });
     }
     steps.extend(starts);
     steps

@@ -55,7 +55,7 @@ pub struct EngineError(pub String);
 /// The operations the launcher needs of a container runtime.
 #[async_trait]
 pub trait Engine: Send + Sync {
-    /// Every container with viking's labels, running or not.
+    /// Every container this host's launcher made (viking's labels), running or not.
     async fn list(&self) -> Result<Vec<Existing>, EngineError>;
     /// Creates and starts instance `instance` of `spec` (named `<stack>_<job>_<instance>`,
     /// labelled as made by `host`); returns its id.
@@ -78,14 +78,17 @@ pub trait Engine: Send + Sync {
     async fn last_logs(&self, id: &str) -> String;
 }
 
-/// Docker, through bollard.
+/// Docker, through bollard: the containers of one host's launcher.
 pub struct DockerEngine {
     docker: Docker,
+    /// Only containers labelled with this host are listed (and inspected): a daemon shared
+    /// with another cluster or with hand-run containers costs nothing.
+    host: HostId,
 }
 
 impl DockerEngine {
-    pub fn new(docker: Docker) -> Self {
-        Self { docker }
+    pub fn new(docker: Docker, host: HostId) -> Self {
+        Self { docker, host }
     }
 }
 
@@ -181,7 +184,13 @@ fn exit_code(status: &str) -> Option<i64> {
 #[async_trait]
 impl Engine for DockerEngine {
     async fn list(&self) -> Result<Vec<Existing>, EngineError> {
-        let filters = HashMap::from([("label".to_owned(), vec![schema::labels::STACK.to_owned()])]);
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                schema::labels::STACK.to_owned(),
+                format!("{}={}", schema::labels::HOST, self.host),
+            ],
+        )]);
         let list = self
             .docker
             .list_containers(Some(ListContainersOptions {
