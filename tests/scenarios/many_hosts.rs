@@ -1185,10 +1185,27 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
     rolling_web(dir.path(), "blue", SERVE);
     cluster.viking(None, &["deploy", &shared, &app]);
     cluster.viking(None, &["run", "shared"]);
+    // The COLOUR of each instance's container (`shared_web_<i>`; a replacement being tried,
+    // `shared_web_<i>-next`, is not one yet).
     let colours = || -> Vec<String> {
         let mut out = Vec::new();
         for h in ["a", "b"] {
-            for id in cluster.containers(h, "shared") {
+            let named = docker::docker_ok(
+                Some(&cluster.host(h).dockerd.host()),
+                &[
+                    "ps",
+                    "--filter",
+                    "label=viking.stack=shared",
+                    "--format",
+                    "{{.ID}} {{.Names}}",
+                ],
+            );
+            let ids = named
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(_, name)| !name.ends_with("-next"))
+                .map(|(id, _)| id.to_owned());
+            for id in ids {
                 // A container may go between the list and the inspect (a replacement).
                 let env = docker::docker(
                     Some(&cluster.host(h).dockerd.host()),
