@@ -256,7 +256,7 @@ impl Leader {
                     wake = Some(wake.map_or(soon, |w| w.min(soon)));
                     continue;
                 }
-                () = sleep_until(deadline) => {}
+                () = runtime::sleep_until(deadline) => {}
             }
             wake = None;
             if !listed.iter().all(|l| *l) {
@@ -643,11 +643,4 @@ fn current(prefix: &Prefix, assign: &BTreeMap<String, Kv>) -> BTreeMap<InstanceI
         }
     }
     out
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }

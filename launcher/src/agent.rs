@@ -201,7 +201,7 @@ pub async fn run_with(
                 while wake.try_recv().is_ok() {}
             }
             _ = resync.tick() => {}
-            () = sleep_until(retry) => agent.retry_at = None,
+            () = runtime::sleep_until(retry) => agent.retry_at = None,
         }
         agent.step().await;
     }
@@ -915,12 +915,5 @@ impl Memory {
             retry_at: None,
             delay: Duration::from_secs(1),
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

@@ -273,7 +273,7 @@ impl Agent {
                     self.lease = state;
                     self.applied = None;
                 }
-                () = sleep_until(retry) => self.retry_at = None,
+                () = runtime::sleep_until(retry) => self.retry_at = None,
             }
             self.step().await;
         }
@@ -601,11 +601,4 @@ fn deployed<'a>(prefix: &Prefix, keys: impl Iterator<Item = &'a String>) -> nami
 
 fn short(id: &str) -> String {
     id.chars().take(12).collect()
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }

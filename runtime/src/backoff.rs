@@ -62,6 +62,15 @@ impl Backoff {
     }
 }
 
+/// Sleeps until `at`, or for ever when there is nothing to wait for: the arm of a `select!`
+/// loop whose next retry or deadline may be unset.
+pub async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,7 @@ pub mod telemetry;
 pub mod watch;
 
 pub use args::{OutputArgs, RangeArgs, RunDirArgs, TxnArgs};
-pub use backoff::Backoff;
+pub use backoff::{Backoff, sleep_until};
 pub use etcd::{EtcdArgs, EtcdError};
 pub use host::HostArgs;
 pub use process::{Failure, Fatal};
