@@ -282,8 +282,17 @@ impl Leader {
         let plan = place_avoiding(&refs, &hosts, &current, &avoid);
         self.log_pending(&plan);
         let mut ops = lost_ops;
-        let (writes, rolling) = self.writes(&plan, &jobs, &broken);
+        let Writes {
+            ops: writes,
+            rolling,
+            stuck,
+        } = self.writes(&plan, &jobs, &broken);
         ops.extend(writes);
+        for service in &stuck {
+            if jobs[service].update.auto_revert {
+                self.revert(service).await?;
+            }
+        }
         // While an update rolls, look again soon: statuses and `min_healthy` gate each batch.
         let next_wake = if rolling {
             let soon = now + Duration::from_millis(500);
@@ -435,34 +444,59 @@ impl Leader {
         self.pending_logged = now;
     }
 
-    /// The puts and deletes that turn the assignments into `plan`.
-    /// The puts and deletes that turn the assignments into `plan`, and whether a rolling
-    /// update is under way (then the caller looks again soon).
+    /// The puts and deletes that turn the assignments into `plan`, whether an update or a
+    /// move is under way (then the caller looks again soon), and the jobs whose update
+    /// stopped.
     ///
     /// A job whose spec changed is rolled: an instance that keeps its host gets the new
     /// digest only while fewer than `update.max_parallel` of the job's instances are on the
     /// new digest without being healthy yet (its status running that digest for
-    /// `update.min_healthy`). An instance that is not healthy within `update.timeout` of its
-    /// assignment stops the update: no further instance is changed (`viking ps` shows its
-    /// launcher's reason) until the spec changes again. New and moved instances get the new
-    /// digest at once.
+    /// `update.min_healthy`). An instance moving off a live host (drained, or crashing there)
+    /// follows the same rule, and its old assignment stays, marked `leaving`, until the new
+    /// copy is healthy: the job never serves with one instance fewer. An instance that is not
+    /// healthy within `update.timeout` of its assignment stops the update: no further
+    /// instance is changed or moved (`viking ps` shows its launcher's reason) until the spec
+    /// changes again. New instances, and those of a lost host, are placed at once.
     fn writes(
         &self,
         plan: &Plan,
         jobs: &BTreeMap<ServiceId, JobSpec>,
         broken: &BTreeSet<ServiceId>,
-    ) -> (Vec<TxnOp>, bool) {
+    ) -> Writes {
         let prefix = &self.config.prefix;
         let mut ops = Vec::new();
         let mut wanted = BTreeSet::new();
         let now = runtime::host::rfc3339_now();
         let wall = SystemTime::now();
-        let assigned: BTreeMap<&String, AssignRecord> = self
+        let assigned: BTreeMap<Slot, (&String, AssignRecord)> = self
             .view
             .assign
             .iter()
-            .filter_map(|(k, kv)| Some((k, records::decode::<AssignRecord>(k, &kv.value).ok()?)))
+            .filter_map(|(k, kv)| match prefix.parse(k) {
+                Ok(Key::Assign(slot)) => Some((
+                    slot,
+                    (k, records::decode::<AssignRecord>(k, &kv.value).ok()?),
+                )),
+                _ => None,
+            })
             .collect();
+        let live: BTreeSet<HostId> = self
+            .view
+            .nodes
+            .keys()
+            .filter_map(|k| match prefix.parse(k) {
+                Ok(Key::Node(host)) => Some(host),
+                _ => None,
+            })
+            .collect();
+        // Every assignment of an instance, by instance.
+        let mut slots_of: BTreeMap<InstanceId, Vec<&Slot>> = BTreeMap::new();
+        for slot in assigned.keys() {
+            slots_of
+                .entry((slot.service.clone(), slot.instance))
+                .or_default()
+                .push(slot);
+        }
         let statuses: BTreeMap<Slot, StatusRecord> = self
             .view
             .statuses
@@ -472,11 +506,22 @@ impl Leader {
                 _ => None,
             })
             .collect();
-        // Per job: instances on the new digest that are not healthy yet, and whether one of
-        // them is past its timeout.
         // Each job's digest once (it encodes the whole spec), not once per instance.
         let digests: BTreeMap<&ServiceId, String> =
             jobs.iter().map(|(s, j)| (s, j.digest())).collect();
+        // Whether the instance assigned at `slot` runs `digest` and has for `min_healthy`.
+        let healthy = |slot: &Slot, digest: &str, job: &JobSpec| {
+            statuses.get(slot).is_some_and(|st| {
+                st.state == InstanceState::Running
+                    && st.spec_digest == digest
+                    && parse_rfc3339(&st.since).is_some_and(|t| {
+                        wall.duration_since(t).unwrap_or_default()
+                            >= Duration::from_millis(job.update.min_healthy_ms)
+                    })
+            })
+        };
+        // Per job: instances on the new digest that are not healthy yet, and whether one of
+        // them is past its timeout.
         let mut budget: BTreeMap<&ServiceId, (u32, bool)> = BTreeMap::new();
         for ((service, instance), host) in &plan.placed {
             let job = &jobs[service];
@@ -485,22 +530,13 @@ impl Leader {
                 service: service.clone(),
                 instance: *instance,
             };
-            let key = prefix.key(&Key::Assign(slot.clone()));
-            let Some(record) = assigned
-                .get(&key)
-                .filter(|r| r.spec_digest == digests[service])
+            let Some((_, record)) = assigned
+                .get(&slot)
+                .filter(|(_, r)| r.spec_digest == digests[service])
             else {
                 continue;
             };
-            let healthy = statuses.get(&slot).is_some_and(|st| {
-                st.state == InstanceState::Running
-                    && st.spec_digest == record.spec_digest
-                    && parse_rfc3339(&st.since).is_some_and(|t| {
-                        wall.duration_since(t).unwrap_or_default()
-                            >= Duration::from_millis(job.update.min_healthy_ms)
-                    })
-            });
-            if !healthy {
+            if !healthy(&slot, &record.spec_digest, job) {
                 let timed_out = parse_rfc3339(&record.assigned_at).is_some_and(|t| {
                     wall.duration_since(t).unwrap_or_default()
                         > Duration::from_millis(job.update.timeout_ms)
@@ -512,50 +548,154 @@ impl Leader {
         }
         let mut rolling = false;
         let mut changed: BTreeMap<&ServiceId, u32> = BTreeMap::new();
+        let record = |digest: &str, leaving: bool| AssignRecord {
+            v: RECORD_VERSION,
+            spec_digest: digest.to_owned(),
+            generation: self.leader.rev(),
+            assigned_at: now.clone(),
+            leaving,
+        };
         for ((service, instance), host) in &plan.placed {
             let job = &jobs[service];
-            let digest = digests[service].clone();
-            let key = prefix.key(&Key::Assign(Slot {
+            let digest = &digests[service];
+            let slot = Slot {
                 host: host.clone(),
                 service: service.clone(),
                 instance: *instance,
-            }));
+            };
+            let key = prefix.key(&Key::Assign(slot.clone()));
             wanted.insert(key.clone());
-            let current = assigned.get(&key);
-            if current.is_some_and(|r| r.spec_digest == digest) {
-                continue;
+            let current = assigned.get(&slot).map(|(_, r)| r);
+            // Copies on other live hosts that this one replaces (a move), not yet leaving.
+            let from: Vec<&Slot> = slots_of
+                .get(&(service.clone(), *instance))
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|s| s.host != *host && live.contains(&s.host))
+                .collect();
+            match current {
+                Some(r) if r.spec_digest == *digest && !r.leaving => continue,
+                // Coming back to a host it was leaving (undrained meanwhile): it stays.
+                Some(r) if r.spec_digest == *digest => {
+                    ops.push(marked(&key, r, false));
+                    continue;
+                }
+                _ => {}
             }
-            if current.is_some() {
-                // Same host, another digest: a rolling update.
+            let gated = current.is_some() || !from.is_empty();
+            if gated {
+                // Same host, another digest (a rolling update), or a move off a live host.
                 rolling = true;
                 let (unhealthy, stuck) = budget.get(service).copied().unwrap_or_default();
                 let done = changed.entry(service).or_default();
                 if stuck || unhealthy + *done >= job.update.max_parallel {
+                    // Not yet: the copies it would replace stay as they are.
+                    for s in &from {
+                        wanted.insert(assigned[*s].0.clone());
+                    }
                     continue;
                 }
                 *done += 1;
             }
-            let record = AssignRecord {
-                v: RECORD_VERSION,
-                spec_digest: digest,
-                generation: self.leader.rev(),
-                assigned_at: now.clone(),
-            };
-            ops.push(TxnOp::put(key.as_str(), records::encode(&record), None));
+            for s in &from {
+                let (k, r) = &assigned[*s];
+                wanted.insert((*k).clone());
+                if !r.leaving {
+                    ops.push(marked(k, r, true));
+                }
+            }
+            ops.push(TxnOp::put(
+                key.as_str(),
+                records::encode(&record(digest, false)),
+                None,
+            ));
         }
         rolling |= budget
             .values()
             .any(|(unhealthy, stuck)| *unhealthy > 0 && !stuck);
-        for key in self.view.assign.keys() {
-            let broken_spec = matches!(
-                prefix.parse(key),
-                Ok(Key::Assign(slot)) if broken.contains(&slot.service)
-            );
-            if !wanted.contains(key) && !broken_spec {
-                ops.push(TxnOp::delete(key.as_str(), None));
+        let stuck: BTreeSet<ServiceId> = budget
+            .iter()
+            .filter(|(_, (_, stuck))| *stuck)
+            .map(|(s, _)| (*s).clone())
+            .collect();
+        for (slot, (key, r)) in &assigned {
+            if wanted.contains(*key) || broken.contains(&slot.service) {
+                continue;
+            }
+            // A leaving copy on a live host stays until the copy that replaces it is healthy.
+            let replacement = plan
+                .placed
+                .get(&(slot.service.clone(), slot.instance))
+                .map(|host| Slot {
+                    host: host.clone(),
+                    ..slot.clone()
+                });
+            let waits = r.leaving
+                && live.contains(&slot.host)
+                && replacement.is_some_and(|new| {
+                    assigned.get(&new).is_some_and(|(_, nr)| {
+                        !healthy(&new, &nr.spec_digest, &jobs[&slot.service])
+                    })
+                });
+            if waits {
+                rolling = true;
+                continue;
+            }
+            ops.push(TxnOp::delete(key.as_str(), None));
+        }
+        Writes {
+            ops,
+            rolling,
+            stuck,
+        }
+    }
+
+    /// `update.auto_revert`: puts the previous spec of a job whose update stopped back, as
+    /// `viking rollback` does, while instances of that spec are still assigned (so that a
+    /// previous spec that fails too is not put back in turn, and back and forth).
+    async fn revert(&mut self, service: &ServiceId) -> Result<(), End> {
+        let prefix = &self.config.prefix;
+        let key = prefix.key(&Key::StackJob(service.stack.clone(), service.job.clone()));
+        let prev_key = prefix.key(&Key::StackPrev(service.stack.clone(), service.job.clone()));
+        let (Some(current), Some(prev)) =
+            (self.view.stacks.get(&key), self.view.stacks.get(&prev_key))
+        else {
+            return Ok(());
+        };
+        let Ok(prev_spec) = records::decode::<JobSpec>(&prev_key, &prev.value) else {
+            return Ok(());
+        };
+        let prev_digest = prev_spec.digest();
+        let serving = self.view.assign.iter().any(|(k, kv)| {
+            matches!(prefix.parse(k), Ok(Key::Assign(slot)) if slot.service == *service)
+                && records::decode::<AssignRecord>(k, &kv.value)
+                    .is_ok_and(|r| r.spec_digest == prev_digest)
+        });
+        if !serving {
+            return Ok(());
+        }
+        let Ok((mut compares, ops)) = crate::rollback::swap(current, prev) else {
+            return Ok(());
+        };
+        compares.push(Compare::create_revision(
+            self.leader.key(),
+            CompareOp::Equal,
+            self.leader.rev(),
+        ));
+        let mut kv = self.client.kv_client();
+        match kv.txn(Txn::new().when(compares).and_then(ops)).await {
+            Ok(r) if r.succeeded() => {
+                warn!(%service, "its update stopped; the previous spec is put back (update.auto_revert)");
+                Ok(())
+            }
+            // Changed meanwhile (a deploy, or the watch behind): the next round sees it.
+            Ok(_) => Ok(()),
+            Err(e) => {
+                debug!("reverting {service} failed: {e}; retrying next round");
+                Ok(())
             }
         }
-        (ops, rolling)
     }
 
     /// Writes `ops` in chunks, each guarded by this leader's election key.
@@ -631,16 +771,45 @@ fn jobs_to_run(
     (out, broken)
 }
 
-/// Where instances are assigned now.
+/// `record` at `key` again, with `leaving` set as given.
+fn marked(key: &str, record: &AssignRecord, leaving: bool) -> TxnOp {
+    TxnOp::put(
+        key,
+        records::encode(&AssignRecord {
+            leaving,
+            ..record.clone()
+        }),
+        None,
+    )
+}
+
+/// What one round writes.
+struct Writes {
+    ops: Vec<TxnOp>,
+    /// An update or a move is under way: look again soon.
+    rolling: bool,
+    /// Jobs whose update stopped (an instance past `update.timeout`).
+    stuck: BTreeSet<ServiceId>,
+}
+
+/// Where instances are assigned now ([`crate::assign::current`]).
 fn current(prefix: &Prefix, assign: &BTreeMap<String, Kv>) -> BTreeMap<InstanceId, HostId> {
-    let mut out = BTreeMap::new();
-    for k in assign.keys() {
-        if let Ok(Key::Assign(slot)) = prefix.parse(k) {
-            // Two hosts for one instance (a hand edit): the first stays, the plan drops the
-            // other.
-            out.entry((slot.service, slot.instance))
-                .or_insert(slot.host);
-        }
-    }
-    out
+    let decoded: Vec<(Slot, AssignRecord)> = assign
+        .iter()
+        .filter_map(|(k, kv)| match prefix.parse(k) {
+            Ok(Key::Assign(slot)) => Some((
+                slot,
+                // An unreadable record still holds its slot (the launcher keeps what runs).
+                records::decode::<AssignRecord>(k, &kv.value).unwrap_or(AssignRecord {
+                    v: RECORD_VERSION,
+                    spec_digest: String::new(),
+                    generation: 0,
+                    assigned_at: String::new(),
+                    leaving: false,
+                }),
+            )),
+            _ => None,
+        })
+        .collect();
+    crate::assign::current(decoded.iter().map(|(s, r)| (s, r)))
 }

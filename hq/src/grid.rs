@@ -125,18 +125,24 @@ impl GridState {
             .values()
             .filter(|j| self.runs.contains(&j.stack))
             .collect();
-        let current = self
-            .assign
-            .keys()
-            .map(|s| ((s.service.clone(), s.instance), s.host.clone()))
-            .collect();
+        // Where each instance is, as the scheduler sees it (a moving one where it goes).
+        let current = grid::assign::current(&self.assign);
+        let leaving = grid::assign::leaving(&self.assign);
         let plan = place(&running, &self.grid_hosts(), &current);
         let now = SystemTime::now();
-        // The first slot of an instance, as the scheduler's current view keeps it.
-        let mut slots: BTreeMap<(&ServiceId, u32), &Slot> = BTreeMap::new();
-        for s in self.assign.keys() {
-            slots.entry((&s.service, s.instance)).or_insert(s);
-        }
+        let slots: BTreeMap<(&ServiceId, u32), Slot> = current
+            .iter()
+            .map(|((service, i), host)| {
+                (
+                    (service, *i),
+                    Slot {
+                        host: host.clone(),
+                        service: service.clone(),
+                        instance: *i,
+                    },
+                )
+            })
+            .collect();
         let mut rows = Vec::new();
         for job in running {
             if only.is_some_and(|o| !o.contains(&job.stack)) {
@@ -144,7 +150,7 @@ impl GridState {
             }
             let service = job.service();
             for i in 0..job.scale {
-                let assigned = slots.get(&(&service, i)).copied();
+                let assigned = slots.get(&(&service, i));
                 let row = match assigned {
                     Some(slot) => {
                         let status = self.status.get(slot);
@@ -171,7 +177,15 @@ impl GridState {
                             reason: if lost {
                                 self.lost_reason(&slot.host, now)
                             } else {
-                                status.map(|s| s.reason.clone()).unwrap_or_default()
+                                let reason = status.map(|s| s.reason.clone()).unwrap_or_default();
+                                match leaving.get(&(service.clone(), i)) {
+                                    Some(from) => format!(
+                                        "moving from {from}, where it keeps serving until this \
+                                         copy is healthy{}{reason}",
+                                        if reason.is_empty() { "" } else { "; " }
+                                    ),
+                                    None => reason,
+                                }
                             },
                         }
                     }

@@ -167,7 +167,7 @@ struct RawPlacement {
     max_per_host: Option<Spanned<i64>>,
 }
 
-/// `update: {max_parallel: 1, min_healthy: 5s, timeout: 2m}`.
+/// `update: {max_parallel: 1, min_healthy: 5s, timeout: 2m, auto_revert: false}`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpdate {
@@ -177,6 +177,8 @@ struct RawUpdate {
     min_healthy: Option<Spanned<Scalar>>,
     #[serde(default)]
     timeout: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    auto_revert: Option<bool>,
 }
 
 /// The job keys a stack file may use, for messages.
@@ -359,6 +361,7 @@ fn check_job(
             if let Some(d) = u.value.timeout {
                 out.timeout_ms = millis(d, "timeout")?;
             }
+            out.auto_revert = u.value.auto_revert.unwrap_or(false);
             out
         }
     };
@@ -607,6 +610,9 @@ impl<'a> JobOut<'a> {
             update.insert("max_parallel", job.update.max_parallel.to_string());
             update.insert("min_healthy", format!("{}ms", job.update.min_healthy_ms));
             update.insert("timeout", format!("{}ms", job.update.timeout_ms));
+            if job.update.auto_revert {
+                update.insert("auto_revert", "true".to_owned());
+            }
         }
         JobOut {
             kind: job.kind.to_string(),
@@ -863,7 +869,8 @@ mod tests {
             UpdatePolicy {
                 max_parallel: 2,
                 min_healthy_ms: 5000,
-                timeout_ms: 120_000
+                timeout_ms: 120_000,
+                auto_revert: false,
             }
         );
         // Without them, the defaults: a job, anywhere, reserving nothing.

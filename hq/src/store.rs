@@ -624,20 +624,9 @@ impl Store {
                  back what a later deploy replaced"
             )));
         };
-        let now: JobSpec = records::decode(&key, &current.value)
+        let (compares, ops) = grid::rollback::swap(&current, &prev)
             .map_err(|e| HqError::Refused(format!("{e}; deploy the stack again")))?;
-        let mut back: JobSpec = records::decode(&prev_key, &prev.value)
-            .map_err(|e| HqError::Refused(format!("{e}; deploy the stack again")))?;
-        back.scale = now.scale;
-        let txn = Txn::new()
-            .when([
-                Compare::mod_revision(key.as_str(), CompareOp::Equal, current.mod_revision),
-                Compare::mod_revision(prev_key.as_str(), CompareOp::Equal, prev.mod_revision),
-            ])
-            .and_then([
-                TxnOp::put(key.as_str(), records::encode(&back), None),
-                TxnOp::put(prev_key.as_str(), current.value.clone(), None),
-            ]);
+        let txn = Txn::new().when(compares).and_then(ops);
         if !self.txn(txn).await? {
             return Err(HqError::Refused(format!(
                 "{stack}/{job} changed while rolling it back (a deploy?); run the command again"

@@ -45,6 +45,8 @@ pub struct Config {
     /// Fencing: stop this host's containers once etcd has not answered for this long
     /// (`--stop-after`; off by default).
     pub stop_after: Option<Duration>,
+    /// How long a container no longer assigned here gets after SIGTERM (`--stop-timeout`).
+    pub stop_timeout: Duration,
 }
 
 /// Runs the launcher (and its campaign for the scheduler) against the local Docker until
@@ -238,6 +240,8 @@ struct Memory {
     /// A failed start: when to try again, and how long to wait after the next failure.
     retry_at: Option<Instant>,
     delay: Duration,
+    /// The container last seen registered as a live endpoint (checked once per container).
+    serving: String,
 }
 
 struct Agent {
@@ -480,18 +484,40 @@ impl Agent {
         let mut links_ready: BTreeMap<ServiceId, bool> = BTreeMap::new();
         let mut acted = false;
         let now = Instant::now();
+        // What is no longer assigned here is stopped gracefully (SIGTERM, then the stop
+        // timeout: the registrator takes its endpoint out on the signal) and removed, all of
+        // them at once so that one slow container does not hold up the others.
+        let (removes, steps): (Vec<Step>, Vec<Step>) = steps
+            .into_iter()
+            .partition(|s| matches!(s, Step::Remove { .. }));
+        let removed = futures_util::future::join_all(removes.into_iter().map(|step| {
+            let engine = self.engine.clone();
+            let timeout = self.config.stop_timeout;
+            async move {
+                let Step::Remove { name, id } = step else {
+                    unreachable!("partitioned")
+                };
+                let r = match engine.stop(&id, timeout).await {
+                    Ok(()) => engine.remove(&id).await,
+                    Err(e) => Err(e),
+                };
+                (name, r)
+            }
+        }))
+        .await;
+        for (name, r) in removed {
+            acted = true;
+            match r {
+                Ok(()) => info!("removed {name}: not assigned to this host"),
+                Err(e) => {
+                    warn!("cannot remove {name}: {e}");
+                    self.retry_later(Duration::from_secs(1));
+                }
+            }
+        }
         for step in steps {
             match step {
-                Step::Remove { name, id } => {
-                    acted = true;
-                    match self.engine.remove(&id).await {
-                        Ok(()) => info!("removed {name}: not assigned to this host"),
-                        Err(e) => {
-                            warn!("cannot remove {name}: {e}");
-                            self.retry_later(Duration::from_secs(1));
-                        }
-                    }
-                }
+                Step::Remove { .. } => unreachable!("done above"),
                 Step::Start { service, instance }
                 | Step::Replace {
                     service, instance, ..
@@ -587,14 +613,18 @@ impl Agent {
         let deadline = Instant::now() + limit;
         let failed = loop {
             let found = self.engine.list().await?.into_iter().find(|e| e.id == new);
-            match found.map(|e| (e.state, e.restarts)) {
-                Some((RunState::Running, 0)) if self.serves(spec, &new).await => break None,
-                Some((RunState::Exited(Some(code)), _)) => {
+            match found.map(|e| (e.state, e.restarts, e.health)) {
+                Some((RunState::Running, 0, health))
+                    if health.passes() && self.serves(spec, &new).await =>
+                {
+                    break None;
+                }
+                Some((RunState::Exited(Some(code)), _, _)) => {
                     let logs = self.engine.last_logs(&new).await;
                     break Some(format!("the new container exited with code {code}: {logs}"));
                 }
                 // Docker's restart policy brought it back: it crashed.
-                Some((_, restarts)) if restarts > 0 => {
+                Some((_, restarts, _)) if restarts > 0 => {
                     let logs = self.engine.last_logs(&new).await;
                     break Some(format!(
                         "the new container exited and was restarted {restarts} times: {logs}"
@@ -621,10 +651,45 @@ impl Agent {
                 "{why}; {name} keeps running its old spec"
             )));
         }
-        self.engine.stop(old, Duration::from_secs(10)).await?;
+        self.engine.stop(old, self.config.stop_timeout).await?;
         self.engine.remove(old).await?;
         self.engine.rename(&new, name).await?;
         Ok(new)
+    }
+
+    /// A running container's state as reported: `running` once its health check (if it has
+    /// one) passes and, for a job with ports, once it is a live endpoint; `starting` with the
+    /// reason until then. The endpoint is looked up once per container.
+    async fn readiness(&mut self, spec: &JobSpec, e: &Existing) -> (InstanceState, String) {
+        if !e.health.passes() {
+            self.retry_later(Duration::from_millis(500));
+            let verdict = if e.health == crate::engine::Health::Unhealthy {
+                "fails"
+            } else {
+                "has not passed yet"
+            };
+            return (
+                InstanceState::Starting,
+                format!("its health check {verdict}"),
+            );
+        }
+        let key = (spec.service(), e.instance);
+        if self.memory.get(&key).is_some_and(|m| m.serving == e.id) {
+            return (InstanceState::Running, String::new());
+        }
+        if self.serves(spec, &e.id).await {
+            self.memory
+                .entry(key)
+                .or_insert_with(|| Memory::new(InstanceState::Running))
+                .serving
+                .clone_from(&e.id);
+            return (InstanceState::Running, String::new());
+        }
+        self.retry_later(Duration::from_millis(500));
+        (
+            InstanceState::Starting,
+            "waiting to register as a live endpoint".to_owned(),
+        )
     }
 
     /// Whether container `id` of `spec` is a live endpoint (always, for a job without ports).
@@ -735,12 +800,18 @@ impl Agent {
             let (state, exit_code, container_id, restarts, mut reason) = match container {
                 Some(e) => {
                     let (state, code) = converge::status_of(spec, e);
+                    // Running is ready: its health check passes and it is a live endpoint.
+                    let (state, not_ready) = if state == InstanceState::Running {
+                        self.readiness(spec, e).await
+                    } else {
+                        (state, String::new())
+                    };
                     let reason = match (state, code) {
                         (InstanceState::Failed, Some(code)) => {
                             let logs = self.failure_logs(e).await;
                             format!("exited with code {code}{logs}")
                         }
-                        _ => String::new(),
+                        _ => not_ready,
                     };
                     (state, code, e.id.clone(), e.restarts, reason)
                 }
@@ -914,6 +985,7 @@ impl Memory {
             reason: String::new(),
             retry_at: None,
             delay: Duration::from_secs(1),
+            serving: String::new(),
         }
     }
 }

@@ -144,6 +144,7 @@ mod tests {
             state,
             restarts: 0,
             host: Some("node-a".into()),
+            health: Default::default(),
         }
     }
 

@@ -43,6 +43,11 @@ pub struct LauncherArgs {
     /// for this long (off by default; longer than --ttl plus --reschedule-after is safe)
     #[arg(long, env = "VIKING_STOP_AFTER", value_parser = parse_duration)]
     pub stop_after: Option<Duration>,
+
+    /// How long a container no longer assigned here gets to exit after SIGTERM before it is
+    /// killed (as `docker stop -t`)
+    #[arg(long, env = "VIKING_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub stop_timeout: Duration,
 }
 
 /// Why the launcher did not start: refused before anything was written, exit 2.
@@ -127,6 +132,7 @@ impl LauncherArgs {
                 max_txn_ops,
             }),
             stop_after: self.stop_after,
+            stop_timeout: self.stop_timeout,
         })
     }
 }

@@ -45,6 +45,40 @@ pub struct Existing {
     pub restarts: u32,
     /// Its `viking.host` label: the host whose launcher made it.
     pub host: Option<String>,
+    /// Its health check's verdict, when its image (or spec) has one.
+    pub health: Health,
+}
+
+/// What a container's health check says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Health {
+    /// It has no health check.
+    #[default]
+    None,
+    /// Not yet decided (Docker's `health: starting`).
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+impl Health {
+    /// From Docker's status words (`Up 5 seconds (healthy)`).
+    pub fn from_status(status: &str) -> Health {
+        if status.contains("(health: starting)") {
+            Health::Starting
+        } else if status.contains("(unhealthy)") {
+            Health::Unhealthy
+        } else if status.contains("(healthy)") {
+            Health::Healthy
+        } else {
+            Health::None
+        }
+    }
+
+    /// Whether it may take traffic: healthy, or without a health check.
+    pub fn passes(self) -> bool {
+        matches!(self, Health::None | Health::Healthy)
+    }
 }
 
 /// Why the engine refused.
@@ -251,6 +285,10 @@ impl Engine for DockerEngine {
                 state,
                 restarts,
                 host: labels.get(schema::labels::HOST).cloned(),
+                health: c
+                    .status
+                    .as_deref()
+                    .map_or(Health::None, Health::from_status),
             });
         }
         Ok(out)

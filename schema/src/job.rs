@@ -190,6 +190,10 @@ pub struct UpdatePolicy {
     pub min_healthy_ms: u64,
     /// How long one replacement may take before the update stops, in milliseconds.
     pub timeout_ms: u64,
+    /// An update that stops (an instance past `timeout_ms`) puts the previous spec back, as
+    /// `viking rollback` does, while instances of that spec still serve.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_revert: bool,
 }
 
 impl Default for UpdatePolicy {
@@ -198,6 +202,7 @@ impl Default for UpdatePolicy {
             max_parallel: 1,
             min_healthy_ms: 0,
             timeout_ms: 120_000,
+            auto_revert: false,
         }
     }
 }

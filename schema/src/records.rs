@@ -242,6 +242,10 @@ pub struct AssignRecord {
     pub generation: i64,
     #[serde(default)]
     pub assigned_at: String,
+    /// The instance is moving off this (live) host: its replacement is assigned elsewhere,
+    /// and this copy keeps running until that one is healthy.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub leaving: bool,
 }
 
 /// What a launcher sees of an instance.

@@ -279,6 +279,54 @@ impl Cluster {
         docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", n)
     }
 
+    /// Requests from a throwaway container on `on` with app/client's env to
+    /// `$SHARED_WEB_PORT_80`, in batches of 25, until [`Traffic::stop`].
+    fn traffic(&self, on: &str) -> Traffic {
+        let env = self.viking(None, &["env", "app/client"]);
+        let host = self.host(on).dockerd.host();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut made, mut failed) = (0, 0);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) || made < 200 {
+                let (answers, failures) =
+                    docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", 25);
+                made += answers.len();
+                failed += failures;
+                assert!(made < 5000, "bounded");
+            }
+            (made, failed)
+        });
+        Traffic { stop, thread }
+    }
+
+    /// Samples the running containers of `stack` on `hosts` every 100 ms until `done` holds
+    /// (failing with `viking ps` after `limit`): the fewest and the most seen at once.
+    async fn count_until(
+        &self,
+        hosts: &[&str],
+        stack: &str,
+        limit: Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> (usize, usize) {
+        let started = Instant::now();
+        let (mut fewest, mut most) = (usize::MAX, 0);
+        loop {
+            let running: usize = hosts.iter().map(|h| self.containers(h, stack).len()).sum();
+            fewest = fewest.min(running);
+            most = most.max(running);
+            if done() {
+                return (fewest, most);
+            }
+            assert!(
+                started.elapsed() < limit,
+                "not done within {limit:?}\n{}",
+                self.viking(None, &["ps", stack])
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `viking ps --output json STACK`'s instances: (job, instance, host, container, state).
     fn instances(&self, stack: &str) -> Vec<(String, u64, String, String, String)> {
         let ps = self.viking(None, &["--output", "json", "ps", stack]);
@@ -311,6 +359,20 @@ impl Cluster {
 }
 
 /// The etcd member of `name`, on its address, in a cluster of `names`.
+/// Requests made in the background (at least 200, at most 5,000).
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, usize)>,
+}
+
+impl Traffic {
+    /// Stops (once at least 200 requests were made): (made, failed).
+    fn stop(self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("traffic")
+    }
+}
+
 fn etcd_member(lan: &Lan, names: &[&str], name: &str, dir: &Path, state: &str) -> Daemon {
     let ip = lan.addr(name);
     let cluster: Vec<String> = names
@@ -951,6 +1013,13 @@ async fn a_lost_host_is_replaced_and_its_old_copies_go_when_it_returns() {
     cluster.viking(None, &["run", "shared"]);
     let before = cluster.instances("shared");
     assert!(before.iter().any(|i| i.2 == "b"), "{before:?}");
+    testkit::eventually(Duration::from_secs(20), "a's ambassador answers", || {
+        let (_, failures) = cluster.fetch("a", 1);
+        (failures == 0).then_some(())
+    });
+    // Traffic through a's ambassador while b is lost and re-placed.
+    let traffic = cluster.traffic("a");
+    std::thread::sleep(Duration::from_millis(500));
 
     {
         let b = cluster.hosts.iter_mut().find(|h| h.name == "b").expect("b");
@@ -987,6 +1056,13 @@ async fn a_lost_host_is_replaced_and_its_old_copies_go_when_it_returns() {
     );
     // b still runs its old copy, cut off.
     assert_eq!(cluster.containers("b", "shared").len(), 1);
+    let (made, failed) = traffic.stop();
+    eprintln!(
+        "while b was lost: {failed} of {made} requests failed (those sent to b before its \
+         endpoint expired)"
+    );
+    // Once b's endpoint has gone with its lease, nothing fails.
+    let traffic = cluster.traffic("a");
 
     // Back: its launcher finds nothing assigned to it and removes the old copy.
     cluster
@@ -1014,6 +1090,9 @@ async fn a_lost_host_is_replaced_and_its_old_copies_go_when_it_returns() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(samples > 50);
+    let (made, failed) = traffic.stop();
+    eprintln!("b back and its old copy removed: {failed} of {made} requests failed");
+    assert_eq!(failed, 0, "requests failed after b's endpoint expired");
 }
 
 /// Issue 17, scenario 3: the scheduler's launcher killed: another takes over within the
@@ -1118,22 +1197,32 @@ async fn a_drained_host_ends_empty_and_only_then_can_be_removed() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let traffic = {
-        let env = cluster.viking(None, &["env", "app/client"]);
-        let host = cluster.host("a").dockerd.host();
-        std::thread::spawn(move || {
-            docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", 40)
-        })
-    };
-    std::thread::sleep(Duration::from_millis(300));
-    cluster.viking(None, &["host", "drain", "b"]);
-    testkit::eventually(Duration::from_secs(20), "b drained", || {
-        let rows: serde_json::Value =
-            serde_json::from_str(&cluster.viking(None, &["--output", "json", "host", "ls"]))
-                .ok()?;
-        let b = rows.as_array()?.iter().find(|r| r["host"] == "b")?.clone();
-        (b["state"] == "drained" && cluster.containers("b", "shared").is_empty()).then_some(())
+    testkit::eventually(Duration::from_secs(20), "a's ambassador answers", || {
+        let (_, failures) = cluster.fetch("a", 1);
+        (failures == 0).then_some(())
     });
+    let traffic = cluster.traffic("a");
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.viking(None, &["host", "drain", "b"]);
+    // b's copy keeps serving until its replacement on a is healthy: never one fewer.
+    let started = Instant::now();
+    let (fewest, _) = cluster
+        .count_until(&["a", "b"], "shared", Duration::from_secs(30), || {
+            let rows: serde_json::Value =
+                serde_json::from_str(&cluster.viking(None, &["--output", "json", "host", "ls"]))
+                    .expect("host ls json");
+            let drained = rows
+                .as_array()
+                .and_then(|r| r.iter().find(|r| r["host"] == "b"))
+                .is_some_and(|b| b["state"] == "drained");
+            drained && cluster.containers("b", "shared").is_empty()
+        })
+        .await;
+    eprintln!("b drained in {:?}", started.elapsed());
+    assert!(
+        fewest >= 2,
+        "only {fewest} web containers ran during the drain"
+    );
     testkit::eventually(Duration::from_secs(20), "both on a, running", || {
         let now = cluster.instances("shared");
         now.iter()
@@ -1141,23 +1230,27 @@ async fn a_drained_host_ends_empty_and_only_then_can_be_removed() {
             .then_some(())
             .ok_or(format!("{now:?}"))
     });
-    let (answers, failures) = traffic.join().expect("traffic");
-    eprintln!(
-        "drain under traffic: {failures} failed of {}",
-        answers.len()
-    );
+    let (made, failed) = traffic.stop();
+    eprintln!("drain under traffic: {failed} failed of {made}");
+    assert_eq!(failed, 0, "requests failed during the drain");
     cluster.viking(None, &["host", "rm", "b"]);
 }
 
 /// A `shared/web` that serves its container's hostname and stops at once on SIGTERM, with the
 /// rolling-update policy under test and `COLOUR` as the thing that changes.
 fn rolling_web(dir: &Path, colour: &str, command: &str) {
+    rolling_web_with(dir, colour, command, "timeout: 20s");
+}
+
+/// [`rolling_web`] with `update` settings of its own besides `max_parallel: 1, min_healthy:
+/// 1s`.
+fn rolling_web_with(dir: &Path, colour: &str, command: &str, update: &str) {
     std::fs::create_dir_all(dir.join("shared")).expect("dir");
     std::fs::write(
         dir.join("shared").join("stack.yml"),
         format!(
             "web:\n  image: viking/busybox\n  ports: [80]\n  scale: 4\n  env: {{COLOUR: {colour}}}\n  \
-             update: {{max_parallel: 1, min_healthy: 1s, timeout: 20s}}\n  command: {command}\n"
+             update: {{max_parallel: 1, min_healthy: 1s, {update}}}\n  command: {command}\n"
         ),
     )
     .expect("write");
@@ -1165,6 +1258,17 @@ fn rolling_web(dir: &Path, colour: &str, command: &str) {
 
 const SERVE: &str =
     "\"hostname > /www/index.html; httpd -f -p 80 -h /www & trap 'kill $!; exit 0' TERM; wait\"";
+
+/// Waits until shared/web runs 4 instances, all `running`, none on an old spec.
+fn four_healthy(cluster: &Cluster, what: &str) {
+    testkit::eventually(Duration::from_secs(30), what, || {
+        let now = cluster.instances("shared");
+        let ps = cluster.viking(None, &["ps", "shared"]);
+        (now.len() == 4 && now.iter().all(|i| i.4 == "running") && !ps.contains("old spec"))
+            .then_some(())
+            .ok_or(format!("{now:?}\n{ps}"))
+    });
+}
 
 /// Issue 17, scenarios 5 and 6: a rolling update of 4 instances, `max_parallel: 1`, with
 /// traffic through an ambassador: no request fails, never more than 5 instances run, and
@@ -1234,52 +1338,22 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
         (failures == 0).then_some(())
     });
 
-    // Traffic from a throughout, in batches, until told to stop.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let env = cluster.viking(None, &["env", "app/client"]);
-        let host = cluster.host("a").dockerd.host();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut made, mut failed) = (0, 0);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) || made < 200 {
-                let (answers, failures) =
-                    docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", 25);
-                made += answers.len();
-                failed += failures;
-                assert!(made < 5000, "bounded");
-            }
-            (made, failed)
-        })
-    };
+    // Traffic from a throughout.
+    let traffic = cluster.traffic("a");
     std::thread::sleep(Duration::from_secs(1));
     rolling_web(dir.path(), "green", SERVE);
     cluster.viking(None, &["deploy", &shared]);
     let started = Instant::now();
-    let mut most = 0;
-    loop {
-        let running: usize = ["a", "b"]
-            .iter()
-            .map(|h| cluster.containers(h, "shared").len())
-            .sum();
-        most = most.max(running);
-        let now = colours();
-        if now == ["green"; 4] {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "update not done: {now:?}\n{}",
-            cluster.viking(None, &["ps", "shared"])
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (_, most) = cluster
+        .count_until(&["a", "b"], "shared", Duration::from_secs(90), || {
+            colours() == ["green"; 4]
+        })
+        .await;
     eprintln!(
         "rolling update of 4 done in {:?}; at most {most} instances ran",
         started.elapsed()
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (made, failed) = traffic.join().expect("traffic");
+    let (made, failed) = traffic.stop();
     eprintln!("rolling update under traffic: {failed} failed of {made}");
     assert!(made >= 200, "{made}");
     assert_eq!(failed, 0, "requests failed during the rolling update");
@@ -1304,14 +1378,55 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
     // Rolled back: four healthy instances of the good spec.
     let out = cluster.viking(None, &["rollback", "shared/web"]);
     assert!(out.contains("rolled back"), "{out}");
-    testkit::eventually(Duration::from_secs(30), "four healthy again", || {
-        let now = cluster.instances("shared");
-        let ps = cluster.viking(None, &["ps", "shared"]);
-        (now.len() == 4 && now.iter().all(|i| i.4 == "running") && !ps.contains("old spec"))
-            .then_some(())
-            .ok_or(format!("{now:?}\n{ps}"))
-    });
+    four_healthy(&cluster, "four healthy again");
     assert_eq!(colours(), ["green"; 4]);
+
+    // With update.auto_revert the scheduler rolls a stopped update back by itself.
+    rolling_web_with(
+        dir.path(),
+        "red",
+        "\"exit 1\"",
+        "timeout: 4s, auto_revert: true",
+    );
+    cluster.viking(None, &["deploy", &shared]);
+    let mut client = etcd_client::Client::connect([cluster.endpoints.as_str()], None)
+        .await
+        .expect("etcd");
+    let colour = async |client: &mut etcd_client::Client| -> String {
+        let spec = client
+            .get("/viking/stacks/shared/jobs/web", None)
+            .await
+            .expect("get");
+        let spec: serde_json::Value =
+            serde_json::from_slice(spec.kvs()[0].value()).expect("spec json");
+        spec["env"]["COLOUR"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(colour(&mut client).await, "red");
+    let deployed = Instant::now();
+    loop {
+        if colour(&mut client).await == "green" {
+            break;
+        }
+        assert!(
+            deployed.elapsed() < Duration::from_secs(40),
+            "not reverted\n{}\n{}",
+            cluster.viking(None, &["ps", "shared"]),
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "auto_revert put the previous spec back {:?} after the deploy",
+        deployed.elapsed()
+    );
+    four_healthy(&cluster, "four healthy after the revert");
+    assert_eq!(colours(), ["green"; 4]);
+    // Reverted once, not back and forth: the spec stays green.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(colour(&mut client).await, "green");
 }
 
 /// Issue 17, scenario 4: with a 3-member etcd across the hosts, its leader stopped, then every

@@ -40,6 +40,9 @@ impl World {
                 "1G",
                 "--ttl",
                 "2s",
+                // httpd as PID 1 ignores SIGTERM: removals would wait the default 10 s.
+                "--stop-timeout",
+                "1s",
             ],
         );
         World {
@@ -309,4 +312,53 @@ async fn tasks_report_their_exit_code_and_a_missing_image_fails_with_its_reason(
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(w.statuses().await["ok/0"].restarts, 0);
     assert_eq!(w.containers(), before);
+}
+
+/// Removes a test image, also when the test fails.
+struct ImageGuard(&'static str);
+
+impl Drop for ImageGuard {
+    fn drop(&mut self) {
+        let _ = docker::docker(None, &["rmi", "-f", self.0]);
+    }
+}
+
+/// A container whose image has a health check is `starting`, with the reason, until the
+/// check passes; only then `running` (what a rolling update and a move wait for).
+#[tokio::test]
+async fn a_container_with_a_health_check_is_running_only_once_it_passes() {
+    let w = World::start().await;
+    // An image with a health check, made offline from the test image.
+    const HEALTHY: &str = "viking/busybox-healthcheck:test";
+    let _image = ImageGuard(HEALTHY);
+    let base = docker::docker_ok(None, &["create", IMAGE, "true"]);
+    let base = base.trim();
+    docker::docker_ok(
+        None,
+        &[
+            "commit",
+            "--change",
+            "HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD test -f /tmp/ok",
+            base,
+            HEALTHY,
+        ],
+    );
+    docker::docker_ok(None, &["rm", base]);
+    let mut job = w.spec("checked", 1);
+    job.image = HEALTHY.to_owned();
+    job.command = Some(CommandSpec::Shell(
+        "sleep 3; touch /tmp/ok; exec sleep 600".into(),
+    ));
+    w.deploy(&job).await;
+    w.run().await;
+    w.until("starting, waiting for its health check", |s| {
+        s.get("checked/0").is_some_and(|r| {
+            r.state == InstanceState::Starting && r.reason.contains("health check has not passed")
+        })
+    })
+    .await;
+    w.until("running once the check passes", |s| {
+        running(s, &["checked/0"])
+    })
+    .await;
 }
