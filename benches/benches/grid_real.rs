@@ -3,8 +3,10 @@
 //! (busybox `sleep`) until all run, and, in the same run as the reference, the time Docker
 //! itself takes to start the same 30 containers (`docker run -d`, ten per host, the hosts in
 //! parallel). Then a rolling update of the 30 (3 at a time, `min_healthy: 1s`) against the
-//! sum of its `min_healthy` waits. Needs root (namespaces) and the release binaries: `make
-//! bench-grid`.
+//! sum of its `min_healthy` waits. Then one host's launcher killed (SIGKILL): the time until
+//! its instances run elsewhere, split into lease expiry (`--ttl 3s`), the scheduler's delay
+//! (`--reschedule-after 5s`, and its own work beyond that) and Docker start time. Needs root
+//! (namespaces) and the release binaries: `make bench-grid`.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,6 +19,8 @@ const HOSTS: [&str; 3] = ["a", "b", "c"];
 const INSTANCES: usize = 30;
 /// The rolling update's `max_parallel`.
 const PARALLEL: usize = 3;
+/// The launchers' `--reschedule-after`.
+const RESCHEDULE_AFTER: Duration = Duration::from_secs(5);
 
 fn viking(etcd: &str, args: &[&str]) -> std::process::Output {
     Command::new(testkit::workspace_bin("viking"))
@@ -99,6 +103,8 @@ fn main() {
                 &d.host(),
                 "--ttl",
                 "3s",
+                "--reschedule-after",
+                &format!("{}s", RESCHEDULE_AFTER.as_secs()),
             ]);
             Daemon::spawn_command(&format!("launcher on {h}"), cmd)
         })
@@ -213,6 +219,8 @@ fn main() {
         rolled.as_secs_f64(),
         rolled.as_secs_f64() / floor
     );
+    let mut launchers = launchers;
+    host_lost(&rt, &etcd, &mut launchers);
     let out = viking(&ep, &["stop", "bench"]);
     assert!(
         out.status.success(),
@@ -223,4 +231,88 @@ fn main() {
     drop(dockerds);
     drop(etcd);
     drop(lan);
+}
+
+/// Kills the launcher of a host that is not the scheduler and times the re-placement of its
+/// instances: until its node record is gone (lease expiry), until no assignment is left on
+/// it (the scheduler's delay), until every instance runs again on the other two (Docker).
+fn host_lost(rt: &tokio::runtime::Runtime, etcd: &Etcd, launchers: &mut [Daemon]) {
+    use etcd_client::GetOptions;
+    let client = rt.block_on(etcd.client());
+    let get = |key: &str, prefix: bool| {
+        let mut kv = client.kv_client();
+        let opts = prefix.then(|| GetOptions::new().with_prefix());
+        rt.block_on(kv.get(key, opts)).expect("etcd get")
+    };
+    let leader = get("/viking/grid/leader/", true)
+        .kvs()
+        .iter()
+        .min_by_key(|kv| kv.create_revision())
+        .map(|kv| kv.value_str().unwrap_or_default().to_owned())
+        .expect("a leader");
+    let (i, lost) = HOSTS
+        .iter()
+        .enumerate()
+        .find(|(_, h)| **h != leader)
+        .expect("a host that does not lead");
+    let moving = get(&format!("/viking/grid/assign/{lost}/"), true)
+        .kvs()
+        .len();
+    let running_elsewhere = || {
+        get("/viking/grid/status/", true)
+            .kvs()
+            .iter()
+            .filter(|kv| {
+                !kv.key_str()
+                    .unwrap_or_default()
+                    .starts_with(&format!("/viking/grid/status/{lost}/"))
+            })
+            .filter(|kv| {
+                kv.value_str()
+                    .unwrap_or_default()
+                    .contains("\"state\":\"running\"")
+            })
+            .count()
+    };
+    let start = Instant::now();
+    launchers[i].kill();
+    let mut lease = None;
+    let mut placed = None;
+    loop {
+        let now = start.elapsed();
+        if lease.is_none()
+            && get(&format!("/viking/grid/nodes/{lost}"), false)
+                .kvs()
+                .is_empty()
+        {
+            lease = Some(now);
+        }
+        if lease.is_some()
+            && placed.is_none()
+            && get(&format!("/viking/grid/assign/{lost}/"), true)
+                .kvs()
+                .is_empty()
+        {
+            placed = Some(now);
+        }
+        if placed.is_some() && running_elsewhere() == INSTANCES {
+            break;
+        }
+        assert!(now < Duration::from_secs(60), "not re-placed within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let total = start.elapsed();
+    let (lease, placed) = (lease.expect("set"), placed.expect("set"));
+    let scheduler = placed - lease;
+    println!(
+        "host lost ({lost}, {moving} instances): running elsewhere {:.2} s after its launcher was \
+         killed = lease expiry {:.2} s (--ttl 3s) + scheduler {:.2} s (--reschedule-after {} s, \
+         its own work {:.2} s) + Docker start {:.2} s",
+        total.as_secs_f64(),
+        lease.as_secs_f64(),
+        scheduler.as_secs_f64(),
+        RESCHEDULE_AFTER.as_secs(),
+        scheduler.saturating_sub(RESCHEDULE_AFTER).as_secs_f64(),
+        (total - placed).as_secs_f64()
+    );
 }

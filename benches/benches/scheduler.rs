@@ -7,6 +7,10 @@
 //!    "containers" are a stand-in engine that reports running 50 ms after a start): 1,000
 //!    launchers, each with its own watches and lease on the one etcd, one of them elected; from
 //!    `viking run` of 10,000 instances until all 10,000 statuses say running. Goal: 10 s.
+//!    Then 100 of the launchers stop (as if killed: their leases expire): from then until
+//!    their instances run on the others, split into lease expiry and the rest, against
+//!    `--reschedule-after` + 5 s; and the CPU the scheduler's thread used for it (the
+//!    scheduler runs on a thread of its own so that its CPU can be read apart).
 //!
 //! Each reports the time, the rate, and etcd's write count (its revision) per placement.
 //! Sizes can be cut for a quick look: `GRID_HOSTS=100 GRID_JOBS=10 cargo bench ... scheduler`.
@@ -91,7 +95,7 @@ fn scheduler_config(prefix: &Prefix, host: &HostId) -> grid::scheduler::Config {
         prefix: prefix.clone(),
         host: host.clone(),
         ttl: Duration::from_secs(10),
-        reschedule_after: Duration::from_secs(30),
+        reschedule_after: RESCHEDULE_AFTER,
         max_txn_ops: schema::MAX_TXN_OPS,
     }
 }
@@ -187,6 +191,7 @@ impl Engine for StandIn {
                 state: RunState::Running,
                 restarts: 0,
                 host: Some(host.to_string()),
+                health: Default::default(),
             },
         );
         let _ = &self.host;
@@ -220,20 +225,28 @@ async fn simulation(hosts: usize, specs: &[JobSpec]) {
     let total: usize = specs.iter().map(|s| s.scale as usize).sum();
     deploy(&client, &prefix, specs).await;
     let shutdown = CancellationToken::new();
+    let sched = SchedulerThread::start(
+        etcd.endpoint(),
+        scheduler_config(&prefix, &HostId::new("node-0000").unwrap()),
+        shutdown.clone(),
+    );
     let mut tasks = Vec::new();
+    let mut stops = Vec::new();
     for i in 0..hosts {
         let host = HostId::new(format!("node-{i:04}")).unwrap();
         let config = launcher::Config {
             prefix: prefix.clone(),
             host: host.clone(),
-            ttl: Duration::from_secs(30),
+            ttl: LAUNCHER_TTL,
             resync: Duration::from_secs(30),
             docker: None,
             cpus_milli: 16_000,
             memory: 64 << 30,
-            // One candidate is enough to measure; every launcher campaigning adds only keys.
-            scheduler: (i == 0).then(|| scheduler_config(&prefix, &host)),
+            // One candidate is enough to measure (on its own thread, above); every launcher
+            // campaigning adds only keys.
+            scheduler: None,
             stop_after: None,
+            stop_timeout: Duration::from_secs(10),
         };
         let engine = Arc::new(StandIn {
             host: host.to_string(),
@@ -242,17 +255,11 @@ async fn simulation(hosts: usize, specs: &[JobSpec]) {
         });
         let (_wake_tx, wake_rx) = tokio::sync::mpsc::channel(1);
         let client = client.clone();
-        let shutdown = shutdown.clone();
+        let stop = shutdown.child_token();
+        stops.push(stop.clone());
         tasks.push(tokio::spawn(async move {
-            let scheduler = config
-                .scheduler
-                .clone()
-                .map(|s| tokio::spawn(grid::scheduler::run(client.clone(), s, shutdown.clone())));
-            launcher::agent::run_with(config, client, engine, wake_rx, shutdown).await;
+            launcher::agent::run_with(config, client, engine, wake_rx, stop).await;
             drop(_wake_tx);
-            if let Some(s) = scheduler {
-                let _ = s.await;
-            }
         }));
     }
     let nodes = prefix.dir(schema::Dir::Nodes);
@@ -273,19 +280,7 @@ async fn simulation(hosts: usize, specs: &[JobSpec]) {
     run_all(&client, &prefix, specs).await;
     let statuses = prefix.dir(schema::Dir::Statuses);
     loop {
-        let mut kv = client.kv_client();
-        let resp = kv
-            .get(statuses.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .unwrap();
-        let running = resp
-            .kvs()
-            .iter()
-            .filter(|kv| {
-                let pattern = b"\"state\":\"running\"";
-                kv.value().windows(pattern.len()).any(|w| w == pattern)
-            })
-            .count();
+        let running = running(&client, &statuses).await;
         if running >= total {
             break;
         }
@@ -303,9 +298,149 @@ async fn simulation(hosts: usize, specs: &[JobSpec]) {
         took.as_secs_f64(),
         writes as f64 / total as f64
     );
+
+    // Hosts lost: the last `lost` launchers stop renewing their leases.
+    let lost = env("GRID_LOST", hosts / 10).min(hosts - 1);
+    let lost_hosts: Vec<String> = (hosts - lost..hosts)
+        .map(|i| format!("node-{i:04}"))
+        .collect();
+    let cpu_before = sched.cpu();
+    let start = Instant::now();
+    for stop in &stops[hosts - lost..] {
+        stop.cancel();
+    }
+    let assign = prefix.dir(schema::Dir::Assignments);
+    let (mut first, mut expired) = (None, None);
+    loop {
+        let now = start.elapsed();
+        if expired.is_none() {
+            let left = count(&client, nodes.clone()).await as usize;
+            if first.is_none() && left < hosts {
+                first = Some(now);
+            }
+            if left == hosts - lost {
+                expired = Some(now);
+            }
+        }
+        if expired.is_some() {
+            let mut kv = client.kv_client();
+            let on_lost = kv
+                .get(
+                    assign.clone(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await
+                .unwrap()
+                .kvs()
+                .iter()
+                .filter(|kv| {
+                    let key = kv.key_str().unwrap_or_default();
+                    lost_hosts
+                        .iter()
+                        .any(|h| key.starts_with(&format!("{assign}{h}/")))
+                })
+                .count();
+            if on_lost == 0 && running(&client, &statuses).await >= total {
+                break;
+            }
+        }
+        assert!(
+            now < Duration::from_secs(180),
+            "instances of the lost hosts not running elsewhere after 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = start.elapsed();
+    let (first, expired) = (first.expect("set"), expired.expect("set"));
+    let cpu = sched.cpu() - cpu_before;
+    println!(
+        "simulation: {lost} of {hosts} hosts lost at once: their instances running elsewhere \
+         {:.2} s after the first of their leases expired, {:.2} s after the last ({:.2} s after \
+         they stopped; --reschedule-after {} s, goal {} s); the scheduler's thread used {:.2} s \
+         of CPU meanwhile",
+        (took - first).as_secs_f64(),
+        (took - expired).as_secs_f64(),
+        took.as_secs_f64(),
+        RESCHEDULE_AFTER.as_secs(),
+        RESCHEDULE_AFTER.as_secs() + 5,
+        cpu.as_secs_f64()
+    );
     shutdown.cancel();
     for t in tasks {
         let _ = t.await;
+    }
+    sched.join();
+}
+
+/// The simulated launchers' lease: a lost one is noticed this long after it stops.
+const LAUNCHER_TTL: Duration = Duration::from_secs(10);
+/// The simulated grid's `--reschedule-after`.
+const RESCHEDULE_AFTER: Duration = Duration::from_secs(5);
+
+/// How many statuses under `dir` say running.
+async fn running(client: &Client, dir: &str) -> usize {
+    let mut kv = client.kv_client();
+    let resp = kv
+        .get(dir, Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .filter(|kv| {
+            let pattern = b"\"state\":\"running\"";
+            kv.value().windows(pattern.len()).any(|w| w == pattern)
+        })
+        .count()
+}
+
+/// The scheduler on a thread (and runtime, and etcd connection) of its own, so that the CPU
+/// it uses can be read apart from the simulated launchers'.
+struct SchedulerThread {
+    tid: u64,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SchedulerThread {
+    fn start(
+        endpoint: String,
+        config: grid::scheduler::Config,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            // `/proc/thread-self` links to `<pid>/task/<tid>`.
+            let tid = std::fs::read_link("/proc/thread-self")
+                .ok()
+                .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+                .expect("this thread's id");
+            tx.send(tid).expect("send");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = Client::connect([endpoint], None).await.expect("etcd");
+                grid::scheduler::run(client, config, shutdown).await;
+            });
+        });
+        let tid = rx.recv().expect("thread id");
+        SchedulerThread { tid, thread }
+    }
+
+    /// CPU time (user and system) used by the thread so far.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{}/stat", self.tid))
+            .expect("thread stat");
+        // Fields 14 and 15 (utime, stime), counted after the command name's closing paren.
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // USER_HZ is 100 on Linux.
+        Duration::from_millis(ticks * 10)
+    }
+
+    fn join(self) {
+        self.thread.join().expect("scheduler thread");
     }
 }
 
