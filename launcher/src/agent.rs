@@ -195,6 +195,9 @@ pub async fn run_with(
                     agent.take(Source::Stacks, u);
                 }
             }
+            Some(()) = agent.stopped_rx.recv() => {
+                while agent.stopped_rx.try_recv().is_ok() {}
+            }
             w = wake.recv() => {
                 if w.is_none() {
                     // No more events (a stand-in engine that says nothing): resync only.
@@ -262,6 +265,11 @@ struct Agent {
     etcd_down: bool,
     /// Read the assignments directly before the next round (after a new lease).
     relist: bool,
+    /// Containers being stopped and removed in the background (no longer assigned here).
+    stopping: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    /// A background stop finished: look again.
+    stopped_tx: mpsc::Sender<()>,
+    stopped_rx: mpsc::Receiver<()>,
     /// Fenced: the containers were stopped for `stop_after`.
     fenced: bool,
     started: Instant,
@@ -272,7 +280,11 @@ struct Agent {
 
 impl Agent {
     fn new(config: Config, client: Client, engine: Arc<dyn Engine>) -> Self {
+        let (stopped_tx, stopped_rx) = mpsc::channel(1);
         Self {
+            stopping: Arc::default(),
+            stopped_tx,
+            stopped_rx,
             config,
             client,
             engine,
@@ -315,6 +327,17 @@ impl Agent {
     }
 
     /// Whether etcd answered recently enough to act on what it said.
+    /// Asks etcd whether it answers (one small read), when nothing else said so within the
+    /// lease: a quiet cluster is not a cut-off host.
+    async fn probe_etcd(&mut self) {
+        let key = self.config.prefix.key(&Key::Node(self.config.host.clone()));
+        let mut kv = self.client.kv_client();
+        let read = kv.get(key, Some(GetOptions::new().with_count_only()));
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), read).await {
+            self.last_etcd_ok = Some(Instant::now());
+        }
+    }
+
     fn etcd_fresh(&self) -> bool {
         self.last_etcd_ok
             .is_some_and(|t| t.elapsed() <= self.config.ttl)
@@ -363,6 +386,9 @@ impl Agent {
         if !(self.listed.0 && self.listed.1) {
             return;
         }
+        // Back after losing the lease: what was placed elsewhere meanwhile is removed before
+        // the node record says this host takes work again (the stops are awaited).
+        let relisted = self.relist;
         if self.relist && !self.read_assignments().await {
             return;
         }
@@ -374,8 +400,11 @@ impl Agent {
             Some(e) => e,
             None => return,
         };
+        if !self.etcd_fresh() {
+            self.probe_etcd().await;
+        }
         if self.etcd_fresh() {
-            let acted = self.converge(&wanted, &unsure, &existing).await;
+            let acted = self.converge(&wanted, &unsure, &existing, relisted).await;
             if acted {
                 existing = self.mine().await.unwrap_or(existing);
             }
@@ -464,12 +493,14 @@ impl Agent {
         }
     }
 
-    /// Carries out the plan; true if anything was done.
+    /// Carries out the plan; true if anything was done. Containers no longer assigned are
+    /// stopped in the background (each may take `--stop-timeout`), or awaited with `inline`.
     async fn converge(
         &mut self,
         wanted: &[(u32, JobSpec)],
         unsure: &Unsure,
         existing: &[Existing],
+        inline: bool,
     ) -> bool {
         let want: Vec<Wanted<'_>> = wanted
             .iter()
@@ -485,36 +516,49 @@ impl Agent {
         let mut acted = false;
         let now = Instant::now();
         // What is no longer assigned here is stopped gracefully (SIGTERM, then the stop
-        // timeout: the registrator takes its endpoint out on the signal) and removed, all of
-        // them at once so that one slow container does not hold up the others.
+        // timeout: the registrator takes its endpoint out on the signal) and removed, each
+        // on its own so that a slow one holds up neither the others nor this loop.
         let (removes, steps): (Vec<Step>, Vec<Step>) = steps
             .into_iter()
             .partition(|s| matches!(s, Step::Remove { .. }));
-        let removed = futures_util::future::join_all(removes.into_iter().map(|step| {
-            let engine = self.engine.clone();
-            let timeout = self.config.stop_timeout;
-            async move {
-                let Step::Remove { name, id } = step else {
-                    unreachable!("partitioned")
-                };
+        let mut awaited = Vec::new();
+        for step in removes {
+            let Step::Remove { name, id } = step else {
+                unreachable!("partitioned")
+            };
+            if !self
+                .stopping
+                .lock()
+                .expect("stopping lock")
+                .insert(id.clone())
+            {
+                continue; // already on its way out
+            }
+            acted = true;
+            let (engine, timeout) = (self.engine.clone(), self.config.stop_timeout);
+            let (stopping, done) = (self.stopping.clone(), self.stopped_tx.clone());
+            let task = async move {
                 let r = match engine.stop(&id, timeout).await {
                     Ok(()) => engine.remove(&id).await,
                     Err(e) => Err(e),
                 };
-                (name, r)
-            }
-        }))
-        .await;
-        for (name, r) in removed {
-            acted = true;
-            match r {
-                Ok(()) => info!("removed {name}: not assigned to this host"),
-                Err(e) => {
-                    warn!("cannot remove {name}: {e}");
-                    self.retry_later(Duration::from_secs(1));
+                match r {
+                    Ok(()) => info!("removed {name}: not assigned to this host"),
+                    Err(e) => {
+                        warn!("cannot remove {name}: {e}; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                 }
+                stopping.lock().expect("stopping lock").remove(&id);
+                let _ = done.try_send(());
+            };
+            if inline {
+                awaited.push(task);
+            } else {
+                tokio::spawn(task);
             }
         }
+        futures_util::future::join_all(awaited).await;
         for step in steps {
             match step {
                 Step::Remove { .. } => unreachable!("done above"),
@@ -907,6 +951,37 @@ impl Agent {
                 desired.insert(key, v.clone());
             }
             seen.insert((service.clone(), *instance));
+        }
+        // A container no longer assigned, on its way out: reported until it is gone, so that
+        // `viking stop` waits for it.
+        for e in existing {
+            let key = (e.service.clone(), e.instance);
+            if seen.contains(&key) {
+                continue;
+            }
+            let (state, exit_code) = converge::status_of_stopping(e);
+            let record = StatusRecord {
+                v: RECORD_VERSION,
+                state,
+                container_id: e.id.chars().take(12).collect(),
+                spec_digest: e.spec.clone(),
+                since: runtime::host::rfc3339_now(),
+                restarts: e.restarts,
+                reason: "stopping: no longer assigned to this host".to_owned(),
+                exit_code,
+                crash_loop: false,
+            };
+            let k = prefix.key(&Key::Status(Slot {
+                host: self.config.host.clone(),
+                service: key.0,
+                instance: key.1,
+            }));
+            // Written once: `since` would change every round.
+            let v = match self.written.as_ref().and_then(|w| w.get(&k)) {
+                Some(v) => v.clone(),
+                None => records::encode(&record),
+            };
+            desired.insert(k, v);
         }
         self.memory.retain(|k, _| seen.contains(k));
         let written = self.written.get_or_insert_with(BTreeMap::new);

@@ -120,6 +120,15 @@ pub fn status_of(spec: &JobSpec, e: &Existing) -> (InstanceState, Option<i64>) {
     }
 }
 
+/// What a container on its way out (no longer assigned) is reported as: `running` while it
+/// runs, else `exited` with its code.
+pub fn status_of_stopping(e: &Existing) -> (InstanceState, Option<i64>) {
+    match e.state {
+        RunState::Running | RunState::Starting => (InstanceState::Running, None),
+        RunState::Exited(code) => (InstanceState::Exited, code),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use schema::{JobName, StackName};

@@ -352,8 +352,12 @@ impl Engine for DockerEngine {
 
     async fn stop(&self, id: &str, timeout: std::time::Duration) -> Result<(), EngineError> {
         let t = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
+        // Docker answers once the container has exited, up to `timeout` from now: the
+        // client's own 10 s limit would cut a longer stop short.
         match self
             .docker
+            .clone()
+            .with_timeout(timeout + std::time::Duration::from_secs(10))
             .stop_container(
                 id,
                 Some(bollard::query_parameters::StopContainerOptions {

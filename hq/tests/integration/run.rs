@@ -406,6 +406,11 @@ async fn concurrent_runs_and_twenty_concurrent_scales_end_in_one_asked_state() {
         },
     );
     let out = viking(&ep, &["stop", &stack]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        launcher.daemon.log()
+    );
     assert!(launcher.containers().is_empty());
 }
