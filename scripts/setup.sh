@@ -11,6 +11,7 @@
 #   docker.io          dockerd: the registrator and `viking run` talk to a real Docker
 #   busybox-static     the tests' and examples' images are built from it (no registry)
 #   dnsutils           dig, the real DNS client the ambassador's DNS tests use
+#   dnsmasq-base       dnsmasq, the real DNS server behind the ambassador's UDP tests
 #
 # As root it installs what is missing with apt and starts dockerd if none answers;
 # otherwise it prints the one command to run.
@@ -27,6 +28,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v dig >/dev/null 2>&1 || need+=(dnsutils)
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found: install Rust with rustup (https://rustup.rs), then run this again" >&2

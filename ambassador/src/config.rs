@@ -38,6 +38,10 @@ pub struct Config {
     pub dns: Option<crate::dns::DnsSettings>,
     /// Ambassador ports outside it are not served (a stray value in etcd).
     pub range: PortRange,
+    /// A UDP session idle this long ends.
+    pub udp_idle_timeout: Duration,
+    /// The most UDP sessions at once, in all.
+    pub max_udp_sessions: usize,
 }
 
 impl Config {
@@ -57,6 +61,8 @@ impl Config {
             local_congestion: None,
             dns: None,
             range: PortRange::DEFAULT,
+            udp_idle_timeout: Duration::from_secs(60),
+            max_udp_sessions: 65_536,
         }
     }
 }

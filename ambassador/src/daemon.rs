@@ -82,6 +82,14 @@ pub struct AmbassadorArgs {
     #[arg(long, env = "VIKING_SPLICE_AFTER", default_value_t = RelayConfig::default().splice_after)]
     pub splice_after: u64,
 
+    /// End a UDP session (a client address and its backend) idle for this long
+    #[arg(long, env = "VIKING_UDP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub udp_idle_timeout: Duration,
+
+    /// Most UDP sessions at once, in all; datagrams of new clients beyond it are dropped
+    #[arg(long, env = "VIKING_MAX_UDP_SESSIONS", default_value_t = 65_536)]
+    pub max_udp_sessions: usize,
+
     /// Service DNS: ADDR:PORT for UDP and TCP, or `off` (default: <bind>:53)
     #[arg(long, env = "VIKING_DNS")]
     pub dns: Option<String>,
@@ -197,6 +205,8 @@ impl AmbassadorArgs {
         config.threads = threads;
         config.local_congestion = local_congestion;
         config.range = range;
+        config.udp_idle_timeout = self.udp_idle_timeout;
+        config.max_udp_sessions = self.max_udp_sessions;
         config.relay = RelayConfig {
             idle_timeout: self.idle_timeout,
             splice_after: self.splice_after,

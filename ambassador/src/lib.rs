@@ -16,6 +16,7 @@
 //!   worker threads, one proxied connection.
 //! * [`metrics`]: every counter, once, read by `/metrics` and `/state`.
 //! * [`steer`]: which threads take new connections.
+//! * [`udp`]: UDP service ports: a session per client address.
 //! * [`lock`]: one ambassador per bind address.
 //! * [`admin`]: `/metrics`, `/healthz`, `/state`.
 //! * [`dns`]: the service DNS.
@@ -32,6 +33,7 @@ pub mod relay;
 pub mod routes;
 pub mod server;
 pub mod steer;
+pub mod udp;
 mod workers;
 
 pub use config::Config;

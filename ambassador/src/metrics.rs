@@ -23,6 +23,12 @@ struct BytesLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabel {
+    service: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabel {
     service: String,
     backend: String,
@@ -38,6 +44,10 @@ pub struct Metrics {
     bytes: Family<BytesLabel, Counter>,
     connect_errors: Family<BackendLabel, Counter>,
     ejections: Family<BackendLabel, Counter>,
+    datagrams: Family<BytesLabel, Counter>,
+    sessions_active: Family<ServiceLabel, Gauge>,
+    sessions: Family<ServiceLabel, Counter>,
+    drops: Family<DropLabel, Counter>,
     pub synced: Gauge,
     pub listeners: Gauge,
 }
@@ -56,6 +66,16 @@ pub struct ServiceCounters {
     pub bytes_up: Counter,
     /// Backend to client.
     pub bytes_down: Counter,
+    /// UDP: datagrams client to backend, and back.
+    pub datagrams_up: Counter,
+    pub datagrams_down: Counter,
+    /// UDP sessions open now, and in all.
+    pub sessions_active: Gauge,
+    pub sessions: Counter,
+    /// UDP datagrams dropped: no backend, the session limit, a failed send.
+    pub udp_drop_no_backend: Counter,
+    pub udp_drop_limit: Counter,
+    pub udp_drop_send: Counter,
 }
 
 /// One backend's counters that `/metrics` shows too.
@@ -101,6 +121,26 @@ impl Metrics {
             ejections,
             m.ejections.clone(),
         );
+        reg.register(
+            "ambassador_udp_datagrams",
+            "UDP datagrams relayed (up: client to backend)",
+            m.datagrams.clone(),
+        );
+        reg.register(
+            "ambassador_udp_sessions_active",
+            "UDP sessions open now",
+            m.sessions_active.clone(),
+        );
+        reg.register(
+            "ambassador_udp_sessions",
+            "UDP sessions started",
+            m.sessions.clone(),
+        );
+        reg.register(
+            "ambassador_udp_drops",
+            "UDP datagrams dropped, by reason (no backend, session limit, send error)",
+            m.drops.clone(),
+        );
         let synced = "1 while the routes are current: read from etcd, which answers now";
         reg.register("ambassador_etcd_synced", synced, m.synced.clone());
         reg.register(
@@ -125,6 +165,23 @@ impl Metrics {
                 })
                 .clone()
         };
+        let datagrams = |direction| {
+            self.datagrams
+                .get_or_create(&BytesLabel {
+                    service: name.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        let drops = |reason| {
+            self.drops
+                .get_or_create(&DropLabel {
+                    service: name.clone(),
+                    reason,
+                })
+                .clone()
+        };
+        let udp = service.proto == schema::Proto::Udp;
         ServiceCounters {
             active: self.active.get_or_create(&label).clone(),
             connections: self.connections.get_or_create(&label).clone(),
@@ -132,6 +189,42 @@ impl Metrics {
             local_errors: self.local_errors.get_or_create(&label).clone(),
             bytes_up: bytes("up"),
             bytes_down: bytes("down"),
+            // Shown for UDP service ports only; standalone handles for TCP ones.
+            datagrams_up: if udp {
+                datagrams("up")
+            } else {
+                Counter::default()
+            },
+            datagrams_down: if udp {
+                datagrams("down")
+            } else {
+                Counter::default()
+            },
+            sessions_active: if udp {
+                self.sessions_active.get_or_create(&label).clone()
+            } else {
+                Gauge::default()
+            },
+            sessions: if udp {
+                self.sessions.get_or_create(&label).clone()
+            } else {
+                Counter::default()
+            },
+            udp_drop_no_backend: if udp {
+                drops("no backend")
+            } else {
+                Counter::default()
+            },
+            udp_drop_limit: if udp {
+                drops("session limit")
+            } else {
+                Counter::default()
+            },
+            udp_drop_send: if udp {
+                drops("send error")
+            } else {
+                Counter::default()
+            },
         }
     }
 

@@ -157,7 +157,10 @@ impl Service {
 /// The whole table.
 #[derive(Debug, Default)]
 pub struct Routes {
+    /// TCP service ports, by ambassador port.
     pub by_port: BTreeMap<u16, Arc<Service>>,
+    /// UDP service ports, by ambassador port.
+    pub udp_by_port: BTreeMap<u16, Arc<Service>>,
 }
 
 impl Routes {
@@ -173,7 +176,11 @@ impl Routes {
     ) -> Routes {
         let mut old_backends: HashMap<(&str, SocketAddr), &Arc<Backend>> = HashMap::new();
         let mut old_stats: HashMap<&ServicePort, &Arc<ServiceCounters>> = HashMap::new();
-        for s in previous.by_port.values() {
+        for s in previous
+            .by_port
+            .values()
+            .chain(previous.udp_by_port.values())
+        {
             old_stats.insert(&s.service_port, &s.stats);
             for b in &s.backends {
                 old_backends.insert((b.instance.as_str(), b.addr), b);
@@ -192,17 +199,18 @@ impl Routes {
                 });
             backends.entry(e.service_port).or_default().push(backend);
         }
-        let mut by_port = BTreeMap::new();
+        let (mut by_port, mut udp_by_port) = (BTreeMap::new(), BTreeMap::new());
         for (service_port, port) in allocations(prefix, range, allocs) {
-            if service_port.proto != schema::Proto::Tcp {
-                continue; // the TCP proxy serves TCP service ports
-            }
+            let table = match service_port.proto {
+                schema::Proto::Tcp => &mut by_port,
+                schema::Proto::Udp => &mut udp_by_port,
+            };
             let stats = old_stats
                 .get(&service_port)
                 .map(|s| Arc::clone(s))
                 .unwrap_or_else(|| Arc::new(metrics.service(&service_port)));
             let list = backends.remove(&service_port).unwrap_or_default();
-            by_port.insert(
+            table.insert(
                 port,
                 Arc::new(Service {
                     service_port,
@@ -212,7 +220,10 @@ impl Routes {
                 }),
             );
         }
-        Routes { by_port }
+        Routes {
+            by_port,
+            udp_by_port,
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,12 @@ pub struct Shared {
     pub(crate) accepted: Box<[AtomicU64]>,
     /// How many threads take new connections (`steer`).
     pub(crate) steer: tokio::sync::watch::Sender<usize>,
+    /// UDP sessions open now, in all (`--max-udp-sessions`).
+    pub(crate) udp_sessions: AtomicUsize,
+    /// The session limit was logged (again once sessions fall to half of it).
+    pub(crate) udp_limit_logged: AtomicBool,
+    /// UDP ports with bound sockets.
+    pub(crate) udp_listening: Mutex<BTreeMap<u16, SocketAddr>>,
 }
 
 impl Shared {
@@ -108,6 +114,9 @@ impl Shared {
             metrics,
             accepted,
             steer,
+            udp_sessions: AtomicUsize::new(0),
+            udp_limit_logged: AtomicBool::new(false),
+            udp_listening: Mutex::default(),
         })
     }
 
@@ -163,6 +172,16 @@ impl Shared {
         self.listening.lock().expect("listening lock").clone()
     }
 
+    /// UDP ports with bound sockets and their addresses.
+    pub fn udp_listening(&self) -> BTreeMap<u16, SocketAddr> {
+        self.udp_listening.lock().expect("listening lock").clone()
+    }
+
+    /// UDP sessions open now, in all.
+    pub fn udp_sessions(&self) -> usize {
+        self.udp_sessions.load(Ordering::Relaxed)
+    }
+
     /// Prometheus text.
     pub fn metrics_text(&self) -> String {
         let mut out = String::new();
@@ -201,6 +220,36 @@ impl Shared {
                 })
             })
             .collect();
+        let udp_listening = self.udp_listening();
+        let udp: Vec<_> = routes
+            .udp_by_port
+            .values()
+            .map(|s| {
+                serde_json::json!({
+                    "port": s.port,
+                    "service_port": s.service_port.to_string(),
+                    "listening": udp_listening.contains_key(&s.port),
+                    "sessions_active": s.stats.sessions_active.get(),
+                    "sessions": s.stats.sessions.get(),
+                    "datagrams_up": s.stats.datagrams_up.get(),
+                    "datagrams_down": s.stats.datagrams_down.get(),
+                    "bytes_up": s.stats.bytes_up.get(),
+                    "bytes_down": s.stats.bytes_down.get(),
+                    "drops": {
+                        "no backend": s.stats.udp_drop_no_backend.get(),
+                        "session limit": s.stats.udp_drop_limit.get(),
+                        "send error": s.stats.udp_drop_send.get(),
+                    },
+                    "backends": s.backends.iter().map(|b| serde_json::json!({
+                        "instance": b.instance,
+                        "addr": b.addr.to_string(),
+                        "host": b.host,
+                        "connect_errors": b.counters.connect_errors.get(),
+                        "ejected": b.is_ejected(Instant::now()),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         let since = self.etcd.lock().expect("etcd state lock").since;
         serde_json::json!({
             "synced": self.is_current(),
@@ -209,6 +258,8 @@ impl Shared {
             "accepted_per_thread": self.accepted(),
             "threads_taking_new_connections": *self.steer.borrow(),
             "services": services,
+            "udp_services": udp,
+            "udp_sessions": self.udp_sessions(),
         })
     }
 }
@@ -281,6 +332,7 @@ pub async fn run(
     // routes -> listeners.
     let global = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut listeners: HashMap<u16, Listener> = HashMap::new();
+    let mut udp: HashMap<u16, crate::udp::UdpListener> = HashMap::new();
     let mut changes = shared.routes.subscribe();
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -292,6 +344,7 @@ pub async fn run(
             workers: &workers,
         };
         reconcile(&shared, &routes, &mut listeners, &context).await;
+        crate::udp::reconcile(&shared, &routes, &mut udp, &workers).await;
         tokio::select! {
             r = changes.changed() => { if r.is_err() { break; } }
             _ = retry.tick() => {}
@@ -299,7 +352,12 @@ pub async fn run(
         }
     }
 
-    // Shutdown: stop accepting, let connections finish, then cut the rest.
+    // Shutdown: stop accepting, let connections finish, then cut the rest. UDP has no
+    // connections to drain: its sockets close at once.
+    for (_, socket) in udp.drain() {
+        socket.close().await;
+    }
+    shared.udp_listening.lock().expect("listening lock").clear();
     for listener in listeners.values() {
         listener.stop.cancel();
     }

@@ -1622,3 +1622,66 @@ async fn a_flapping_host_waits_longer_each_time() {
     // Nothing moved: b kept its instance through all three.
     assert_eq!(cluster.containers("b", "shared").len(), 1);
 }
+
+/// Issue 18: a container on host a queries a UDP service (Debian's dnsmasq, run from the
+/// host's own files in a busybox container) on host b through its link's
+/// `$DNS_PORT_53_UDP_ADDR` and `_PORT`: the registrator registers the published UDP port,
+/// a's ambassador carries the datagrams across.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_service_on_another_host_answers_through_the_link() {
+    let dnsmasq = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("dnsmasq: scripts/setup.sh installs dnsmasq-base");
+    let cluster = Cluster::start(&["a", "b"]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir_all(dir.path().join("udp")).expect("dir");
+    std::fs::write(
+        dir.path().join("udp").join("stack.yml"),
+        format!(
+            "dns:\n  image: viking/busybox\n  ports: [53/udp]\n  \
+             volume: [/usr:/usr:ro, /lib:/lib:ro, /lib64:/lib64:ro, /etc/passwd:/etc/passwd:ro, \
+             /etc/group:/etc/group:ro]\n  \
+             placement: {{hosts: [b]}}\n  \
+             command: [{dnsmasq}, --keep-in-foreground, --no-resolv, --no-hosts, --user=root, --pid-file=, \
+             --address=/viking.test/10.1.2.3]\n\
+             client:\n  image: viking/busybox\n  link: [dns]\n  placement: {{hosts: [a]}}\n  \
+             command: sleep 3600 & trap 'exit 0' TERM; wait\n"
+        ),
+    )
+    .expect("write");
+    let stack = dir.path().join("udp");
+    cluster.viking(None, &["deploy", stack.to_str().expect("utf-8")]);
+    cluster.viking(None, &["run", "udp"]);
+    let client = testkit::eventually(Duration::from_secs(30), "the client on a", || {
+        let ids = docker::docker_ok(
+            Some(&cluster.host("a").dockerd.host()),
+            &["ps", "-q", "--filter", "label=viking.job=client"],
+        );
+        ids.lines().next().map(str::to_owned)
+    });
+    let answer = testkit::eventually(Duration::from_secs(20), "dnsmasq answers through a", || {
+        let out = docker::docker(
+            Some(&cluster.host("a").dockerd.host()),
+            &[
+                "exec",
+                &client,
+                "sh",
+                "-c",
+                "nslookup viking.test $DNS_PORT_53_UDP_ADDR:$DNS_PORT_53_UDP_PORT",
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("10.1.2.3") {
+            Ok(text)
+        } else {
+            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    });
+    eprintln!("{answer}");
+    let env = docker::docker_ok(
+        Some(&cluster.host("a").dockerd.host()),
+        &["exec", &client, "sh", "-c", "echo $DNS_PORT_53_UDP"],
+    );
+    assert!(env.trim().starts_with("udp://172.17.0.1:"), "{env}");
+}

@@ -201,3 +201,77 @@ async fn running_out_of_file_descriptors_is_not_blamed_on_the_backend() {
     // And the backend still serves.
     assert_eq!(who(([127, 0, 0, 1], port).into()).await.unwrap(), "b0");
 }
+
+/// `--max-udp-sessions` reached: one clear log line naming the flag, the datagram dropped and
+/// counted in `/metrics`, and the ambassador serving on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_udp_session_limit_is_a_log_line_and_a_counter() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let echo_task = tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let sp = "shared/echo:7/udp";
+    let port = put_alloc(&mut c, sp).await;
+    put_endpoint(&mut c, sp, "h0", 0, echo_addr).await;
+    let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
+    let run = tempfile::tempdir().unwrap();
+    let mut amb = Daemon::spawn(
+        env!("CARGO_BIN_EXE_ambassador"),
+        &[
+            "--etcd",
+            &etcd.endpoint(),
+            "--host",
+            "h0",
+            "--bind",
+            "127.0.0.1",
+            "--admin",
+            &admin,
+            "--dns",
+            "off",
+            "--range",
+            "1-65535",
+            "--run-dir",
+            run.path().to_str().unwrap(),
+            "--max-udp-sessions",
+            "1",
+            "--udp-idle-timeout",
+            "30s",
+        ],
+    );
+    amb.wait_log(
+        &format!("listening on (UDP) addr=127.0.0.1:{port}"),
+        Duration::from_secs(20),
+    );
+    let ask = |payload: &'static [u8]| async move {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.connect(("127.0.0.1", port)).await.unwrap();
+        s.send(payload).await.unwrap();
+        let mut buf = [0u8; 64];
+        let got = tokio::time::timeout(Duration::from_millis(500), s.recv(&mut buf)).await;
+        (s, got.ok().and_then(Result::ok))
+    };
+    let (_first, answered) = ask(b"one").await;
+    assert_eq!(answered, Some(3));
+    let (_second, answered) = ask(b"two").await;
+    assert_eq!(answered, None, "past the limit, dropped");
+    let line = amb.wait_log("--max-udp-sessions 1 reached", Duration::from_secs(5));
+    assert!(line.contains("raise --max-udp-sessions"), "{line}");
+    let (_, metrics) = http_get(&admin, "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "ambassador_udp_drops_total{{service=\"{sp}\",reason=\"session limit\"}} 1"
+        )),
+        "{metrics}"
+    );
+    let (_, state) = http_get(&admin, "/state");
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["udp_sessions"], 1, "{state}");
+    amb.kill();
+    echo_task.abort();
+}

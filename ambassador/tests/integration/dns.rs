@@ -341,3 +341,41 @@ async fn malformed_packets_neither_crash_nor_stall_the_server() {
     );
     assert_eq!(tcp.trim(), "127.0.0.1");
 }
+
+/// A UDP service port answers its `_PORT._udp` SRV name with its ambassador port, beside the
+/// ambassador's UDP socket on that port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_service_port_has_its_udp_srv_name() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await;
+    let (amb, server) = start(&etcd).await;
+    let port = put_alloc(&mut client, "shared/dns:53/udp").await;
+    put_endpoint(
+        &mut client,
+        "shared/dns:53/udp",
+        "node-a",
+        1,
+        "10.0.0.1:32768".parse().unwrap(),
+    )
+    .await;
+    testkit::eventually_async(Duration::from_secs(10), "the UDP socket", || {
+        std::future::ready(amb.shared.udp_listening().contains_key(&port).then_some(()))
+    })
+    .await;
+    let srv = testkit::eventually(Duration::from_secs(5), "the SRV answer", || {
+        let srv = dig(
+            server,
+            &["+short", "_53._udp.dns.shared.viking.internal", "SRV"],
+        );
+        (!srv.trim().is_empty()).then_some(srv)
+    });
+    assert_eq!(
+        srv.trim(),
+        format!("0 0 {port} dns.shared.viking.internal.")
+    );
+    let tcp = dig(
+        server,
+        &["+short", "_53._tcp.dns.shared.viking.internal", "SRV"],
+    );
+    assert_eq!(tcp.trim(), "", "no TCP name for a UDP port");
+}

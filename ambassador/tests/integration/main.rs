@@ -2,6 +2,7 @@
 
 mod dns;
 mod proxy;
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
