@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs:
 #   make up     the main job on this host (a local etcd started for you)
 #   make test   install what is missing, then fmt, clippy and every test
-.PHONY: up test setup fmt lint unit bench bench-grid bench-proxy bench-registrator bench-locknet bench-dns bench-multihost
+.PHONY: up test setup fmt lint unit bench bench-grid bench-proxy bench-udp bench-registrator bench-locknet bench-dns bench-multihost
 
 CARGO ?= cargo
 
@@ -30,6 +30,9 @@ bench-grid: setup
 	$(CARGO) bench -p viking-benches --bench scheduler
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p viking-benches --bench grid_real
+
+bench-udp: setup
+	bash benches/udp/harness.sh
 
 bench-registrator: setup
 	$(CARGO) bench -p viking-benches --bench registrator
