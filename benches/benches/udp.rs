@@ -189,7 +189,7 @@ fn main() {
     rt.block_on(async {
         let mut c = etcd.client().await;
         c.put(
-            format!("/viking/ports/alloc/bench/echo/7-udp"),
+            "/viking/ports/alloc/bench/echo/7-udp",
             format!("{{\"v\":1,\"port\":{amb_port}}}"),
             None,
         )
