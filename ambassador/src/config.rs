@@ -42,6 +42,11 @@ pub struct Config {
     pub udp_idle_timeout: Duration,
     /// The most UDP sessions at once, in all.
     pub max_udp_sessions: usize,
+    /// Link-scoped access (`--links`).
+    pub links: crate::access::LinksMode,
+    /// How long a connection from an address not known yet waits for the registrator to
+    /// publish it before it is refused.
+    pub unknown_source_wait: Duration,
 }
 
 impl Config {
@@ -63,6 +68,8 @@ impl Config {
             range: PortRange::DEFAULT,
             udp_idle_timeout: Duration::from_secs(60),
             max_udp_sessions: 65_536,
+            links: crate::access::LinksMode::Enforced,
+            unknown_source_wait: Duration::from_secs(1),
         }
     }
 }

@@ -14,13 +14,43 @@ use crate::routes::{Backend, Service};
 use crate::server::Shared;
 
 /// `hard` cuts the connection (at the end of the grace period after SIGTERM).
+/// Closes a connection that link-scoped access refuses at once, with a reset, and counts it.
+fn refuse(
+    client: TcpStream,
+    from: std::net::SocketAddr,
+    service: &Service,
+    decision: &crate::access::Decision,
+) {
+    use crate::access::Decision;
+    match decision {
+        Decision::NotLinked(name) => {
+            service.stats.refused_not_linked.inc();
+            debug!(%from, container = %name, service = %service.service_port, "refused: its job does not link to the service");
+        }
+        _ => {
+            service.stats.refused_unknown.inc();
+            debug!(%from, service = %service.service_port, "refused: not a known container of this host");
+        }
+    }
+    // SO_LINGER 0: the close sends a reset, not a FIN the client might take for an answer.
+    let _ = client.set_zero_linger();
+    drop(client);
+}
+
 pub(crate) async fn handle(
     shared: &Shared,
     client: TcpStream,
+    from: std::net::SocketAddr,
     service: &Service,
     hard: &CancellationToken,
 ) {
     let stats = &service.stats;
+    // Link-scoped access: one table lookup (an unknown address waits for the table).
+    let decision = shared.admit(from.ip(), &service.service_port.service).await;
+    if decision != crate::access::Decision::Accept {
+        refuse(client, from, service, &decision);
+        return;
+    }
     stats.connections.inc();
     // Boxed: the connect phase's state is freed once connected instead of taking space in
     // the task for the connection's whole life.
@@ -239,7 +269,8 @@ mod size {
             stats: Arc::default(),
         };
         let hard = CancellationToken::new();
-        let task = handle(&shared, client, &service, &hard);
+        let from = client.local_addr().unwrap();
+        let task = handle(&shared, client, from, &service, &hard);
         let size = std::mem::size_of_val(&task);
         println!("connection task: {size} bytes");
         assert!(size <= 1024, "the connection task grew to {size} bytes");

@@ -90,6 +90,16 @@ pub struct AmbassadorArgs {
     #[arg(long, env = "VIKING_MAX_UDP_SESSIONS", default_value_t = 65_536)]
     pub max_udp_sessions: usize,
 
+    /// Link-scoped access: `enforced` accepts a connection from a container of this host only
+    /// to a service its job links to (or its `viking.links` label names); `open` accepts all
+    #[arg(long, env = "VIKING_LINKS", value_enum, default_value = "enforced")]
+    pub links: crate::access::LinksMode,
+
+    /// How long a connection from an address not known yet (a container that just started)
+    /// waits for the registrator to publish it before it is refused
+    #[arg(long, env = "VIKING_UNKNOWN_SOURCE_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub unknown_source_wait: Duration,
+
     /// Service DNS: ADDR:PORT for UDP and TCP, or `off` (default: <bind>:53)
     #[arg(long, env = "VIKING_DNS")]
     pub dns: Option<String>,
@@ -207,6 +217,8 @@ impl AmbassadorArgs {
         config.range = range;
         config.udp_idle_timeout = self.udp_idle_timeout;
         config.max_udp_sessions = self.max_udp_sessions;
+        config.links = self.links;
+        config.unknown_source_wait = self.unknown_source_wait;
         config.relay = RelayConfig {
             idle_timeout: self.idle_timeout,
             splice_after: self.splice_after,

@@ -14,6 +14,7 @@
 //! * [`server`]: the shared state, etcd into routes and DNS zone, graceful shutdown.
 //! * [`listeners`], [`workers`], [`connection`]: listening sockets and accept loops, the
 //!   worker threads, one proxied connection.
+//! * [`access`]: link-scoped access: who may connect to which service.
 //! * [`metrics`]: every counter, once, read by `/metrics` and `/state`.
 //! * [`steer`]: which threads take new connections.
 //! * [`udp`]: UDP service ports: a session per client address.
@@ -21,6 +22,7 @@
 //! * [`admin`]: `/metrics`, `/healthz`, `/state`.
 //! * [`dns`]: the service DNS.
 
+pub mod access;
 pub mod admin;
 pub mod config;
 mod connection;

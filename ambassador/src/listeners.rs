@@ -164,8 +164,8 @@ async fn accept_loop(
             }
             a = listener.accept() => a,
         };
-        let client = match accepted {
-            Ok((client, _)) => client,
+        let (client, from) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(port, error = %e, "accept failed; backing off");
@@ -184,7 +184,7 @@ async fn accept_loop(
         // accept; the few log lines of a connection name their service and backend.
         tracker.spawn(async move {
             let _permits = (g, l);
-            handle(&shared, client, &service, &hard).await;
+            handle(&shared, client, from, &service, &hard).await;
         });
     }
 }

@@ -48,6 +48,7 @@ pub struct Metrics {
     sessions_active: Family<ServiceLabel, Gauge>,
     sessions: Family<ServiceLabel, Counter>,
     drops: Family<DropLabel, Counter>,
+    refused: Family<DropLabel, Counter>,
     pub synced: Gauge,
     pub listeners: Gauge,
 }
@@ -76,6 +77,9 @@ pub struct ServiceCounters {
     pub udp_drop_no_backend: Counter,
     pub udp_drop_limit: Counter,
     pub udp_drop_send: Counter,
+    /// Connections (and UDP sessions) refused by link-scoped access.
+    pub refused_not_linked: Counter,
+    pub refused_unknown: Counter,
 }
 
 /// One backend's counters that `/metrics` shows too.
@@ -141,6 +145,11 @@ impl Metrics {
             "UDP datagrams dropped, by reason (no backend, session limit, send error)",
             m.drops.clone(),
         );
+        reg.register(
+            "ambassador_connections_refused",
+            "Connections and UDP sessions refused by link-scoped access, by reason (not linked, unknown source)",
+            m.refused.clone(),
+        );
         let synced = "1 while the routes are current: read from etcd, which answers now";
         reg.register("ambassador_etcd_synced", synced, m.synced.clone());
         reg.register(
@@ -175,6 +184,16 @@ impl Metrics {
         };
         let drops = |reason| {
             self.drops
+                .get_or_create(&DropLabel {
+                    service: name.clone(),
+                    reason,
+                })
+                .clone()
+        };
+        // Each handle cloned inside its closure: a family's guard must not outlive the call
+        // (two alive at once in one statement would deadlock on the family's lock).
+        let refused = |reason| {
+            self.refused
                 .get_or_create(&DropLabel {
                     service: name.clone(),
                     reason,
@@ -225,6 +244,8 @@ impl Metrics {
             } else {
                 Counter::default()
             },
+            refused_not_linked: refused("not linked"),
+            refused_unknown: refused("unknown source"),
         }
     }
 

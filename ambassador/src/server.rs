@@ -84,6 +84,8 @@ pub struct Shared {
     pub(crate) udp_limit_logged: AtomicBool,
     /// UDP ports with bound sockets.
     pub(crate) udp_listening: Mutex<BTreeMap<u16, SocketAddr>>,
+    /// Link-scoped access: who may connect to which service (`crate::access`).
+    access: tokio::sync::watch::Sender<Arc<crate::access::Access>>,
 }
 
 impl Shared {
@@ -117,6 +119,7 @@ impl Shared {
             udp_sessions: AtomicUsize::new(0),
             udp_limit_logged: AtomicBool::new(false),
             udp_listening: Mutex::default(),
+            access: tokio::sync::watch::channel(Arc::default()).0,
         })
     }
 
@@ -170,6 +173,60 @@ impl Shared {
     /// Ports with a bound listener and their addresses.
     pub fn listening(&self) -> BTreeMap<u16, SocketAddr> {
         self.listening.lock().expect("listening lock").clone()
+    }
+
+    /// Replaces the link-scoped access table (what the watches do; benches and tests).
+    pub fn set_access(&self, access: crate::access::Access) {
+        self.access.send_replace(Arc::new(access));
+    }
+
+    /// The link-scoped access table now.
+    pub fn access(&self) -> Arc<crate::access::Access> {
+        self.access.borrow().clone()
+    }
+
+    /// Decides at once (an address not known yet is refused): for UDP, whose receive loop must
+    /// not wait; the client's next datagram asks again.
+    pub fn admit_now(
+        &self,
+        from: std::net::IpAddr,
+        service: &schema::ServiceId,
+    ) -> crate::access::Decision {
+        if self.config.links == crate::access::LinksMode::Open {
+            return crate::access::Decision::Accept;
+        }
+        self.access.borrow().decide(from, service)
+    }
+
+    /// Decides a new connection from `from` to `service`; an address not known yet waits up
+    /// to `--unknown-source-wait` for the table to learn it. Always accepts with `--links
+    /// open`.
+    pub async fn admit(
+        &self,
+        from: std::net::IpAddr,
+        service: &schema::ServiceId,
+    ) -> crate::access::Decision {
+        use crate::access::{Decision, LinksMode};
+        if self.config.links == LinksMode::Open {
+            return Decision::Accept;
+        }
+        let mut changes = self.access.subscribe();
+        let decision = changes.borrow_and_update().decide(from, service);
+        if decision != Decision::Unknown {
+            return decision;
+        }
+        let deadline = tokio::time::Instant::now() + self.config.unknown_source_wait;
+        loop {
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {
+                    let d = changes.borrow_and_update().decide(from, service);
+                    if d != Decision::Unknown {
+                        return d;
+                    }
+                }
+                _ => return Decision::Unknown,
+            }
+        }
     }
 
     /// UDP ports with bound sockets and their addresses.
@@ -260,6 +317,11 @@ impl Shared {
             "services": services,
             "udp_services": udp,
             "udp_sessions": self.udp_sessions(),
+            "links": match self.config.links {
+                crate::access::LinksMode::Enforced => "enforced",
+                crate::access::LinksMode::Open => "open",
+            },
+            "containers_known": self.access().len(),
         })
     }
 }
@@ -296,12 +358,40 @@ pub async fn run(
     ));
     let client_for_probe = client.clone();
     tokio::spawn(watch::watch_prefix(
-        client,
+        client.clone(),
         prefix.dir(Dir::Services),
         svc_tx,
         background.clone(),
     ));
     tokio::spawn(sync_routes(shared.clone(), alloc_rx, svc_rx).instrument(info_span!("sync")));
+    if shared.config.links == crate::access::LinksMode::Enforced {
+        let (containers_tx, containers_rx) = mpsc::channel(64);
+        let (stacks_tx, stacks_rx) = mpsc::channel(64);
+        let host = schema::HostId::new(shared.config.host.as_str());
+        match host {
+            Ok(host) => {
+                tokio::spawn(watch::watch_prefix(
+                    client.clone(),
+                    prefix.dir(Dir::HostContainers(&host)),
+                    containers_tx,
+                    background.clone(),
+                ));
+            }
+            // Not a host id: no container is ever known, every container is refused.
+            Err(e) => {
+                warn!(host = %shared.config.host, "{e}: no container of this host can be known")
+            }
+        }
+        tokio::spawn(watch::watch_prefix(
+            client.clone(),
+            prefix.dir(Dir::Stacks),
+            stacks_tx,
+            background.clone(),
+        ));
+        tokio::spawn(
+            sync_access(shared.clone(), containers_rx, stacks_rx).instrument(info_span!("access")),
+        );
+    }
     tokio::spawn(probe_etcd(
         shared.clone(),
         client_for_probe,
@@ -390,6 +480,39 @@ pub async fn run(
     workers.stop().await;
     info!(drained = report.drained, cut = report.cut, "shut down");
     report
+}
+
+/// Rebuilds the access table after every change of this host's containers or the specs, and
+/// every 30 s (this host's own addresses may change).
+async fn sync_access(
+    shared: Arc<Shared>,
+    mut containers_rx: mpsc::Receiver<WatchUpdate>,
+    mut stacks_rx: mpsc::Receiver<WatchUpdate>,
+) {
+    let mut containers: BTreeMap<String, Kv> = BTreeMap::new();
+    let mut stacks: BTreeMap<String, Kv> = BTreeMap::new();
+    let mut refresh = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            u = containers_rx.recv() => match u {
+                Some(u) => watch::apply(&mut containers, u),
+                None => return,
+            },
+            u = stacks_rx.recv() => match u {
+                Some(u) => watch::apply(&mut stacks, u),
+                None => return,
+            },
+            _ = refresh.tick() => {}
+        }
+        let access = crate::access::Access::build(
+            &shared.config.prefix,
+            &containers,
+            &stacks,
+            crate::access::local_addrs(),
+        );
+        debug!(containers = access.len(), "access table rebuilt");
+        shared.access.send_replace(Arc::new(access));
+    }
 }
 
 /// Applies watch updates to the two key maps and publishes a rebuilt table after each.

@@ -307,6 +307,21 @@ async fn start(
     stop: &CancellationToken,
 ) -> Option<Arc<Session>> {
     let shared = &port.shared;
+    // Link-scoped access, as for a TCP connection; an address not known yet is not waited
+    // for here (the loop serves every client of the socket): its next datagram asks again.
+    match shared.admit_now(client.ip(), &service.service_port.service) {
+        crate::access::Decision::Accept => {}
+        crate::access::Decision::NotLinked(name) => {
+            service.stats.refused_not_linked.inc();
+            debug!(%client, container = %name, service = %service.service_port, "UDP refused: its job does not link to the service");
+            return None;
+        }
+        crate::access::Decision::Unknown => {
+            service.stats.refused_unknown.inc();
+            debug!(%client, service = %service.service_port, "UDP refused: not a known container of this host");
+            return None;
+        }
+    }
     let max = shared.config.max_udp_sessions;
     if shared.udp_sessions.fetch_add(1, Ordering::Relaxed) >= max {
         shared.udp_sessions.fetch_sub(1, Ordering::Relaxed);

@@ -390,6 +390,29 @@ impl Agent {
             );
             problems.extend(plan.notes);
         }
+        // Every running container, for link-scoped access: who it is, where it is.
+        for c in self.containers.values().filter(|c| c.running) {
+            let id12: String = c.id.chars().take(12).collect();
+            let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
+            let record = records::ContainerRecord {
+                v: records::RECORD_VERSION,
+                stack: label(schema::labels::STACK),
+                job: label(schema::labels::JOB),
+                addrs: c.addrs.iter().map(ToString::to_string).collect(),
+                links_label: label(schema::labels::LINKS)
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                name: c.name.clone(),
+            };
+            let key = self
+                .config
+                .prefix
+                .key(&Key::Container(self.config.settings.host.clone(), id12));
+            desired.insert(key, records::encode(&record));
+        }
         for p in problems.difference(&self.warned) {
             warn!("{p}");
         }

@@ -135,7 +135,14 @@ fn from_inspect(r: ContainerInspectResponse) -> Option<Container> {
             .filter(|s| !s.is_empty())
             .and_then(|s| s.parse().ok())
     });
+    let addrs = networks
+        .values()
+        .flat_map(|n| [n.ip_address.as_deref(), n.global_ipv6_address.as_deref()])
+        .flatten()
+        .filter_map(|s| s.parse().ok())
+        .collect();
     Some(Container {
+        addrs,
         name: r
             .name
             .map(|n| n.trim_start_matches('/').to_owned())

@@ -33,6 +33,8 @@ pub struct Container {
     pub ports: Vec<Port>,
     /// The container's address on its first network, if it has one.
     pub ip: Option<IpAddr>,
+    /// Every address it has on a Docker network (link-scoped access knows it by these).
+    pub addrs: Vec<IpAddr>,
     pub running: bool,
     pub paused: bool,
     pub health: Health,
@@ -408,6 +410,7 @@ mod tests {
                 published: vec![(None, 32768)],
             }],
             ip: Some("172.17.0.5".parse().unwrap()),
+            addrs: vec!["172.17.0.5".parse().unwrap()],
             running: true,
             paused: false,
             health: Health::None,

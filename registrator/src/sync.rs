@@ -94,12 +94,23 @@ pub async fn read_host(
         .await?;
     let alive_key = prefix.key(&Key::Alive(host.clone()));
     let alive = kv.get(alive_key.as_str(), None).await?;
+    let containers = kv
+        .get(
+            prefix.dir(Dir::HostContainers(host)),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await?;
     let mut actual = Actual::new();
-    for kv in services.kvs().iter().chain(alive.kvs()) {
+    for kv in services
+        .kvs()
+        .iter()
+        .chain(alive.kvs())
+        .chain(containers.kvs())
+    {
         let Ok(key) = kv.key_str() else { continue };
         let ours = match prefix.parse(key) {
             Ok(Key::Endpoint { instance, .. }) => &instance.host == host,
-            Ok(Key::Alive(h)) => &h == host,
+            Ok(Key::Alive(h) | Key::Container(h, _)) => &h == host,
             _ => false,
         };
         if ours {

@@ -488,6 +488,9 @@ pub mod labels {
     /// The host whose launcher made it: a launcher removes only its own containers, never
     /// those of another cluster's launcher or of a hand-run `docker run` sharing the daemon.
     pub const HOST: &str = "viking.host";
+    /// Services (`stack/job`, comma-separated) a container started by other means may reach
+    /// under link-scoped access.
+    pub const LINKS: &str = "viking.links";
 }
 
 /// The container name of instance `i` of a job: `<stack>_<job>_<i>`.

@@ -88,6 +88,8 @@ impl Prefix {
             Dir::Statuses => "grid/status/".to_owned(),
             Dir::HostStatuses(host) => format!("grid/status/{host}/"),
             Dir::Lost => "grid/lost/".to_owned(),
+            Dir::Containers => "containers/".to_owned(),
+            Dir::HostContainers(host) => format!("containers/{host}/"),
         };
         format!("{}/{tail}", self.0)
     }
@@ -138,6 +140,14 @@ impl Prefix {
             ["grid", "nodes", host] => Key::Node(HostId::new(*host).map_err(name_err)?),
             ["grid", "run", stack] => Key::Run(StackName::new(*stack).map_err(name_err)?),
             ["grid", "lost", host] => Key::Lost(HostId::new(*host).map_err(name_err)?),
+            ["containers", host, id] => {
+                let id = Instance::new(HostId::new(*host).map_err(name_err)?, id, 1)
+                    .map_err(|_| bad("the container id is not 12 lowercase hex digits"))?;
+                if id.container_id.len() != 12 {
+                    return Err(bad("the container id is not 12 lowercase hex digits"));
+                }
+                Key::Container(id.host, id.container_id)
+            }
             [
                 "grid",
                 kind @ ("assign" | "status"),
@@ -262,6 +272,10 @@ pub enum Dir<'a> {
     HostStatuses(&'a HostId),
     /// `grid/lost/`: hosts whose launcher went away while they held work.
     Lost,
+    /// `containers/`: every host's running containers (link-scoped access).
+    Containers,
+    /// One host's running containers: what its ambassador watches.
+    HostContainers(&'a HostId),
 }
 
 /// One key of the contract (docs/contract.md, "etcd keys and values").
@@ -301,6 +315,9 @@ pub enum Key {
     /// `grid/lost/<host>`: since when a host with work has had no launcher, and when its
     /// instances move.
     Lost(HostId),
+    /// `containers/<host>/<id12>`: a running container of that host, under its registrator's
+    /// lease.
+    Container(HostId, String),
 }
 
 /// One instance of a job on one host: the last segments of `grid/assign/` and `grid/status/`.
@@ -350,6 +367,7 @@ impl Key {
                 slot.host, slot.service, slot.instance
             ),
             Key::Lost(h) => format!("grid/lost/{h}"),
+            Key::Container(h, id) => format!("containers/{h}/{id}"),
         }
     }
 }

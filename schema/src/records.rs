@@ -230,6 +230,29 @@ pub struct RunRecord {
     pub since: String,
 }
 
+/// `containers/<host>/<id12>`: one of the host's running containers, for link-scoped access
+/// (the ambassador admits a connection from it only to services its job links to, or that
+/// its `viking.links` label names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    /// Its `viking.stack` and `viking.job` labels; empty for a container without them.
+    #[serde(default)]
+    pub stack: String,
+    #[serde(default)]
+    pub job: String,
+    /// Every address it has on a Docker network.
+    #[serde(default)]
+    pub addrs: Vec<String>,
+    /// The services its `viking.links` label names (`stack/job`), as written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links_label: Vec<String>,
+    /// Its name, for logs.
+    #[serde(default)]
+    pub name: String,
+}
+
 /// `grid/assign/<host>/<stack>/<job>/<instance>`: the scheduler placed an instance there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AssignRecord {

@@ -82,12 +82,14 @@ fn ensure_image(host: Option<&str>) {
 
 /// Runs a throwaway container on `host` with `env` (`KEY=VALUE` lines, e.g. from `viking
 /// env`) that fetches `http://$<url_var>/` `n` times with busybox wget (3 s each); returns the
-/// answers, one per line, and how many fetches failed.
+/// answers, one per line, and how many fetches failed. `links` is its `viking.links` label:
+/// the services link-scoped access lets it reach (`None`: no label, so none).
 pub fn fetch_with_env(
     host: Option<&str>,
     env: &str,
     url_var: &str,
     n: usize,
+    links: Option<&str>,
 ) -> (Vec<String>, usize) {
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -95,6 +97,9 @@ pub fn fetch_with_env(
         "--label".into(),
         "viking.test=1".into(),
     ];
+    if let Some(links) = links {
+        args.extend(["--label".into(), format!("viking.links={links}")]);
+    }
     for line in env.lines().filter(|l| !l.trim().is_empty()) {
         args.push("-e".into());
         args.push(line.to_owned());

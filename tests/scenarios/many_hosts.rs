@@ -276,7 +276,13 @@ impl Cluster {
     fn fetch(&self, on: &str, n: usize) -> (Vec<String>, usize) {
         let env = self.viking(None, &["env", "app/client"]);
         let host = self.host(on).dockerd.host();
-        docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", n)
+        docker::fetch_with_env(
+            Some(&host),
+            &env,
+            "SHARED_WEB_PORT_80",
+            n,
+            Some("shared/web"),
+        )
     }
 
     /// Requests from a throwaway container on `on` with app/client's env to
@@ -289,8 +295,13 @@ impl Cluster {
         let thread = std::thread::spawn(move || {
             let (mut made, mut failed) = (0, 0);
             while !flag.load(std::sync::atomic::Ordering::Relaxed) || made < 200 {
-                let (answers, failures) =
-                    docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", 25);
+                let (answers, failures) = docker::fetch_with_env(
+                    Some(&host),
+                    &env,
+                    "SHARED_WEB_PORT_80",
+                    25,
+                    Some("shared/web"),
+                );
                 made += answers.len();
                 failed += failures;
                 assert!(made < 5000, "bounded");
@@ -456,24 +467,37 @@ fn agents(
                 "--etcd", etcd, "--host", name, "--addr", addr, "--docker", docker, "--ttl", "3s",
             ],
         ),
-        spawn(
-            lan,
-            name,
-            "ambassador",
-            &[
-                "--etcd",
-                etcd,
-                "--host",
-                name,
-                "--bind",
-                "172.17.0.1",
-                "--dns",
-                "off",
-                "--grace",
-                "1s",
-            ],
-        ),
+        spawn(lan, name, "ambassador", &ambassador_args(etcd, name, &[])),
     ]
+}
+
+/// A host's ambassador's flags (on the bridge address, no DNS), and `extra`.
+fn ambassador_args<'a>(etcd: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--etcd",
+        etcd,
+        "--host",
+        name,
+        "--bind",
+        "172.17.0.1",
+        "--dns",
+        "off",
+        "--grace",
+        "1s",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Another ambassador on `name` (its own was stopped), with `extra` flags.
+fn ambassador(cluster: &Cluster, name: &str, extra: &[&str]) -> Daemon {
+    let endpoint = cluster.endpoints.clone();
+    spawn(
+        &cluster.lan,
+        name,
+        "ambassador",
+        &ambassador_args(&endpoint, name, extra),
+    )
 }
 
 fn examples() -> (String, String) {
@@ -754,7 +778,13 @@ async fn a_deploy_while_traffic_flows_reaches_every_host() {
         let env = cluster.viking(None, &["env", "app/client"]);
         let host = cluster.host("a").dockerd.host();
         std::thread::spawn(move || {
-            docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", 30)
+            docker::fetch_with_env(
+                Some(&host),
+                &env,
+                "SHARED_WEB_PORT_80",
+                30,
+                Some("shared/web"),
+            )
         })
     };
     std::thread::sleep(Duration::from_millis(300));
@@ -1684,4 +1714,186 @@ async fn a_udp_service_on_another_host_answers_through_the_link() {
         &["exec", &client, "sh", "-c", "echo $DNS_PORT_53_UDP"],
     );
     assert!(env.trim().starts_with("udp://172.17.0.1:"), "{env}");
+    // A UDP session obeys the links too: the dns container itself (its job does not link to
+    // udp/dns) asking b's ambassador is refused, and counted.
+    let port = env.trim().rsplit(':').next().expect("port").to_owned();
+    let dns = container_of(&cluster.host("b").dockerd.host(), "dns");
+    let out = docker::docker(
+        Some(&cluster.host("b").dockerd.host()),
+        &[
+            "exec",
+            &dns,
+            "sh",
+            "-c",
+            &format!("timeout 5 busybox nslookup viking.test 172.17.0.1:{port}"),
+        ],
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("10.1.2.3"),
+        "a container that does not link got an answer"
+    );
+
+    let metrics = cluster
+        .lan
+        .ns("b")
+        .exec(&["curl", "-s", "http://127.0.0.1:9100/metrics"]);
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "ambassador_connections_refused_total{service=\"udp/dns:53/udp\",reason=\"not linked\"}"
+        ) && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+/// `$SHARED_WEB_PORT_80` (`172.17.0.1:N`) from `viking env app/client`.
+fn web_addr(env: &str) -> String {
+    env.lines()
+        .find_map(|l| l.strip_prefix("SHARED_WEB_PORT_80="))
+        .map(|v| v.trim_start_matches("tcp://").to_owned())
+        .expect("SHARED_WEB_PORT_80 in the env")
+}
+
+/// A fetch of `http://<addr>/` from inside container `id` on `host`: the answer, or `FAILED`.
+fn fetch_in(host: &str, id: &str, addr: &str) -> String {
+    let out = docker::docker(
+        Some(host),
+        &[
+            "exec",
+            id,
+            "sh",
+            "-c",
+            &format!("timeout 3 wget -qO- http://{addr}/ || echo FAILED"),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// One of `host`'s running containers of `stack/job`.
+fn container_of(host: &str, job: &str) -> String {
+    testkit::eventually(Duration::from_secs(30), "a running container", || {
+        let ids = docker::docker_ok(
+            Some(host),
+            &["ps", "-q", "--filter", &format!("label=viking.job={job}")],
+        );
+        ids.lines().next().map(str::to_owned)
+    })
+}
+
+/// Issue 18, links are the access policy: on a host with its registrator and ambassador, a
+/// container whose job links to shared/web gets in, and so does one whose `viking.links`
+/// label names it, the instant it starts; a container of a job that does not link, and one
+/// without labels, are refused (reset) and counted; the host's own address gets in; with etcd
+/// stopped the last known table keeps deciding; `--links open` lets everything in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_containers_that_link_to_a_service_reach_it() {
+    let mut cluster = Cluster::start(&["a"]).await;
+    let (shared, app) = examples();
+    cluster.viking(None, &["deploy", &shared, &app]);
+    cluster.viking(None, &["run", "shared", "app"]);
+    let env = cluster.viking(None, &["env", "app/client"]);
+    let addr = web_addr(&env);
+    let host = cluster.host("a").dockerd.host();
+    let metrics = |cluster: &Cluster| {
+        cluster
+            .lan
+            .ns("a")
+            .exec(&["curl", "-s", "http://127.0.0.1:9100/metrics"])
+    };
+    let refused = |text: &str, reason: &str| -> u64 {
+        let line = format!(
+            "ambassador_connections_refused_total{{service=\"shared/web:80/tcp\",reason=\"{reason}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+
+    // The label naming the service, connecting the moment it starts: in.
+    testkit::eventually(Duration::from_secs(20), "the ambassador serves", || {
+        let (_, failures) = docker::fetch_with_env(
+            Some(&host),
+            &env,
+            "SHARED_WEB_PORT_80",
+            1,
+            Some("shared/web"),
+        );
+        (failures == 0).then_some(())
+    });
+    let (answers, failures) = docker::fetch_with_env(
+        Some(&host),
+        &env,
+        "SHARED_WEB_PORT_80",
+        3,
+        Some("shared/web"),
+    );
+    assert_eq!(failures, 0, "{answers:?}");
+    // The app/client job's own container: its job links to shared/web.
+    let client = container_of(&host, "client");
+    assert_ne!(fetch_in(&host, &client, &addr), "FAILED");
+    // A shared/web container: its job does not link to shared/web.
+    let web = container_of(&host, "web");
+    assert_eq!(fetch_in(&host, &web, &addr), "FAILED");
+    // No labels at all: refused.
+    let (answers, failures) =
+        docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", 2, None);
+    assert_eq!(failures, 2, "{answers:?}");
+    // A label naming another service only: refused.
+    let (_, failures) = docker::fetch_with_env(
+        Some(&host),
+        &env,
+        "SHARED_WEB_PORT_80",
+        1,
+        Some("app/client"),
+    );
+    assert_eq!(failures, 1);
+    let text = metrics(&cluster);
+    assert!(refused(&text, "not linked") >= 4, "{text}");
+    // The host itself (its address on the bridge) gets in.
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let answer = cluster.lan.ns("a").exec(&[
+        "curl",
+        "-s",
+        "-m",
+        "3",
+        &format!("http://172.17.0.1:{port}/"),
+    ]);
+    assert!(!answer.trim().is_empty(), "the host was refused");
+
+    // --links open: everything gets in.
+    {
+        let a = cluster.hosts.iter_mut().find(|h| h.name == "a").expect("a");
+        a.procs[2].kill();
+    }
+    let open = ambassador(&cluster, "a", &["--links", "open"]);
+    testkit::eventually(
+        Duration::from_secs(20),
+        "unlabelled in with --links open",
+        || {
+            let (_, failures) =
+                docker::fetch_with_env(Some(&host), &env, "SHARED_WEB_PORT_80", 1, None);
+            (failures == 0).then_some(())
+        },
+    );
+    drop(open);
+    let restarted = ambassador(&cluster, "a", &[]);
+    testkit::eventually(Duration::from_secs(20), "enforced again", || {
+        (fetch_in(&host, &web, &addr) == "FAILED" && fetch_in(&host, &client, &addr) != "FAILED")
+            .then_some(())
+    });
+
+    // etcd away: the last known table keeps deciding.
+    cluster._etcd.as_mut().expect("one etcd").stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_ne!(
+        fetch_in(&host, &client, &addr),
+        "FAILED",
+        "linked, etcd away"
+    );
+    assert_eq!(
+        fetch_in(&host, &web, &addr),
+        "FAILED",
+        "not linked, etcd away"
+    );
+    drop(restarted);
 }

@@ -209,9 +209,17 @@ async fn a_session_moves_when_its_backend_refuses_and_ends_when_idle() {
     })
     .await;
     assert_eq!(amb.shared.udp_sessions(), 0);
-    // A new datagram makes a new session.
-    assert!(ask(&c, b"back", Duration::from_secs(2)).await.is_some());
-    assert_eq!(state(&amb)["sessions"], 2);
+    // A new datagram makes a new session (which may pick the dead backend again, still
+    // registered and not yet ejected: its datagram is lost and the client asks again).
+    let mut back = None;
+    for _ in 0..3 {
+        back = ask(&c, b"back", Duration::from_millis(500)).await;
+        if back.is_some() {
+            break;
+        }
+    }
+    assert_eq!(back.as_deref().map(|r| &r[..2]), Some(other.as_bytes()));
+    assert!(state(&amb)["sessions"].as_u64().unwrap() >= 2);
 }
 
 /// At `--max-udp-sessions` a new client's datagrams are dropped and counted; the sessions

@@ -130,7 +130,8 @@ impl World {
     fn fetch_through_ambassador(&self, n: usize) -> (Vec<String>, usize) {
         let env = self.ok(&["env", &format!("{}/client", self.app)]);
         let var = format!("{}_WEB_PORT_80", self.shared.to_uppercase());
-        docker::fetch_with_env(None, &env, &var, n)
+        let links = format!("{}/web", self.shared);
+        docker::fetch_with_env(None, &env, &var, n, Some(&links))
     }
 
     fn web_hostnames(&self) -> BTreeSet<String> {
