@@ -36,6 +36,7 @@ pub mod routes;
 pub mod server;
 pub mod steer;
 pub mod udp;
+mod udp_batch;
 mod workers;
 
 pub use config::Config;

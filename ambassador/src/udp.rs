@@ -12,8 +12,10 @@
 //! `--udp-idle-timeout` end; `--max-udp-sessions` caps them in all (datagrams of new clients
 //! are dropped, counted and logged).
 //!
-//! One `recvfrom`/`send` pair per datagram: `recvmmsg`/`sendmmsg` would batch only what a
-//! single socket has queued, and a session's datagrams each go to its own connected socket.
+//! System calls are batched where a socket has several datagrams queued
+//! ([`crate::udp_batch`]): the listening socket's are taken with one `recvmmsg`, a session's
+//! replies with one `recvmmsg` and sent on with one `sendmmsg`; each client datagram goes out
+//! with its own `send` on its session's socket.
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
@@ -22,12 +24,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::os::fd::{AsRawFd, RawFd};
+
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::routes::{Backend, Routes, Service};
 use crate::server::Shared;
+use crate::udp_batch::Slots;
 use crate::workers::Workers;
 
 /// The largest datagram carried (the most an IPv4 UDP payload can be).
@@ -183,32 +189,48 @@ async fn receive_loop(
         sessions: Mutex::default(),
         epoch: Instant::now(),
     });
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut slots = Slots::new(MAX_DATAGRAM);
+    let fd = port.listening.as_raw_fd();
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
-    loop {
-        let received = tokio::select! {
+    'wait: loop {
+        let ready = tokio::select! {
             biased;
             () = &mut stopped => break,
-            r = port.listening.recv_from(&mut buf) => r,
+            r = port.listening.readable() => r,
         };
-        let (n, client) = match received {
-            Ok(r) => r,
-            // An ICMP error for an earlier reply to a client that went away.
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => continue,
-            Err(e) => {
-                warn!(port = port.port, error = %e, "UDP receive failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let routes = port.shared.routes();
-        let Some(service) = routes.udp_by_port.get(&port.port).cloned() else {
+        if let Err(e) = ready {
+            warn!(port = port.port, error = %e, "UDP socket not readable");
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
-        };
-        service.stats.datagrams_up.inc();
-        service.stats.bytes_up.inc_by(n as u64);
-        forward(&port, &routes, &service, client, &buf[..n], &stop).await;
+        }
+        // Everything queued, a batch per call, until the socket is empty.
+        loop {
+            let batch = match port
+                .listening
+                .try_io(Interest::READABLE, || slots.receive(fd))
+            {
+                Ok(batch) => batch,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => continue 'wait,
+                // An ICMP error for an earlier reply to a client that went away.
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => continue,
+                Err(e) => {
+                    warn!(port = port.port, error = %e, "UDP receive failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue 'wait;
+                }
+            };
+            let routes = port.shared.routes();
+            let Some(service) = routes.udp_by_port.get(&port.port).cloned() else {
+                continue;
+            };
+            for (i, (n, client)) in batch.iter().enumerate() {
+                let Some(client) = *client else { continue };
+                service.stats.datagrams_up.inc();
+                service.stats.bytes_up.inc_by(*n as u64);
+                forward(&port, &routes, &service, client, slots.get(i, *n), &stop).await;
+            }
+        }
     }
     // The port closed: every session ends with it.
     let sessions: Vec<Arc<Session>> = port
@@ -447,6 +469,35 @@ fn end(port: &Port, service: &Service, client: SocketAddr, session: &Arc<Session
     }
 }
 
+thread_local! {
+    /// The reply batches of this thread's sessions (taken and given back within one
+    /// synchronous call, so one set per thread is enough).
+    static REPLY_SLOTS: std::cell::RefCell<Option<Slots>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Takes the replies queued on a session's socket `from` and sends them to `client` from the
+/// listening socket `listening`: (received, their bytes, sent). A full send buffer drops the
+/// rest (counted by the caller) rather than reporting `WouldBlock` for the session's socket.
+fn relay_replies(
+    from: RawFd,
+    listening: RawFd,
+    client: SocketAddr,
+) -> std::io::Result<(usize, u64, usize)> {
+    REPLY_SLOTS.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let slots = cell.get_or_insert_with(|| Slots::new(MAX_DATAGRAM));
+        let batch = slots.receive(from)?;
+        let datagrams: Vec<&[u8]> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| slots.get(i, *n))
+            .collect();
+        let bytes = datagrams.iter().map(|d| d.len() as u64).sum();
+        let sent = crate::udp_batch::send(listening, &datagrams, Some(client)).unwrap_or(0);
+        Ok((batch.len(), bytes, sent))
+    })
+}
+
 /// The session's replies, from whichever backend it points at, back to the client; ends it
 /// once it has been idle for `--udp-idle-timeout`.
 async fn replies(
@@ -457,12 +508,12 @@ async fn replies(
 ) {
     let idle = port.shared.config.udp_idle_timeout;
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let listening = port.listening.as_raw_fd();
     loop {
         let socket = session.current.lock().expect("session lock").socket.clone();
         let last = session.last.load(Ordering::Relaxed);
         let deadline = port.epoch + Duration::from_millis(last.saturating_add(idle_ms));
-        let received = tokio::select! {
+        let ready = tokio::select! {
             () = session.stop.cancelled() => return,
             () = tokio::time::sleep_until(deadline.into()) => {
                 if port.now_ms().saturating_sub(session.last.load(Ordering::Relaxed)) >= idle_ms {
@@ -472,15 +523,21 @@ async fn replies(
                 }
                 continue;
             }
-            r = socket.recv(&mut buf) => r,
+            r = socket.readable() => r,
         };
+        // Every reply queued, in batches, sent on to the client a batch per call.
+        let received = ready.and_then(|()| {
+            let fd = socket.as_raw_fd();
+            socket.try_io(Interest::READABLE, || relay_replies(fd, listening, client))
+        });
         match received {
-            Ok(n) => {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Ok((n, bytes, sent)) => {
                 session.last.store(port.now_ms(), Ordering::Relaxed);
-                service.stats.datagrams_down.inc();
-                service.stats.bytes_down.inc_by(n as u64);
-                if port.listening.send_to(&buf[..n], client).await.is_err() {
-                    service.stats.udp_drop_send.inc();
+                service.stats.datagrams_down.inc_by(n as u64);
+                service.stats.bytes_down.inc_by(bytes);
+                if sent < n {
+                    service.stats.udp_drop_send.inc_by((n - sent) as u64);
                 }
             }
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
