@@ -31,6 +31,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::access::Decision;
 use crate::routes::{Backend, Routes, Service};
 use crate::server::Shared;
 use crate::udp_batch::Slots;
@@ -160,6 +161,8 @@ struct Port {
     port: u16,
     listening: UdpSocket,
     sessions: Mutex<HashMap<SocketAddr, Arc<Session>>>,
+    /// Clients whose first datagram waits for the access table to learn them.
+    waiting: Mutex<std::collections::HashSet<SocketAddr>>,
     epoch: Instant,
 }
 
@@ -187,6 +190,7 @@ async fn receive_loop(
         port,
         listening,
         sessions: Mutex::default(),
+        waiting: Mutex::default(),
         epoch: Instant::now(),
     });
     let mut slots = Slots::new(MAX_DATAGRAM);
@@ -284,10 +288,28 @@ async fn forward(
             }
             s
         }
-        None => match start(port, routes, service, client, stop).await {
-            Some(s) => s,
-            None => return,
-        },
+        None => {
+            // Link-scoped access, as for a TCP connection.
+            match port
+                .shared
+                .admit_now(client.ip(), &service.service_port.service)
+            {
+                Decision::Accept => {}
+                Decision::NotLinked(name) => {
+                    refused(service, client, &Decision::NotLinked(name));
+                    return;
+                }
+                // Not known yet: waited for apart, so the loop goes on serving the others.
+                Decision::Unknown => {
+                    hold(port, service, client, datagram, stop);
+                    return;
+                }
+            }
+            match start(port, routes, service, client, stop).await {
+                Some(s) => s,
+                None => return,
+            }
+        }
     };
     session.last.store(port.now_ms(), Ordering::Relaxed);
     let socket = session.current.lock().expect("session lock").socket.clone();
@@ -319,6 +341,52 @@ async fn forward(
     }
 }
 
+/// Counts and logs a session that link-scoped access refuses.
+fn refused(service: &Service, client: SocketAddr, decision: &Decision) {
+    if let Decision::NotLinked(name) = decision {
+        service.stats.refused_not_linked.inc();
+        debug!(%client, container = %name, service = %service.service_port, "UDP refused: its job does not link to the service");
+    } else {
+        service.stats.refused_unknown.inc();
+        debug!(%client, service = %service.service_port, "UDP refused: not a known container of this host");
+    }
+}
+
+/// The first datagram of a client the access table does not know yet: held (one per client)
+/// while the table is given `--unknown-source-wait` to learn it, then sent through a new
+/// session or refused. Datagrams of that client meanwhile are dropped.
+fn hold(
+    port: &Arc<Port>,
+    service: &Arc<Service>,
+    client: SocketAddr,
+    datagram: &[u8],
+    stop: &CancellationToken,
+) {
+    if !port.waiting.lock().expect("waiting lock").insert(client) {
+        return;
+    }
+    let (port, service, stop) = (port.clone(), service.clone(), stop.clone());
+    let datagram = datagram.to_vec();
+    tokio::spawn(async move {
+        let decision = port
+            .shared
+            .admit(client.ip(), &service.service_port.service)
+            .await;
+        port.waiting.lock().expect("waiting lock").remove(&client);
+        if decision != Decision::Accept {
+            refused(&service, client, &decision);
+            return;
+        }
+        let routes = port.shared.routes();
+        if let Some(session) = start(&port, &routes, &service, client, &stop).await {
+            let socket = session.current.lock().expect("session lock").socket.clone();
+            if socket.send(&datagram).await.is_err() {
+                service.stats.udp_drop_send.inc();
+            }
+        }
+    });
+}
+
 /// A new session for `client`, or `None` (counted) when the limit is reached or no backend
 /// is left.
 async fn start(
@@ -329,21 +397,6 @@ async fn start(
     stop: &CancellationToken,
 ) -> Option<Arc<Session>> {
     let shared = &port.shared;
-    // Link-scoped access, as for a TCP connection; an address not known yet is not waited
-    // for here (the loop serves every client of the socket): its next datagram asks again.
-    match shared.admit_now(client.ip(), &service.service_port.service) {
-        crate::access::Decision::Accept => {}
-        crate::access::Decision::NotLinked(name) => {
-            service.stats.refused_not_linked.inc();
-            debug!(%client, container = %name, service = %service.service_port, "UDP refused: its job does not link to the service");
-            return None;
-        }
-        crate::access::Decision::Unknown => {
-            service.stats.refused_unknown.inc();
-            debug!(%client, service = %service.service_port, "UDP refused: not a known container of this host");
-            return None;
-        }
-    }
     let max = shared.config.max_udp_sessions;
     if shared.udp_sessions.fetch_add(1, Ordering::Relaxed) >= max {
         shared.udp_sessions.fetch_sub(1, Ordering::Relaxed);

@@ -1714,6 +1714,30 @@ async fn a_udp_service_on_another_host_answers_through_the_link() {
         &["exec", &client, "sh", "-c", "echo $DNS_PORT_53_UDP"],
     );
     assert!(env.trim().starts_with("udp://172.17.0.1:"), "{env}");
+    // A container that asks the moment it starts (the registrator has not published it yet)
+    // is held for the access table, not refused: one query, answered.
+    let port_a = env.trim().rsplit(':').next().expect("port");
+    let fresh = docker::docker(
+        Some(&cluster.host("a").dockerd.host()),
+        &[
+            "run",
+            "--rm",
+            "--label",
+            "viking.test=1",
+            "--label",
+            "viking.links=udp/dns",
+            docker::IMAGE,
+            "nslookup",
+            "viking.test",
+            &format!("172.17.0.1:{port_a}"),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&fresh.stdout).contains("10.1.2.3"),
+        "a container asking at once: {}{}",
+        String::from_utf8_lossy(&fresh.stdout),
+        String::from_utf8_lossy(&fresh.stderr)
+    );
     // A UDP session obeys the links too: the dns container itself (its job does not link to
     // udp/dns) asking b's ambassador is refused, and counted.
     let port = env.trim().rsplit(':').next().expect("port").to_owned();
