@@ -160,93 +160,42 @@ impl Metrics {
         m
     }
 
-    /// The counters of `service`, the same handles every time it is asked.
+    /// The counters of `service`, the same handles every time it is asked. The UDP ones are
+    /// shown for UDP service ports only (standalone handles for TCP ones).
     pub fn service(&self, service: &ServicePort) -> ServiceCounters {
         let name = service.to_string();
         let label = ServiceLabel {
             service: name.clone(),
         };
-        let bytes = |direction| {
-            self.bytes
-                .get_or_create(&BytesLabel {
-                    service: name.clone(),
-                    direction,
-                })
-                .clone()
+        let direction = |direction| BytesLabel {
+            service: name.clone(),
+            direction,
         };
-        let datagrams = |direction| {
-            self.datagrams
-                .get_or_create(&BytesLabel {
-                    service: name.clone(),
-                    direction,
-                })
-                .clone()
+        let reason = |reason| DropLabel {
+            service: name.clone(),
+            reason,
         };
-        let drops = |reason| {
-            self.drops
-                .get_or_create(&DropLabel {
-                    service: name.clone(),
-                    reason,
-                })
-                .clone()
+        let mut counters = ServiceCounters {
+            active: handle(&self.active, &label),
+            connections: handle(&self.connections, &label),
+            failed: handle(&self.failed, &label),
+            local_errors: handle(&self.local_errors, &label),
+            bytes_up: handle(&self.bytes, &direction("up")),
+            bytes_down: handle(&self.bytes, &direction("down")),
+            refused_not_linked: handle(&self.refused, &reason("not linked")),
+            refused_unknown: handle(&self.refused, &reason("unknown source")),
+            ..ServiceCounters::default()
         };
-        // Each handle cloned inside its closure: a family's guard must not outlive the call
-        // (two alive at once in one statement would deadlock on the family's lock).
-        let refused = |reason| {
-            self.refused
-                .get_or_create(&DropLabel {
-                    service: name.clone(),
-                    reason,
-                })
-                .clone()
-        };
-        let udp = service.proto == schema::Proto::Udp;
-        ServiceCounters {
-            active: self.active.get_or_create(&label).clone(),
-            connections: self.connections.get_or_create(&label).clone(),
-            failed: self.failed.get_or_create(&label).clone(),
-            local_errors: self.local_errors.get_or_create(&label).clone(),
-            bytes_up: bytes("up"),
-            bytes_down: bytes("down"),
-            // Shown for UDP service ports only; standalone handles for TCP ones.
-            datagrams_up: if udp {
-                datagrams("up")
-            } else {
-                Counter::default()
-            },
-            datagrams_down: if udp {
-                datagrams("down")
-            } else {
-                Counter::default()
-            },
-            sessions_active: if udp {
-                self.sessions_active.get_or_create(&label).clone()
-            } else {
-                Gauge::default()
-            },
-            sessions: if udp {
-                self.sessions.get_or_create(&label).clone()
-            } else {
-                Counter::default()
-            },
-            udp_drop_no_backend: if udp {
-                drops("no backend")
-            } else {
-                Counter::default()
-            },
-            udp_drop_limit: if udp {
-                drops("session limit")
-            } else {
-                Counter::default()
-            },
-            udp_drop_send: if udp {
-                drops("send error")
-            } else {
-                Counter::default()
-            },
-            refused_not_linked: refused("not linked"),
-            refused_unknown: refused("unknown source"),
+        if service.proto == schema::Proto::Udp {
+            counters.datagrams_up = handle(&self.datagrams, &direction("up"));
+            counters.datagrams_down = handle(&self.datagrams, &direction("down"));
+            counters.sessions_active = handle(&self.sessions_active, &label);
+            counters.sessions = handle(&self.sessions, &label);
+            counters.udp_drop_no_backend = handle(&self.drops, &reason("no backend"));
+            counters.udp_drop_limit = handle(&self.drops, &reason("session limit"));
+            counters.udp_drop_send = handle(&self.drops, &reason("send error"));
         }
+        counters
     }
 
     /// The counters of the backend at `addr` of `service`.
@@ -256,10 +205,21 @@ impl Metrics {
             backend: addr.to_string(),
         };
         BackendCounters {
-            connect_errors: self.connect_errors.get_or_create(&label).clone(),
-            ejections: self.ejections.get_or_create(&label).clone(),
+            connect_errors: handle(&self.connect_errors, &label),
+            ejections: handle(&self.ejections, &label),
         }
     }
+}
+
+/// The handle of `label` in `family`. The family's guard ends inside this call: two alive at
+/// once in one statement would deadlock on the family's lock.
+fn handle<L, M, C>(family: &Family<L, M, C>, label: &L) -> M
+where
+    L: Clone + std::hash::Hash + Eq,
+    M: Clone,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    family.get_or_create(label).clone()
 }
 
 #[cfg(test)]
