@@ -264,16 +264,7 @@ impl Shared {
                     "local_connect_errors": s.stats.local_errors.get(),
                     "bytes_up": s.stats.bytes_up.get(),
                     "bytes_down": s.stats.bytes_down.get(),
-                    "backends": s.backends.iter().map(|b| serde_json::json!({
-                        "instance": b.instance,
-                        "addr": b.addr.to_string(),
-                        "host": b.host,
-                        "active": b.active.load(Ordering::Relaxed),
-                        "connections": b.connections.load(Ordering::Relaxed),
-                        "connect_errors": b.counters.connect_errors.get(),
-                        "ejections": b.counters.ejections.get(),
-                        "ejected": b.is_ejected(Instant::now()),
-                    })).collect::<Vec<_>>(),
+                    "backends": backends_json(s),
                 })
             })
             .collect();
@@ -297,13 +288,7 @@ impl Shared {
                         "session limit": s.stats.udp_drop_limit.get(),
                         "send error": s.stats.udp_drop_send.get(),
                     },
-                    "backends": s.backends.iter().map(|b| serde_json::json!({
-                        "instance": b.instance,
-                        "addr": b.addr.to_string(),
-                        "host": b.host,
-                        "connect_errors": b.counters.connect_errors.get(),
-                        "ejected": b.is_ejected(Instant::now()),
-                    })).collect::<Vec<_>>(),
+                    "backends": backends_json(s),
                 })
             })
             .collect();
@@ -324,6 +309,28 @@ impl Shared {
             "containers_known": self.access().len(),
         })
     }
+}
+
+/// A service's backends and their counters, for `/state` (`active` and `connections` count
+/// TCP connections; a UDP session counts in neither).
+fn backends_json(service: &crate::routes::Service) -> Vec<serde_json::Value> {
+    let now = Instant::now();
+    service
+        .backends
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "instance": b.instance,
+                "addr": b.addr.to_string(),
+                "host": b.host,
+                "active": b.active.load(Ordering::Relaxed),
+                "connections": b.connections.load(Ordering::Relaxed),
+                "connect_errors": b.counters.connect_errors.get(),
+                "ejections": b.counters.ejections.get(),
+                "ejected": b.is_ejected(now),
+            })
+        })
+        .collect()
 }
 
 /// What shutdown did.
