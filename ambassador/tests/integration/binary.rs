@@ -32,29 +32,8 @@ async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
     put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
     let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
     let run = tempfile::tempdir().unwrap();
-    let mut amb = Daemon::spawn(
-        env!("CARGO_BIN_EXE_ambassador"),
-        &[
-            "--etcd",
-            &etcd.endpoint(),
-            "--host",
-            "h0",
-            "--bind",
-            "127.0.0.1",
-            "--admin",
-            &admin,
-            "--grace",
-            "10s",
-            "--threads",
-            "2",
-            "--dns",
-            "off",
-            "--range",
-            "1-65535",
-            "--run-dir",
-            run.path().to_str().unwrap(),
-        ],
-    );
+    let args = loopback_args(&etcd, &admin, &run, &["--grace", "10s", "--threads", "2"]);
+    let mut amb = Daemon::spawn(env!("CARGO_BIN_EXE_ambassador"), &refs(&args));
     let limit = Duration::from_secs(20);
     let mut wait_line = |needle: &str| amb.wait_log(needle, limit);
     // Routes are published (synced) before the listener for them is opened.
@@ -140,32 +119,12 @@ async fn running_out_of_file_descriptors_is_not_blamed_on_the_backend() {
     put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
     let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
     let run = tempfile::tempdir().unwrap();
-    let (endpoint, run_dir) = (etcd.endpoint(), run.path().to_str().unwrap().to_owned());
     // 64 descriptors: a few dozen connections use them up.
-    let mut amb = Daemon::spawn(
-        "prlimit",
-        &[
-            "--nofile=64:64",
-            "--",
-            env!("CARGO_BIN_EXE_ambassador"),
-            "--etcd",
-            &endpoint,
-            "--host",
-            "h0",
-            "--bind",
-            "127.0.0.1",
-            "--admin",
-            &admin,
-            "--threads",
-            "1",
-            "--dns",
-            "off",
-            "--range",
-            "1-65535",
-            "--run-dir",
-            &run_dir,
-        ],
-    );
+    let mut args: Vec<String> = ["--nofile=64:64", "--", env!("CARGO_BIN_EXE_ambassador")]
+        .map(String::from)
+        .to_vec();
+    args.extend(loopback_args(&etcd, &admin, &run, &["--threads", "1"]));
+    let mut amb = Daemon::spawn("prlimit", &refs(&args));
     let limit = Duration::from_secs(20);
     amb.wait_log(&format!("listening on addr=127.0.0.1:{port}"), limit);
     let warned = amb.wait_log("file descriptors", limit);
@@ -221,29 +180,13 @@ async fn the_udp_session_limit_is_a_log_line_and_a_counter() {
     put_endpoint(&mut c, sp, "h0", 0, echo_addr).await;
     let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
     let run = tempfile::tempdir().unwrap();
-    let mut amb = Daemon::spawn(
-        env!("CARGO_BIN_EXE_ambassador"),
-        &[
-            "--etcd",
-            &etcd.endpoint(),
-            "--host",
-            "h0",
-            "--bind",
-            "127.0.0.1",
-            "--admin",
-            &admin,
-            "--dns",
-            "off",
-            "--range",
-            "1-65535",
-            "--run-dir",
-            run.path().to_str().unwrap(),
-            "--max-udp-sessions",
-            "1",
-            "--udp-idle-timeout",
-            "30s",
-        ],
+    let args = loopback_args(
+        &etcd,
+        &admin,
+        &run,
+        &["--max-udp-sessions", "1", "--udp-idle-timeout", "30s"],
     );
+    let mut amb = Daemon::spawn(env!("CARGO_BIN_EXE_ambassador"), &refs(&args));
     amb.wait_log(
         &format!("listening on (UDP) addr=127.0.0.1:{port}"),
         Duration::from_secs(20),
@@ -274,4 +217,31 @@ async fn the_udp_session_limit_is_a_log_line_and_a_counter() {
     assert_eq!(state["udp_sessions"], 1, "{state}");
     amb.kill();
     echo_task.abort();
+}
+
+/// The ambassador binary's flags for these tests: host h0 on loopback, admin at `admin`, no
+/// DNS, every port in range, its own run dir; then `extra`.
+fn loopback_args(etcd: &Etcd, admin: &str, run: &tempfile::TempDir, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--etcd".into(),
+        etcd.endpoint(),
+        "--host".into(),
+        "h0".into(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--admin".into(),
+        admin.into(),
+        "--dns".into(),
+        "off".into(),
+        "--range".into(),
+        "1-65535".into(),
+        "--run-dir".into(),
+        run.path().to_str().expect("utf-8").into(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
+}
+
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
