@@ -218,6 +218,27 @@ impl Cluster {
         self.hosts.iter().find(|h| h.name == name).expect("host")
     }
 
+    fn host_mut(&mut self, name: &str) -> &mut Host {
+        self.hosts
+            .iter_mut()
+            .find(|h| h.name == name)
+            .expect("host")
+    }
+
+    /// Kills a host's agents (SIGKILL: their leases run out); its containers keep running.
+    fn kill_agents(&mut self, name: &str) {
+        for p in &mut self.host_mut(name).procs {
+            p.kill();
+        }
+    }
+
+    /// Cuts a host's link to the others (`up: false`) or joins it again.
+    fn link(&self, name: &str, up: bool) {
+        self.lan
+            .ns(name)
+            .exec(&["ip", "link", "set", "eth0", if up { "up" } else { "down" }]);
+    }
+
     /// `viking <args>` against the cluster's etcd, whatever its exit status.
     fn viking_out(&self, args: &[&str]) -> Output {
         Command::new(testkit::workspace_bin("viking"))
@@ -555,16 +576,8 @@ async fn linking_across_hosts_survives_losing_one() {
     }
 
     // 2. b is lost: its processes killed and its link cut. New connections keep succeeding.
-    {
-        let b = cluster.hosts.iter_mut().find(|h| h.name == "b").expect("b");
-        for p in &mut b.procs {
-            p.kill();
-        }
-    }
-    cluster
-        .lan
-        .ns("b")
-        .exec(&["ip", "link", "set", "eth0", "down"]);
+    cluster.kill_agents("b");
+    cluster.link("b", false);
     let lost = Instant::now();
     let (answers, failures) = cluster.fetch("a", 30);
     eprintln!("with b lost: {failures} failed of 30");
@@ -601,10 +614,7 @@ async fn linking_across_hosts_survives_losing_one() {
 
     // 3. b comes back (link up, its agents restarted; its containers kept running): its
     // endpoints return and traffic spreads over b and c again.
-    cluster
-        .lan
-        .ns("b")
-        .exec(&["ip", "link", "set", "eth0", "up"]);
+    cluster.link("b", true);
     cluster.restart_agents("b");
     let back = Instant::now();
     loop {
@@ -658,13 +668,7 @@ async fn the_firewall_admits_only_members() {
             "locknet",
             &["--watch", "--etcd", &endpoint],
         );
-        cluster
-            .hosts
-            .iter_mut()
-            .find(|h| h.name == name)
-            .expect("host")
-            .procs
-            .push(fw);
+        cluster.host_mut(name).procs.push(fw);
     }
     let (shared, app) = examples();
     cluster.viking(None, &["deploy", &shared, &app]);
@@ -1051,16 +1055,8 @@ async fn a_lost_host_is_replaced_and_its_old_copies_go_when_it_returns() {
     let traffic = cluster.traffic("a");
     std::thread::sleep(Duration::from_millis(500));
 
-    {
-        let b = cluster.hosts.iter_mut().find(|h| h.name == "b").expect("b");
-        for p in &mut b.procs {
-            p.kill();
-        }
-    }
-    cluster
-        .lan
-        .ns("b")
-        .exec(&["ip", "link", "set", "eth0", "down"]);
+    cluster.kill_agents("b");
+    cluster.link("b", false);
     let lost = Instant::now();
     // Shown lost, with the time left, before it moves.
     testkit::eventually(
@@ -1095,10 +1091,7 @@ async fn a_lost_host_is_replaced_and_its_old_copies_go_when_it_returns() {
     let traffic = cluster.traffic("a");
 
     // Back: its launcher finds nothing assigned to it and removes the old copy.
-    cluster
-        .lan
-        .ns("b")
-        .exec(&["ip", "link", "set", "eth0", "up"]);
+    cluster.link("b", true);
     cluster.restart_agents("b");
     let back = Instant::now();
     testkit::eventually(Duration::from_secs(5), "b's old copy removed", || {
@@ -1152,14 +1145,7 @@ async fn a_lost_scheduler_is_replaced_and_the_old_one_cannot_write() {
     let opts = || Some(etcd_client::GetOptions::new().with_prefix());
     let (old, old_key, old_rev) =
         leader(&client.get("/viking/grid/leader/", opts()).await.unwrap()).expect("a leader");
-    {
-        let host = cluster
-            .hosts
-            .iter_mut()
-            .find(|h| h.name == old)
-            .expect("host");
-        host.procs[0].kill(); // the launcher
-    }
+    cluster.host_mut(&old).procs[0].kill(); // the launcher
     let killed = Instant::now();
     let new = loop {
         let resp = client.get("/viking/grid/leader/", opts()).await.unwrap();
@@ -1613,10 +1599,7 @@ async fn a_flapping_host_waits_longer_each_time() {
     let mut waits = Vec::new();
     for round in 1..=3u64 {
         // b's agents go (their leases then run out); its container keeps running.
-        let b = cluster.hosts.iter_mut().find(|h| h.name == "b").expect("b");
-        for p in &mut b.procs {
-            p.kill();
-        }
+        cluster.kill_agents("b");
         let asked = Instant::now();
         let record = loop {
             assert!(
@@ -1885,10 +1868,7 @@ async fn only_containers_that_link_to_a_service_reach_it() {
     assert!(!answer.trim().is_empty(), "the host was refused");
 
     // --links open: everything gets in.
-    {
-        let a = cluster.hosts.iter_mut().find(|h| h.name == "a").expect("a");
-        a.procs[2].kill();
-    }
+    cluster.host_mut("a").procs[2].kill();
     let open = ambassador(&cluster, "a", &["--links", "open"]);
     testkit::eventually(
         Duration::from_secs(20),
