@@ -31,6 +31,16 @@ fn viking(etcd: &str, args: &[&str]) -> std::process::Output {
         .expect("viking")
 }
 
+/// `viking` that must succeed.
+fn viking_ok(etcd: &str, args: &[&str]) {
+    let out = viking(etcd, args);
+    assert!(
+        out.status.success(),
+        "viking {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn main() {
     docker::require(None);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -118,14 +128,9 @@ fn main() {
         )
     };
     std::fs::write(dir.path().join("stack.yml"), stack("blue")).unwrap();
-    let out = viking(
+    viking_ok(
         &ep,
         &["deploy", dir.path().to_str().unwrap(), "--name", "bench"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     // Every launcher up (its node record written) before the clock starts.
     let up = Instant::now();
@@ -168,14 +173,9 @@ fn main() {
     // the floor is the sum of those waits.
     std::fs::write(dir.path().join("stack.yml"), stack("green")).unwrap();
     let start = Instant::now();
-    let out = viking(
+    viking_ok(
         &ep,
         &["deploy", dir.path().to_str().unwrap(), "--name", "bench"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     loop {
         let green: usize = dockerds
@@ -221,12 +221,7 @@ fn main() {
     );
     let mut launchers = launchers;
     host_lost(&rt, &etcd, &mut launchers);
-    let out = viking(&ep, &["stop", "bench"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    viking_ok(&ep, &["stop", "bench"]);
     drop(launchers);
     drop(dockerds);
     drop(etcd);
