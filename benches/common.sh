@@ -50,3 +50,14 @@ start_etcd() {
   export ETCDCTL_API=3
 }
 ctl() { etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT" "$@" >/dev/null; }
+
+# dnsperf_qps PORT PID: dnsperf (-c 4 -q 200, $SECS s, queries from $work/queries) against
+# 127.0.0.1:PORT -> "queries/s CPU-µs-of-PID-per-query".
+dnsperf_qps() {
+  local before after out
+  before=$(cpu_ticks "$2")
+  out=$(dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$SECS" -c 4 -q 200 2>/dev/null)
+  after=$(cpu_ticks "$2")
+  echo "$out" | awk -v t=$((after - before)) -v hz="$hz" \
+    '/Queries completed/ {n=$3} /Queries per second/ {q=$4} END {printf "%.0f %.2f\n", q, t / hz * 1e6 / n}'
+}

@@ -54,19 +54,11 @@ sleep 0.5
 dig @127.0.0.1 -p "$AMB_DNS" +short svc1.bench.viking.internal | grep -q 127.0.0.1 || { echo "harness: the ambassador does not answer DNS" >&2; exit 1; }
 dig @127.0.0.1 -p "$MASQ" +short svc1.bench.viking.internal | grep -q 127.0.0.1 || { echo "harness: dnsmasq does not answer" >&2; exit 1; }
 
-qps() { # port pid -> "queries/s server-CPU-µs/query"
-  local before after out
-  before=$(cpu_ticks "$2")
-  out=$(dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$SECS" -c 4 -q 200 2>/dev/null)
-  after=$(cpu_ticks "$2")
-  echo "$out" | awk -v t=$((after - before)) -v hz="$hz" \
-    '/Queries completed/ {n=$3} /Queries per second/ {q=$4} END {printf "%.0f %.2f\n", q, t / hz * 1e6 / n}'
-}
 
 echo "DNS: $SERVICES names, dnsperf -c 4 -q 200 for ${SECS}s, $ROUNDS alternating rounds"
 : >"$work/amb.qps"; : >"$work/masq.qps"; : >"$work/amb.cpu"; : >"$work/masq.cpu"
 for r in $(seq 1 "$ROUNDS"); do
-  a=$(qps "$AMB_DNS" "$amb_pid"); m=$(qps "$MASQ" "$masq_pid")
+  a=$(dnsperf_qps "$AMB_DNS" "$amb_pid"); m=$(dnsperf_qps "$MASQ" "$masq_pid")
   echo "  round $r: ambassador ${a% *} q/s ${a#* } CPU-µs/q, dnsmasq ${m% *} q/s ${m#* } CPU-µs/q"
   echo "${a% *}" >>"$work/amb.qps"; echo "${m% *}" >>"$work/masq.qps"
   echo "${a#* }" >>"$work/amb.cpu"; echo "${m#* }" >>"$work/masq.cpu"

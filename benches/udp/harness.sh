@@ -43,18 +43,10 @@ for _ in $(seq 1 100); do
 done
 dig @127.0.0.1 -p "$PORT" +short name1.bench.test | grep -q 127.0.0.1 || { echo "harness: no answer through the ambassador" >&2; tail "$work/amb.log" >&2; exit 1; }
 
-qps() { # port -> queries/s, and the ambassador's CPU-µs per query
-  local before after out
-  before=$(cpu_ticks "$amb_pid")
-  out=$(dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$SECS" -c 4 -q 200 2>/dev/null)
-  after=$(cpu_ticks "$amb_pid")
-  echo "$out" | awk -v t=$((after - before)) -v hz="$hz" \
-    '/Queries completed/ {n=$3} /Queries per second/ {q=$4} END {printf "%.0f %.2f\n", q, t / hz * 1e6 / n}'
-}
 echo "dnsperf -c 4 -q 200 for ${SECS}s against dnsmasq, direct and through the ambassador, $ROUNDS alternating rounds"
 : >"$work/direct"; : >"$work/amb"; : >"$work/cpu"
 for r in $(seq 1 "$ROUNDS"); do
-  d=$(qps "$MASQ"); a=$(qps "$PORT")
+  d=$(dnsperf_qps "$MASQ" "$amb_pid"); a=$(dnsperf_qps "$PORT" "$amb_pid")
   echo "  round $r: direct ${d% *} q/s, through the ambassador ${a% *} q/s (ambassador ${a#* } CPU-µs/query)"
   echo "${d% *}" >>"$work/direct"; echo "${a% *}" >>"$work/amb"; echo "${a#* }" >>"$work/cpu"
 done
