@@ -206,10 +206,13 @@ impl Shared {
         from: std::net::IpAddr,
         service: &schema::ServiceId,
     ) -> crate::access::Decision {
-        use crate::access::{Decision, LinksMode};
-        if self.config.links == LinksMode::Open {
-            return Decision::Accept;
+        use crate::access::Decision;
+        // The common case: one read of the current table, no subscription.
+        let decision = self.admit_now(from, service);
+        if decision != Decision::Unknown {
+            return decision;
         }
+        // Subscribed before looking again, so a change in between is not missed.
         let mut changes = self.access.subscribe();
         let decision = changes.borrow_and_update().decide(from, service);
         if decision != Decision::Unknown {
