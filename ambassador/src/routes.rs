@@ -105,9 +105,7 @@ pub struct Service {
 }
 
 impl Service {
-    /// Picks a backend not in `tried`: power of two random choices, fewer active connections
-    /// wins. Ejected backends are used only when nothing else is left; with `local` set,
-    /// backends on that host are preferred while any is healthy.
+    /// Picks a backend not in `tried` ([`pick`]).
     pub fn pick(
         &self,
         tried: &[usize],
@@ -115,41 +113,53 @@ impl Service {
         now: Instant,
         rng: &mut fastrand::Rng,
     ) -> Option<usize> {
-        let open: Vec<usize> = (0..self.backends.len())
-            .filter(|i| !tried.contains(i))
-            .collect();
-        let healthy: Vec<usize> = open
+        pick(&self.backends, tried, local, now, rng)
+    }
+}
+
+/// Picks one of `backends` not in `tried`: power of two random choices, fewer active
+/// connections wins. Ejected backends are used only when nothing else is left; with `local`
+/// set, backends on that host are preferred while any is healthy. The ambassador and the
+/// router choose alike through this.
+pub fn pick(
+    backends: &[Arc<Backend>],
+    tried: &[usize],
+    local: Option<&str>,
+    now: Instant,
+    rng: &mut fastrand::Rng,
+) -> Option<usize> {
+    let open: Vec<usize> = (0..backends.len()).filter(|i| !tried.contains(i)).collect();
+    let healthy: Vec<usize> = open
+        .iter()
+        .copied()
+        .filter(|i| !backends[*i].is_ejected(now))
+        .collect();
+    let local_healthy: Vec<usize> = match local {
+        Some(host) => healthy
             .iter()
             .copied()
-            .filter(|i| !self.backends[*i].is_ejected(now))
-            .collect();
-        let local_healthy: Vec<usize> = match local {
-            Some(host) => healthy
-                .iter()
-                .copied()
-                .filter(|i| self.backends[*i].host == host)
-                .collect(),
-            None => Vec::new(),
-        };
-        let pool = if !local_healthy.is_empty() {
-            local_healthy
-        } else if !healthy.is_empty() {
-            healthy
-        } else {
-            open
-        };
-        match pool.len() {
-            0 => None,
-            1 => Some(pool[0]),
-            n => {
-                let a = pool[rng.usize(..n)];
-                let mut b = pool[rng.usize(..n - 1)];
-                if b == a {
-                    b = pool[n - 1];
-                }
-                let load = |i: usize| self.backends[i].active.load(Ordering::Relaxed);
-                Some(if load(b) < load(a) { b } else { a })
+            .filter(|i| backends[*i].host == host)
+            .collect(),
+        None => Vec::new(),
+    };
+    let pool = if !local_healthy.is_empty() {
+        local_healthy
+    } else if !healthy.is_empty() {
+        healthy
+    } else {
+        open
+    };
+    match pool.len() {
+        0 => None,
+        1 => Some(pool[0]),
+        n => {
+            let a = pool[rng.usize(..n)];
+            let mut b = pool[rng.usize(..n - 1)];
+            if b == a {
+                b = pool[n - 1];
             }
+            let load = |i: usize| backends[i].active.load(Ordering::Relaxed);
+            Some(if load(b) < load(a) { b } else { a })
         }
     }
 }

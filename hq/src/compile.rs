@@ -298,6 +298,7 @@ pub fn required_service_ports(
 /// Compiles `stacks` against `view`, whose `ports` must hold every required service port.
 pub fn compile(stacks: &[StackFile], view: &ClusterView) -> Result<Deployment, CompileError> {
     let resolved = resolve(stacks, view)?;
+    check_domains(stacks)?;
     let addr = if view.ambassador_addr.is_empty() {
         DEFAULT_AMBASSADOR_ADDR
     } else {
@@ -374,6 +375,9 @@ pub fn compile(stacks: &[StackFile], view: &ClusterView) -> Result<Deployment, C
                 resources: job.resources,
                 placement: job.placement.clone(),
                 update: job.update,
+                domains: job.domains.iter().map(|(d, _)| d.clone()).collect(),
+                http_port: job.http_port,
+                https_redirect: job.https_redirect,
             });
         }
         out.push(StackDeployment {
@@ -384,6 +388,30 @@ pub fn compile(stacks: &[StackFile], view: &ClusterView) -> Result<Deployment, C
         });
     }
     Ok(Deployment { stacks: out })
+}
+
+/// A domain routes to one job: two jobs of this deploy may not list the same one (a job of
+/// another, deployed stack is checked against `routes/` when the deploy is planned).
+fn check_domains(stacks: &[StackFile]) -> Result<(), CompileError> {
+    let mut claimed: BTreeMap<&schema::Domain, (String, &Pos)> = BTreeMap::new();
+    for s in stacks {
+        for j in &s.jobs {
+            for (domain, pos) in &j.domains {
+                let who = format!("{}/{}", s.name, j.name);
+                if let Some((first, first_at)) = claimed.get(domain) {
+                    return Err(at(
+                        pos,
+                        format!(
+                            "job {who}: domain {domain} is also listed by {first} ({first_at}); \
+                             a domain routes to one job: keep it in one of them"
+                        ),
+                    ));
+                }
+                claimed.insert(domain, (who, pos));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

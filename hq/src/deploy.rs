@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use schema::records::{self, StackMetaRecord};
+use schema::records::{self, RouteRecord, StackMetaRecord};
 use schema::{Dir, JobName, JobSpec, Key, Kv, Prefix, StackName};
 
 use crate::compile::Deployment;
@@ -60,7 +60,13 @@ pub fn check_size(
         .flat_map(|f| f.jobs.iter().map(move |j| (&f.name, &j.name)))
         .filter(|(s, j)| read.contains_key(&prefix.key(&Key::StackJob((*s).clone(), (*j).clone()))))
         .count();
-    let guards = jobs + existing + files.len() + dropped + outside.len() + 2;
+    // One compare and at most one write per domain (a domain a stack drops: one more each).
+    let domains: usize = files
+        .iter()
+        .flat_map(|f| &f.jobs)
+        .map(|j| j.domains.len())
+        .sum();
+    let guards = jobs + existing + files.len() + dropped + outside.len() + domains + 2;
     if guards <= max_txn_ops {
         return Ok(());
     }
@@ -111,17 +117,22 @@ fn guard(key: &str, read: Option<&Kv>) -> Guard {
     }
 }
 
-/// Plans the writes of `deployment` over `read` (every key under `stacks/`, as read), stamping
-/// changed stacks' metas with `now`. Every key it writes or deletes is guarded, and so is every
-/// job outside the deploy that a deployed job links to (its env was built from it). A
-/// deployment that changes nothing plans no writes.
+/// Plans the writes of `deployment` over `read` (every key under `stacks/`, as read) and
+/// `routes` (every key under `routes/`), stamping changed stacks' metas with `now`. Every key
+/// it writes or deletes is guarded, and so is every job outside the deploy that a deployed job
+/// links to (its env was built from it). A deployment that changes nothing plans no writes.
+///
+/// Fails (bad input, nothing written) when a domain of the deployment is routed to a job of a
+/// stack outside it.
 pub fn plan(
     prefix: &Prefix,
     deployment: &Deployment,
     read: &BTreeMap<String, Kv>,
+    routes: &BTreeMap<String, Kv>,
     now: &str,
-) -> Plan {
+) -> Result<Plan, crate::HqError> {
     let mut plan = Plan::default();
+    plan_routes(prefix, deployment, routes, &mut plan)?;
     for sd in &deployment.stacks {
         let mut report = StackReport {
             stack: sd.name.to_string(),
@@ -209,7 +220,77 @@ pub fn plan(
             }
         }
     }
-    plan
+    Ok(plan)
+}
+
+/// The `routes/` part of a deploy: every domain of a deployed job routed to it, and the
+/// domains a deployed stack no longer lists removed.
+fn plan_routes(
+    prefix: &Prefix,
+    deployment: &Deployment,
+    routes: &BTreeMap<String, Kv>,
+    plan: &mut Plan,
+) -> Result<(), crate::HqError> {
+    let deploying: BTreeSet<&StackName> = deployment.stacks.iter().map(|s| &s.name).collect();
+    let mut wanted: BTreeMap<&schema::Domain, RouteRecord> = BTreeMap::new();
+    for job in deployment.stacks.iter().flat_map(|s| &s.jobs) {
+        // `JobSpec::check` holds for a compiled job: a job with domains has a web port.
+        let Some(port) = job.web_port() else { continue };
+        for domain in &job.domains {
+            wanted.insert(
+                domain,
+                RouteRecord {
+                    v: records::RECORD_VERSION,
+                    stack: job.stack.clone(),
+                    job: job.job.clone(),
+                    port,
+                    https_redirect: job.https_redirect,
+                },
+            );
+        }
+    }
+    for (key, kv) in routes {
+        let Ok(Key::Route(domain)) = prefix.parse(key) else {
+            continue;
+        };
+        let old = serde_json::from_slice::<RouteRecord>(&kv.value).ok();
+        match (wanted.get(&domain), &old) {
+            (None, Some(old)) if deploying.contains(&old.stack) => {
+                plan.guards.insert(guard(key, Some(kv)));
+                plan.writes.push(Write::Delete { key: key.clone() });
+            }
+            (Some(new), Some(old))
+                if !deploying.contains(&old.stack)
+                    && (old.stack != new.stack || old.job != new.job) =>
+            {
+                return Err(crate::HqError::Input(format!(
+                    "domain {domain} of job {}/{} is already routed to {}/{} (key {key}); a \
+                     domain routes to one job: drop it from {}'s stack file and deploy that \
+                     first, or pick another domain; nothing was written",
+                    new.stack, new.job, old.stack, old.job, old.stack
+                )));
+            }
+            _ => {}
+        }
+    }
+    for (domain, record) in wanted {
+        let key = prefix.key(&Key::Route(domain.clone()));
+        let old = routes.get(&key);
+        let same = old.is_some_and(|kv| {
+            serde_json::from_slice::<RouteRecord>(&kv.value)
+                .ok()
+                .as_ref()
+                == Some(&record)
+        });
+        plan.guards.insert(guard(&key, old));
+        if !same {
+            plan.writes.push(Write::Put {
+                key,
+                value: records::encode(&record),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -250,7 +331,16 @@ mod tests {
     /// What etcd holds after `d` was deployed to an empty one, each key at revision `rev`.
     fn deployed(d: &Deployment, rev: i64) -> BTreeMap<String, Kv> {
         let mut read = BTreeMap::new();
-        for w in &plan(&Prefix::default(), d, &BTreeMap::new(), "t1").writes {
+        for w in &plan(
+            &Prefix::default(),
+            d,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            "t1",
+        )
+        .unwrap()
+        .writes
+        {
             match w {
                 Write::Put { key, value } => {
                     let kv = Kv {
@@ -280,7 +370,7 @@ mod tests {
     fn a_first_deploy_creates_jobs_and_meta_guarded_as_absent() {
         let p = Prefix::default();
         let d = deployment("app", vec![job("app", "web", &[]), job("app", "db", &[])]);
-        let plan = plan(&p, &d, &BTreeMap::new(), "now");
+        let plan = plan(&p, &d, &BTreeMap::new(), &BTreeMap::new(), "now").unwrap();
         assert_eq!(plan.writes.len(), 3, "two jobs and the meta");
         assert!(
             plan.guards
@@ -296,7 +386,7 @@ mod tests {
         let p = Prefix::default();
         let d = deployment("app", vec![job("app", "web", &[])]);
         let read = deployed(&d, 7);
-        let again = plan(&p, &d, &read, "t2");
+        let again = plan(&p, &d, &read, &BTreeMap::new(), "t2").unwrap();
         assert!(again.writes.is_empty(), "{:?}", again.writes);
         assert_eq!(again.report.stacks[0].unchanged, ["web"]);
     }
@@ -308,7 +398,14 @@ mod tests {
         let read = deployed(&first, 7);
         let mut web = job("app", "web", &[]);
         web.image = "busybox:2".into();
-        let second = plan(&p, &deployment("app", vec![web]), &read, "t2");
+        let second = plan(
+            &p,
+            &deployment("app", vec![web]),
+            &read,
+            &BTreeMap::new(),
+            "t2",
+        )
+        .unwrap();
         let r = &second.report.stacks[0];
         assert_eq!(
             (r.updated.as_slice(), r.removed.as_slice()),
@@ -340,7 +437,7 @@ mod tests {
                 job("app", "db", &[]),
             ],
         );
-        let plan = plan(&p, &d, &read, "t2");
+        let plan = plan(&p, &d, &read, &BTreeMap::new(), "t2").unwrap();
         let mongo = Guard::Unchanged {
             key: key("shared", "mongo"),
             mod_revision: 3,
@@ -358,5 +455,79 @@ mod tests {
             4,
             "two jobs, the meta, and shared/mongo once"
         );
+    }
+
+    fn web(stack: &str, name: &str, domains: &[&str]) -> JobSpec {
+        let mut j = job(stack, name, &[]);
+        j.ports = vec![schema::PortSpec {
+            port: 8080,
+            proto: schema::Proto::Tcp,
+        }];
+        j.domains = domains.iter().map(|d| d.parse().unwrap()).collect();
+        j
+    }
+
+    fn routes_of(d: &Deployment, rev: i64) -> BTreeMap<String, Kv> {
+        deployed(d, rev)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("/viking/routes/"))
+            .collect()
+    }
+
+    #[test]
+    fn domains_are_routed_in_the_deploy_and_a_dropped_one_is_removed() {
+        let p = Prefix::default();
+        let first = deployment(
+            "app",
+            vec![web("app", "web", &["a.example.com", "b.example.com"])],
+        );
+        let plan1 = plan(&p, &first, &BTreeMap::new(), &BTreeMap::new(), "t1").unwrap();
+        let route = p.key(&Key::Route("a.example.com".parse().unwrap()));
+        assert!(plan1.guards.contains(&Guard::Absent { key: route.clone() }));
+        let put = plan1.writes.iter().find_map(|w| match w {
+            Write::Put { key, value } if *key == route => Some(value.clone()),
+            _ => None,
+        });
+        let record: RouteRecord = serde_json::from_str(&put.expect("route written")).unwrap();
+        assert_eq!((record.job.as_str(), record.port), ("web", 8080));
+
+        let routes = routes_of(&first, 5);
+        let second = deployment("app", vec![web("app", "web", &["a.example.com"])]);
+        let plan2 = plan(&p, &second, &BTreeMap::new(), &routes, "t2").unwrap();
+        let b = p.key(&Key::Route("b.example.com".parse().unwrap()));
+        assert!(plan2.writes.contains(&Write::Delete { key: b.clone() }));
+        assert!(plan2.guards.contains(&Guard::Unchanged {
+            key: b,
+            mod_revision: 5
+        }));
+        assert!(
+            !plan2
+                .writes
+                .iter()
+                .any(|w| matches!(w, Write::Put { key, .. } if *key == route)),
+            "an unchanged route is not written again"
+        );
+    }
+
+    #[test]
+    fn a_domain_routed_to_another_stack_is_refused_naming_both_and_a_move_within_is_not() {
+        let p = Prefix::default();
+        let routes = routes_of(
+            &deployment("shop", vec![web("shop", "front", &["example.com"])]),
+            5,
+        );
+        let d = deployment("blog", vec![web("blog", "web", &["example.com"])]);
+        let e = plan(&p, &d, &BTreeMap::new(), &routes, "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("example.com") && e.contains("blog/web") && e.contains("shop/front"),
+            "{e}"
+        );
+        let moved = deployment("shop", vec![web("shop", "new-front", &["example.com"])]);
+        let plan = plan(&p, &moved, &BTreeMap::new(), &routes, "t").unwrap();
+        assert!(plan.writes.iter().any(
+            |w| matches!(w, Write::Put { key, value } if key.ends_with("/routes/example.com") && value.contains("new-front"))
+        ));
     }
 }

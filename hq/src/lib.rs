@@ -8,6 +8,7 @@
 //! * [`launch`]: `viking run`/`stop`/`scale`/`logs`: a stack's containers on the local Docker.
 //! * [`output`]: typed rows of the listings, as text tables or JSON.
 //! * [`up`]: `viking up`: etcd, the ambassador and the registrator in one process.
+//! * [`web`]: `viking routes` and `viking cert`: the router's routes and certificates.
 
 pub mod compile;
 pub mod deploy;
@@ -18,6 +19,7 @@ pub mod output;
 pub mod stackfile;
 pub mod store;
 pub mod up;
+pub mod web;
 
 pub use compile::{
     ClusterView, CompileError, Deployment, JobSpec, compile, required_service_ports,

@@ -55,6 +55,7 @@ const AFTER_HELP: &str =
   viking graph --dot | dot -Tsvg > links.svg
   viking export app ./deploy && viking apply ./deploy
   viking host add node-1 10.0.0.1 --role router
+  viking routes; viking cert add example.com chain.pem key.pem
   viking up                                # etcd, ambassador, registrator on this host
   viking run shared app                    # the grid places them on the cluster's hosts
   viking ps app; viking grid               # where each instance runs, and what is pending
@@ -112,6 +113,11 @@ enum Command {
     /// Cluster membership (what locknet admits)
     #[command(subcommand)]
     Host(HostCommand),
+    /// Every domain the router serves: the job behind it and its live endpoints
+    Routes,
+    /// TLS certificates the routers serve, in etcd
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Ask the grid to run deployed stacks on the cluster's hosts, and follow them until
     /// every instance runs
     Run {
@@ -160,6 +166,24 @@ enum Command {
     /// The whole suite on this host: a local etcd (unless one answers), the ambassador, the
     /// registrator and the launcher, in this process, with their own flags; Ctrl-C stops it
     Up(Box<UpArgs>),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Add or replace the certificate of a domain (checked first: the key fits, the chain
+    /// names the domain); routers serve it to new connections at once
+    Add {
+        /// The domain, e.g. example.com or *.apps.example.com
+        domain: schema::Domain,
+        /// PEM chain: the leaf certificate first, then its intermediates
+        chain: PathBuf,
+        /// PEM private key of the leaf
+        key: PathBuf,
+    },
+    /// List certificates with their expiry
+    Ls,
+    /// Remove a domain's certificate
+    Rm { domain: schema::Domain },
 }
 
 #[derive(Debug, Subcommand)]
@@ -282,6 +306,24 @@ async fn run(cli: Cli) -> Result<(), HqError> {
             tail,
         } => logs(&store, &service, follow, tail).await,
         Command::Host(command) => host(&store, command, out).await,
+        Command::Routes => {
+            print!("{}", output::render(&hq::web::routes(&store).await?, out));
+            Ok(())
+        }
+        Command::Cert(CertCommand::Add { domain, chain, key }) => {
+            let row = hq::web::cert_add(&store, &domain, &chain, &key).await?;
+            print!("{}", output::render(&[row], out));
+            Ok(())
+        }
+        Command::Cert(CertCommand::Ls) => {
+            print!("{}", output::render(&hq::web::cert_ls(&store).await?, out));
+            Ok(())
+        }
+        Command::Cert(CertCommand::Rm { domain }) => {
+            hq::web::cert_rm(&store, &domain).await?;
+            println!("{domain}: certificate removed");
+            Ok(())
+        }
         Command::Up(_) => unreachable!("handled above"),
     }
 }

@@ -66,6 +66,10 @@ pub struct JobDef {
     pub resources: Resources,
     pub placement: Placement,
     pub update: UpdatePolicy,
+    /// Domains the router sends to this job.
+    pub domains: Vec<(schema::Domain, Pos)>,
+    pub http_port: Option<u16>,
+    pub https_redirect: bool,
 }
 
 /// A parsed stack: its jobs in file order.
@@ -143,6 +147,12 @@ struct RawJob {
     placement: Option<Spanned<RawPlacement>>,
     #[serde(default)]
     update: Option<Spanned<RawUpdate>>,
+    #[serde(default)]
+    domains: Vec<Spanned<String>>,
+    #[serde(default)]
+    http_port: Option<Spanned<i64>>,
+    #[serde(default)]
+    https_redirect: Option<bool>,
 }
 
 /// `resources: {cpus: 0.5, memory: 256M}`.
@@ -183,7 +193,8 @@ struct RawUpdate {
 
 /// The job keys a stack file may use, for messages.
 pub const JOB_KEYS: &str = "type, image, ports, volume, link, scale, env, export_env, command, \
-                            restart, resources, placement, update";
+                            restart, resources, placement, update, domains, http_port, \
+                            https_redirect";
 
 /// Parses the text of one stack file (`path` is only for messages).
 pub fn parse(name: StackName, path: &str, text: &str) -> Result<StackFile, ParseError> {
@@ -507,6 +518,66 @@ fn check_job(
         }
         export_env.push(x.value);
     }
+    let mut domains: Vec<(schema::Domain, Pos)> = Vec::new();
+    for d in raw.domains {
+        let d_at = at(&d.referenced);
+        let domain = schema::Domain::new(&d.value)
+            .map_err(|e| err(d_at.clone(), format!("job {name}: domains: {e}")))?;
+        if domains.iter().any(|(x, _)| *x == domain) {
+            return Err(err(
+                d_at,
+                format!("job {name}: domains lists {domain} twice"),
+            ));
+        }
+        domains.push((domain, d_at));
+    }
+    let tcp_ports: Vec<u16> = ports
+        .iter()
+        .filter(|p| p.proto == Proto::Tcp)
+        .map(|p| p.port)
+        .collect();
+    let http_port = match raw.http_port {
+        None => None,
+        Some(p) => {
+            let port = u16::try_from(p.value)
+                .ok()
+                .filter(|p| tcp_ports.contains(p));
+            match port {
+                Some(port) => Some(port),
+                None => {
+                    return Err(err(
+                        at(&p.referenced),
+                        format!(
+                            "job {name}: http_port {} is not one of its TCP ports ({}); list it \
+                             under ports, or leave http_port out to use the first TCP port",
+                            p.value,
+                            if tcp_ports.is_empty() {
+                                "it has none".to_owned()
+                            } else {
+                                tcp_ports
+                                    .iter()
+                                    .map(u16::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    if let Some((d, d_at)) = domains.first() {
+        if tcp_ports.is_empty() {
+            return Err(err(
+                d_at.clone(),
+                format!(
+                    "job {name}: domains lists {d}, but the job has no TCP port to send its \
+                     requests to; add the port its HTTP server listens on under ports"
+                ),
+            ));
+        }
+    }
+    let https_redirect = raw.https_redirect.unwrap_or(false);
     Ok(JobDef {
         name: name.clone(),
         at: job_at,
@@ -523,6 +594,9 @@ fn check_job(
         resources,
         placement,
         update,
+        domains,
+        http_port,
+        https_redirect,
     })
 }
 

@@ -43,6 +43,9 @@ pub enum HqError {
     /// `viking up`: the launcher refused to start, as the `launcher` binary would.
     #[error(transparent)]
     Launcher(#[from] launcher::StartError),
+    /// `viking up --router`: the router refused to start, as the `router` binary would.
+    #[error(transparent)]
+    Router(#[from] router::StartError),
 }
 
 impl runtime::Fatal for HqError {
@@ -56,6 +59,7 @@ impl runtime::Fatal for HqError {
             HqError::Ambassador(e) => e.exit_code(),
             HqError::Registrator(e) => e.exit_code(),
             HqError::Launcher(e) => e.exit_code(),
+            HqError::Router(e) => e.exit_code(),
             HqError::Refused(_) => FAILURE,
         }
     }
@@ -311,7 +315,8 @@ impl Store {
             view.ports = required.into_iter().zip(ports).collect();
             let deployment = compile::compile(files, &view)?;
 
-            let plan = deploy::plan(&self.prefix, &deployment, &raw, &rfc3339_now());
+            let (_, routes) = self.get_prefix(self.prefix.dir(Dir::Routes)).await?;
+            let plan = deploy::plan(&self.prefix, &deployment, &raw, &routes, &rfc3339_now())?;
             if plan.writes.is_empty() {
                 return Ok((deployment, plan.report));
             }
@@ -428,6 +433,20 @@ impl Store {
                     stack_dir.as_str(),
                     Some(etcd_client::DeleteOptions::new().with_prefix()),
                 ));
+                // Its domains go with it (each guarded: a deploy may be taking one over).
+                let (_, routes) = self.get_prefix(self.prefix.dir(Dir::Routes)).await?;
+                for (key, kv) in &routes {
+                    let owned = records::decode::<records::RouteRecord>(key, &kv.value)
+                        .is_ok_and(|r| r.stack == *stack);
+                    if owned {
+                        compares.push(Compare::mod_revision(
+                            key.as_str(),
+                            CompareOp::Equal,
+                            kv.mod_revision,
+                        ));
+                        ops.push(TxnOp::delete(key.as_str(), None));
+                    }
+                }
             }
             // Each release is a compare and two operations, the second nesting two more.
             let fits = compares.len() + releases.len() <= self.allocator.max_txn_ops()

@@ -39,6 +39,26 @@ pub struct UpArgs {
 
     #[command(flatten)]
     pub launcher: LauncherArgs,
+
+    /// Also run the router (HTTP and HTTPS to web jobs by domain), as on a router host
+    #[arg(long, env = "VIKING_UP_ROUTER")]
+    pub router: bool,
+
+    /// With --router: its plain HTTP listener (ADDR:PORT, :PORT or off)
+    #[arg(long, env = "VIKING_UP_ROUTER_HTTP", default_value = ":80")]
+    pub router_http: String,
+
+    /// With --router: its HTTPS listener (ADDR:PORT, :PORT or off)
+    #[arg(long, env = "VIKING_UP_ROUTER_HTTPS", default_value = ":443")]
+    pub router_https: String,
+
+    /// With --router: its admin server
+    #[arg(long, env = "VIKING_UP_ROUTER_ADMIN", default_value = "127.0.0.1:9102")]
+    pub router_admin: SocketAddr,
+
+    /// With --router: a directory of certificates (<domain>.crt and <domain>.key)
+    #[arg(long, env = "VIKING_UP_ROUTER_CERTS")]
+    pub router_certs: Option<PathBuf>,
 }
 
 /// The default data dir: `$XDG_DATA_HOME/viking` or `~/.local/share/viking`.
@@ -152,6 +172,16 @@ pub async fn up(
         args.registrator.docker.clone(),
         max_txn_ops,
     )?;
+    let router = if args.router {
+        let mut r = router::RouterArgs::defaults();
+        r.http = args.router_http.clone();
+        r.https = args.router_https.clone();
+        r.admin = args.router_admin;
+        r.certs = args.router_certs.clone();
+        Some(r.check()?)
+    } else {
+        None
+    };
     let data = args.data.clone().unwrap_or_else(default_data);
     let client = etcd.connect_daemon(&shutdown).await?;
     let local = ensure_etcd(etcd, &client, &data).await?;
@@ -166,6 +196,19 @@ pub async fn up(
         .in_scope(|| registrator::daemon::start(registrator, client.clone(), shutdown.clone()));
     let launch = info_span!("launcher")
         .in_scope(|| launcher::daemon::start(launcher, client.clone(), shutdown.clone()));
+    let router = match router {
+        Some(checked) => Some(
+            router::daemon::start(
+                checked,
+                etcd.prefix.clone(),
+                client.clone(),
+                shutdown.clone(),
+            )
+            .instrument(info_span!("router"))
+            .await?,
+        ),
+        None => None,
+    };
     info!(
         host = %host,
         etcd = %etcd.endpoints_display(),
@@ -181,6 +224,9 @@ pub async fn up(
     amb.wait().instrument(info_span!("ambassador")).await;
     reg.wait().instrument(info_span!("registrator")).await;
     launch.wait().instrument(info_span!("launcher")).await;
+    if let Some(r) = router {
+        r.wait().instrument(info_span!("router")).await;
+    }
     if let Some(etcd) = local {
         drop(etcd);
         info!("stopped the local etcd");

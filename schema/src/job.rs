@@ -104,6 +104,15 @@ pub struct JobSpec {
     /// How a changed spec rolls out.
     #[serde(default, skip_serializing_if = "UpdatePolicy::is_default")]
     pub update: UpdatePolicy,
+    /// Domains the router sends to this job (each also a `routes/<domain>` key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<crate::Domain>,
+    /// The TCP port that speaks HTTP for `domains`; `None`: the first TCP port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_port: Option<u16>,
+    /// Requests over plain HTTP for `domains` get a 308 to HTTPS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub https_redirect: bool,
 }
 
 /// `type:` in a stack file.
@@ -236,7 +245,20 @@ impl JobSpec {
             resources: Resources::default(),
             placement: Placement::default(),
             update: UpdatePolicy::default(),
+            domains: Vec::new(),
+            http_port: None,
+            https_redirect: false,
         }
+    }
+
+    /// The port HTTP requests for `domains` go to: `http_port`, else the first TCP port.
+    pub fn web_port(&self) -> Option<u16> {
+        self.http_port.or_else(|| {
+            self.ports
+                .iter()
+                .find(|p| p.proto == Proto::Tcp)
+                .map(|p| p.port)
+        })
     }
 
     /// The restart policy in force: the one set, else `always` for a job and `never` for a
@@ -259,6 +281,10 @@ impl JobSpec {
         s.resources = Resources::default();
         s.placement = Placement::default();
         s.update = UpdatePolicy::default();
+        // Routing is the router's business: a new domain does not replace containers.
+        s.domains = Vec::new();
+        s.http_port = None;
+        s.https_redirect = false;
         crate::records::digest(&serde_json::to_string(&s).expect("serializable"))
     }
 
@@ -296,6 +322,26 @@ impl JobSpec {
             return Err(
                 "placement.max_per_host 0 places nothing; leave it out or use 1 or more".to_owned(),
             );
+        }
+        if !self.domains.is_empty() {
+            match self.web_port() {
+                None => {
+                    return Err("it lists domains but has no TCP port to send them to; add \
+                                one under ports (or http_port)"
+                        .to_owned());
+                }
+                Some(p)
+                    if !self.ports.contains(&PortSpec {
+                        port: p,
+                        proto: Proto::Tcp,
+                    }) =>
+                {
+                    return Err(format!(
+                        "http_port {p} is not one of its TCP ports; list {p} under ports"
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         if self.update.max_parallel == 0 {
             return Err("update.max_parallel 0 updates nothing; use 1 or more".to_owned());

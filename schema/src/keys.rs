@@ -7,6 +7,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::domain::Domain;
 use crate::names::{HostId, JobName, NameError, StackName};
 use crate::service::{Proto, ServiceId, ServicePort, parse_port};
 
@@ -90,6 +91,8 @@ impl Prefix {
             Dir::Lost => "grid/lost/".to_owned(),
             Dir::Containers => "containers/".to_owned(),
             Dir::HostContainers(host) => format!("containers/{host}/"),
+            Dir::Routes => "routes/".to_owned(),
+            Dir::Certs => "certs/".to_owned(),
         };
         format!("{}/{tail}", self.0)
     }
@@ -139,6 +142,18 @@ impl Prefix {
             ),
             ["grid", "nodes", host] => Key::Node(HostId::new(*host).map_err(name_err)?),
             ["grid", "run", stack] => Key::Run(StackName::new(*stack).map_err(name_err)?),
+            ["routes", domain] => Key::Route(
+                Domain::new(domain)
+                    .ok()
+                    .filter(|d| d.as_str() == *domain)
+                    .ok_or_else(|| bad("the domain is not a checked, lower-case DNS name"))?,
+            ),
+            ["certs", domain] => Key::Cert(
+                Domain::new(domain)
+                    .ok()
+                    .filter(|d| d.as_str() == *domain)
+                    .ok_or_else(|| bad("the domain is not a checked, lower-case DNS name"))?,
+            ),
             ["grid", "lost", host] => Key::Lost(HostId::new(*host).map_err(name_err)?),
             ["containers", host, id] => {
                 let id = Instance::new(HostId::new(*host).map_err(name_err)?, id, 1)
@@ -276,6 +291,10 @@ pub enum Dir<'a> {
     Containers,
     /// One host's running containers: what its ambassador watches.
     HostContainers(&'a HostId),
+    /// `routes/`: HTTP routes by domain (the router).
+    Routes,
+    /// `certs/`: TLS certificates by domain (the router).
+    Certs,
 }
 
 /// One key of the contract (docs/contract.md, "etcd keys and values").
@@ -318,6 +337,10 @@ pub enum Key {
     /// `containers/<host>/<id12>`: a running container of that host, under its registrator's
     /// lease.
     Container(HostId, String),
+    /// `routes/<domain>`: the job that serves HTTP for a domain.
+    Route(Domain),
+    /// `certs/<domain>`: a TLS certificate and key for a domain.
+    Cert(Domain),
 }
 
 /// One instance of a job on one host: the last segments of `grid/assign/` and `grid/status/`.
@@ -368,6 +391,8 @@ impl Key {
             ),
             Key::Lost(h) => format!("grid/lost/{h}"),
             Key::Container(h, id) => format!("containers/{h}/{id}"),
+            Key::Route(d) => format!("routes/{d}"),
+            Key::Cert(d) => format!("certs/{d}"),
         }
     }
 }
@@ -498,6 +523,10 @@ mod tests {
             )),
             host().prop_map(Key::Node),
             host().prop_map(Key::Lost),
+            ("(\\*\\.)?", name(), name())
+                .prop_map(|(w, a, b)| Key::Route(Domain::new(&format!("{w}{a}.{b}")).unwrap())),
+            (name(), name())
+                .prop_map(|(a, b)| Key::Cert(Domain::new(&format!("{a}.{b}")).unwrap())),
             name().prop_map(|s| Key::Run(StackName::new(s).unwrap())),
             (host(), name(), name(), 0u32..1000, any::<bool>()).prop_map(|(h, s, j, i, a)| {
                 let slot = Slot {
@@ -552,6 +581,14 @@ mod tests {
             ),
             (Key::PortOwner(20000), "/viking/ports/owner/20000"),
             (Key::PortFree(20001), "/viking/ports/free/20001"),
+            (
+                Key::Route(Domain::new("*.apps.example.com").unwrap()),
+                "/viking/routes/*.apps.example.com",
+            ),
+            (
+                Key::Cert(Domain::new("example.com").unwrap()),
+                "/viking/certs/example.com",
+            ),
             (
                 Key::Assign(Slot {
                     host: HostId::new("node-1").unwrap(),

@@ -5,6 +5,7 @@
 //! Pure: no tokio, no I/O. Every other crate depends on this one, and only this one formats
 //! or parses key paths.
 
+pub mod domain;
 pub mod env;
 pub mod job;
 pub mod keys;
@@ -14,6 +15,7 @@ pub mod range;
 pub mod records;
 pub mod service;
 
+pub use domain::{DOMAIN_RULE, Domain, DomainError};
 pub use job::{
     CommandSpec, JobKind, JobSpec, LinkPortSpec, LinkSpec, MAX_SCALE, Placement, PortSpec,
     Resources, Restart, UpdatePolicy, check_image, container_name, format_memory, is_env_name,

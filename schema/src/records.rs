@@ -73,6 +73,30 @@ pub struct EndpointRecord {
     pub registered_at: String,
 }
 
+/// `routes/<domain>`: HTTP requests for `domain` go to `stack/job`'s `port` (the router).
+/// Written by `viking deploy` in the same transaction as the jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    pub stack: crate::StackName,
+    pub job: crate::JobName,
+    /// The job's TCP port that speaks HTTP.
+    pub port: u16,
+    /// A request over plain HTTP is answered with a 308 to HTTPS.
+    #[serde(default)]
+    pub https_redirect: bool,
+}
+
+/// `certs/<domain>`: a certificate chain and its private key, PEM (`viking cert add`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
 /// `ports/alloc/<stack>/<job>/<port>-<proto>`: the ambassador port of a service port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortAllocRecord {

@@ -1,0 +1,341 @@
+//! The router as a daemon: its flags (each with a `VIKING_*` env twin), their checks, and the
+//! start-up that the `router` binary and `viking up --router` share.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::Client;
+use runtime::etcd::parse_duration;
+use runtime::{CancellationToken, process};
+use schema::Prefix;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, warn};
+
+use crate::pool::Pool;
+use crate::proxy::{AccessLog, Settings};
+use crate::server::{Limits, Serving};
+use crate::state::State;
+
+/// The router's flags (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Router")]
+pub struct RouterArgs {
+    /// Plain HTTP listener: ADDR:PORT, :PORT (all addresses) or `off`
+    #[arg(long, env = "VIKING_HTTP", default_value = ":80")]
+    pub http: String,
+
+    /// HTTPS listener: ADDR:PORT, :PORT (all addresses) or `off`
+    #[arg(long, env = "VIKING_HTTPS", default_value = ":443")]
+    pub https: String,
+
+    /// Admin server: /metrics, /healthz, /state
+    #[arg(long, env = "VIKING_ROUTER_ADMIN", default_value = "127.0.0.1:9102")]
+    pub admin: SocketAddr,
+
+    /// Directory of certificates: <domain>.crt (PEM chain, leaf first) with <domain>.key, a
+    /// wildcard as _.example.com.crt; read again when its files change. etcd `certs/` wins
+    /// for a domain both have
+    #[arg(long, env = "VIKING_CERTS")]
+    pub certs: Option<PathBuf>,
+
+    /// Expect a PROXY protocol v1 or v2 header on every connection (from a front load
+    /// balancer) and take the client address from it; without this flag a PROXY header is
+    /// never trusted (the request is refused as malformed)
+    #[arg(long, env = "VIKING_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+
+    /// Write one JSON line per request to this file (`-`: stdout)
+    #[arg(long, env = "VIKING_ACCESS_LOG")]
+    pub access_log: Option<String>,
+
+    /// Time open requests get to finish after SIGTERM
+    #[arg(long, env = "VIKING_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Time to receive a request head (and a TLS handshake), counted from when the router
+    /// starts waiting for it; so also how long an idle keep-alive connection stays open
+    #[arg(long, env = "VIKING_HEAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub head_timeout: Duration,
+
+    /// Time limit for connecting to a backend
+    #[arg(long, env = "VIKING_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Time limit for a backend's response head, from when the request was sent (504 after)
+    #[arg(long, env = "VIKING_RESPONSE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub response_timeout: Duration,
+
+    /// Close a pooled backend connection idle for this long instead of using it
+    #[arg(long, env = "VIKING_BACKEND_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub backend_idle_timeout: Duration,
+
+    /// Idle keep-alive connections kept per backend
+    #[arg(long, env = "VIKING_BACKEND_POOL", default_value_t = 64)]
+    pub backend_pool: usize,
+
+    /// Most client connections open at once; further ones wait in the kernel's queue
+    #[arg(long, env = "VIKING_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+
+    /// Largest request head, e.g. 64K (at least 8K)
+    #[arg(long, env = "VIKING_MAX_HEAD", default_value = "64K", value_parser = parse_size)]
+    pub max_head: u64,
+
+    /// Most header fields in a request head
+    #[arg(long, env = "VIKING_MAX_HEADERS", default_value_t = 100)]
+    pub max_headers: usize,
+
+    /// Largest request body, e.g. 64M (413 beyond it)
+    #[arg(long, env = "VIKING_MAX_BODY", default_value = "64M", value_parser = parse_size)]
+    pub max_body: u64,
+
+    /// Most concurrent HTTP/2 streams per client connection
+    #[arg(long, env = "VIKING_MAX_STREAMS", default_value_t = 256)]
+    pub max_streams: u32,
+}
+
+impl RouterArgs {
+    /// The defaults (and `VIKING_*` env twins), as the `router` binary would take them with
+    /// no flags: for `viking up --router`, which sets only the listeners.
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            router: RouterArgs,
+        }
+        <Only as clap::Parser>::try_parse_from(["router"])
+            .map(|o| o.router)
+            .unwrap_or_else(|e| panic!("the router's defaults parse: {e}"))
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    schema::parse_memory(s)
+}
+
+/// Why the router did not start: exit 2, nothing served.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "--{flag} {value:?} is not an address to listen on; write ADDR:PORT (e.g. 0.0.0.0:80), \
+         :PORT for all addresses, or off"
+    )]
+    Listen { flag: &'static str, value: String },
+    #[error("--http and --https are both off: the router would serve nothing; give one")]
+    NothingToServe,
+    #[error(
+        "cannot listen on --{flag} {addr}: {error}; pick another address (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    )]
+    Bind {
+        flag: &'static str,
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("--max-head {0} is below 8K; HTTP heads need at least 8192 bytes")]
+    MaxHead(u64),
+    #[error("--certs {}: {error}; pass a directory this user may read", dir.display())]
+    Certs { dir: PathBuf, error: std::io::Error },
+    #[error("--access-log {path}: {error}; pass a file this user may write, or - for stdout")]
+    AccessLog { path: String, error: std::io::Error },
+    #[error("TLS set-up failed: {0}")]
+    Tls(String),
+}
+
+impl runtime::Fatal for StartError {
+    fn exit_code(&self) -> u8 {
+        process::USAGE
+    }
+}
+
+/// `ADDR:PORT`, `:PORT` or `off`.
+pub fn parse_listen(flag: &'static str, value: &str) -> Result<Option<SocketAddr>, StartError> {
+    if value == "off" {
+        return Ok(None);
+    }
+    let full = match value.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => value.to_owned(),
+    };
+    full.parse().map(Some).map_err(|_| StartError::Listen {
+        flag,
+        value: value.to_owned(),
+    })
+}
+
+/// Flags that passed their checks.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub args: RouterArgs,
+}
+
+impl RouterArgs {
+    /// Checks every flag; binds nothing and needs no etcd.
+    pub fn check(&self) -> Result<Checked, StartError> {
+        let http = parse_listen("http", &self.http)?;
+        let https = parse_listen("https", &self.https)?;
+        if http.is_none() && https.is_none() {
+            return Err(StartError::NothingToServe);
+        }
+        if self.max_head < 8192 {
+            return Err(StartError::MaxHead(self.max_head));
+        }
+        if let Some(dir) = &self.certs {
+            std::fs::read_dir(dir).map_err(|error| StartError::Certs {
+                dir: dir.clone(),
+                error,
+            })?;
+        }
+        Ok(Checked {
+            http,
+            https,
+            args: self.clone(),
+        })
+    }
+}
+
+/// A started router.
+pub struct Running {
+    pub state: Arc<State>,
+    /// Where each listener is (the ports the kernel chose for `:0`).
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    serving: Arc<Serving>,
+    grace: Duration,
+    shutdown: CancellationToken,
+    background: CancellationToken,
+}
+
+/// Binds every listener, then serves until `shutdown`. `client` may point at an etcd that is
+/// down: routes come when it answers.
+pub async fn start(
+    checked: Checked,
+    prefix: Prefix,
+    client: Client,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
+    let args = &checked.args;
+    let access_log = match &args.access_log {
+        None => None,
+        Some(path) => Some(
+            AccessLog::open(path).map_err(|error| StartError::AccessLog {
+                path: path.clone(),
+                error,
+            })?,
+        ),
+    };
+    let bind = |flag: &'static str, addr: SocketAddr| {
+        crate::server::bind(addr).map_err(|error| StartError::Bind { flag, addr, error })
+    };
+    let http = checked.http.map(|a| bind("http", a)).transpose()?;
+    let https = checked.https.map(|a| bind("https", a)).transpose()?;
+    let admin = tokio::net::TcpListener::bind(args.admin)
+        .await
+        .map_err(|error| StartError::Bind {
+            flag: "admin",
+            addr: args.admin,
+            error,
+        })?;
+    let addr_of =
+        |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    let (http_addr, https_addr) = (addr_of(&http), addr_of(&https));
+    let admin_addr = admin.local_addr().unwrap_or(args.admin);
+    let settings = Settings {
+        connect_timeout: args.connect_timeout,
+        response_timeout: args.response_timeout,
+        max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+        https_port: https_addr.map_or(443, |a| a.port()),
+    };
+    let pool = Pool::new(args.backend_pool, args.backend_idle_timeout);
+    let state = State::new(prefix, settings, access_log, pool);
+    let limits = Limits {
+        head_timeout: args.head_timeout,
+        max_head_bytes: usize::try_from(args.max_head).unwrap_or(usize::MAX),
+        max_headers: args.max_headers,
+        max_streams: args.max_streams,
+        proxy_protocol: args.proxy_protocol,
+    };
+    let serving = Arc::new(Serving {
+        state: state.clone(),
+        builder: crate::server::builder(&limits),
+        limits,
+        permits: Arc::new(Semaphore::new(args.max_connections)),
+        tracker: TaskTracker::new(),
+        stop: CancellationToken::new(),
+        hard: CancellationToken::new(),
+    });
+    let background = CancellationToken::new();
+    let span = tracing::Span::current();
+    tokio::spawn(
+        crate::state::follow(
+            state.clone(),
+            client,
+            args.certs.clone(),
+            background.clone(),
+        )
+        .instrument(span.clone()),
+    );
+    tokio::spawn(
+        crate::admin::serve(admin, state.clone(), background.clone()).instrument(span.clone()),
+    );
+    if let Some(l) = http {
+        tokio::spawn(crate::server::accept_loop(serving.clone(), l, None).instrument(span.clone()));
+    }
+    if let Some(l) = https {
+        let config = crate::tls::server_config(state.certs.clone())
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(
+            crate::server::accept_loop(serving.clone(), l, Some(acceptor)).instrument(span.clone()),
+        );
+    }
+    info!(
+        http = ?http_addr,
+        https = ?https_addr,
+        admin = %admin_addr,
+        proxy_protocol = args.proxy_protocol,
+        "router listening"
+    );
+    Ok(Running {
+        state,
+        http: http_addr,
+        https: https_addr,
+        admin: admin_addr,
+        serving,
+        grace: args.grace,
+        shutdown,
+        background,
+    })
+}
+
+impl Running {
+    /// Waits for `shutdown`, stops accepting, lets open requests finish for `--grace`, then
+    /// cuts the rest; returns how many connections were cut.
+    pub async fn wait(self) -> usize {
+        self.shutdown.cancelled().await;
+        self.serving.stop.cancel();
+        self.serving.tracker.close();
+        let open = self.serving.tracker.len();
+        info!(open, grace = ?self.grace, "stopping: open connections finish their requests");
+        let drained = tokio::time::timeout(self.grace, self.serving.tracker.wait()).await;
+        let cut = if drained.is_err() {
+            let cut = self.serving.tracker.len();
+            warn!(
+                cut,
+                "connections still open at the end of the grace period: closed"
+            );
+            self.serving.hard.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.serving.tracker.wait()).await;
+            cut
+        } else {
+            0
+        };
+        self.background.cancel();
+        cut
+    }
+}

@@ -1,0 +1,26 @@
+//! The router: HTTP and HTTPS from the internet to web jobs, by domain.
+//!
+//! It follows `routes/` (written by `viking deploy` from each job's `domains`), `services/`
+//! (the live endpoints) and `certs/` in etcd, and serves `--http` and `--https`:
+//!
+//! * [`table`]: domain -> route -> backends (exact name, then the longest wildcard); backends
+//!   chosen and ejected by the ambassador's own code (`ambassador::routes`).
+//! * [`proxy`]: one request: forwarding headers, retries, the router's own answers, WebSocket.
+//! * [`pool`]: keep-alive connections to backends.
+//! * [`tls`]: certificates by SNI, from `--certs` and etcd, swapped without dropping anything.
+//! * [`server`]: listeners, limits, PROXY protocol, graceful shutdown.
+//! * [`state`]: etcd into the table and the certificates.
+//! * [`metrics`], [`admin`]: `/metrics`, `/healthz`, `/state`.
+//! * [`daemon`]: the flags and the one start-up that `router` and `viking up --router` share.
+
+pub mod admin;
+pub mod daemon;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod server;
+pub mod state;
+pub mod table;
+pub mod tls;
+
+pub use daemon::{RouterArgs, StartError};

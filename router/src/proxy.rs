@@ -1,0 +1,649 @@
+//! One request: find the route by host, choose a backend, send the request over a pooled
+//! connection, and stream the response back; or answer itself (404 no route, 503 no live
+//! backend, 502 backend failed, 504 backend too slow, 308 to HTTPS, 413 body too large).
+//!
+//! Retries: a request that could not be sent (connect failed, or a pooled connection the
+//! backend had closed) goes to another backend, whatever its method: nothing of it left the
+//! router. An idempotent request without a body (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) that
+//! failed after it was sent but before any response byte is sent once more, to another
+//! backend. Nothing else is retried: a POST whose backend died gets a 502.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tracing::debug;
+
+use crate::metrics::RouteCounters;
+use crate::pool::{self, Conn};
+use crate::state::State;
+use crate::table::{Route, request_host};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// What the router sends to a backend.
+pub type ReqBody = UnsyncBoxBody<Bytes, BoxError>;
+/// What the router sends to a client.
+pub type RespBody = http_body_util::Either<Full<Bytes>, Tracked>;
+
+/// What the accept loop knows of a client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client: the peer, or the address a trusted PROXY header gave.
+    pub client: SocketAddr,
+    /// It came over TLS (the `--https` listener).
+    pub tls: bool,
+}
+
+/// Headers that belong to one hop (RFC 9110 7.6.1), never forwarded.
+const HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers (and those `Connection` names); keeps `Upgrade` and
+/// `Connection: upgrade` when `upgrade` is set.
+fn strip_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && *n == header::UPGRADE))
+        .collect();
+    let upgrade_value = headers.get(header::UPGRADE).cloned();
+    for h in HOP.iter().chain(&named) {
+        headers.remove(h);
+    }
+    if upgrade && let Some(v) = upgrade_value {
+        headers.insert(header::UPGRADE, v);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// A request asks to switch protocols (WebSocket): `Connection: upgrade` and `Upgrade`.
+fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// One of the router's own answers: a short plain page.
+fn answer(status: StatusCode, text: &str) -> Response<RespBody> {
+    let mut resp = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(
+        format!(
+            "{} {}\n{text}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        ),
+    ))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The request as it goes to a backend: origin-form target, HTTP/1.1, hop-by-hop headers
+/// removed, `Host` kept (set from the authority for HTTP/2), forwarding headers added.
+struct Outgoing {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Outgoing {
+    fn new(req: &Request<Incoming>, host: &str, info: ConnInfo, upgrade: bool) -> Self {
+        let mut headers = req.headers().clone();
+        strip_hop(&mut headers, upgrade);
+        if !headers.contains_key(header::HOST) {
+            let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or(host);
+            if let Ok(v) = HeaderValue::from_str(authority) {
+                headers.insert(header::HOST, v);
+            }
+        }
+        let proto = if info.tls { "https" } else { "http" };
+        let ip = info.client.ip().to_string();
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip.clone(),
+        };
+        let original_host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(host)
+            .to_owned();
+        let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        };
+        set(&mut headers, "x-forwarded-for", &xff);
+        set(&mut headers, "x-forwarded-proto", proto);
+        set(&mut headers, "x-forwarded-host", &original_host);
+        let node = match info.client.ip() {
+            std::net::IpAddr::V4(a) => a.to_string(),
+            std::net::IpAddr::V6(a) => format!("\"[{a}]\""),
+        };
+        let forwarded = format!("for={node};proto={proto};host=\"{original_host}\"");
+        let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {forwarded}"),
+            None => forwarded,
+        };
+        set(&mut headers, "forwarded", &forwarded);
+        let uri = req
+            .uri()
+            .path_and_query()
+            .map(|pq| Uri::from(pq.clone()))
+            .unwrap_or_else(|| Uri::from_static("/"));
+        Self {
+            method: req.method().clone(),
+            uri,
+            headers,
+        }
+    }
+
+    fn request(&self, body: ReqBody) -> Request<ReqBody> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = Version::HTTP_11;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+fn empty() -> ReqBody {
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Handles one request; never fails (every failure is an answer).
+pub async fn handle(
+    state: Arc<State>,
+    info: ConnInfo,
+    mut req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
+    let start = Instant::now();
+    let Some(host) = request_host(&req) else {
+        let resp = answer(
+            StatusCode::BAD_REQUEST,
+            "The request names no host (Host header or authority).",
+        );
+        state.metrics.unknown.count(resp.status());
+        return Ok(resp);
+    };
+    let table = state.table();
+    let Some(route) = table.lookup(&host).cloned() else {
+        let resp = answer(
+            StatusCode::NOT_FOUND,
+            &format!("No site is served for {host} here."),
+        );
+        finish_own(
+            &state,
+            &state.metrics.unknown,
+            asked(&req),
+            &host,
+            info,
+            &resp,
+            start,
+        );
+        return Ok(resp);
+    };
+    drop(table);
+    let counters = &route.counters;
+    if !info.tls && route.record.https_redirect {
+        let resp = redirect(&state, &req, &host);
+        finish_own(&state, counters, asked(&req), &host, info, &resp, start);
+        return Ok(resp);
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.settings.max_body as u64) {
+        let resp = answer(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "The request body is larger than this router takes ({} bytes).",
+                state.settings.max_body
+            ),
+        );
+        finish_own(&state, counters, asked(&req), &host, info, &resp, start);
+        return Ok(resp);
+    }
+    if route.backends.is_empty() {
+        let mut resp = answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "No instance of {} is running right now.",
+                route.service_port.service
+            ),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        finish_own(&state, counters, asked(&req), &host, info, &resp, start);
+        return Ok(resp);
+    }
+    let upgrade = wants_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let out = Outgoing::new(&req, &host, info, upgrade);
+    let no_body = req.body().is_end_stream();
+    let retry_after_send = idempotent(req.method()) && no_body && !upgrade;
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let version = req.version();
+    let mut body: Option<ReqBody> = Some(if no_body {
+        empty()
+    } else {
+        Limited::new(req.into_body(), state.settings.max_body).boxed_unsync()
+    });
+    let mut tried: Vec<usize> = Vec::new();
+    let mut resent = false;
+    let mut last_error = StatusCode::BAD_GATEWAY;
+    let mut rng = fastrand::Rng::new();
+    // Each backend at most twice (a stale pooled connection, then a new one).
+    let mut attempts = route.backends.len() * 2 + 1;
+    let mut first = true;
+    let result = loop {
+        if attempts == 0 {
+            break Err(last_error);
+        }
+        attempts -= 1;
+        if !std::mem::take(&mut first) {
+            counters.retries.inc();
+        }
+        let now = Instant::now();
+        let Some(i) = ambassador::routes::pick(&route.backends, &tried, None, now, &mut rng) else {
+            break Err(last_error);
+        };
+        let backend = &route.backends[i];
+        let conn = match state.pool.checkout(backend.addr) {
+            Some(c) => c,
+            None => match pool::connect(backend.addr, state.settings.connect_timeout).await {
+                Ok(c) => {
+                    backend.connected();
+                    c
+                }
+                Err(e) => {
+                    debug!(backend = %backend.addr, domain = %host, error = %e, "connect failed");
+                    counters.connect_errors.inc();
+                    backend.failed(Instant::now());
+                    tried.push(i);
+                    last_error = if matches!(e, pool::ConnectError::Timeout) {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    };
+                    continue;
+                }
+            },
+        };
+        let Some(b) = body.take() else {
+            break Err(last_error);
+        };
+        let request = out.request(b);
+        let mut conn = conn;
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        let sent = tokio::time::timeout(
+            state.settings.response_timeout,
+            conn.sender.try_send_request(request),
+        )
+        .await;
+        match sent {
+            Ok(Ok(resp)) => {
+                backend.connections.fetch_add(1, Ordering::Relaxed);
+                break Ok((resp, conn, i));
+            }
+            Ok(Err(mut e)) => {
+                backend.active.fetch_sub(1, Ordering::Relaxed);
+                if let Some(r) = e.take_message() {
+                    // Never left the router: a pooled connection the backend had closed.
+                    body = Some(r.into_body());
+                    if !conn.reused {
+                        tried.push(i);
+                    }
+                    continue;
+                }
+                debug!(backend = %backend.addr, domain = %host, error = %e.error(), "request failed");
+                counters.response_errors.inc();
+                last_error = StatusCode::BAD_GATEWAY;
+                if retry_after_send && !resent {
+                    resent = true;
+                    tried.push(i);
+                    body = Some(empty());
+                    continue;
+                }
+                break Err(last_error);
+            }
+            Err(_) => {
+                backend.active.fetch_sub(1, Ordering::Relaxed);
+                counters.timeouts.inc();
+                break Err(StatusCode::GATEWAY_TIMEOUT);
+            }
+        }
+    };
+    let (mut resp, conn, i) = match result {
+        Ok(r) => r,
+        Err(status) => {
+            let text = match status {
+                StatusCode::GATEWAY_TIMEOUT => "The site did not answer in time.",
+                _ => "The site failed to answer.",
+            };
+            let resp = answer(status, text);
+            let asked = Asked {
+                method: &method,
+                path: &path,
+                version,
+            };
+            finish_own(&state, counters, asked, &host, info, &resp, start);
+            return Ok(resp);
+        }
+    };
+    let backend = Arc::clone(&route.backends[i]);
+    let status = resp.status();
+    counters.count(status);
+    counters.duration.observe(start.elapsed().as_secs_f64());
+    if status == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = client_upgrade
+    {
+        let server = hyper::upgrade::on(&mut resp);
+        let addr = backend.addr;
+        tokio::spawn(async move {
+            match tokio::try_join!(client, server) {
+                Ok((c, s)) => {
+                    let mut c = hyper_util::rt::TokioIo::new(c);
+                    let mut s = hyper_util::rt::TokioIo::new(s);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                }
+                Err(e) => debug!(backend = %addr, error = %e, "upgrade failed"),
+            }
+            backend.active.fetch_sub(1, Ordering::Relaxed);
+        });
+        let (parts, _) = resp.into_parts();
+        let empty = http_body_util::Either::Left(Full::new(Bytes::new()));
+        return Ok(Response::from_parts(parts, empty));
+    }
+    strip_hop(resp.headers_mut(), false);
+    // The client's version, not the backend's (an HTTP/1.0 backend must not downgrade it).
+    *resp.version_mut() = version;
+    let (parts, incoming) = resp.into_parts();
+    let log = state.access_log.as_ref().map(|_| LogLine {
+        client: info.client,
+        method,
+        host,
+        path,
+        version,
+        status,
+        start,
+        backend: backend.addr,
+    });
+    let body = Tracked {
+        inner: incoming,
+        conn: Some(conn),
+        state: Arc::clone(&state),
+        route: Arc::clone(&route),
+        backend,
+        bytes: 0,
+        log,
+    };
+    Ok(Response::from_parts(
+        parts,
+        http_body_util::Either::Right(body),
+    ))
+}
+
+/// 308 to the same URL over HTTPS.
+fn redirect(state: &State, req: &Request<Incoming>, host: &str) -> Response<RespBody> {
+    let port = match state.settings.https_port {
+        443 | 0 => String::new(),
+        p => format!(":{p}"),
+    };
+    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = format!("https://{host}{port}{pq}");
+    let mut resp = answer(
+        StatusCode::PERMANENT_REDIRECT,
+        &format!("This site is served over HTTPS: {location}"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// What the access log says of the request.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    method: &'a Method,
+    path: &'a str,
+    version: Version,
+}
+
+fn asked<B>(req: &Request<B>) -> Asked<'_> {
+    Asked {
+        method: req.method(),
+        path: req.uri().path(),
+        version: req.version(),
+    }
+}
+
+/// Counts and logs one of the router's own answers.
+fn finish_own(
+    state: &State,
+    counters: &RouteCounters,
+    req: Asked<'_>,
+    host: &str,
+    info: ConnInfo,
+    resp: &Response<RespBody>,
+    start: Instant,
+) {
+    counters.count(resp.status());
+    counters.duration.observe(start.elapsed().as_secs_f64());
+    if let Some(log) = &state.access_log {
+        log.write(&serde_json::json!({
+            "time": runtime::host::rfc3339_now(),
+            "client": info.client.to_string(),
+            "method": req.method.as_str(),
+            "host": host,
+            "path": req.path,
+            "proto": format!("{:?}", req.version),
+            "status": resp.status().as_u16(),
+            "bytes": resp.body().size_hint().exact().unwrap_or(0),
+            "duration_ms": start.elapsed().as_secs_f64() * 1000.0,
+            "backend": serde_json::Value::Null,
+        }));
+    }
+}
+
+/// What the access log says of a proxied request, written when its response ends.
+struct LogLine {
+    client: SocketAddr,
+    method: Method,
+    host: String,
+    path: String,
+    version: Version,
+    status: StatusCode,
+    start: Instant,
+    backend: SocketAddr,
+}
+
+/// A backend's response body on its way to the client: counts bytes, puts the backend
+/// connection back in the pool when the body ended, and logs the request.
+pub struct Tracked {
+    inner: Incoming,
+    conn: Option<Conn>,
+    state: Arc<State>,
+    route: Arc<Route>,
+    backend: Arc<ambassador::routes::Backend>,
+    bytes: u64,
+    log: Option<LogLine>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.done();
+                }
+            }
+            Poll::Ready(None) => this.done(),
+            Poll::Ready(Some(Err(_))) => {
+                this.route.counters.response_errors.inc();
+                this.conn = None;
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Tracked {
+    /// The body ended: its connection may carry the next request.
+    fn done(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.state.pool.checkin(conn);
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // A connection whose body was not read to its end is closed (dropped), not reused.
+        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+        self.route.counters.bytes_out.inc_by(self.bytes);
+        if let (Some(log), Some(out)) = (&self.log, &self.state.access_log) {
+            out.write(&serde_json::json!({
+                "time": runtime::host::rfc3339_now(),
+                "client": log.client.to_string(),
+                "method": log.method.as_str(),
+                "host": log.host,
+                "path": log.path,
+                "proto": format!("{:?}", log.version),
+                "status": log.status.as_u16(),
+                "bytes": self.bytes,
+                "duration_ms": log.start.elapsed().as_secs_f64() * 1000.0,
+                "backend": log.backend.to_string(),
+                "route": self.route.domain.as_str(),
+            }));
+        }
+    }
+}
+
+/// `--access-log`: one JSON object a line, to a file or stdout (`-`).
+pub struct AccessLog {
+    out: std::sync::Mutex<Box<dyn std::io::Write + Send>>,
+}
+
+impl AccessLog {
+    pub fn open(path: &str) -> std::io::Result<Self> {
+        let out: Box<dyn std::io::Write + Send> = if path == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            )
+        };
+        Ok(Self {
+            out: std::sync::Mutex::new(out),
+        })
+    }
+
+    fn write(&self, line: &serde_json::Value) {
+        let mut text = line.to_string();
+        text.push('\n');
+        if let Ok(mut out) = self.out.lock() {
+            let _ = out.write_all(text.as_bytes());
+        }
+    }
+}
+
+/// Settings a request needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_body: usize,
+    /// The HTTPS port redirects name (443: none in the URL).
+    pub https_port: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_upgrade_stays_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret, Upgrade"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let mut a = h.clone();
+        strip_hop(&mut a, false);
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert!(a.contains_key("x-kept"));
+        strip_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        assert!(!h.contains_key("x-secret"));
+    }
+}

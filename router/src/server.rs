@@ -1,0 +1,244 @@
+//! The public listeners: accept (a permit first: `--max-connections`), read a PROXY header
+//! when `--proxy-protocol` is on, complete TLS on the HTTPS listener, then serve HTTP/1.1 or
+//! HTTP/2 on the connection (hyper's automatic choice: ALPN over TLS, the preface in clear).
+//! On shutdown each connection finishes the request it is on and closes; after `--grace` the
+//! rest are cut.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::proxy::{self, ConnInfo};
+use crate::state::State;
+
+/// Limits of a public port.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time to receive a request head, counted from when the router waits for it: also how
+    /// long an idle keep-alive connection stays open (as HAProxy's `timeout http-request`).
+    pub head_timeout: Duration,
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    /// Most concurrent HTTP/2 streams a client may open on one connection.
+    pub max_streams: u32,
+    pub proxy_protocol: bool,
+}
+
+/// One HTTP builder for every connection of a listener.
+pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_buf_size(limits.max_head_bytes.max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    b
+}
+
+/// Binds a public listener (backlog 4096, SO_REUSEADDR).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// What every connection task shares.
+pub struct Serving {
+    pub state: Arc<State>,
+    pub limits: Limits,
+    pub builder: auto::Builder<TokioExecutor>,
+    pub permits: Arc<Semaphore>,
+    pub tracker: TaskTracker,
+    /// Stop taking requests: finish the one in hand and close.
+    pub stop: CancellationToken,
+    /// The grace period is over: close now.
+    pub hard: CancellationToken,
+}
+
+/// Accepts on `listener` until `serving.stop`.
+pub async fn accept_loop(
+    serving: Arc<Serving>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = serving.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = serving.stop.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = serving.stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: wait a little rather than spin.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let s = serving.clone();
+        let tls = tls.clone();
+        serving.tracker.spawn(async move {
+            let _permit = permit;
+            s.state.metrics.connections.inc();
+            s.state.metrics.connections_active.inc();
+            connection(&s, stream, peer, tls).await;
+            s.state.metrics.connections_active.dec();
+        });
+    }
+}
+
+async fn connection(
+    s: &Serving,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut client = peer;
+    if s.limits.proxy_protocol {
+        match tokio::time::timeout(s.limits.head_timeout, read_proxy_header(&mut stream)).await {
+            Ok(Ok(Some(addr))) => client = addr,
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                debug!(%peer, "refused: {e}");
+                s.state.metrics.connections_refused.inc();
+                return;
+            }
+            Err(_) => {
+                s.state.metrics.connections_refused.inc();
+                return;
+            }
+        }
+    }
+    match tls {
+        None => serve(s, TokioIo::new(stream), ConnInfo { client, tls: false }).await,
+        Some(acceptor) => {
+            let handshake =
+                tokio::time::timeout(s.limits.head_timeout, acceptor.accept(stream)).await;
+            match handshake {
+                Ok(Ok(tls_stream)) => {
+                    s.state.metrics.tls_handshakes.inc();
+                    serve(s, TokioIo::new(tls_stream), ConnInfo { client, tls: true }).await;
+                }
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    s.state.metrics.tls_failures.inc();
+                }
+                Err(_) => {
+                    s.state.metrics.tls_failures.inc();
+                }
+            }
+        }
+    }
+}
+
+async fn serve<I>(s: &Serving, io: I, info: ConnInfo)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let state = s.state.clone();
+    let service = hyper::service::service_fn(move |req| proxy::handle(state.clone(), info, req));
+    let conn = s.builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = s.stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = s.hard.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        let timeout = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        if timeout {
+            s.state.metrics.head_timeouts.inc();
+        }
+        debug!(client = %info.client, error = %e, "connection ended");
+    }
+}
+
+/// Reads a PROXY protocol v1 or v2 header off the front of `stream`: the client's address,
+/// `None` for a `LOCAL`/`UNKNOWN` header (the balancer's own health check).
+async fn read_proxy_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>, String> {
+    use ppp::{HeaderResult, PartialResult};
+    let mut buf = vec![0u8; 536];
+    loop {
+        let n = stream.peek(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before a PROXY header".into());
+        }
+        let parsed = HeaderResult::parse(&buf[..n]);
+        if parsed.is_incomplete() {
+            if n == buf.len() {
+                return Err("PROXY header longer than 536 bytes".into());
+            }
+            // More is on its way: peek returns at once while data waits, so pause.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let (len, addr) = match parsed {
+            HeaderResult::V1(Ok(h)) => {
+                let addr = match h.addresses {
+                    ppp::v1::Addresses::Tcp4(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    ppp::v1::Addresses::Tcp6(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    ppp::v1::Addresses::Unknown => None,
+                };
+                (h.header.len(), addr)
+            }
+            HeaderResult::V2(Ok(h)) => {
+                let addr = match h.addresses {
+                    ppp::v2::Addresses::IPv4(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    ppp::v2::Addresses::IPv6(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    _ => None,
+                };
+                (h.len(), addr)
+            }
+            HeaderResult::V1(Err(e)) => return Err(format!("not a PROXY header: {e:?}")),
+            HeaderResult::V2(Err(e)) => return Err(format!("not a PROXY header: {e:?}")),
+        };
+        let mut consumed = vec![0u8; len];
+        stream
+            .read_exact(&mut consumed)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(addr);
+    }
+}

@@ -1,0 +1,1 @@
+//! The router against real etcd, real backends and real clients.
