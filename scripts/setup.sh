@@ -12,6 +12,9 @@
 #   busybox-static     the tests' and examples' images are built from it (no registry)
 #   dnsutils           dig, the real DNS client the ambassador's DNS tests use
 #   dnsmasq-base       dnsmasq, the real DNS server behind the ambassador's UDP tests
+#   openssl            the router's tests make their CA and certificates with it
+#   nghttp2-client     h2load, the HTTP/1.1 and HTTP/2 load client of the router's tests
+#   python3-websockets a real WebSocket client and echo server (Debian's /usr/bin/python3)
 #
 # As root it installs what is missing with apt and starts dockerd if none answers;
 # otherwise it prints the one command to run.
@@ -29,6 +32,9 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import websockets' 2>/dev/null || need+=(python3-websockets)
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found: install Rust with rustup (https://rustup.rs), then run this again" >&2

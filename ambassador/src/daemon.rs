@@ -249,14 +249,8 @@ fn offered_congestion() -> String {
 /// of 1024 is for programs that do not expect many), and warns when `--max-connections` does
 /// not fit: each connection holds two descriptors, a client's and a backend's.
 fn raise_nofile(max_connections: usize) {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+    let Some(limit) = runtime::process::raise_nofile() else {
         return;
-    };
-    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        hard
-    } else {
-        soft
     };
     let needed = (max_connections as u64)
         .saturating_mul(2)

@@ -220,6 +220,19 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
     let args = &checked.args;
+    let nofile = runtime::process::raise_nofile().unwrap_or(0);
+    let needed = (args.max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256);
+    if nofile < needed {
+        warn!(
+            nofile,
+            "--max-connections {} needs about {needed} file descriptors (a client's and a \
+             backend's each) and this process may open {nofile}: raise its nofile limit \
+             (LimitNOFILE= in the systemd unit) or lower --max-connections",
+            args.max_connections
+        );
+    }
     let access_log = match &args.access_log {
         None => None,
         Some(path) => Some(

@@ -127,6 +127,20 @@ where
     }
 }
 
+/// Raises the soft limit of open files to the hard one (as most servers do: the soft default
+/// of 1024 is for programs that do not expect many); returns the limit now in force.
+pub fn raise_nofile() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    Some(
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            hard
+        } else {
+            soft
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

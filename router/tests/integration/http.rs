@@ -1,0 +1,310 @@
+//! Plain HTTP: routing by host, the router's own answers, forwarding headers, retries,
+//! limits, the PROXY protocol, many clients.
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use testkit::Etcd;
+
+use crate::{Router, Web, curl, get, put_endpoint, put_route};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_and_wildcard_answers_404_and_503_itself_and_sets_forwarding_headers() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let (a, b) = (Web::start("a").await, Web::start("b").await);
+    put_route(&mut c, "a.test", "a", false).await;
+    put_route(&mut c, "*.apps.test", "b", false).await;
+    put_route(&mut c, "down.test", "down", false).await;
+    put_endpoint(&mut c, "a", 1, a.addr).await;
+    put_endpoint(&mut c, "b", 2, b.addr).await;
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let router = Router::start(&etcd, &["--access-log", log.path().to_str().unwrap()]);
+
+    let got = get(&router, "a.test", "/hello?x=1");
+    assert_eq!(got.status, 200, "{got:?}");
+    let seen = got.json();
+    assert_eq!(seen["name"], "a");
+    assert_eq!(seen["path"], "/hello");
+    assert_eq!(seen["host"], "a.test", "Host is kept");
+    assert_eq!(seen["xff"], "127.0.0.1");
+    assert_eq!(seen["xfp"], "http");
+    assert_eq!(seen["xfh"], "a.test");
+    assert_eq!(
+        seen["forwarded"],
+        "for=127.0.0.1;proto=http;host=\"a.test\""
+    );
+    assert_eq!(
+        seen["connection"], "",
+        "hop-by-hop headers are not forwarded"
+    );
+    // Case and port of the Host do not matter; a wildcard takes any name below it.
+    assert_eq!(get(&router, "A.TEST:80", "/").json()["name"], "a");
+    assert_eq!(get(&router, "x.apps.test", "/").json()["name"], "b");
+    assert_eq!(get(&router, "y.x.apps.test", "/").json()["name"], "b");
+
+    let unknown = get(&router, "nobody.test", "/");
+    assert_eq!(unknown.status, 404, "{unknown:?}");
+    assert!(
+        unknown.body.contains("No site is served for nobody.test"),
+        "{unknown:?}"
+    );
+    let down = get(&router, "down.test", "/");
+    assert_eq!(down.status, 503, "{down:?}");
+    assert_eq!(
+        down.headers.get("retry-after").map(String::as_str),
+        Some("1")
+    );
+
+    // A new endpoint is used at once; one that leaves gets nothing more.
+    let a2 = Web::start("a2").await;
+    put_endpoint(&mut c, "a", 3, a2.addr).await;
+    testkit::eventually(Duration::from_secs(5), "a2 takes requests", || {
+        (get(&router, "a.test", "/").json()["name"] == "a2").then_some(())
+    });
+    c.delete(crate::endpoint_key("a", 3), None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = a2.gets.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..20 {
+        assert_eq!(get(&router, "a.test", "/").json()["name"], "a");
+    }
+    assert_eq!(a2.gets.load(std::sync::atomic::Ordering::Relaxed), before);
+
+    let metrics = router.metrics();
+    assert!(
+        metrics.contains("router_requests_total{domain=\"a.test\",class=\"2xx\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("router_requests_total{domain=\"\",class=\"4xx\"} 1"),
+        "{metrics}"
+    );
+    let state = router.state();
+    assert_eq!(state["synced"], true, "{state}");
+    let lines = std::fs::read_to_string(log.path()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(first["host"], "a.test");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["backend"], a.addr.to_string());
+    assert!(lines.contains("\"status\":404"), "{lines}");
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_during_1000_gets_fails_none_and_a_post_whose_backend_died_gets_502() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let (w1, w2) = (Web::start("w1").await, Web::start("w2").await);
+    put_route(&mut c, "d.test", "d", false).await;
+    put_endpoint(&mut c, "d", 1, w1.addr).await;
+    put_endpoint(&mut c, "d", 2, w2.addr).await;
+    let router = Router::start(&etcd, &[]);
+
+    // One curl, 1000 GETs over keep-alive; w1 is killed while they run.
+    let url = format!("http://{}/n[1-1000]", router.http);
+    let run = std::thread::spawn(move || {
+        Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}\n",
+                "-H",
+                "Host: d.test",
+            ])
+            .arg(url)
+            .output()
+            .expect("curl")
+    });
+    testkit::eventually(Duration::from_secs(10), "w1 took some of the GETs", || {
+        (w1.gets.load(std::sync::atomic::Ordering::Relaxed) >= 100).then_some(())
+    });
+    w1.kill();
+    let out = run.join().unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout);
+    let statuses: Vec<&str> = codes.lines().collect();
+    assert_eq!(statuses.len(), 1000);
+    let failed: Vec<_> = statuses.iter().filter(|s| **s != "200").collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 1000 failed: {failed:?}",
+        failed.len()
+    );
+    let w2_gets = w2.gets.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(w2_gets > 0, "w2 took the rest");
+
+    // A POST is sent, its backend dies before answering: 502, and no other backend sees it.
+    let (p1, p2) = (Web::start("p1").await, Web::start("p2").await);
+    put_route(&mut c, "p.test", "p", false).await;
+    put_endpoint(&mut c, "p", 1, p1.addr).await;
+    put_endpoint(&mut c, "p", 2, p2.addr).await;
+    testkit::eventually(Duration::from_secs(5), "p.test is routed", || {
+        (get(&router, "p.test", "/").status == 200).then_some(())
+    });
+    let got = curl(&[
+        "-X",
+        "POST",
+        "--data",
+        "order=1",
+        "-H",
+        "Host: p.test",
+        &format!("http://{}/die", router.http),
+    ]);
+    assert_eq!(got.status, 502, "{got:?}");
+    let posts = p1.posts.load(std::sync::atomic::Ordering::Relaxed)
+        + p2.posts.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        posts, 1,
+        "the POST reached exactly one backend: it is not retried"
+    );
+    let metrics = router.metrics();
+    assert!(
+        metrics.contains("router_backend_errors_total{domain=\"p.test\",kind=\"response\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_head_is_cut_and_a_thousand_keepalive_clients_are_served() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let w = Web::start("w").await;
+    put_route(&mut c, "k.test", "k", false).await;
+    put_endpoint(&mut c, "k", 1, w.addr).await;
+    let router = Router::start(&etcd, &["--head-timeout", "2s"]);
+
+    // Slowloris: the head arrives one byte a second; the router closes after 2 s.
+    let mut s = std::net::TcpStream::connect(router.http).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        for byte in b"GET / HTTP/1.1\r\nHost: k.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n" {
+            if w.write_all(&[*byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut got = Vec::new();
+    let read = s.read_to_end(&mut got);
+    let took = start.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        read.is_ok()
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "not closed: {read:?} after {took:?}"
+    );
+    assert!(!text.contains(" 200 "), "a slow head was answered: {text}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "cut after {took:?}, the head timeout is 2 s"
+    );
+    assert!(
+        router.metrics().contains("router_head_timeouts_total 1"),
+        "{}",
+        router.metrics()
+    );
+
+    // 1000 clients at once, each keeping its connection for 4 requests.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 8192; exec h2load --h1 -c 1000 -n 4000 -t 1 -H ':authority: k.test' http://{}/",
+            router.http
+        ))
+        .output()
+        .expect("h2load: run `make test`, which installs nghttp2-client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("4000 succeeded, 0 failed, 0 errored") && text.contains("4000 2xx"),
+        "{text}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        router.metrics()
+    );
+}
+
+/// A PROXY protocol v2 header from 203.0.113.7:4444 to 192.0.2.1:80.
+fn proxy_v2() -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x21); // version 2, PROXY
+    h.push(0x11); // TCP over IPv4
+    h.extend_from_slice(&12u16.to_be_bytes());
+    h.extend_from_slice(&[203, 0, 113, 7, 192, 0, 2, 1]);
+    h.extend_from_slice(&4444u16.to_be_bytes());
+    h.extend_from_slice(&80u16.to_be_bytes());
+    h
+}
+
+fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_protocol_sets_the_client_only_when_turned_on() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let w = Web::start("w").await;
+    put_route(&mut c, "pp.test", "pp", false).await;
+    put_endpoint(&mut c, "pp", 1, w.addr).await;
+    let trusting = Router::start(&etcd, &["--proxy-protocol"]);
+    let plain = Router::start(&etcd, &[]);
+    let request = b"GET / HTTP/1.1\r\nHost: pp.test\r\nConnection: close\r\n\r\n";
+
+    let mut v2 = proxy_v2();
+    v2.extend_from_slice(request);
+    let answer = raw(trusting.http, &v2);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"xff\":\"203.0.113.7\""), "{answer}");
+    let mut v1 = b"PROXY TCP4 198.51.100.9 192.0.2.1 5555 80\r\n".to_vec();
+    v1.extend_from_slice(request);
+    let answer = raw(trusting.http, &v1);
+    assert!(answer.contains("\"xff\":\"198.51.100.9\""), "{answer}");
+    // With the flag on, a connection without a header is refused.
+    let answer = raw(trusting.http, request);
+    assert!(answer.is_empty(), "served without a PROXY header: {answer}");
+
+    // Without the flag, a PROXY header is never trusted: the request is malformed.
+    let gets = w.gets.load(std::sync::atomic::Ordering::Relaxed);
+    let answer = raw(plain.http, &v2);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    assert_eq!(w.gets.load(std::sync::atomic::Ordering::Relaxed), gets);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_open_request_finish() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let w = Web::start("w").await;
+    put_route(&mut c, "g.test", "g", false).await;
+    put_endpoint(&mut c, "g", 1, w.addr).await;
+    let mut router = Router::start(&etcd, &[]);
+    let addr = router.http;
+    let slow =
+        std::thread::spawn(move || curl(&["-H", "Host: g.test", &format!("http://{addr}/slow")]));
+    testkit::eventually(
+        Duration::from_secs(5),
+        "the slow request reached the backend",
+        || (w.gets.load(std::sync::atomic::Ordering::Relaxed) == 1).then_some(()),
+    );
+    let status = router.daemon.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    let got = slow.join().unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "still accepting after SIGTERM"
+    );
+}

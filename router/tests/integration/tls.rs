@@ -1,0 +1,303 @@
+//! HTTPS: certificates by SNI from `--certs` and etcd, HTTP/2 by ALPN, a certificate replaced
+//! in etcd while a connection stays open, redirects to HTTPS. The CA and certificates are
+//! made by the `openssl` command for each test.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use testkit::Etcd;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::{Router, Web, curl, get, put_endpoint, put_route};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl: run `make test`, which installs it");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA in `dir` (`ca.crt`, `ca.key`).
+fn ca(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=viking test CA",
+        ],
+    );
+}
+
+/// A leaf `<file>.crt`/`<file>.key` for `names`, signed by the CA in `dir`.
+fn leaf(dir: &Path, file: &str, names: &[&str]) {
+    let san = names
+        .iter()
+        .map(|n| format!("DNS:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    std::fs::write(
+        dir.join(format!("{file}.ext")),
+        format!("subjectAltName={san}\n"),
+    )
+    .unwrap();
+    let (key, csr, crt, ext) = (
+        format!("{file}.key"),
+        format!("{file}.csr"),
+        format!("{file}.crt"),
+        format!("{file}.ext"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={}", names[0]),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "20",
+            "-extfile",
+            &ext,
+        ],
+    );
+}
+
+async fn put_cert(c: &mut etcd_client::Client, domain: &str, dir: &Path, file: &str) {
+    let read = |ext: &str| std::fs::read_to_string(dir.join(format!("{file}.{ext}"))).unwrap();
+    let record = serde_json::json!({"v": 1, "chain_pem": read("crt"), "key_pem": read("key")});
+    c.put(format!("/viking/certs/{domain}"), record.to_string(), None)
+        .await
+        .unwrap();
+}
+
+fn https(router: &Router, ca: &Path, host: &str, extra: &[&str]) -> crate::Got {
+    let port = router.https.port();
+    let mut args = vec![
+        "--cacert".to_owned(),
+        ca.display().to_string(),
+        "--resolve".to_owned(),
+        format!("{host}:{port}:127.0.0.1"),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args.push(format!("https://{host}:{port}/"));
+    curl(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// A TLS connection to the router for `name`, trusting only the test CA.
+async fn tls_connect(
+    router: &Router,
+    ca: &Path,
+    name: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for cert in
+        <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::pem_slice_iter(
+            &pem,
+        )
+    {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(router.https).await.unwrap();
+    let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    connector.connect(server_name, tcp).await.unwrap()
+}
+
+fn peer_cert(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<u8> {
+    s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// One keep-alive GET on an open connection: the status and the body.
+async fn get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    host: &str,
+) -> (u16, String) {
+    s.get_mut()
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut status = String::new();
+    s.read_line(&mut status).await.unwrap();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        s.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).await.unwrap();
+    (
+        status[9..12].parse().unwrap(),
+        String::from_utf8(body).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_picks_the_certificate_by_sni_speaks_h2_swaps_a_certificate_and_redirects() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ca(d);
+    let certs = d.join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    leaf(d, "a", &["a.test"]);
+    leaf(d, "w", &["*.w.test"]);
+    leaf(d, "b", &["b.test"]);
+    leaf(d, "b2", &["b.test", "www.b.test"]);
+    for (from, to) in [("a", "a.test"), ("w", "_.w.test")] {
+        for ext in ["crt", "key"] {
+            std::fs::copy(
+                d.join(format!("{from}.{ext}")),
+                certs.join(format!("{to}.{ext}")),
+            )
+            .unwrap();
+        }
+    }
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let (a, b) = (Web::start("a").await, Web::start("b").await);
+    for (domain, job, redirect) in [
+        ("a.test", "a", false),
+        ("b.test", "b", false),
+        ("*.w.test", "a", false),
+        ("r.test", "a", true),
+    ] {
+        put_route(&mut c, domain, job, redirect).await;
+    }
+    put_endpoint(&mut c, "a", 1, a.addr).await;
+    put_endpoint(&mut c, "b", 2, b.addr).await;
+    put_cert(&mut c, "b.test", d, "b").await;
+    leaf(d, "r", &["r.test"]);
+    put_cert(&mut c, "r.test", d, "r").await;
+    let router = Router::start(&etcd, &["--certs", certs.to_str().unwrap()]);
+    let ca_path = d.join("ca.crt");
+    testkit::eventually(
+        Duration::from_secs(10),
+        "the etcd certificates are served",
+        || {
+            let state = router.state();
+            (state["certs"].as_array().map_or(0, Vec::len) == 4).then_some(())
+        },
+    );
+
+    // From --certs, chosen by SNI; HTTP/2 by ALPN.
+    let got = https(&router, &ca_path, "a.test", &["--http2"]);
+    assert_eq!((got.status, got.version.as_str()), (200, "2"), "{got:?}");
+    assert_eq!(got.json()["name"], "a");
+    assert_eq!(got.json()["xfp"], "https");
+    assert_eq!(
+        got.json()["host"],
+        format!("a.test:{}", router.https.port()),
+        "the :authority becomes Host"
+    );
+    let got = https(&router, &ca_path, "a.test", &["--http1.1"]);
+    assert_eq!((got.status, got.version.as_str()), (200, "1.1"), "{got:?}");
+    // From etcd; and a wildcard file.
+    assert_eq!(https(&router, &ca_path, "b.test", &[]).json()["name"], "b");
+    assert_eq!(
+        https(&router, &ca_path, "x.w.test", &[]).json()["name"],
+        "a"
+    );
+    // No certificate for the name: the handshake fails. TLS below 1.2 is refused.
+    assert_eq!(https(&router, &ca_path, "nobody.test", &[]).status, 0);
+    let old = https(
+        &router,
+        &ca_path,
+        "a.test",
+        &["--tlsv1.1", "--tls-max", "1.1"],
+    );
+    assert_eq!(old.status, 0, "{old:?}");
+    assert!(
+        router
+            .metrics()
+            .contains("router_tls_handshake_failures_total")
+    );
+
+    // A certificate replaced in etcd: new connections get it, an open one keeps working.
+    let stream = tls_connect(&router, &ca_path, "b.test").await;
+    let first = peer_cert(&stream);
+    let mut open = BufReader::new(stream);
+    assert_eq!(get_on(&mut open, "b.test").await.0, 200);
+    put_cert(&mut c, "b.test", d, "b2").await;
+    let mut fresh = None;
+    for _ in 0..200 {
+        let s = tls_connect(&router, &ca_path, "b.test").await;
+        if peer_cert(&s) != first {
+            fresh = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let fresh = fresh.expect("the new certificate is served to new connections within 5 s");
+    let mut fresh = BufReader::new(fresh);
+    assert_eq!(get_on(&mut fresh, "b.test").await.0, 200);
+    let (status, body) = get_on(&mut open, "b.test").await;
+    assert_eq!(status, 200, "the connection opened before the swap: {body}");
+
+    // https_redirect: plain HTTP gets a 308 to the same URL over HTTPS.
+    let got = get(&router, "r.test", "/p?q=1");
+    assert_eq!(got.status, 308, "{got:?}");
+    assert_eq!(
+        got.headers.get("location").map(String::as_str),
+        Some(format!("https://r.test:{}/p?q=1", router.https.port()).as_str())
+    );
+    assert_eq!(https(&router, &ca_path, "r.test", &[]).status, 200);
+}

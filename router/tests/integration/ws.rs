@@ -1,0 +1,73 @@
+//! WebSocket through the router, with Python's `websockets` (Debian's `python3-websockets`)
+//! as both the echo server behind it and the client in front of it.
+
+use std::time::Duration;
+
+use testkit::{Daemon, Etcd};
+
+use crate::{Router, put_route};
+
+const PYTHON: &str = "/usr/bin/python3";
+
+const ECHO_SERVER: &str = r#"
+import asyncio, sys, websockets
+async def echo(ws, path=None):
+    async for m in ws:
+        await ws.send(m)
+async def main():
+    async with websockets.serve(echo, "127.0.0.1", int(sys.argv[1])):
+        print("echo server ready", flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"#;
+
+const CLIENT: &str = r#"
+import asyncio, sys, websockets
+async def main():
+    uri, host, port = sys.argv[1], "127.0.0.1", int(sys.argv[2])
+    async with websockets.connect(uri, host=host, port=port) as ws:
+        for i in range(100):
+            msg = "message %d " % i + "x" * i
+            await ws.send(msg)
+            got = await asyncio.wait_for(ws.recv(), 5)
+            assert got == msg, (got, msg)
+        big = "y" * 200000
+        await ws.send(big)
+        assert await asyncio.wait_for(ws.recv(), 5) == big
+    print("echoed 101 messages")
+asyncio.run(main())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_passed_through_both_ways() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let port = testkit::free_ports(1)[0];
+    let port_arg = port.to_string();
+    let mut server = Daemon::spawn(PYTHON, &["-c", ECHO_SERVER, port_arg.as_str()]);
+    server.wait_log("echo server ready", Duration::from_secs(20));
+    put_route(&mut c, "ws.test", "ws", false).await;
+    crate::put_endpoint(&mut c, "ws", 1, ([127, 0, 0, 1], port).into()).await;
+    let router = Router::start(&etcd, &[]);
+
+    let out = std::process::Command::new(PYTHON)
+        .args([
+            "-c",
+            CLIENT,
+            "ws://ws.test/chat",
+            &router.http.port().to_string(),
+        ])
+        .output()
+        .expect("python3 with websockets: run `make test`, which installs python3-websockets");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("echoed 101 messages"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = router.metrics();
+    assert!(
+        metrics.contains("router_requests_total{domain=\"ws.test\",class=\"1xx\"} 1"),
+        "{metrics}"
+    );
+}
