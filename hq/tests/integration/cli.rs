@@ -707,3 +707,189 @@ async fn rollback_puts_back_the_spec_the_last_deploy_replaced_keeping_the_scale(
         .unwrap();
     assert!(left.kvs().is_empty(), "{:?}", left.kvs());
 }
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl: run `make test`, which installs it");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A self-signed certificate `<file>.crt`/`<file>.key` for `name`.
+fn self_signed(dir: &std::path::Path, file: &str, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{file}.key"),
+            "-out",
+            &format!("{file}.crt"),
+            "-days",
+            "10",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            &format!("subjectAltName=DNS:{name}"),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn domains_become_routes_in_the_deploy_and_bad_domains_or_certificates_write_nothing() {
+    let etcd = Etcd::start().await;
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("stack.yml"), text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let shop = write(
+        "shop",
+        "front:\n  image: x\n  ports: [8080, 9090]\n  domains: [shop.example.com, \"*.shop.example.com\"]\n  https_redirect: true\n",
+    );
+    let out = viking(&ep, &["deploy", &shop]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = viking(&ep, &["routes", "--output", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(routes.as_array().unwrap().len(), 2, "{routes}");
+    assert_eq!(routes[0]["domain"], "*.shop.example.com");
+    assert_eq!(routes[1]["service"], "shop/front");
+    assert_eq!(routes[1]["port"], 8080, "the first TCP port");
+    assert_eq!(routes[1]["https_redirect"], true);
+
+    let mut c = etcd.client().await;
+    let count = |c: &mut etcd_client::Client| {
+        let mut c = c.clone();
+        async move {
+            c.get(
+                "/viking/routes/",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .unwrap()
+            .count()
+        }
+    };
+    // Bad input: exit 2 naming the value, nothing written.
+    for (name, text, want) in [
+        (
+            "bad",
+            "web:\n  image: x\n  ports: [80]\n  domains: [\"exa mple.com\"]\n",
+            "invalid domain \"exa mple.com\"",
+        ),
+        (
+            "noport",
+            "web:\n  image: x\n  ports: [80]\n  domains: [a.example.com]\n  http_port: 81\n",
+            "http_port 81 is not one of its TCP ports (80)",
+        ),
+        (
+            "blog",
+            "web:\n  image: x\n  ports: [80]\n  domains: [blog.example.com, shop.example.com]\n",
+            "domain shop.example.com of job blog/web is already routed to shop/front",
+        ),
+        (
+            "twice",
+            "a:\n  image: x\n  ports: [80]\n  domains: [t.example.com]\nb:\n  image: x\n  ports: [80]\n  domains: [t.example.com]\n",
+            "domain t.example.com is also listed by twice/a",
+        ),
+    ] {
+        let out = viking(&ep, &["deploy", &write(name, text)]);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{name}: {}", stderr(&out));
+    }
+    assert_eq!(count(&mut c).await, 2, "nothing written");
+    assert!(
+        c.get(
+            "/viking/stacks/blog/",
+            Some(GetOptions::new().with_prefix())
+        )
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty(),
+        "the job of a refused deploy is not written either"
+    );
+
+    // A domain dropped from the file goes; `viking rm` takes the rest.
+    let shop = write(
+        "shop",
+        "front:\n  image: x\n  ports: [8080]\n  domains: [shop.example.com]\n",
+    );
+    assert!(viking(&ep, &["deploy", &shop]).status.success());
+    assert_eq!(count(&mut c).await, 1);
+    assert!(viking(&ep, &["rm", "shop"]).status.success());
+    assert_eq!(count(&mut c).await, 0);
+
+    // Certificates: checked before they are written.
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    self_signed(d, "a", "a.example.com");
+    self_signed(d, "b", "b.example.com");
+    let p = |f: &str| d.join(f).to_str().unwrap().to_owned();
+    let out = viking(
+        &ep,
+        &["cert", "add", "a.example.com", &p("a.crt"), &p("b.key")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the key does not fit the certificate"),
+        "{}",
+        stderr(&out)
+    );
+    let out = viking(
+        &ep,
+        &["cert", "add", "b.example.com", &p("a.crt"), &p("a.key")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("names a.example.com and not b.example.com"),
+        "{}",
+        stderr(&out)
+    );
+    let out = viking(
+        &ep,
+        &["cert", "add", "Bad Domain", &p("a.crt"), &p("a.key")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        c.get("/viking/certs/", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap()
+            .kvs()
+            .is_empty()
+    );
+    let out = viking(
+        &ep,
+        &["cert", "add", "a.example.com", &p("a.crt"), &p("a.key")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = viking(&ep, &["cert", "ls", "--output", "json"]);
+    let ls: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ls[0]["domain"], "a.example.com");
+    assert_eq!(ls[0]["days_left"], 9, "{ls}");
+    assert!(
+        viking(&ep, &["cert", "rm", "a.example.com"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        viking(&ep, &["cert", "rm", "a.example.com"]).status.code(),
+        Some(1)
+    );
+}
