@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs:
 #   make up     the main job on this host (a local etcd started for you)
 #   make test   install what is missing, then fmt, clippy and every test
-.PHONY: up test setup fmt lint unit bench bench-grid bench-proxy bench-udp bench-registrator bench-locknet bench-dns bench-multihost
+.PHONY: up test setup fmt lint unit bench bench-grid bench-proxy bench-udp bench-registrator bench-locknet bench-dns bench-multihost bench-router
 
 CARGO ?= cargo
 
@@ -48,3 +48,6 @@ bench-multihost: setup
 
 bench-proxy: setup
 	bash benches/proxy/harness.sh
+
+bench-router: setup
+	bash benches/router/harness.sh

@@ -128,6 +128,10 @@ pub fn pick(
     now: Instant,
     rng: &mut fastrand::Rng,
 ) -> Option<usize> {
+    // The common case of a single backend, untried and healthy: no list to build.
+    if backends.len() == 1 && tried.is_empty() {
+        return Some(0);
+    }
     let open: Vec<usize> = (0..backends.len()).filter(|i| !tried.contains(i)).collect();
     let healthy: Vec<usize> = open
         .iter()

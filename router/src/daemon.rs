@@ -92,12 +92,24 @@ pub struct RouterArgs {
     #[arg(long, env = "VIKING_MAX_BODY", default_value = "64M", value_parser = parse_size)]
     pub max_body: u64,
 
+    /// Threads serving connections (default: one per core); `viking up --router` runs it on
+    /// `viking up`'s own thread
+    #[arg(long, env = "VIKING_ROUTER_THREADS")]
+    pub threads: Option<usize>,
+
     /// Most concurrent HTTP/2 streams per client connection
     #[arg(long, env = "VIKING_MAX_STREAMS", default_value_t = 256)]
     pub max_streams: u32,
 }
 
 impl RouterArgs {
+    /// The threads the `router` binary runs on.
+    pub fn thread_count(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+            .max(1)
+    }
+
     /// The defaults (and `VIKING_*` env twins), as the `router` binary would take them with
     /// no flags: for `viking up --router`, which sets only the listeners.
     pub fn defaults() -> Self {

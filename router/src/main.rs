@@ -9,6 +9,9 @@ use clap::Parser;
 use router::RouterArgs;
 use runtime::EtcdArgs;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// viking's router: requests for each job's domains to its live instances.
 #[derive(Debug, Parser)]
 #[command(name = "router", version, after_help = runtime::process::EXIT_STATUS_HELP)]
@@ -22,7 +25,8 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    runtime::process::main("router", "info", async move {
+    let threads = cli.router.thread_count();
+    runtime::process::main_on("router", "info", threads, async move {
         let checked = cli.router.check()?;
         let shutdown = runtime::shutdown::on_signals();
         let client = cli.etcd.connect_daemon(&shutdown).await?;

@@ -36,14 +36,40 @@ pub type ReqBody = UnsyncBoxBody<Bytes, BoxError>;
 /// What the router sends to a client.
 pub type RespBody = http_body_util::Either<Full<Bytes>, Tracked>;
 
-/// What the accept loop knows of a client connection.
-#[derive(Debug, Clone, Copy)]
+/// What the accept loop knows of a client connection, with the forwarding values made once
+/// for all its requests.
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client: the peer, or the address a trusted PROXY header gave.
     pub client: SocketAddr,
     /// It came over TLS (the `--https` listener).
     pub tls: bool,
+    /// The client's address as `X-Forwarded-For` writes it.
+    client_ip: HeaderValue,
+    /// `for=<client>;proto=<proto>` of `Forwarded`.
+    forwarded_for: String,
 }
+
+impl ConnInfo {
+    pub fn new(client: SocketAddr, tls: bool) -> Self {
+        let ip = client.ip().to_string();
+        let node = match client.ip() {
+            std::net::IpAddr::V4(_) => ip.clone(),
+            std::net::IpAddr::V6(a) => format!("\"[{a}]\""),
+        };
+        let proto = if tls { "https" } else { "http" };
+        Self {
+            client,
+            tls,
+            client_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded_for: format!("for={node};proto={proto}"),
+        }
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that belong to one hop (RFC 9110 7.6.1), never forwarded.
 const HOP: [HeaderName; 7] = [
@@ -123,7 +149,7 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(req: &Request<Incoming>, host: &str, info: ConnInfo, upgrade: bool) -> Self {
+    fn new(req: &Request<Incoming>, host: &str, info: &ConnInfo, upgrade: bool) -> Self {
         let mut headers = req.headers().clone();
         strip_hop(&mut headers, upgrade);
         if !headers.contains_key(header::HOST) {
@@ -132,35 +158,31 @@ impl Outgoing {
                 headers.insert(header::HOST, v);
             }
         }
-        let proto = if info.tls { "https" } else { "http" };
-        let ip = info.client.ip().to_string();
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prior) => format!("{prior}, {ip}"),
-            None => ip.clone(),
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", info.client.ip()))
+                .unwrap_or_else(|_| info.client_ip.clone()),
+            None => info.client_ip.clone(),
         };
-        let original_host = headers
-            .get(header::HOST)
+        headers.insert(X_FORWARDED_FOR, xff);
+        headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if info.tls { "https" } else { "http" }),
+        );
+        let original_host = headers.get(header::HOST).cloned();
+        let host_text = original_host
+            .as_ref()
             .and_then(|v| v.to_str().ok())
-            .unwrap_or(host)
-            .to_owned();
-        let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                h.insert(HeaderName::from_static(name), v);
-            }
-        };
-        set(&mut headers, "x-forwarded-for", &xff);
-        set(&mut headers, "x-forwarded-proto", proto);
-        set(&mut headers, "x-forwarded-host", &original_host);
-        let node = match info.client.ip() {
-            std::net::IpAddr::V4(a) => a.to_string(),
-            std::net::IpAddr::V6(a) => format!("\"[{a}]\""),
-        };
-        let forwarded = format!("for={node};proto={proto};host=\"{original_host}\"");
+            .unwrap_or(host);
         let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-            Some(prior) => format!("{prior}, {forwarded}"),
-            None => forwarded,
+            Some(prior) => format!("{prior}, {};host=\"{host_text}\"", info.forwarded_for),
+            None => format!("{};host=\"{host_text}\"", info.forwarded_for),
         };
-        set(&mut headers, "forwarded", &forwarded);
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            headers.insert(header::FORWARDED, v);
+        }
+        if let Some(h) = original_host {
+            headers.insert(X_FORWARDED_HOST, h);
+        }
         let uri = req
             .uri()
             .path_and_query()
@@ -173,12 +195,17 @@ impl Outgoing {
         }
     }
 
-    fn request(&self, body: ReqBody) -> Request<ReqBody> {
+    /// The request, its headers cloned (`keep`: it may be sent again) or moved.
+    fn request(&mut self, body: ReqBody, keep: bool) -> Request<ReqBody> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
         *r.version_mut() = Version::HTTP_11;
-        *r.headers_mut() = self.headers.clone();
+        *r.headers_mut() = if keep {
+            self.headers.clone()
+        } else {
+            std::mem::take(&mut self.headers)
+        };
         r
     }
 }
@@ -192,7 +219,7 @@ fn empty() -> ReqBody {
 /// Handles one request; never fails (every failure is an answer).
 pub async fn handle(
     state: Arc<State>,
-    info: ConnInfo,
+    info: Arc<ConnInfo>,
     mut req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
@@ -215,7 +242,7 @@ pub async fn handle(
             &state.metrics.unknown,
             asked(&req),
             &host,
-            info,
+            &info,
             &resp,
             start,
         );
@@ -225,7 +252,7 @@ pub async fn handle(
     let counters = &route.counters;
     if !info.tls && route.record.https_redirect {
         let resp = redirect(&state, &req, &host);
-        finish_own(&state, counters, asked(&req), &host, info, &resp, start);
+        finish_own(&state, counters, asked(&req), &host, &info, &resp, start);
         return Ok(resp);
     }
     let declared = req
@@ -241,7 +268,7 @@ pub async fn handle(
                 state.settings.max_body
             ),
         );
-        finish_own(&state, counters, asked(&req), &host, info, &resp, start);
+        finish_own(&state, counters, asked(&req), &host, &info, &resp, start);
         return Ok(resp);
     }
     if route.backends.is_empty() {
@@ -254,12 +281,12 @@ pub async fn handle(
         );
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        finish_own(&state, counters, asked(&req), &host, info, &resp, start);
+        finish_own(&state, counters, asked(&req), &host, &info, &resp, start);
         return Ok(resp);
     }
     let upgrade = wants_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let out = Outgoing::new(&req, &host, info, upgrade);
+    let mut out = Outgoing::new(&req, &host, &info, upgrade);
     let no_body = req.body().is_end_stream();
     let retry_after_send = idempotent(req.method()) && no_body && !upgrade;
     let method = req.method().clone();
@@ -314,7 +341,8 @@ pub async fn handle(
         let Some(b) = body.take() else {
             break Err(last_error);
         };
-        let request = out.request(b);
+        // Sent again only after a failure once sent: keep the headers for that.
+        let request = out.request(b, retry_after_send && !resent);
         let mut conn = conn;
         backend.active.fetch_add(1, Ordering::Relaxed);
         let sent = tokio::time::timeout(
@@ -331,7 +359,9 @@ pub async fn handle(
                 backend.active.fetch_sub(1, Ordering::Relaxed);
                 if let Some(r) = e.take_message() {
                     // Never left the router: a pooled connection the backend had closed.
-                    body = Some(r.into_body());
+                    let (parts, b) = r.into_parts();
+                    out.headers = parts.headers;
+                    body = Some(b);
                     if !conn.reused {
                         tried.push(i);
                     }
@@ -368,7 +398,7 @@ pub async fn handle(
                 path: &path,
                 version,
             };
-            finish_own(&state, counters, asked, &host, info, &resp, start);
+            finish_own(&state, counters, asked, &host, &info, &resp, start);
             return Ok(resp);
         }
     };
@@ -465,7 +495,7 @@ fn finish_own(
     counters: &RouteCounters,
     req: Asked<'_>,
     host: &str,
-    info: ConnInfo,
+    info: &ConnInfo,
     resp: &Response<RespBody>,
     start: Instant,
 ) {

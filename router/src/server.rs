@@ -137,14 +137,14 @@ async fn connection(
         }
     }
     match tls {
-        None => serve(s, TokioIo::new(stream), ConnInfo { client, tls: false }).await,
+        None => serve(s, TokioIo::new(stream), ConnInfo::new(client, false)).await,
         Some(acceptor) => {
             let handshake =
                 tokio::time::timeout(s.limits.head_timeout, acceptor.accept(stream)).await;
             match handshake {
                 Ok(Ok(tls_stream)) => {
                     s.state.metrics.tls_handshakes.inc();
-                    serve(s, TokioIo::new(tls_stream), ConnInfo { client, tls: true }).await;
+                    serve(s, TokioIo::new(tls_stream), ConnInfo::new(client, true)).await;
                 }
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
@@ -163,7 +163,10 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let state = s.state.clone();
-    let service = hyper::service::service_fn(move |req| proxy::handle(state.clone(), info, req));
+    let info = std::sync::Arc::new(info);
+    let client = info.client;
+    let service =
+        hyper::service::service_fn(move |req| proxy::handle(state.clone(), info.clone(), req));
     let conn = s.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -183,7 +186,7 @@ where
         if timeout {
             s.state.metrics.head_timeouts.inc();
         }
-        debug!(client = %info.client, error = %e, "connection ended");
+        debug!(%client, error = %e, "connection ended");
     }
 }
 

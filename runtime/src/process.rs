@@ -112,8 +112,24 @@ pub fn main<F>(program: &str, default_filter: &str, body: F) -> ExitCode
 where
     F: Future<Output = Result<(), Failure>>,
 {
+    main_on(program, default_filter, 1, body)
+}
+
+/// [`main`] on `threads` runtime threads (one: the single-threaded runtime), for a daemon
+/// whose every task may run on any of them.
+pub fn main_on<F>(program: &str, default_filter: &str, threads: usize, body: F) -> ExitCode
+where
+    F: Future<Output = Result<(), Failure>>,
+{
     telemetry::init(default_filter);
-    let result = tokio::runtime::Builder::new_current_thread()
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let result = builder
         .enable_all()
         .build()
         .map_err(|e| Failure::failed(format!("cannot start the tokio runtime: {e}")))
