@@ -14,6 +14,7 @@
 #   dnsmasq-base       dnsmasq, the real DNS server behind the ambassador's UDP tests
 #   openssl            the router's tests make their CA and certificates with it
 #   nghttp2-client     h2load, the HTTP/1.1 and HTTP/2 load client of the router's tests
+#   wrk                the load behind the router's rolling-update test
 #   python3-websockets a real WebSocket client and echo server (Debian's /usr/bin/python3)
 #
 # As root it installs what is missing with apt and starts dockerd if none answers;
@@ -34,6 +35,7 @@ command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import websockets' 2>/dev/null || need+=(python3-websockets)
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -292,6 +292,50 @@ impl Cluster {
         out.lines().map(str::to_owned).collect()
     }
 
+    /// The COLOUR env of each running instance's container of `stack` on every host (a
+    /// replacement being tried, `<stack>_<job>_<i>-next`, is not one yet), sorted.
+    fn colours(&self, stack: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for h in &self.hosts {
+            let host = h.dockerd.host();
+            let named = docker::docker_ok(
+                Some(&host),
+                &[
+                    "ps",
+                    "--filter",
+                    &format!("label=viking.stack={stack}"),
+                    "--format",
+                    "{{.ID}} {{.Names}}",
+                ],
+            );
+            let ids = named
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(_, name)| !name.ends_with("-next"))
+                .map(|(id, _)| id.to_owned());
+            for id in ids {
+                // A container may go between the list and the inspect (a replacement).
+                let env = docker::docker(
+                    Some(&host),
+                    &[
+                        "inspect",
+                        "-f",
+                        "{{range .Config.Env}}{{println .}}{{end}}",
+                        &id,
+                    ],
+                );
+                let env = String::from_utf8_lossy(&env.stdout).into_owned();
+                out.extend(
+                    env.lines()
+                        .filter_map(|l| l.strip_prefix("COLOUR="))
+                        .map(str::to_owned),
+                );
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// From a throwaway container on `on` with app/client's env: `n` fetches of
     /// `$SHARED_WEB_PORT_80`; returns (answers, failures).
     fn fetch(&self, on: &str, n: usize) -> (Vec<String>, usize) {
@@ -1305,48 +1349,7 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
     rolling_web(dir.path(), "blue", SERVE);
     cluster.viking(None, &["deploy", &shared, &app]);
     cluster.viking(None, &["run", "shared"]);
-    // The COLOUR of each instance's container (`shared_web_<i>`; a replacement being tried,
-    // `shared_web_<i>-next`, is not one yet).
-    let colours = || -> Vec<String> {
-        let mut out = Vec::new();
-        for h in ["a", "b"] {
-            let named = docker::docker_ok(
-                Some(&cluster.host(h).dockerd.host()),
-                &[
-                    "ps",
-                    "--filter",
-                    "label=viking.stack=shared",
-                    "--format",
-                    "{{.ID}} {{.Names}}",
-                ],
-            );
-            let ids = named
-                .lines()
-                .filter_map(|l| l.split_once(' '))
-                .filter(|(_, name)| !name.ends_with("-next"))
-                .map(|(id, _)| id.to_owned());
-            for id in ids {
-                // A container may go between the list and the inspect (a replacement).
-                let env = docker::docker(
-                    Some(&cluster.host(h).dockerd.host()),
-                    &[
-                        "inspect",
-                        "-f",
-                        "{{range .Config.Env}}{{println .}}{{end}}",
-                        &id,
-                    ],
-                );
-                let env = String::from_utf8_lossy(&env.stdout).into_owned();
-                out.extend(
-                    env.lines()
-                        .filter_map(|l| l.strip_prefix("COLOUR="))
-                        .map(str::to_owned),
-                );
-            }
-        }
-        out.sort();
-        out
-    };
+    let colours = || cluster.colours("shared");
     assert_eq!(colours(), ["blue"; 4]);
     // a's ambassador serves the port before traffic starts.
     testkit::eventually(Duration::from_secs(20), "a's ambassador answers", || {
@@ -1900,4 +1903,122 @@ async fn only_containers_that_link_to_a_service_reach_it() {
         "not linked, etcd away"
     );
     drop(restarted);
+}
+
+/// Issue 19: a web job with a domain, 4 instances on `a` and `b`, rolled to a new spec one
+/// instance at a time while `wrk` sends requests through the router on `a`: no response is
+/// anything but 2xx, and no socket error. The instances stop and start under it; the router
+/// stops sending to an endpoint as soon as it leaves, and sends a request that could not be
+/// sent elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_behind_the_router_answers_every_request_with_2xx() {
+    let cluster = Cluster::start(&["a", "b"]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).expect("dir");
+    let write = |colour: &str| {
+        std::fs::write(
+            site.join("stack.yml"),
+            format!(
+                "web:\n  image: viking/busybox\n  ports: [80]\n  scale: 4\n  domains: [site.test]\n  \
+                 env: {{COLOUR: {colour}}}\n  update: {{max_parallel: 1, min_healthy: 1s, timeout: 20s}}\n  \
+                 command: {SERVE}\n"
+            ),
+        )
+        .expect("write");
+    };
+    let site = site.to_str().expect("utf-8").to_owned();
+    write("blue");
+    cluster.viking(None, &["deploy", &site]);
+    cluster.viking(None, &["run", "site"]);
+    assert!(cluster.viking(None, &["routes"]).contains("site.test"));
+    testkit::eventually(Duration::from_secs(30), "4 blue instances", || {
+        (cluster.colours("site") == ["blue"; 4]).then_some(())
+    });
+
+    let ports = testkit::free_ports(2);
+    let (http, admin) = (
+        format!("127.0.0.1:{}", ports[0]),
+        format!("127.0.0.1:{}", ports[1]),
+    );
+    let endpoints = cluster.endpoints.clone();
+    let mut router = spawn(
+        &cluster.lan,
+        "a",
+        "router",
+        &[
+            "--etcd", &endpoints, "--http", &http, "--https", "off", "--admin", &admin, "--grace",
+            "1s",
+        ],
+    );
+    router.wait_log("routes read from etcd; serving", Duration::from_secs(20));
+    let curl = || {
+        let out = cluster
+            .lan
+            .ns("a")
+            .command("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Host: site.test",
+            ])
+            .arg(format!("http://{http}/"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    testkit::eventually(Duration::from_secs(20), "the router answers", || {
+        let code = curl();
+        (code == "200").then_some(()).ok_or(code)
+    });
+
+    // wrk in a for at most 120 s, stopped with SIGINT once the update is done.
+    let wrk = cluster
+        .lan
+        .ns("a")
+        .command("wrk")
+        .args(["-t1", "-c8", "-d120s", "-H", "Host: site.test"])
+        .arg(format!("http://{http}/"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("wrk: run `make test`, which installs it");
+    std::thread::sleep(Duration::from_secs(1));
+    write("green");
+    cluster.viking(None, &["deploy", &site]);
+    let started = Instant::now();
+    let (fewest, most) = cluster
+        .count_until(&["a", "b"], "site", Duration::from_secs(90), || {
+            cluster.colours("site") == ["green"; 4]
+        })
+        .await;
+    let rolled = started.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = Command::new("kill")
+        .args(["-INT", &wrk.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stopped.success(), "stop wrk");
+    let out = wrk.wait_with_output().expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "rolling update behind the router, done in {rolled:?} ({fewest}-{most} instances):\n{text}"
+    );
+    let requests: u64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(requests >= 200, "wrk made {requests} requests:\n{text}");
+    assert!(
+        !text.contains("Non-2xx") && !text.contains("Socket errors"),
+        "errors during the rolling update:\n{text}\n{}",
+        router.log()
+    );
+    router.terminate(Duration::from_secs(10));
 }
