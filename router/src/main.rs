@@ -9,9 +9,6 @@ use clap::Parser;
 use router::RouterArgs;
 use runtime::EtcdArgs;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// viking's router: requests for each job's domains to its live instances.
 #[derive(Debug, Parser)]
 #[command(name = "router", version, after_help = runtime::process::EXIT_STATUS_HELP)]

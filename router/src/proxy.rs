@@ -295,7 +295,15 @@ pub async fn handle(
     let mut body: Option<ReqBody> = Some(if no_body {
         empty()
     } else {
-        Limited::new(req.into_body(), state.settings.max_body).boxed_unsync()
+        let sent = counters.bytes_in.clone();
+        Limited::new(req.into_body(), state.settings.max_body)
+            .map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    sent.inc_by(data.len() as u64);
+                }
+                frame
+            })
+            .boxed_unsync()
     });
     let mut tried: Vec<usize> = Vec::new();
     let mut resent = false;

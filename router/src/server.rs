@@ -1,6 +1,6 @@
 //! The public listeners: accept (a permit first: `--max-connections`), read a PROXY header
-//! when `--proxy-protocol` is on, complete TLS on the HTTPS listener, then serve HTTP/1.1 or
-//! HTTP/2 on the connection (hyper's automatic choice: ALPN over TLS, the preface in clear).
+//! when `--proxy-protocol` is on, complete TLS on the HTTPS listener, then serve HTTP/1.1, or
+//! HTTP/2 when ALPN chose it.
 //! On shutdown each connection finishes the request it is on and closes; after `--grace` the
 //! rest are cut.
 
@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -33,21 +32,28 @@ pub struct Limits {
     pub proxy_protocol: bool,
 }
 
-/// One HTTP builder for every connection of a listener.
-pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
+/// The HTTP builders every connection uses: HTTP/1.1 in clear and over TLS unless ALPN
+/// chose h2; HTTP/2 when it did.
+pub struct Builders {
+    pub http1: hyper::server::conn::http1::Builder,
+    pub http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+pub fn builder(limits: &Limits) -> Builders {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.head_timeout)
         .max_buf_size(limits.max_head_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true);
-    b.http2()
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_streams)
         .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    b
+    Builders { http1, http2 }
 }
 
 /// Binds a public listener (backlog 4096, SO_REUSEADDR).
@@ -65,7 +71,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub struct Serving {
     pub state: Arc<State>,
     pub limits: Limits,
-    pub builder: auto::Builder<TokioExecutor>,
+    pub builder: Builders,
     pub permits: Arc<Semaphore>,
     pub tracker: TaskTracker,
     /// Stop taking requests: finish the one in hand and close.
@@ -137,14 +143,15 @@ async fn connection(
         }
     }
     match tls {
-        None => serve(s, TokioIo::new(stream), ConnInfo::new(client, false)).await,
+        None => serve(s, TokioIo::new(stream), ConnInfo::new(client, false), false).await,
         Some(acceptor) => {
             let handshake =
                 tokio::time::timeout(s.limits.head_timeout, acceptor.accept(stream)).await;
             match handshake {
                 Ok(Ok(tls_stream)) => {
                     s.state.metrics.tls_handshakes.inc();
-                    serve(s, TokioIo::new(tls_stream), ConnInfo::new(client, true)).await;
+                    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve(s, TokioIo::new(tls_stream), ConnInfo::new(client, true), h2).await;
                 }
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
@@ -158,7 +165,25 @@ async fn connection(
     }
 }
 
-async fn serve<I>(s: &Serving, io: I, info: ConnInfo)
+/// Drives one connection (`$conn`, pinned) until it ends, or shuts it down gracefully on
+/// `stop` and cuts it on `hard`; the result of the connection.
+macro_rules! until_stopped {
+    ($s:expr, $conn:ident) => {{
+        tokio::pin!($conn);
+        tokio::select! {
+            r = $conn.as_mut() => r,
+            () = $s.stop.cancelled() => {
+                $conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = $conn.as_mut() => r,
+                    () = $s.hard.cancelled() => Ok(()),
+                }
+            }
+        }
+    }};
+}
+
+async fn serve<I>(s: &Serving, io: I, info: ConnInfo, h2: bool)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -167,23 +192,19 @@ where
     let client = info.client;
     let service =
         hyper::service::service_fn(move |req| proxy::handle(state.clone(), info.clone(), req));
-    let conn = s.builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = s.stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = s.hard.cancelled() => Ok(()),
-            }
-        }
+    let result = if h2 {
+        let conn = s.builder.http2.serve_connection(io, service);
+        until_stopped!(s, conn)
+    } else {
+        let conn = s
+            .builder
+            .http1
+            .serve_connection(io, service)
+            .with_upgrades();
+        until_stopped!(s, conn)
     };
     if let Err(e) = result {
-        let timeout = e
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_timeout);
-        if timeout {
+        if e.is_timeout() {
             s.state.metrics.head_timeouts.inc();
         }
         debug!(%client, error = %e, "connection ended");
