@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on one host: `viking up` (a local etcd unless one answers on 127.0.0.1:2379,
-# the ambassador, the registrator and the launcher, in one process), the hello examples
-# deployed and run through the grid, and the app's container fetching from its backend
-# through the ambassador.
+# the ambassador, the registrator, the launcher and the router, in one process), the hello
+# examples deployed and run through the grid, the app's container fetching from its backend
+# through the ambassador, and the backend's domain served by the router on 127.0.0.1:8080.
 # Ctrl-C stops all of it: the example containers, viking up and the etcd it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,12 +12,13 @@ bash scripts/images.sh
 cargo build --release -q -p hq
 viking=target/release/viking
 admin=${VIKING_ADMIN:-127.0.0.1:9100}
+router=${VIKING_UP_ROUTER_HTTP:-127.0.0.1:8080}
 
 # The registrator registers endpoints at the default route's address; on a box without one
 # (offline), this host alone is the cluster and loopback will do.
 addr=()
 [ -n "$(ip route show default 2>/dev/null)" ] || addr=(--addr 127.0.0.1)
-"$viking" up --admin "$admin" "${addr[@]}" &
+"$viking" up --admin "$admin" "${addr[@]}" --router --router-http "$router" --router-https off &
 up=$!
 logs=""
 cleanup() {
@@ -46,6 +47,13 @@ echo
 echo
 echo "up: app/client's containers get (viking env app/client):"
 "$viking" env app/client
+echo
+echo "up: the router serves shared/web's domain (curl -H 'Host: hello.localhost' http://$router/):"
+for _ in $(seq 1 50); do
+  answer=$(curl -fs -H 'Host: hello.localhost' "http://$router/" 2>/dev/null) && break
+  sleep 0.2
+done
+echo "up:   ${answer:-no answer yet; see viking routes}"
 echo
 echo "up: app/client fetches \$SHARED_WEB_PORT_80 through the ambassador every 2 s; each"
 echo "up: answer is the hostname of the shared/web container that served it. Ctrl-C stops."

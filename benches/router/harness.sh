@@ -23,8 +23,8 @@ RUNS=${BENCH_RUNS:-3}
 source benches/common.sh
 need wrk:wrk nginx:nginx haproxy:haproxy h2load:nghttp2-client openssl:openssl
 bash scripts/setup.sh
-cargo build --release -q -p router
-ROUTER=target/release/router
+cargo build --profile release-lto -q -p router
+ROUTER=target/release-lto/router
 targets=(direct router nginx haproxy)
 if [ "${BENCH_PINGORA:-0}" = 1 ]; then
   need cmake:cmake
