@@ -308,3 +308,49 @@ async fn sigterm_lets_an_open_request_finish() {
         "still accepting after SIGTERM"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_away_keeps_the_last_routes_and_a_restarted_etcd_is_followed_again() {
+    let mut etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let (a, b) = (Web::start("a").await, Web::start("b").await);
+    put_route(&mut c, "e.test", "e", false).await;
+    put_endpoint(&mut c, "e", 1, a.addr).await;
+    let router = Router::start(&etcd, &[]);
+    assert_eq!(get(&router, "e.test", "/").json()["name"], "a");
+
+    etcd.stop();
+    testkit::eventually(
+        Duration::from_secs(10),
+        "the router says etcd is away",
+        || {
+            router
+                .metrics()
+                .contains("router_etcd_synced 0")
+                .then_some(())
+        },
+    );
+    for _ in 0..20 {
+        let got = get(&router, "e.test", "/");
+        assert_eq!(
+            got.status, 200,
+            "served from the last known routes: {got:?}"
+        );
+    }
+
+    etcd.restart().await;
+    let mut c = etcd.client().await;
+    c.delete(crate::endpoint_key("e", 1), None).await.unwrap();
+    put_endpoint(&mut c, "e", 2, b.addr).await;
+    testkit::eventually(
+        Duration::from_secs(20),
+        "the change after the restart is followed",
+        || (get(&router, "e.test", "/").json()["name"] == "b").then_some(()),
+    );
+    testkit::eventually(Duration::from_secs(10), "synced again", || {
+        router
+            .metrics()
+            .contains("router_etcd_synced 1")
+            .then_some(())
+    });
+}
