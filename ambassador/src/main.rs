@@ -30,6 +30,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    runtime::process::man_page::<Cli>();
     let cli = Cli::parse();
     runtime::process::main("ambassador", "info", async move {
         let host = cli.host.id()?;

@@ -163,6 +163,11 @@ enum Command {
         #[arg(long, env = "VIKING_TAIL", default_value_t = 100)]
         tail: u32,
     },
+    /// Shell completions for viking, to source or install (make install does)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// The whole suite on this host: a local etcd (unless one answers), the ambassador, the
     /// registrator and the launcher, in this process, with their own flags; Ctrl-C stops it
     Up(Box<UpArgs>),
@@ -216,6 +221,7 @@ enum HostCommand {
 }
 
 fn main() -> ExitCode {
+    runtime::process::man_page::<Cli>();
     let cli = Cli::parse();
     // `viking up` is a daemon and says what it does; the commands speak only when asked.
     let filter = if matches!(cli.command, Command::Up(_)) {
@@ -229,6 +235,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), HqError> {
+    if let Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        use std::io::Write;
+        // Into a buffer first: clap_complete panics on a write error (a closed pipe).
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "viking", &mut script);
+        let _ = std::io::stdout().write_all(&script);
+        return Ok(());
+    }
     if let Command::Up(args) = cli.command {
         return hq::up::up(
             &cli.etcd,
@@ -324,7 +339,7 @@ async fn run(cli: Cli) -> Result<(), HqError> {
             println!("{domain}: certificate removed");
             Ok(())
         }
-        Command::Up(_) => unreachable!("handled above"),
+        Command::Up(_) | Command::Completions { .. } => unreachable!("handled above"),
     }
 }
 

@@ -37,6 +37,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    runtime::process::man_page::<Cli>();
     let cli = Cli::parse();
     runtime::process::main("launcher", "info", async move {
         let host = cli.host.id()?;

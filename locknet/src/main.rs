@@ -99,6 +99,7 @@ const AFTER_HELP: &str = "Exit status: 0 applied (or nothing to do); 1 nft or et
 previous rules still hold; 2 bad usage, nothing changed; 130 a second SIGTERM/SIGINT.";
 
 fn main() -> ExitCode {
+    runtime::process::man_page::<Cli>();
     let cli = Cli::parse();
     runtime::process::main("locknet", "info", run(cli))
 }

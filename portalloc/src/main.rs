@@ -75,6 +75,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    runtime::process::man_page::<Cli>();
     let cli = Cli::parse();
     runtime::process::main("portalloc", "warn", run(cli))
 }

@@ -21,6 +21,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    runtime::process::man_page::<Cli>();
     let cli = Cli::parse();
     let threads = cli.router.thread_count();
     runtime::process::main_on("router", "info", threads, async move {

@@ -143,6 +143,30 @@ where
     }
 }
 
+/// The flag every binary answers with its man page: `PROGRAM --man-page` prints the page
+/// (roff, from the same `clap` definition as `--help`) and exits; `make install` installs what
+/// it prints. Call first thing in `main`, before parsing (it needs no other argument).
+pub const MAN_PAGE_FLAG: &str = "--man-page";
+
+/// Prints the man page of `C` and exits when the only argument is [`MAN_PAGE_FLAG`].
+pub fn man_page<C: clap::CommandFactory>() {
+    let mut args = std::env::args_os().skip(1);
+    if let (Some(flag), None) = (args.next(), args.next())
+        && flag == MAN_PAGE_FLAG
+    {
+        let mut out = std::io::stdout().lock();
+        let code = match clap_mangen::Man::new(C::command()).render(&mut out) {
+            Ok(()) => 0,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+            Err(e) => {
+                eprintln!("cannot write the man page: {e}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+}
+
 /// Raises the soft limit of open files to the hard one (as most servers do: the soft default
 /// of 1024 is for programs that do not expect many); returns the limit now in force.
 pub fn raise_nofile() -> Option<u64> {

@@ -893,3 +893,42 @@ async fn domains_become_routes_in_the_deploy_and_bad_domains_or_certificates_wri
         Some(1)
     );
 }
+
+#[test]
+fn completions_for_three_shells_and_a_man_page_come_from_the_same_definition_as_help() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_viking"))
+            .args(args)
+            .output()
+            .expect("viking");
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    assert!(run(&["completions", "bash"]).contains("_viking()"));
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef viking"));
+    let fish = run(&["completions", "fish"]);
+    assert!(
+        fish.contains("complete -c viking") && fish.contains("routes"),
+        "{fish}"
+    );
+    let man = run(&["--man-page"]);
+    assert!(man.contains(".TH viking 1"), "{man}");
+    assert!(
+        man.contains("routes") && man.contains("cert"),
+        "every subcommand is listed"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viking"))
+        .args(["completions", "tcsh"])
+        .output()
+        .expect("viking");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+    assert!(
+        stderr(&out).contains("bash, elvish, fish, powershell, zsh"),
+        "{}",
+        stderr(&out)
+    );
+}
