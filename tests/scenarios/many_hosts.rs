@@ -1316,11 +1316,8 @@ fn rolling_web_with(dir: &Path, colour: &str, command: &str, update: &str) {
     .expect("write");
 }
 
-/// A web instance that shuts down as a real server does: on SIGTERM it keeps serving for a
-/// second (its endpoint is taken out on Docker's stop signal, so no new request comes; the
-/// ones in flight finish), then stops. busybox's httpd killed at once would cut a request in
-/// flight, which no proxy in front of it can save.
-const SERVE: &str = "\"hostname > /www/index.html; httpd -f -p 80 -h /www & trap 'sleep 1; kill $!; exit 0' TERM; wait\"";
+const SERVE: &str =
+    "\"hostname > /www/index.html; httpd -f -p 80 -h /www & trap 'kill $!; exit 0' TERM; wait\"";
 
 /// Waits until shared/web runs 4 instances, all `running`, none on an old spec.
 fn four_healthy(cluster: &Cluster, what: &str) {
