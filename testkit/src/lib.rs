@@ -9,6 +9,7 @@
 //! [`process`]: [`Daemon`], the one way a test runs a program, and [`eventually`];
 //! [`snapshot`]: [`assert_snapshot`].
 
+pub mod certs;
 pub mod docker;
 pub mod net;
 pub mod process;

@@ -708,45 +708,6 @@ async fn rollback_puts_back_the_spec_the_last_deploy_replaced_keeping_the_scale(
     assert!(left.kvs().is_empty(), "{:?}", left.kvs());
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl: run `make test`, which installs it");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A self-signed certificate `<file>.crt`/`<file>.key` for `name`.
-fn self_signed(dir: &std::path::Path, file: &str, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{file}.key"),
-            "-out",
-            &format!("{file}.crt"),
-            "-days",
-            "10",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            &format!("subjectAltName=DNS:{name}"),
-        ],
-    );
-}
-
 #[tokio::test]
 async fn domains_become_routes_in_the_deploy_and_bad_domains_or_certificates_write_nothing() {
     let etcd = Etcd::start().await;
@@ -839,8 +800,9 @@ async fn domains_become_routes_in_the_deploy_and_bad_domains_or_certificates_wri
     // Certificates: checked before they are written.
     let certs = tempfile::tempdir().unwrap();
     let d = certs.path();
-    self_signed(d, "a", "a.example.com");
-    self_signed(d, "b", "b.example.com");
+    testkit::certs::ca(d);
+    testkit::certs::leaf(d, "a", &["a.example.com"], 10);
+    testkit::certs::leaf(d, "b", &["b.example.com"], 10);
     let p = |f: &str| d.join(f).to_str().unwrap().to_owned();
     let out = viking(
         &ep,

@@ -3,7 +3,6 @@
 //! made by the `openssl` command for each test.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,100 +10,6 @@ use testkit::Etcd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::{Router, Web, curl, get, put_endpoint, put_route};
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl: run `make test`, which installs it");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A test CA in `dir` (`ca.crt`, `ca.key`).
-fn ca(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=viking test CA",
-        ],
-    );
-}
-
-/// A leaf `<file>.crt`/`<file>.key` for `names`, signed by the CA in `dir`.
-fn leaf(dir: &Path, file: &str, names: &[&str]) {
-    let san = names
-        .iter()
-        .map(|n| format!("DNS:{n}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    std::fs::write(
-        dir.join(format!("{file}.ext")),
-        format!("subjectAltName={san}\n"),
-    )
-    .unwrap();
-    let (key, csr, crt, ext) = (
-        format!("{file}.key"),
-        format!("{file}.csr"),
-        format!("{file}.crt"),
-        format!("{file}.ext"),
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={}", names[0]),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &crt,
-            "-days",
-            "20",
-            "-extfile",
-            &ext,
-        ],
-    );
-}
 
 async fn put_cert(c: &mut etcd_client::Client, domain: &str, dir: &Path, file: &str) {
     let read = |ext: &str| std::fs::read_to_string(dir.join(format!("{file}.{ext}"))).unwrap();
@@ -195,13 +100,13 @@ async fn get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 async fn https_picks_the_certificate_by_sni_speaks_h2_swaps_a_certificate_and_redirects() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ca(d);
+    testkit::certs::ca(d);
     let certs = d.join("certs");
     std::fs::create_dir(&certs).unwrap();
-    leaf(d, "a", &["a.test"]);
-    leaf(d, "w", &["*.w.test"]);
-    leaf(d, "b", &["b.test"]);
-    leaf(d, "b2", &["b.test", "www.b.test"]);
+    testkit::certs::leaf(d, "a", &["a.test"], 20);
+    testkit::certs::leaf(d, "w", &["*.w.test"], 20);
+    testkit::certs::leaf(d, "b", &["b.test"], 20);
+    testkit::certs::leaf(d, "b2", &["b.test", "www.b.test"], 20);
     for (from, to) in [("a", "a.test"), ("w", "_.w.test")] {
         for ext in ["crt", "key"] {
             std::fs::copy(
@@ -225,7 +130,7 @@ async fn https_picks_the_certificate_by_sni_speaks_h2_swaps_a_certificate_and_re
     put_endpoint(&mut c, "a", 1, a.addr).await;
     put_endpoint(&mut c, "b", 2, b.addr).await;
     put_cert(&mut c, "b.test", d, "b").await;
-    leaf(d, "r", &["r.test"]);
+    testkit::certs::leaf(d, "r", &["r.test"], 20);
     put_cert(&mut c, "r.test", d, "r").await;
     let router = Router::start(&etcd, &["--certs", certs.to_str().unwrap()]);
     let ca_path = d.join("ca.crt");
