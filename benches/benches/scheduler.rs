@@ -247,6 +247,7 @@ async fn simulation(hosts: usize, specs: &[JobSpec]) {
             scheduler: None,
             stop_after: None,
             stop_timeout: Duration::from_secs(10),
+            shutdown_delay: Duration::from_secs(1),
         };
         let engine = Arc::new(StandIn {
             host: host.to_string(),

@@ -47,6 +47,8 @@ pub struct Config {
     pub stop_after: Option<Duration>,
     /// How long a container no longer assigned here gets after SIGTERM (`--stop-timeout`).
     pub stop_timeout: Duration,
+    /// How long a deregistered container keeps running before SIGTERM (`--shutdown-delay`).
+    pub shutdown_delay: Duration,
 }
 
 /// Runs the launcher (and its campaign for the scheduler) against the local Docker until
@@ -515,9 +517,9 @@ impl Agent {
         let mut links_ready: BTreeMap<ServiceId, bool> = BTreeMap::new();
         let mut acted = false;
         let now = Instant::now();
-        // What is no longer assigned here is stopped gracefully (SIGTERM, then the stop
-        // timeout: the registrator takes its endpoint out on the signal) and removed, each
-        // on its own so that a slow one holds up neither the others nor this loop.
+        // What is no longer assigned here is taken out of service (`withdraw`), stopped
+        // gracefully (SIGTERM, then the stop timeout) and removed, each on its own so that a
+        // slow one holds up neither the others nor this loop.
         let (removes, steps): (Vec<Step>, Vec<Step>) = steps
             .into_iter()
             .partition(|s| matches!(s, Step::Remove { .. }));
@@ -537,11 +539,22 @@ impl Agent {
             acted = true;
             let (engine, timeout) = (self.engine.clone(), self.config.stop_timeout);
             let (stopping, done) = (self.stopping.clone(), self.stopped_tx.clone());
+            // A running container with a service is taken out of service first.
+            let serving = existing
+                .iter()
+                .find(|e| e.id == id && e.state == crate::engine::RunState::Running)
+                .map(|e| e.service.clone());
+            let withdraw = self.withdraw();
             let task = async move {
+                let mark = match &serving {
+                    Some(service) => withdraw.before_stop(service, &id, &name).await,
+                    None => None,
+                };
                 let r = match engine.stop(&id, timeout).await {
                     Ok(()) => engine.remove(&id).await,
                     Err(e) => Err(e),
                 };
+                withdraw.done(mark).await;
                 match r {
                     Ok(()) => info!("removed {name}: not assigned to this host"),
                     Err(e) => {
@@ -695,8 +708,15 @@ impl Agent {
                 "{why}; {name} keeps running its old spec"
             )));
         }
-        self.engine.stop(old, self.config.stop_timeout).await?;
-        self.engine.remove(old).await?;
+        let withdraw = self.withdraw();
+        let mark = withdraw.before_stop(&spec.service(), old, name).await;
+        let stopped = self.engine.stop(old, self.config.stop_timeout).await;
+        let stopped = match stopped {
+            Ok(()) => self.engine.remove(old).await,
+            Err(e) => Err(e),
+        };
+        withdraw.done(mark).await;
+        stopped?;
         self.engine.rename(&new, name).await?;
         Ok(new)
     }
@@ -741,20 +761,20 @@ impl Agent {
         if spec.ports.is_empty() {
             return true;
         }
-        let dir = format!(
-            "{}{}/",
-            self.config.prefix.dir(Dir::Services),
-            spec.service()
-        );
-        let short: String = id.chars().take(12).collect();
-        let mut kv = self.client.kv_client();
-        kv.get(dir, Some(GetOptions::new().with_prefix().with_keys_only()))
+        crate::withdraw::registered(&self.client, &self.config.prefix, &spec.service(), id)
             .await
-            .is_ok_and(|r| {
-                r.kvs()
-                    .iter()
-                    .any(|kv| String::from_utf8_lossy(kv.key()).contains(&format!(":{short}:")))
-            })
+            .unwrap_or(false)
+    }
+
+    /// What a stop needs to take its container out of service first.
+    fn withdraw(&self) -> crate::withdraw::Withdraw {
+        crate::withdraw::Withdraw {
+            client: self.client.clone(),
+            prefix: self.config.prefix.clone(),
+            host: self.config.host.clone(),
+            lease: self.lease.id,
+            delay: self.config.shutdown_delay,
+        }
     }
 
     /// Records the outcome of a start, restart or replace.

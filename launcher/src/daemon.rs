@@ -48,6 +48,13 @@ pub struct LauncherArgs {
     /// killed (as `docker stop -t`)
     #[arg(long, env = "VIKING_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub stop_timeout: Duration,
+
+    /// How long a container with ports keeps running after its registrator has taken its
+    /// endpoints out of service and before it gets SIGTERM: time for the ambassadors and
+    /// routers to stop sending it new connections and for requests in flight to finish (as
+    /// Nomad's shutdown_delay; 0 sends the signal as soon as it is deregistered)
+    #[arg(long, env = "VIKING_SHUTDOWN_DELAY", default_value = "1s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
 }
 
 /// Why the launcher did not start: refused before anything was written, exit 2.
@@ -133,6 +140,7 @@ impl LauncherArgs {
             }),
             stop_after: self.stop_after,
             stop_timeout: self.stop_timeout,
+            shutdown_delay: self.shutdown_delay,
         })
     }
 }

@@ -5,13 +5,15 @@
 //!
 //! `converge` is pure (what to start, restart, replace and remove); `engine` is the container
 //! runtime behind a trait (Docker here; a stand-in for simulations); `agent` is the loop;
-//! `capacity` reads what the host has; `daemon` is the flags and the start-up.
+//! `capacity` reads what the host has; `withdraw` takes a container out of service before it
+//! is stopped; `daemon` is the flags and the start-up.
 
 pub mod agent;
 pub mod capacity;
 pub mod converge;
 pub mod daemon;
 pub mod engine;
+pub mod withdraw;
 
 pub use agent::Config;
 pub use daemon::{LauncherArgs, StartError};

@@ -77,10 +77,21 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) {
         stacks_tx,
         shutdown.clone(),
     ));
+    // The containers this host's launcher is about to stop: out of service first.
+    let (stopping_tx, stopping_rx) = mpsc::channel(16);
+    let stopping_watch = tokio::spawn(runtime::watch::watch_prefix(
+        client.clone(),
+        config.prefix.dir(Dir::HostStopping(&config.settings.host)),
+        stopping_tx,
+        shutdown.clone(),
+    ));
     let mut agent = Agent::new(config, client);
-    agent.run(rx, stacks_rx, lease.subscribe(), &shutdown).await;
+    agent
+        .run(rx, stacks_rx, stopping_rx, lease.subscribe(), &shutdown)
+        .await;
     let _ = follower.await;
     let _ = stacks_watch.await;
+    let _ = stopping_watch.await;
     lease.join().await;
 }
 
@@ -187,6 +198,9 @@ struct Agent {
     /// Everything under `stacks/`, as watched, and the deployed stacks it makes.
     stacks: BTreeMap<String, runtime::watch::Kv>,
     deployed: naming::Deployed,
+    /// `grid/stopping/<host>/`, as watched: containers whose endpoints are withdrawn because
+    /// the launcher is about to stop them.
+    stopping: BTreeMap<String, runtime::watch::Kv>,
     docker_backoff: Backoff,
     etcd_backoff: Backoff,
     retry_at: Option<Instant>,
@@ -221,6 +235,7 @@ impl Agent {
             warned: BTreeSet::new(),
             stacks: BTreeMap::new(),
             deployed: naming::Deployed::Unknown,
+            stopping: BTreeMap::new(),
             docker_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             etcd_backoff: Backoff::default(),
             retry_at: None,
@@ -232,6 +247,7 @@ impl Agent {
         &mut self,
         mut rx: mpsc::Receiver<Msg>,
         mut stacks: mpsc::Receiver<WatchUpdate>,
+        mut stopping: mpsc::Receiver<WatchUpdate>,
         mut lease: watch::Receiver<LeaseState>,
         shutdown: &CancellationToken,
     ) {
@@ -256,6 +272,13 @@ impl Agent {
                         runtime::watch::apply(&mut self.stacks, more);
                     }
                     self.deployed = deployed(&self.config.prefix, self.stacks.keys());
+                }
+                update = stopping.recv() => {
+                    let Some(update) = update else { break };
+                    runtime::watch::apply(&mut self.stopping, update);
+                    while let Ok(more) = stopping.try_recv() {
+                        runtime::watch::apply(&mut self.stopping, more);
+                    }
                 }
                 _ = resync.tick() => {
                     debug!("periodic reconciliation");
@@ -374,7 +397,16 @@ impl Agent {
     fn desired(&mut self) -> BTreeMap<String, String> {
         let mut desired = BTreeMap::from([(self.alive_key.clone(), self.alive_value.clone())]);
         let mut problems = BTreeSet::new();
+        let stopping: BTreeSet<String> = self
+            .stopping
+            .keys()
+            .filter_map(|k| k.rsplit('/').next())
+            .map(str::to_owned)
+            .collect();
         for c in self.containers.values() {
+            if stopping.contains(&short(&c.id)) {
+                continue; // withdrawn: its launcher stops it next
+            }
             let plan = naming::plan(c, &self.config.settings, &self.deployed);
             for r in plan.registrations {
                 let key = self.config.prefix.key(&Key::Endpoint {

@@ -91,6 +91,7 @@ impl Prefix {
             Dir::Lost => "grid/lost/".to_owned(),
             Dir::Containers => "containers/".to_owned(),
             Dir::HostContainers(host) => format!("containers/{host}/"),
+            Dir::HostStopping(host) => format!("grid/stopping/{host}/"),
             Dir::Routes => "routes/".to_owned(),
             Dir::Certs => "certs/".to_owned(),
         };
@@ -155,13 +156,18 @@ impl Prefix {
                     .ok_or_else(|| bad("the domain is not a checked, lower-case DNS name"))?,
             ),
             ["grid", "lost", host] => Key::Lost(HostId::new(*host).map_err(name_err)?),
-            ["containers", host, id] => {
+            ["containers", host, id] | ["grid", "stopping", host, id] => {
+                let stopping = segments[0] == "grid";
                 let id = Instance::new(HostId::new(*host).map_err(name_err)?, id, 1)
                     .map_err(|_| bad("the container id is not 12 lowercase hex digits"))?;
                 if id.container_id.len() != 12 {
                     return Err(bad("the container id is not 12 lowercase hex digits"));
                 }
-                Key::Container(id.host, id.container_id)
+                if stopping {
+                    Key::Stopping(id.host, id.container_id)
+                } else {
+                    Key::Container(id.host, id.container_id)
+                }
             }
             [
                 "grid",
@@ -291,6 +297,9 @@ pub enum Dir<'a> {
     Containers,
     /// One host's running containers: what its ambassador watches.
     HostContainers(&'a HostId),
+    /// `grid/stopping/<host>/`: the containers its launcher is about to stop, which its
+    /// registrator takes out of service first.
+    HostStopping(&'a HostId),
     /// `routes/`: HTTP routes by domain (the router).
     Routes,
     /// `certs/`: TLS certificates by domain (the router).
@@ -337,6 +346,9 @@ pub enum Key {
     /// `containers/<host>/<id12>`: a running container of that host, under its registrator's
     /// lease.
     Container(HostId, String),
+    /// `grid/stopping/<host>/<id12>`: the host's launcher is about to stop that container; its
+    /// registrator deregisters it first, under the launcher's lease.
+    Stopping(HostId, String),
     /// `routes/<domain>`: the job that serves HTTP for a domain.
     Route(Domain),
     /// `certs/<domain>`: a TLS certificate and key for a domain.
@@ -391,6 +403,7 @@ impl Key {
             ),
             Key::Lost(h) => format!("grid/lost/{h}"),
             Key::Container(h, id) => format!("containers/{h}/{id}"),
+            Key::Stopping(h, id) => format!("grid/stopping/{h}/{id}"),
             Key::Route(d) => format!("routes/{d}"),
             Key::Cert(d) => format!("certs/{d}"),
         }
@@ -523,6 +536,11 @@ mod tests {
             )),
             host().prop_map(Key::Node),
             host().prop_map(Key::Lost),
+            (host(), "[0-9a-f]{12}", any::<bool>()).prop_map(|(h, id, s)| if s {
+                Key::Stopping(h, id)
+            } else {
+                Key::Container(h, id)
+            }),
             ("(\\*\\.)?", name(), name())
                 .prop_map(|(w, a, b)| Key::Route(Domain::new(&format!("{w}{a}.{b}")).unwrap())),
             (name(), name())

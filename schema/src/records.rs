@@ -277,6 +277,21 @@ pub struct ContainerRecord {
     pub name: String,
 }
 
+/// `grid/stopping/<host>/<id12>`: the host's launcher is about to stop the container. Its
+/// registrator takes the container's endpoints out of service at once; the launcher waits for
+/// that (and `--shutdown-delay`) before it sends the signal, so no new connection reaches a
+/// server that is on its way out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoppingRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    /// The container's name, for logs.
+    #[serde(default)]
+    pub name: String,
+    /// RFC 3339: when the launcher decided to stop it.
+    pub since: String,
+}
+
 /// `grid/assign/<host>/<stack>/<job>/<instance>`: the scheduler placed an instance there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AssignRecord {

@@ -1446,6 +1446,48 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
     // Reverted once, not back and forth: the spec stays green.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(colour(&mut client).await, "green");
+
+    // A container that leaves is out of service before it gets its signal: its endpoint
+    // goes while it still runs (`--shutdown-delay`, 1 s), and it stops after.
+    let before = cluster.endpoint_keys("shared").await;
+    assert_eq!(before.len(), 4, "{before:?}");
+    cluster.viking(None, &["scale", "shared/web", "3"]);
+    let started = Instant::now();
+    let gone = loop {
+        let now = cluster.endpoint_keys("shared").await;
+        if let Some(gone) = before.iter().find(|k| !now.contains(k)) {
+            break gone.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no endpoint left\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // `.../80-tcp/<host>:<id12>:<port>`
+    let instance = gone.rsplit('/').next().expect("instance");
+    let mut parts = instance.split(':');
+    let (host, id) = (parts.next().expect("host"), parts.next().expect("id"));
+    let docker_host = cluster.host(host).dockerd.host();
+    let state = docker::docker_ok(
+        Some(&docker_host),
+        &[
+            "inspect",
+            "-f",
+            "{{.State.Running}} {{.State.FinishedAt}} {{.State.ExitCode}}",
+            id,
+        ],
+    );
+    eprintln!("endpoint gone after {:?}; {state}", started.elapsed());
+    assert!(
+        state.starts_with("true"),
+        "{id} on {host} was stopped before its endpoint was withdrawn\n{}",
+        cluster.logs()
+    );
+    testkit::eventually(Duration::from_secs(20), "the leaving container removed", || {
+        (!cluster.containers(host, "shared").contains(id)).then_some(())
+    });
 }
 
 /// Issue 17, scenario 4: with a 3-member etcd across the hosts, its leader stopped, then every
