@@ -14,8 +14,8 @@ use crate::{Amb, put_alloc, put_endpoint};
 const SP: &str = "shared/echo:7/udp";
 
 /// A UDP echo backend: each datagram comes back as `NAME|` and the datagram.
-struct Echo {
-    addr: SocketAddr,
+pub struct Echo {
+    pub addr: SocketAddr,
     task: JoinHandle<()>,
 }
 
@@ -26,7 +26,7 @@ impl Drop for Echo {
 }
 
 impl Echo {
-    async fn start(name: &str) -> Echo {
+    pub async fn start(name: &str) -> Echo {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let prefix = format!("{name}|").into_bytes();
@@ -52,7 +52,7 @@ impl Echo {
 }
 
 /// Sends `datagram` and waits for the reply (or `None` after `wait`).
-async fn ask(client: &UdpSocket, datagram: &[u8], wait: Duration) -> Option<Vec<u8>> {
+pub async fn ask(client: &UdpSocket, datagram: &[u8], wait: Duration) -> Option<Vec<u8>> {
     client.send(datagram).await.unwrap();
     let mut buf = vec![0u8; 65_536];
     let n = tokio::time::timeout(wait, client.recv(&mut buf))
@@ -63,7 +63,7 @@ async fn ask(client: &UdpSocket, datagram: &[u8], wait: Duration) -> Option<Vec<
     Some(buf)
 }
 
-async fn client(to: SocketAddr) -> UdpSocket {
+pub async fn client(to: SocketAddr) -> UdpSocket {
     let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     c.connect(to).await.unwrap();
     c
@@ -210,10 +210,12 @@ async fn a_session_moves_when_its_backend_refuses_and_ends_when_idle() {
     .await;
     assert_eq!(amb.shared.udp_sessions(), 0);
     // A new datagram makes a new session (which may pick the dead backend again, still
-    // registered and not yet ejected: its datagram is lost and the client asks again).
+    // registered and not yet ejected: its datagram is lost and the client asks again, within
+    // the idle timeout, so the moved session carries it: a client that waited longer would
+    // start a new session each time, and each may pick the dead backend again).
     let mut back = None;
-    for _ in 0..3 {
-        back = ask(&c, b"back", Duration::from_millis(500)).await;
+    for _ in 0..8 {
+        back = ask(&c, b"back", Duration::from_millis(200)).await;
         if back.is_some() {
             break;
         }
