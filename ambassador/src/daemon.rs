@@ -6,7 +6,9 @@
 //! flag before it starts anything; [`start`] binds the admin and DNS ports and spawns the
 //! proxy. Every error is a [`StartError`]: refused before anything was served, exit 2.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -286,14 +288,43 @@ pub async fn start(
     client: Client,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
-    let lock = crate::lock::take(&checked.run_dir, checked.config.bind, checked.admin)?;
+    start_inheriting(checked, client, shutdown, BTreeMap::new()).await
+}
+
+/// [`start`] for a process that takes over from a running ambassador (`--upgrade`):
+/// `inherited` are the sockets it handed over (`crate::handover`), used instead of binding.
+/// The service ports are served on them once the routes are read from etcd; DNS and the admin
+/// server start then too, so a successor that never syncs answers nothing.
+pub async fn start_inheriting(
+    checked: Checked,
+    client: Client,
+    shutdown: CancellationToken,
+    inherited: BTreeMap<String, OwnedFd>,
+) -> Result<Running, StartError> {
+    let sockets = crate::handover::Sockets::inheriting(inherited);
+    let upgrading = sockets.is_inheriting();
+    let lock = crate::lock::take_from(
+        &checked.run_dir,
+        checked.config.bind,
+        checked.admin,
+        sockets.inherit("lock").map(std::fs::File::from),
+    )?;
+    sockets.offer("lock".to_owned(), lock.file());
     raise_nofile(checked.config.max_connections);
-    let admin_listener = tokio::net::TcpListener::bind(checked.admin)
-        .await
-        .map_err(|error| StartError::Admin {
-            addr: checked.admin,
-            error,
-        })?;
+    let admin_listener = match sockets.inherit("admin") {
+        Some(fd) => {
+            let listener = std::net::TcpListener::from(fd);
+            listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(listener))
+        }
+        None => tokio::net::TcpListener::bind(checked.admin).await,
+    }
+    .map_err(|error| StartError::Admin {
+        addr: checked.admin,
+        error,
+    })?;
+    sockets.offer("admin".to_owned(), &admin_listener);
     let admin = admin_listener.local_addr().unwrap_or(checked.admin);
     let zone = checked
         .config
@@ -302,20 +333,45 @@ pub async fn start(
         .map(|s| s.zone.to_string())
         .unwrap_or_default();
     let bind = checked.config.bind;
-    let shared = Shared::new(checked.config);
-    if let Some(addr) = checked.dns {
-        crate::dns::serve(shared.zone(), addr, shutdown.clone())
-            .await
-            .map_err(|error| StartError::DnsListen { addr, error })?;
-        info!(dns = %addr, zone = %zone, "DNS listening (UDP and TCP)");
-    }
-    info!(admin = %admin, bind = %bind, "admin listening on");
+    let shared = Shared::inheriting(checked.config, sockets);
     let span = tracing::Span::current();
     let admin_stop = CancellationToken::new();
-    tokio::spawn(
-        crate::admin::serve(admin_listener, shared.clone(), admin_stop.clone())
-            .instrument(span.clone()),
-    );
+    let front = {
+        let (shared, shutdown, admin_stop) = (shared.clone(), shutdown.clone(), admin_stop.clone());
+        async move {
+            if upgrading {
+                // Until the routes are read, the predecessor answers.
+                while !shared.is_synced() {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                        () = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+            }
+            if let Some(addr) = checked.dns {
+                crate::dns::serve(shared.zone(), addr, shutdown.clone(), &shared.sockets)
+                    .await
+                    .map_err(|error| StartError::DnsListen { addr, error })?;
+                info!(dns = %addr, zone = %zone, "DNS listening (UDP and TCP)");
+            }
+            info!(admin = %admin, bind = %bind, "admin listening on");
+            tokio::spawn(
+                crate::admin::serve(admin_listener, shared.clone(), admin_stop)
+                    .instrument(tracing::Span::current()),
+            );
+            Ok::<(), StartError>(())
+        }
+        .instrument(span.clone())
+    };
+    if upgrading {
+        tokio::spawn(async move {
+            if let Err(e) = front.await {
+                error!("{e}");
+            }
+        });
+    } else {
+        front.await?;
+    }
     let task = tokio::spawn(crate::server::run(shared.clone(), client, shutdown).instrument(span));
     Ok(Running {
         shared,

@@ -19,6 +19,7 @@
 //! * [`steer`]: which threads take new connections.
 //! * [`udp`]: UDP service ports: a session per client address.
 //! * [`lock`]: one ambassador per bind address.
+//! * [`handover`]: its sockets by name, for an upgrade that drops no connection.
 //! * [`admin`]: `/metrics`, `/healthz`, `/state`.
 //! * [`dns`]: the service DNS.
 
@@ -28,6 +29,7 @@ pub mod config;
 mod connection;
 pub mod daemon;
 pub mod dns;
+pub mod handover;
 mod listeners;
 pub mod lock;
 pub mod metrics;

@@ -55,6 +55,7 @@ pub(crate) async fn reconcile(
         .collect();
     for port in released {
         if let Some(listener) = listeners.remove(&port) {
+            shared.sockets.withdraw(&format!("tcp/{port}/"));
             listener.stop.cancel();
             // The sockets close when the accept loops return; only then is the port free.
             listener.closed().await;
@@ -76,14 +77,31 @@ pub(crate) async fn reconcile(
         let addr = SocketAddr::new(shared.config.bind, port);
         // One socket per worker, all bound before any accepts: a port is served by all
         // workers or not at all.
-        let sockets: std::io::Result<Vec<std::net::TcpListener>> = context
-            .workers
-            .handles
-            .iter()
-            .map(|_| listen(addr, shared.config.local_congestion.as_deref()))
+        // Or the ones a predecessor handed over: the same sockets and accept queues.
+        let names: Vec<String> = (0..context.workers.handles.len())
+            .map(|i| format!("tcp/{port}/{i}"))
             .collect();
+        let sockets: std::io::Result<Vec<std::net::TcpListener>> =
+            match shared.sockets.inherit_all(&names) {
+                Some(fds) => fds
+                    .into_iter()
+                    .map(|fd| {
+                        let socket = std::net::TcpListener::from(fd);
+                        socket.set_nonblocking(true).map(|()| socket)
+                    })
+                    .collect(),
+                None => context
+                    .workers
+                    .handles
+                    .iter()
+                    .map(|_| listen(addr, shared.config.local_congestion.as_deref()))
+                    .collect(),
+            };
         match sockets {
             Ok(sockets) => {
+                for (name, socket) in names.into_iter().zip(&sockets) {
+                    shared.sockets.offer(name, socket);
+                }
                 let local = sockets[0].local_addr().unwrap_or(addr);
                 info!(addr = %local, service = %service.service_port, "listening on");
                 shared

@@ -20,6 +20,13 @@ pub struct BindLock {
     _lock: Flock<File>,
 }
 
+impl BindLock {
+    /// The locked file, to hand to a successor.
+    pub fn file(&self) -> &File {
+        &self._lock
+    }
+}
+
 /// This network namespace's id, as `/proc/self/ns/net` names it (`net:[4026531840]`).
 fn netns_id() -> String {
     std::fs::read_link("/proc/self/ns/net")
@@ -32,26 +39,45 @@ fn netns_id() -> String {
         .unwrap_or_else(|| "0".to_owned())
 }
 
+/// The name of the ambassador of `bind` in this namespace, for its files under the run dir.
+pub fn name(bind: IpAddr) -> String {
+    format!("ambassador-{bind}-net{}", netns_id())
+}
+
 /// The lock file of `bind` in this namespace.
 pub fn path(run_dir: &Path, bind: IpAddr) -> PathBuf {
-    run_dir.join(format!("ambassador-{bind}-net{}.lock", netns_id()))
+    run_dir.join(format!("{}.lock", name(bind)))
 }
 
 /// Takes the lock of `bind`, or says which ambassador holds it.
 pub fn take(run_dir: &Path, bind: IpAddr, admin: SocketAddr) -> Result<BindLock, StartError> {
+    take_from(run_dir, bind, admin, None)
+}
+
+/// [`take`], or with `inherited` the lock a predecessor handed over: the same open file, so
+/// the lock is already this process's too (flock belongs to the open file, not the process).
+pub fn take_from(
+    run_dir: &Path,
+    bind: IpAddr,
+    admin: SocketAddr,
+    inherited: Option<File>,
+) -> Result<BindLock, StartError> {
     let dir_error = |error| StartError::RunDir {
         dir: run_dir.to_owned(),
         error,
     };
     std::fs::create_dir_all(run_dir).map_err(dir_error)?;
     let path = path(run_dir, bind);
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(dir_error)?;
+    let file = match inherited {
+        Some(file) => file,
+        None => File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(dir_error)?,
+    };
     let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => lock,
         Err((mut file, _)) => {

@@ -1,13 +1,18 @@
 //! `ambassador`: the per-host TCP proxy daemon.
 //!
 //! SIGTERM or SIGINT: stop accepting, let open connections finish for `--grace`, then close
-//! the rest and log how many; a second signal exits at once.
+//! the rest and log how many; a second signal exits at once. SIGUSR2 (or `ambassador
+//! --upgrade` started by hand): a new process takes the listening sockets over and this one
+//! drains (docs/operations.md, "Upgrading a host").
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use ambassador::AmbassadorArgs;
 use clap::Parser;
-use runtime::{EtcdArgs, HostArgs, RangeArgs, RunDirArgs};
+use runtime::etcd::parse_duration;
+use runtime::handover;
+use runtime::{EtcdArgs, Failure, HostArgs, RangeArgs, RunDirArgs};
 
 /// viking's per-host TCP proxy: one cluster-wide port per linked service port.
 #[derive(Debug, Parser)]
@@ -27,6 +32,16 @@ struct Cli {
 
     #[command(flatten)]
     ambassador: AmbassadorArgs,
+
+    /// Take over from the ambassador running on this --bind: receive its listening sockets,
+    /// read the routes from etcd, then tell it to stop accepting (it drains for its --grace).
+    /// If this process fails first, the running one serves on as if nothing happened
+    #[arg(long, help_heading = "Upgrade")]
+    upgrade: bool,
+
+    /// How long --upgrade waits for etcd's routes before it gives up (exit 1)
+    #[arg(long, env = "VIKING_UPGRADE_TIMEOUT", default_value = "30s", value_parser = parse_duration, help_heading = "Upgrade")]
+    upgrade_timeout: Duration,
 }
 
 fn main() -> ExitCode {
@@ -37,13 +52,99 @@ fn main() -> ExitCode {
         let checked =
             cli.ambassador
                 .check(&cli.etcd.prefix, &host, cli.range.range, cli.run_dir.dir())?;
+        let threads = checked.config.threads;
+        let socket = handover::socket_path(
+            &checked.run_dir,
+            &ambassador::lock::name(checked.config.bind),
+        );
+        let taken = if cli.upgrade {
+            let path = socket.clone();
+            let taken = tokio::task::spawn_blocking(move || handover::take(&path))
+                .await
+                .map_err(|e| Failure::failed(e.to_string()))??;
+            let theirs = taken.meta["threads"].as_u64().unwrap_or(0);
+            if theirs != threads as u64 {
+                return Err(Failure::usage(format!(
+                    "--threads {threads} differs from the running ambassador's {theirs}: an \
+                     upgrade keeps the sockets, one per thread; pass --threads {theirs}, or \
+                     restart instead of upgrading"
+                )));
+            }
+            tracing::info!(
+                sockets = taken.fds.len(),
+                "received the running ambassador's sockets"
+            );
+            Some(taken)
+        } else {
+            None
+        };
         let shutdown = runtime::shutdown::on_signals();
         let client = cli.etcd.connect_daemon(&shutdown).await?;
         tracing::info!(etcd = %cli.etcd.endpoints_display(), host = %host, "ambassador starting");
-        ambassador::daemon::start(checked, client, shutdown)
-            .await?
-            .wait()
-            .await;
+        let (taken, inherited) = match taken {
+            Some(mut t) => {
+                let fds = std::mem::take(&mut t.fds);
+                (Some(t), fds)
+            }
+            None => (None, Default::default()),
+        };
+        let running =
+            ambassador::daemon::start_inheriting(checked, client, shutdown.clone(), inherited)
+                .await?;
+        if let Some(taken) = taken {
+            let shared = running.shared.clone();
+            let deadline = tokio::time::Instant::now() + cli.upgrade_timeout;
+            while !serves_every_route(&shared) {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Failure::failed(format!(
+                        "the routes were not read from etcd within --upgrade-timeout {:?} ({}); \
+                         not taking over: the running ambassador keeps serving",
+                        cli.upgrade_timeout,
+                        cli.etcd.endpoints_display()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            match tokio::task::spawn_blocking(move || taken.ready()).await {
+                Ok(Ok(())) => tracing::info!("took over; the previous ambassador drains"),
+                // It went away: this one serves, alone.
+                Ok(Err(e)) => tracing::warn!("{e}"),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        let offer = {
+            let shared = running.shared.clone();
+            handover::Offer::listen(
+                &socket,
+                std::sync::Arc::new(move || handover::Listing {
+                    meta: serde_json::json!({ "threads": threads }),
+                    fds: shared.sockets.listing(),
+                }),
+                shutdown.clone(),
+            )
+        };
+        let offer = match offer {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(path = %socket.display(), "cannot offer upgrades: {e}");
+                None
+            }
+        };
+        handover::notify_ready(cli.upgrade);
+        handover::upgrade_on_sigusr2("ambassador", shutdown.clone());
+        running.wait().await;
+        drop(offer);
         Ok(())
     })
+}
+
+/// Routes read, and a socket for every service port of them.
+fn serves_every_route(shared: &ambassador::Shared) -> bool {
+    if !shared.is_synced() {
+        return false;
+    }
+    let routes = shared.routes();
+    let (tcp, udp) = (shared.listening(), shared.udp_listening());
+    routes.by_port.keys().all(|p| tcp.contains_key(p))
+        && routes.udp_by_port.keys().all(|p| udp.contains_key(p))
 }

@@ -86,10 +86,18 @@ pub struct Shared {
     pub(crate) udp_listening: Mutex<BTreeMap<u16, SocketAddr>>,
     /// Link-scoped access: who may connect to which service (`crate::access`).
     access: tokio::sync::watch::Sender<Arc<crate::access::Access>>,
+    /// Listening sockets offered to a successor and inherited from a predecessor.
+    pub sockets: crate::handover::Sockets,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Arc<Self> {
+        Self::inheriting(config, crate::handover::Sockets::default())
+    }
+
+    /// [`Shared::new`] for a process that takes over from a running one: `sockets` holds what
+    /// it handed over.
+    pub fn inheriting(config: Config, sockets: crate::handover::Sockets) -> Arc<Self> {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let (routes, _) = tokio::sync::watch::channel(Arc::new(Routes::default()));
@@ -120,6 +128,7 @@ impl Shared {
             udp_limit_logged: AtomicBool::new(false),
             udp_listening: Mutex::default(),
             access: tokio::sync::watch::channel(Arc::default()).0,
+            sockets,
         })
     }
 
@@ -445,6 +454,12 @@ pub async fn run(
         };
         reconcile(&shared, &routes, &mut listeners, &context).await;
         crate::udp::reconcile(&shared, &routes, &mut udp, &workers).await;
+        if shared.is_synced() {
+            // Sockets of ports released while the predecessor handed over: close them.
+            for name in shared.sockets.drop_inherited() {
+                debug!(name, "inherited socket of a released port closed");
+            }
+        }
         tokio::select! {
             r = changes.changed() => { if r.is_err() { break; } }
             _ = retry.tick() => {}
@@ -454,6 +469,8 @@ pub async fn run(
 
     // Shutdown: stop accepting, let connections finish, then cut the rest. UDP has no
     // connections to drain: its sockets close at once.
+    shared.sockets.withdraw("udp/");
+    shared.sockets.withdraw("tcp/");
     for (_, socket) in udp.drain() {
         socket.close().await;
     }

@@ -70,6 +70,7 @@ pub(crate) async fn reconcile(
         .collect();
     for port in released {
         if let Some(socket) = open_ports.remove(&port) {
+            shared.sockets.withdraw(&format!("udp/{port}/"));
             socket.close().await;
             shared
                 .udp_listening
@@ -105,11 +106,27 @@ pub(crate) async fn reconcile(
 fn open(shared: &Arc<Shared>, port: u16, workers: &Workers) -> std::io::Result<UdpListener> {
     let addr = SocketAddr::new(shared.config.bind, port);
     // All bound before any loop starts: a port is served by all workers or not at all.
-    let sockets = workers
-        .handles
-        .iter()
-        .map(|_| bind(addr))
-        .collect::<std::io::Result<Vec<_>>>()?;
+    // Or the ones a predecessor handed over.
+    let names: Vec<String> = (0..workers.handles.len())
+        .map(|i| format!("udp/{port}/{i}"))
+        .collect();
+    let sockets = match shared.sockets.inherit_all(&names) {
+        Some(fds) => fds
+            .into_iter()
+            .map(|fd| {
+                let socket = std::net::UdpSocket::from(fd);
+                socket.set_nonblocking(true).map(|()| socket)
+            })
+            .collect::<std::io::Result<Vec<_>>>()?,
+        None => workers
+            .handles
+            .iter()
+            .map(|_| bind(addr))
+            .collect::<std::io::Result<Vec<_>>>()?,
+    };
+    for (name, socket) in names.into_iter().zip(&sockets) {
+        shared.sockets.offer(name, socket);
+    }
     let stop = CancellationToken::new();
     let tasks = sockets
         .into_iter()

@@ -8,6 +8,7 @@
 //! * [`lease`]: a lease keeper that grants, keeps alive, re-grants and tells its owner.
 //! * [`args`]: `--range`, `--run-dir` and `--output`, defined once for every binary that takes them.
 //! * [`backoff`]: exponential backoff with jitter.
+//! * [`handover`]: listening sockets passed to a successor (`--upgrade`), systemd readiness.
 //! * [`host`]: this host's id and addresses, and RFC 3339 time.
 //! * [`telemetry`]: tracing set-up, plain or JSON.
 //! * [`shutdown`]: SIGTERM/SIGINT -> a `CancellationToken`.
@@ -18,6 +19,7 @@ pub mod args;
 pub mod backoff;
 pub mod docker;
 pub mod etcd;
+pub mod handover;
 pub mod host;
 pub mod lease;
 pub mod members;

@@ -101,10 +101,24 @@ pub async fn serve(
     zone: watch::Receiver<Arc<Zone>>,
     listen: std::net::SocketAddr,
     shutdown: tokio_util::sync::CancellationToken,
+    sockets: &crate::handover::Sockets,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let udp = std::net::UdpSocket::bind(listen)?;
+    // The sockets a predecessor handed over, or new ones.
+    let udp = match sockets.inherit("dns/udp") {
+        Some(fd) => std::net::UdpSocket::from(fd),
+        None => std::net::UdpSocket::bind(listen)?,
+    };
     udp.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
-    let tcp = tokio::net::TcpListener::bind(listen).await?;
+    let tcp = match sockets.inherit("dns/tcp") {
+        Some(fd) => {
+            let tcp = std::net::TcpListener::from(fd);
+            tcp.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(tcp)?
+        }
+        None => tokio::net::TcpListener::bind(listen).await?,
+    };
+    sockets.offer("dns/udp".to_owned(), &udp);
+    sockets.offer("dns/tcp".to_owned(), &tcp);
     // UDP: one blocking loop on its own thread, one packet in and one out, no task or channel
     // per query (through hickory's server UDP measured 0.64x dnsmasq's rate; see
     // ARCHITECTURE.md). TCP: hickory's server. Both answer through `reply`.

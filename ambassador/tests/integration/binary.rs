@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 
 use crate::{Backend, put_alloc, put_endpoint, who};
 
-fn http_get(addr: &str, path: &str) -> (u16, String) {
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
     let mut out = String::new();
@@ -221,7 +221,7 @@ async fn the_udp_session_limit_is_a_log_line_and_a_counter() {
 
 /// The ambassador binary's flags for these tests: host h0 on loopback, admin at `admin`, no
 /// DNS, every port in range, its own run dir; then `extra`.
-fn loopback_args(etcd: &Etcd, admin: &str, run: &tempfile::TempDir, extra: &[&str]) -> Vec<String> {
+pub fn loopback_args(etcd: &Etcd, admin: &str, run: &tempfile::TempDir, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--etcd".into(),
         etcd.endpoint(),
@@ -242,6 +242,6 @@ fn loopback_args(etcd: &Etcd, admin: &str, run: &tempfile::TempDir, extra: &[&st
     args
 }
 
-fn refs(args: &[String]) -> Vec<&str> {
+pub fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }

@@ -25,14 +25,14 @@ async fn start(etcd: &Etcd) -> (Amb, SocketAddr) {
         });
     })
     .await;
-    dns::serve(amb.shared.zone(), listen, amb.stop.clone())
+    dns::serve(amb.shared.zone(), listen, amb.stop.clone(), &ambassador::handover::Sockets::default())
         .await
         .expect("bind DNS");
     (amb, listen)
 }
 
 /// `dig @server <args>`; fails the test if dig is missing or fails.
-fn dig(server: SocketAddr, args: &[&str]) -> String {
+pub fn dig(server: SocketAddr, args: &[&str]) -> String {
     let out = Command::new("dig")
         .arg(format!("@{}", server.ip()))
         .args(["-p", &server.port().to_string(), "+time=2", "+tries=1"])

@@ -3,6 +3,7 @@
 mod dns;
 mod proxy;
 mod udp;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
