@@ -58,10 +58,7 @@ fn main() -> ExitCode {
             &ambassador::lock::name(checked.config.bind),
         );
         let taken = if cli.upgrade {
-            let path = socket.clone();
-            let taken = tokio::task::spawn_blocking(move || handover::take(&path))
-                .await
-                .map_err(|e| Failure::failed(e.to_string()))??;
+            let taken = handover::take_async(&socket).await?;
             let theirs = taken.meta["threads"].as_u64().unwrap_or(0);
             if theirs != threads as u64 {
                 return Err(Failure::usage(format!(
@@ -93,45 +90,29 @@ fn main() -> ExitCode {
                 .await?;
         if let Some(taken) = taken {
             let shared = running.shared.clone();
-            let deadline = tokio::time::Instant::now() + cli.upgrade_timeout;
-            while !serves_every_route(&shared) {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(Failure::failed(format!(
-                        "the routes were not read from etcd within --upgrade-timeout {:?} ({}); \
-                         not taking over: the running ambassador keeps serving",
-                        cli.upgrade_timeout,
-                        cli.etcd.endpoints_display()
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            match tokio::task::spawn_blocking(move || taken.ready()).await {
-                Ok(Ok(())) => tracing::info!("took over; the previous ambassador drains"),
-                // It went away: this one serves, alone.
-                Ok(Err(e)) => tracing::warn!("{e}"),
-                Err(e) => tracing::warn!("{e}"),
-            }
-        }
-        let offer = {
-            let shared = running.shared.clone();
-            handover::Offer::listen(
-                &socket,
-                std::sync::Arc::new(move || handover::Listing {
-                    meta: serde_json::json!({ "threads": threads }),
-                    fds: shared.sockets.listing(),
-                }),
-                shutdown.clone(),
+            let why_not = format!(
+                "the routes were not read from etcd ({})",
+                cli.etcd.endpoints_display()
+            );
+            handover::complete(
+                taken,
+                || serves_every_route(&shared),
+                cli.upgrade_timeout,
+                &why_not,
             )
-        };
-        let offer = match offer {
-            Ok(o) => Some(o),
-            Err(e) => {
-                tracing::warn!(path = %socket.display(), "cannot offer upgrades: {e}");
-                None
-            }
-        };
-        handover::notify_ready(cli.upgrade);
-        handover::upgrade_on_sigusr2("ambassador", shutdown.clone());
+            .await?;
+        }
+        let shared = running.shared.clone();
+        let offer = handover::serve_upgrades(
+            "ambassador",
+            &socket,
+            std::sync::Arc::new(move || handover::Listing {
+                meta: serde_json::json!({ "threads": threads }),
+                fds: shared.sockets.listing(),
+            }),
+            shutdown.clone(),
+            cli.upgrade,
+        );
         running.wait().await;
         drop(offer);
         Ok(())

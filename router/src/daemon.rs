@@ -1,7 +1,9 @@
 //! The router as a daemon: its flags (each with a `VIKING_*` env twin), their checks, and the
 //! start-up that the `router` binary and `viking up --router` share.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -210,6 +212,15 @@ impl RouterArgs {
     }
 }
 
+impl Checked {
+    /// This router's name for its files under the run dir: after its first listener, so that
+    /// two routers of one host (other ports) have their own upgrade sockets.
+    pub fn name(&self) -> String {
+        let first = self.http.or(self.https).map(|a| a.to_string()).unwrap_or_default();
+        format!("router-{}", first.replace(['[', ']'], ""))
+    }
+}
+
 /// A started router.
 pub struct Running {
     pub state: Arc<State>,
@@ -221,6 +232,8 @@ pub struct Running {
     grace: Duration,
     shutdown: CancellationToken,
     background: CancellationToken,
+    /// Copies of the listening sockets, for a successor (`router --upgrade`).
+    offered: Vec<(String, OwnedFd)>,
 }
 
 /// Binds every listener, then serves until `shutdown`. `client` may point at an etcd that is
@@ -231,6 +244,21 @@ pub async fn start(
     client: Client,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
+    start_inheriting(checked, prefix, client, shutdown, BTreeMap::new()).await
+}
+
+/// [`start`] for a router that takes over from a running one (`router --upgrade`):
+/// `inherited` holds its listening sockets (`http`, `https`, `admin`), used instead of binding;
+/// they are served on once the routes (and certificates) are read from etcd, so a successor
+/// that never syncs answers nothing.
+pub async fn start_inheriting(
+    checked: Checked,
+    prefix: Prefix,
+    client: Client,
+    shutdown: CancellationToken,
+    mut inherited: BTreeMap<String, OwnedFd>,
+) -> Result<Running, StartError> {
+    let upgrading = !inherited.is_empty();
     let args = &checked.args;
     let nofile = runtime::process::raise_nofile().unwrap_or(0);
     let needed = (args.max_connections as u64)
@@ -254,18 +282,32 @@ pub async fn start(
             })?,
         ),
     };
-    let bind = |flag: &'static str, addr: SocketAddr| {
-        crate::server::bind(addr).map_err(|error| StartError::Bind { flag, addr, error })
+    // Each listener: the one a predecessor handed over, or a new one.
+    let mut bind = |flag: &'static str, addr: SocketAddr| {
+        match inherited.remove(flag) {
+            Some(fd) => {
+                let listener = std::net::TcpListener::from(fd);
+                listener
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpListener::from_std(listener))
+            }
+            None if flag == "admin" => std::net::TcpListener::bind(addr).and_then(|listener| {
+                listener.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(listener)
+            }),
+            None => crate::server::bind(addr),
+        }
+        .map_err(|error| StartError::Bind { flag, addr, error })
     };
     let http = checked.http.map(|a| bind("http", a)).transpose()?;
     let https = checked.https.map(|a| bind("https", a)).transpose()?;
-    let admin = tokio::net::TcpListener::bind(args.admin)
-        .await
-        .map_err(|error| StartError::Bind {
-            flag: "admin",
-            addr: args.admin,
-            error,
-        })?;
+    let admin = bind("admin", args.admin)?;
+    let mut offered = Vec::new();
+    for (name, listener) in [("http", http.as_ref()), ("https", https.as_ref()), ("admin", Some(&admin))] {
+        if let Some(copy) = listener.and_then(|l| l.as_fd().try_clone_to_owned().ok()) {
+            offered.push((name.to_owned(), copy));
+        }
+    }
     let addr_of =
         |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let (http_addr, https_addr) = (addr_of(&http), addr_of(&https));
@@ -305,19 +347,48 @@ pub async fn start(
         )
         .instrument(span.clone()),
     );
-    tokio::spawn(
-        crate::admin::serve(admin, state.clone(), background.clone()).instrument(span.clone()),
-    );
-    if let Some(l) = http {
-        tokio::spawn(crate::server::accept_loop(serving.clone(), l, None).instrument(span.clone()));
-    }
-    if let Some(l) = https {
-        let config = crate::tls::server_config(state.certs.clone())
-            .map_err(|e| StartError::Tls(e.to_string()))?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        tokio::spawn(
-            crate::server::accept_loop(serving.clone(), l, Some(acceptor)).instrument(span.clone()),
-        );
+    let acceptor = match &https {
+        Some(_) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::server_config(state.certs.clone())
+                .map_err(|e| StartError::Tls(e.to_string()))?,
+        )),
+        None => None,
+    };
+    let front = {
+        let (state, serving, background) = (state.clone(), serving.clone(), background.clone());
+        async move {
+            if upgrading {
+                // Until the routes and certificates are read, the predecessor answers.
+                while !state.is_synced() {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                        () = background.cancelled() => return,
+                    }
+                }
+            }
+            let span = tracing::Span::current();
+            tokio::spawn(
+                crate::admin::serve(admin, state.clone(), background.clone())
+                    .instrument(span.clone()),
+            );
+            if let Some(l) = http {
+                tokio::spawn(
+                    crate::server::accept_loop(serving.clone(), l, None).instrument(span.clone()),
+                );
+            }
+            if let Some(l) = https {
+                tokio::spawn(
+                    crate::server::accept_loop(serving.clone(), l, acceptor)
+                        .instrument(span.clone()),
+                );
+            }
+        }
+        .instrument(span.clone())
+    };
+    if upgrading {
+        tokio::spawn(front);
+    } else {
+        front.await;
     }
     info!(
         http = ?http_addr,
@@ -335,10 +406,19 @@ pub async fn start(
         grace: args.grace,
         shutdown,
         background,
+        offered,
     })
 }
 
 impl Running {
+    /// Copies of the listening sockets by name (`http`, `https`, `admin`), for a successor.
+    pub fn sockets(&self) -> Vec<(String, OwnedFd)> {
+        self.offered
+            .iter()
+            .filter_map(|(name, fd)| fd.try_clone().ok().map(|fd| (name.clone(), fd)))
+            .collect()
+    }
+
     /// Waits for `shutdown`, stops accepting, lets open requests finish for `--grace`, then
     /// cuts the rest; returns how many connections were cut.
     pub async fn wait(self) -> usize {

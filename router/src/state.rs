@@ -155,7 +155,7 @@ pub async fn follow(
     let mut routes: BTreeMap<String, Kv> = BTreeMap::new();
     let mut services: BTreeMap<String, Kv> = BTreeMap::new();
     let mut cert_keys: BTreeMap<String, Kv> = BTreeMap::new();
-    let (mut routes_seen, mut services_seen) = (false, false);
+    let (mut routes_seen, mut services_seen, mut certs_seen) = (false, false, false);
     let mut etcd_certs: BTreeMap<Domain, Arc<Loaded>> = BTreeMap::new();
     let mut file_certs: BTreeMap<Domain, Arc<Loaded>> = BTreeMap::new();
     let mut file_problems: Vec<String> = Vec::new();
@@ -179,6 +179,7 @@ pub async fn follow(
                 rebuild = true;
             }
             Some(u) = certs_rx.recv() => {
+                certs_seen |= matches!(u, WatchUpdate::Snapshot { .. });
                 watch::apply(&mut cert_keys, u);
                 (etcd_certs, etcd_problems) = etcd_certs_from(&state.prefix, &cert_keys);
                 for (k, why) in &etcd_problems {
@@ -208,7 +209,9 @@ pub async fn follow(
             }
             *state.cert_problems.lock().expect("problems lock") = problems;
         }
-        if rebuild && routes_seen && services_seen {
+        // Read once all three are: serving starts (after an upgrade) with every certificate.
+        let first = !state.is_synced();
+        if (rebuild || first) && routes_seen && services_seen && certs_seen {
             let previous = state.table();
             let table = Table::build(&state.prefix, &routes, &services, &previous, &state.metrics);
             let keep: HashSet<_> = table
@@ -216,7 +219,6 @@ pub async fn follow(
                 .flat_map(|r| r.backends.iter().map(|b| b.addr))
                 .collect();
             state.pool.retain(&keep);
-            let first = !state.is_synced();
             state.table.send_replace(Arc::new(table));
             if first {
                 state.synced.store(true, Ordering::Relaxed);

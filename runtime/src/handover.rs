@@ -483,3 +483,62 @@ pub fn upgrade_on_sigusr2(program: &'static str, stop: CancellationToken) {
         }
     });
 }
+
+/// [`take`] off the runtime's threads.
+pub async fn take_async(path: &Path) -> Result<Taken, crate::Failure> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || take(&path))
+        .await
+        .map_err(|e| crate::Failure::failed(e.to_string()))?
+        .map_err(crate::Failure::from)
+}
+
+/// The new process's last step: waits (up to `timeout`) until `serves()` says it serves what
+/// the running one did, then tells that one to stop accepting. Gives up with exit 1 if it
+/// does not get there (`why_not` says what it waited for); the running one serves on.
+pub async fn complete(
+    taken: Taken,
+    serves: impl Fn() -> bool,
+    timeout: Duration,
+    why_not: &str,
+) -> Result<(), crate::Failure> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !serves() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(crate::Failure::failed(format!(
+                "{why_not} within --upgrade-timeout {timeout:?}; not taking over: the running \
+                 process keeps serving"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match tokio::task::spawn_blocking(move || taken.ready()).await {
+        Ok(Ok(())) => info!("took over; the previous process drains"),
+        // It went away meanwhile: this one serves, alone.
+        Ok(Err(e)) => warn!("{e}"),
+        Err(e) => warn!("{e}"),
+    }
+    Ok(())
+}
+
+/// What a daemon does once it serves: offers its sockets at `path` for the next upgrade
+/// (`handed_over` is cancelled when one takes them), tells systemd it is ready (and, after an
+/// upgrade, its main process), and upgrades itself on SIGUSR2. Keep the offer until exit.
+pub fn serve_upgrades(
+    program: &'static str,
+    path: &Path,
+    list: Arc<dyn Fn() -> Listing + Send + Sync>,
+    handed_over: CancellationToken,
+    upgraded: bool,
+) -> Option<Offer> {
+    let offer = match Offer::listen(path, list, handed_over.clone()) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            warn!(path = %path.display(), "cannot offer upgrades: {e}");
+            None
+        }
+    };
+    notify_ready(upgraded);
+    upgrade_on_sigusr2(program, handed_over);
+    offer
+}

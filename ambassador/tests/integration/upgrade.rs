@@ -184,7 +184,7 @@ async fn ten_upgrades_under_traffic_fail_no_connect_and_open_connections_finish_
     let mut done = Vec::new();
     for round in 0..10u8 {
         let mut next = Daemon::spawn(BIN, &refs(&world.upgrade_args(&[])));
-        next.wait_log("took over; the previous ambassador drains", LIMIT);
+        next.wait_log("took over; the previous process drains", LIMIT);
         let old = previous.as_mut().unwrap_or(&mut world.first);
         old.wait_log("handed over to the new process", LIMIT);
         for s in &mut long {
@@ -272,7 +272,7 @@ async fn a_successor_that_fails_or_is_not_allowed_changes_nothing() {
     let (code, err) = world.failing_upgrade(&args);
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("not taking over: the running ambassador keeps serving"),
+        err.contains("the routes were not read from etcd") && err.contains("not taking over: the running process keeps serving"),
         "{err}"
     );
     world.first.wait_log("upgrade abandoned, serving on", LIMIT);
@@ -387,7 +387,7 @@ async fn sigusr2_starts_the_successor_from_the_same_binary_with_the_same_flags()
     let first_pid = world.first.pid();
     world.first.signal(nix::sys::signal::Signal::SIGUSR2);
     // The successor logs to the same stderr (inherited).
-    world.first.wait_log("took over; the previous ambassador drains", LIMIT);
+    world.first.wait_log("took over; the previous process drains", LIMIT);
     // It holds the lock now and says so in the lock file.
     let holder = std::fs::read_to_string(&lock).unwrap();
     let pid: i32 = holder

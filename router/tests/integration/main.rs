@@ -4,6 +4,7 @@
 
 mod http;
 mod tls;
+mod upgrade;
 mod ws;
 
 use std::collections::BTreeMap;
