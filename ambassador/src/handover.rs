@@ -63,12 +63,7 @@ impl Sockets {
         if !names.iter().all(|n| inherited.contains_key(n)) {
             return None;
         }
-        Some(
-            names
-                .iter()
-                .filter_map(|n| inherited.remove(n))
-                .collect(),
-        )
+        Some(names.iter().filter_map(|n| inherited.remove(n)).collect())
     }
 
     /// Closes the inherited service sockets not used (of ports released meanwhile); returns

@@ -50,7 +50,11 @@ impl Withdraw {
             .unwrap_or(true);
         let mut kv = self.client.kv_client();
         if let Err(e) = kv
-            .put(key.clone(), value, Some(PutOptions::new().with_lease(lease)))
+            .put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )
             .await
         {
             warn!("cannot mark {name} as stopping: {e}; stopping it without a withdrawal");

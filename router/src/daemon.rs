@@ -216,7 +216,11 @@ impl Checked {
     /// This router's name for its files under the run dir: after its first listener, so that
     /// two routers of one host (other ports) have their own upgrade sockets.
     pub fn name(&self) -> String {
-        let first = self.http.or(self.https).map(|a| a.to_string()).unwrap_or_default();
+        let first = self
+            .http
+            .or(self.https)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         format!("router-{}", first.replace(['[', ']'], ""))
     }
 }
@@ -303,7 +307,11 @@ pub async fn start_inheriting(
     let https = checked.https.map(|a| bind("https", a)).transpose()?;
     let admin = bind("admin", args.admin)?;
     let mut offered = Vec::new();
-    for (name, listener) in [("http", http.as_ref()), ("https", https.as_ref()), ("admin", Some(&admin))] {
+    for (name, listener) in [
+        ("http", http.as_ref()),
+        ("https", https.as_ref()),
+        ("admin", Some(&admin)),
+    ] {
         if let Some(copy) = listener.and_then(|l| l.as_fd().try_clone_to_owned().ok()) {
             offered.push((name.to_owned(), copy));
         }

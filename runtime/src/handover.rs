@@ -206,7 +206,10 @@ fn serve_one(
     let peer = match rustix::net::sockopt::socket_peercred(conn) {
         Ok(p) => p,
         Err(e) => {
-            let _ = send(conn, format!("refused: cannot read the peer's credentials: {e}").as_bytes());
+            let _ = send(
+                conn,
+                format!("refused: cannot read the peer's credentials: {e}").as_bytes(),
+            );
             return;
         }
     };
@@ -229,17 +232,26 @@ fn serve_one(
         return;
     }
     if handed_over.is_cancelled() {
-        let _ = send(conn, b"refused: this process has handed over already and is draining; upgrade its successor");
+        let _ = send(
+            conn,
+            b"refused: this process has handed over already and is draining; upgrade its successor",
+        );
         return;
     }
     if busy.swap(true, Ordering::AcqRel) {
-        let _ = send(conn, b"refused: an upgrade is in progress; try again once it is done");
+        let _ = send(
+            conn,
+            b"refused: an upgrade is in progress; try again once it is done",
+        );
         return;
     }
     let result = hand_over(conn, list);
     match result {
         Ok(()) => {
-            info!(pid, "handed over to the new process; no longer accepting, draining");
+            info!(
+                pid,
+                "handed over to the new process; no longer accepting, draining"
+            );
             handed_over.cancel();
         }
         Err(why) => {
@@ -383,13 +395,24 @@ fn send(conn: &OwnedFd, message: &[u8]) -> std::io::Result<()> {
     send_fds(conn, message, &[])
 }
 
-fn send_fds(conn: &OwnedFd, message: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> std::io::Result<()> {
+fn send_fds(
+    conn: &OwnedFd,
+    message: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> std::io::Result<()> {
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(BATCH))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(std::io::Error::other("too many descriptors for one message"));
+        return Err(std::io::Error::other(
+            "too many descriptors for one message",
+        ));
     }
-    rustix::net::sendmsg(conn, &[IoSlice::new(message)], &mut control, SendFlags::NOSIGNAL)?;
+    rustix::net::sendmsg(
+        conn,
+        &[IoSlice::new(message)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
     Ok(())
 }
 
@@ -478,7 +501,9 @@ pub fn upgrade_on_sigusr2(program: &'static str, stop: CancellationToken) {
                         }
                     });
                 }
-                Err(e) => warn!(exe = %exe.display(), "cannot start the new {program}: {e}; serving on"),
+                Err(e) => {
+                    warn!(exe = %exe.display(), "cannot start the new {program}: {e}; serving on")
+                }
             }
         }
     });

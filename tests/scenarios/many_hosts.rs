@@ -1485,9 +1485,11 @@ async fn a_rolling_update_loses_no_request_and_a_bad_one_stops_after_one() {
         "{id} on {host} was stopped before its endpoint was withdrawn\n{}",
         cluster.logs()
     );
-    testkit::eventually(Duration::from_secs(20), "the leaving container removed", || {
-        (!cluster.containers(host, "shared").contains(id)).then_some(())
-    });
+    testkit::eventually(
+        Duration::from_secs(20),
+        "the leaving container removed",
+        || (!cluster.containers(host, "shared").contains(id)).then_some(()),
+    );
 }
 
 /// Issue 17, scenario 4: with a 3-member etcd across the hosts, its leader stopped, then every

@@ -221,7 +221,12 @@ async fn the_udp_session_limit_is_a_log_line_and_a_counter() {
 
 /// The ambassador binary's flags for these tests: host h0 on loopback, admin at `admin`, no
 /// DNS, every port in range, its own run dir; then `extra`.
-pub fn loopback_args(etcd: &Etcd, admin: &str, run: &tempfile::TempDir, extra: &[&str]) -> Vec<String> {
+pub fn loopback_args(
+    etcd: &Etcd,
+    admin: &str,
+    run: &tempfile::TempDir,
+    extra: &[&str],
+) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--etcd".into(),
         etcd.endpoint(),

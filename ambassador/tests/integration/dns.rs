@@ -25,9 +25,14 @@ async fn start(etcd: &Etcd) -> (Amb, SocketAddr) {
         });
     })
     .await;
-    dns::serve(amb.shared.zone(), listen, amb.stop.clone(), &ambassador::handover::Sockets::default())
-        .await
-        .expect("bind DNS");
+    dns::serve(
+        amb.shared.zone(),
+        listen,
+        amb.stop.clone(),
+        &ambassador::handover::Sockets::default(),
+    )
+    .await
+    .expect("bind DNS");
     (amb, listen)
 }
 

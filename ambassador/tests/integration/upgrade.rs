@@ -36,8 +36,7 @@ impl Traffic {
             let (stop, made, failed) = (stop.clone(), made.clone(), failed.clone());
             std::thread::spawn(move || {
                 let started = Instant::now();
-                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60)
-                {
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
                     let ok = greeting(addr).is_ok();
                     made.fetch_add(1, Ordering::Relaxed);
                     if !ok {
@@ -129,6 +128,11 @@ struct World {
 
 impl World {
     async fn start() -> World {
+        World::start_with(&[]).await
+    }
+
+    /// [`World::start`] with `env` set for the first ambassador.
+    async fn start_with(env: &[(&str, &str)]) -> World {
         let etcd = Etcd::start().await;
         let mut c = etcd.client().await;
         let backend = Backend::start("b0").await;
@@ -137,7 +141,9 @@ impl World {
         let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
         let run = tempfile::tempdir().unwrap();
         let args = loopback_args(&etcd, &admin, &run, &["--grace", "30s", "--threads", "2"]);
-        let mut first = Daemon::spawn(BIN, &refs(&args));
+        let mut command = Command::new(BIN);
+        command.args(&args).envs(env.iter().copied());
+        let mut first = Daemon::spawn_command("ambassador", command);
         first.wait_log(&format!("listening on addr=127.0.0.1:{port}"), LIMIT);
         World {
             _etcd: etcd,
@@ -226,7 +232,11 @@ async fn connections_waiting_in_the_accept_queue_at_the_upgrade_are_served() {
     world.first.signal(nix::sys::signal::Signal::SIGSTOP);
     let mut queued = Vec::new();
     for _ in 0..40 {
-        queued.push(TcpStream::connect(world.addr).await.expect("queued connect"));
+        queued.push(
+            TcpStream::connect(world.addr)
+                .await
+                .expect("queued connect"),
+        );
     }
     let mut next = Daemon::spawn(BIN, &refs(&world.upgrade_args(&[])));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -262,7 +272,10 @@ async fn a_successor_that_fails_or_is_not_allowed_changes_nothing() {
     args[at + 1] = "3".into();
     let (code, err) = world.failing_upgrade(&args);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("--threads 3 differs from the running ambassador's 2"), "{err}");
+    assert!(
+        err.contains("--threads 3 differs from the running ambassador's 2"),
+        "{err}"
+    );
 
     // etcd unreachable: it gives up, the running one never stopped accepting.
     let mut args = world.upgrade_args(&["--upgrade-timeout", "2s"]);
@@ -272,7 +285,8 @@ async fn a_successor_that_fails_or_is_not_allowed_changes_nothing() {
     let (code, err) = world.failing_upgrade(&args);
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("the routes were not read from etcd") && err.contains("not taking over: the running process keeps serving"),
+        err.contains("the routes were not read from etcd")
+            && err.contains("not taking over: the running process keeps serving"),
         "{err}"
     );
     world.first.wait_log("upgrade abandoned, serving on", LIMIT);
@@ -283,7 +297,11 @@ async fn a_successor_that_fails_or_is_not_allowed_changes_nothing() {
         .await
         .unwrap()
         .expect("the first hand-over");
-    assert!(held.fds.keys().any(|n| n.starts_with("tcp/")), "{:?}", held.fds.keys());
+    assert!(
+        held.fds.keys().any(|n| n.starts_with("tcp/")),
+        "{:?}",
+        held.fds.keys()
+    );
     let (code, err) = world.failing_upgrade(&world.upgrade_args(&[]));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("an upgrade is in progress"), "{err}");
@@ -300,7 +318,8 @@ async fn a_successor_that_fails_or_is_not_allowed_changes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("cannot reach a running process to upgrade") && err.contains("ermission denied"),
+        err.contains("cannot reach a running process to upgrade")
+            && err.contains("ermission denied"),
         "{err}"
     );
 
@@ -378,7 +397,22 @@ impl Drop for Orphan {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_starts_the_successor_from_the_same_binary_with_the_same_flags() {
-    let mut world = World::start().await;
+    // systemd's notification socket, as a Type=notify unit has it.
+    let notify_dir = tempfile::tempdir().unwrap();
+    let notify_path = notify_dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let next_notice = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut world = World::start_with(&[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]).await;
+    let first_notice = next_notice();
+    assert!(first_notice.contains("READY=1"), "{first_notice:?}");
+    assert!(!first_notice.contains("MAINPID"), "{first_notice:?}");
     let traffic = Traffic::start(world.addr);
     let lock = world.run.path().join(format!(
         "{}.lock",
@@ -387,7 +421,9 @@ async fn sigusr2_starts_the_successor_from_the_same_binary_with_the_same_flags()
     let first_pid = world.first.pid();
     world.first.signal(nix::sys::signal::Signal::SIGUSR2);
     // The successor logs to the same stderr (inherited).
-    world.first.wait_log("took over; the previous process drains", LIMIT);
+    world
+        .first
+        .wait_log("took over; the previous process drains", LIMIT);
     // It holds the lock now and says so in the lock file.
     let holder = std::fs::read_to_string(&lock).unwrap();
     let pid: i32 = holder
@@ -398,6 +434,12 @@ async fn sigusr2_starts_the_successor_from_the_same_binary_with_the_same_flags()
         .unwrap_or_else(|| panic!("no pid in {holder:?}"));
     let _orphan = Orphan(Some(pid));
     assert_ne!(pid as u32, first_pid, "{holder}");
+    // The successor is the unit's main process now, and ready.
+    let notice = next_notice();
+    assert!(
+        notice.contains(&format!("MAINPID={pid}")) && notice.contains("READY=1"),
+        "{notice:?}"
+    );
     assert!(world.first.wait_exit(LIMIT).success());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (made, failed) = traffic.stop();

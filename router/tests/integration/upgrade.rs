@@ -56,13 +56,19 @@ async fn five_upgrades_under_traffic_fail_no_request() {
     // A keep-alive connection opened on the first router, with a slow request (3 s) in
     // flight when the first upgrade happens: the old process answers it.
     let mut kept = std::net::TcpStream::connect(router.http).unwrap();
-    kept.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let read_answer = |kept: &mut std::net::TcpStream| {
         let mut buf = [0u8; 4096];
         let n = kept.read(&mut buf).unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
     };
-    kept.write_all(b"GET / HTTP/1.1\r\nHost: up.example\r\n\r\n").unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: up.example\r\n\r\n")
+        .unwrap();
     read_answer(&mut kept);
 
     // New connections every 2 ms throughout (bounded: 60 s).
@@ -82,7 +88,8 @@ async fn five_upgrades_under_traffic_fail_no_request() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    kept.write_all(b"GET /slow HTTP/1.1\r\nHost: up.example\r\n\r\n").unwrap();
+    kept.write_all(b"GET /slow HTTP/1.1\r\nHost: up.example\r\n\r\n")
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut old = router.daemon;
     for round in 0..5 {
@@ -107,7 +114,10 @@ async fn five_upgrades_under_traffic_fail_no_request() {
     let at = args.iter().position(|a| a == "--etcd").unwrap();
     args[at + 1] = format!("http://127.0.0.1:{}", testkit::free_ports(1)[0]);
     args.extend(["--upgrade-timeout".to_owned(), "2s".to_owned()]);
-    let out = Command::new(env!("CARGO_BIN_EXE_router")).args(&args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_router"))
+        .args(&args)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("not taking over"), "{err}");
