@@ -6,6 +6,7 @@
 //!   disconnect and re-lists after a compaction.
 //! * [`members`]: keeps a daemon's requests off etcd members that do not answer.
 //! * [`lease`]: a lease keeper that grants, keeps alive, re-grants and tells its owner.
+//! * [`admin`]: the daemons' admin server (`/metrics`, `/healthz`, `/state`) on hyper.
 //! * [`args`]: `--range`, `--run-dir` and `--output`, defined once for every binary that takes them.
 //! * [`backoff`]: exponential backoff with jitter.
 //! * [`handover`]: listening sockets passed to a successor (`--upgrade`), systemd readiness.
@@ -15,6 +16,7 @@
 //! * [`output`]: `--output text|json`, the same in every binary.
 //! * [`process`]: one set-up for every binary: logs, runtime, exit status, error printing.
 
+pub mod admin;
 pub mod args;
 pub mod backoff;
 pub mod docker;
