@@ -18,6 +18,7 @@
 //! * [`metrics`]: every counter, once, read by `/metrics` and `/state`.
 //! * [`steer`]: which threads take new connections.
 //! * [`udp`]: UDP service ports: a session per client address.
+//! * [`stats`]: the `stats/<host>` record for the UI.
 //! * [`lock`]: one ambassador per bind address.
 //! * [`handover`]: its sockets by name, for an upgrade that drops no connection.
 //! * [`admin`]: `/metrics`, `/healthz`, `/state`.
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod relay;
 pub mod routes;
 pub mod server;
+pub mod stats;
 pub mod steer;
 pub mod udp;
 mod udp_batch;

@@ -411,6 +411,11 @@ pub async fn run(
             sync_access(shared.clone(), containers_rx, stacks_rx).instrument(info_span!("access")),
         );
     }
+    tokio::spawn(crate::stats::publish(
+        shared.clone(),
+        client_for_probe.clone(),
+        background.clone(),
+    ));
     tokio::spawn(probe_etcd(
         shared.clone(),
         client_for_probe,

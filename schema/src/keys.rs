@@ -92,6 +92,7 @@ impl Prefix {
             Dir::Containers => "containers/".to_owned(),
             Dir::HostContainers(host) => format!("containers/{host}/"),
             Dir::HostStopping(host) => format!("grid/stopping/{host}/"),
+            Dir::Stats => "stats/".to_owned(),
             Dir::Routes => "routes/".to_owned(),
             Dir::Certs => "certs/".to_owned(),
         };
@@ -156,6 +157,7 @@ impl Prefix {
                     .ok_or_else(|| bad("the domain is not a checked, lower-case DNS name"))?,
             ),
             ["grid", "lost", host] => Key::Lost(HostId::new(*host).map_err(name_err)?),
+            ["stats", host] => Key::Stats(HostId::new(*host).map_err(name_err)?),
             ["containers", host, id] | ["grid", "stopping", host, id] => {
                 let stopping = segments[0] == "grid";
                 let id = Instance::new(HostId::new(*host).map_err(name_err)?, id, 1)
@@ -300,6 +302,8 @@ pub enum Dir<'a> {
     /// `grid/stopping/<host>/`: the containers its launcher is about to stop, which its
     /// registrator takes out of service first.
     HostStopping(&'a HostId),
+    /// `stats/`: every ambassador's traffic counters (the UI).
+    Stats,
     /// `routes/`: HTTP routes by domain (the router).
     Routes,
     /// `certs/`: TLS certificates by domain (the router).
@@ -349,6 +353,9 @@ pub enum Key {
     /// `grid/stopping/<host>/<id12>`: the host's launcher is about to stop that container; its
     /// registrator deregisters it first, under the launcher's lease.
     Stopping(HostId, String),
+    /// `stats/<host>`: the host's ambassador's counters per service port, every 5 s, under
+    /// its lease.
+    Stats(HostId),
     /// `routes/<domain>`: the job that serves HTTP for a domain.
     Route(Domain),
     /// `certs/<domain>`: a TLS certificate and key for a domain.
@@ -404,6 +411,7 @@ impl Key {
             Key::Lost(h) => format!("grid/lost/{h}"),
             Key::Container(h, id) => format!("containers/{h}/{id}"),
             Key::Stopping(h, id) => format!("grid/stopping/{h}/{id}"),
+            Key::Stats(h) => format!("stats/{h}"),
             Key::Route(d) => format!("routes/{d}"),
             Key::Cert(d) => format!("certs/{d}"),
         }
@@ -536,6 +544,7 @@ mod tests {
             )),
             host().prop_map(Key::Node),
             host().prop_map(Key::Lost),
+            host().prop_map(Key::Stats),
             (host(), "[0-9a-f]{12}", any::<bool>()).prop_map(|(h, id, s)| if s {
                 Key::Stopping(h, id)
             } else {

@@ -277,6 +277,42 @@ pub struct ContainerRecord {
     pub name: String,
 }
 
+/// `stats/<host>`: what the host's ambassador has carried, per service port (`stack/job:port/
+/// proto`), written every 5 s under its lease; the UI sums the hosts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    /// RFC 3339: when the ambassador started (how long it has been alive).
+    #[serde(default)]
+    pub since: String,
+    /// RFC 3339: when these counters were read.
+    #[serde(default)]
+    pub at: String,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceStats>,
+}
+
+/// One service port's counters on one host (since its ambassador started).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStats {
+    /// TCP connections open now (UDP: sessions open now).
+    #[serde(default)]
+    pub active: u64,
+    /// TCP connections accepted (UDP: sessions started).
+    #[serde(default)]
+    pub connections: u64,
+    /// Connections that found no backend, or whose every connect failed (UDP: drops).
+    #[serde(default)]
+    pub failed: u64,
+    /// Bytes client to backend.
+    #[serde(default)]
+    pub bytes_up: u64,
+    /// Bytes backend to client.
+    #[serde(default)]
+    pub bytes_down: u64,
+}
+
 /// `grid/stopping/<host>/<id12>`: the host's launcher is about to stop the container. Its
 /// registrator takes the container's endpoints out of service at once; the launcher waits for
 /// that (and `--shutdown-delay`) before it sends the signal, so no new connection reaches a

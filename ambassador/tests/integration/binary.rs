@@ -250,3 +250,58 @@ pub fn loopback_args(
 pub fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
+
+/// `stats/<host>`: the counters per service port, rewritten every 5 s under a lease of its own
+/// and gone at once on a clean stop (issue 21; `viking ui` sums the hosts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stats_record_is_leased_and_rewritten_every_5_s() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let backend = Backend::start("b0").await;
+    let port = put_alloc(&mut c, "shared/echo:7").await;
+    put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
+    let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
+    let run = tempfile::tempdir().unwrap();
+    let args = loopback_args(&etcd, &admin, &run, &[]);
+    let mut amb = Daemon::spawn(env!("CARGO_BIN_EXE_ambassador"), &refs(&args));
+    amb.wait_log(
+        &format!("listening on addr=127.0.0.1:{port}"),
+        Duration::from_secs(20),
+    );
+    for _ in 0..3 {
+        assert_eq!(who(([127, 0, 0, 1], port).into()).await.unwrap(), "b0");
+    }
+    let read = |c: &mut etcd_client::Client| {
+        let mut c = c.clone();
+        async move {
+            let r = c.get("/viking/stats/h0", None).await.unwrap();
+            r.kvs().first().map(|kv| {
+                let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
+                (kv.lease(), v)
+            })
+        }
+    };
+    let (lease, first) = testkit::eventually_async(Duration::from_secs(15), "stats/h0", || {
+        let read = read(&mut c);
+        async move {
+            read.await
+                .filter(|(_, v)| v["services"]["shared/echo:7/tcp"]["connections"] == 3)
+        }
+    })
+    .await;
+    assert_ne!(lease, 0, "not under a lease: {first}");
+    let (_, second) =
+        testkit::eventually_async(Duration::from_secs(8), "the record rewritten", || {
+            let read = read(&mut c);
+            let at = first["at"].clone();
+            async move { read.await.filter(|(_, v)| v["at"] != at) }
+        })
+        .await;
+    assert_eq!(second["since"], first["since"], "{second}");
+    amb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(amb.wait_exit(Duration::from_secs(20)).success());
+    assert!(
+        read(&mut c).await.is_none(),
+        "the record outlived a clean stop"
+    );
+}
