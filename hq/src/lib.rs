@@ -9,6 +9,7 @@
 //! * [`output`]: typed rows of the listings, as text tables or JSON.
 //! * [`up`]: `viking up`: etcd, the ambassador and the registrator in one process.
 //! * [`web`]: `viking routes` and `viking cert`: the router's routes and certificates.
+//! * [`ui`]: `viking ui`: the cluster on one live page.
 
 pub mod compile;
 pub mod deploy;
@@ -18,6 +19,7 @@ pub mod launch;
 pub mod output;
 pub mod stackfile;
 pub mod store;
+pub mod ui;
 pub mod up;
 pub mod web;
 

@@ -168,6 +168,8 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// The cluster on one live page in a browser: hosts, stacks, links, traffic, the grid
+    Ui(hq::ui::UiArgs),
     /// The whole suite on this host: a local etcd (unless one answers), the ambassador, the
     /// registrator and the launcher, in this process, with their own flags; Ctrl-C stops it
     Up(Box<UpArgs>),
@@ -224,7 +226,7 @@ fn main() -> ExitCode {
     runtime::process::man_page::<Cli>();
     let cli = Cli::parse();
     // `viking up` is a daemon and says what it does; the commands speak only when asked.
-    let filter = if matches!(cli.command, Command::Up(_)) {
+    let filter = if matches!(cli.command, Command::Up(_) | Command::Ui(_)) {
         "info"
     } else {
         "warn"
@@ -243,6 +245,9 @@ async fn run(cli: Cli) -> Result<(), HqError> {
         clap_complete::generate(shell, &mut Cli::command(), "viking", &mut script);
         let _ = std::io::stdout().write_all(&script);
         return Ok(());
+    }
+    if let Command::Ui(args) = cli.command {
+        return hq::ui::serve(&cli.etcd, args, runtime::shutdown::on_signals()).await;
     }
     if let Command::Up(args) = cli.command {
         return hq::up::up(
@@ -339,7 +344,9 @@ async fn run(cli: Cli) -> Result<(), HqError> {
             println!("{domain}: certificate removed");
             Ok(())
         }
-        Command::Up(_) | Command::Completions { .. } => unreachable!("handled above"),
+        Command::Up(_) | Command::Ui(_) | Command::Completions { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 

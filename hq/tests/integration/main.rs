@@ -3,6 +3,7 @@
 
 mod cli;
 mod run;
+mod ui;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

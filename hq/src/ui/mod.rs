@@ -1,0 +1,335 @@
+//! `viking ui`: the cluster on one live page. One resuming watch of the whole prefix (as the
+//! daemons watch theirs) feeds a model ([`model`]) rebuilt at most every 100 ms after a
+//! change; the page gets it whole on load and after every change as a server-sent event.
+//! hyper's HTTP/1.1, as the router's admin server; the page (HTML, CSS and a little
+//! JavaScript, no build step and nothing fetched from elsewhere) is built into the binary.
+//!
+//! Security: 127.0.0.1 by default; any other `--listen` needs `--token`, which every request
+//! must carry (`Authorization: Bearer`, `?token=`, or the HttpOnly cookie the page's answer
+//! sets, which the page's own requests and its event stream send).
+//! Env values are never pushed: a job's come on request (`/api/env`), with the same token.
+
+pub mod model;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_client::Client;
+use futures_util::StreamExt;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use runtime::CancellationToken;
+use runtime::watch::{self, Kv, WatchUpdate};
+use schema::{Dir, Prefix};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::HqError;
+
+const INDEX: &str = include_str!("page/index.html");
+const SCRIPT: &str = include_str!("page/app.js");
+const STYLE: &str = include_str!("page/style.css");
+
+/// `viking ui`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UiArgs {
+    /// Where the page is served; an address other than loopback needs --token
+    #[arg(long, env = "VIKING_UI_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// A secret every request must carry (open the page as http://ADDR/?token=SECRET)
+    #[arg(long, env = "VIKING_UI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// The server's state.
+struct Ui {
+    prefix: Prefix,
+    token: Option<String>,
+    kvs: Mutex<BTreeMap<String, Kv>>,
+    /// The model as JSON text, and its number (one more per rebuild).
+    model: tokio::sync::watch::Sender<Arc<(u64, String)>>,
+}
+
+/// Checks the flags, then serves until `shutdown`. etcd may be away: the page says so and
+/// fills in when it answers.
+pub async fn serve(
+    etcd: &runtime::EtcdArgs,
+    args: UiArgs,
+    shutdown: CancellationToken,
+) -> Result<(), HqError> {
+    if !args.listen.ip().is_loopback() && args.token.as_deref().is_none_or(str::is_empty) {
+        return Err(HqError::Input(format!(
+            "--listen {}: an address other than loopback shows the cluster (and, on request, \
+             its env values) to the network; pass --token SECRET (or VIKING_UI_TOKEN), which \
+             every request must carry, or listen on 127.0.0.1",
+            args.listen
+        )));
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| {
+            HqError::Input(format!(
+                "cannot listen on --listen {}: {e}; pick another address",
+                args.listen
+            ))
+        })?;
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    let client = etcd.connect_daemon(&shutdown).await?;
+    let ui = Arc::new(Ui {
+        prefix: etcd.prefix.clone(),
+        token: args.token.clone(),
+        kvs: Mutex::default(),
+        model: tokio::sync::watch::channel(Arc::new((0, "{}".to_owned()))).0,
+    });
+    tokio::spawn(follow(ui.clone(), client, shutdown.clone()));
+    let shown = if args.token.is_some() {
+        format!("http://{addr}/?token=…")
+    } else {
+        format!("http://{addr}/")
+    };
+    info!(listen = %addr, "viking ui serving the cluster at {shown}");
+    eprintln!("viking ui: {shown}");
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let ui = ui.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| answer(ui.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// etcd into the model: every change marks it stale, rebuilt at most every 100 ms; the
+/// traffic history takes a sample every 5 s.
+async fn follow(ui: Arc<Ui>, client: Client, stop: CancellationToken) {
+    let (tx, mut rx) = mpsc::channel(64);
+    let root = format!("{}/", ui.prefix.as_str());
+    tokio::spawn(watch::watch_prefix(client, root, tx, stop.clone()));
+    let started = Instant::now();
+    let mut traffic = model::Traffic::default();
+    let mut sample = tokio::time::interval(ambassador::stats::EVERY);
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut version = 0u64;
+    let mut seen = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            u = rx.recv() => {
+                let Some(u) = u else { return };
+                seen |= matches!(u, WatchUpdate::Snapshot { .. });
+                let mut kvs = ui.kvs.lock().expect("kvs lock");
+                watch::apply(&mut kvs, u);
+                while let Ok(more) = rx.try_recv() {
+                    watch::apply(&mut kvs, more);
+                }
+            }
+            _ = sample.tick() => {
+                let stats = {
+                    let kvs = ui.kvs.lock().expect("kvs lock");
+                    stats_records(&ui.prefix, &kvs)
+                };
+                traffic.record(started.elapsed().as_secs_f64(), &stats);
+            }
+        }
+        if !seen {
+            continue;
+        }
+        // More changes in the next 100 ms go into the same rebuild.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let json = {
+            let mut kvs = ui.kvs.lock().expect("kvs lock");
+            while let Ok(more) = rx.try_recv() {
+                watch::apply(&mut kvs, more);
+            }
+            model::build(&ui.prefix, &kvs, &traffic, true).to_string()
+        };
+        version += 1;
+        ui.model.send_replace(Arc::new((version, json)));
+    }
+}
+
+fn stats_records(
+    prefix: &Prefix,
+    kvs: &BTreeMap<String, Kv>,
+) -> BTreeMap<String, schema::records::StatsRecord> {
+    let dir = prefix.dir(Dir::Stats);
+    kvs.range(dir.clone()..)
+        .take_while(|(k, _)| k.starts_with(&dir))
+        .filter_map(|(k, kv)| {
+            serde_json::from_slice(&kv.value)
+                .ok()
+                .map(|r| (k[dir.len()..].to_owned(), r))
+        })
+        .collect()
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-store")
+        // Nothing from anywhere else: scripts, styles and data come from this server.
+        .header(
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'",
+        )
+        .header("x-content-type-options", "nosniff")
+        .body(Full::new(body.into()).boxed_unsync())
+        .expect("a valid response")
+}
+
+/// The query parameter `name`, percent-decoding only what a token or job name may hold.
+fn query<'a>(req: &'a Request<Incoming>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    req.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| {
+            if v.contains('%') {
+                std::borrow::Cow::Owned(v.replace("%2F", "/").replace("%2f", "/"))
+            } else {
+                std::borrow::Cow::Borrowed(v)
+            }
+        })
+    })
+}
+
+/// Whether the request carries the token (always, without one).
+fn allowed(ui: &Ui, req: &Request<Incoming>) -> bool {
+    let Some(token) = ui.token.as_deref() else {
+        return true;
+    };
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // The page's own requests (its script, style and event stream) carry the cookie the
+    // page's answer set.
+    let cookie = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(COOKIE)
+                .and_then(|c| c.strip_prefix('='))
+        });
+    let given = bearer
+        .or(cookie)
+        .map(std::borrow::Cow::Borrowed)
+        .or_else(|| query(req, "token"));
+    given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+}
+
+/// The cookie that carries the token for the page's own requests (an `EventSource` and a
+/// `<script src>` send no header of ours).
+const COOKIE: &str = "viking_ui_token";
+
+/// Compares without stopping at the first difference (the time says nothing of the token).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn answer(ui: Arc<Ui>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if req.method() != http::Method::GET {
+        return Ok(full(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "the page is read-only: GET only\n",
+        ));
+    }
+    if !allowed(&ui, &req) {
+        return Ok(full(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "a token is required: open the page as /?token=SECRET (viking ui --token)\n",
+        ));
+    }
+    let response = match req.uri().path() {
+        "/" => {
+            let mut page = full(StatusCode::OK, "text/html; charset=utf-8", INDEX);
+            if let Some(token) = &ui.token {
+                let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict");
+                if let Ok(value) = http::HeaderValue::from_str(&cookie) {
+                    page.headers_mut().insert(header::SET_COOKIE, value);
+                }
+            }
+            page
+        }
+        "/app.js" => full(StatusCode::OK, "text/javascript; charset=utf-8", SCRIPT),
+        "/style.css" => full(StatusCode::OK, "text/css; charset=utf-8", STYLE),
+        "/api/model" => {
+            let model = ui.model.borrow().clone();
+            full(StatusCode::OK, "application/json", model.1.clone())
+        }
+        "/api/env" => {
+            let job = query(&req, "job").unwrap_or_default().into_owned();
+            let env = {
+                let kvs = ui.kvs.lock().expect("kvs lock");
+                model::env(&ui.prefix, &kvs, &job)
+            };
+            match env {
+                Some(env) => full(StatusCode::OK, "application/json", env.to_string()),
+                None => full(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    format!("no deployed job {job:?}; pass ?job=STACK/JOB\n"),
+                ),
+            }
+        }
+        "/events" => events(&ui),
+        "/healthz" => full(StatusCode::OK, "text/plain", "ok\n"),
+        _ => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    };
+    Ok(response)
+}
+
+/// Server-sent events: the model now, then after every rebuild; a comment every 15 s keeps
+/// proxies from closing a quiet stream.
+fn events(ui: &Ui) -> Response<Body> {
+    let rx = ui.model.subscribe();
+    let stream = futures_util::stream::unfold((rx, true), |(mut rx, first)| async move {
+        if !first {
+            match tokio::time::timeout(Duration::from_secs(15), rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return None,
+                Err(_) => {
+                    let ping = Bytes::from_static(b": keep-alive\n\n");
+                    return Some((Ok::<_, Infallible>(Frame::data(ping)), (rx, false)));
+                }
+            }
+        }
+        let model = rx.borrow_and_update().clone();
+        let event = format!("id: {}\ndata: {}\n\n", model.0, model.1);
+        Some((Ok(Frame::data(Bytes::from(event))), (rx, false)))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(BodyExt::boxed_unsync(StreamBody::new(stream.boxed())))
+        .unwrap_or_else(|e| {
+            warn!("cannot answer the event stream: {e}");
+            full(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "")
+        })
+}
