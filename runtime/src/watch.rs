@@ -39,6 +39,57 @@ pub enum WatchEnd {
     ReceiverGone,
 }
 
+/// Keys per page of a list: a prefix larger than a gRPC message (4 MiB) is read in pages,
+/// all at the first page's revision.
+const LIST_PAGE: i64 = 1000;
+
+/// Everything under `prefix` at one revision, in pages of [`LIST_PAGE`], and the first
+/// page's header.
+async fn list(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<(Option<etcd_client::ResponseHeader>, Vec<Kv>), etcd_client::Error> {
+    let end = prefix_end(prefix.as_bytes());
+    let first = client
+        .get(prefix, Some(GetOptions::new().with_prefix().with_limit(LIST_PAGE)))
+        .await?;
+    let header = first.header().cloned();
+    let revision = header.as_ref().map_or(0, |h| h.revision());
+    let mut kvs: Vec<Kv> = first.kvs().iter().map(to_kv).collect();
+    let mut more = first.more();
+    while more {
+        let Some(last) = kvs.last() else { break };
+        let mut from = last.key.as_bytes().to_vec();
+        from.push(0);
+        let page = client
+            .get(
+                from,
+                Some(
+                    GetOptions::new()
+                        .with_range(end.clone())
+                        .with_limit(LIST_PAGE)
+                        .with_revision(revision),
+                ),
+            )
+            .await?;
+        kvs.extend(page.kvs().iter().map(to_kv));
+        more = page.more() && !page.kvs().is_empty();
+    }
+    Ok((header, kvs))
+}
+
+/// The end of the key range that holds every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
 /// Lists and watches `prefix` until `shutdown` fires or `tx` is dropped. Never gives up on
 /// etcd: errors are logged and retried with backoff.
 ///
@@ -73,15 +124,14 @@ pub async fn watch_prefix_from(
             Some(revision) => revision,
             None => {
                 let listed = tokio::select! {
-                    r = client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())) => r,
+                    r = list(&mut client, &prefix) => r,
                     () = shutdown.cancelled() => return WatchEnd::Shutdown,
                 };
                 match listed {
-                    Ok(resp) => {
-                        let revision = resp.header().map_or(0, |h| h.revision());
+                    Ok((header, kvs)) => {
+                        let revision = header.as_ref().map_or(0, |h| h.revision());
                         history = History::default();
-                        history.saw(resp.header());
-                        let kvs = resp.kvs().iter().map(to_kv).collect();
+                        history.saw(header.as_ref());
                         debug!(prefix, revision, "listed");
                         if tx
                             .send(WatchUpdate::Snapshot { revision, kvs })

@@ -229,3 +229,43 @@ async fn an_etcd_restored_empty_is_listed_again_not_waited_for() {
         watch::apply(&mut state, update);
     }
 }
+
+/// A prefix larger than one gRPC message (4 MiB) is listed in pages at one revision: 2,500
+/// keys of 2 KiB (5 MiB), none from beside the prefix, and a write between the pages is not
+/// in the snapshot but in the changes after it.
+#[tokio::test]
+async fn a_prefix_larger_than_a_message_is_listed_in_pages_at_one_revision() {
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await;
+    let value = "v".repeat(2048);
+    for chunk in (0..2500).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|i| TxnOp::put(format!("/big/{i:05}"), value.as_str(), None))
+            .collect();
+        client.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+    client.put("/big0", "beside", None).await.unwrap();
+    client.put("/bif/x", "before", None).await.unwrap();
+
+    let (tx, mut rx) = mpsc::channel(16);
+    let stop = Stop(CancellationToken::new());
+    tokio::spawn(watch::watch_prefix(
+        client.clone(),
+        "/big/".into(),
+        tx,
+        stop.0.clone(),
+    ));
+    let WatchUpdate::Snapshot { kvs, revision } = next(&mut rx).await else {
+        panic!("first update must be a snapshot");
+    };
+    assert_eq!(kvs.len(), 2500);
+    assert!(kvs.iter().all(|kv| kv.key.starts_with("/big/")));
+    assert!(kvs.windows(2).all(|w| w[0].key < w[1].key), "in key order, none twice");
+    assert!(kvs.iter().all(|kv| kv.mod_revision <= revision));
+    client.put("/big/99999", "after", None).await.unwrap();
+    let WatchUpdate::Changes { changes, .. } = next(&mut rx).await else {
+        panic!("expected changes");
+    };
+    assert!(matches!(&changes[0], Change::Put(kv) if kv.key == "/big/99999"));
+}
