@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs:
 #   make up     the main job on this host (a local etcd started for you)
 #   make test   install what is missing, then fmt, clippy and every test
-.PHONY: up test setup fmt lint unit install bench bench-grid bench-proxy bench-udp bench-registrator bench-locknet bench-dns bench-multihost bench-router bench-upgrade
+.PHONY: up test setup fmt lint unit install bench bench-grid bench-proxy bench-udp bench-registrator bench-locknet bench-dns bench-multihost bench-router bench-upgrade bench-ui
 
 CARGO ?= cargo
 
@@ -54,6 +54,10 @@ bench-router: setup
 
 bench-upgrade: setup
 	bash benches/upgrade/harness.sh
+
+bench-ui: setup
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p viking-benches --bench ui
 
 # make install [PREFIX=/usr/local] [DESTDIR=] [PROFILE=release-lto]: the binaries, their man
 # pages (each binary's --man-page), viking's shell completions and the systemd units (their

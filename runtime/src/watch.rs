@@ -51,7 +51,10 @@ async fn list(
 ) -> Result<(Option<etcd_client::ResponseHeader>, Vec<Kv>), etcd_client::Error> {
     let end = prefix_end(prefix.as_bytes());
     let first = client
-        .get(prefix, Some(GetOptions::new().with_prefix().with_limit(LIST_PAGE)))
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_limit(LIST_PAGE)),
+        )
         .await?;
     let header = first.header().cloned();
     let revision = header.as_ref().map_or(0, |h| h.revision());

@@ -261,7 +261,10 @@ async fn a_prefix_larger_than_a_message_is_listed_in_pages_at_one_revision() {
     };
     assert_eq!(kvs.len(), 2500);
     assert!(kvs.iter().all(|kv| kv.key.starts_with("/big/")));
-    assert!(kvs.windows(2).all(|w| w[0].key < w[1].key), "in key order, none twice");
+    assert!(
+        kvs.windows(2).all(|w| w[0].key < w[1].key),
+        "in key order, none twice"
+    );
     assert!(kvs.iter().all(|kv| kv.mod_revision <= revision));
     client.put("/big/99999", "after", None).await.unwrap();
     let WatchUpdate::Changes { changes, .. } = next(&mut rx).await else {
