@@ -51,6 +51,10 @@ pub struct Config {
     pub shutdown_delay: Duration,
 }
 
+/// How long a replacement must be running (and registered, for a job with ports) before the
+/// container it replaces is stopped.
+const READY_FOR: Duration = Duration::from_millis(500);
+
 /// Runs the launcher (and its campaign for the scheduler) against the local Docker until
 /// `shutdown`. Docker may be away at first: it connects with backoff.
 pub async fn run(config: Config, client: Client, shutdown: CancellationToken) {
@@ -668,13 +672,19 @@ impl Agent {
             .await?;
         let limit = Duration::from_millis(spec.update.timeout_ms).min(Duration::from_secs(60));
         let deadline = Instant::now() + limit;
+        // Ready means ready for a while: a container that exits at once can be running and
+        // registered for an instant, which one look would take for good.
+        let mut ready_since: Option<Instant> = None;
         let failed = loop {
             let found = self.engine.list().await?.into_iter().find(|e| e.id == new);
             match found.map(|e| (e.state, e.restarts, e.health)) {
                 Some((RunState::Running, 0, health))
                     if health.passes() && self.serves(spec, &new).await =>
                 {
-                    break None;
+                    let since = *ready_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= READY_FOR {
+                        break None;
+                    }
                 }
                 Some((RunState::Exited(Some(code)), _, _)) => {
                     let logs = self.engine.last_logs(&new).await;
@@ -688,7 +698,7 @@ impl Agent {
                     ));
                 }
                 None => break Some("the new container vanished".to_owned()),
-                _ => {}
+                _ => ready_since = None,
             }
             if Instant::now() >= deadline {
                 break Some(format!(
@@ -710,6 +720,20 @@ impl Agent {
         }
         let withdraw = self.withdraw();
         let mark = withdraw.before_stop(&spec.service(), old, name).await;
+        // Still running after the old one's withdrawal? If not, the old one serves again.
+        let still = self.engine.list().await?.into_iter().find(|e| e.id == new);
+        if !matches!(
+            still.map(|e| (e.state, e.restarts)),
+            Some((RunState::Running, 0))
+        ) {
+            withdraw.done(mark).await;
+            let logs = self.engine.last_logs(&new).await;
+            let _ = self.engine.remove(&new).await;
+            return Err(EngineError(format!(
+                "the new container stopped running while the old one was withdrawn: {logs}; \
+                 {name} keeps running its old spec"
+            )));
+        }
         let stopped = self.engine.stop(old, self.config.stop_timeout).await;
         let stopped = match stopped {
             Ok(()) => self.engine.remove(old).await,
