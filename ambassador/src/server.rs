@@ -411,7 +411,7 @@ pub async fn run(
             sync_access(shared.clone(), containers_rx, stacks_rx).instrument(info_span!("access")),
         );
     }
-    tokio::spawn(crate::stats::publish(
+    let stats = tokio::spawn(crate::stats::publish(
         shared.clone(),
         client_for_probe.clone(),
         background.clone(),
@@ -510,6 +510,8 @@ pub async fn run(
         }
     };
     workers.stop().await;
+    // Its lease revoked, so the record goes with this process (bounded: etcd may be away).
+    let _ = tokio::time::timeout(Duration::from_secs(3), stats).await;
     info!(drained = report.drained, cut = report.cut, "shut down");
     report
 }
