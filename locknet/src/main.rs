@@ -31,6 +31,10 @@ struct Cli {
     #[arg(long, env = "VIKING_WATCH")]
     watch: bool,
 
+    /// With --watch: this host, whose status (members, drops) goes to firewall/<host> every 5 s
+    #[command(flatten)]
+    host: runtime::HostArgs,
+
     /// This is the router: also open 80 and 443 to everyone
     #[arg(long, env = "VIKING_ROUTER")]
     router: bool,
@@ -268,6 +272,7 @@ async fn watch(
         check_timeout: cli.check_timeout,
         iface_may_appear: cli.iface_may_appear,
         resync: cli.resync,
+        host: Some(cli.host.id()?),
     };
     locknet::watch::run(config, client, shutdown).await;
     info!("stopped; the rules stay in place (locknet --flush removes them)");

@@ -10,13 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions};
+use etcd_client::{Client, GetOptions, PutOptions};
 use runtime::CancellationToken;
+use runtime::lease::{LeaseKeeper, LeaseOptions};
 use runtime::watch::Kv;
-use schema::records::{self, HostRecord};
-use schema::{Dir, Prefix};
+use schema::records::{self, FirewallRecord, HostRecord};
+use schema::{Dir, HostId, Key, Prefix};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::policy::{Options, Policy};
 use crate::{Firewall, Outcome, nft, render};
@@ -34,6 +35,78 @@ pub struct WatchConfig {
     /// How often the kernel's table is compared with what was applied (and applied again
     /// when it was flushed or changed behind locknet's back).
     pub resync: Duration,
+    /// This host, whose status goes to `firewall/<host>` every [`STATUS_EVERY`].
+    pub host: Option<HostId>,
+}
+
+/// How often `firewall/<host>` is written.
+pub const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Writes `firewall/<host>` under a lease of its own (revoked on a clean stop).
+struct Status {
+    key: String,
+    since: String,
+    lease: LeaseKeeper,
+    stop: CancellationToken,
+}
+
+impl Status {
+    fn start(config: &WatchConfig, client: &Client) -> Option<Status> {
+        let host = config.host.clone()?;
+        let stop = CancellationToken::new();
+        let lease = LeaseKeeper::spawn(
+            client.clone(),
+            LeaseOptions {
+                ttl: STATUS_EVERY * 3,
+                revoke_on_shutdown: true,
+            },
+            stop.clone(),
+        );
+        Some(Status {
+            key: config.prefix.key(&Key::Firewall(host)),
+            since: runtime::host::rfc3339_now(),
+            lease,
+            stop,
+        })
+    }
+
+    /// Reads the table's counters (a read of its own: what `resync` compares stays as it
+    /// was) and writes them.
+    async fn publish(&self, client: &Client) {
+        let Some(lease) = self.lease.subscribe().borrow().id else {
+            return;
+        };
+        let applied = match nft::read() {
+            Ok(a) => a,
+            Err(e) => {
+                debug!("cannot read the counters: {e}");
+                return;
+            }
+        };
+        let record = FirewallRecord {
+            v: records::RECORD_VERSION,
+            since: self.since.clone(),
+            at: runtime::host::rfc3339_now(),
+            table: applied.is_some(),
+            members: applied.as_ref().map_or(0, |a| a.members.len() as u64),
+            dropped_packets: applied.as_ref().map_or(0, |a| a.dropped_packets),
+            dropped_bytes: applied.as_ref().map_or(0, |a| a.dropped_bytes),
+        };
+        let mut kv = client.kv_client();
+        let put = kv.put(
+            self.key.clone(),
+            records::encode(&record),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        if let Err(e) = put.await {
+            debug!("cannot write the firewall status: {e}");
+        }
+    }
+
+    async fn end(self) {
+        self.stop.cancel();
+        self.lease.join().await;
+    }
 }
 
 /// Follows `/viking/hosts/` until `shutdown`. The rules stay in place when it stops.
@@ -52,9 +125,18 @@ pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToke
     let mut last: Option<Policy> = None;
     let mut resync = tokio::time::interval(config.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let status = Status::start(&config, &client);
+    let mut status_tick = tokio::time::interval(STATUS_EVERY);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let update = tokio::select! {
             u = rx.recv() => u,
+            _ = status_tick.tick(), if status.is_some() => {
+                if let Some(s) = &status {
+                    s.publish(&client).await;
+                }
+                continue;
+            }
             _ = resync.tick() => {
                 if let Some(policy) = &last {
                     resync_table(&mut fw, policy, &client, &config).await;
@@ -102,6 +184,9 @@ pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToke
         }
         apply_safely(&mut fw, &policy, &client, &config).await;
         last = Some(policy);
+    }
+    if let Some(s) = status {
+        s.end().await;
     }
     let _ = watcher.await;
 }

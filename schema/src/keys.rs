@@ -93,6 +93,7 @@ impl Prefix {
             Dir::HostContainers(host) => format!("containers/{host}/"),
             Dir::HostStopping(host) => format!("grid/stopping/{host}/"),
             Dir::Stats => "stats/".to_owned(),
+            Dir::Firewalls => "firewall/".to_owned(),
             Dir::Routes => "routes/".to_owned(),
             Dir::Certs => "certs/".to_owned(),
         };
@@ -158,6 +159,7 @@ impl Prefix {
             ),
             ["grid", "lost", host] => Key::Lost(HostId::new(*host).map_err(name_err)?),
             ["stats", host] => Key::Stats(HostId::new(*host).map_err(name_err)?),
+            ["firewall", host] => Key::Firewall(HostId::new(*host).map_err(name_err)?),
             ["containers", host, id] | ["grid", "stopping", host, id] => {
                 let stopping = segments[0] == "grid";
                 let id = Instance::new(HostId::new(*host).map_err(name_err)?, id, 1)
@@ -304,6 +306,8 @@ pub enum Dir<'a> {
     HostStopping(&'a HostId),
     /// `stats/`: every ambassador's traffic counters (the UI).
     Stats,
+    /// `firewall/`: every locknet's status (the UI).
+    Firewalls,
     /// `routes/`: HTTP routes by domain (the router).
     Routes,
     /// `certs/`: TLS certificates by domain (the router).
@@ -356,6 +360,8 @@ pub enum Key {
     /// `stats/<host>`: the host's ambassador's counters per service port, every 5 s, under
     /// its lease.
     Stats(HostId),
+    /// `firewall/<host>`: the host's `locknet --watch` status, every 5 s, under its lease.
+    Firewall(HostId),
     /// `routes/<domain>`: the job that serves HTTP for a domain.
     Route(Domain),
     /// `certs/<domain>`: a TLS certificate and key for a domain.
@@ -412,6 +418,7 @@ impl Key {
             Key::Container(h, id) => format!("containers/{h}/{id}"),
             Key::Stopping(h, id) => format!("grid/stopping/{h}/{id}"),
             Key::Stats(h) => format!("stats/{h}"),
+            Key::Firewall(h) => format!("firewall/{h}"),
             Key::Route(d) => format!("routes/{d}"),
             Key::Cert(d) => format!("certs/{d}"),
         }
@@ -545,6 +552,7 @@ mod tests {
             host().prop_map(Key::Node),
             host().prop_map(Key::Lost),
             host().prop_map(Key::Stats),
+            host().prop_map(Key::Firewall),
             (host(), "[0-9a-f]{12}", any::<bool>()).prop_map(|(h, id, s)| if s {
                 Key::Stopping(h, id)
             } else {

@@ -293,6 +293,30 @@ pub struct StatsRecord {
     pub services: BTreeMap<String, ServiceStats>,
 }
 
+/// `firewall/<host>`: what the host's `locknet --watch` has applied, written every 5 s under
+/// its lease (the UI's firewall section).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirewallRecord {
+    #[serde(default = "current")]
+    pub v: u32,
+    /// RFC 3339: when this locknet started, and when the counters were read.
+    #[serde(default)]
+    pub since: String,
+    #[serde(default)]
+    pub at: String,
+    /// Whether locknet's table is in the kernel.
+    #[serde(default)]
+    pub table: bool,
+    /// Member addresses admitted.
+    #[serde(default)]
+    pub members: u64,
+    /// What the final drop rule has dropped since the table was made.
+    #[serde(default)]
+    pub dropped_packets: u64,
+    #[serde(default)]
+    pub dropped_bytes: u64,
+}
+
 /// One service port's counters on one host (since its ambassador started).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStats {

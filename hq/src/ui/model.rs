@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use runtime::watch::Kv;
 use schema::records::{
-    AliveRecord, AssignRecord, EndpointRecord, HostRecord, NodeRecord, PortAllocRecord,
-    RouteRecord, ServiceStats, StatsRecord, StatusRecord,
+    AliveRecord, AssignRecord, EndpointRecord, FirewallRecord, HostRecord, NodeRecord,
+    PortAllocRecord, RouteRecord, ServiceStats, StatsRecord, StatusRecord,
 };
 use schema::{JobSpec, Key, Prefix};
 use serde_json::{Value, json};
@@ -88,6 +88,7 @@ pub fn build(
     let mut alive: BTreeMap<String, AliveRecord> = BTreeMap::new();
     let mut nodes: BTreeMap<String, NodeRecord> = BTreeMap::new();
     let mut stats: BTreeMap<String, StatsRecord> = BTreeMap::new();
+    let mut firewalls: BTreeMap<String, FirewallRecord> = BTreeMap::new();
     let mut specs: BTreeMap<String, JobSpec> = BTreeMap::new();
     let mut deployed_at: BTreeMap<String, String> = BTreeMap::new();
     let mut allocs: BTreeMap<String, u16> = BTreeMap::new();
@@ -120,6 +121,11 @@ pub fn build(
             Key::Stats(h) => {
                 if let Some(r) = decode(kv) {
                     stats.insert(h.to_string(), r);
+                }
+            }
+            Key::Firewall(h) => {
+                if let Some(r) = decode(kv) {
+                    firewalls.insert(h.to_string(), r);
                 }
             }
             Key::StackJob(s, j) => {
@@ -223,6 +229,7 @@ pub fn build(
     let mut names: BTreeSet<String> = hosts.keys().cloned().collect();
     names.extend(nodes.keys().cloned());
     names.extend(alive.keys().cloned());
+    names.extend(firewalls.keys().cloned());
     let hosts_json: Vec<Value> = names
         .iter()
         .map(|name| {
@@ -241,7 +248,7 @@ pub fn build(
                     "registrator": alive.get(name).map(|a| json!({"since": a.since, "version": a.version})),
                     "launcher": node.map(|n| json!({"since": n.since, "version": n.launcher_version})),
                     "ambassador": stats.get(name).map(|s| json!({"since": s.since, "at": s.at})),
-                    "locknet": Value::Null,
+                    "locknet": firewalls.get(name).map(|f| json!({"since": f.since, "at": f.at})),
                 },
                 "cpus_milli": node.map(|n| n.cpus_milli),
                 "memory": node.map(|n| n.memory),
@@ -364,7 +371,10 @@ pub fn build(
         "links": {"nodes": nodes_json, "edges": edges},
         "traffic": traffic_json,
         "routes": routes.iter().map(|(d, r)| json!({"domain": d, "job": format!("{}/{}", r.stack, r.job), "port": r.port})).collect::<Vec<_>>(),
-        "firewall": "locknet does not publish its status yet",
+        "firewall": firewalls.iter().map(|(h, f)| json!({
+            "host": h, "table": f.table, "members": f.members,
+            "dropped_packets": f.dropped_packets, "dropped_bytes": f.dropped_bytes, "at": f.at,
+        })).collect::<Vec<_>>(),
     })
 }
 

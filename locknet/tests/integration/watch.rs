@@ -23,7 +23,7 @@ async fn hosts_added_and_removed_in_etcd_open_and_close_within_a_second() {
     let client = etcd.client().await;
     put_host(&client, "b", &site.lan.addr("b").to_string()).await;
     put_host(&client, "broken", "not-an-address").await;
-    let watcher = spawn_watch(&site, &["--etcd", &etcd.endpoint()]);
+    let watcher = spawn_watch(&site, &["--etcd", &etcd.endpoint(), "--host", "a"]);
 
     // Blocking polls are fine here: locknet and etcd are processes of their own.
     let wait = |from: &str, can: bool| site.until_reach(from, 9999, can, Duration::from_secs(5));
@@ -50,6 +50,23 @@ async fn hosts_added_and_removed_in_etcd_open_and_close_within_a_second() {
         watcher.log().contains("membership applied"),
         "{}",
         watcher.log()
+    );
+
+    // Its status, for `viking ui`: the members admitted now (b) and what it dropped (the
+    // outsider's tries), under a lease, every 5 s.
+    let status = testkit::eventually_async(Duration::from_secs(15), "firewall/a", || {
+        let mut kv = client.kv_client();
+        async move {
+            let r = kv.get("/viking/firewall/a", None).await.ok()?;
+            let kv = r.kvs().first()?;
+            let v: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
+            (kv.lease() != 0 && v["members"] == 1 && v["table"] == true).then_some(v)
+        }
+    })
+    .await;
+    assert!(
+        status["dropped_packets"].as_u64().unwrap_or(0) > 0,
+        "{status}"
     );
 }
 

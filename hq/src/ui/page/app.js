@@ -29,7 +29,7 @@ const svgEl = (tag, attrs = {}, ...children) => el(tag, { ...attrs, svg: true },
 // A state word with its colour class: colour is never the only signal.
 function stateWord(word) {
   const cls = { running: "ok", exited: "ok", alive: "ok", serving: "ok", assigned: "warn",
-    pending: "warn", starting: "warn", draining: "warn", leaving: "warn", failed: "bad",
+    pending: "warn", starting: "warn", applied: "ok", draining: "warn", leaving: "warn", failed: "bad",
     lost: "bad", down: "bad", missing: "bad" }[word] || "";
   return el("span", { class: "state " + cls, text: word });
 }
@@ -54,8 +54,8 @@ function renderHosts(model) {
     const agents = el("ul");
     for (const name of ["registrator", "ambassador", "launcher", "locknet"]) {
       const a = h.agents[name];
-      const word = a ? "alive" : (name === "locknet" ? "not published" : "missing");
-      agents.append(el("li", {}, name + " ", a ? stateWord(word) : el("span", { class: name === "locknet" ? "state" : "state bad", text: word }),
+      const word = a ? "alive" : "missing";
+      agents.append(el("li", {}, name + " ", stateWord(word),
         a && a.since ? el("span", { class: "note", text: " since " + a.since }) : null));
     }
     const state = h.lost ? "lost" : h.draining ? "draining" : h.member ? "serving" : "not a member";
@@ -196,6 +196,14 @@ function renderGrid(model) {
         : el("p", { class: "note", text: "no instances" })))));
 }
 
+function renderFirewall(model) {
+  replaceBody("#firewall", model.firewall.length ? model.firewall.map((f) => el("tr", { "data-host": f.host },
+    el("td", { text: f.host }), el("td", {}, stateWord(f.table ? "applied" : "missing")),
+    el("td", { class: "num", text: f.members }), el("td", { class: "num", text: f.dropped_packets }),
+    el("td", { class: "num", text: bytes(f.dropped_bytes) }), el("td", { class: "note", text: f.at })))
+    : [el("tr", {}, el("td", { colspan: 6, class: "note", text: "No locknet --watch has published its status (firewall/<host>, every 5 s)." }))]);
+}
+
 let current = null;
 function render(model) {
   current = model;
@@ -204,7 +212,7 @@ function render(model) {
   renderLinks(model);
   renderTraffic(model);
   renderGrid(model);
-  document.getElementById("firewall-text").textContent = model.firewall;
+  renderFirewall(model);
   document.getElementById("status").textContent = "live · updated " + new Date().toLocaleTimeString();
 }
 
