@@ -58,13 +58,7 @@ fn main() -> ExitCode {
         let shutdown = runtime::shutdown::on_signals();
         let client = cli.etcd.connect_daemon(&shutdown).await?;
         tracing::info!(etcd = %cli.etcd.endpoints_display(), "router starting");
-        let (taken, inherited) = match taken {
-            Some(mut t) => {
-                let fds = std::mem::take(&mut t.fds);
-                (Some(t), fds)
-            }
-            None => (None, Default::default()),
-        };
+        let (taken, inherited) = handover::split(taken);
         let running = router::daemon::start_inheriting(
             checked,
             cli.etcd.prefix.clone(),

@@ -367,6 +367,18 @@ pub fn take(path: &Path) -> Result<Taken, HandoverError> {
     })
 }
 
+/// An optional hand-over as its sockets (none without one) and what confirms it
+/// ([`complete`]).
+pub fn split(taken: Option<Taken>) -> (Option<Taken>, BTreeMap<String, OwnedFd>) {
+    match taken {
+        Some(mut t) => {
+            let fds = std::mem::take(&mut t.fds);
+            (Some(t), fds)
+        }
+        None => (None, BTreeMap::new()),
+    }
+}
+
 impl Taken {
     /// Tells the running process to stop accepting, and waits (up to 10 s) until it has.
     pub fn ready(self) -> Result<(), HandoverError> {

@@ -25,13 +25,14 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let backend = Backend::start("b0").await;
-    let port = put_alloc(&mut c, "shared/echo:7").await;
-    put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
-    let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
-    let run = tempfile::tempdir().unwrap();
+    let Echo {
+        etcd,
+        backend,
+        port,
+        admin,
+        run,
+        ..
+    } = Echo::start().await;
     let args = loopback_args(&etcd, &admin, &run, &["--grace", "10s", "--threads", "2"]);
     let mut amb = Daemon::spawn(env!("CARGO_BIN_EXE_ambassador"), &refs(&args));
     let limit = Duration::from_secs(20);
@@ -112,13 +113,14 @@ fn without_docker0_and_bind_it_says_to_pass_bind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_is_not_blamed_on_the_backend() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let backend = Backend::start("b0").await;
-    let port = put_alloc(&mut c, "shared/echo:7").await;
-    put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
-    let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
-    let run = tempfile::tempdir().unwrap();
+    let Echo {
+        etcd,
+        backend: _backend,
+        port,
+        admin,
+        run,
+        ..
+    } = Echo::start().await;
     // 64 descriptors: a few dozen connections use them up.
     let mut args: Vec<String> = ["--nofile=64:64", "--", env!("CARGO_BIN_EXE_ambassador")]
         .map(String::from)
@@ -251,17 +253,47 @@ pub fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
+/// What an ambassador binary test starts from: etcd, `shared/echo:7` allocated (`port`) and
+/// served by the greeting echo backend `b0` of host h0, a free admin address, a run dir.
+pub struct Echo {
+    pub etcd: Etcd,
+    pub c: etcd_client::Client,
+    pub backend: Backend,
+    pub port: u16,
+    pub admin: String,
+    pub run: tempfile::TempDir,
+}
+
+impl Echo {
+    pub async fn start() -> Echo {
+        let etcd = Etcd::start().await;
+        let mut c = etcd.client().await;
+        let backend = Backend::start("b0").await;
+        let port = put_alloc(&mut c, "shared/echo:7").await;
+        put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
+        Echo {
+            etcd,
+            c,
+            backend,
+            port,
+            admin: format!("127.0.0.1:{}", testkit::free_ports(1)[0]),
+            run: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
 /// `stats/<host>`: the counters per service port, rewritten every 5 s under a lease of its own
 /// and gone at once on a clean stop (issue 21; `viking ui` sums the hosts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stats_record_is_leased_and_rewritten_every_5_s() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let backend = Backend::start("b0").await;
-    let port = put_alloc(&mut c, "shared/echo:7").await;
-    put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
-    let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
-    let run = tempfile::tempdir().unwrap();
+    let Echo {
+        etcd,
+        mut c,
+        port,
+        admin,
+        run,
+        backend: _backend,
+    } = Echo::start().await;
     let args = loopback_args(&etcd, &admin, &run, &[]);
     let mut amb = Daemon::spawn(env!("CARGO_BIN_EXE_ambassador"), &refs(&args));
     amb.wait_log(

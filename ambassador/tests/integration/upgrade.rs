@@ -13,7 +13,7 @@ use testkit::{Daemon, Etcd};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::binary::{loopback_args, refs};
+use crate::binary::{Echo, loopback_args, refs};
 use crate::{Backend, put_alloc, put_endpoint};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ambassador");
@@ -133,13 +133,14 @@ impl World {
 
     /// [`World::start`] with `env` set for the first ambassador.
     async fn start_with(env: &[(&str, &str)]) -> World {
-        let etcd = Etcd::start().await;
-        let mut c = etcd.client().await;
-        let backend = Backend::start("b0").await;
-        let port = put_alloc(&mut c, "shared/echo:7").await;
-        put_endpoint(&mut c, "shared/echo:7", "h0", 0, backend.addr).await;
-        let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
-        let run = tempfile::tempdir().unwrap();
+        let Echo {
+            etcd,
+            backend,
+            port,
+            admin,
+            run,
+            ..
+        } = Echo::start().await;
         let args = loopback_args(&etcd, &admin, &run, &["--grace", "30s", "--threads", "2"]);
         let mut command = Command::new(BIN);
         command.args(&args).envs(env.iter().copied());
