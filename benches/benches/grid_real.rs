@@ -105,6 +105,8 @@ fn main() {
                 .ns(h)
                 .command(testkit::workspace_bin("launcher").to_str().unwrap());
             cmd.args([
+                "--admin",
+                "127.0.0.1:0",
                 "--etcd",
                 &ep,
                 "--host",

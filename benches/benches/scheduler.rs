@@ -248,6 +248,7 @@ async fn simulation(hosts: usize, specs: &[JobSpec]) {
             stop_after: None,
             stop_timeout: Duration::from_secs(10),
             shutdown_delay: Duration::from_secs(1),
+            view: Default::default(),
         };
         let engine = Arc::new(StandIn {
             host: host.to_string(),

@@ -49,6 +49,22 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// How long a deregistered container keeps running before SIGTERM (`--shutdown-delay`).
     pub shutdown_delay: Duration,
+    /// What the admin server shows, as of the last round.
+    pub view: Arc<std::sync::Mutex<View>>,
+}
+
+/// What the launcher's admin server (`launcher --admin`) shows, as of its last round.
+#[derive(Debug, Default, Clone)]
+pub struct View {
+    /// Both its prefixes were read: it acts.
+    pub listed: bool,
+    /// etcd answered within the lease.
+    pub etcd_answers: bool,
+    pub lease: Option<i64>,
+    /// Its keys as last written to etcd: the node record and every instance's status.
+    pub written: BTreeMap<String, String>,
+    /// Containers being stopped in the background.
+    pub stopping: usize,
 }
 
 /// How long a replacement must be running (and registered, for a job with ports) before the
@@ -215,6 +231,7 @@ pub async fn run_with(
             () = runtime::sleep_until(retry) => agent.retry_at = None,
         }
         agent.step().await;
+        agent.publish_view();
     }
     for w in watches {
         let _ = w.await;
@@ -386,6 +403,19 @@ impl Agent {
             }
         }
         (wanted, unsure)
+    }
+
+    /// Hands the admin server what this round left.
+    fn publish_view(&self) {
+        let stopping = self.stopping.lock().expect("stopping lock").len();
+        let mut view = self.config.view.lock().expect("view lock");
+        view.listed = self.listed.0 && self.listed.1;
+        view.etcd_answers = !self.etcd_down;
+        view.lease = self.lease.id;
+        if let Some(written) = &self.written {
+            view.written.clone_from(written);
+        }
+        view.stopping = stopping;
     }
 
     async fn step(&mut self) {

@@ -4,6 +4,8 @@
 //! `--docker` and `--ttl` are not here: the binary has its own, and `viking up` hands its
 //! launcher the registrator's (one Docker and one host lease per host).
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::Client;
@@ -13,6 +15,7 @@ use schema::{HostId, Prefix};
 use tracing::{Instrument, info};
 
 use crate::Config;
+use crate::agent::View;
 
 /// The launcher's flags (`#[command(flatten)]`).
 #[derive(Debug, Clone, clap::Args)]
@@ -141,8 +144,76 @@ impl LauncherArgs {
             stop_after: self.stop_after,
             stop_timeout: self.stop_timeout,
             shutdown_delay: self.shutdown_delay,
+            view: Arc::default(),
         })
     }
+}
+
+/// The admin server (`launcher --admin`): `/healthz` (200 once it acts: both prefixes read
+/// and etcd answering), `/state` (its node record and every instance's status as last
+/// written), `/metrics` (instances by state), on the daemons' shared server.
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    view: Arc<Mutex<View>>,
+    stop: CancellationToken,
+) {
+    use runtime::admin::Answer;
+    let answer = move |path: &str| {
+        let view = view.lock().expect("view lock").clone();
+        let records: BTreeMap<&str, serde_json::Value> = view
+            .written
+            .iter()
+            .map(|(k, v)| (k.as_str(), serde_json::from_str(v).unwrap_or_default()))
+            .collect();
+        let states = || {
+            let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+            for (k, v) in &records {
+                if k.contains("/grid/status/") {
+                    let state = v["state"].as_str().unwrap_or("unknown").to_owned();
+                    *by_state.entry(state).or_default() += 1;
+                }
+            }
+            by_state
+        };
+        match path {
+            "/healthz" => Answer::health(
+                view.listed && view.etcd_answers,
+                if view.listed {
+                    "etcd has not answered within the lease: starting and stopping nothing"
+                } else {
+                    "assignments and stacks not read from etcd yet"
+                },
+            ),
+            "/state" => Answer::json(&serde_json::json!({
+                "listed": view.listed,
+                "etcd_answers": view.etcd_answers,
+                "lease": view.lease,
+                "stopping": view.stopping,
+                "instances_by_state": states(),
+                "keys": records,
+            })),
+            "/metrics" => {
+                let mut text = String::from(
+                    "# HELP launcher_instances Instances of this host by state, as last reported.\n\
+                     # TYPE launcher_instances gauge\n",
+                );
+                for (state, n) in states() {
+                    text.push_str(&format!("launcher_instances{{state=\"{state}\"}} {n}\n"));
+                }
+                text.push_str(&format!(
+                    "# HELP launcher_etcd_answers Whether etcd answered within the lease.\n\
+                     # TYPE launcher_etcd_answers gauge\nlauncher_etcd_answers {}\n\
+                     # HELP launcher_stopping Containers being stopped.\n\
+                     # TYPE launcher_stopping gauge\nlauncher_stopping {}\n# EOF\n",
+                    u8::from(view.etcd_answers),
+                    view.stopping
+                ));
+                Answer::metrics(text)
+            }
+            _ => Answer::not_found(),
+        }
+    };
+    runtime::admin::serve(listener, answer, stop).await;
 }
 
 /// A started launcher.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use launcher::LauncherArgs;
 use runtime::etcd::parse_duration;
-use runtime::{EtcdArgs, HostArgs, TxnArgs};
+use runtime::{EtcdArgs, Failure, HostArgs, TxnArgs};
 use tracing::info;
 
 /// viking's launcher: the grid's work on this host's Docker.
@@ -34,6 +34,10 @@ struct Cli {
     /// Lease time to live: the scheduler counts this host lost this long after it stops
     #[arg(long, env = "VIKING_TTL", default_value = "10s", value_parser = parse_duration)]
     ttl: Duration,
+
+    /// Admin server: /metrics, /healthz, /state
+    #[arg(long, env = "VIKING_LAUNCHER_ADMIN", default_value = "127.0.0.1:9101")]
+    admin: std::net::SocketAddr,
 }
 
 fn main() -> ExitCode {
@@ -48,9 +52,22 @@ fn main() -> ExitCode {
             cli.docker.clone(),
             cli.txn.max_txn_ops,
         )?;
+        let admin = tokio::net::TcpListener::bind(cli.admin)
+            .await
+            .map_err(|e| {
+                Failure::usage(format!(
+                    "cannot listen on --admin {}: {e}; pick another address",
+                    cli.admin
+                ))
+            })?;
         let shutdown = runtime::shutdown::on_signals();
         let client = cli.etcd.connect_daemon(&shutdown).await?;
-        info!(etcd = %cli.etcd.endpoints_display(), "following the grid");
+        info!(etcd = %cli.etcd.endpoints_display(), admin = %cli.admin, "following the grid");
+        tokio::spawn(launcher::daemon::serve_admin(
+            admin,
+            config.view.clone(),
+            shutdown.clone(),
+        ));
         launcher::daemon::start(config, client, shutdown)
             .wait()
             .await;

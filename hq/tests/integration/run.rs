@@ -317,7 +317,16 @@ impl Launcher {
         let host = format!("h{}", std::process::id());
         let daemon = Daemon::spawn(
             testkit::workspace_bin("launcher"),
-            &["--etcd", etcd, "--host", &host, "--ttl", "2s"],
+            &[
+                "--etcd",
+                etcd,
+                "--host",
+                &host,
+                "--ttl",
+                "2s",
+                "--admin",
+                "127.0.0.1:0",
+            ],
         );
         Launcher { daemon, host }
     }

@@ -169,6 +169,8 @@ async fn the_page_shows_the_cluster_live_in_a_real_browser() {
             "1s",
             "--shutdown-delay",
             "0s",
+            "--admin",
+            "127.0.0.1:0",
         ]
         .map(String::from),
     );

@@ -19,6 +19,8 @@ struct World {
     launcher: Daemon,
     host: String,
     stack: String,
+    /// The launcher's admin server.
+    admin: String,
 }
 
 impl World {
@@ -27,9 +29,12 @@ impl World {
         let etcd = Etcd::start().await;
         let client = etcd.client().await;
         let host = format!("t{:08x}", fastrand_u32());
+        let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
         let launcher = Daemon::spawn(
             env!("CARGO_BIN_EXE_launcher"),
             &[
+                "--admin",
+                &admin,
                 "--etcd",
                 &etcd.endpoint(),
                 "--host",
@@ -51,6 +56,7 @@ impl World {
             launcher,
             stack: format!("s{:08x}", fastrand_u32()),
             host,
+            admin,
         }
     }
 
@@ -221,6 +227,28 @@ async fn a_launcher_runs_what_it_is_assigned_scales_it_and_stops_it() {
     };
     assert_eq!(node["cpus_milli"], 2000);
     assert_eq!(node["memory"], 1u64 << 30);
+
+    // Its admin server says the same.
+    let admin = |path: &str| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "5",
+                &format!("http://{}{path}", w.admin),
+            ])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(admin("/healthz"), "ok\n");
+    let metrics = admin("/metrics");
+    assert!(
+        metrics.contains("launcher_instances{state=\"running\"} 2"),
+        "{metrics}"
+    );
+    let state: serde_json::Value = serde_json::from_str(&admin("/state")).unwrap();
+    assert_eq!(state["instances_by_state"]["running"], 2, "{state}");
 
     // Scale down: instance 1 goes, instance 0 is the same container.
     let id0 = w.statuses().await["web/0"].container_id.clone();
