@@ -68,6 +68,13 @@ impl Browser {
         }
     }
 
+    /// Ends the session: chromedriver closes the browser and reaps it.
+    async fn close(mut self) {
+        if let Some(client) = self.client.take() {
+            let _ = client.close().await;
+        }
+    }
+
     fn c(&self) -> &fantoccini::Client {
         self.client.as_ref().expect("session")
     }
@@ -96,8 +103,28 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // The session ends with the driver (killed with it): no browser outlives the test.
+        // A test that failed before `close`: killing chromedriver would leave its browser
+        // running, so every process started with this test's profile directory goes too.
         let _ = self.client.take();
+        let profile = format!("--user-data-dir={}", self._profile.path().display());
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in procs.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg == profile.as_bytes())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 
@@ -429,6 +456,6 @@ async fn the_page_shows_the_cluster_live_in_a_real_browser() {
         .await;
 
     viking(&["stop", &stack]);
-    drop(browser);
+    browser.close().await;
     drop(agents);
 }
