@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions};
-use runtime::lease::{LeaseKeeper, LeaseOptions};
+use etcd_client::Client;
+use runtime::lease::LeasedKey;
 use schema::records::{self, RECORD_VERSION, ServiceStats, StatsRecord};
 use schema::{HostId, Key};
 use tokio_util::sync::CancellationToken;
@@ -68,38 +68,21 @@ pub async fn publish(shared: Arc<Shared>, client: Client, stop: CancellationToke
     };
     let key = shared.config.prefix.key(&Key::Stats(host));
     let since = runtime::host::rfc3339_now();
-    let lease_stop = CancellationToken::new();
-    let lease = LeaseKeeper::spawn(
-        client.clone(),
-        LeaseOptions {
-            ttl: EVERY * 3,
-            revoke_on_shutdown: true,
-        },
-        lease_stop.clone(),
-    );
-    let leases = lease.subscribe();
+    let record_key = LeasedKey::start(client, key, EVERY * 3);
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut kv = client.kv_client();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = stop.cancelled() => break,
         }
-        let Some(id) = leases.borrow().id else {
-            continue;
-        };
         if !shared.is_synced() {
             continue;
         }
         let value = records::encode(&record(&shared, &since));
-        if let Err(e) = kv
-            .put(key.clone(), value, Some(PutOptions::new().with_lease(id)))
-            .await
-        {
+        if let Err(e) = record_key.put(value).await {
             debug!("cannot write the stats record: {e}");
         }
     }
-    lease_stop.cancel();
-    lease.join().await;
+    record_key.end().await;
 }

@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, PutOptions};
+use etcd_client::{Client, GetOptions};
 use runtime::CancellationToken;
-use runtime::lease::{LeaseKeeper, LeaseOptions};
+use runtime::lease::LeasedKey;
 use runtime::watch::Kv;
 use schema::records::{self, FirewallRecord, HostRecord};
 use schema::{Dir, HostId, Key, Prefix};
@@ -44,38 +44,22 @@ pub const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// Writes `firewall/<host>` under a lease of its own (revoked on a clean stop).
 struct Status {
-    key: String,
+    record: LeasedKey,
     since: String,
-    lease: LeaseKeeper,
-    stop: CancellationToken,
 }
 
 impl Status {
     fn start(config: &WatchConfig, client: &Client) -> Option<Status> {
-        let host = config.host.clone()?;
-        let stop = CancellationToken::new();
-        let lease = LeaseKeeper::spawn(
-            client.clone(),
-            LeaseOptions {
-                ttl: STATUS_EVERY * 3,
-                revoke_on_shutdown: true,
-            },
-            stop.clone(),
-        );
+        let key = config.prefix.key(&Key::Firewall(config.host.clone()?));
         Some(Status {
-            key: config.prefix.key(&Key::Firewall(host)),
+            record: LeasedKey::start(client.clone(), key, STATUS_EVERY * 3),
             since: runtime::host::rfc3339_now(),
-            lease,
-            stop,
         })
     }
 
     /// Reads the table's counters (a read of its own: what `resync` compares stays as it
     /// was) and writes them.
-    async fn publish(&self, client: &Client) {
-        let Some(lease) = self.lease.subscribe().borrow().id else {
-            return;
-        };
+    async fn publish(&self) {
         let applied = match nft::read() {
             Ok(a) => a,
             Err(e) => {
@@ -92,20 +76,9 @@ impl Status {
             dropped_packets: applied.as_ref().map_or(0, |a| a.dropped_packets),
             dropped_bytes: applied.as_ref().map_or(0, |a| a.dropped_bytes),
         };
-        let mut kv = client.kv_client();
-        let put = kv.put(
-            self.key.clone(),
-            records::encode(&record),
-            Some(PutOptions::new().with_lease(lease)),
-        );
-        if let Err(e) = put.await {
+        if let Err(e) = self.record.put(records::encode(&record)).await {
             debug!("cannot write the firewall status: {e}");
         }
-    }
-
-    async fn end(self) {
-        self.stop.cancel();
-        self.lease.join().await;
     }
 }
 
@@ -133,7 +106,7 @@ pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToke
             u = rx.recv() => u,
             _ = status_tick.tick(), if status.is_some() => {
                 if let Some(s) = &status {
-                    s.publish(&client).await;
+                    s.publish().await;
                 }
                 continue;
             }
@@ -186,7 +159,7 @@ pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToke
         last = Some(policy);
     }
     if let Some(s) = status {
-        s.end().await;
+        s.record.end().await;
     }
     let _ = watcher.await;
 }

@@ -207,3 +207,59 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
         other => other.to_string().contains("lease not found"),
     }
 }
+
+/// One key kept under a lease of its own and rewritten by its owner now and then (a status
+/// record such as `stats/<host>`): gone within the TTL if the process dies, at once when
+/// [`LeasedKey::end`] revokes the lease.
+pub struct LeasedKey {
+    key: String,
+    client: Client,
+    keeper: LeaseKeeper,
+    state: watch::Receiver<LeaseState>,
+    stop: CancellationToken,
+}
+
+impl LeasedKey {
+    /// Starts keeping a lease of `ttl` for `key`; nothing is written until [`LeasedKey::put`].
+    pub fn start(client: Client, key: String, ttl: Duration) -> LeasedKey {
+        let stop = CancellationToken::new();
+        let keeper = LeaseKeeper::spawn(
+            client.clone(),
+            LeaseOptions {
+                ttl,
+                revoke_on_shutdown: true,
+            },
+            stop.clone(),
+        );
+        let state = keeper.subscribe();
+        LeasedKey {
+            key,
+            client,
+            keeper,
+            state,
+            stop,
+        }
+    }
+
+    /// Writes `value` under the lease; `Ok(false)` while no lease is granted yet.
+    pub async fn put(&self, value: String) -> Result<bool, etcd_client::Error> {
+        let Some(id) = self.state.borrow().id else {
+            return Ok(false);
+        };
+        self.client
+            .kv_client()
+            .put(
+                self.key.clone(),
+                value,
+                Some(etcd_client::PutOptions::new().with_lease(id)),
+            )
+            .await?;
+        Ok(true)
+    }
+
+    /// Revokes the lease (the key goes with it) and waits for the keeper.
+    pub async fn end(self) {
+        self.stop.cancel();
+        self.keeper.join().await;
+    }
+}
