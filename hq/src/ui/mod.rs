@@ -197,18 +197,10 @@ fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
         .expect("a valid response")
 }
 
-/// The query parameter `name`, percent-decoding only what a token or job name may hold.
+/// The query parameter `name`, decoded (`application/x-www-form-urlencoded`).
 fn query<'a>(req: &'a Request<Incoming>, name: &str) -> Option<std::borrow::Cow<'a, str>> {
-    req.uri().query()?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == name).then(|| {
-            if v.contains('%') {
-                std::borrow::Cow::Owned(v.replace("%2F", "/").replace("%2f", "/"))
-            } else {
-                std::borrow::Cow::Borrowed(v)
-            }
-        })
-    })
+    form_urlencoded::parse(req.uri().query()?.as_bytes())
+        .find_map(|(k, v)| (k == name).then_some(v))
 }
 
 /// Whether the request carries the token (always, without one).
