@@ -6,7 +6,8 @@
 #   1. unit tests of every library (`cargo test --workspace --lib`), in a network namespace
 #      with only loopback and without etcd, Docker or nft (scripts/unit-isolated.sh);
 #   2. everything else: the binaries' own tests, the integration tests and the scenarios,
-#      against real etcd, Docker and nftables. Doc comments hold no tests.
+#      against real etcd, Docker and nftables; the ambassador's suite again with its kernel
+#      path taking every connection at once and with it off. Doc comments hold no tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
@@ -16,6 +17,14 @@ unit=${PIPESTATUS[0]}
 # --no-fail-fast: one failing test binary does not hide the results of the others.
 cargo test --workspace --locked --no-fail-fast --bins --test '*' "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
+# The ambassador's suite twice more: with the kernel path taking every connection at once,
+# and with it off (the daemon's env twins; its in-process tests read them too).
+for mode in VIKING_KERNEL_FORWARD_AFTER=0 VIKING_KERNEL_FORWARD=off; do
+  echo "== the ambassador's suite with $mode"
+  env "$mode" cargo test -p ambassador --locked --no-fail-fast --test integration "$@" 2>&1 | tee -a "$log"
+  again=${PIPESTATUS[0]}
+  [ "$again" -eq 0 ] || status=$again
+done
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 [ "$unit" -eq 0 ] && [ "$status" -eq 0 ]

@@ -47,6 +47,19 @@ pub struct Config {
     /// How long a connection from an address not known yet waits for the registrator to
     /// publish it before it is refused.
     pub unknown_source_wait: Duration,
+    /// Forward in the kernel once a backend is connected (`--kernel-forward`).
+    pub kernel_forward: KernelForward,
+}
+
+/// `--kernel-forward`: whether connected pairs are forwarded inside the kernel (a sockhash
+/// and an eBPF verdict program, see `crate::kernel`) or relayed in user space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelForward {
+    /// In the kernel when it accepts the map and the program (else in user space, said once
+    /// in the log), per connection in user space when a pair cannot be joined.
+    On,
+    /// Always in user space: copies, and splice for bulk.
+    Off,
 }
 
 impl Config {
@@ -70,6 +83,7 @@ impl Config {
             max_udp_sessions: 65_536,
             links: crate::access::LinksMode::Enforced,
             unknown_source_wait: Duration::from_secs(1),
+            kernel_forward: KernelForward::On,
         }
     }
 }

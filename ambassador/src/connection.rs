@@ -67,7 +67,7 @@ pub(crate) async fn handle(
     stats.active.inc();
     // Built in place (not first bound to a local) so the task holds the relay's state once.
     let ended = tokio::select! {
-        e = relay::relay(client, upstream, &shared.config.relay, true) => Some(e),
+        e = Box::pin(carry(shared, client, upstream)) => Some(e),
         () = hard.cancelled() => None,
     };
     let moved = match ended {
@@ -89,6 +89,60 @@ pub(crate) async fn handle(
     stats.bytes_down.inc_by(moved.down);
     backend.active.fetch_sub(1, Ordering::Relaxed);
     stats.active.dec();
+}
+
+/// Moves the bytes: in user space for the first `kernel_after` reads, then in the kernel when
+/// the kernel path is on (and the connection still lives, carries no bulk, and the kernel
+/// takes the pair), else in user space to the end.
+async fn carry(shared: &Shared, client: TcpStream, upstream: TcpStream) -> Ended {
+    let config = &shared.config.relay;
+    let Some(path) = &shared.kernel else {
+        return relay::relay(client, upstream, config, true).await;
+    };
+    let handed = if config.kernel_after == 0 {
+        relay::Handed {
+            client,
+            backend: upstream,
+            moved: Moved::default(),
+            ack_pending: true,
+        }
+    } else {
+        match relay::relay_until(client, upstream, config, true, Some(config.kernel_after)).await {
+            Ok(ended) => return ended,
+            Err(handed) => handed,
+        }
+    };
+    let relay::Handed {
+        client,
+        backend,
+        moved: before,
+        ack_pending,
+    } = handed;
+    let (client, backend) =
+        match crate::kernel::forward(path, client, backend, config, ack_pending).await {
+            Ok(ended) => {
+                shared.metrics.kernel_forwarded.inc();
+                return ended;
+            }
+            Err((client, backend, e)) => {
+                shared.metrics.kernel_refused.inc();
+                debug!(error = %e, "the kernel refused to join the pair; relaying in user space");
+                (client, backend)
+            }
+        };
+    // The kernel path counts from the first byte; this one from the hand-over.
+    match relay::relay(client, backend, config, false).await {
+        Ended::Done(m) => Ended::Done(add(before, m)),
+        Ended::Idle(m) => Ended::Idle(add(before, m)),
+        Ended::Failed(m, e) => Ended::Failed(add(before, m), e),
+    }
+}
+
+fn add(a: Moved, b: Moved) -> Moved {
+    Moved {
+        up: a.up + b.up,
+        down: a.down + b.down,
+    }
 }
 
 /// Tries of a connection that fail for want of a file descriptor, and the wait after each.

@@ -102,6 +102,18 @@ pub struct AmbassadorArgs {
     #[arg(long, env = "VIKING_UNKNOWN_SOURCE_WAIT", default_value = "1s", value_parser = parse_duration)]
     pub unknown_source_wait: Duration,
 
+    /// Forward the bytes of a connected pair inside the kernel (a sockhash with an eBPF verdict
+    /// program), so this process is not woken per message; `off` relays in user space. When
+    /// the kernel refuses the map or the program, the log says why and user space relays
+    #[arg(long, env = "VIKING_KERNEL_FORWARD", value_enum, default_value = "on")]
+    pub kernel_forward: crate::config::KernelForward,
+
+    /// Reads a connection relays in user space (request/response sized, no bulk) before the
+    /// kernel takes it; 0: at once. Short connections and bulk streams stay in user space,
+    /// where they cost less
+    #[arg(long, env = "VIKING_KERNEL_FORWARD_AFTER", default_value_t = RelayConfig::default().kernel_after)]
+    pub kernel_forward_after: u32,
+
     /// Service DNS: ADDR:PORT for UDP and TCP, or `off` (default: <bind>:53)
     #[arg(long, env = "VIKING_DNS")]
     pub dns: Option<String>,
@@ -221,10 +233,12 @@ impl AmbassadorArgs {
         config.max_udp_sessions = self.max_udp_sessions;
         config.links = self.links;
         config.unknown_source_wait = self.unknown_source_wait;
+        config.kernel_forward = self.kernel_forward;
         config.relay = RelayConfig {
             idle_timeout: self.idle_timeout,
             splice_after: self.splice_after,
             pipe_size: self.pipe_size,
+            kernel_after: self.kernel_forward_after,
             ..RelayConfig::default()
         };
         let dns = crate::dns::settings(self.dns.as_deref(), &self.dns_zone, self.dns_ttl, bind)

@@ -31,6 +31,7 @@ mod connection;
 pub mod daemon;
 pub mod dns;
 pub mod handover;
+mod kernel;
 mod listeners;
 pub mod lock;
 pub mod metrics;

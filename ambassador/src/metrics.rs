@@ -51,6 +51,11 @@ pub struct Metrics {
     refused: Family<DropLabel, Counter>,
     pub synced: Gauge,
     pub listeners: Gauge,
+    /// Connections handed to the kernel path, and those it refused (relayed in user space).
+    pub kernel_forwarded: Counter,
+    pub kernel_refused: Counter,
+    /// 1 when the kernel path is on (`--kernel-forward on` and the kernel took it).
+    pub kernel_forwarding: Gauge,
 }
 
 /// One service port's counters (standalone, not registered, when made by `Default`: tests).
@@ -156,6 +161,21 @@ impl Metrics {
             "ambassador_listeners",
             "Listening sockets",
             m.listeners.clone(),
+        );
+        reg.register(
+            "ambassador_kernel_forwarded_connections",
+            "Connections handed to the kernel path (a sockhash and an eBPF verdict program)",
+            m.kernel_forwarded.clone(),
+        );
+        reg.register(
+            "ambassador_kernel_refused_connections",
+            "Connections the kernel would not join, relayed in user space instead",
+            m.kernel_refused.clone(),
+        );
+        reg.register(
+            "ambassador_kernel_forwarding",
+            "1 when connections are forwarded in the kernel, 0 when relayed in user space",
+            m.kernel_forwarding.clone(),
         );
         m
     }

@@ -41,6 +41,9 @@ pub struct RelayConfig {
     pub pipe_size: usize,
     /// A connection with no bytes either way for this long is closed.
     pub idle_timeout: Duration,
+    /// With the kernel path on: reads relayed here (short ones, none of a bulk run) before
+    /// the pair is handed to the kernel (`--kernel-forward-after`); 0: at once.
+    pub kernel_after: u32,
 }
 
 impl Default for RelayConfig {
@@ -50,6 +53,7 @@ impl Default for RelayConfig {
             splice_after: 64 * 1024,
             pipe_size: 256 * 1024,
             idle_timeout: Duration::from_secs(3600),
+            kernel_after: 16,
         }
     }
 }
@@ -82,17 +86,44 @@ fn reset_on_close(socket: &TcpStream) {
 /// backend carry the ACK, and when the first poll has none to send, the ACK goes alone
 /// there and then: a backend that speaks first must not wait for the delayed-ACK timer.
 pub async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    config: &RelayConfig,
+    ack_pending: bool,
+) -> Ended {
+    match relay_until(client, backend, config, ack_pending, None).await {
+        Ok(ended) => ended,
+        Err(handed) => Ended::Done(handed.moved),
+    }
+}
+
+/// A pair handed back by [`relay_until`]: everything read so far is written, neither side
+/// has ended, and no direction carries bulk.
+pub struct Handed {
+    pub client: TcpStream,
+    pub backend: TcpStream,
+    pub moved: Moved,
+    /// The handshake's last ACK to the backend is still held back.
+    pub ack_pending: bool,
+}
+
+/// [`relay`], handing the pair back once `hand_after` reads (of request/response size) have
+/// been relayed while nothing is held and nothing has ended or turned to bulk: then the
+/// kernel path takes it. Short connections end here before that, and bulk ones go on here
+/// (splice beats the kernel path on a single bulk stream, docs/performance.md).
+pub async fn relay_until(
     mut client: TcpStream,
     mut backend: TcpStream,
     config: &RelayConfig,
     mut ack_pending: bool,
-) -> Ended {
+    hand_after: Option<u32>,
+) -> Result<Ended, Handed> {
     let mut to_backend = Direction::default();
     let mut to_client = Direction::default();
     let mut last = Instant::now();
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
-    poll_fn(|cx| {
+    let ended = poll_fn(|cx| {
         let mut active = false;
         let down_done = to_client.is_done();
         let up = to_backend.poll(
@@ -120,11 +151,19 @@ pub async fn relay(
                     reset_on_close(&client);
                     reset_on_close(&backend);
                 }
-                return Poll::Ready(Ended::Failed(moved, e));
+                return Poll::Ready(Some(Ended::Failed(moved, e)));
             }
         }
         if to_backend.is_done() && to_client.is_done() {
-            return Poll::Ready(Ended::Done(moved));
+            return Poll::Ready(Some(Ended::Done(moved)));
+        }
+        if let Some(after) = hand_after {
+            if to_backend.reads + to_client.reads >= after
+                && to_backend.handable()
+                && to_client.handable()
+            {
+                return Poll::Ready(None);
+            }
         }
         if active {
             last = Instant::now();
@@ -133,13 +172,22 @@ pub async fn relay(
         while idle.as_mut().poll(cx).is_ready() {
             let deadline = last + config.idle_timeout;
             if deadline <= Instant::now() {
-                return Poll::Ready(Ended::Idle(moved));
+                return Poll::Ready(Some(Ended::Idle(moved)));
             }
             idle.as_mut().reset(deadline);
         }
         Poll::Pending
     })
-    .await
+    .await;
+    ended.ok_or_else(|| Handed {
+        client,
+        backend,
+        moved: Moved {
+            up: to_backend.moved,
+            down: to_client.moved,
+        },
+        ack_pending,
+    })
 }
 
 /// One direction's state.
@@ -149,6 +197,8 @@ struct Direction {
     moved: u64,
     /// Bytes of the current run of reads that each filled the whole buffer.
     bulk: u64,
+    /// Reads that carried bytes.
+    reads: u32,
     phase: Phase,
 }
 
@@ -193,6 +243,11 @@ impl Direction {
         matches!(self.phase, Phase::Done)
     }
 
+    /// Could be handed to the kernel now: copying, with nothing held, not in a bulk run.
+    fn handable(&self) -> bool {
+        matches!(self.phase, Phase::Copying) && self.bulk == 0
+    }
+
     /// Moves what can be moved now. `Ready(Ok)` once the end of stream is passed on (and on
     /// every later call); `Pending` with wake-ups registered for what it waits on. When the
     /// other direction is done already, this end of stream needs no shutdown: the relay
@@ -206,7 +261,12 @@ impl Direction {
         other_done: bool,
         active: &mut bool,
     ) -> Poll<io::Result<()>> {
-        let Direction { moved, bulk, phase } = self;
+        let Direction {
+            moved,
+            bulk,
+            reads,
+            phase,
+        } = self;
         let mut wrote = |moved: &mut u64, n: usize| {
             *moved += n as u64;
             *active = true;
@@ -262,6 +322,7 @@ impl Direction {
                         *phase = Phase::Done;
                         return Poll::Ready(pass_on_end(dst, other_done));
                     };
+                    *reads = reads.saturating_add(1);
                     *bulk = if read == config.buffer {
                         *bulk + read as u64
                     } else {

@@ -88,6 +88,8 @@ pub struct Shared {
     access: tokio::sync::watch::Sender<Arc<crate::access::Access>>,
     /// Listening sockets offered to a successor and inherited from a predecessor.
     pub sockets: crate::handover::Sockets,
+    /// The kernel path, when on and the kernel took the map and the program.
+    pub(crate) kernel: Option<sockmap::KernelPath>,
 }
 
 impl Shared {
@@ -110,6 +112,8 @@ impl Shared {
             .map(|_| AtomicU64::new(0))
             .collect();
         let (steer, _) = tokio::sync::watch::channel(1);
+        let kernel = kernel_path(&config);
+        metrics.kernel_forwarding.set(i64::from(kernel.is_some()));
         Arc::new(Self {
             config,
             routes,
@@ -129,7 +133,14 @@ impl Shared {
             udp_listening: Mutex::default(),
             access: tokio::sync::watch::channel(Arc::default()).0,
             sockets,
+            kernel,
         })
+    }
+
+    /// Whether connections are forwarded in the kernel (`--kernel-forward on`, and the kernel
+    /// took the map and the program).
+    pub fn kernel_forwarding(&self) -> bool {
+        self.kernel.is_some()
     }
 
     /// Connections accepted so far by each thread (`steer` decides which threads' listening
@@ -611,6 +622,29 @@ async fn sync_routes(
             // Read from etcd: it answers.
             shared.set_etcd_answering(true);
             info!("routes synced from etcd");
+        }
+    }
+}
+
+/// The kernel path for `config`, or `None` (off, or refused: logged once, with the reason).
+fn kernel_path(config: &Config) -> Option<sockmap::KernelPath> {
+    if config.kernel_forward == crate::config::KernelForward::Off {
+        return None;
+    }
+    let pairs = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+    match sockmap::KernelPath::new(pairs) {
+        Ok(path) => {
+            tracing::debug!(
+                pairs,
+                "forwarding in the kernel (sockhash and sk_skb verdict program)"
+            );
+            Some(path)
+        }
+        Err(why) => {
+            tracing::warn!(
+                "kernel forwarding unavailable, relaying in user space: {why} (needs CAP_BPF and CAP_NET_ADMIN, Linux 5.13 or later; --kernel-forward off silences this)"
+            );
+            None
         }
     }
 }

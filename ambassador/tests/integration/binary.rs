@@ -337,3 +337,65 @@ async fn the_stats_record_is_leased_and_rewritten_every_5_s() {
         "the record outlived a clean stop"
     );
 }
+
+/// The kernel path's fallback: an ambassador without the capabilities `bpf()` needs (root with
+/// CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN taken out of its bounding set by `setpriv`) says
+/// once why it relays in user space, shows it in `/metrics`, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_bpf_rights_it_says_why_once_and_relays_in_user_space() {
+    let Echo {
+        etcd,
+        backend: _backend,
+        port,
+        admin,
+        run,
+        ..
+    } = Echo::start().await;
+    let mut args: Vec<String> = [
+        "--bounding-set=-bpf,-net_admin,-sys_admin",
+        "--inh-caps=-all",
+        "--",
+        env!("CARGO_BIN_EXE_ambassador"),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(loopback_args(
+        &etcd,
+        &admin,
+        &run,
+        &[
+            "--threads",
+            "1",
+            "--local-congestion",
+            "default",
+            "--kernel-forward-after",
+            "0",
+        ],
+    ));
+    let mut amb = Daemon::spawn("setpriv", &refs(&args));
+    let limit = Duration::from_secs(20);
+    let line = amb.wait_log("kernel forwarding unavailable", limit);
+    assert!(
+        line.contains("relaying in user space") && line.contains("Operation not permitted"),
+        "{line}"
+    );
+    amb.wait_log(&format!("listening on addr=127.0.0.1:{port}"), limit);
+    for _ in 0..3 {
+        assert_eq!(who(([127, 0, 0, 1], port).into()).await.unwrap(), "b0");
+    }
+    let (_, metrics) = http_get(&admin, "/metrics");
+    assert!(
+        metrics.contains("ambassador_kernel_forwarding 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ambassador_kernel_forwarded_connections_total 0"),
+        "{metrics}"
+    );
+    assert_eq!(
+        amb.log().matches("kernel forwarding unavailable").count(),
+        1,
+        "said once: {}",
+        amb.log()
+    );
+}

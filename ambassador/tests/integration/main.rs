@@ -1,6 +1,7 @@
 //! The ambassador against a real etcd and real sockets on loopback.
 
 mod dns;
+mod kernel;
 mod proxy;
 mod udp;
 mod upgrade;
@@ -47,6 +48,19 @@ impl Amb {
         config.grace = Duration::from_secs(5);
         // The tests allocate free ports the kernel picked, outside the default range.
         config.range = schema::PortRange::new(1, 65535).unwrap();
+        // The daemon's env twins, so scripts/test.sh runs this suite with the kernel path
+        // taking every connection at once (VIKING_KERNEL_FORWARD_AFTER=0) and with it off.
+        if let Ok(mode) = std::env::var("VIKING_KERNEL_FORWARD") {
+            config.kernel_forward = match mode.as_str() {
+                "off" => ambassador::config::KernelForward::Off,
+                "on" => ambassador::config::KernelForward::On,
+                other => panic!("VIKING_KERNEL_FORWARD={other}: on or off"),
+            };
+        }
+        if let Ok(after) = std::env::var("VIKING_KERNEL_FORWARD_AFTER") {
+            config.relay.kernel_after =
+                after.parse().expect("VIKING_KERNEL_FORWARD_AFTER: a count");
+        }
         tweak(&mut config);
         let shared = Shared::new(config);
         let stop = CancellationToken::new();

@@ -15,12 +15,12 @@ const SP: &str = "shared/echo:7/tcp";
 
 /// FNV-1a over a stream, to compare what went in with what came out.
 #[derive(Clone, Copy)]
-struct Sum(u64);
+pub(crate) struct Sum(pub(crate) u64);
 impl Sum {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Sum(0xcbf2_9ce4_8422_2325)
     }
-    fn add(&mut self, data: &[u8]) {
+    pub(crate) fn add(&mut self, data: &[u8]) {
         for b in data {
             self.0 ^= u64::from(*b);
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
@@ -30,16 +30,16 @@ impl Sum {
 
 /// One etcd, one greeting echo backend ("b0", host h0) registered for [`SP`], and an
 /// ambassador (configured by `tweak`) listening for it with the backend in its routes.
-struct OneBackend {
-    etcd: Etcd,
+pub(crate) struct OneBackend {
+    pub(crate) etcd: Etcd,
     backend: Backend,
-    amb: Amb,
+    pub(crate) amb: Amb,
     port: u16,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
 }
 
 impl OneBackend {
-    async fn start(tweak: impl FnOnce(&mut ambassador::Config)) -> OneBackend {
+    pub(crate) async fn start(tweak: impl FnOnce(&mut ambassador::Config)) -> OneBackend {
         let etcd = Etcd::start().await;
         let mut c = etcd.client().await;
         let backend = Backend::start("b0").await;
@@ -68,6 +68,7 @@ async fn echo_256_mib_each_way_with_server_first_and_half_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_64_mib_each_way_copying_only() {
     echo_each_way(64 << 20, |c| {
+        c.kernel_forward = ambassador::config::KernelForward::Off;
         c.relay.splice_after = u64::MAX;
         c.relay.buffer = 1500;
     })
@@ -79,13 +80,19 @@ async fn echo_64_mib_each_way_copying_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_64_mib_each_way_splicing_through_a_small_pipe() {
     echo_each_way(64 << 20, |c| {
+        c.kernel_forward = ambassador::config::KernelForward::Off;
         c.relay.splice_after = 0;
         c.relay.pipe_size = 4096;
     })
     .await;
 }
 
-async fn echo_each_way(total: usize, tweak: impl FnOnce(&mut ambassador::Config)) {
+/// Echoes `total` bytes each way with checksums, the client half-closing and reading the
+/// rest, and checks the byte counts; gives the set-up back for more checks.
+pub(crate) async fn echo_each_way(
+    total: usize,
+    tweak: impl FnOnce(&mut ambassador::Config),
+) -> OneBackend {
     let one = OneBackend::start(tweak).await;
     let (amb, addr) = (&one.amb, one.addr);
 
@@ -143,6 +150,7 @@ async fn echo_each_way(total: usize, tweak: impl FnOnce(&mut ambassador::Config)
         ready(counted("bytes_down", down))
     })
     .await;
+    one
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

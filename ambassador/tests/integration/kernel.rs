@@ -1,0 +1,179 @@
+//! The kernel path (`--kernel-forward on`): a joined pair forwarded by the kernel's sockhash
+//! and verdict program, with end of stream, resets and the counts kept in user space. Each
+//! test checks that the connection did go through the kernel (the counter), since a pair the
+//! kernel refuses would pass the same checks in user space.
+
+use std::time::Duration;
+
+use ambassador::config::KernelForward;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::proxy::{OneBackend, Sum, echo_each_way};
+use crate::{Amb, put_alloc, put_endpoint};
+
+const SP: &str = "s/web:80";
+
+fn at_once(c: &mut ambassador::Config) {
+    c.kernel_forward = KernelForward::On;
+    c.relay.kernel_after = 0;
+}
+
+fn kernel_forwarded(amb: &Amb) -> u64 {
+    let text = amb.shared.metrics_text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ambassador_kernel_forwarded_connections_total "))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_carries_256_mib_each_way_with_half_close_and_exact_counts() {
+    // Server speaks first, the client half-closes and reads the rest; checksums and the
+    // byte counts of /state are checked inside.
+    let one = echo_each_way(256 << 20, at_once).await;
+    assert!(one.amb.shared.kernel_forwarding(), "the kernel path is on");
+    assert_eq!(
+        kernel_forwarded(&one.amb),
+        1,
+        "the connection went through the kernel"
+    );
+}
+
+/// The bytes of message `i` (1 to 512 of them, a pattern of `i`).
+fn message(i: u32) -> Vec<u8> {
+    let len = 1 + (i.wrapping_mul(2_654_435_761) % 512) as usize;
+    (0..len).map(|k| (i as usize + k) as u8).collect()
+}
+
+/// 20,000 small messages written without waiting for their echoes, so both directions carry
+/// bytes at once; what comes back must be exactly what went, in order. `after`: reads relayed
+/// in user space before the hand-over (0: the kernel from the start; else the hand-over
+/// happens with bytes in flight both ways).
+async fn small_messages_both_ways(after: u32) {
+    let one = OneBackend::start(|c| {
+        c.kernel_forward = KernelForward::On;
+        c.relay.kernel_after = after;
+    })
+    .await;
+    let mut s = TcpStream::connect(one.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut greeting = [0u8; 14];
+    s.read_exact(&mut greeting).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    const N: u32 = 20_000;
+    let writer = tokio::spawn(async move {
+        let mut sum = Sum::new();
+        let mut sent = 0u64;
+        for i in 0..N {
+            let m = message(i);
+            sum.add(&m);
+            sent += m.len() as u64;
+            w.write_all(&m).await.unwrap();
+            if i % 64 == 0 {
+                // Let the echoes interleave with the writes rather than trail them.
+                tokio::task::yield_now().await;
+            }
+        }
+        w.shutdown().await.unwrap();
+        (sum.0, sent)
+    });
+    // The expected stream, message by message, compared as it arrives.
+    let mut expected = Vec::new();
+    let mut next = 0u32;
+    let mut at = 0usize;
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), r.read(&mut buf))
+            .await
+            .expect("echoes keep coming")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        for &b in &buf[..n] {
+            while at == expected.len() {
+                assert!(next < N, "more bytes came back than were sent");
+                expected = message(next);
+                next += 1;
+                at = 0;
+            }
+            assert_eq!(
+                b,
+                expected[at],
+                "byte {got} (message {}) differs: lost or out of order",
+                next - 1
+            );
+            at += 1;
+            got += 1;
+        }
+    }
+    let (_, sent) = writer.await.unwrap();
+    assert_eq!(got, sent, "every byte came back");
+    assert_eq!(
+        kernel_forwarded(&one.amb),
+        1,
+        "the connection went through the kernel"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_messages_each_way_in_order_none_lost_in_the_kernel_from_the_start() {
+    small_messages_both_ways(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_messages_each_way_in_order_none_lost_across_the_hand_over() {
+    small_messages_both_ways(5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_resets_mid_stream_resets_the_client() {
+    let etcd = testkit::Etcd::start().await;
+    let mut c = etcd.client().await;
+    // Echoes ten lines, then resets the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 6];
+        for _ in 0..10 {
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        }
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend).await;
+    let amb = Amb::start(&etcd, |c| {
+        c.kernel_forward = KernelForward::On;
+        c.relay.kernel_after = 4;
+    })
+    .await;
+    let addr = amb.listening(port).await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 6];
+    for i in 0..10u8 {
+        let line = [b'l', b'i', b'n', b'e', b'0' + i, b'\n'];
+        client.write_all(&line).await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, line);
+    }
+    server.await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+        .await
+        .expect("an error within 5 s");
+    match got {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("the client saw a clean end of stream ({n} bytes), not the reset"),
+    }
+    assert_eq!(
+        kernel_forwarded(&amb),
+        1,
+        "the connection went through the kernel"
+    );
+}
