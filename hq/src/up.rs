@@ -56,6 +56,14 @@ pub struct UpArgs {
     #[arg(long, env = "VIKING_UP_ROUTER_ADMIN", default_value = "127.0.0.1:9102")]
     pub router_admin: SocketAddr,
 
+    /// The launcher's admin server: /metrics, /healthz, /state (as `launcher --admin`)
+    #[arg(
+        long,
+        env = "VIKING_UP_LAUNCHER_ADMIN",
+        default_value = "127.0.0.1:9101"
+    )]
+    pub launcher_admin: SocketAddr,
+
     /// With --router: a directory of certificates (<domain>.crt and <domain>.key)
     #[arg(long, env = "VIKING_UP_ROUTER_CERTS")]
     pub router_certs: Option<PathBuf>,
@@ -194,6 +202,18 @@ pub async fn up(
     let endpoints_at = registrator.settings.addr;
     let reg = info_span!("registrator")
         .in_scope(|| registrator::daemon::start(registrator, client.clone(), shutdown.clone()));
+    let launcher_admin = tokio::net::TcpListener::bind(args.launcher_admin)
+        .await
+        .map_err(|e| {
+            HqError::Input(format!(
+                "cannot listen on --launcher-admin {}: {e}; pick another address",
+                args.launcher_admin
+            ))
+        })?;
+    tokio::spawn(
+        launcher::daemon::serve_admin(launcher_admin, launcher.view.clone(), shutdown.clone())
+            .instrument(info_span!("launcher")),
+    );
     let launch = info_span!("launcher")
         .in_scope(|| launcher::daemon::start(launcher, client.clone(), shutdown.clone()));
     let router = match router {
@@ -215,6 +235,7 @@ pub async fn up(
         ambassador = %bind,
         dns = %dns.map_or("off".to_owned(), |l| format!("{l} ({})", args.ambassador.dns_zone)),
         admin = %format!("http://{}", amb.admin),
+        launcher_admin = %format!("http://{}", args.launcher_admin),
         endpoints_at = %endpoints_at,
         "viking is up; Ctrl-C stops it"
     );

@@ -25,6 +25,7 @@ struct World {
     range: String,
     dns: u16,
     admin: String,
+    launcher_admin: String,
     /// The examples' stacks as named in this run.
     shared: String,
     app: String,
@@ -73,9 +74,10 @@ impl World {
             std::fs::write(dir.path().join(to).join("stack.yml"), text).unwrap();
         }
         let etcd = format!("http://127.0.0.1:{}", free_port_pair());
-        let [admin, dns] = testkit::free_ports(2)[..] else {
+        let [admin, dns, launcher_admin] = testkit::free_ports(3)[..] else {
             unreachable!()
         };
+        let launcher_admin = format!("127.0.0.1:{launcher_admin}");
         let data = dir.path().join("data");
         let range = free_range();
         let admin = format!("127.0.0.1:{admin}");
@@ -89,6 +91,8 @@ impl World {
                 "e2e",
                 "--admin",
                 &admin,
+                "--launcher-admin",
+                &launcher_admin,
                 "--dns",
                 &format!("127.0.0.1:{dns}"),
                 "--grace",
@@ -111,6 +115,7 @@ impl World {
             range,
             dns,
             admin,
+            launcher_admin,
             shared,
             app,
             dir,
@@ -288,6 +293,20 @@ fn up_run_scale_kill_and_stop_the_examples() {
         "{state}"
     );
     assert!(state.contains("\"listening\": true"), "{state}");
+    // The launcher's admin server, as `launcher --admin` has it: its instances' statuses.
+    let launcher = Command::new("curl")
+        .args(["-fs", &format!("http://{}/state", w.launcher_admin)])
+        .output()
+        .expect("curl");
+    let launcher: serde_json::Value =
+        serde_json::from_slice(&launcher.stdout).expect("the launcher's /state is JSON");
+    assert_eq!(launcher["listed"], true, "{launcher}");
+    assert!(
+        launcher["keys"]
+            .as_object()
+            .is_some_and(|k| k.keys().any(|k| k.contains("/grid/nodes/e2e"))),
+        "its node record: {launcher}"
+    );
 
     // viking up stops cleanly (SIGINT, as Ctrl-C) and takes its etcd with it.
     w.up.signal(nix::sys::signal::Signal::SIGINT);
