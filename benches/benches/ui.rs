@@ -5,7 +5,9 @@
 //! (release build) against it. Measured: the time to the first full page once it has read
 //! etcd (the page, its script and style, and the model, over fresh connections, as a browser
 //! loads them), the bytes of each, and for 20 changes (one instance's status each) the time
-//! from the etcd write to the event on the stream, and the server's CPU per change pushed.
+//! from the etcd write to the event on the stream, the event's size and the server's CPU per
+//! change pushed; then 20 s of every ambassador rewriting its stats record every 5 s (200
+//! puts a second, as 1,000 real ones would) and the server's CPU meanwhile.
 //! `make bench-ui` (it builds the release binaries first).
 
 use std::io::{Read, Write};
@@ -183,14 +185,15 @@ fn main() {
         .unwrap();
     let mut buf = vec![0u8; 1 << 20];
     let mut pending = Vec::new();
-    let mut read_until = |needle: &str, stream: &mut TcpStream| {
+    // Reads up to `needle`; the bytes of the stream up to it.
+    let mut read_until = |needle: &str, stream: &mut TcpStream| -> usize {
         loop {
             if let Some(at) = pending
                 .windows(needle.len())
                 .position(|w| w == needle.as_bytes())
             {
                 pending.drain(..at + needle.len());
-                return;
+                return at + needle.len();
             }
             let n = stream.read(&mut buf).expect("the event stream");
             assert!(n > 0, "the event stream ended");
@@ -200,6 +203,7 @@ fn main() {
     read_until("\n\n", &mut stream); // the model at subscription
     let before = cpu_ticks(ui.pid());
     let mut latencies = Vec::new();
+    let mut event_bytes = Vec::new();
     let mut client = rt.block_on(etcd.client());
     for i in 0..CHANGES {
         let marker = format!("bench-change-{i}");
@@ -207,13 +211,42 @@ fn main() {
         let written = Instant::now();
         rt.block_on(client.put("/viking/grid/status/h0000/s000/j0/0", value, None))
             .unwrap();
-        read_until(&marker, &mut stream);
+        let head = read_until(&marker, &mut stream);
         latencies.push(written.elapsed());
+        event_bytes.push(head + read_until("\n\n", &mut stream));
         std::thread::sleep(Duration::from_millis(300));
     }
     let hz = 100.0; // USER_HZ on Linux
     let cpu_per_change = (cpu_ticks(ui.pid()) - before) as f64 / hz / CHANGES as f64;
     latencies.sort();
+    event_bytes.sort();
+
+    // The steady state of a big cluster: every ambassador rewrites its stats every 5 s.
+    const CHURN: Duration = Duration::from_secs(20);
+    let before = cpu_ticks(ui.pid());
+    let started = Instant::now();
+    let mut puts = 0usize;
+    while started.elapsed() < CHURN {
+        let round = Instant::now();
+        for h in 0..HOSTS {
+            let host = format!("h{h:04}");
+            let at = format!("2026-12-03T00:00:{:02}Z", puts % 60);
+            let services: serde_json::Map<String, serde_json::Value> = (0..10)
+                .map(|i| (format!("s{:03}/j{i}:80/tcp", h % STACKS), json!({"active":h % 7,"connections":h * 10 + puts,"failed":0,"bytes_up":h * 1000 + puts,"bytes_down":h * 4000})))
+                .collect();
+            let value = json!({"v":1,"since":now,"at":at,"services":services}).to_string();
+            rt.block_on(client.put(format!("/viking/stats/{host}"), value, None))
+                .unwrap();
+            puts += 1;
+            // 1,000 puts spread over 5 s.
+            let due = round + Duration::from_millis(5 * (h as u64 + 1));
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let churn_secs = started.elapsed().as_secs_f64();
+    let churn_cpu = (cpu_ticks(ui.pid()) - before) as f64 / hz / churn_secs;
     let model_bytes = sizes
         .iter()
         .find(|s| s.0 == "/api/model")
@@ -241,7 +274,15 @@ fn main() {
         latencies[CHANGES - 1]
     );
     println!(
-        "| server CPU per change pushed (a {model_bytes}-byte model each) | {:.1} ms | |",
+        "| the event of a change (the sections it touched; the whole model is {model_bytes} bytes), median | {} bytes | |",
+        event_bytes[CHANGES / 2]
+    );
+    println!(
+        "| server CPU per change pushed | {:.1} ms | |",
         cpu_per_change * 1000.0
+    );
+    println!(
+        "| server CPU while every host rewrites its stats every 5 s ({puts} puts in {churn_secs:.1} s) | {:.1}% of a core | |",
+        churn_cpu * 100.0
     );
 }

@@ -1,6 +1,7 @@
 //! `viking ui`: the cluster on one live page. One resuming watch of the whole prefix (as the
-//! daemons watch theirs) feeds a model ([`model`]) rebuilt at most every 100 ms after a
-//! change; the page gets it whole on load and after every change as a server-sent event.
+//! daemons watch theirs) feeds a model ([`model`]) in sections; a change rebuilds, at most
+//! every 100 ms, only the sections its keys show in. The page gets the whole model on load
+//! and, as server-sent events, the sections that changed since it was last sent each.
 //! hyper's HTTP/1.1, as the router's admin server; the page (HTML, CSS and a little
 //! JavaScript, no build step and nothing fetched from elsewhere) is built into the binary.
 //!
@@ -54,8 +55,40 @@ struct Ui {
     prefix: Prefix,
     token: Option<String>,
     kvs: Mutex<BTreeMap<String, Kv>>,
-    /// The model as JSON text, and its number (one more per rebuild).
-    model: tokio::sync::watch::Sender<Arc<(u64, String)>>,
+    /// The model as published.
+    model: tokio::sync::watch::Sender<Arc<Published>>,
+}
+
+/// The model's sections as JSON text, each with the number of the rebuild that last changed
+/// it, so every event stream sends what changed since it last sent that section.
+#[derive(Debug, Default)]
+struct Published {
+    version: u64,
+    etcd: bool,
+    at: String,
+    /// Shared by every published version: a rebuild copies only the sections it changed.
+    sections: BTreeMap<model::Section, (u64, Arc<str>)>,
+}
+
+impl Published {
+    /// `{"etcd":…,"at":…, "<section>": …}` with the sections newer than `sent` (all for an
+    /// empty one), which is brought up to date.
+    fn patch(&self, sent: &mut BTreeMap<model::Section, u64>) -> String {
+        let mut out = format!(
+            "{{\"etcd\":{},\"at\":{}",
+            self.etcd,
+            serde_json::Value::from(self.at.as_str())
+        );
+        for (section, (version, json)) in &self.sections {
+            if sent.get(section).is_some_and(|v| v >= version) {
+                continue;
+            }
+            sent.insert(*section, *version);
+            out.push_str(&format!(",\"{}\":{json}", section.name()));
+        }
+        out.push('}');
+        out
+    }
 }
 
 /// Checks the flags, then serves until `shutdown`. etcd may be away: the page says so and
@@ -87,7 +120,7 @@ pub async fn serve(
         prefix: etcd.prefix.clone(),
         token: args.token.clone(),
         kvs: Mutex::default(),
-        model: tokio::sync::watch::channel(Arc::new((0, "{}".to_owned()))).0,
+        model: tokio::sync::watch::channel(Arc::new(Published::default())).0,
     });
     tokio::spawn(follow(ui.clone(), client, shutdown.clone()));
     let shown = if args.token.is_some() {
@@ -116,8 +149,8 @@ pub async fn serve(
     }
 }
 
-/// etcd into the model: every change marks it stale, rebuilt at most every 100 ms; the
-/// traffic history takes a sample every 5 s.
+/// etcd into the model: a change marks the sections it shows in stale, rebuilt at most every
+/// 100 ms; the traffic history takes a sample every 5 s.
 async fn follow(ui: Arc<Ui>, client: Client, stop: CancellationToken) {
     let (tx, mut rx) = mpsc::channel(64);
     let root = format!("{}/", ui.prefix.as_str());
@@ -126,8 +159,9 @@ async fn follow(ui: Arc<Ui>, client: Client, stop: CancellationToken) {
     let mut traffic = model::Traffic::default();
     let mut sample = tokio::time::interval(ambassador::stats::EVERY);
     sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut version = 0u64;
+    let mut published = Published::default();
     let mut seen = false;
+    let mut stale = model::Sections::NONE;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -135,9 +169,9 @@ async fn follow(ui: Arc<Ui>, client: Client, stop: CancellationToken) {
                 let Some(u) = u else { return };
                 seen |= matches!(u, WatchUpdate::Snapshot { .. });
                 let mut kvs = ui.kvs.lock().expect("kvs lock");
-                watch::apply(&mut kvs, u);
+                stale.add(apply(&ui.prefix, &mut kvs, u));
                 while let Ok(more) = rx.try_recv() {
-                    watch::apply(&mut kvs, more);
+                    stale.add(apply(&ui.prefix, &mut kvs, more));
                 }
             }
             _ = sample.tick() => {
@@ -146,23 +180,63 @@ async fn follow(ui: Arc<Ui>, client: Client, stop: CancellationToken) {
                     stats_records(&ui.prefix, &kvs)
                 };
                 traffic.record(started.elapsed().as_secs_f64(), &stats);
+                stale.add(model::Sections::of(&[model::Section::Traffic]));
             }
         }
-        if !seen {
+        if !seen || stale.is_empty() {
             continue;
         }
         // More changes in the next 100 ms go into the same rebuild.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let json = {
+        let built = {
             let mut kvs = ui.kvs.lock().expect("kvs lock");
             while let Ok(more) = rx.try_recv() {
-                watch::apply(&mut kvs, more);
+                stale.add(apply(&ui.prefix, &mut kvs, more));
             }
-            model::build(&ui.prefix, &kvs, &traffic, true).to_string()
+            model::sections(&ui.prefix, &kvs, &traffic, std::mem::take(&mut stale))
         };
-        version += 1;
-        ui.model.send_replace(Arc::new((version, json)));
+        published.version += 1;
+        published.etcd = true;
+        published.at = runtime::host::rfc3339_now();
+        for (section, value) in built {
+            let json = value.to_string();
+            // Unchanged text (a rewrite of the same record) is not sent again.
+            if published
+                .sections
+                .get(&section)
+                .is_none_or(|(_, old)| **old != *json)
+            {
+                published
+                    .sections
+                    .insert(section, (published.version, json.into()));
+            }
+        }
+        ui.model.send_replace(Arc::new(Published {
+            version: published.version,
+            etcd: published.etcd,
+            at: published.at.clone(),
+            sections: published.sections.clone(),
+        }));
     }
+}
+
+/// Applies a watch update to `kvs`; returns the sections it shows in (all for a snapshot).
+fn apply(prefix: &Prefix, kvs: &mut BTreeMap<String, Kv>, update: WatchUpdate) -> model::Sections {
+    let mut stale = model::Sections::NONE;
+    match &update {
+        WatchUpdate::Snapshot { .. } => stale = model::Sections::ALL,
+        WatchUpdate::Changes { changes, .. } => {
+            for change in changes {
+                let (key, after) = match change {
+                    watch::Change::Put(kv) => (&kv.key, Some(kv)),
+                    watch::Change::Delete { key, .. } => (key, None),
+                };
+                stale.add(model::touched(prefix, key, kvs.get(key), after));
+            }
+        }
+    }
+    watch::apply(kvs, update);
+    stale
 }
 
 fn stats_records(
@@ -272,7 +346,11 @@ async fn answer(ui: Arc<Ui>, req: Request<Incoming>) -> Result<Response<Body>, I
         "/style.css" => full(StatusCode::OK, "text/css; charset=utf-8", STYLE),
         "/api/model" => {
             let model = ui.model.borrow().clone();
-            full(StatusCode::OK, "application/json", model.1.clone())
+            full(
+                StatusCode::OK,
+                "application/json",
+                model.patch(&mut BTreeMap::new()),
+            )
         }
         "/api/env" => {
             let job = query(&req, "job").unwrap_or_default().into_owned();
@@ -296,25 +374,32 @@ async fn answer(ui: Arc<Ui>, req: Request<Incoming>) -> Result<Response<Body>, I
     Ok(response)
 }
 
-/// Server-sent events: the model now, then after every rebuild; a comment every 15 s keeps
-/// proxies from closing a quiet stream.
+/// Server-sent events: the whole model now, then after every rebuild the sections that
+/// changed since this stream last sent them (the page merges them into what it has); a
+/// comment every 15 s keeps proxies from closing a quiet stream.
 fn events(ui: &Ui) -> Response<Body> {
     let rx = ui.model.subscribe();
-    let stream = futures_util::stream::unfold((rx, true), |(mut rx, first)| async move {
-        if !first {
-            match tokio::time::timeout(Duration::from_secs(15), rx.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return None,
-                Err(_) => {
-                    let ping = Bytes::from_static(b": keep-alive\n\n");
-                    return Some((Ok::<_, Infallible>(Frame::data(ping)), (rx, false)));
+    let sent: BTreeMap<model::Section, u64> = BTreeMap::new();
+    let stream =
+        futures_util::stream::unfold((rx, sent, true), |(mut rx, mut sent, first)| async move {
+            if !first {
+                match tokio::time::timeout(Duration::from_secs(15), rx.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return None,
+                    Err(_) => {
+                        let ping = Bytes::from_static(b": keep-alive\n\n");
+                        return Some((Ok::<_, Infallible>(Frame::data(ping)), (rx, sent, false)));
+                    }
                 }
             }
-        }
-        let model = rx.borrow_and_update().clone();
-        let event = format!("id: {}\ndata: {}\n\n", model.0, model.1);
-        Some((Ok(Frame::data(Bytes::from(event))), (rx, false)))
-    });
+            let model = rx.borrow_and_update().clone();
+            let event = format!(
+                "id: {}\ndata: {}\n\n",
+                model.version,
+                model.patch(&mut sent)
+            );
+            Some((Ok(Frame::data(Bytes::from(event))), (rx, sent, false)))
+        });
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")

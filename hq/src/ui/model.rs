@@ -77,160 +77,365 @@ fn decode<T: serde::de::DeserializeOwned>(kv: &Kv) -> Option<T> {
     serde_json::from_slice(&kv.value).ok()
 }
 
-/// The page's whole model.
+/// The page's whole model, every section.
 pub fn build(
     prefix: &Prefix,
     kvs: &BTreeMap<String, Kv>,
     traffic: &Traffic,
     etcd_answers: bool,
 ) -> Value {
-    let mut hosts: BTreeMap<String, HostRecord> = BTreeMap::new();
-    let mut alive: BTreeMap<String, AliveRecord> = BTreeMap::new();
-    let mut nodes: BTreeMap<String, NodeRecord> = BTreeMap::new();
-    let mut stats: BTreeMap<String, StatsRecord> = BTreeMap::new();
-    let mut firewalls: BTreeMap<String, FirewallRecord> = BTreeMap::new();
-    let mut specs: BTreeMap<String, JobSpec> = BTreeMap::new();
-    let mut deployed_at: BTreeMap<String, String> = BTreeMap::new();
-    let mut allocs: BTreeMap<String, u16> = BTreeMap::new();
-    let mut endpoints: BTreeMap<String, Vec<(String, EndpointRecord)>> = BTreeMap::new();
-    let mut assigns: Vec<(schema::Slot, AssignRecord)> = Vec::new();
-    let mut statuses: BTreeMap<(String, String, u32), (String, StatusRecord)> = BTreeMap::new();
-    let mut routes: Vec<(String, RouteRecord)> = Vec::new();
-    let mut running: BTreeSet<String> = BTreeSet::new();
-    let mut lost: BTreeSet<String> = BTreeSet::new();
-    for (key, kv) in kvs {
-        let Ok(parsed) = prefix.parse(key) else {
+    let mut model = json!({"etcd": etcd_answers, "at": runtime::host::rfc3339_now()});
+    for (section, value) in sections(prefix, kvs, traffic, Sections::ALL) {
+        model[section.name()] = value;
+    }
+    model
+}
+
+/// The parts of the page's model, each rebuilt only when keys it reads change (a stats or
+/// firewall record is rewritten every 5 s by every host: at 1,000 hosts that is 400 puts a
+/// second, which must not rebuild the hosts and stacks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Section {
+    Hosts,
+    Stacks,
+    Links,
+    Traffic,
+    Routes,
+    Firewall,
+}
+
+impl Section {
+    pub const ALL: [Section; 6] = [
+        Section::Hosts,
+        Section::Stacks,
+        Section::Links,
+        Section::Traffic,
+        Section::Routes,
+        Section::Firewall,
+    ];
+
+    /// Its name in the model.
+    pub fn name(self) -> &'static str {
+        match self {
+            Section::Hosts => "hosts",
+            Section::Stacks => "stacks",
+            Section::Links => "links",
+            Section::Traffic => "traffic",
+            Section::Routes => "routes",
+            Section::Firewall => "firewall",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// A set of sections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sections(u8);
+
+impl Sections {
+    pub const NONE: Sections = Sections(0);
+    pub const ALL: Sections = Sections(0b11_1111);
+
+    pub fn of(sections: &[Section]) -> Sections {
+        Sections(sections.iter().fold(0, |acc, s| acc | s.bit()))
+    }
+    pub fn add(&mut self, other: Sections) {
+        self.0 |= other.0;
+    }
+    pub fn has(self, section: Section) -> bool {
+        self.0 & section.bit() != 0
+    }
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// The sections a change of `key` (its value `before` and `after`, `None` when absent) shows
+/// in. A stats or firewall record counts for the hosts only when it comes, goes or its agent
+/// restarted (`since`): its other fields are shown by the traffic sample and the firewall table.
+pub fn touched(prefix: &Prefix, key: &str, before: Option<&Kv>, after: Option<&Kv>) -> Sections {
+    use Section::*;
+    let Ok(parsed) = prefix.parse(key) else {
+        return Sections::NONE;
+    };
+    let since = |kv: Option<&Kv>| {
+        kv.and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+            .map(|v| v["since"].clone())
+    };
+    let agent_restarted = || since(before) != since(after);
+    match parsed {
+        Key::Host(_) | Key::Alive(_) | Key::Node(_) | Key::Lost(_) => Sections::of(&[Hosts]),
+        Key::Stats(_) if agent_restarted() => Sections::of(&[Hosts]),
+        Key::Stats(_) => Sections::NONE,
+        Key::Firewall(_) if agent_restarted() => Sections::of(&[Firewall, Hosts]),
+        Key::Firewall(_) => Sections::of(&[Firewall]),
+        Key::StackJob(..) => Sections::of(&[Hosts, Stacks, Links]),
+        Key::StackMeta(_) | Key::Endpoint { .. } | Key::Run(_) => Sections::of(&[Stacks]),
+        Key::PortAlloc(_) => Sections::of(&[Stacks, Links]),
+        Key::Assign(_) | Key::Status(_) => Sections::of(&[Hosts, Stacks]),
+        Key::Route(_) => Sections::of(&[Stacks, Routes]),
+        _ => Sections::NONE,
+    }
+}
+
+/// The records the sections are built from.
+#[derive(Default)]
+struct Decoded {
+    hosts: BTreeMap<String, HostRecord>,
+    alive: BTreeMap<String, AliveRecord>,
+    nodes: BTreeMap<String, NodeRecord>,
+    stats: BTreeMap<String, StatsRecord>,
+    firewalls: BTreeMap<String, FirewallRecord>,
+    specs: BTreeMap<String, JobSpec>,
+    deployed_at: BTreeMap<String, String>,
+    allocs: BTreeMap<String, u16>,
+    endpoints: BTreeMap<String, Vec<(String, EndpointRecord)>>,
+    assigns: Vec<(schema::Slot, AssignRecord)>,
+    statuses: BTreeMap<(String, String, u32), (String, StatusRecord)>,
+    routes: Vec<(String, RouteRecord)>,
+    running: BTreeSet<String>,
+    lost: BTreeSet<String>,
+}
+
+/// The keys of `dir`.
+fn under<'a>(
+    prefix: &Prefix,
+    kvs: &'a BTreeMap<String, Kv>,
+    dir: schema::Dir<'_>,
+) -> impl Iterator<Item = (&'a String, &'a Kv)> {
+    let dir = prefix.dir(dir);
+    kvs.range(dir.clone()..)
+        .take_while(move |(k, _)| k.starts_with(&dir))
+}
+
+/// The sections in `which`, built: the hosts, stacks and links from every key; the routes and
+/// the firewall table alone from their own directories.
+pub fn sections(
+    prefix: &Prefix,
+    kvs: &BTreeMap<String, Kv>,
+    traffic: &Traffic,
+    which: Sections,
+) -> Vec<(Section, Value)> {
+    use Section::*;
+    let all = which.has(Hosts) || which.has(Stacks) || which.has(Links);
+    let mut d = Decoded::default();
+    if all {
+        d.fill(prefix, kvs.iter());
+    } else {
+        if which.has(Routes) {
+            d.fill(prefix, under(prefix, kvs, schema::Dir::Routes));
+        }
+        if which.has(Firewall) {
+            d.fill(prefix, under(prefix, kvs, schema::Dir::Firewalls));
+        }
+    }
+    let instances = all.then(|| d.instances());
+    let mut out = Vec::new();
+    for section in Section::ALL {
+        if !which.has(section) {
             continue;
+        }
+        let value = match section {
+            Hosts => d.hosts_json(instances.as_ref().expect("built with all")),
+            Stacks => d.stacks_json(instances.as_ref().expect("built with all")),
+            Links => d.links_json(),
+            Traffic => traffic_json(traffic),
+            Routes => d.routes_json(),
+            Firewall => d.firewall_json(),
         };
-        match parsed {
-            Key::Host(h) => {
-                if let Some(r) = decode(kv) {
-                    hosts.insert(h.to_string(), r);
+        out.push((section, value));
+    }
+    out
+}
+
+/// Instances by host and by job, and what each host has reserved.
+struct Instances {
+    by_host: BTreeMap<String, Vec<Value>>,
+    by_job: BTreeMap<String, Vec<Value>>,
+    reserved: BTreeMap<String, (u64, u64)>,
+}
+
+impl Decoded {
+    fn fill<'a>(&mut self, prefix: &Prefix, kvs: impl Iterator<Item = (&'a String, &'a Kv)>) {
+        let Decoded {
+            hosts,
+            alive,
+            nodes,
+            stats,
+            firewalls,
+            specs,
+            deployed_at,
+            allocs,
+            endpoints,
+            assigns,
+            statuses,
+            routes,
+            running,
+            lost,
+        } = self;
+        for (key, kv) in kvs {
+            let Ok(parsed) = prefix.parse(key) else {
+                continue;
+            };
+            match parsed {
+                Key::Host(h) => {
+                    if let Some(r) = decode(kv) {
+                        hosts.insert(h.to_string(), r);
+                    }
                 }
-            }
-            Key::Alive(h) => {
-                if let Some(r) = decode(kv) {
-                    alive.insert(h.to_string(), r);
+                Key::Alive(h) => {
+                    if let Some(r) = decode(kv) {
+                        alive.insert(h.to_string(), r);
+                    }
                 }
-            }
-            Key::Node(h) => {
-                if let Some(r) = decode(kv) {
-                    nodes.insert(h.to_string(), r);
+                Key::Node(h) => {
+                    if let Some(r) = decode(kv) {
+                        nodes.insert(h.to_string(), r);
+                    }
                 }
-            }
-            Key::Stats(h) => {
-                if let Some(r) = decode(kv) {
-                    stats.insert(h.to_string(), r);
+                Key::Stats(h) => {
+                    if let Some(r) = decode(kv) {
+                        stats.insert(h.to_string(), r);
+                    }
                 }
-            }
-            Key::Firewall(h) => {
-                if let Some(r) = decode(kv) {
-                    firewalls.insert(h.to_string(), r);
+                Key::Firewall(h) => {
+                    if let Some(r) = decode(kv) {
+                        firewalls.insert(h.to_string(), r);
+                    }
                 }
-            }
-            Key::StackJob(s, j) => {
-                if let Some(r) = decode(kv) {
-                    specs.insert(format!("{s}/{j}"), r);
+                Key::StackJob(s, j) => {
+                    if let Some(r) = decode(kv) {
+                        specs.insert(format!("{s}/{j}"), r);
+                    }
                 }
-            }
-            Key::StackMeta(s) => {
-                let meta: Option<Value> = decode(kv);
-                let at = meta
-                    .and_then(|m| m["deployed_at"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                deployed_at.insert(s.to_string(), at);
-            }
-            Key::PortAlloc(sp) => {
-                if let Some(r) = decode::<PortAllocRecord>(kv) {
-                    allocs.insert(sp.to_string(), r.port);
+                Key::StackMeta(s) => {
+                    let meta: Option<Value> = decode(kv);
+                    let at = meta
+                        .and_then(|m| m["deployed_at"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    deployed_at.insert(s.to_string(), at);
                 }
-            }
-            Key::Endpoint {
-                service_port,
-                instance,
-            } => {
-                if let Some(r) = decode(kv) {
-                    endpoints
-                        .entry(service_port.service.to_string())
-                        .or_default()
-                        .push((instance.to_string(), r));
+                Key::PortAlloc(sp) => {
+                    if let Some(r) = decode::<PortAllocRecord>(kv) {
+                        allocs.insert(sp.to_string(), r.port);
+                    }
                 }
-            }
-            Key::Assign(slot) => {
-                if let Some(r) = decode(kv) {
-                    assigns.push((slot, r));
+                Key::Endpoint {
+                    service_port,
+                    instance,
+                } => {
+                    if let Some(r) = decode(kv) {
+                        endpoints
+                            .entry(service_port.service.to_string())
+                            .or_default()
+                            .push((instance.to_string(), r));
+                    }
                 }
-            }
-            Key::Status(slot) => {
-                if let Some(r) = decode(kv) {
-                    statuses.insert(
-                        (
-                            slot.service.to_string(),
-                            slot.host.to_string(),
-                            slot.instance,
-                        ),
-                        (slot.host.to_string(), r),
-                    );
+                Key::Assign(slot) => {
+                    if let Some(r) = decode(kv) {
+                        assigns.push((slot, r));
+                    }
                 }
-            }
-            Key::Route(d) => {
-                if let Some(r) = decode(kv) {
-                    routes.push((d.to_string(), r));
+                Key::Status(slot) => {
+                    if let Some(r) = decode(kv) {
+                        statuses.insert(
+                            (
+                                slot.service.to_string(),
+                                slot.host.to_string(),
+                                slot.instance,
+                            ),
+                            (slot.host.to_string(), r),
+                        );
+                    }
                 }
+                Key::Route(d) => {
+                    if let Some(r) = decode(kv) {
+                        routes.push((d.to_string(), r));
+                    }
+                }
+                Key::Run(s) => {
+                    running.insert(s.to_string());
+                }
+                Key::Lost(h) => {
+                    lost.insert(h.to_string());
+                }
+                _ => {}
             }
-            Key::Run(s) => {
-                running.insert(s.to_string());
-            }
-            Key::Lost(h) => {
-                lost.insert(h.to_string());
-            }
-            _ => {}
         }
     }
 
-    // Instances: one per assignment (a moving instance has two: the one `leaving` and its
-    // new place), with the launcher's status where there is one.
-    let mut by_host: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    let mut by_job: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    let mut reserved: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for (slot, assign) in &assigns {
-        let service = slot.service.to_string();
-        let host = slot.host.to_string();
-        let status = statuses.get(&(service.clone(), host.clone(), slot.instance));
-        let (state, reason, restarts) = match status {
-            Some((_, s)) => (
-                format!("{:?}", s.state).to_lowercase(),
-                s.reason.clone(),
-                s.restarts,
-            ),
-            None => ("assigned".to_owned(), String::new(), 0),
-        };
-        let instance = json!({
-            "job": service,
-            "instance": slot.instance,
-            "host": host,
-            "state": state,
-            "reason": reason,
-            "restarts": restarts,
-            "leaving": assign.leaving,
-        });
-        by_host
-            .entry(host.clone())
-            .or_default()
-            .push(instance.clone());
-        by_job.entry(service.clone()).or_default().push(instance);
-        if let Some(spec) = specs.get(&service) {
-            let r = reserved.entry(host).or_default();
-            r.0 += spec.resources.cpus_milli;
-            r.1 += spec.resources.memory;
+    fn instances(&self) -> Instances {
+        let Decoded {
+            specs,
+            assigns,
+            statuses,
+            ..
+        } = self;
+        // Instances: one per assignment (a moving instance has two: the one `leaving` and its
+        // new place), with the launcher's status where there is one.
+        let mut by_host: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        let mut by_job: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        let mut reserved: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (slot, assign) in assigns {
+            let service = slot.service.to_string();
+            let host = slot.host.to_string();
+            let status = statuses.get(&(service.clone(), host.clone(), slot.instance));
+            let (state, reason, restarts) = match status {
+                Some((_, s)) => (
+                    format!("{:?}", s.state).to_lowercase(),
+                    s.reason.clone(),
+                    s.restarts,
+                ),
+                None => ("assigned".to_owned(), String::new(), 0),
+            };
+            let instance = json!({
+                "job": service,
+                "instance": slot.instance,
+                "host": host,
+                "state": state,
+                "reason": reason,
+                "restarts": restarts,
+                "leaving": assign.leaving,
+            });
+            by_host
+                .entry(host.clone())
+                .or_default()
+                .push(instance.clone());
+            by_job.entry(service.clone()).or_default().push(instance);
+            if let Some(spec) = specs.get(&service) {
+                let r = reserved.entry(host).or_default();
+                r.0 += spec.resources.cpus_milli;
+                r.1 += spec.resources.memory;
+            }
+        }
+        Instances {
+            by_host,
+            by_job,
+            reserved,
         }
     }
 
-    let mut names: BTreeSet<String> = hosts.keys().cloned().collect();
-    names.extend(nodes.keys().cloned());
-    names.extend(alive.keys().cloned());
-    names.extend(firewalls.keys().cloned());
-    let hosts_json: Vec<Value> = names
+    fn hosts_json(&self, instances: &Instances) -> Value {
+        let Decoded {
+            hosts,
+            alive,
+            nodes,
+            stats,
+            firewalls,
+            lost,
+            ..
+        } = self;
+        let Instances {
+            by_host, reserved, ..
+        } = instances;
+        let mut names: BTreeSet<String> = hosts.keys().cloned().collect();
+        names.extend(nodes.keys().cloned());
+        names.extend(alive.keys().cloned());
+        names.extend(firewalls.keys().cloned());
+        let hosts_json: Vec<Value> = names
         .iter()
         .map(|name| {
             let member = hosts.get(name);
@@ -247,8 +452,8 @@ pub fn build(
                 "agents": {
                     "registrator": alive.get(name).map(|a| json!({"since": a.since, "version": a.version})),
                     "launcher": node.map(|n| json!({"since": n.since, "version": n.launcher_version})),
-                    "ambassador": stats.get(name).map(|s| json!({"since": s.since, "at": s.at})),
-                    "locknet": firewalls.get(name).map(|f| json!({"since": f.since, "at": f.at})),
+                    "ambassador": stats.get(name).map(|s| json!({"since": s.since})),
+                    "locknet": firewalls.get(name).map(|f| json!({"since": f.since})),
                 },
                 "cpus_milli": node.map(|n| n.cpus_milli),
                 "memory": node.map(|n| n.memory),
@@ -258,12 +463,42 @@ pub fn build(
             })
         })
         .collect();
+        Value::Array(hosts_json)
+    }
 
-    // Stacks and jobs.
-    let mut stacks: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    let mut edges = Vec::new();
-    for (id, spec) in &specs {
-        let ports: Vec<Value> = spec
+    fn links_json(&self) -> Value {
+        let mut edges = Vec::new();
+        for (id, spec) in &self.specs {
+            for link in &spec.links {
+                let target = link.service.to_string();
+                let ambassador: Vec<String> = self
+                    .allocs
+                    .iter()
+                    .filter(|(sp, _)| sp.split(':').next() == Some(target.as_str()))
+                    .map(|(sp, port)| format!("{}→{port}", sp.rsplit(':').next().unwrap_or("")))
+                    .collect();
+                edges.push(json!({"from": id, "to": target, "label": ambassador.join(" ")}));
+            }
+        }
+        let nodes: Vec<Value> = self.specs.keys().map(|id| json!({"id": id})).collect();
+        json!({"nodes": nodes, "edges": edges})
+    }
+
+    fn stacks_json(&self, instances: &Instances) -> Value {
+        let Decoded {
+            specs,
+            deployed_at,
+            allocs,
+            endpoints,
+            routes,
+            running,
+            ..
+        } = self;
+        let by_job = &instances.by_job;
+        // Stacks and jobs.
+        let mut stacks: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for (id, spec) in specs {
+            let ports: Vec<Value> = spec
             .ports
             .iter()
             .map(|p| {
@@ -271,16 +506,7 @@ pub fn build(
                 json!({"port": p.port, "proto": p.proto.to_string(), "ambassador": allocs.get(&sp)})
             })
             .collect();
-        for link in &spec.links {
-            let target = link.service.to_string();
-            let ambassador: Vec<String> = allocs
-                .iter()
-                .filter(|(sp, _)| sp.split(':').next() == Some(target.as_str()))
-                .map(|(sp, port)| format!("{}→{port}", sp.rsplit(':').next().unwrap_or("")))
-                .collect();
-            edges.push(json!({"from": id, "to": target, "label": ambassador.join(" ")}));
-        }
-        let live: Vec<Value> = endpoints
+            let live: Vec<Value> = endpoints
             .get(id)
             .map(|eps| {
                 eps.iter()
@@ -290,44 +516,66 @@ pub fn build(
                     .collect()
             })
             .unwrap_or_default();
-        let mut env_names: Vec<&String> = spec.env.keys().chain(spec.link_env.keys()).collect();
-        env_names.sort();
-        env_names.dedup();
-        let domains: Vec<String> = routes
-            .iter()
-            .filter(|(_, r)| format!("{}/{}", r.stack, r.job) == *id)
-            .map(|(d, _)| d.clone())
-            .collect();
-        stacks
-            .entry(spec.stack.to_string())
-            .or_default()
-            .push(json!({
-                "id": id,
-                "name": spec.job.to_string(),
-                "image": spec.image,
-                "kind": format!("{:?}", spec.kind).to_lowercase(),
-                "scale": spec.scale,
-                "ports": ports,
-                "links": spec.links.iter().map(|l| l.service.to_string()).collect::<Vec<_>>(),
-                "domains": domains,
-                "instances": by_job.get(id).cloned().unwrap_or_default(),
-                "endpoints": live,
-                "env_names": env_names,
-            }));
-    }
-    let stacks_json: Vec<Value> = stacks
-        .into_iter()
-        .map(|(name, jobs)| {
-            json!({
-                "name": name,
-                "running": running.contains(&name),
-                "deployed_at": deployed_at.get(&name).cloned().unwrap_or_default(),
-                "jobs": jobs,
+            let mut env_names: Vec<&String> = spec.env.keys().chain(spec.link_env.keys()).collect();
+            env_names.sort();
+            env_names.dedup();
+            let domains: Vec<String> = routes
+                .iter()
+                .filter(|(_, r)| format!("{}/{}", r.stack, r.job) == *id)
+                .map(|(d, _)| d.clone())
+                .collect();
+            stacks
+                .entry(spec.stack.to_string())
+                .or_default()
+                .push(json!({
+                    "id": id,
+                    "name": spec.job.to_string(),
+                    "image": spec.image,
+                    "kind": format!("{:?}", spec.kind).to_lowercase(),
+                    "scale": spec.scale,
+                    "ports": ports,
+                    "links": spec.links.iter().map(|l| l.service.to_string()).collect::<Vec<_>>(),
+                    "domains": domains,
+                    "instances": by_job.get(id).cloned().unwrap_or_default(),
+                    "endpoints": live,
+                    "env_names": env_names,
+                }));
+        }
+        let stacks_json: Vec<Value> = stacks
+            .into_iter()
+            .map(|(name, jobs)| {
+                json!({
+                    "name": name,
+                    "running": running.contains(&name),
+                    "deployed_at": deployed_at.get(&name).cloned().unwrap_or_default(),
+                    "jobs": jobs,
+                })
             })
-        })
-        .collect();
-    let nodes_json: Vec<Value> = specs.keys().map(|id| json!({"id": id})).collect();
+            .collect();
+        Value::Array(stacks_json)
+    }
 
+    fn routes_json(&self) -> Value {
+        self.routes
+            .iter()
+            .map(|(d, r)| json!({"domain": d, "job": format!("{}/{}", r.stack, r.job), "port": r.port}))
+            .collect()
+    }
+
+    fn firewall_json(&self) -> Value {
+        self.firewalls
+            .iter()
+            .map(|(h, f)| {
+                json!({
+                    "host": h, "table": f.table, "members": f.members,
+                    "dropped_packets": f.dropped_packets, "dropped_bytes": f.dropped_bytes, "at": f.at,
+                })
+            })
+            .collect()
+    }
+}
+
+fn traffic_json(traffic: &Traffic) -> Value {
     // Traffic: the last sample and the rates over the last interval, with the history.
     let traffic_json: Vec<Value> = traffic
         .by_service
@@ -362,20 +610,7 @@ pub fn build(
             })
         })
         .collect();
-
-    json!({
-        "etcd": etcd_answers,
-        "at": runtime::host::rfc3339_now(),
-        "hosts": hosts_json,
-        "stacks": stacks_json,
-        "links": {"nodes": nodes_json, "edges": edges},
-        "traffic": traffic_json,
-        "routes": routes.iter().map(|(d, r)| json!({"domain": d, "job": format!("{}/{}", r.stack, r.job), "port": r.port})).collect::<Vec<_>>(),
-        "firewall": firewalls.iter().map(|(h, f)| json!({
-            "host": h, "table": f.table, "members": f.members,
-            "dropped_packets": f.dropped_packets, "dropped_bytes": f.dropped_bytes, "at": f.at,
-        })).collect::<Vec<_>>(),
-    })
+    Value::Array(traffic_json)
 }
 
 /// The env of job `id` (its own and its links'), for `/api/env`; `None` if not deployed.
@@ -416,6 +651,44 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    fn kv(key: &str, value: Value) -> Kv {
+        Kv {
+            key: key.to_owned(),
+            value: value.to_string().into_bytes(),
+            mod_revision: 1,
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn a_stats_rewrite_rebuilds_nothing_and_an_agent_restart_rebuilds_the_hosts() {
+        let p = Prefix::default();
+        let key = "/viking/stats/h1";
+        let old = kv(key, json!({"since": "t0", "at": "t1"}));
+        let again = kv(key, json!({"since": "t0", "at": "t2"}));
+        let restarted = kv(key, json!({"since": "t3", "at": "t3"}));
+        assert!(touched(&p, key, Some(&old), Some(&again)).is_empty());
+        assert_eq!(
+            touched(&p, key, Some(&old), Some(&restarted)),
+            Sections::of(&[Section::Hosts])
+        );
+        assert_eq!(
+            touched(&p, key, None, Some(&old)),
+            Sections::of(&[Section::Hosts])
+        );
+        let fw = "/viking/firewall/h1";
+        assert_eq!(
+            touched(&p, fw, Some(&old), Some(&again)),
+            Sections::of(&[Section::Firewall])
+        );
+        let status = "/viking/grid/status/h1/s/web/0";
+        assert_eq!(
+            touched(&p, status, None, Some(&old)),
+            Sections::of(&[Section::Hosts, Section::Stacks])
+        );
+        assert!(touched(&p, "/viking/containers/h1/0123456789ab", None, Some(&old)).is_empty());
     }
 
     #[test]

@@ -144,6 +144,56 @@ fn stack_dir(root: &Path, stack: &str) -> String {
     dir.to_str().unwrap().to_owned()
 }
 
+/// A stack of 48 jobs in three tiers, as a big application has them: 4 stores, 12 services
+/// linking to two stores each, 32 front ends linking to one or two services (72 links): the
+/// links graph at 50 jobs with the first stack's two.
+fn tiers_dir(root: &Path, stack: &str) -> String {
+    let dir = root.join(stack);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut yml = String::new();
+    let mut job = |name: String, links: Vec<String>| {
+        yml.push_str(&format!("{name}:\n  image: {IMAGE}\n  ports: [80]\n"));
+        if !links.is_empty() {
+            yml.push_str(&format!("  link: [{}]\n", links.join(", ")));
+        }
+    };
+    for d in 0..4 {
+        job(format!("store-{d}"), vec![]);
+    }
+    for s in 0..12 {
+        job(
+            format!("service-{s:02}"),
+            vec![format!("store-{}", s % 4), format!("store-{}", (s + 1) % 4)],
+        );
+    }
+    for f in 0..32 {
+        let mut links = vec![format!("service-{:02}", f % 12)];
+        if f % 2 == 0 {
+            links.push(format!("service-{:02}", (f + 1) % 12));
+        }
+        job(format!("front-end-number-{f:02}"), links);
+    }
+    std::fs::write(dir.join("stack.yml"), yml).unwrap();
+    dir.to_str().unwrap().to_owned()
+}
+
+/// What in the links graph is drawn over something else (boxes of jobs, the labels of links),
+/// and job names wider than their box.
+const GRAPH_OVERLAPS: &str = "
+    const boxes = [], bad = [];
+    for (const g of document.querySelectorAll('#graph g.node')) {
+      const r = g.querySelector('rect').getBBox();
+      boxes.push(['job ' + g.dataset.job, r]);
+      if (g.querySelector('text').getComputedTextLength() > r.width - 12) bad.push('name wider than its box: ' + g.dataset.job);
+    }
+    for (const t of document.querySelectorAll('#graph text.label'))
+      boxes.push(['label ' + t.textContent + ' of ' + t.dataset.from + '>' + t.dataset.to, t.getBBox()]);
+    const meet = (a, b) => a.x < b.x + b.width && b.x < a.x + a.width && a.y < b.y + b.height && b.y < a.y + a.height;
+    for (let i = 0; i < boxes.length; i++)
+      for (let j = i + 1; j < boxes.length; j++)
+        if (meet(boxes[i][1], boxes[j][1])) bad.push(boxes[i][0] + ' over ' + boxes[j][0]);
+    return bad;";
+
 /// Removes the containers the test's launcher made, also when the test fails.
 struct Containers(String);
 
@@ -454,6 +504,43 @@ async fn the_page_shows_the_cluster_live_in_a_real_browser() {
             &format!("return document.body.innerText.includes('{host}')"),
         )
         .await;
+
+    // The links graph at 50 jobs: a second stack of 48 deployed (not run) beside the first.
+    let chain = format!("{stack}c");
+    viking(&["deploy", &tiers_dir(stacks.path(), &chain)]);
+    // Tall enough for the whole graph in the picture below.
+    browser.c().set_window_size(1280, 1700).await.unwrap();
+    browser
+        .c()
+        .goto(&format!("http://{listen}/"))
+        .await
+        .unwrap();
+    browser
+        .until(
+            "50 jobs and 73 links in the graph",
+            "return document.querySelectorAll('#graph g.node').length == 50 \
+             && document.querySelectorAll('#graph g.link').length == 73",
+        )
+        .await;
+    let overlaps = browser.js(GRAPH_OVERLAPS).await;
+    assert_eq!(
+        overlaps,
+        serde_json::json!([]),
+        "the graph at 50 jobs draws things over each other"
+    );
+    let labels = browser
+        .js("return document.querySelectorAll('#graph text.label').length")
+        .await;
+    assert_eq!(labels, 73, "every link labelled with its ambassador port");
+    // Its picture, for docs/ui.md's readers and the next change to the layout.
+    let graph = browser
+        .c()
+        .find(fantoccini::Locator::Css("#graph svg"))
+        .await
+        .unwrap();
+    let png = graph.screenshot().await.unwrap();
+    let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ui-links-50.png");
+    std::fs::write(&shot, &png).unwrap();
 
     viking(&["stop", &stack]);
     browser.close().await;

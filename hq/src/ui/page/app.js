@@ -117,7 +117,10 @@ function renderStacks(model) {
 }
 
 // Layered layout: a job that links to nothing is in the last column, every other one a column
-// before the furthest of what it links to.
+// before the furthest of what it links to. Within a column, jobs are ordered by where what
+// they link to sits (right to left), then by where what links to them sits (left to right):
+// fewer crossings. Each edge leaves its job at a height of its own, its label beside it, and
+// arrives at a height of its own: nothing is drawn over anything else, at 50 jobs too.
 function renderLinks(model) {
   const nodes = model.links.nodes.map((n) => n.id);
   const targets = new Map(nodes.map((id) => [id, []]));
@@ -141,28 +144,60 @@ function renderLinks(model) {
     const c = maxDepth - depth.get(id);
     (columns[c] = columns[c] || []).push(id);
   }
-  const W = 190, H = 28, GX = 110, GY = 18;
+  for (let c = 0; c < columns.length; c++) columns[c] = columns[c] || [];
+  const sources = new Map(nodes.map((id) => [id, []]));
+  for (const e of model.links.edges) sources.get(e.to).push(e.from);
+  const row = new Map();
+  const place = (col) => col.forEach((id, r) => row.set(id, r / Math.max(1, col.length - 1)));
+  const byMean = (col, of) => {
+    const mean = (id) => { const rs = of(id).filter((t) => row.has(t)).map((t) => row.get(t));
+      return rs.length ? rs.reduce((a, b) => a + b, 0) / rs.length : row.get(id) ?? 0.5; };
+    const m = new Map(col.map((id) => [id, mean(id)]));
+    col.sort((a, b) => m.get(a) - m.get(b) || (a < b ? -1 : 1));
+    place(col);
+  };
+  place(columns[columns.length - 1] || []);
+  for (let c = columns.length - 2; c >= 0; c--) byMean(columns[c], (id) => targets.get(id));
+  for (let c = 1; c < columns.length; c++) byMean(columns[c], (id) => sources.get(id));
+  const W = 190, H = 28, GX = 150, GY = 18, CHARS = 25;
   const pos = new Map();
-  columns.forEach((col, c) => col.forEach((id, r) => pos.set(id, { x: 10 + c * (W + GX), y: 10 + r * (H + GY) })));
+  const rows = Math.max(1, ...columns.map((c) => c.length));
+  // Shorter columns are centred on the tallest: edges run flatter.
+  columns.forEach((col, c) => col.forEach((id, r) => pos.set(id,
+    { x: 10 + c * (W + GX), y: 10 + (r + Math.floor((rows - col.length) / 2)) * (H + GY) })));
   const width = 20 + columns.length * (W + GX) - GX;
-  const height = 20 + Math.max(1, ...columns.map((c) => c.length)) * (H + GY);
+  const height = 20 + rows * (H + GY);
+  // Where on its job's side each edge leaves and arrives: spread over the box's height.
+  const slot = (list, id, y) => { const k = list.indexOf(id), n = list.length; return y + H * (k + 1) / (n + 1); };
+  const outOf = new Map(nodes.map((id) => [id, model.links.edges.filter((e) => e.from === id).map((e) => e.to)]));
   const svg = svgEl("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img",
     "aria-label": "link graph: " + nodes.length + " jobs, " + model.links.edges.length + " links" });
   svg.append(svgEl("defs", {}, svgEl("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5,
     markerWidth: 7, markerHeight: 7, orient: "auto" }, svgEl("path", { d: "M0,0 L10,5 L0,10 z", fill: "#5b6570" }))));
+  // Labels go on top of every edge, each on a halo of the background (style.css).
+  const labels = [];
   for (const e of model.links.edges) {
     const a = pos.get(e.from), b = pos.get(e.to);
-    const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
+    const x1 = a.x + W, y1 = slot(outOf.get(e.from), e.to, a.y);
+    const x2 = b.x, y2 = slot(sources.get(e.to), e.from, b.y);
     const mx = (x1 + x2) / 2;
-    svg.append(svgEl("g", { class: "link", "data-from": e.from, "data-to": e.to },
-      svgEl("path", { class: "edge", d: `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`, "marker-end": "url(#arrow)" }),
-      svgEl("text", { class: "label", x: mx, y: (y1 + y2) / 2 - 4, "text-anchor": "middle", text: e.label })));
+    // The labels of a job's edges stand one under the other beside it, in the gap that is
+    // its own; a job with more links than fit there (4) has them in the edges' titles only.
+    const k = outOf.get(e.from).indexOf(e.to);
+    const title = svgEl("title", { text: e.from + " → " + e.to + (e.label ? " (" + e.label + ")" : "") });
+    const path = svgEl("path", { class: "edge", d: `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`, "marker-end": "url(#arrow)" });
+    if (k < 4 && e.label) labels.push(svgEl("text", { class: "label", "data-from": e.from, "data-to": e.to, x: x1 + 6, y: a.y + 10 + 11 * k, text: e.label }));
+    svg.append(svgEl("g", { class: "link", "data-from": e.from, "data-to": e.to }, title, path));
   }
+  svg.append(svgEl("g", { class: "labels" }, ...labels));
   for (const id of nodes) {
     const p = pos.get(id);
+    // Long names are shortened in the middle; the full one is the box's title.
+    const shown = id.length > CHARS ? id.slice(0, 10) + "…" + id.slice(id.length - (CHARS - 11)) : id;
     svg.append(svgEl("g", { class: "node", "data-job": id },
+      svgEl("title", { text: id }),
       svgEl("rect", { x: p.x, y: p.y, width: W, height: H, rx: 4 }),
-      svgEl("text", { x: p.x + 8, y: p.y + 18, text: id })));
+      svgEl("text", { x: p.x + 8, y: p.y + 18, text: shown })));
   }
   document.getElementById("graph").replaceChildren(nodes.length ? svg : el("p", { class: "note", text: "No job deployed." }));
 }
@@ -204,15 +239,22 @@ function renderFirewall(model) {
     : [el("tr", {}, el("td", { colspan: 6, class: "note", text: "No locknet --watch has published its status (firewall/<host>, every 5 s)." }))]);
 }
 
-let current = null;
-function render(model) {
-  current = model;
-  renderHosts(model);
-  renderStacks(model);
-  renderLinks(model);
-  renderTraffic(model);
-  renderGrid(model);
-  renderFirewall(model);
+// The model as the server sent it: the whole of it first, then the sections that changed
+// (each event names only those), merged here; only what changed is drawn again.
+const current = {};
+const renderers = {
+  hosts: [renderHosts, renderGrid],
+  stacks: [renderStacks],
+  links: [renderLinks],
+  traffic: [renderTraffic],
+  firewall: [renderFirewall],
+};
+function render(part) {
+  Object.assign(current, part);
+  if (!current.hosts) return;
+  for (const section of Object.keys(part)) {
+    for (const draw of renderers[section] || []) draw(current);
+  }
   document.getElementById("status").textContent = "live · updated " + new Date().toLocaleTimeString();
 }
 
