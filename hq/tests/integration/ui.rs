@@ -267,6 +267,29 @@ async fn the_page_shows_the_cluster_live_in_a_real_browser() {
         run.path().to_str().unwrap().into(),
     ]);
     agents.push(Daemon::spawn(bin("ambassador"), &args));
+    // A second host's ambassador (on 127.0.0.2, with the same ports): the traffic table sums
+    // the hosts' stats records.
+    let other = format!("{host}b");
+    let run2 = tempfile::tempdir().unwrap();
+    agents.push(Daemon::spawn(
+        bin("ambassador"),
+        &[
+            "--etcd",
+            &endpoint,
+            "--host",
+            &other,
+            "--bind",
+            "127.0.0.2",
+            "--dns",
+            "off",
+            "--admin",
+            &format!("127.0.0.1:{}", port()),
+            "--links",
+            "open",
+            "--run-dir",
+            run2.path().to_str().unwrap(),
+        ],
+    ));
 
     let viking = |args: &[&str]| {
         let out = crate::viking(&endpoint, args);
@@ -373,30 +396,33 @@ async fn the_page_shows_the_cluster_live_in_a_real_browser() {
     eprintln!("web/0 on the page {shown:?} after its status said running");
     assert!(shown < Duration::from_secs(2), "{shown:?}");
 
-    // Traffic: connections through db's ambassador port show in the traffic table (the
-    // ambassador publishes every 5 s).
-    for _ in 0..5 {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "--max-time",
-                "5",
-                &format!("http://127.0.0.1:{db_port}/"),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    // Traffic: connections through db's ambassador port on both hosts show in the traffic
+    // table as their sum (each ambassador publishes every 5 s): 5 through this host's, 3
+    // through the other's; neither alone reaches 8.
+    for (addr, n) in [("127.0.0.1", 5), ("127.0.0.2", 3)] {
+        for _ in 0..n {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "--max-time",
+                    "5",
+                    &format!("http://{addr}:{db_port}/"),
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "through {addr}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
     browser
         .until(
-            "db's connections in the traffic table",
+            "db's connections of both hosts summed in the traffic table",
             &format!(
                 "const row = document.querySelector('#traffic tr[data-service=\"{stack}/db:80/tcp\"]'); \
-                 return row != null && Number(row.children[2].innerText) >= 5"
+                 return row != null && Number(row.children[2].innerText) == 8"
             ),
         )
         .await;
