@@ -18,10 +18,24 @@ unit=${PIPESTATUS[0]}
 cargo test --workspace --locked --no-fail-fast --bins --test '*' "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 # The ambassador's suite twice more: with the kernel path taking every connection at once,
-# and with it off (the daemon's env twins; its in-process tests read them too).
+# and with it off (the daemon's env twins; its in-process tests read them too). The binary the
+# run above built, run again as cargo runs it (from its package's directory): `cargo test -p
+# ambassador` would build the dependencies again with that package's features alone.
+amb_suite=$(cargo test --workspace --locked --bins --test '*' --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "integration" \
+            and "/ambassador#" in m["package_id"] and m.get("executable"):
+        print(m["executable"])')
+if [ -z "$amb_suite" ]; then
+  echo "test.sh: the ambassador's integration test binary was not found" >&2
+  status=1
+fi
 for mode in VIKING_KERNEL_FORWARD_AFTER=0 VIKING_KERNEL_FORWARD=off; do
+  [ -n "$amb_suite" ] || break
   echo "== the ambassador's suite with $mode"
-  env "$mode" cargo test -p ambassador --locked --no-fail-fast --test integration "$@" 2>&1 | tee -a "$log"
+  (cd ambassador && env "$mode" "$amb_suite" "$@") 2>&1 | tee -a "$log"
   again=${PIPESTATUS[0]}
   [ "$again" -eq 0 ] || status=$again
 done

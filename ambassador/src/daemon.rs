@@ -264,12 +264,17 @@ fn offered_congestion() -> String {
 /// Raises the soft limit of open files to the hard one (as most servers do: the soft default
 /// of 1024 is for programs that do not expect many), and warns when `--max-connections` does
 /// not fit: each connection holds two descriptors, a client's and a backend's.
-fn raise_nofile(max_connections: usize) {
+/// With the kernel path on, a joined connection holds a third: its epoll instance.
+fn raise_nofile(max_connections: usize, kernel_forward: crate::config::KernelForward) {
     let Some(limit) = runtime::process::raise_nofile() else {
         return;
     };
+    let per_connection = match kernel_forward {
+        crate::config::KernelForward::On => 3,
+        crate::config::KernelForward::Off => 2,
+    };
     let needed = (max_connections as u64)
-        .saturating_mul(2)
+        .saturating_mul(per_connection)
         .saturating_add(256);
     if needed > limit {
         warn!(
@@ -324,7 +329,10 @@ pub async fn start_inheriting(
         sockets.inherit("lock").map(std::fs::File::from),
     )?;
     sockets.offer("lock".to_owned(), lock.file());
-    raise_nofile(checked.config.max_connections);
+    raise_nofile(
+        checked.config.max_connections,
+        checked.config.kernel_forward,
+    );
     let admin_listener = match sockets.inherit("admin") {
         Some(fd) => {
             let listener = std::net::TcpListener::from(fd);

@@ -48,7 +48,9 @@ fn message(i: u32) -> Vec<u8> {
 /// 20,000 small messages written without waiting for their echoes, so both directions carry
 /// bytes at once; what comes back must be exactly what went, in order. `after`: reads relayed
 /// in user space before the hand-over (0: the kernel from the start; else the hand-over
-/// happens with bytes in flight both ways).
+/// happens with bytes in flight both ways). The writer pauses a millisecond every 32
+/// messages: unpaced, the bytes pile up into full-buffer reads, which the relay takes for
+/// bulk and keeps (as it should) rather than hand over.
 async fn small_messages_both_ways(after: u32) {
     let one = OneBackend::start(|c| {
         c.kernel_forward = KernelForward::On;
@@ -69,9 +71,9 @@ async fn small_messages_both_ways(after: u32) {
             sum.add(&m);
             sent += m.len() as u64;
             w.write_all(&m).await.unwrap();
-            if i % 64 == 0 {
-                // Let the echoes interleave with the writes rather than trail them.
-                tokio::task::yield_now().await;
+            if i % 32 == 31 {
+                // The echoes interleave with the writes rather than trail them.
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
         w.shutdown().await.unwrap();
@@ -171,6 +173,51 @@ async fn a_backend_that_resets_mid_stream_resets_the_client() {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
         Ok(n) => panic!("the client saw a clean end of stream ({n} bytes), not the reset"),
     }
+    assert_eq!(
+        kernel_forwarded(&amb),
+        1,
+        "the connection went through the kernel"
+    );
+}
+
+/// Half-close the other way: the backend says its piece and shuts its sending half; the
+/// client reads to the end, then still sends, and the backend reads that before the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_half_closes_first_and_the_client_still_sends() {
+    let etcd = testkit::Etcd::start().await;
+    let mut c = etcd.client().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"server done\n").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend).await;
+    let amb = Amb::start(&etcd, at_once).await;
+    let addr = amb.listening(port).await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
+        .await
+        .expect("the backend's end of stream within 5 s")
+        .unwrap();
+    assert_eq!(got, b"server done\n");
+    client.write_all(b"late request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the client's end of stream within 5 s")
+        .unwrap();
+    assert_eq!(
+        read, b"late request",
+        "what the client sent after the backend's FIN"
+    );
     assert_eq!(
         kernel_forwarded(&amb),
         1,
