@@ -19,6 +19,22 @@ fn at_once(c: &mut ambassador::Config) {
     c.relay.kernel_after = 0;
 }
 
+/// etcd, `backend` registered for [`SP`], and an ambassador (configured by `tweak`) with it in
+/// its routes: the ambassador port's address.
+async fn serving(
+    backend: std::net::SocketAddr,
+    tweak: impl FnOnce(&mut ambassador::Config),
+) -> (testkit::Etcd, Amb, std::net::SocketAddr) {
+    let etcd = testkit::Etcd::start().await;
+    let mut c = etcd.client().await;
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend).await;
+    let amb = Amb::start(&etcd, tweak).await;
+    let addr = amb.listening(port).await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    (etcd, amb, addr)
+}
+
 fn kernel_forwarded(amb: &Amb) -> u64 {
     let text = amb.shared.metrics_text();
     text.lines()
@@ -131,8 +147,6 @@ async fn small_messages_each_way_in_order_none_lost_across_the_hand_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_resets_mid_stream_resets_the_client() {
-    let etcd = testkit::Etcd::start().await;
-    let mut c = etcd.client().await;
     // Echoes ten lines, then resets the connection.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
@@ -148,15 +162,11 @@ async fn a_backend_that_resets_mid_stream_resets_the_client() {
             .unwrap();
         drop(s);
     });
-    let port = put_alloc(&mut c, SP).await;
-    put_endpoint(&mut c, SP, "h0", 0, backend).await;
-    let amb = Amb::start(&etcd, |c| {
+    let (_etcd, amb, addr) = serving(backend, |c| {
         c.kernel_forward = KernelForward::On;
         c.relay.kernel_after = 4;
     })
     .await;
-    let addr = amb.listening(port).await;
-    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
     let mut client = TcpStream::connect(addr).await.unwrap();
     let mut buf = [0u8; 6];
     for i in 0..10u8 {
@@ -184,8 +194,6 @@ async fn a_backend_that_resets_mid_stream_resets_the_client() {
 /// client reads to the end, then still sends, and the backend reads that before the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_half_closes_first_and_the_client_still_sends() {
-    let etcd = testkit::Etcd::start().await;
-    let mut c = etcd.client().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
@@ -196,11 +204,7 @@ async fn the_backend_half_closes_first_and_the_client_still_sends() {
         s.read_to_end(&mut got).await.unwrap();
         got
     });
-    let port = put_alloc(&mut c, SP).await;
-    put_endpoint(&mut c, SP, "h0", 0, backend).await;
-    let amb = Amb::start(&etcd, at_once).await;
-    let addr = amb.listening(port).await;
-    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    let (_etcd, amb, addr) = serving(backend, at_once).await;
     let mut client = TcpStream::connect(addr).await.unwrap();
     let mut got = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
