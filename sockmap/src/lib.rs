@@ -104,15 +104,16 @@ impl KernelPath {
         let map = sys::map_create(MAP_TYPE_SOCKHASH, 8, 4, pairs.saturating_mul(2).max(2))
             .map_err(|e| format!("creating the sockhash failed: {e}"))?;
         let insns = program(map.as_fd());
-        let program = sys::prog_load(PROG_TYPE_SK_SKB, &insns, c"GPL", "viking_fwd").map_err(
-            |(e, log)| {
+        // The license the kernel asks of every program decides only which helpers it may call;
+        // these two are not GPL-only. "Dual MIT/GPL" is one the kernel knows.
+        let program = sys::prog_load(PROG_TYPE_SK_SKB, &insns, c"Dual MIT/GPL", "viking_fwd")
+            .map_err(|(e, log)| {
                 if log.is_empty() {
                     format!("loading the verdict program failed: {e}")
                 } else {
                     format!("loading the verdict program failed: {e}; verifier: {log}")
                 }
-            },
-        )?;
+            })?;
         sys::prog_attach(map.as_fd(), program.as_fd(), ATTACH_SK_SKB_VERDICT)
             .map_err(|e| format!("attaching the verdict program failed: {e}"))?;
         Ok(Self {
