@@ -61,6 +61,23 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+/// `n` free loopback ports below the kernel's ephemeral range (12000-19999), for servers a
+/// test stops and starts again on the same port (etcd): an ephemeral port freed by a stop can
+/// be taken meanwhile by any outgoing connection of any test, and the restart then fails to
+/// bind (seen in CI: `bind: address already in use` on etcd's restart).
+pub fn steady_ports(n: usize) -> Vec<u16> {
+    let mut held: Vec<TcpListener> = Vec::new();
+    while held.len() < n {
+        let port = fastrand::u16(12_000..20_000);
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    held.iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
 /// One etcd member process.
 struct Member {
     name: String,
@@ -159,7 +176,7 @@ impl Etcd {
                 .prefix("viking-etcd-")
                 .tempdir()
                 .expect("temp dir");
-            let ports = free_ports(2);
+            let ports = steady_ports(2);
             let mut member = new_member(dir.path(), "etcd0", ip, ports[0], ports[1]);
             let initial = format!("{}={}", member.name, member.peer_url);
             member.spawn(&initial, &extra);
@@ -227,7 +244,7 @@ impl EtcdCluster {
                 .prefix("viking-etcd-cluster-")
                 .tempdir()
                 .expect("temp dir");
-            let ports = free_ports(6);
+            let ports = steady_ports(6);
             let mut members: Vec<Member> = (0..3)
                 .map(|i| {
                     new_member(
