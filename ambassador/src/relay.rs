@@ -93,7 +93,7 @@ pub async fn relay(
 ) -> Ended {
     match relay_until(client, backend, config, ack_pending, None).await {
         Ok(ended) => ended,
-        Err(handed) => Ended::Done(handed.moved),
+        Err(_) => unreachable!("relay_until hands a pair back only when asked to"),
     }
 }
 
