@@ -61,7 +61,7 @@ struct Ui {
 
 /// The model's sections as JSON text, each with the number of the rebuild that last changed
 /// it, so every event stream sends what changed since it last sent that section.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Published {
     version: u64,
     etcd: bool,
@@ -211,12 +211,8 @@ async fn follow(ui: Arc<Ui>, client: Client, stop: CancellationToken) {
                     .insert(section, (published.version, json.into()));
             }
         }
-        ui.model.send_replace(Arc::new(Published {
-            version: published.version,
-            etcd: published.etcd,
-            at: published.at.clone(),
-            sections: published.sections.clone(),
-        }));
+        // A copy of the map of shared section texts, not of the texts.
+        ui.model.send_replace(Arc::new(published.clone()));
     }
 }
 
