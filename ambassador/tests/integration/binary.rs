@@ -113,20 +113,10 @@ fn without_docker0_and_bind_it_says_to_pass_bind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_is_not_blamed_on_the_backend() {
-    let Echo {
-        etcd,
-        backend: _backend,
-        port,
-        admin,
-        run,
-        ..
-    } = Echo::start().await;
+    let echo = Echo::start().await;
+    let (port, admin) = (echo.port, echo.admin.clone());
     // 64 descriptors: a few dozen connections use them up.
-    let mut args: Vec<String> = ["--nofile=64:64", "--", env!("CARGO_BIN_EXE_ambassador")]
-        .map(String::from)
-        .to_vec();
-    args.extend(loopback_args(&etcd, &admin, &run, &["--threads", "1"]));
-    let mut amb = Daemon::spawn("prlimit", &refs(&args));
+    let mut amb = echo.spawn_under("prlimit", &["--nofile=64:64"], &["--threads", "1"]);
     let limit = Duration::from_secs(20);
     amb.wait_log(&format!("listening on addr=127.0.0.1:{port}"), limit);
     let warned = amb.wait_log("file descriptors", limit);
@@ -280,6 +270,16 @@ impl Echo {
             run: tempfile::tempdir().unwrap(),
         }
     }
+
+    /// The ambassador binary on loopback with `extra` flags, run by `wrapper` with its own
+    /// `flags` (`prlimit`, `setpriv`: limits and rights the test takes away).
+    pub fn spawn_under(&self, wrapper: &str, flags: &[&str], extra: &[&str]) -> Daemon {
+        let mut args: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
+        args.push("--".into());
+        args.push(env!("CARGO_BIN_EXE_ambassador").into());
+        args.extend(loopback_args(&self.etcd, &self.admin, &self.run, extra));
+        Daemon::spawn(wrapper, &refs(&args))
+    }
 }
 
 /// `stats/<host>`: the counters per service port, rewritten every 5 s under a lease of its own
@@ -343,26 +343,14 @@ async fn the_stats_record_is_leased_and_rewritten_every_5_s() {
 /// once why it relays in user space, shows it in `/metrics`, and serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_bpf_rights_it_says_why_once_and_relays_in_user_space() {
-    let Echo {
-        etcd,
-        backend: _backend,
-        port,
-        admin,
-        run,
-        ..
-    } = Echo::start().await;
-    let mut args: Vec<String> = [
-        "--bounding-set=-bpf,-net_admin,-sys_admin",
-        "--inh-caps=-all",
-        "--",
-        env!("CARGO_BIN_EXE_ambassador"),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(loopback_args(
-        &etcd,
-        &admin,
-        &run,
+    let echo = Echo::start().await;
+    let (port, admin) = (echo.port, echo.admin.clone());
+    let mut amb = echo.spawn_under(
+        "setpriv",
+        &[
+            "--bounding-set=-bpf,-net_admin,-sys_admin",
+            "--inh-caps=-all",
+        ],
         &[
             "--threads",
             "1",
@@ -371,8 +359,7 @@ async fn without_bpf_rights_it_says_why_once_and_relays_in_user_space() {
             "--kernel-forward-after",
             "0",
         ],
-    ));
-    let mut amb = Daemon::spawn("setpriv", &refs(&args));
+    );
     let limit = Duration::from_secs(20);
     let line = amb.wait_log("kernel forwarding unavailable", limit);
     assert!(
