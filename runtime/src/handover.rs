@@ -96,6 +96,10 @@ pub struct Offer {
     /// this one (a successor has made its own at the same path).
     made: (u64, u64),
     stop: Arc<AtomicBool>,
+    /// An upgrade began (and, once it succeeded, stays set): the path is the successor's then,
+    /// whatever its inode says (a file system may give the successor's socket the inode this
+    /// one's had; CI saw a drained router delete its successor's socket that way).
+    busy: Arc<AtomicBool>,
 }
 
 impl Offer {
@@ -126,7 +130,7 @@ impl Offer {
         let stop = Arc::new(AtomicBool::new(false));
         let busy = Arc::new(AtomicBool::new(false));
         {
-            let (stop, path) = (stop.clone(), path.to_owned());
+            let (stop, path, busy) = (stop.clone(), path.to_owned(), busy.clone());
             std::thread::Builder::new()
                 .name("handover".into())
                 .spawn(move || accept_loop(&socket, &path, &stop, &busy, &list, &handed_over))?;
@@ -135,6 +139,7 @@ impl Offer {
             path: path.to_owned(),
             made: (meta.dev(), meta.ino()),
             stop,
+            busy,
         })
     }
 }
@@ -142,7 +147,9 @@ impl Offer {
 impl Drop for Offer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.made) {
+        if !self.busy.load(Ordering::Acquire)
+            && std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.made)
+        {
             let _ = std::fs::remove_file(&self.path);
         }
     }
