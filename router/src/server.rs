@@ -113,7 +113,9 @@ pub async fn accept_loop(
             let _permit = permit;
             s.state.metrics.connections.inc();
             s.state.metrics.connections_active.inc();
-            connection(&s, stream, peer, tls).await;
+            // Boxed: the connection future is kilobytes (hyper, TLS); the task holds a pointer,
+            // so spawning and finishing it copy a few words rather than the whole future.
+            Box::pin(connection(&s, stream, peer, tls)).await;
             s.state.metrics.connections_active.dec();
         });
     }
