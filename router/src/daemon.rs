@@ -74,8 +74,10 @@ pub struct RouterArgs {
     #[arg(long, env = "VIKING_BACKEND_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub backend_idle_timeout: Duration,
 
-    /// Idle keep-alive connections kept per backend
-    #[arg(long, env = "VIKING_BACKEND_POOL", default_value_t = 64)]
+    /// Most idle keep-alive connections kept per backend (the pool follows demand: those idle
+    /// for --backend-idle-timeout are closed); as many as requests run at once avoids a new
+    /// backend connection per request under load
+    #[arg(long, env = "VIKING_BACKEND_POOL", default_value_t = 1024)]
     pub backend_pool: usize,
 
     /// Most client connections open at once; further ones wait in the kernel's queue
@@ -355,6 +357,19 @@ pub async fn start_inheriting(
         )
         .instrument(span.clone()),
     );
+    {
+        let (state, background) = (state.clone(), background.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => state.pool.sweep(),
+                    () = background.cancelled() => return,
+                }
+            }
+        });
+    }
     let acceptor = match &https {
         Some(_) => Some(tokio_rustls::TlsAcceptor::from(
             crate::tls::server_config(state.certs.clone())

@@ -7,7 +7,7 @@
 //! pooled connection that the backend closed hands the request back untouched, so it can go
 //! elsewhere whatever its method).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -32,9 +32,12 @@ struct Idle {
     since: Instant,
 }
 
-/// The pool.
+/// The pool. Each backend's idle connections are a stack: the one used last goes out first,
+/// so under a steady load the same few stay warm and those at the bottom, unused for
+/// `idle_timeout`, are closed (at check-in and by [`Pool::sweep`]): the pool follows demand
+/// as HAProxy's purge does, and `max_idle` only caps it.
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
     /// Idle connections kept per backend.
     pub max_idle: usize,
     /// An idle connection older than this is closed rather than used (backends close theirs
@@ -76,8 +79,8 @@ impl Pool {
         let now = Instant::now();
         let mut not_yet = Vec::new();
         let mut found = None;
-        while let Some(mut i) = list.pop() {
-            if now.duration_since(i.since) > self.idle_timeout || i.sender.is_closed() {
+        while let Some(mut i) = list.pop_back() {
+            if self.expired(&i, now) || i.sender.is_closed() {
                 continue;
             }
             match i.sender.ready().now_or_never() {
@@ -105,12 +108,34 @@ impl Pool {
         }
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.entry(conn.addr).or_default();
+        let now = Instant::now();
+        while list
+            .front()
+            .is_some_and(|i| self.expired(i, now) || i.sender.is_closed())
+        {
+            list.pop_front();
+        }
         if list.len() < self.max_idle {
-            list.push(Idle {
+            list.push_back(Idle {
                 sender: conn.sender,
-                since: Instant::now(),
+                since: now,
             });
         }
+    }
+
+    fn expired(&self, idle: &Idle, now: Instant) -> bool {
+        now.duration_since(idle.since) > self.idle_timeout
+    }
+
+    /// Closes the connections idle for longer than `idle_timeout` and those the backend
+    /// closed; run now and then, so that a pool no request touches shrinks too.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("pool lock");
+        for list in idle.values_mut() {
+            list.retain(|i| !self.expired(i, now) && !i.sender.is_closed());
+        }
+        idle.retain(|_, list| !list.is_empty());
     }
 
     /// Drops the idle connections to backends not in `keep` (they left the routes).
@@ -127,7 +152,7 @@ impl Pool {
             .lock()
             .expect("pool lock")
             .values()
-            .map(Vec::len)
+            .map(VecDeque::len)
             .sum()
     }
 }

@@ -167,6 +167,57 @@ async fn a_backend_killed_during_1000_gets_fails_none_and_a_post_whose_backend_d
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_connections_are_reused_and_closed_once_idle_for_the_timeout() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let web = Web::start("p").await;
+    put_route(&mut c, "p.test", "p", false).await;
+    put_endpoint(&mut c, "p", 1, web.addr).await;
+    let router = Router::start(&etcd, &["--backend-idle-timeout", "2s"]);
+
+    // Eight clients at once, 50 keep-alive requests each.
+    let url = format!("http://{}/n[1-50]", router.http);
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}\n"])
+                    .args(["-H", "Host: p.test", &url])
+                    .output()
+                    .expect("curl")
+            })
+        })
+        .collect();
+    for client in clients {
+        let out = String::from_utf8(client.join().unwrap().stdout).unwrap();
+        assert_eq!(out.lines().filter(|l| *l == "200").count(), 50, "{out}");
+    }
+    assert_eq!(web.gets.load(Relaxed), 400);
+    let opened = web.conns.load(Relaxed);
+    assert!(
+        (1..=16).contains(&opened),
+        "400 requests from 8 clients at once took {opened} backend connections"
+    );
+    let pooled = router.state()["pooled_backend_connections"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (1..=opened).contains(&pooled),
+        "{pooled} pooled of {opened}"
+    );
+
+    // Nothing uses them now: closed after the idle timeout, without a request to notice.
+    testkit::eventually(Duration::from_secs(15), "the idle pool emptied", || {
+        (router.state()["pooled_backend_connections"] == 0).then_some(())
+    });
+    // And a request after that opens a new one.
+    assert_eq!(get(&router, "p.test", "/").status, 200);
+    assert_eq!(web.conns.load(Relaxed), opened + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_head_is_cut_and_a_thousand_keepalive_clients_are_served() {
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;

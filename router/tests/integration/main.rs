@@ -31,6 +31,8 @@ pub struct Web {
     pub addr: SocketAddr,
     pub gets: Arc<AtomicU64>,
     pub posts: Arc<AtomicU64>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicU64>,
     stop: CancellationToken,
 }
 
@@ -48,7 +50,9 @@ impl Web {
         let stop = CancellationToken::new();
         let gets = Arc::new(AtomicU64::new(0));
         let posts = Arc::new(AtomicU64::new(0));
+        let conns = Arc::new(AtomicU64::new(0));
         let (n, g, p, s) = (name.to_owned(), gets.clone(), posts.clone(), stop.clone());
+        let accepted = conns.clone();
         tokio::spawn(async move {
             // Dropped on stop: every connection task is aborted, the listener closed.
             let mut conns = tokio::task::JoinSet::new();
@@ -57,6 +61,7 @@ impl Web {
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                     () = s.cancelled() => return,
                 };
+                accepted.fetch_add(1, Ordering::Relaxed);
                 let (n, g, p, s) = (n.clone(), g.clone(), p.clone(), s.clone());
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
@@ -74,6 +79,7 @@ impl Web {
             addr,
             gets,
             posts,
+            conns,
             stop,
         }
     }
