@@ -228,3 +228,47 @@ async fn the_backend_half_closes_first_and_the_client_still_sends() {
         "the connection went through the kernel"
     );
 }
+
+/// An IPv6 backend behind an IPv4 ambassador port: the sockhash joins sockets of either
+/// family, and the flush check (TCP_INFO, SIOCOUTQ) reads both alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_backend_is_joined_to_an_ipv4_client() {
+    let listener = tokio::net::TcpListener::bind("[::1]:0")
+        .await
+        .expect("a socket on ::1: the test needs IPv6 on the loopback interface");
+    let backend = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let (_etcd, amb, addr) = serving(backend, at_once).await;
+    let (mut r, mut w) = TcpStream::connect(addr).await.unwrap().into_split();
+    const CHUNKS: usize = 2048;
+    let writer = tokio::spawn(async move {
+        for i in 0..CHUNKS {
+            w.write_all(&[(i % 251) as u8; 4096]).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut got))
+        .await
+        .expect("the echo and its end of stream within 30 s")
+        .unwrap();
+    writer.await.unwrap();
+    server.await.unwrap();
+    assert_eq!(got.len(), CHUNKS * 4096, "every byte came back");
+    for (i, chunk) in got.chunks(4096).enumerate() {
+        assert!(
+            chunk.iter().all(|b| *b == (i % 251) as u8),
+            "chunk {i} came back changed or out of order"
+        );
+    }
+    assert_eq!(
+        kernel_forwarded(&amb),
+        1,
+        "the connection went through the kernel"
+    );
+}
