@@ -14,7 +14,7 @@ use runtime::etcd::parse_duration;
 use runtime::handover;
 use runtime::{EtcdArgs, RunDirArgs};
 
-/// jemalloc: a request allocates and frees some twenty blocks (hyper's header maps and
+/// jemalloc: every request allocates and frees many small blocks (hyper's header maps and
 /// buffers, the task of a connection); glibc's malloc spent 9% of the router's CPU on them.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
