@@ -149,8 +149,9 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(req: &Request<Incoming>, host: &str, info: &ConnInfo, upgrade: bool) -> Self {
-        let mut headers = req.headers().clone();
+    /// Takes the request's headers (nothing after this reads them from the request).
+    fn new(req: &mut Request<Incoming>, host: &str, info: &ConnInfo, upgrade: bool) -> Self {
+        let mut headers = std::mem::take(req.headers_mut());
         strip_hop(&mut headers, upgrade);
         if !headers.contains_key(header::HOST) {
             let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or(host);
@@ -286,11 +287,12 @@ pub async fn handle(
     }
     let upgrade = wants_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let mut out = Outgoing::new(&req, &host, &info, upgrade);
+    let mut out = Outgoing::new(&mut req, &host, &info, upgrade);
     let no_body = req.body().is_end_stream();
     let retry_after_send = idempotent(req.method()) && no_body && !upgrade;
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // The URI's parts are shared bytes: a clone copies no text.
+    let uri = req.uri().clone();
     let version = req.version();
     let mut body: Option<ReqBody> = Some(if no_body {
         empty()
@@ -403,7 +405,7 @@ pub async fn handle(
             let resp = answer(status, text);
             let asked = Asked {
                 method: &method,
-                path: &path,
+                path: uri.path(),
                 version,
             };
             finish_own(&state, counters, asked, &host, &info, &resp, start);
@@ -442,7 +444,7 @@ pub async fn handle(
         client: info.client,
         method,
         host,
-        path,
+        uri,
         version,
         status,
         start,
@@ -530,7 +532,7 @@ struct LogLine {
     client: SocketAddr,
     method: Method,
     host: String,
-    path: String,
+    uri: Uri,
     version: Version,
     status: StatusCode,
     start: Instant,
@@ -607,7 +609,7 @@ impl Drop for Tracked {
                 "client": log.client.to_string(),
                 "method": log.method.as_str(),
                 "host": log.host,
-                "path": log.path,
+                "path": log.uri.path(),
                 "proto": format!("{:?}", log.version),
                 "status": log.status.as_u16(),
                 "bytes": self.bytes,
