@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/images.sh
 cargo build --release -q -p hq
-viking=target/release/viking
+viking=${CARGO_TARGET_DIR:-target}/release/viking
 admin=${VIKING_ADMIN:-127.0.0.1:9100}
 router=${VIKING_UP_ROUTER_HTTP:-127.0.0.1:8080}
 
