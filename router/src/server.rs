@@ -130,7 +130,10 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let mut client = peer;
     if s.limits.proxy_protocol {
-        match tokio::time::timeout(s.limits.head_timeout, read_proxy_header(&mut stream)).await {
+        // Boxed: a timer and a PROXY header's parse inline would make every connection's
+        // task larger, with the PROXY protocol on or not.
+        let limit = s.limits.head_timeout;
+        match Box::pin(tokio::time::timeout(limit, read_proxy_header(&mut stream))).await {
             Ok(Ok(Some(addr))) => client = addr,
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
@@ -147,9 +150,14 @@ async fn connection(
     match tls {
         None => serve(s, TokioIo::new(stream), ConnInfo::new(client, false), false).await,
         Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(s.limits.head_timeout, acceptor.accept(stream)).await;
-            match handshake {
+            // The handshake and the TLS stream it makes are boxed: rustls's state inline
+            // would make every connection's task that much larger, TLS or not.
+            let limit = s.limits.head_timeout;
+            let handshake = Box::pin(async move {
+                let accepted = tokio::time::timeout(limit, acceptor.accept(stream)).await;
+                accepted.map(|r| r.map(Box::new))
+            });
+            match handshake.await {
                 Ok(Ok(tls_stream)) => {
                     s.state.metrics.tls_handshakes.inc();
                     let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -167,11 +175,12 @@ async fn connection(
     }
 }
 
-/// Drives one connection (`$conn`, pinned) until it ends, or shuts it down gracefully on
-/// `stop` and cuts it on `hard`; the result of the connection.
+/// Drives one connection (`$conn`) until it ends, or shuts it down gracefully on `stop` and
+/// cuts it on `hard`; the result of the connection. The connection is boxed: an HTTP/1.1 and
+/// an HTTP/2 connection inline would make every connection's task as large as both.
 macro_rules! until_stopped {
     ($s:expr, $conn:ident) => {{
-        tokio::pin!($conn);
+        let mut $conn = Box::pin($conn);
         tokio::select! {
             r = $conn.as_mut() => r,
             () = $s.stop.cancelled() => {
