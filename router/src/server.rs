@@ -201,8 +201,12 @@ where
     let state = s.state.clone();
     let info = std::sync::Arc::new(info);
     let client = info.client;
-    let service =
-        hyper::service::service_fn(move |req| proxy::handle(state.clone(), info.clone(), req));
+    // Each request's future boxed on its own: hyper keeps the space for the service's future
+    // for the connection's whole life, and this one is 1.5 KB; an idle connection then holds
+    // a pointer instead.
+    let service = hyper::service::service_fn(move |req| {
+        Box::pin(proxy::handle(state.clone(), info.clone(), req))
+    });
     let result = if h2 {
         let conn = s.builder.http2.serve_connection(io, service);
         until_stopped!(s, conn)
