@@ -281,3 +281,50 @@ async fn read_proxy_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>,
         return Ok(addr);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection's task holds this future, plain HTTP or TLS, busy or idle: it must
+    /// stay small (the HTTP/1.1 and HTTP/2 connections, the TLS handshake and stream and the
+    /// PROXY header's parse are boxed inside it). Inline, it was 8,688 bytes.
+    #[tokio::test]
+    async fn a_connection_future_stays_small() {
+        let state = State::new(
+            schema::Prefix::default(),
+            proxy::Settings {
+                connect_timeout: Duration::from_secs(1),
+                response_timeout: Duration::from_secs(1),
+                max_body: 1024,
+                https_port: 443,
+            },
+            None,
+            crate::pool::Pool::new(1, Duration::from_secs(1)),
+        );
+        let limits = Limits {
+            head_timeout: Duration::from_secs(1),
+            max_head_bytes: 8192,
+            max_headers: 10,
+            max_streams: 10,
+            proxy_protocol: false,
+        };
+        let serving = Serving {
+            state,
+            builder: builder(&limits),
+            limits,
+            permits: Arc::new(Semaphore::new(1)),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            hard: CancellationToken::new(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let size = std::mem::size_of_val(&connection(&serving, stream, addr, None));
+        assert!(
+            size <= 1536,
+            "a connection's future is {size} bytes: box what made it grow (see `connection`)"
+        );
+    }
+}
