@@ -34,8 +34,8 @@ struct Idle {
 
 /// The pool. Each backend's idle connections are a stack: the one used last goes out first,
 /// so under a steady load the same few stay warm and those at the bottom, unused for
-/// `idle_timeout`, are closed (at check-in and by [`Pool::sweep`]): the pool follows demand
-/// as HAProxy's purge does, and `max_idle` only caps it.
+/// `idle_timeout`, are closed by [`Pool::sweep`]: the pool follows demand as HAProxy's purge
+/// does, and `max_idle` only caps it.
 pub struct Pool {
     idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
     /// Idle connections kept per backend.
@@ -80,7 +80,7 @@ impl Pool {
         let mut not_yet = Vec::new();
         let mut found = None;
         while let Some(mut i) = list.pop_back() {
-            if self.expired(&i, now) || i.sender.is_closed() {
+            if self.stale(&i, now) {
                 continue;
             }
             match i.sender.ready().now_or_never() {
@@ -108,23 +108,17 @@ impl Pool {
         }
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.entry(conn.addr).or_default();
-        let now = Instant::now();
-        while list
-            .front()
-            .is_some_and(|i| self.expired(i, now) || i.sender.is_closed())
-        {
-            list.pop_front();
-        }
         if list.len() < self.max_idle {
             list.push_back(Idle {
                 sender: conn.sender,
-                since: now,
+                since: Instant::now(),
             });
         }
     }
 
-    fn expired(&self, idle: &Idle, now: Instant) -> bool {
-        now.duration_since(idle.since) > self.idle_timeout
+    /// Idle for longer than `idle_timeout`, or closed by the backend: not to be used again.
+    fn stale(&self, idle: &Idle, now: Instant) -> bool {
+        now.duration_since(idle.since) > self.idle_timeout || idle.sender.is_closed()
     }
 
     /// Closes the connections idle for longer than `idle_timeout` and those the backend
@@ -133,7 +127,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().expect("pool lock");
         for list in idle.values_mut() {
-            list.retain(|i| !self.expired(i, now) && !i.sender.is_closed());
+            list.retain(|i| !self.stale(i, now));
         }
         idle.retain(|_, list| !list.is_empty());
     }
