@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::relay::{self, Ended, Moved};
+use crate::relay::{self, Ended, Moved, Tally};
 use crate::routes::{Backend, Service};
 use crate::server::Shared;
 
@@ -65,28 +65,26 @@ pub(crate) async fn handle(
     backend.active.fetch_add(1, Ordering::Relaxed);
     backend.connections.fetch_add(1, Ordering::Relaxed);
     stats.active.inc();
+    // The bytes are counted as they move (also those of a connection cut at the end of the
+    // grace period).
+    let mut tally = Tally::new(&stats.bytes_up, &stats.bytes_down);
     // Built in place (not first bound to a local) so the task holds the relay's state once.
     let ended = tokio::select! {
-        e = Box::pin(carry(shared, client, upstream)) => Some(e),
+        e = Box::pin(carry(shared, client, upstream, &mut tally)) => Some(e),
         () = hard.cancelled() => None,
     };
-    let moved = match ended {
+    match ended {
         None => {
             debug!(service = %service.service_port, backend = %backend.addr, "closed at the end of the grace period");
-            Moved::default()
         }
-        Some(Ended::Done(m)) => m,
-        Some(Ended::Idle(m)) => {
+        Some(Ended::Done(_)) => {}
+        Some(Ended::Idle(_)) => {
             debug!(service = %service.service_port, backend = %backend.addr, "closed after the idle timeout");
-            m
         }
-        Some(Ended::Failed(m, e)) => {
+        Some(Ended::Failed(_, e)) => {
             debug!(service = %service.service_port, backend = %backend.addr, error = %e, "relay ended with an error");
-            m
         }
-    };
-    stats.bytes_up.inc_by(moved.up);
-    stats.bytes_down.inc_by(moved.down);
+    }
     backend.active.fetch_sub(1, Ordering::Relaxed);
     stats.active.dec();
 }
@@ -94,10 +92,15 @@ pub(crate) async fn handle(
 /// Moves the bytes: in user space for the first `kernel_after` reads, then in the kernel when
 /// the kernel path is on (and the connection still lives, carries no bulk, and the kernel
 /// takes the pair), else in user space to the end.
-async fn carry(shared: &Shared, client: TcpStream, upstream: TcpStream) -> Ended {
+async fn carry(
+    shared: &Shared,
+    client: TcpStream,
+    upstream: TcpStream,
+    tally: &mut Tally,
+) -> Ended {
     let config = &shared.config.relay;
     let Some(path) = &shared.kernel else {
-        return relay::relay(client, upstream, config, true).await;
+        return relay::relay(client, upstream, config, true, tally).await;
     };
     let handed = if config.kernel_after == 0 {
         relay::Handed {
@@ -107,7 +110,8 @@ async fn carry(shared: &Shared, client: TcpStream, upstream: TcpStream) -> Ended
             ack_pending: true,
         }
     } else {
-        match relay::relay_until(client, upstream, config, true, Some(config.kernel_after)).await {
+        let after = Some(config.kernel_after);
+        match relay::relay_until(client, upstream, config, true, after, tally).await {
             Ok(ended) => return ended,
             Err(handed) => handed,
         }
@@ -118,12 +122,12 @@ async fn carry(shared: &Shared, client: TcpStream, upstream: TcpStream) -> Ended
         moved: before,
         ack_pending,
     } = handed;
+    let joined = &shared.metrics.kernel_forwarded;
     let (client, backend) =
-        match crate::kernel::forward(path, client, backend, config, ack_pending).await {
-            Ok(ended) => {
-                shared.metrics.kernel_forwarded.inc();
-                return ended;
-            }
+        match crate::kernel::forward(path, client, backend, config, ack_pending, tally, joined)
+            .await
+        {
+            Ok(ended) => return ended,
             Err((client, backend, e)) => {
                 shared.metrics.kernel_refused.inc();
                 debug!(error = %e, "the kernel refused to join the pair; relaying in user space");
@@ -131,7 +135,7 @@ async fn carry(shared: &Shared, client: TcpStream, upstream: TcpStream) -> Ended
             }
         };
     // The kernel path counts from the first byte; this one from the hand-over.
-    match relay::relay(client, backend, config, false).await {
+    match relay::relay(client, backend, config, false, tally).await {
         Ended::Done(m) => Ended::Done(add(before, m)),
         Ended::Idle(m) => Ended::Idle(add(before, m)),
         Ended::Failed(m, e) => Ended::Failed(add(before, m), e),

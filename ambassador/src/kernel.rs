@@ -14,7 +14,9 @@
 //!   written; until they match, the check runs again after 1 ms, then 2, up to 50.
 //! * **Errors**: a reset on either side resets the other (SO_LINGER 0 at close).
 //! * **The idle timeout**: `tcpi_last_data_recv` of both sockets, read when the timer fires.
-//! * **The byte counts** for `/metrics`, from `tcpi_bytes_received` at the end.
+//! * **The byte counts** for `/metrics` and `/state`, from `tcpi_bytes_received`: read every
+//!   [`COUNT_EVERY`] while the connection lives (its bytes move without waking this process),
+//!   and at the end.
 //!
 //! A pair the kernel refuses to join (the map is full, a side closed already) is handed back
 //! and relayed in user space (`relay`).
@@ -24,39 +26,57 @@ use std::net::{Shutdown, TcpStream as StdStream};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use sockmap::KernelPath;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::relay::{Ended, Moved, RelayConfig};
+use crate::relay::{Ended, Moved, RelayConfig, Tally};
 
 /// First and longest wait before checking again whether a side's bytes are all forwarded.
 const FLUSH_FIRST: Duration = Duration::from_millis(1);
 const FLUSH_MOST: Duration = Duration::from_millis(50);
 /// How long the bytes a failed side sent may take to reach the other before both are reset.
 const FAILED_FLUSH_MOST: Duration = Duration::from_secs(1);
+/// How often a joined connection's byte counts are read while it lives: two `TCP_INFO` reads
+/// and a timer's wake-up per connection, so that 10,000 joined connections cost 4,000 system
+/// calls a second; a Prometheus scrape (15 s or more apart) sees them at most this late.
+pub const COUNT_EVERY: Duration = Duration::from_secs(5);
 
 /// Forwards in the kernel until both directions end. `Err` gives the sockets back when the
 /// kernel refused to join them (nothing was moved or lost: relay them in user space).
 /// `ack_pending`: as for [`crate::relay::relay`]; the kernel sends the handshake's last ACK
-/// now, since nothing here knows when the first bytes go.
+/// now, since nothing here knows when the first bytes go. The bytes are counted in `tally`
+/// from the connection's first byte (those relayed before the hand-over are in it already);
+/// `joined` counts the pair once the kernel has it.
 pub(crate) async fn forward(
     path: &KernelPath,
     client: TcpStream,
     backend: TcpStream,
     config: &RelayConfig,
     ack_pending: bool,
+    tally: &mut Tally,
+    joined: &Counter,
 ) -> Result<Ended, (TcpStream, TcpStream, io::Error)> {
     if let Err(e) = path.join(client.as_fd(), backend.as_fd()) {
         return Err((client, backend, e));
     }
+    joined.inc();
     if ack_pending {
         let _ = socket2::SockRef::from(&backend).set_tcp_quickack(true);
     }
-    Ok(watch(client, backend, config).await)
+    let ended = watch(client, backend, config, tally).await;
+    let (Ended::Done(moved) | Ended::Idle(moved) | Ended::Failed(moved, _)) = &ended;
+    tally.reach(*moved);
+    Ok(ended)
 }
 
-async fn watch(client: TcpStream, backend: TcpStream, config: &RelayConfig) -> Ended {
+async fn watch(
+    client: TcpStream,
+    backend: TcpStream,
+    config: &RelayConfig,
+    tally: &mut Tally,
+) -> Ended {
     let sides = match (client.into_std(), backend.into_std()) {
         (Ok(client), Ok(backend)) => [
             Side::new(client, false),
@@ -77,8 +97,11 @@ async fn watch(client: TcpStream, backend: TcpStream, config: &RelayConfig) -> E
     };
     let mut flush_wait = FLUSH_FIRST;
     let mut deadline = Instant::now() + config.idle_timeout;
+    let mut count_at = Instant::now() + COUNT_EVERY;
     loop {
-        let flushing = match pair.step() {
+        let step = pair.step();
+        tally.reach(pair.moved);
+        let flushing = match step {
             Ok(Step::Done) => return Ended::Done(pair.moved),
             Ok(Step::Wait { flushing }) => flushing,
             Err(e) => return pair.fail(e),
@@ -93,6 +116,8 @@ async fn watch(client: TcpStream, backend: TcpStream, config: &RelayConfig) -> E
             () = tokio::time::sleep(flush_wait), if flushing => {
                 flush_wait = (flush_wait * 2).min(FLUSH_MOST);
             }
+            // The next step reads the counts.
+            () = tokio::time::sleep_until(count_at) => count_at += COUNT_EVERY,
             () = tokio::time::sleep_until(deadline) => {
                 match pair.idle_for() {
                     Ok(idle) if idle >= config.idle_timeout => return Ended::Idle(pair.moved),

@@ -46,5 +46,7 @@ mod workers;
 
 pub use config::Config;
 pub use daemon::{AmbassadorArgs, Running, StartError};
+/// How often the kernel path reads a live connection's byte counts.
+pub use kernel::COUNT_EVERY as KERNEL_COUNT_EVERY;
 pub use relay::RelayConfig;
 pub use server::{Shared, ShutdownReport, run};

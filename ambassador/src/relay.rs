@@ -25,6 +25,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -65,6 +66,46 @@ pub struct Moved {
     pub down: u64,
 }
 
+/// A connection's bytes as its service's counters hold them. The relay and the kernel path
+/// count bytes as they move, not when the connection ends: a database pool's connections live
+/// for hours, and `/metrics`, `/state` and the UI must show their traffic meanwhile.
+/// `Default`: counters of its own (tests).
+#[derive(Debug, Default)]
+pub struct Tally {
+    up: Counter,
+    down: Counter,
+    counted: Moved,
+}
+
+impl Tally {
+    /// Counts into the service's `bytes_up` and `bytes_down`.
+    pub fn new(up: &Counter, down: &Counter) -> Self {
+        Tally {
+            up: up.clone(),
+            down: down.clone(),
+            counted: Moved::default(),
+        }
+    }
+
+    /// Counts the connection's bytes up to `total` (each way, since its first byte); a byte
+    /// already counted is not counted again.
+    pub fn reach(&mut self, total: Moved) {
+        if total.up > self.counted.up {
+            self.up.inc_by(total.up - self.counted.up);
+            self.counted.up = total.up;
+        }
+        if total.down > self.counted.down {
+            self.down.inc_by(total.down - self.counted.down);
+            self.counted.down = total.down;
+        }
+    }
+
+    /// What is counted so far.
+    pub fn counted(&self) -> Moved {
+        self.counted
+    }
+}
+
 /// How a relay ended.
 #[derive(Debug)]
 pub enum Ended {
@@ -90,8 +131,9 @@ pub async fn relay(
     backend: TcpStream,
     config: &RelayConfig,
     ack_pending: bool,
+    tally: &mut Tally,
 ) -> Ended {
-    match relay_until(client, backend, config, ack_pending, None).await {
+    match relay_until(client, backend, config, ack_pending, None, tally).await {
         Ok(ended) => ended,
         Err(_) => unreachable!("relay_until hands a pair back only when asked to"),
     }
@@ -111,13 +153,16 @@ pub struct Handed {
 /// been relayed while nothing is held and nothing has ended or turned to bulk: then the
 /// kernel path takes it. Short connections end here before that, and bulk ones go on here
 /// (splice beats the kernel path on a single bulk stream, docs/performance.md).
+/// The bytes written are counted in `tally` as they go (on top of what it held at the start).
 pub async fn relay_until(
     mut client: TcpStream,
     mut backend: TcpStream,
     config: &RelayConfig,
     mut ack_pending: bool,
     hand_after: Option<u32>,
+    tally: &mut Tally,
 ) -> Result<Ended, Handed> {
+    let before = tally.counted();
     let mut to_backend = Direction::default();
     let mut to_client = Direction::default();
     let mut last = Instant::now();
@@ -143,6 +188,10 @@ pub async fn relay_until(
             up: to_backend.moved,
             down: to_client.moved,
         };
+        tally.reach(Moved {
+            up: before.up + moved.up,
+            down: before.down + moved.down,
+        });
         for result in [up, down] {
             if let Poll::Ready(Err(e)) = result {
                 if e.kind() == io::ErrorKind::ConnectionReset {
@@ -525,7 +574,9 @@ mod tests {
     #[tokio::test]
     async fn half_close_each_way_then_done_with_the_counts() {
         let (mut client, a, b, mut backend) = sockets().await;
-        let relay = tokio::spawn(async move { relay(a, b, &RelayConfig::default(), false).await });
+        let relay = tokio::spawn(async move {
+            relay(a, b, &RelayConfig::default(), false, &mut Tally::default()).await
+        });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -554,7 +605,8 @@ mod tests {
             ..RelayConfig::default()
         };
         let start = Instant::now();
-        let relay = tokio::spawn(async move { relay(a, b, &config, false).await });
+        let relay =
+            tokio::spawn(async move { relay(a, b, &config, false, &mut Tally::default()).await });
         let mut byte = [0u8; 1];
         // A byte every 6 s: never 10 s of silence, so the relay outlives its first deadline.
         for _ in 0..3 {

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use ambassador::config::KernelForward;
+use testkit::eventually_async;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -271,4 +272,66 @@ async fn an_ipv6_backend_is_joined_to_an_ipv4_client() {
         1,
         "the connection went through the kernel"
     );
+}
+
+/// `bytes_up` and `bytes_down` of the service on `/state` (the counters `/metrics` shows).
+fn counted(amb: &Amb) -> (u64, u64) {
+    let state = amb.shared.state_json();
+    let s = &state["services"][0];
+    (
+        s["bytes_up"].as_u64().unwrap(),
+        s["bytes_down"].as_u64().unwrap(),
+    )
+}
+
+/// A long-lived connection (a database pool's) shows its bytes while it lives, on either path,
+/// and once it ends each byte is counted once.
+async fn bytes_count_while_the_connection_lives(kernel: KernelForward) {
+    let one = OneBackend::start(|c| c.kernel_forward = kernel).await;
+    let mut s = TcpStream::connect(one.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut greeting = [0u8; 14];
+    s.read_exact(&mut greeting).await.unwrap();
+    // More exchanges than the reads before the hand-over, so the kernel path takes the pair.
+    let mut sent = 0u64;
+    for i in 0..40 {
+        let m = message(i);
+        s.write_all(&m).await.unwrap();
+        let mut back = vec![0u8; m.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, m);
+        sent += m.len() as u64;
+    }
+    let want = (sent, 14 + sent);
+    // The kernel path reads its counts every 5 s.
+    let limit = ambassador::KERNEL_COUNT_EVERY + Duration::from_secs(3);
+    eventually_async(
+        limit,
+        "the bytes counted while the connection lives",
+        || std::future::ready((counted(&one.amb) == want).then_some(())),
+    )
+    .await;
+    let joined = u64::from(kernel == KernelForward::On);
+    assert_eq!(kernel_forwarded(&one.amb), joined, "joined in the kernel");
+    // The end adds nothing more: every byte was counted once.
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    eventually_async(Duration::from_secs(5), "the connection closed", || {
+        let state = one.amb.shared.state_json();
+        std::future::ready((state["services"][0]["active"] == 0).then_some(()))
+    })
+    .await;
+    assert_eq!(counted(&one.amb), want, "counts after the end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_count_while_a_kernel_forwarded_connection_lives() {
+    bytes_count_while_the_connection_lives(KernelForward::On).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_count_while_a_relayed_connection_lives() {
+    bytes_count_while_the_connection_lives(KernelForward::Off).await;
 }
