@@ -23,6 +23,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
 use tracing::debug;
 
 use crate::metrics::RouteCounters;
@@ -421,11 +422,20 @@ pub async fn handle(
     {
         let server = hyper::upgrade::on(&mut resp);
         let addr = backend.addr;
+        let (up, down) = (counters.bytes_in.clone(), counters.bytes_out.clone());
         tokio::spawn(async move {
             match tokio::try_join!(client, server) {
                 Ok((c, s)) => {
-                    let mut c = hyper_util::rt::TokioIo::new(c);
-                    let mut s = hyper_util::rt::TokioIo::new(s);
+                    // The bytes each way count as request and response bytes, as they pass.
+                    let count = |n: Counter| {
+                        move |b: &[u8]| {
+                            n.inc_by(b.len() as u64);
+                        }
+                    };
+                    let c = hyper_util::rt::TokioIo::new(c);
+                    let s = hyper_util::rt::TokioIo::new(s);
+                    let mut c = tokio_util::io::InspectReader::new(c, count(up));
+                    let mut s = tokio_util::io::InspectReader::new(s, count(down));
                     let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
                 }
                 Err(e) => debug!(backend = %addr, error = %e, "upgrade failed"),
@@ -564,6 +574,8 @@ impl Body for Tracked {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
+                    // Counted as it passes: a long download or event stream shows meanwhile.
+                    this.route.counters.bytes_out.inc_by(d.len() as u64);
                     this.bytes += d.len() as u64;
                 }
                 if this.inner.is_end_stream() {
@@ -602,7 +614,6 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         // A connection whose body was not read to its end is closed (dropped), not reused.
         self.backend.active.fetch_sub(1, Ordering::Relaxed);
-        self.route.counters.bytes_out.inc_by(self.bytes);
         if let (Some(log), Some(out)) = (&self.log, &self.state.access_log) {
             out.write(&serde_json::json!({
                 "time": runtime::host::rfc3339_now(),

@@ -405,3 +405,79 @@ async fn etcd_away_keeps_the_last_routes_and_a_restarted_etcd_is_followed_again(
             .then_some(())
     });
 }
+
+/// `router_response_bytes_total` of `domain`.
+fn response_bytes(router: &Router, domain: &str) -> u64 {
+    let prefix = format!("router_response_bytes_total{{domain=\"{domain}\"}} ");
+    let metrics = router.metrics();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no response bytes for {domain}:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A long response (a download, an event stream) shows its bytes while it streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_response_is_counted_as_it_passes() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    // A backend that sends 64 KiB of a chunked response, then the rest when told to.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let chunk = |n: usize| {
+            [
+                format!("{n:x}\r\n").into_bytes(),
+                vec![b'z'; n],
+                b"\r\n".to_vec(),
+            ]
+            .concat()
+        };
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap();
+        s.write_all(&chunk(65_536)).unwrap();
+        wait.recv_timeout(Duration::from_secs(20)).unwrap();
+        s.write_all(&chunk(1_000)).unwrap();
+        s.write_all(b"0\r\n\r\n").unwrap();
+    });
+    put_route(&mut c, "s.test", "s", false).await;
+    put_endpoint(&mut c, "s", 1, backend).await;
+    let router = Router::start(&etcd, &[]);
+    let mut client = std::net::TcpStream::connect(router.http).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    client
+        .write_all(b"GET /stream HTTP/1.1\r\nHost: s.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16_384];
+    // The router frames the body anew (chunks of its own size): count the body's bytes.
+    while got.iter().filter(|&&b| b == b'z').count() < 65_536 {
+        let n = client.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(
+        response_bytes(&router, "s.test"),
+        65_536,
+        "counted while it streams"
+    );
+    go.send(()).unwrap();
+    client.read_to_end(&mut got).unwrap();
+    server.join().unwrap();
+    testkit::eventually(Duration::from_secs(5), "the whole body counted", || {
+        (response_bytes(&router, "s.test") == 66_536).then_some(())
+    });
+}

@@ -25,7 +25,7 @@ const CLIENT: &str = r#"
 import asyncio, sys, websockets
 async def main():
     uri, host, port = sys.argv[1], "127.0.0.1", int(sys.argv[2])
-    async with websockets.connect(uri, host=host, port=port) as ws:
+    async with websockets.connect(uri, host=host, port=port, compression=None) as ws:
         for i in range(100):
             msg = "message %d " % i + "x" * i
             await ws.send(msg)
@@ -70,4 +70,18 @@ async fn a_websocket_is_passed_through_both_ways() {
         metrics.contains("router_requests_total{domain=\"ws.test\",class=\"1xx\"} 1"),
         "{metrics}"
     );
+    // The upgraded connection's bytes count as request and response bytes: each way at least
+    // the 200,000-byte message (the client asks for no compression) and the hundred small ones,
+    // plus a few frame header bytes.
+    for name in ["router_request_bytes_total", "router_response_bytes_total"] {
+        let prefix = format!("{name}{{domain=\"ws.test\"}} ");
+        let n: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no {name} for ws.test:\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!((200_000..300_000).contains(&n), "{name} {n}\n{metrics}");
+    }
 }
