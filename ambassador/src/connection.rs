@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::metrics::ServiceCounters;
 use crate::relay::{self, Ended, Moved, Tally};
 use crate::routes::{Backend, Service};
 use crate::server::Shared;
@@ -70,7 +71,7 @@ pub(crate) async fn handle(
     let mut tally = Tally::new(&stats.bytes_up, &stats.bytes_down);
     // Built in place (not first bound to a local) so the task holds the relay's state once.
     let ended = tokio::select! {
-        e = Box::pin(carry(shared, client, upstream, &mut tally)) => Some(e),
+        e = Box::pin(carry(shared, client, upstream, &mut tally, stats)) => Some(e),
         () = hard.cancelled() => None,
     };
     match ended {
@@ -97,6 +98,7 @@ async fn carry(
     client: TcpStream,
     upstream: TcpStream,
     tally: &mut Tally,
+    stats: &ServiceCounters,
 ) -> Ended {
     let config = &shared.config.relay;
     let Some(path) = &shared.kernel else {
@@ -122,18 +124,23 @@ async fn carry(
         moved: before,
         ack_pending,
     } = handed;
-    let joined = &shared.metrics.kernel_forwarded;
-    let (client, backend) =
-        match crate::kernel::forward(path, client, backend, config, ack_pending, tally, joined)
-            .await
-        {
-            Ok(ended) => return ended,
-            Err((client, backend, e)) => {
-                shared.metrics.kernel_refused.inc();
-                debug!(error = %e, "the kernel refused to join the pair; relaying in user space");
-                (client, backend)
-            }
-        };
+    let (client, backend) = match crate::kernel::forward(
+        path,
+        client,
+        backend,
+        config,
+        ack_pending,
+        tally,
+        stats,
+    )
+    .await
+    {
+        Ok(ended) => return ended,
+        Err((client, backend, e)) => {
+            debug!(error = %e, "the kernel refused to join the pair; relaying in user space");
+            (client, backend)
+        }
+    };
     // The kernel path counts from the first byte; this one from the hand-over.
     match relay::relay(client, backend, config, false, tally).await {
         Ended::Done(m) => Ended::Done(add(before, m)),

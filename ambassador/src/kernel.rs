@@ -26,11 +26,12 @@ use std::net::{Shutdown, TcpStream as StdStream};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use sockmap::KernelPath;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::metrics::ServiceCounters;
 use crate::relay::{Ended, Moved, RelayConfig, Tally};
 
 /// First and longest wait before checking again whether a side's bytes are all forwarded.
@@ -48,7 +49,7 @@ pub const COUNT_EVERY: Duration = Duration::from_secs(5);
 /// `ack_pending`: as for [`crate::relay::relay`]; the kernel sends the handshake's last ACK
 /// now, since nothing here knows when the first bytes go. The bytes are counted in `tally`
 /// from the connection's first byte (those relayed before the hand-over are in it already);
-/// `joined` counts the pair once the kernel has it.
+/// `stats`: the service's counters of the kernel path.
 pub(crate) async fn forward(
     path: &KernelPath,
     client: TcpStream,
@@ -56,12 +57,15 @@ pub(crate) async fn forward(
     config: &RelayConfig,
     ack_pending: bool,
     tally: &mut Tally,
-    joined: &Counter,
+    stats: &ServiceCounters,
 ) -> Result<Ended, (TcpStream, TcpStream, io::Error)> {
     if let Err(e) = path.join(client.as_fd(), backend.as_fd()) {
+        stats.kernel_refused.inc();
         return Err((client, backend, e));
     }
-    joined.inc();
+    stats.kernel_forwarded.inc();
+    // Also when the connection is cut at the end of the grace period (this future dropped).
+    let _in_kernel = InKernel::new(&stats.kernel_active);
     if ack_pending {
         let _ = socket2::SockRef::from(&backend).set_tcp_quickack(true);
     }
@@ -69,6 +73,22 @@ pub(crate) async fn forward(
     let (Ended::Done(moved) | Ended::Idle(moved) | Ended::Failed(moved, _)) = &ended;
     tally.reach(*moved);
     Ok(ended)
+}
+
+/// Counts a connection in the kernel path while it lives.
+struct InKernel<'a>(&'a Gauge);
+
+impl<'a> InKernel<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        InKernel(gauge)
+    }
+}
+
+impl Drop for InKernel<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 async fn watch(

@@ -51,9 +51,9 @@ pub struct Metrics {
     refused: Family<DropLabel, Counter>,
     pub synced: Gauge,
     pub listeners: Gauge,
-    /// Connections handed to the kernel path, and those it refused (relayed in user space).
-    pub kernel_forwarded: Counter,
-    pub kernel_refused: Counter,
+    kernel_forwarded: Family<ServiceLabel, Counter>,
+    kernel_refused: Family<ServiceLabel, Counter>,
+    kernel_active: Family<ServiceLabel, Gauge>,
     /// 1 when the kernel path is on (`--kernel-forward on` and the kernel took it).
     pub kernel_forwarding: Gauge,
 }
@@ -85,6 +85,11 @@ pub struct ServiceCounters {
     /// Connections (and UDP sessions) refused by link-scoped access.
     pub refused_not_linked: Counter,
     pub refused_unknown: Counter,
+    /// TCP: connections handed to the kernel path, those it refused (relayed in user space),
+    /// and those in it now.
+    pub kernel_forwarded: Counter,
+    pub kernel_refused: Counter,
+    pub kernel_active: Gauge,
 }
 
 /// One backend's counters that `/metrics` shows too.
@@ -173,6 +178,11 @@ impl Metrics {
             m.kernel_refused.clone(),
         );
         reg.register(
+            "ambassador_kernel_connections_active",
+            "Connections in the kernel path now",
+            m.kernel_active.clone(),
+        );
+        reg.register(
             "ambassador_kernel_forwarding",
             "1 when connections are forwarded in the kernel, 0 when relayed in user space",
             m.kernel_forwarding.clone(),
@@ -206,6 +216,11 @@ impl Metrics {
             refused_unknown: handle(&self.refused, &reason("unknown source")),
             ..ServiceCounters::default()
         };
+        if service.proto == schema::Proto::Tcp {
+            counters.kernel_forwarded = handle(&self.kernel_forwarded, &label);
+            counters.kernel_refused = handle(&self.kernel_refused, &label);
+            counters.kernel_active = handle(&self.kernel_active, &label);
+        }
         if service.proto == schema::Proto::Udp {
             counters.datagrams_up = handle(&self.datagrams, &direction("up"));
             counters.datagrams_down = handle(&self.datagrams, &direction("down"));

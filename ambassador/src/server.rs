@@ -287,6 +287,8 @@ impl Shared {
                     "local_connect_errors": s.stats.local_errors.get(),
                     "bytes_up": s.stats.bytes_up.get(),
                     "bytes_down": s.stats.bytes_down.get(),
+                    "kernel_active": s.stats.kernel_active.get(),
+                    "kernel_forwarded": s.stats.kernel_forwarded.get(),
                     "backends": backends_json(s),
                 })
             })

@@ -36,11 +36,20 @@ async fn serving(
     (etcd, amb, addr)
 }
 
+/// Connections of the (one) service handed to the kernel path, from `/state`.
 fn kernel_forwarded(amb: &Amb) -> u64 {
+    amb.shared.state_json()["services"][0]["kernel_forwarded"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Connections of the service in the kernel path now, from `/metrics`.
+fn kernel_active(amb: &Amb) -> u64 {
     let text = amb.shared.metrics_text();
     text.lines()
-        .find_map(|l| l.strip_prefix("ambassador_kernel_forwarded_connections_total "))
-        .map_or(0, |n| n.trim().parse().unwrap())
+        .filter(|l| l.starts_with("ambassador_kernel_connections_active{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,6 +322,7 @@ async fn bytes_count_while_the_connection_lives(kernel: KernelForward) {
     .await;
     let joined = u64::from(kernel == KernelForward::On);
     assert_eq!(kernel_forwarded(&one.amb), joined, "joined in the kernel");
+    assert_eq!(kernel_active(&one.amb), joined, "in the kernel now");
     // The end adds nothing more: every byte was counted once.
     s.shutdown().await.unwrap();
     let mut rest = Vec::new();
@@ -324,6 +334,12 @@ async fn bytes_count_while_the_connection_lives(kernel: KernelForward) {
     })
     .await;
     assert_eq!(counted(&one.amb), want, "counts after the end");
+    assert_eq!(
+        kernel_active(&one.amb),
+        0,
+        "none in the kernel after the end"
+    );
+    assert_eq!(kernel_forwarded(&one.amb), joined);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
