@@ -13,6 +13,10 @@
 # connection per transaction) and redis-benchmark (GET and SET, 16 clients). Prints each as a
 # ratio to direct and to HAProxy. Needs iperf3, wrk, nginx, haproxy, postgresql, redis
 # (installed with apt when root).
+#
+# BENCH_SWEEP="2 4 8 16 50" adds keep-alive requests/s and machine CPU per request at each of
+# those wrk connection counts (which path wins depends on how busy the machine is);
+# BENCH_SWEEP_ONLY=1 measures that alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -223,6 +227,7 @@ EOF
 metrics=(idle kidle bulk1 cpugb1 bulk8 cpugb8 ka kap50 kap99 kacpu kamcpu close closep50 closep99 closecpu closemcpu pg pgcpu pgmcpu pgc pgccpu pgcmcpu rget rset)
 declare -A ALL # ALL[target.metric]: the rounds' figures, one per line
 for r in $(seq 1 "$RUNS"); do
+  [ -n "${BENCH_SWEEP_ONLY:-}" ] && break
   for t in "${targets[@]}"; do
     echo "harness: round $r/$RUNS, measuring $t" >&2
     # A pause before each load run: each starts from a quiet proxy, not in the wake of the
@@ -242,13 +247,41 @@ for t in "${targets[@]}"; do
   done
 done
 
+sweep() { # target connections -> keep-alive req/s and machine CPU µs per request
+  local t=$1 c=$2 m0 m1 out total
+  m0=$(machine_ticks)
+  out=$(wrk -t2 -c"$c" -d"${SECS}s" "http://$(host_of "$t"):$(port_of "$t" nginx)/small.txt")
+  m1=$(machine_ticks)
+  total=$(awk '/requests in/ {print $1}' <<<"$out")
+  R[$t.sw$c]=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
+  R[$t.swm$c]=$(python3 -c "print('%.1f' % ((($m1-$m0)/$hz)/$total*1e6))")
+}
+SWEEP=(${BENCH_SWEEP:-})
+if [ "${#SWEEP[@]}" -gt 0 ]; then
+  for r in $(seq 1 "$RUNS"); do
+    for c in "${SWEEP[@]}"; do
+      for t in "${targets[@]}"; do
+        echo "harness: sweep round $r/$RUNS, $c connections, $t" >&2
+        sleep 0.3; sweep "$t" "$c"
+        for m in sw$c swm$c; do ALL[$t.$m]+="${R[$t.$m]}"$'\n'; done
+      done
+    done
+  done
+  for t in "${targets[@]}"; do
+    for c in "${SWEEP[@]}"; do
+      for m in sw$c swm$c; do R[$t.$m]=$(printf '%s' "${ALL[$t.$m]}" | median); done
+    done
+  done
+fi
+
 ratio() { python3 -c "a,b='$1','$2'; print('%.2f' % (float(a)/float(b)) if a and b and float(b) else '-')"; }
 where=${BENCH_WHERE:-loopback}
-printf '\n%-34s %10s %10s %10s %10s %8s %8s %8s\n' "metric (same run, $where)" direct ambassador "amb-user" haproxy "amb/dir" "amb/hap" "user/hap"
 row() { # label key
   local d=${R[direct.$2]:-} a=${R[ambassador.$2]:-} u=${R[user.$2]:-} h=${R[haproxy.$2]:-}
   printf '%-34s %10s %10s %10s %10s %8s %8s %8s\n' "$1" "${d:--}" "${a:--}" "${u:--}" "${h:--}" "$(ratio "$a" "$d")" "$(ratio "$a" "$h")" "$(ratio "$u" "$h")"
 }
+if [ -z "${BENCH_SWEEP_ONLY:-}" ]; then
+printf '\n%-34s %10s %10s %10s %10s %8s %8s %8s\n' "metric (same run, $where)" direct ambassador "amb-user" haproxy "amb/dir" "amb/hap" "user/hap"
 row "bulk 1 stream (Gbit/s)" bulk1
 row "bulk 8 streams (Gbit/s)" bulk8
 row "proxy CPU-s per GB, 1 stream" cpugb1
@@ -272,6 +305,17 @@ row "proxy CPU µs per -C pgbench tx" pgccpu
 row "machine CPU µs per -C pgbench tx" pgcmcpu
 row "redis-benchmark GET (req/s)" rget
 row "redis-benchmark SET (req/s)" rset
+fi
+if [ "${#SWEEP[@]}" -gt 0 ]; then
+  printf '\n%-34s %10s %10s %10s %10s %8s %8s %8s\n' "keep-alive by wrk connections" direct ambassador "amb-user" haproxy "amb/dir" "amb/hap" "amb/user"
+  for c in "${SWEEP[@]}"; do
+    for k in sw swm; do
+      d=${R[direct.$k$c]:-} a=${R[ambassador.$k$c]:-} u=${R[user.$k$c]:-} h=${R[haproxy.$k$c]:-}
+      label="-c$c requests/s"; [ "$k" = swm ] && label="-c$c machine CPU µs per request"
+      printf '%-34s %10s %10s %10s %10s %8s %8s %8s\n' "$label" "${d:--}" "${a:--}" "${u:--}" "${h:--}" "$(ratio "$a" "$d")" "$(ratio "$a" "$h")" "$(ratio "$a" "$u")"
+    done
+  done
+fi
 echo
 echo "(medians of ${RUNS} rounds; ${SECS}s per load run; ${IDLE} idle connections, read in round 1; wrk -t2 -c${BENCH_WRK_C:-50}; iperf3 -t ${SECS};"
 echo " pgbench -n -S -c 16 -j 2 -T ${SECS} at scale 10; redis-benchmark -c 16 -n ${BENCH_REDIS_N:-200000} -t get,set;"
