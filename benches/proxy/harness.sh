@@ -14,8 +14,9 @@
 # ratio to direct and to HAProxy. Needs iperf3, wrk, nginx, haproxy, postgresql, redis
 # (installed with apt when root).
 #
-# BENCH_SWEEP="2 4 8 16 50" adds keep-alive requests/s and machine CPU per request at each of
-# those wrk connection counts (which path wins depends on how busy the machine is);
+# BENCH_SWEEP="2 4 8 16 50" adds keep-alive requests/s and machine CPU per request (wrk), and
+# redis-benchmark GET requests/s, at each of those connection counts (which path wins depends
+# on the load);
 # BENCH_SWEEP_ONLY=1 measures that alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -255,6 +256,8 @@ sweep() { # target connections -> keep-alive req/s and machine CPU µs per reque
   total=$(awk '/requests in/ {print $1}' <<<"$out")
   R[$t.sw$c]=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
   R[$t.swm$c]=$(python3 -c "print('%.1f' % ((($m1-$m0)/$hz)/$total*1e6))")
+  out=$(timeout 60 redis-benchmark -h "$(host_of "$t")" -p "$(port_of "$t" redis)" -c "$c" -n "${BENCH_REDIS_N:-200000}" -t get --csv 2>/dev/null)
+  R[$t.swr$c]=$(awk -F'"' '$2=="GET" {printf "%.0f", $4}' <<<"$out")
 }
 SWEEP=(${BENCH_SWEEP:-})
 if [ "${#SWEEP[@]}" -gt 0 ]; then
@@ -263,13 +266,13 @@ if [ "${#SWEEP[@]}" -gt 0 ]; then
       for t in "${targets[@]}"; do
         echo "harness: sweep round $r/$RUNS, $c connections, $t" >&2
         sleep 0.3; sweep "$t" "$c"
-        for m in sw$c swm$c; do ALL[$t.$m]+="${R[$t.$m]}"$'\n'; done
+        for m in sw$c swm$c swr$c; do ALL[$t.$m]+="${R[$t.$m]}"$'\n'; done
       done
     done
   done
   for t in "${targets[@]}"; do
     for c in "${SWEEP[@]}"; do
-      for m in sw$c swm$c; do R[$t.$m]=$(printf '%s' "${ALL[$t.$m]}" | median); done
+      for m in sw$c swm$c swr$c; do R[$t.$m]=$(printf '%s' "${ALL[$t.$m]}" | median); done
     done
   done
 fi
@@ -307,11 +310,14 @@ row "redis-benchmark GET (req/s)" rget
 row "redis-benchmark SET (req/s)" rset
 fi
 if [ "${#SWEEP[@]}" -gt 0 ]; then
-  printf '\n%-34s %10s %10s %10s %10s %8s %8s %8s\n' "keep-alive by wrk connections" direct ambassador "amb-user" haproxy "amb/dir" "amb/hap" "amb/user"
+  printf '\n%-34s %10s %10s %10s %10s %8s %8s %8s\n' "keep-alive by connections" direct ambassador "amb-user" haproxy "amb/dir" "amb/hap" "amb/user"
   for c in "${SWEEP[@]}"; do
-    for k in sw swm; do
+    for k in sw swm swr; do
       d=${R[direct.$k$c]:-} a=${R[ambassador.$k$c]:-} u=${R[user.$k$c]:-} h=${R[haproxy.$k$c]:-}
-      label="-c$c requests/s"; [ "$k" = swm ] && label="-c$c machine CPU µs per request"
+      case $k in
+        sw) label="-c$c wrk requests/s";; swm) label="-c$c wrk machine CPU µs/req";;
+        swr) label="-c$c redis GET requests/s";;
+      esac
       printf '%-34s %10s %10s %10s %10s %8s %8s %8s\n' "$label" "${d:--}" "${a:--}" "${u:--}" "${h:--}" "$(ratio "$a" "$d")" "$(ratio "$a" "$h")" "$(ratio "$a" "$u")"
     done
   done
