@@ -75,6 +75,38 @@ pub(crate) async fn forward(
     Ok(ended)
 }
 
+/// Fewest reads of a side in a window for its segments-per-read to count.
+const COALESCE_MIN_READS: u32 = 4;
+
+/// The data segments each side's peer had sent at the last check (client, backend), to tell
+/// whether the relay took several per read since: then the peer sends its messages in
+/// pieces (a header, then a body it sends from a file) and the relay, busy, gathered them; the
+/// kernel would forward each piece on its own, a wake-up and a segment each.
+#[derive(Debug, Default)]
+pub(crate) struct Segments {
+    seen: [u32; 2],
+}
+
+impl Segments {
+    /// Whether, in the reads of `pair` since the last check, the relay read more than 1.5 of a
+    /// side's segments per read (with at least [`COALESCE_MIN_READS`] reads of that side).
+    pub(crate) fn coalesced(&mut self, pair: &crate::relay::Handed) -> bool {
+        let mut coalesced = false;
+        for (i, socket) in [&pair.client, &pair.backend].into_iter().enumerate() {
+            let Ok(info) = sockmap::tcp_info(socket.as_fd()) else {
+                continue;
+            };
+            let segments = u64::from(info.data_segs_in.wrapping_sub(self.seen[i]));
+            self.seen[i] = info.data_segs_in;
+            let reads = u64::from(pair.reads[i]);
+            if reads >= u64::from(COALESCE_MIN_READS) && segments * 2 > reads * 3 {
+                coalesced = true;
+            }
+        }
+        coalesced
+    }
+}
+
 /// Counts a connection in the kernel path while it lives.
 struct InKernel<'a>(&'a Gauge);
 

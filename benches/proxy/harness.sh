@@ -17,7 +17,8 @@
 # BENCH_SWEEP="2 4 8 16 50" adds keep-alive requests/s and machine CPU per request (wrk), and
 # redis-benchmark GET requests/s, at each of those connection counts (which path wins depends
 # on the load);
-# BENCH_SWEEP_ONLY=1 measures that alone.
+# BENCH_SWEEP_ONLY=1 measures that alone. BENCH_NGINX_SENDFILE=on has nginx send its files with
+# sendfile (its own default is off; Debian's packaged nginx.conf turns it on).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -57,6 +58,7 @@ error_log $work/nginx.err warn;
 events { worker_connections 8192; }
 http {
   access_log off;
+  sendfile ${BENCH_NGINX_SENDFILE:-off};
   keepalive_requests 1000000;
   server { listen $BACKEND_IP:$NGINX backlog=4096; root $work/www; }
 }
