@@ -92,10 +92,7 @@ pub(crate) async fn handle(
 
 /// Moves the bytes: in user space for the first `kernel_after` reads, then in the kernel when
 /// the kernel path is on (and the connection still lives, carries no bulk, and the kernel
-/// takes the pair), else in user space to the end. A pair whose relay took several of a
-/// peer's segments per read stays in user space for `kernel_after` reads more, then is asked
-/// again: the kernel forwards segment by segment, so it would send those pieces as they came
-/// (one wake-up and one segment each) where the relay sends one (docs/performance.md).
+/// takes the pair), else in user space to the end.
 async fn carry(
     shared: &Shared,
     client: TcpStream,
@@ -107,42 +104,26 @@ async fn carry(
     let Some(path) = &shared.kernel else {
         return relay::relay(client, upstream, config, true, tally).await;
     };
-    let mut pair = relay::Handed {
-        client,
-        backend: upstream,
-        moved: Moved::default(),
-        reads: [0, 0],
-        ack_pending: true,
-    };
-    if config.kernel_after > 0 {
-        let after = Some(config.kernel_after);
-        let mut segments = crate::kernel::Segments::default();
-        loop {
-            let relay::Handed {
-                client,
-                backend,
-                ack_pending,
-                ..
-            } = pair;
-            pair = match relay::relay_until(client, backend, config, ack_pending, after, tally)
-                .await
-            {
-                Ok(ended) => return totals(ended, tally),
-                Err(handed) => handed,
-            };
-            if !config.kernel_decline_gathered || !segments.coalesced(&pair) {
-                break;
-            }
-            // Asked again after as many reads more: the load may have changed.
-            stats.kernel_declined.inc();
+    let handed = if config.kernel_after == 0 {
+        relay::Handed {
+            client,
+            backend: upstream,
+            moved: Moved::default(),
+            ack_pending: true,
         }
-    }
+    } else {
+        let after = Some(config.kernel_after);
+        match relay::relay_until(client, upstream, config, true, after, tally).await {
+            Ok(ended) => return ended,
+            Err(handed) => handed,
+        }
+    };
     let relay::Handed {
         client,
         backend,
+        moved: before,
         ack_pending,
-        ..
-    } = pair;
+    } = handed;
     let (client, backend) = match crate::kernel::forward(
         path,
         client,
@@ -160,20 +141,18 @@ async fn carry(
             (client, backend)
         }
     };
-    totals(
-        relay::relay(client, backend, config, false, tally).await,
-        tally,
-    )
+    // The kernel path counts from the first byte; this one from the hand-over.
+    match relay::relay(client, backend, config, false, tally).await {
+        Ended::Done(m) => Ended::Done(add(before, m)),
+        Ended::Idle(m) => Ended::Idle(add(before, m)),
+        Ended::Failed(m, e) => Ended::Failed(add(before, m), e),
+    }
 }
 
-/// `ended` with the connection's totals (a relay counts from its own start; the tally holds
-/// every byte since the connection's first).
-fn totals(ended: Ended, tally: &Tally) -> Ended {
-    let all = tally.counted();
-    match ended {
-        Ended::Done(_) => Ended::Done(all),
-        Ended::Idle(_) => Ended::Idle(all),
-        Ended::Failed(_, e) => Ended::Failed(all, e),
+fn add(a: Moved, b: Moved) -> Moved {
+    Moved {
+        up: a.up + b.up,
+        down: a.down + b.down,
     }
 }
 

@@ -75,39 +75,6 @@ pub(crate) async fn forward(
     Ok(ended)
 }
 
-/// Fewest reads of a side for its segments-per-read to count.
-const COALESCE_MIN_READS: u64 = 4;
-
-/// The relay's reads of each side since the connection began (client, backend), to tell
-/// whether it took several of a peer's data segments per read: then the peer sends its
-/// messages in pieces (a header, then a body it sends from a file) and the relay, busy,
-/// gathered them; the kernel would forward each piece on its own, a wake-up and a segment
-/// each. Counted over the connection's whole life, so that one lucky window of separate reads
-/// does not hand over a pair whose peer mostly sends in pieces.
-#[derive(Debug, Default)]
-pub(crate) struct Segments {
-    reads: [u64; 2],
-}
-
-impl Segments {
-    /// Whether the relay has read more than 1.5 of a side's data segments per read so far
-    /// (with at least [`COALESCE_MIN_READS`] reads of that side), `pair` its latest stretch.
-    pub(crate) fn coalesced(&mut self, pair: &crate::relay::Handed) -> bool {
-        let mut coalesced = false;
-        for (i, socket) in [&pair.client, &pair.backend].into_iter().enumerate() {
-            self.reads[i] += u64::from(pair.reads[i]);
-            let Ok(info) = sockmap::tcp_info(socket.as_fd()) else {
-                continue;
-            };
-            let (segments, reads) = (u64::from(info.data_segs_in), self.reads[i]);
-            if reads >= COALESCE_MIN_READS && segments * 2 > reads * 3 {
-                coalesced = true;
-            }
-        }
-        coalesced
-    }
-}
-
 /// Counts a connection in the kernel path while it lives.
 struct InKernel<'a>(&'a Gauge);
 

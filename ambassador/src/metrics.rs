@@ -54,7 +54,6 @@ pub struct Metrics {
     kernel_forwarded: Family<ServiceLabel, Counter>,
     kernel_refused: Family<ServiceLabel, Counter>,
     kernel_active: Family<ServiceLabel, Gauge>,
-    kernel_declined: Family<ServiceLabel, Counter>,
     /// 1 when the kernel path is on (`--kernel-forward on` and the kernel took it).
     pub kernel_forwarding: Gauge,
 }
@@ -91,8 +90,6 @@ pub struct ServiceCounters {
     pub kernel_forwarded: Counter,
     pub kernel_refused: Counter,
     pub kernel_active: Gauge,
-    /// Hand-overs declined because the relay was gathering a peer's segments.
-    pub kernel_declined: Counter,
 }
 
 /// One backend's counters that `/metrics` shows too.
@@ -186,11 +183,6 @@ impl Metrics {
             m.kernel_active.clone(),
         );
         reg.register(
-            "ambassador_kernel_declined",
-            "Hand-overs to the kernel path declined: the relay was reading several of a peer's segments at once, which the kernel would forward one by one",
-            m.kernel_declined.clone(),
-        );
-        reg.register(
             "ambassador_kernel_forwarding",
             "1 when connections are forwarded in the kernel, 0 when relayed in user space",
             m.kernel_forwarding.clone(),
@@ -228,7 +220,6 @@ impl Metrics {
             counters.kernel_forwarded = handle(&self.kernel_forwarded, &label);
             counters.kernel_refused = handle(&self.kernel_refused, &label);
             counters.kernel_active = handle(&self.kernel_active, &label);
-            counters.kernel_declined = handle(&self.kernel_declined, &label);
         }
         if service.proto == schema::Proto::Udp {
             counters.datagrams_up = handle(&self.datagrams, &direction("up"));

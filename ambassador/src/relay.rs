@@ -45,10 +45,6 @@ pub struct RelayConfig {
     /// With the kernel path on: reads relayed here (short ones, none of a bulk run) before
     /// the pair is handed to the kernel (`--kernel-forward-after`); 0: at once.
     pub kernel_after: u32,
-    /// Keep a pair in user space (and ask again `kernel_after` reads later) while the relay
-    /// reads several of a peer's segments at once; on by default, off in the tests of the
-    /// hand-over itself.
-    pub kernel_decline_gathered: bool,
 }
 
 impl Default for RelayConfig {
@@ -59,7 +55,6 @@ impl Default for RelayConfig {
             pipe_size: 256 * 1024,
             idle_timeout: Duration::from_secs(3600),
             kernel_after: 16,
-            kernel_decline_gathered: true,
         }
     }
 }
@@ -150,8 +145,6 @@ pub struct Handed {
     pub client: TcpStream,
     pub backend: TcpStream,
     pub moved: Moved,
-    /// Reads that carried bytes: from the client, from the backend.
-    pub reads: [u32; 2],
     /// The handshake's last ACK to the backend is still held back.
     pub ack_pending: bool,
 }
@@ -242,7 +235,6 @@ pub async fn relay_until(
             up: to_backend.moved,
             down: to_client.moved,
         },
-        reads: [to_backend.reads, to_client.reads],
         ack_pending,
     })
 }

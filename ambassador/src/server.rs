@@ -289,7 +289,6 @@ impl Shared {
                     "bytes_down": s.stats.bytes_down.get(),
                     "kernel_active": s.stats.kernel_active.get(),
                     "kernel_forwarded": s.stats.kernel_forwarded.get(),
-                    "kernel_declined": s.stats.kernel_declined.get(),
                     "backends": backends_json(s),
                 })
             })

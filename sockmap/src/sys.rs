@@ -209,8 +209,6 @@ pub struct TcpInfo {
     pub bytes_acked: u64,
     /// Sequence space received in order (HCThruOctetsReceived); counts a received FIN as 1.
     pub bytes_received: u64,
-    /// Segments that carried data, received (RFC 4898 HCThruOctetsReceived's segments).
-    pub data_segs_in: u32,
 }
 
 pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
@@ -222,7 +220,6 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
         last_data_recv: info.tcpi_last_data_recv,
         bytes_acked: info.tcpi_bytes_acked,
         bytes_received: info.tcpi_bytes_received,
-        data_segs_in: info.tcpi_data_segs_in,
     })
 }
 

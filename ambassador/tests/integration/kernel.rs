@@ -81,9 +81,6 @@ async fn small_messages_both_ways(after: u32) {
     let one = OneBackend::start(|c| {
         c.kernel_forward = KernelForward::On;
         c.relay.kernel_after = after;
-        // The writer's bursts are read several segments at a time, which would keep the pair
-        // in user space: this test is about the hand-over.
-        c.relay.kernel_decline_gathered = false;
     })
     .await;
     let mut s = TcpStream::connect(one.addr).await.unwrap();
@@ -353,39 +350,4 @@ async fn bytes_count_while_a_kernel_forwarded_connection_lives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_count_while_a_relayed_connection_lives() {
     bytes_count_while_the_connection_lives(KernelForward::Off).await;
-}
-
-/// A client that sends each message in pieces (eight segments written back to back) is read
-/// several segments at a time: the pair stays in user space, where the relay sends each
-/// message on as one segment, and the decision is counted each time it is taken.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_sending_in_pieces_is_kept_in_user_space() {
-    let one = OneBackend::start(|c| c.kernel_forward = KernelForward::On).await;
-    let addr = one.addr;
-    let sent = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_nodelay(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut greeting = [0u8; 14];
-        s.read_exact(&mut greeting).unwrap();
-        let mut sent = 0u64;
-        for i in 0..100u32 {
-            let m: Vec<u8> = (0..64u32).map(|k| (i + k) as u8).collect();
-            for piece in m.chunks(8) {
-                s.write_all(piece).unwrap();
-            }
-            let mut back = vec![0u8; m.len()];
-            s.read_exact(&mut back).unwrap();
-            assert_eq!(back, m, "message {i}");
-            sent += m.len() as u64;
-        }
-        sent
-    })
-    .await
-    .unwrap();
-    let s = &one.amb.shared.state_json()["services"][0];
-    assert_eq!(s["kernel_forwarded"], 0, "{s}");
-    assert!(s["kernel_declined"].as_u64().unwrap() >= 1, "{s}");
-    assert_eq!(s["bytes_up"], sent, "{s}");
 }
