@@ -92,7 +92,8 @@ pub(crate) async fn handle(
 
 /// Moves the bytes: in user space for the first `kernel_after` reads, then in the kernel when
 /// the kernel path is on (and the connection still lives, carries no bulk, and the kernel
-/// takes the pair), else in user space to the end.
+/// takes the pair), else in user space to the end. The connection's bytes are counted in
+/// `tally` as they move; the counts in what this returns are its last stretch's only.
 async fn carry(
     shared: &Shared,
     client: TcpStream,
@@ -121,8 +122,8 @@ async fn carry(
     let relay::Handed {
         client,
         backend,
-        moved: before,
         ack_pending,
+        ..
     } = handed;
     let (client, backend) = match crate::kernel::forward(
         path,
@@ -141,19 +142,7 @@ async fn carry(
             (client, backend)
         }
     };
-    // The kernel path counts from the first byte; this one from the hand-over.
-    match relay::relay(client, backend, config, false, tally).await {
-        Ended::Done(m) => Ended::Done(add(before, m)),
-        Ended::Idle(m) => Ended::Idle(add(before, m)),
-        Ended::Failed(m, e) => Ended::Failed(add(before, m), e),
-    }
-}
-
-fn add(a: Moved, b: Moved) -> Moved {
-    Moved {
-        up: a.up + b.up,
-        down: a.down + b.down,
-    }
+    relay::relay(client, backend, config, false, tally).await
 }
 
 /// Tries of a connection that fail for want of a file descriptor, and the wait after each.

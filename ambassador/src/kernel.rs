@@ -69,10 +69,8 @@ pub(crate) async fn forward(
     if ack_pending {
         let _ = socket2::SockRef::from(&backend).set_tcp_quickack(true);
     }
-    let ended = watch(client, backend, config, tally).await;
-    let (Ended::Done(moved) | Ended::Idle(moved) | Ended::Failed(moved, _)) = &ended;
-    tally.reach(*moved);
-    Ok(ended)
+    // `watch` counts after every step, and each way it ends carries its last step's counts.
+    Ok(watch(client, backend, config, tally).await)
 }
 
 /// Counts a connection in the kernel path while it lives.
