@@ -7,7 +7,7 @@
 //! pooled connection that the backend closed hands the request back untouched, so it can go
 //! elsewhere whatever its method).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ struct Idle {
 /// `idle_timeout`, are closed by [`Pool::sweep`]: the pool follows demand as HAProxy's purge
 /// does, and `max_idle` only caps it.
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     /// Idle connections kept per backend.
     pub max_idle: usize,
     /// An idle connection older than this is closed rather than used (backends close theirs
@@ -79,7 +79,7 @@ impl Pool {
         let now = Instant::now();
         let mut not_yet = Vec::new();
         let mut found = None;
-        while let Some(mut i) = list.pop_back() {
+        while let Some(mut i) = list.pop() {
             if self.stale(&i, now) {
                 continue;
             }
@@ -109,7 +109,7 @@ impl Pool {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.entry(conn.addr).or_default();
         if list.len() < self.max_idle {
-            list.push_back(Idle {
+            list.push(Idle {
                 sender: conn.sender,
                 since: Instant::now(),
             });
@@ -146,7 +146,7 @@ impl Pool {
             .lock()
             .expect("pool lock")
             .values()
-            .map(VecDeque::len)
+            .map(Vec::len)
             .sum()
     }
 }
