@@ -208,6 +208,11 @@ impl Router {
         curl(&[&format!("http://{}/metrics", self.admin)]).body
     }
 
+    /// The value of one series of `/metrics`, named with its labels (`name{label="v"}`).
+    pub fn metric(&self, series: &str) -> u64 {
+        metric_value(&self.metrics(), series)
+    }
+
     pub fn state(&self) -> serde_json::Value {
         serde_json::from_str(&curl(&[&format!("http://{}/state", self.admin)]).body).unwrap()
     }
@@ -268,4 +273,16 @@ pub fn get(router: &Router, host: &str, path: &str) -> Got {
         &format!("Host: {host}"),
         &format!("http://{}{path}", router.http),
     ])
+}
+
+/// The value of `series` (a name with its labels) in the text of `/metrics`.
+pub fn metric_value(metrics: &str, series: &str) -> u64 {
+    let prefix = format!("{series} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
 }

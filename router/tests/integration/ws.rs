@@ -74,14 +74,7 @@ async fn a_websocket_is_passed_through_both_ways() {
     // the 200,000-byte message (the client asks for no compression) and the hundred small ones,
     // plus a few frame header bytes.
     for name in ["router_request_bytes_total", "router_response_bytes_total"] {
-        let prefix = format!("{name}{{domain=\"ws.test\"}} ");
-        let n: u64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .unwrap_or_else(|| panic!("no {name} for ws.test:\n{metrics}"))
-            .trim()
-            .parse()
-            .unwrap();
+        let n = crate::metric_value(&metrics, &format!("{name}{{domain=\"ws.test\"}}"));
         assert!((200_000..300_000).contains(&n), "{name} {n}\n{metrics}");
     }
 }
