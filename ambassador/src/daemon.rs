@@ -320,7 +320,7 @@ pub async fn start_inheriting(
     shutdown: CancellationToken,
     inherited: BTreeMap<String, OwnedFd>,
 ) -> Result<Running, StartError> {
-    let sockets = crate::handover::Sockets::inheriting(inherited);
+    let sockets = runtime::handover::Sockets::inheriting(inherited);
     let upgrading = sockets.is_inheriting();
     let lock = crate::lock::take_from(
         &checked.run_dir,

@@ -20,7 +20,6 @@
 //! * [`udp`]: UDP service ports: a session per client address.
 //! * [`stats`]: the `stats/<host>` record for the UI.
 //! * [`lock`]: one ambassador per bind address.
-//! * [`handover`]: its sockets by name, for an upgrade that drops no connection.
 //! * [`admin`]: `/metrics`, `/healthz`, `/state`.
 //! * [`dns`]: the service DNS.
 
@@ -30,7 +29,6 @@ pub mod config;
 mod connection;
 pub mod daemon;
 pub mod dns;
-pub mod handover;
 mod kernel;
 mod listeners;
 pub mod lock;

@@ -86,20 +86,21 @@ pub struct Shared {
     pub(crate) udp_listening: Mutex<BTreeMap<u16, SocketAddr>>,
     /// Link-scoped access: who may connect to which service (`crate::access`).
     access: tokio::sync::watch::Sender<Arc<crate::access::Access>>,
-    /// Listening sockets offered to a successor and inherited from a predecessor.
-    pub sockets: crate::handover::Sockets,
+    /// Listening sockets offered to a successor and inherited from a predecessor, by name:
+    /// `tcp/<port>/<thread>`, `udp/<port>/<thread>`, `dns/udp`, `dns/tcp`, `admin`, `lock`.
+    pub sockets: runtime::handover::Sockets,
     /// The kernel path, when on and the kernel took the map and the program.
     pub(crate) kernel: Option<sockmap::KernelPath>,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Arc<Self> {
-        Self::inheriting(config, crate::handover::Sockets::default())
+        Self::inheriting(config, runtime::handover::Sockets::default())
     }
 
     /// [`Shared::new`] for a process that takes over from a running one: `sockets` holds what
     /// it handed over.
-    pub fn inheriting(config: Config, sockets: crate::handover::Sockets) -> Arc<Self> {
+    pub fn inheriting(config: Config, sockets: runtime::handover::Sockets) -> Arc<Self> {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let (routes, _) = tokio::sync::watch::channel(Arc::new(Routes::default()));

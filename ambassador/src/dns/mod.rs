@@ -101,7 +101,7 @@ pub async fn serve(
     zone: watch::Receiver<Arc<Zone>>,
     listen: std::net::SocketAddr,
     shutdown: tokio_util::sync::CancellationToken,
-    sockets: &crate::handover::Sockets,
+    sockets: &runtime::handover::Sockets,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     // The sockets a predecessor handed over, or new ones.
     let udp = match sockets.inherit("dns/udp") {

@@ -29,7 +29,7 @@ async fn start(etcd: &Etcd) -> (Amb, SocketAddr) {
         amb.shared.zone(),
         listen,
         amb.stop.clone(),
-        &ambassador::handover::Sockets::default(),
+        &runtime::handover::Sockets::default(),
     )
     .await
     .expect("bind DNS");
