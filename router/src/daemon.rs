@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::Client;
 use runtime::etcd::parse_duration;
+use runtime::handover::Sockets;
 use runtime::{CancellationToken, process};
 use schema::Prefix;
 use tokio::sync::Semaphore;
@@ -239,7 +240,7 @@ pub struct Running {
     shutdown: CancellationToken,
     background: CancellationToken,
     /// Copies of the listening sockets, for a successor (`router --upgrade`).
-    offered: Vec<(String, OwnedFd)>,
+    sockets: Arc<Sockets>,
 }
 
 /// Binds every listener, then serves until `shutdown`. `client` may point at an etcd that is
@@ -262,9 +263,10 @@ pub async fn start_inheriting(
     prefix: Prefix,
     client: Client,
     shutdown: CancellationToken,
-    mut inherited: BTreeMap<String, OwnedFd>,
+    inherited: BTreeMap<String, OwnedFd>,
 ) -> Result<Running, StartError> {
     let upgrading = !inherited.is_empty();
+    let sockets = Arc::new(Sockets::inheriting(inherited));
     let args = &checked.args;
     let nofile = runtime::process::raise_nofile().unwrap_or(0);
     let needed = (args.max_connections as u64)
@@ -289,8 +291,8 @@ pub async fn start_inheriting(
         ),
     };
     // Each listener: the one a predecessor handed over, or a new one.
-    let mut bind = |flag: &'static str, addr: SocketAddr| {
-        match inherited.remove(flag) {
+    let bind = |flag: &'static str, addr: SocketAddr| {
+        match sockets.inherit(flag) {
             Some(fd) => {
                 let listener = std::net::TcpListener::from(fd);
                 listener
@@ -308,14 +310,13 @@ pub async fn start_inheriting(
     let http = checked.http.map(|a| bind("http", a)).transpose()?;
     let https = checked.https.map(|a| bind("https", a)).transpose()?;
     let admin = bind("admin", args.admin)?;
-    let mut offered = Vec::new();
     for (name, listener) in [
         ("http", http.as_ref()),
         ("https", https.as_ref()),
         ("admin", Some(&admin)),
     ] {
-        if let Some(copy) = listener.and_then(|l| l.as_fd().try_clone_to_owned().ok()) {
-            offered.push((name.to_owned(), copy));
+        if let Some(listener) = listener {
+            sockets.offer(name.to_owned(), listener);
         }
     }
     let addr_of =
@@ -429,24 +430,25 @@ pub async fn start_inheriting(
         grace: args.grace,
         shutdown,
         background,
-        offered,
+        sockets,
     })
 }
 
 impl Running {
-    /// Copies of the listening sockets by name (`http`, `https`, `admin`), for a successor.
-    pub fn sockets(&self) -> Vec<(String, OwnedFd)> {
-        self.offered
-            .iter()
-            .filter_map(|(name, fd)| fd.try_clone().ok().map(|fd| (name.clone(), fd)))
-            .collect()
+    /// The listening sockets by name (`http`, `https`, `admin`) offered to a successor.
+    pub fn sockets(&self) -> Arc<Sockets> {
+        self.sockets.clone()
     }
 
-    /// Waits for `shutdown`, stops accepting, lets open requests finish for `--grace`, then
+    /// Waits for `shutdown`, stops accepting (the listening sockets close: a client that
+    /// connects now is refused, not queued), lets open requests finish for `--grace`, then
     /// cuts the rest; returns how many connections were cut.
     pub async fn wait(self) -> usize {
         self.shutdown.cancelled().await;
         self.serving.stop.cancel();
+        // The accept loops drop their listeners as they return; the copies go now. (After
+        // a hand-over the successor holds its own.)
+        self.sockets.withdraw("");
         self.serving.tracker.close();
         let open = self.serving.tracker.len();
         info!(open, grace = ?self.grace, "stopping: open connections finish their requests");

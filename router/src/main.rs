@@ -86,10 +86,7 @@ fn main() -> ExitCode {
             &socket,
             std::sync::Arc::new(move || handover::Listing {
                 meta: serde_json::json!({}),
-                fds: sockets
-                    .iter()
-                    .filter_map(|(name, fd)| fd.try_clone().ok().map(|fd| (name.clone(), fd)))
-                    .collect(),
+                fds: sockets.listing(),
             }),
             shutdown.clone(),
             cli.upgrade,

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -178,16 +179,37 @@ async fn connection(
 /// Drives one connection (`$conn`) until it ends, or shuts it down gracefully on `stop` and
 /// cuts it on `hard`; the result of the connection. The connection is boxed: an HTTP/1.1 and
 /// an HTTP/2 connection inline would make every connection's task as large as both.
+///
+/// `$asked` says whether the client has sent a request yet. hyper's graceful shutdown closes
+/// an HTTP/1.1 connection that has read nothing, and so would cut a client that connected just
+/// before the stop with its first request on the way (HTTP/1.1 has no way to tell it that the
+/// request went unread; HTTP/2's GOAWAY does, so h2 passes `true`): such a connection first
+/// waits for its request (hyper's head timeout still applies), which is then answered with
+/// `Connection: close`.
 macro_rules! until_stopped {
-    ($s:expr, $conn:ident) => {{
+    ($s:expr, $conn:ident, $asked:expr) => {{
         let mut $conn = Box::pin($conn);
         tokio::select! {
             r = $conn.as_mut() => r,
             () = $s.stop.cancelled() => {
-                $conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    r = $conn.as_mut() => r,
-                    () = $s.hard.cancelled() => Ok(()),
+                let first = std::future::poll_fn(|cx| match $conn.as_mut().poll(cx) {
+                    std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+                    std::task::Poll::Pending if $asked => std::task::Poll::Ready(None),
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                });
+                let ended = tokio::select! {
+                    r = first => r,
+                    () = $s.hard.cancelled() => Some(Ok(())),
+                };
+                match ended {
+                    Some(r) => r,
+                    None => {
+                        $conn.as_mut().graceful_shutdown();
+                        tokio::select! {
+                            r = $conn.as_mut() => r,
+                            () = $s.hard.cancelled() => Ok(()),
+                        }
+                    }
                 }
             }
         }
@@ -201,22 +223,25 @@ where
     let state = s.state.clone();
     let info = std::sync::Arc::new(info);
     let client = info.client;
+    let asked = Arc::new(AtomicBool::new(false));
+    let asking = asked.clone();
     // Each request's future boxed on its own: hyper keeps the space for the service's future
     // for the connection's whole life, and this one is 1.5 KB; an idle connection then holds
     // a pointer instead.
     let service = hyper::service::service_fn(move |req| {
+        asking.store(true, Ordering::Relaxed);
         Box::pin(proxy::handle(state.clone(), info.clone(), req))
     });
     let result = if h2 {
         let conn = s.builder.http2.serve_connection(io, service);
-        until_stopped!(s, conn)
+        until_stopped!(s, conn, true)
     } else {
         let conn = s
             .builder
             .http1
             .serve_connection(io, service)
             .with_upgrades();
-        until_stopped!(s, conn)
+        until_stopped!(s, conn, asked.load(Ordering::Relaxed))
     };
     if let Err(e) = result {
         if e.is_timeout() {

@@ -360,6 +360,64 @@ async fn sigterm_lets_an_open_request_finish() {
     );
 }
 
+/// SIGTERM closes the listening sockets at once: a client that connects while the router
+/// drains is refused (and can go elsewhere at once) rather than left in an accept queue
+/// that nobody reads, to be reset when the process exits. A client whose connection the
+/// router accepted before the signal, and whose request came after it, is answered (with
+/// `Connection: close`), not cut with its request unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_refuses_new_connections_and_answers_one_accepted_before() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let w = Web::start("w").await;
+    put_route(&mut c, "g.test", "g", false).await;
+    put_endpoint(&mut c, "g", 1, w.addr).await;
+    let mut router = Router::start(&etcd, &[]);
+    let addr = router.http;
+    // A slow request (3 s) keeps the router draining.
+    let slow =
+        std::thread::spawn(move || curl(&["-H", "Host: g.test", &format!("http://{addr}/slow")]));
+    testkit::eventually(
+        Duration::from_secs(5),
+        "the slow request reached the backend",
+        || (w.gets.load(std::sync::atomic::Ordering::Relaxed) == 1).then_some(()),
+    );
+    let mut early = std::net::TcpStream::connect(addr).unwrap();
+    testkit::eventually(
+        Duration::from_secs(5),
+        "the router accepted the second connection",
+        || (router.metric("router_connections_total") == 2).then_some(()),
+    );
+    router.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    router.daemon.wait_log(
+        "stopping: open connections finish their requests",
+        Duration::from_secs(10),
+    );
+    // Time for anything done at the stop to be done (hyper's graceful shutdown closes a
+    // connection that has not read anything yet at once).
+    std::thread::sleep(Duration::from_millis(300));
+    let late = std::net::TcpStream::connect(addr);
+    assert!(
+        late.is_err(),
+        "a connection made while the router drains was accepted by the kernel: nobody would \
+         answer it, and the exit would reset it"
+    );
+    early
+        .write_all(b"GET / HTTP/1.1\r\nHost: g.test\r\n\r\n")
+        .unwrap();
+    early
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = early.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer:?}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    let status = router.daemon.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert_eq!(slow.join().unwrap().status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_away_keeps_the_last_routes_and_a_restarted_etcd_is_followed_again() {
     let mut etcd = Etcd::start().await;
