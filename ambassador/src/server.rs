@@ -487,9 +487,13 @@ pub async fn run(
     }
 
     // Shutdown: stop accepting, let connections finish, then cut the rest. UDP has no
-    // connections to drain: its sockets close at once.
-    shared.sockets.withdraw("udp/");
-    shared.sockets.withdraw("tcp/");
+    // connections to drain: its sockets close at once. No copy of a socket that stops being
+    // served stays open: the kernel would queue what comes to it, unanswered, where a closed
+    // port refuses it at once and the client goes elsewhere. (The DNS server stops on the same
+    // signal.)
+    for prefix in ["udp/", "tcp/", "dns/"] {
+        shared.sockets.withdraw(prefix);
+    }
     for (_, socket) in udp.drain() {
         socket.close().await;
     }

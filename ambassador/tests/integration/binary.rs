@@ -33,7 +33,10 @@ async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
         run,
         ..
     } = Echo::start().await;
-    let args = loopback_args(&etcd, &admin, &run, &["--grace", "10s", "--threads", "2"]);
+    let mut args = loopback_args(&etcd, &admin, &run, &["--grace", "10s", "--threads", "2"]);
+    let dns: std::net::SocketAddr = ([127, 0, 0, 1], testkit::free_ports(1)[0]).into();
+    let at = args.iter().position(|a| a == "--dns").unwrap();
+    args[at + 1] = dns.to_string();
     let mut amb = Daemon::spawn(env!("CARGO_BIN_EXE_ambassador"), &refs(&args));
     let limit = Duration::from_secs(20);
     let mut wait_line = |needle: &str| amb.wait_log(needle, limit);
@@ -78,6 +81,21 @@ async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
     amb.signal(nix::sys::signal::Signal::SIGTERM);
     amb.wait_log("stopped accepting; waiting for open connections", limit);
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
+    // DNS stopped with the signal, and its ports are closed, not left to queue what nobody
+    // reads: a resolver is refused at once and asks its next server.
+    // (The UDP loop looks at the stop every 200 ms.)
+    testkit::eventually(Duration::from_secs(3), "the DNS ports refuse", || {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.connect(dns).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let query = [0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1];
+        let refused = |r: std::io::Result<usize>| {
+            r.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        };
+        let udp_refused = refused(udp.send(&query)) || refused(udp.recv(&mut [0u8; 512]));
+        (udp_refused && std::net::TcpStream::connect(dns).is_err()).then_some(())
+    });
     open.write_all(b"after sigterm\n").await.unwrap();
     let mut back = [0u8; 14];
     open.read_exact(&mut back).await.unwrap();
