@@ -344,6 +344,7 @@ pub async fn start_inheriting(
         limits,
         permits: Arc::new(Semaphore::new(args.max_connections)),
         tracker: TaskTracker::new(),
+        accepting: TaskTracker::new(),
         stop: CancellationToken::new(),
         hard: CancellationToken::new(),
     });
@@ -396,12 +397,12 @@ pub async fn start_inheriting(
                     .instrument(span.clone()),
             );
             if let Some(l) = http {
-                tokio::spawn(
+                serving.accepting.spawn(
                     crate::server::accept_loop(serving.clone(), l, None).instrument(span.clone()),
                 );
             }
             if let Some(l) = https {
-                tokio::spawn(
+                serving.accepting.spawn(
                     crate::server::accept_loop(serving.clone(), l, acceptor)
                         .instrument(span.clone()),
                 );
@@ -446,9 +447,11 @@ impl Running {
     pub async fn wait(self) -> usize {
         self.shutdown.cancelled().await;
         self.serving.stop.cancel();
-        // The accept loops drop their listeners as they return; the copies go now. (After
-        // a hand-over the successor holds its own.)
+        // The accept loops take what waits in their queues and drop their listeners as they
+        // return; the copies go now. (After a hand-over the successor holds its own.)
         self.sockets.withdraw("");
+        self.serving.accepting.close();
+        self.serving.accepting.wait().await;
         self.serving.tracker.close();
         let open = self.serving.tracker.len();
         info!(open, grace = ?self.grace, "stopping: open connections finish their requests");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -75,13 +75,16 @@ pub struct Serving {
     pub builder: Builders,
     pub permits: Arc<Semaphore>,
     pub tracker: TaskTracker,
+    /// The accept loops: the stop waits for them (and their [`sweep`]) before it counts the
+    /// connections to drain.
+    pub accepting: TaskTracker,
     /// Stop taking requests: finish the one in hand and close.
     pub stop: CancellationToken,
     /// The grace period is over: close now.
     pub hard: CancellationToken,
 }
 
-/// Accepts on `listener` until `serving.stop`.
+/// Accepts on `listener` until `serving.stop`, then [`sweep`]s its queue.
 pub async fn accept_loop(
     serving: Arc<Serving>,
     listener: TcpListener,
@@ -93,11 +96,11 @@ pub async fn accept_loop(
                 Ok(p) => p,
                 Err(_) => return,
             },
-            () = serving.stop.cancelled() => return,
+            () = serving.stop.cancelled() => return sweep(&serving, &listener, &tls),
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = serving.stop.cancelled() => return,
+            () = serving.stop.cancelled() => return sweep(&serving, &listener, &tls),
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -108,18 +111,62 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let s = serving.clone();
-        let tls = tls.clone();
-        serving.tracker.spawn(async move {
-            let _permit = permit;
-            s.state.metrics.connections.inc();
-            s.state.metrics.connections_active.inc();
-            // Boxed: the task holds a pointer, so spawning and finishing it copy a few words
-            // rather than the connection future (under 1 KB, see `connection`).
-            Box::pin(connection(&s, stream, peer, tls)).await;
-            s.state.metrics.connections_active.dec();
-        });
+        spawn_connection(&serving, permit, stream, peer, tls.clone());
     }
+}
+
+/// At the stop, before the listening socket closes: accepts the connections waiting in its
+/// queue, as many as there are permits for. Their clients have connected and sent their
+/// requests; closing the socket would reset them. Each gets its first request answered, and
+/// is closed after it.
+fn sweep(serving: &Arc<Serving>, listener: &TcpListener, tls: &Option<tokio_rustls::TlsAcceptor>) {
+    let mut swept = 0;
+    while let Ok(permit) = serving.permits.clone().try_acquire_owned() {
+        // Without waiting for readiness: the queue is read until the kernel says it is empty.
+        let accepted = socket2::SockRef::from(listener)
+            .accept()
+            .and_then(|(socket, peer)| {
+                socket.set_nonblocking(true)?;
+                let peer = peer.as_socket().unwrap_or_else(|| {
+                    std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+                });
+                Ok((TcpStream::from_std(socket.into())?, peer))
+            });
+        match accepted {
+            Ok((stream, peer)) => {
+                spawn_connection(serving, permit, stream, peer, tls.clone());
+                swept += 1;
+            }
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    warn!(error = %e, "accept failed while stopping");
+                }
+                break;
+            }
+        }
+    }
+    if swept > 0 {
+        debug!(swept, "accepted the connections waiting at the stop");
+    }
+}
+
+fn spawn_connection(
+    serving: &Arc<Serving>,
+    permit: OwnedSemaphorePermit,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let s = serving.clone();
+    serving.tracker.spawn(async move {
+        let _permit = permit;
+        s.state.metrics.connections.inc();
+        s.state.metrics.connections_active.inc();
+        // Boxed: the task holds a pointer, so spawning and finishing it copy a few words
+        // rather than the connection future (under 1 KB, see `connection`).
+        Box::pin(connection(&s, stream, peer, tls)).await;
+        s.state.metrics.connections_active.dec();
+    });
 }
 
 async fn connection(
@@ -310,12 +357,11 @@ async fn read_proxy_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
-    /// Every connection's task holds this future, plain HTTP or TLS, busy or idle: it must
-    /// stay small (the HTTP/1.1 and HTTP/2 connections, the TLS handshake and stream and the
-    /// PROXY header's parse are boxed inside it). Inline, it was 8,688 bytes.
-    #[tokio::test]
-    async fn a_connection_future_stays_small() {
+    /// What a connection needs, with no routes read (every request gets the router's own
+    /// answer) and `permits` connections allowed.
+    fn serving(permits: usize) -> Serving {
         let state = State::new(
             schema::Prefix::default(),
             proxy::Settings {
@@ -334,15 +380,24 @@ mod tests {
             max_streams: 10,
             proxy_protocol: false,
         };
-        let serving = Serving {
+        Serving {
             state,
             builder: builder(&limits),
             limits,
-            permits: Arc::new(Semaphore::new(1)),
+            permits: Arc::new(Semaphore::new(permits)),
             tracker: TaskTracker::new(),
+            accepting: TaskTracker::new(),
             stop: CancellationToken::new(),
             hard: CancellationToken::new(),
-        };
+        }
+    }
+
+    /// Every connection's task holds this future, plain HTTP or TLS, busy or idle: it must
+    /// stay small (the HTTP/1.1 and HTTP/2 connections, the TLS handshake and stream and the
+    /// PROXY header's parse are boxed inside it). Inline, it was 8,688 bytes.
+    #[tokio::test]
+    async fn a_connection_future_stays_small() {
+        let serving = serving(1);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stream = TcpStream::connect(addr).await.unwrap();
@@ -351,5 +406,36 @@ mod tests {
             size <= 1536,
             "a connection's future is {size} bytes: box what made it grow (see `connection`)"
         );
+    }
+
+    /// Clients whose connections wait in the listener's queue when the stop comes (connected,
+    /// requests sent, not accepted yet) are accepted and answered before the socket closes,
+    /// as many as there are permits for; closing the socket would have reset them all.
+    #[tokio::test]
+    async fn the_stop_answers_the_connections_waiting_in_the_queue() {
+        let serving = Arc::new(serving(3));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                .await
+                .unwrap();
+            clients.push(c);
+        }
+        serving.stop.cancel();
+        accept_loop(serving.clone(), listener, None).await;
+        let mut answered = 0;
+        for mut c in clients {
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut answer));
+            let _ = read.await.expect("an answer or the close, within 5 s");
+            let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+            if answer.starts_with("http/1.1 404") {
+                answered += 1;
+            }
+        }
+        assert_eq!(answered, 3, "one answer per permit");
     }
 }
