@@ -165,30 +165,53 @@ async fn accept_loop(
     if let Some(taking) = &mut steer {
         steer_port(&listener, port, *taking.borrow_and_update());
     }
+    let mut stopping = false;
     loop {
-        // A permit before accept: at the limit, clients wait in the kernel's backlog.
-        let permits = tokio::select! {
-            biased;
-            p = async { (global.clone().acquire_owned().await, local.clone().acquire_owned().await) } => p,
-            () = &mut stopped => return,
-        };
-        let (Ok(g), Ok(l)) = permits else { return };
-        let accepted = tokio::select! {
-            biased;
-            () = &mut stopped => return,
-            Some(taking) = steer_changed(&mut steer) => {
-                steer_port(&listener, port, taking);
-                continue;
+        let (g, l, client, from) = if stopping {
+            // The stop: what waits in the queue is taken, as many as there are permits for,
+            // before the socket closes with this loop. Closing it would reset them: their
+            // clients have connected and may have sent their first bytes.
+            let (Ok(g), Ok(l)) = (
+                global.clone().try_acquire_owned(),
+                local.clone().try_acquire_owned(),
+            ) else {
+                return;
+            };
+            match runtime::shutdown::take_waiting(&listener) {
+                Some((client, from)) => (g, l, client, from),
+                None => return,
             }
-            a = listener.accept() => a,
-        };
-        let (client, from) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(port, error = %e, "accept failed; backing off");
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue;
+        } else {
+            // A permit before accept: at the limit, clients wait in the kernel's backlog.
+            let permits = tokio::select! {
+                biased;
+                p = async { (global.clone().acquire_owned().await, local.clone().acquire_owned().await) } => p,
+                () = &mut stopped => {
+                    stopping = true;
+                    continue;
+                }
+            };
+            let (Ok(g), Ok(l)) = permits else { return };
+            let accepted = tokio::select! {
+                biased;
+                () = &mut stopped => {
+                    stopping = true;
+                    continue;
+                }
+                Some(taking) = steer_changed(&mut steer) => {
+                    steer_port(&listener, port, taking);
+                    continue;
+                }
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((client, from)) => (g, l, client, from),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(port, error = %e, "accept failed; backing off");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
             }
         };
         backoff.reset();
@@ -249,4 +272,42 @@ fn listen(addr: SocketAddr, congestion: Option<&str>) -> std::io::Result<std::ne
         sock::Backlog::new(BACKLOG).unwrap_or(sock::Backlog::MAXCONN),
     )?;
     Ok(std::net::TcpListener::from(fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// At the stop, the connections waiting in the socket's queue (clients connected, not
+    /// accepted yet) are taken before it closes; closing the socket would reset them. (With
+    /// no route for the port, as here, each is closed once taken, its permits back at once;
+    /// a served port hands them to the relay as any other.)
+    #[tokio::test]
+    async fn the_stop_takes_the_connections_waiting_in_the_queue() {
+        let shared = Shared::new(crate::config::Config::new(
+            schema::Prefix::default(),
+            "here".into(),
+            "127.0.0.1".parse().unwrap(),
+        ));
+        let socket = listen("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let addr = socket.local_addr().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let clients: Vec<_> = (0..4)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        accept_loop(
+            shared.clone(),
+            socket,
+            (addr.port(), 0, 1),
+            stop,
+            TaskTracker::new(),
+            (Arc::new(Semaphore::new(10)), Arc::new(Semaphore::new(10))),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(shared.accepted[0].load(Ordering::Relaxed), 4);
+        drop(clients);
+    }
 }

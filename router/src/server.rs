@@ -122,28 +122,11 @@ pub async fn accept_loop(
 fn sweep(serving: &Arc<Serving>, listener: &TcpListener, tls: &Option<tokio_rustls::TlsAcceptor>) {
     let mut swept = 0;
     while let Ok(permit) = serving.permits.clone().try_acquire_owned() {
-        // Without waiting for readiness: the queue is read until the kernel says it is empty.
-        let accepted = socket2::SockRef::from(listener)
-            .accept()
-            .and_then(|(socket, peer)| {
-                socket.set_nonblocking(true)?;
-                let peer = peer.as_socket().unwrap_or_else(|| {
-                    std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
-                });
-                Ok((TcpStream::from_std(socket.into())?, peer))
-            });
-        match accepted {
-            Ok((stream, peer)) => {
-                spawn_connection(serving, permit, stream, peer, tls.clone());
-                swept += 1;
-            }
-            Err(e) => {
-                if e.kind() != std::io::ErrorKind::WouldBlock {
-                    warn!(error = %e, "accept failed while stopping");
-                }
-                break;
-            }
-        }
+        let Some((stream, peer)) = runtime::shutdown::take_waiting(listener) else {
+            break;
+        };
+        spawn_connection(serving, permit, stream, peer, tls.clone());
+        swept += 1;
     }
     if swept > 0 {
         debug!(swept, "accepted the connections waiting at the stop");
