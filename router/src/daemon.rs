@@ -343,10 +343,8 @@ pub async fn start_inheriting(
         builder: crate::server::builder(&limits),
         limits,
         permits: Arc::new(Semaphore::new(args.max_connections)),
-        tracker: TaskTracker::new(),
         accepting: TaskTracker::new(),
         stop: CancellationToken::new(),
-        hard: CancellationToken::new(),
     });
     let background = CancellationToken::new();
     let span = tracing::Span::current();
@@ -452,18 +450,19 @@ impl Running {
         self.sockets.withdraw("");
         self.serving.accepting.close();
         self.serving.accepting.wait().await;
-        self.serving.tracker.close();
-        let open = self.serving.tracker.len();
+        self.state.connections.close();
+        let open = self.state.connections.len();
         info!(open, grace = ?self.grace, "stopping: open connections finish their requests");
-        let drained = tokio::time::timeout(self.grace, self.serving.tracker.wait()).await;
+        let drained = tokio::time::timeout(self.grace, self.state.connections.wait()).await;
         let cut = if drained.is_err() {
-            let cut = self.serving.tracker.len();
+            let cut = self.state.connections.len();
             warn!(
                 cut,
                 "connections still open at the end of the grace period: closed"
             );
-            self.serving.hard.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.serving.tracker.wait()).await;
+            self.state.cut.cancel();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), self.state.connections.wait()).await;
             cut
         } else {
             0

@@ -423,7 +423,11 @@ pub async fn handle(
         let server = hyper::upgrade::on(&mut resp);
         let addr = backend.addr;
         let (up, down) = (counters.bytes_in.clone(), counters.bytes_out.clone());
-        tokio::spawn(async move {
+        // The client connection's task ends once hyper hands the connection over; the tunnel
+        // takes its place among the connections a stop drains and the grace period's end cuts.
+        let (cut, active) = (state.cut.clone(), state.metrics.connections_active.clone());
+        state.connections.spawn(async move {
+            active.inc();
             match tokio::try_join!(client, server) {
                 Ok((c, s)) => {
                     // The bytes each way count as request and response bytes, as they pass.
@@ -436,11 +440,15 @@ pub async fn handle(
                     let s = hyper_util::rt::TokioIo::new(s);
                     let mut c = tokio_util::io::InspectReader::new(c, count(up));
                     let mut s = tokio_util::io::InspectReader::new(s, count(down));
-                    let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut c, &mut s) => {}
+                        () = cut.cancelled() => {}
+                    }
                 }
                 Err(e) => debug!(backend = %addr, error = %e, "upgrade failed"),
             }
             backend.active.fetch_sub(1, Ordering::Relaxed);
+            active.dec();
         });
         let (parts, _) = resp.into_parts();
         let empty = http_body_util::Either::Left(Full::new(Bytes::new()));

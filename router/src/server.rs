@@ -74,14 +74,12 @@ pub struct Serving {
     pub limits: Limits,
     pub builder: Builders,
     pub permits: Arc<Semaphore>,
-    pub tracker: TaskTracker,
     /// The accept loops: the stop waits for them (and their [`sweep`]) before it counts the
-    /// connections to drain.
+    /// connections to drain (`State::connections`).
     pub accepting: TaskTracker,
-    /// Stop taking requests: finish the one in hand and close.
+    /// Stop taking requests: finish the one in hand and close. (The end of the grace period
+    /// is `State::cut`.)
     pub stop: CancellationToken,
-    /// The grace period is over: close now.
-    pub hard: CancellationToken,
 }
 
 /// Accepts on `listener` until `serving.stop`, then [`sweep`]s its queue.
@@ -141,7 +139,7 @@ fn spawn_connection(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let s = serving.clone();
-    serving.tracker.spawn(async move {
+    serving.state.connections.spawn(async move {
         let _permit = permit;
         s.state.metrics.connections.inc();
         s.state.metrics.connections_active.inc();
@@ -207,7 +205,7 @@ async fn connection(
 }
 
 /// Drives one connection (`$conn`) until it ends, or shuts it down gracefully on `stop` and
-/// cuts it on `hard`; the result of the connection. The connection is boxed: an HTTP/1.1 and
+/// cuts it on `cut`; the result of the connection. The connection is boxed: an HTTP/1.1 and
 /// an HTTP/2 connection inline would make every connection's task as large as both.
 ///
 /// `$asked` says whether the client has sent a request yet. hyper's graceful shutdown closes
@@ -229,7 +227,7 @@ macro_rules! until_stopped {
                 });
                 let ended = tokio::select! {
                     r = first => r,
-                    () = $s.hard.cancelled() => Some(Ok(())),
+                    () = $s.state.cut.cancelled() => Some(Ok(())),
                 };
                 match ended {
                     Some(r) => r,
@@ -237,7 +235,7 @@ macro_rules! until_stopped {
                         $conn.as_mut().graceful_shutdown();
                         tokio::select! {
                             r = $conn.as_mut() => r,
-                            () = $s.hard.cancelled() => Ok(()),
+                            () = $s.state.cut.cancelled() => Ok(()),
                         }
                     }
                 }
@@ -368,10 +366,8 @@ mod tests {
             builder: builder(&limits),
             limits,
             permits: Arc::new(Semaphore::new(permits)),
-            tracker: TaskTracker::new(),
             accepting: TaskTracker::new(),
             stop: CancellationToken::new(),
-            hard: CancellationToken::new(),
         }
     }
 

@@ -14,6 +14,7 @@ use schema::records::{self, CertRecord};
 use schema::{Dir, Domain, Key, Prefix};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
@@ -35,6 +36,11 @@ pub struct State {
     pub cert_problems: std::sync::Mutex<BTreeMap<String, String>>,
     synced: AtomicBool,
     answering: AtomicBool,
+    /// Every client connection's task, and each upgraded connection's tunnel (WebSocket) once
+    /// hyper has handed it over: the drain at a stop waits for all of them.
+    pub connections: TaskTracker,
+    /// The grace period is over: every connection and tunnel closes now.
+    pub cut: CancellationToken,
 }
 
 impl State {
@@ -55,6 +61,8 @@ impl State {
             cert_problems: Default::default(),
             synced: AtomicBool::new(false),
             answering: AtomicBool::new(false),
+            connections: TaskTracker::new(),
+            cut: CancellationToken::new(),
         })
     }
 

@@ -38,6 +38,22 @@ async def main():
 asyncio.run(main())
 "#;
 
+/// Echoes once, says "open", waits for a line on stdin, then echoes once more.
+const WAITING_CLIENT: &str = r#"
+import asyncio, sys, websockets
+async def main():
+    uri, host, port = sys.argv[1], "127.0.0.1", int(sys.argv[2])
+    async with websockets.connect(uri, host=host, port=port, compression=None) as ws:
+        await ws.send("before")
+        assert await asyncio.wait_for(ws.recv(), 5) == "before"
+        print("open", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        await ws.send("after")
+        assert await asyncio.wait_for(ws.recv(), 5) == "after"
+        print("echoed after the stop", flush=True)
+asyncio.run(main())
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_is_passed_through_both_ways() {
     let etcd = Etcd::start().await;
@@ -77,4 +93,52 @@ async fn a_websocket_is_passed_through_both_ways() {
         let n = crate::metric_value(&metrics, &format!("{name}{{domain=\"ws.test\"}}"));
         assert!((200_000..300_000).contains(&n), "{name} {n}\n{metrics}");
     }
+}
+
+/// SIGTERM: an open WebSocket is a connection like any other: it keeps working while the
+/// router drains, and the router exits once it closes (within `--grace`), not at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_keeps_working_through_the_drain() {
+    use std::io::{BufRead, Write};
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let port = testkit::free_ports(1)[0];
+    let port_arg = port.to_string();
+    let mut server = Daemon::spawn(PYTHON, &["-c", ECHO_SERVER, port_arg.as_str()]);
+    server.wait_log("echo server ready", Duration::from_secs(20));
+    put_route(&mut c, "ws.test", "ws", false).await;
+    crate::put_endpoint(&mut c, "ws", 1, ([127, 0, 0, 1], port).into()).await;
+    let mut router = Router::start(&etcd, &[]);
+
+    let mut client = std::process::Command::new(PYTHON)
+        .args([
+            "-c",
+            WAITING_CLIENT,
+            "ws://ws.test/chat",
+            &router.http.port().to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with websockets: run `make test`, which installs python3-websockets");
+    let mut lines = std::io::BufReader::new(client.stdout.take().unwrap()).lines();
+    let mut next_line = || lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(next_line(), "open");
+    router.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    router.daemon.wait_log(
+        "stopping: open connections finish their requests",
+        Duration::from_secs(10),
+    );
+    // Time for a router that did not wait for the tunnel to have exited.
+    std::thread::sleep(Duration::from_millis(500));
+    writeln!(client.stdin.take().unwrap(), "go").unwrap();
+    assert_eq!(next_line(), "echoed after the stop");
+    assert!(client.wait().unwrap().success());
+    let status = router.daemon.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !router.daemon.log().contains("end of the grace period"),
+        "{}",
+        router.daemon.log()
+    );
 }
