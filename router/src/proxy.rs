@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -37,9 +37,11 @@ pub type ReqBody = UnsyncBoxBody<Bytes, BoxError>;
 /// What the router sends to a client.
 pub type RespBody = http_body_util::Either<Full<Bytes>, Tracked>;
 
+/// An upgraded connection's two ends joined (a WebSocket), to run to its end.
+pub type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// What the accept loop knows of a client connection, with the forwarding values made once
-/// for all its requests.
-#[derive(Debug, Clone)]
+/// for all its requests, and what its requests tell the connection's task.
 pub struct ConnInfo {
     /// The client: the peer, or the address a trusted PROXY header gave.
     pub client: SocketAddr,
@@ -49,6 +51,12 @@ pub struct ConnInfo {
     client_ip: HeaderValue,
     /// `for=<client>;proto=<proto>` of `Forwarded`.
     forwarded_for: String,
+    /// A request has come on this connection (a stop waits for the first: `server`).
+    pub asked: AtomicBool,
+    /// The tunnel of an upgraded connection, which the connection's task runs once hyper has
+    /// handed the connection over: a WebSocket keeps the connection's permit
+    /// (`--max-connections`), its place in the drain and in `connections_active`.
+    pub tunnel: std::sync::Mutex<Option<Tunnel>>,
 }
 
 impl ConnInfo {
@@ -64,6 +72,8 @@ impl ConnInfo {
             tls,
             client_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
             forwarded_for: format!("for={node};proto={proto}"),
+            asked: AtomicBool::new(false),
+            tunnel: std::sync::Mutex::new(None),
         }
     }
 }
@@ -423,11 +433,10 @@ pub async fn handle(
         let server = hyper::upgrade::on(&mut resp);
         let addr = backend.addr;
         let (up, down) = (counters.bytes_in.clone(), counters.bytes_out.clone());
-        // The client connection's task ends once hyper hands the connection over; the tunnel
-        // takes its place among the connections a stop drains and the grace period's end cuts.
-        let (cut, active) = (state.cut.clone(), state.metrics.connections_active.clone());
-        state.connections.spawn(async move {
-            active.inc();
+        // Run by the client connection's task, after hyper hands the connection over; the
+        // end of the grace period cuts it.
+        let cut = state.cut.clone();
+        let tunnel = async move {
             match tokio::try_join!(client, server) {
                 Ok((c, s)) => {
                     // The bytes each way count as request and response bytes, as they pass.
@@ -448,8 +457,8 @@ pub async fn handle(
                 Err(e) => debug!(backend = %addr, error = %e, "upgrade failed"),
             }
             backend.active.fetch_sub(1, Ordering::Relaxed);
-            active.dec();
-        });
+        };
+        *info.tunnel.lock().expect("tunnel lock") = Some(Box::pin(tunnel));
         let (parts, _) = resp.into_parts();
         let empty = http_body_util::Either::Left(Full::new(Bytes::new()));
         return Ok(Response::from_parts(parts, empty));

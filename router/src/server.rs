@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -249,15 +249,14 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let state = s.state.clone();
-    let info = std::sync::Arc::new(info);
+    let info = Arc::new(info);
     let client = info.client;
-    let asked = Arc::new(AtomicBool::new(false));
-    let asking = asked.clone();
+    let this = info.clone();
     // Each request's future boxed on its own: hyper keeps the space for the service's future
     // for the connection's whole life, and this one is 1.5 KB; an idle connection then holds
     // a pointer instead.
     let service = hyper::service::service_fn(move |req| {
-        asking.store(true, Ordering::Relaxed);
+        info.asked.store(true, Ordering::Relaxed);
         Box::pin(proxy::handle(state.clone(), info.clone(), req))
     });
     let result = if h2 {
@@ -269,13 +268,17 @@ where
             .http1
             .serve_connection(io, service)
             .with_upgrades();
-        until_stopped!(s, conn, asked.load(Ordering::Relaxed))
+        until_stopped!(s, conn, this.asked.load(Ordering::Relaxed))
     };
     if let Err(e) = result {
         if e.is_timeout() {
             s.state.metrics.head_timeouts.inc();
         }
         debug!(%client, error = %e, "connection ended");
+    }
+    let tunnel = this.tunnel.lock().expect("tunnel lock").take();
+    if let Some(tunnel) = tunnel {
+        tunnel.await;
     }
 }
 

@@ -95,35 +95,70 @@ async fn a_websocket_is_passed_through_both_ways() {
     }
 }
 
+/// A router in front of the echo server, with `extra` flags, and a [`WAITING_CLIENT`] whose
+/// WebSocket is open through it.
+struct Open {
+    _etcd: Etcd,
+    _server: Daemon,
+    router: Router,
+    client: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Open {
+    async fn start(extra: &[&str]) -> Open {
+        use std::io::BufRead;
+        let etcd = Etcd::start().await;
+        let mut c = etcd.client().await;
+        let port = testkit::free_ports(1)[0];
+        let port_arg = port.to_string();
+        let mut server = Daemon::spawn(PYTHON, &["-c", ECHO_SERVER, port_arg.as_str()]);
+        server.wait_log("echo server ready", Duration::from_secs(20));
+        put_route(&mut c, "ws.test", "ws", false).await;
+        crate::put_endpoint(&mut c, "ws", 1, ([127, 0, 0, 1], port).into()).await;
+        let router = Router::start(&etcd, extra);
+        let mut client = std::process::Command::new(PYTHON)
+            .args([
+                "-c",
+                WAITING_CLIENT,
+                "ws://ws.test/chat",
+                &router.http.port().to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with websockets: run `make test`, which installs python3-websockets");
+        let lines = std::io::BufReader::new(client.stdout.take().unwrap()).lines();
+        let mut open = Open {
+            _etcd: etcd,
+            _server: server,
+            router,
+            client,
+            lines,
+        };
+        assert_eq!(open.next_line(), "open");
+        open
+    }
+
+    fn next_line(&mut self) -> String {
+        self.lines.next().and_then(Result::ok).unwrap_or_default()
+    }
+
+    /// Lets the client echo once more and close; asserts it did.
+    fn finish(&mut self) {
+        use std::io::Write;
+        writeln!(self.client.stdin.take().unwrap(), "go").unwrap();
+        assert_eq!(self.next_line(), "echoed after the stop");
+        assert!(self.client.wait().unwrap().success());
+    }
+}
+
 /// SIGTERM: an open WebSocket is a connection like any other: it keeps working while the
 /// router drains, and the router exits once it closes (within `--grace`), not at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_websocket_keeps_working_through_the_drain() {
-    use std::io::{BufRead, Write};
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let port = testkit::free_ports(1)[0];
-    let port_arg = port.to_string();
-    let mut server = Daemon::spawn(PYTHON, &["-c", ECHO_SERVER, port_arg.as_str()]);
-    server.wait_log("echo server ready", Duration::from_secs(20));
-    put_route(&mut c, "ws.test", "ws", false).await;
-    crate::put_endpoint(&mut c, "ws", 1, ([127, 0, 0, 1], port).into()).await;
-    let mut router = Router::start(&etcd, &[]);
-
-    let mut client = std::process::Command::new(PYTHON)
-        .args([
-            "-c",
-            WAITING_CLIENT,
-            "ws://ws.test/chat",
-            &router.http.port().to_string(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 with websockets: run `make test`, which installs python3-websockets");
-    let mut lines = std::io::BufReader::new(client.stdout.take().unwrap()).lines();
-    let mut next_line = || lines.next().and_then(Result::ok).unwrap_or_default();
-    assert_eq!(next_line(), "open");
+    let mut open = Open::start(&[]).await;
+    let router = &mut open.router;
     router.daemon.signal(nix::sys::signal::Signal::SIGTERM);
     router.daemon.wait_log(
         "stopping: open connections finish their requests",
@@ -131,9 +166,8 @@ async fn an_open_websocket_keeps_working_through_the_drain() {
     );
     // Time for a router that did not wait for the tunnel to have exited.
     std::thread::sleep(Duration::from_millis(500));
-    writeln!(client.stdin.take().unwrap(), "go").unwrap();
-    assert_eq!(next_line(), "echoed after the stop");
-    assert!(client.wait().unwrap().success());
+    open.finish();
+    let router = &mut open.router;
     let status = router.daemon.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
     assert!(
@@ -141,4 +175,32 @@ async fn an_open_websocket_keeps_working_through_the_drain() {
         "{}",
         router.daemon.log()
     );
+}
+
+/// An open WebSocket is an open connection for `--max-connections` and
+/// `router_connections_active`: at the limit, the next client waits in the kernel's queue
+/// until the WebSocket closes. (A limit of 2: each listener takes its permit before it
+/// accepts, and the HTTPS listener, unused here, holds one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_holds_its_connection_permit() {
+    use std::io::{Read, Write};
+    let mut open = Open::start(&["--max-connections", "2"]).await;
+    assert_eq!(open.router.metric("router_connections_active"), 1);
+    let mut next = std::net::TcpStream::connect(open.router.http).unwrap();
+    next.write_all(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    next.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut answer = Vec::new();
+    let waited = next.read_to_end(&mut answer);
+    assert!(
+        waited.is_err() && answer.is_empty(),
+        "answered beyond --max-connections while a WebSocket is open: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    open.finish();
+    next.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    next.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
 }
