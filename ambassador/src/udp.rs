@@ -163,6 +163,8 @@ struct Session {
     last: AtomicU64,
     /// Ends the reply task (idle, moved for good, or the port closed).
     stop: CancellationToken,
+    /// Its service's counters, for the end (the service may have left the routes by then).
+    stats: Arc<crate::metrics::ServiceCounters>,
 }
 
 struct Current {
@@ -181,6 +183,8 @@ struct Port {
     /// Clients whose first datagram waits for the access table to learn them.
     waiting: Mutex<std::collections::HashSet<SocketAddr>>,
     epoch: Instant,
+    /// The port closed: every session's `stop` is a child of it, and none starts after it.
+    ended: CancellationToken,
 }
 
 impl Port {
@@ -209,6 +213,7 @@ async fn receive_loop(
         sessions: Mutex::default(),
         waiting: Mutex::default(),
         epoch: Instant::now(),
+        ended: CancellationToken::new(),
     });
     let mut slots = Slots::new(MAX_DATAGRAM);
     let fd = port.listening.as_raw_fd();
@@ -249,11 +254,12 @@ async fn receive_loop(
                 let Some(client) = *client else { continue };
                 service.stats.datagrams_up.inc();
                 service.stats.bytes_up.inc_by(*n as u64);
-                forward(&port, &routes, &service, client, slots.get(i, *n), &stop).await;
+                forward(&port, &routes, &service, client, slots.get(i, *n)).await;
             }
         }
     }
     // The port closed: every session ends with it.
+    port.ended.cancel();
     let sessions: Vec<Arc<Session>> = port
         .sessions
         .lock()
@@ -261,8 +267,8 @@ async fn receive_loop(
         .drain()
         .map(|(_, s)| s)
         .collect();
-    for s in sessions {
-        s.stop.cancel();
+    for s in &sessions {
+        counted_out(&port, s);
     }
 }
 
@@ -273,7 +279,6 @@ async fn forward(
     service: &Arc<Service>,
     client: SocketAddr,
     datagram: &[u8],
-    stop: &CancellationToken,
 ) {
     let existing = port
         .sessions
@@ -300,7 +305,7 @@ async fn forward(
                 }
             };
             if gone && !move_session(port, routes, service, &s, None).await {
-                end(port, service, client, &s);
+                end(port, client, &s);
                 return;
             }
             s
@@ -318,11 +323,11 @@ async fn forward(
                 }
                 // Not known yet: waited for apart, so the loop goes on serving the others.
                 Decision::Unknown => {
-                    hold(port, service, client, datagram, stop);
+                    hold(port, service, client, datagram);
                     return;
                 }
             }
-            match start(port, routes, service, client, stop).await {
+            match start(port, routes, service, client).await {
                 Some(s) => s,
                 None => return,
             }
@@ -348,7 +353,7 @@ async fn forward(
                 }
             } else {
                 service.stats.udp_drop_no_backend.inc();
-                end(port, service, client, &session);
+                end(port, client, &session);
             }
         }
         Err(e) => {
@@ -372,17 +377,11 @@ fn refused(service: &Service, client: SocketAddr, decision: &Decision) {
 /// The first datagram of a client the access table does not know yet: held (one per client)
 /// while the table is given `--unknown-source-wait` to learn it, then sent through a new
 /// session or refused. Datagrams of that client meanwhile are dropped.
-fn hold(
-    port: &Arc<Port>,
-    service: &Arc<Service>,
-    client: SocketAddr,
-    datagram: &[u8],
-    stop: &CancellationToken,
-) {
+fn hold(port: &Arc<Port>, service: &Arc<Service>, client: SocketAddr, datagram: &[u8]) {
     if !port.waiting.lock().expect("waiting lock").insert(client) {
         return;
     }
-    let (port, service, stop) = (port.clone(), service.clone(), stop.clone());
+    let (port, service) = (port.clone(), service.clone());
     let datagram = datagram.to_vec();
     tokio::spawn(async move {
         let decision = port
@@ -395,7 +394,7 @@ fn hold(
             return;
         }
         let routes = port.shared.routes();
-        if let Some(session) = start(&port, &routes, &service, client, &stop).await {
+        if let Some(session) = start(&port, &routes, &service, client).await {
             let socket = session.current.lock().expect("session lock").socket.clone();
             if socket.send(&datagram).await.is_err() {
                 service.stats.udp_drop_send.inc();
@@ -411,7 +410,6 @@ async fn start(
     routes: &Arc<Routes>,
     service: &Arc<Service>,
     client: SocketAddr,
-    stop: &CancellationToken,
 ) -> Option<Arc<Session>> {
     let shared = &port.shared;
     let max = shared.config.max_udp_sessions;
@@ -448,12 +446,20 @@ async fn start(
             routes: routes.clone(),
         }),
         last: AtomicU64::new(port.now_ms()),
-        stop: stop.child_token(),
+        stop: port.ended.child_token(),
+        stats: service.stats.clone(),
     });
-    port.sessions
-        .lock()
-        .expect("sessions lock")
-        .insert(client, session.clone());
+    {
+        let mut sessions = port.sessions.lock().expect("sessions lock");
+        // The port closed while this one was being set up (its first datagram waited for
+        // the access table): it would never be ended.
+        if port.ended.is_cancelled() {
+            drop(sessions);
+            counted_out(port, &session);
+            return None;
+        }
+        sessions.insert(client, session.clone());
+    }
     tokio::spawn(replies(
         port.clone(),
         service.clone(),
@@ -524,7 +530,7 @@ async fn move_session(
 }
 
 /// Ends a session: out of the table, its reply task stopped, counted.
-fn end(port: &Port, service: &Service, client: SocketAddr, session: &Arc<Session>) {
+fn end(port: &Port, client: SocketAddr, session: &Arc<Session>) {
     let removed = {
         let mut sessions = port.sessions.lock().expect("sessions lock");
         match sessions.get(&client) {
@@ -532,11 +538,19 @@ fn end(port: &Port, service: &Service, client: SocketAddr, session: &Arc<Session
             _ => false,
         }
     };
-    session.stop.cancel();
     if removed {
-        port.shared.udp_sessions.fetch_sub(1, Ordering::Relaxed);
-        service.stats.sessions_active.dec();
+        counted_out(port, session);
+    } else {
+        session.stop.cancel();
     }
+}
+
+/// A session out of the table: its reply task stopped, and it no longer counts toward
+/// `--max-udp-sessions` and `ambassador_udp_sessions_active`.
+fn counted_out(port: &Port, session: &Session) {
+    session.stop.cancel();
+    port.shared.udp_sessions.fetch_sub(1, Ordering::Relaxed);
+    session.stats.sessions_active.dec();
 }
 
 thread_local! {
@@ -588,7 +602,7 @@ async fn replies(
             () = tokio::time::sleep_until(deadline.into()) => {
                 if port.now_ms().saturating_sub(session.last.load(Ordering::Relaxed)) >= idle_ms {
                     debug!(port = port.port, %client, "UDP session idle: ended");
-                    end(&port, &service, client, &session);
+                    end(&port, client, &session);
                     return;
                 }
                 continue;
@@ -624,7 +638,7 @@ async fn replies(
                 }
                 let routes = port.shared.routes();
                 if !move_session(&port, &routes, &service, &session, Some(&refused)).await {
-                    end(&port, &service, client, &session);
+                    end(&port, client, &session);
                     return;
                 }
             }

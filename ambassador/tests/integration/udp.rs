@@ -3,6 +3,7 @@
 
 use std::future::ready;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use testkit::{Etcd, eventually_async};
@@ -16,6 +17,8 @@ const SP: &str = "shared/echo:7/udp";
 /// A UDP echo backend: each datagram comes back as `NAME|` and the datagram.
 pub struct Echo {
     pub addr: SocketAddr,
+    /// A datagram that starts with `hold` is answered only once this is notified.
+    pub release: Arc<tokio::sync::Notify>,
     task: JoinHandle<()>,
 }
 
@@ -27,21 +30,37 @@ impl Drop for Echo {
 
 impl Echo {
     pub async fn start(name: &str) -> Echo {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = socket.local_addr().unwrap();
         let prefix = format!("{name}|").into_bytes();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let released = release.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
+            // Held replies wait in tasks of their own, aborted with this one.
+            let mut held = tokio::task::JoinSet::new();
             loop {
                 let Ok((n, from)) = socket.recv_from(&mut buf).await else {
                     continue;
                 };
                 let mut reply = prefix.clone();
                 reply.extend_from_slice(&buf[..n]);
+                if buf[..n].starts_with(b"hold") {
+                    let (socket, released) = (socket.clone(), released.clone());
+                    held.spawn(async move {
+                        released.notified().await;
+                        let _ = socket.send_to(&reply, from).await;
+                    });
+                    continue;
+                }
                 let _ = socket.send_to(&reply, from).await;
             }
         });
-        Echo { addr, task }
+        Echo {
+            addr,
+            release,
+            task,
+        }
     }
 
     /// Closes the socket: datagrams to it now draw ICMP port unreachable.
@@ -280,6 +299,63 @@ async fn no_backend_is_a_counted_drop_and_a_released_port_closes() {
         ready(std::net::UdpSocket::bind(addr).ok().map(|_| ()))
     })
     .await;
+}
+
+/// A released port's sessions end and give their places back: under `--max-udp-sessions`,
+/// and in `ambassador_udp_sessions_active`. (They were dropped uncounted: every released
+/// port kept its sessions' places until the limit turned every new client away.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_port_gives_its_sessions_places_back() {
+    let (etcd, echoes, amb, addr) = world(1, |c| c.max_udp_sessions = 2).await;
+    let (a, b) = (client(addr).await, client(addr).await);
+    assert!(ask(&a, b"a", Duration::from_secs(2)).await.is_some());
+    assert!(ask(&b, b"b", Duration::from_secs(2)).await.is_some());
+    let active = |n: u32| format!("ambassador_udp_sessions_active{{service=\"{SP}\"}} {n}\n");
+    assert!(amb.shared.metrics_text().contains(&active(2)));
+    let mut kv = etcd.client().await;
+    kv.delete(
+        schema::Prefix::default().key(&schema::Key::PortAlloc(SP.parse().unwrap())),
+        None,
+    )
+    .await
+    .unwrap();
+    eventually_async(Duration::from_secs(5), "the UDP socket closed", || {
+        ready(amb.shared.udp_listening().is_empty().then_some(()))
+    })
+    .await;
+    assert!(
+        amb.shared.metrics_text().contains(&active(0)),
+        "{}",
+        amb.shared.metrics_text()
+    );
+    // Another service's port: two new clients get in.
+    let other = "shared/other:9/udp";
+    let port = put_alloc(&mut kv, other).await;
+    put_endpoint(&mut kv, other, "h0", 0, echoes[0].addr).await;
+    let addr = eventually_async(Duration::from_secs(10), "the other UDP port", || {
+        let served = amb
+            .shared
+            .routes()
+            .udp_by_port
+            .get(&port)
+            .is_some_and(|s| !s.backends.is_empty());
+        ready(
+            amb.shared
+                .udp_listening()
+                .get(&port)
+                .copied()
+                .filter(|_| served),
+        )
+    })
+    .await;
+    for name in [&b"c"[..], b"d"] {
+        let c = client(addr).await;
+        assert!(
+            ask(&c, name, Duration::from_secs(2)).await.is_some(),
+            "{} refused: the released port's sessions still count",
+            String::from_utf8_lossy(name)
+        );
+    }
 }
 
 /// dnsmasq on a free loopback port, answering `viking.test` from its own config.
