@@ -96,6 +96,22 @@ fn main() -> ExitCode {
             )
             .await?;
         }
+        // A hand-over stops this process as SIGTERM does, and says so first (its UDP sessions
+        // linger for the replies on their way); a stop refuses upgrades from then on.
+        let handing = runtime::CancellationToken::new();
+        {
+            let (handing, shutdown, shared) =
+                (handing.clone(), shutdown.clone(), running.shared.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = handing.cancelled() => {
+                        shared.handed_over.store(true, std::sync::atomic::Ordering::Release);
+                        shutdown.cancel();
+                    }
+                    () = shutdown.cancelled() => handing.cancel(),
+                }
+            });
+        }
         let shared = running.shared.clone();
         let offer = handover::serve_upgrades(
             "ambassador",
@@ -104,7 +120,7 @@ fn main() -> ExitCode {
                 meta: serde_json::json!({ "threads": threads }),
                 fds: shared.sockets.listing(),
             }),
-            shutdown.clone(),
+            handing,
             cli.upgrade,
         );
         running.wait().await;

@@ -86,6 +86,9 @@ pub struct Shared {
     pub(crate) udp_listening: Mutex<BTreeMap<u16, SocketAddr>>,
     /// Link-scoped access: who may connect to which service (`crate::access`).
     access: tokio::sync::watch::Sender<Arc<crate::access::Access>>,
+    /// This process handed its sockets over to a successor (rather than being stopped): its
+    /// UDP sessions linger a moment for the replies on their way (`crate::udp`).
+    pub handed_over: AtomicBool,
     /// Listening sockets offered to a successor and inherited from a predecessor, by name:
     /// `tcp/<port>/<thread>`, `udp/<port>/<thread>`, `dns/udp`, `dns/tcp`, `admin`, `lock`.
     pub sockets: runtime::handover::Sockets,
@@ -132,6 +135,7 @@ impl Shared {
             udp_sessions: AtomicUsize::new(0),
             udp_limit_logged: AtomicBool::new(false),
             udp_listening: Mutex::default(),
+            handed_over: AtomicBool::new(false),
             access: tokio::sync::watch::channel(Arc::default()).0,
             sockets,
             kernel,
@@ -494,9 +498,8 @@ pub async fn run(
     for prefix in ["udp/", "tcp/", "dns/"] {
         shared.sockets.withdraw(prefix);
     }
-    for (_, socket) in udp.drain() {
-        socket.close().await;
-    }
+    // (After a hand-over their sessions linger a moment: awaited once the TCP drain is over.)
+    let udp_closing: Vec<_> = udp.drain().map(|(_, socket)| socket.stop()).collect();
     shared.udp_listening.lock().expect("listening lock").clear();
     for listener in listeners.values() {
         listener.stop.cancel();
@@ -527,6 +530,9 @@ pub async fn run(
             cut,
         }
     };
+    for closing in udp_closing {
+        closing.await;
+    }
     workers.stop().await;
     // Its lease revoked, so the record goes with this process (bounded: etcd may be away).
     let _ = tokio::time::timeout(Duration::from_secs(3), stats).await;

@@ -49,12 +49,25 @@ pub(crate) struct UdpListener {
 impl UdpListener {
     /// Ends the loops and every session; returns once the sockets are closed.
     pub(crate) async fn close(self) {
+        self.stop().await;
+    }
+
+    /// Ends the loops at once (nothing more is read from the sockets); what it returns
+    /// completes once every session has ended and the sockets are closed.
+    pub(crate) fn stop(self) -> impl std::future::Future<Output = ()> {
         self.stop.cancel();
-        for task in self.tasks {
-            let _ = task.await;
+        async move {
+            for task in self.tasks {
+                let _ = task.await;
+            }
         }
     }
 }
+
+/// How long the sessions of a process that handed its sockets over stay, for the replies
+/// already on their way from the backends (at most `--grace`): the successor reads the
+/// listening sockets from the hand-over on, and makes sessions of its own.
+pub const LINGER: Duration = Duration::from_secs(2);
 
 /// Opens sockets for new UDP ports, closes those of released ports (their sessions end).
 pub(crate) async fn reconcile(
@@ -258,7 +271,12 @@ async fn receive_loop(
             }
         }
     }
-    // The port closed: every session ends with it.
+    // The port closed: every session ends with it. After a hand-over the successor reads
+    // the socket, and the replies on their way still reach their clients through the
+    // sessions here (sent from this process's copy of the same socket) for a moment.
+    if port.shared.handed_over.load(Ordering::Acquire) {
+        tokio::time::sleep(LINGER.min(port.shared.config.grace)).await;
+    }
     port.ended.cancel();
     let sessions: Vec<Arc<Session>> = port
         .sessions

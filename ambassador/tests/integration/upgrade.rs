@@ -368,9 +368,21 @@ async fn udp_and_dns_answer_across_an_upgrade() {
     let a = crate::dns::dig(dns, &["+short", &name, "A"]);
     assert_eq!(a.trim(), "127.0.0.1", "{a}");
 
+    // A question whose answer is on its way during the hand-over (the backend holds it until
+    // the old process has handed over): it still reaches the client, through the old
+    // process's session, which lingers for that.
+    udp.send(b"hold").await.unwrap();
     args.push("--upgrade".into());
     let mut next = Daemon::spawn(BIN, &refs(&args));
     next.wait_log("took over", LIMIT);
+    first.wait_log("handed over to the new process", LIMIT);
+    echo.release.notify_one();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), udp.recv(&mut buf))
+        .await
+        .expect("the answer on its way at the hand-over was lost")
+        .unwrap();
+    assert_eq!(&buf[..n], b"e|hold");
     // The same client, the same session address: answered by the new process.
     assert_eq!(answer("after").await, "e|after");
     let a = crate::dns::dig(dns, &["+short", &name, "A"]);
