@@ -2,7 +2,10 @@
 //! `/metrics` encodes the registry, `/state` reads the same handles through the route table.
 //!
 //! A service port's and a backend's handles are looked up in their family when the route
-//! table first sees them and carried across rebuilds, so a connection touches only atomics.
+//! table first sees them and carried across rebuilds, so a connection touches only atomics;
+//! their series are dropped when they leave the table (a released port, an endpoint gone):
+//! containers come and go with new addresses, and a series kept for each would stay in every
+//! scrape for the process's life.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -243,6 +246,59 @@ impl Metrics {
             connect_errors: handle(&self.connect_errors, &label),
             ejections: handle(&self.ejections, &label),
         }
+    }
+}
+
+impl Metrics {
+    /// Drops the series of a service port that left the route table (its port released).
+    pub fn forget_service(&self, service: &ServicePort) {
+        let name = service.to_string();
+        let label = ServiceLabel {
+            service: name.clone(),
+        };
+        for gauge in [&self.active, &self.kernel_active, &self.sessions_active] {
+            gauge.remove(&label);
+        }
+        for counter in [
+            &self.connections,
+            &self.failed,
+            &self.local_errors,
+            &self.kernel_forwarded,
+            &self.kernel_refused,
+            &self.sessions,
+        ] {
+            counter.remove(&label);
+        }
+        for direction in ["up", "down"] {
+            let label = BytesLabel {
+                service: name.clone(),
+                direction,
+            };
+            self.bytes.remove(&label);
+            self.datagrams.remove(&label);
+        }
+        for reason in ["not linked", "unknown source"] {
+            self.refused.remove(&DropLabel {
+                service: name.clone(),
+                reason,
+            });
+        }
+        for reason in ["no backend", "session limit", "send error"] {
+            self.drops.remove(&DropLabel {
+                service: name.clone(),
+                reason,
+            });
+        }
+    }
+
+    /// Drops the series of a backend that left the route table (its endpoint gone).
+    pub fn forget_backend(&self, service: &ServicePort, addr: std::net::SocketAddr) {
+        let label = BackendLabel {
+            service: service.to_string(),
+            backend: addr.to_string(),
+        };
+        self.connect_errors.remove(&label);
+        self.ejections.remove(&label);
     }
 }
 

@@ -4,7 +4,7 @@
 //! A rebuild swaps one `Arc<Routes>`; a connection takes the current `Arc` once, so new
 //! connections see a change as soon as it is applied and open ones are never touched.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -190,11 +190,7 @@ impl Routes {
     ) -> Routes {
         let mut old_backends: HashMap<(&str, SocketAddr), &Arc<Backend>> = HashMap::new();
         let mut old_stats: HashMap<&ServicePort, &Arc<ServiceCounters>> = HashMap::new();
-        for s in previous
-            .by_port
-            .values()
-            .chain(previous.udp_by_port.values())
-        {
+        for s in previous.services() {
             old_stats.insert(&s.service_port, &s.stats);
             for b in &s.backends {
                 old_backends.insert((b.instance.as_str(), b.addr), b);
@@ -234,9 +230,36 @@ impl Routes {
                 }),
             );
         }
-        Routes {
+        let routes = Routes {
             by_port,
             udp_by_port,
+        };
+        routes.forget_left(previous, metrics);
+        routes
+    }
+
+    /// Every service port, TCP and UDP.
+    fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.by_port.values().chain(self.udp_by_port.values())
+    }
+
+    /// Drops the series of `previous`'s service ports and backends that this table no longer
+    /// has (a series is a service port's, or a service port's backend address's).
+    fn forget_left(&self, previous: &Routes, metrics: &Metrics) {
+        let services: HashSet<&ServicePort> = self.services().map(|s| &s.service_port).collect();
+        let backends: HashSet<(&ServicePort, SocketAddr)> = self
+            .services()
+            .flat_map(|s| s.backends.iter().map(move |b| (&s.service_port, b.addr)))
+            .collect();
+        for s in previous.services() {
+            if !services.contains(&s.service_port) {
+                metrics.forget_service(&s.service_port);
+            }
+            for b in &s.backends {
+                if !backends.contains(&(&s.service_port, b.addr)) {
+                    metrics.forget_backend(&s.service_port, b.addr);
+                }
+            }
         }
     }
 }

@@ -288,7 +288,7 @@ async fn one_of_two_backends_killed_200_new_connections_all_succeed() {
     let mut c = etcd.client().await;
     let (mut b0, b1) = (Backend::start("b0").await, Backend::start("b1").await);
     let port = put_alloc(&mut c, SP).await;
-    put_endpoint(&mut c, SP, "h0", 0, b0.addr).await;
+    let dead_key = put_endpoint(&mut c, SP, "h0", 0, b0.addr).await;
     put_endpoint(&mut c, SP, "h1", 1, b1.addr).await;
     let amb = Amb::start(&etcd, |_| {}).await;
     let addr = amb.listening(port).await;
@@ -314,8 +314,22 @@ async fn one_of_two_backends_killed_200_new_connections_all_succeed() {
         .unwrap();
     assert!(dead["ejections"].as_u64().unwrap() >= 1, "{dead}");
     let metrics = amb.shared.metrics_text();
+    let dead_series = format!(
+        "ambassador_backend_ejections_total{{service=\"shared/echo:7/tcp\",backend=\"{}\"}}",
+        b0.addr
+    );
+    assert!(metrics.contains(&dead_series), "{metrics}");
+    // Its endpoint goes (its lease ran out): so do its series, which would otherwise stay in
+    // every scrape for the process's life, one more for every container ever seen.
+    c.delete(dead_key, None).await.unwrap();
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    let metrics = amb.shared.metrics_text();
     assert!(
-        metrics.contains("ambassador_backend_ejections_total{service=\"shared/echo:7/tcp\""),
+        !metrics.contains(&format!("backend=\"{}\"", b0.addr)),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("backend=\"{}\"", b1.addr)),
         "{metrics}"
     );
 }
