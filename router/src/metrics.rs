@@ -233,6 +233,29 @@ impl Metrics {
         }
     }
 
+    /// Drops the series of a domain that is no longer routed.
+    pub fn forget_route(&self, domain: &str) {
+        let d = DomainLabels {
+            domain: domain.to_owned(),
+        };
+        for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+            self.requests.remove(&RequestLabels {
+                domain: domain.to_owned(),
+                class: class.to_owned(),
+            });
+        }
+        for kind in ["connect", "timeout", "response"] {
+            self.backend_errors.remove(&ErrorLabels {
+                domain: domain.to_owned(),
+                kind: kind.to_owned(),
+            });
+        }
+        self.duration.remove(&d);
+        self.bytes_in.remove(&d);
+        self.bytes_out.remove(&d);
+        self.retries.remove(&d);
+    }
+
     pub fn text(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -98,7 +98,22 @@ impl Table {
                 None => table.exact.insert(domain.as_str().to_owned(), route),
             };
         }
+        // A domain no longer routed takes its series with it (preview domains come and go;
+        // kept, they would pile up in every scrape).
+        for r in previous.routes() {
+            if table.lookup_domain(r.domain.as_str()).is_none() {
+                metrics.forget_route(r.domain.as_str());
+            }
+        }
         table
+    }
+
+    /// The route of exactly `domain` (`*.example.com` for a wildcard).
+    fn lookup_domain(&self, domain: &str) -> Option<&Arc<Route>> {
+        match domain.strip_prefix("*.") {
+            Some(base) => self.wildcard.get(base),
+            None => self.exact.get(domain),
+        }
     }
 
     /// The route for a request's host (lower-case, without port): the exact name, else the

@@ -88,6 +88,17 @@ async fn routes_by_host_and_wildcard_answers_404_and_503_itself_and_sets_forward
     assert_eq!(first["status"], 200);
     assert_eq!(first["backend"], a.addr.to_string());
     assert!(lines.contains("\"status\":404"), "{lines}");
+
+    // A domain no longer routed answers 404, and its series go (kept, those of every preview
+    // domain ever routed would pile up in every scrape); the others stay.
+    assert!(metrics.contains("domain=\"*.apps.test\""), "{metrics}");
+    c.delete("/viking/routes/*.apps.test", None).await.unwrap();
+    testkit::eventually(Duration::from_secs(5), "the wildcard unrouted", || {
+        (get(&router, "x.apps.test", "/").status == 404).then_some(())
+    });
+    let metrics = router.metrics();
+    assert!(!metrics.contains("domain=\"*.apps.test\""), "{metrics}");
+    assert!(metrics.contains("domain=\"a.test\""), "{metrics}");
     drop(b);
 }
 
