@@ -9,7 +9,7 @@
 //! Whatever fails is retried with backoff; meanwhile the last known state stays in memory
 //! and in etcd.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use bollard::Docker;
@@ -476,6 +476,7 @@ impl Agent {
         let ops = sync::diff(&desired, applied, lease, self.listed);
         if ops.is_empty() {
             self.etcd_ok();
+            self.forget_said_reasons();
             return;
         }
         match sync::write(&self.client, &ops, lease).await {
@@ -485,12 +486,26 @@ impl Agent {
                 for op in &ops {
                     self.log(op);
                 }
+                self.forget_said_reasons();
             }
             Err(e) => {
                 self.applied = None;
                 self.etcd_failed("write", &e);
             }
         }
+    }
+
+    /// etcd matches Docker: the reasons kept for containers that neither run nor have a key
+    /// any more have been said in their log lines. Kept, every container the host ever ran
+    /// would stay in `why` for the process's life.
+    fn forget_said_reasons(&mut self) {
+        let mut keep: HashSet<String> = self.containers.keys().map(|id| short(id)).collect();
+        for key in self.applied.iter().flat_map(|a| a.keys()) {
+            if let Ok(Key::Endpoint { instance, .. }) = self.config.prefix.parse(key) {
+                keep.insert(instance.container_id);
+            }
+        }
+        self.why.retain(|id, _| keep.contains(id));
     }
 
     fn etcd_ok(&mut self) {
