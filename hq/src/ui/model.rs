@@ -31,7 +31,8 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    /// Records the sums of `stats` at time `t` (seconds), keeping [`HISTORY`] samples.
+    /// Records the sums of `stats` at time `t` (seconds), keeping [`HISTORY`] samples. A
+    /// service port no ambassador reports any more (its port released) leaves the table.
     pub fn record(&mut self, t: f64, stats: &BTreeMap<String, StatsRecord>) {
         let mut sums: BTreeMap<String, ServiceStats> = BTreeMap::new();
         for record in stats.values() {
@@ -44,6 +45,7 @@ impl Traffic {
                 sum.bytes_down += s.bytes_down;
             }
         }
+        self.by_service.retain(|service, _| sums.contains_key(service));
         for (service, sum) in sums {
             let history = self.by_service.entry(service).or_default();
             history.push_back(Sample { t, sum });
@@ -715,5 +717,13 @@ mod tests {
             t.record(10.0 + i as f64, &b);
         }
         assert_eq!(t.by_service["s/web:80/tcp"].len(), HISTORY);
+        // Its stack removed, the service port is reported by no ambassador: its row goes
+        // (it stayed, frozen at its last figures, for the UI's life).
+        let c = BTreeMap::from([("a".to_owned(), stats(&[("s/api:81/tcp", 1, 10)]))]);
+        t.record(100.0, &c);
+        let model = build(&Prefix::default(), &BTreeMap::new(), &t, true);
+        let rows = model["traffic"].as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0]["service_port"], "s/api:81/tcp");
     }
 }
