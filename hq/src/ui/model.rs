@@ -45,7 +45,8 @@ impl Traffic {
                 sum.bytes_down += s.bytes_down;
             }
         }
-        self.by_service.retain(|service, _| sums.contains_key(service));
+        self.by_service
+            .retain(|service, _| sums.contains_key(service));
         for (service, sum) in sums {
             let history = self.by_service.entry(service).or_default();
             history.push_back(Sample { t, sum });
