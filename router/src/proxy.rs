@@ -365,7 +365,7 @@ pub async fn handle(
         // Sent again only after a failure once sent: keep the headers for that.
         let request = out.request(b, retry_after_send && !resent);
         let mut conn = conn;
-        backend.active.fetch_add(1, Ordering::Relaxed);
+        let in_flight = InFlight::new(backend);
         let sent = tokio::time::timeout(
             state.settings.response_timeout,
             conn.sender.try_send_request(request),
@@ -374,10 +374,10 @@ pub async fn handle(
         match sent {
             Ok(Ok(resp)) => {
                 backend.connections.fetch_add(1, Ordering::Relaxed);
-                break Ok((resp, conn, i));
+                break Ok((resp, conn, in_flight));
             }
             Ok(Err(mut e)) => {
-                backend.active.fetch_sub(1, Ordering::Relaxed);
+                drop(in_flight);
                 if let Some(r) = e.take_message() {
                     // Never left the router: a pooled connection the backend had closed.
                     let (parts, b) = r.into_parts();
@@ -400,13 +400,13 @@ pub async fn handle(
                 break Err(last_error);
             }
             Err(_) => {
-                backend.active.fetch_sub(1, Ordering::Relaxed);
+                drop(in_flight);
                 counters.timeouts.inc();
                 break Err(StatusCode::GATEWAY_TIMEOUT);
             }
         }
     };
-    let (mut resp, conn, i) = match result {
+    let (mut resp, conn, in_flight) = match result {
         Ok(r) => r,
         Err(status) => {
             let text = match status {
@@ -423,7 +423,7 @@ pub async fn handle(
             return Ok(resp);
         }
     };
-    let backend = Arc::clone(&route.backends[i]);
+    let backend = Arc::clone(&in_flight.0);
     let status = resp.status();
     counters.count(status);
     counters.duration.observe(start.elapsed().as_secs_f64());
@@ -456,7 +456,7 @@ pub async fn handle(
                 }
                 Err(e) => debug!(backend = %addr, error = %e, "upgrade failed"),
             }
-            backend.active.fetch_sub(1, Ordering::Relaxed);
+            drop(in_flight);
         };
         *info.tunnel.lock().expect("tunnel lock") = Some(Box::pin(tunnel));
         let (parts, _) = resp.into_parts();
@@ -482,7 +482,7 @@ pub async fn handle(
         conn: Some(conn),
         state: Arc::clone(&state),
         route: Arc::clone(&route),
-        backend,
+        _in_flight: in_flight,
         bytes: 0,
         log,
     };
@@ -566,6 +566,24 @@ struct LogLine {
     backend: SocketAddr,
 }
 
+/// A request to a backend, counted in the backend's `active` (which the backend choice
+/// reads) for as long as this lives: until its response body or tunnel ends, or until its
+/// future is dropped because the client went away before the answer came.
+struct InFlight(Arc<ambassador::routes::Backend>);
+
+impl InFlight {
+    fn new(backend: &Arc<ambassador::routes::Backend>) -> Self {
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(backend))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A backend's response body on its way to the client: counts bytes, puts the backend
 /// connection back in the pool when the body ended, and logs the request.
 pub struct Tracked {
@@ -573,7 +591,8 @@ pub struct Tracked {
     conn: Option<Conn>,
     state: Arc<State>,
     route: Arc<Route>,
-    backend: Arc<ambassador::routes::Backend>,
+    /// Until the body is dropped.
+    _in_flight: InFlight,
     bytes: u64,
     log: Option<LogLine>,
 }
@@ -630,7 +649,6 @@ impl Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         // A connection whose body was not read to its end is closed (dropped), not reused.
-        self.backend.active.fetch_sub(1, Ordering::Relaxed);
         if let (Some(log), Some(out)) = (&self.log, &self.state.access_log) {
             out.write(&serde_json::json!({
                 "time": runtime::host::rfc3339_now(),

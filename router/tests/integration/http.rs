@@ -429,6 +429,42 @@ async fn sigterm_refuses_new_connections_and_answers_one_accepted_before() {
     assert_eq!(slow.join().unwrap().status, 200);
 }
 
+/// A client that gives up before the backend answers leaves no count on the backend: the
+/// backend choice (fewer requests in flight wins) reads those counts, and each such client
+/// left one behind for good, the backend looking busier and busier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_leaves_no_count_on_the_backend() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let w = Web::start("w").await;
+    put_route(&mut c, "g.test", "g", false).await;
+    put_endpoint(&mut c, "g", 1, w.addr).await;
+    let router = Router::start(&etcd, &[]);
+    let addr = router.http;
+    // The backend answers /slow after 3 s; curl gives up after 0.5 s.
+    let got = curl(&[
+        "-m",
+        "0.5",
+        "-H",
+        "Host: g.test",
+        &format!("http://{addr}/slow"),
+    ]);
+    assert_ne!(got.status, 200, "{got:?}");
+    assert_eq!(w.gets.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let active = || {
+        let state = router.state();
+        let route = state["routes"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["domain"] == "g.test").cloned())
+            .unwrap_or_default();
+        route["backends"][0]["active"].as_u64()
+    };
+    // Well before the backend's answer: the request went with its client.
+    testkit::eventually(Duration::from_secs(2), "no request in flight", || {
+        (active() == Some(0)).then_some(())
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_away_keeps_the_last_routes_and_a_restarted_etcd_is_followed_again() {
     let mut etcd = Etcd::start().await;
