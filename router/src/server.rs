@@ -98,7 +98,11 @@ pub async fn accept_loop(
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = serving.stop.cancelled() => return sweep(&serving, &listener, &tls),
+            () = serving.stop.cancelled() => {
+                // The sweep takes its permits afresh: this one too.
+                drop(permit);
+                return sweep(&serving, &listener, &tls);
+            }
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
