@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 /// Samples of the summed counters kept per service port: 5 minutes at one per 5 s.
 pub const HISTORY: usize = 60;
 
+/// Seconds without a report after which a service port leaves the traffic table.
+pub const FORGET_AFTER: f64 = 60.0;
+
 /// One reading of the counters summed over every host.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sample {
@@ -32,7 +35,9 @@ pub struct Traffic {
 
 impl Traffic {
     /// Records the sums of `stats` at time `t` (seconds), keeping [`HISTORY`] samples. A
-    /// service port no ambassador reports any more (its port released) leaves the table.
+    /// service port no ambassador has reported for [`FORGET_AFTER`] seconds (its port
+    /// released) leaves the table; a shorter gap (an ambassador restarting, whose record goes
+    /// with its lease until the new one writes) keeps its history.
     pub fn record(&mut self, t: f64, stats: &BTreeMap<String, StatsRecord>) {
         let mut sums: BTreeMap<String, ServiceStats> = BTreeMap::new();
         for record in stats.values() {
@@ -45,8 +50,6 @@ impl Traffic {
                 sum.bytes_down += s.bytes_down;
             }
         }
-        self.by_service
-            .retain(|service, _| sums.contains_key(service));
         for (service, sum) in sums {
             let history = self.by_service.entry(service).or_default();
             history.push_back(Sample { t, sum });
@@ -54,6 +57,8 @@ impl Traffic {
                 history.pop_front();
             }
         }
+        self.by_service
+            .retain(|_, history| history.back().is_some_and(|s| t - s.t < FORGET_AFTER));
     }
 }
 
@@ -718,10 +723,14 @@ mod tests {
             t.record(10.0 + i as f64, &b);
         }
         assert_eq!(t.by_service["s/web:80/tcp"].len(), HISTORY);
-        // Its stack removed, the service port is reported by no ambassador: its row goes
-        // (it stayed, frozen at its last figures, for the UI's life).
+        // Its stack removed, the service port is reported by no ambassador: a short gap keeps
+        // its row, a minute without it takes it away (it stayed, frozen at its last
+        // figures, for the UI's life).
+        let last = 10.0 + (HISTORY + 4) as f64;
         let c = BTreeMap::from([("a".to_owned(), stats(&[("s/api:81/tcp", 1, 10)]))]);
-        t.record(100.0, &c);
+        t.record(last + 5.0, &c);
+        assert_eq!(t.by_service.len(), 2);
+        t.record(last + FORGET_AFTER, &c);
         let model = build(&Prefix::default(), &BTreeMap::new(), &t, true);
         let rows = model["traffic"].as_array().unwrap();
         assert_eq!(rows.len(), 1, "{rows:?}");
