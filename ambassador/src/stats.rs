@@ -1,7 +1,7 @@
 //! `stats/<host>`: this ambassador's counters per service port, written every 5 s under a
 //! lease of its own, for the UI (`viking ui` sums the hosts). The lease is revoked on a clean
-//! stop; a successor (`--upgrade`) writes the key under its own lease, which the old one's
-//! revocation does not touch.
+//! stop; after a hand-over (`--upgrade`) it is left to run out, so the key stays until the
+//! successor writes it under its own lease.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -84,5 +84,14 @@ pub async fn publish(shared: Arc<Shared>, client: Client, stop: CancellationToke
             debug!("cannot write the stats record: {e}");
         }
     }
-    record_key.end().await;
+    // After a hand-over the successor writes the record (once synced, at its next tick);
+    // revoking would take the host's record out of the UI until then.
+    if shared
+        .handed_over
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        record_key.hand_over();
+    } else {
+        record_key.end().await;
+    }
 }

@@ -71,6 +71,12 @@ impl LeaseKeeper {
     pub async fn join(self) {
         let _ = self.task.await;
     }
+
+    /// Stops keeping the lease without revoking it: it runs out within its TTL, and what is
+    /// attached to it stays until then.
+    pub fn abandon(self) {
+        self.task.abort();
+    }
 }
 
 async fn keep(
@@ -261,5 +267,12 @@ impl LeasedKey {
     pub async fn end(self) {
         self.stop.cancel();
         self.keeper.join().await;
+    }
+
+    /// Leaves the key to a successor that writes it under a lease of its own: the lease is
+    /// not revoked, so the key stays (for at most the TTL) until the successor's first write
+    /// moves it to the successor's lease.
+    pub fn hand_over(self) {
+        self.keeper.abandon();
     }
 }

@@ -368,6 +368,22 @@ async fn udp_and_dns_answer_across_an_upgrade() {
     let a = crate::dns::dig(dns, &["+short", &name, "A"]);
     assert_eq!(a.trim(), "127.0.0.1", "{a}");
 
+    // The host's stats record, for the UI: written once the routes are read, every 5 s.
+    let stats_key =
+        schema::Prefix::default().key(&schema::Key::Stats(schema::HostId::new("h0").unwrap()));
+    let stats_there = {
+        let kv = etcd.client().await;
+        move || {
+            let (mut kv, key) = (kv.clone(), stats_key.clone());
+            async move { kv.get(key, None).await.unwrap().count() == 1 }
+        }
+    };
+    let started = Instant::now();
+    while !stats_there().await {
+        assert!(started.elapsed() < LIMIT, "no stats record");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // A question whose answer is on its way during the hand-over (the backend holds it until
     // the old process has handed over): it still reaches the client, through the old
     // process's session, which lingers for that.
@@ -390,6 +406,12 @@ async fn udp_and_dns_answer_across_an_upgrade() {
     let a = crate::dns::dig(dns, &["+tcp", "+short", &name, "A"]);
     assert_eq!(a.trim(), "127.0.0.1", "over TCP: {a}");
     assert!(first.wait_exit(LIMIT).success(), "{}", first.log());
+    // The old process left its stats record to the successor (which writes it at its next
+    // tick) rather than revoke it: the host does not drop out of the UI meanwhile.
+    assert!(
+        stats_there().await,
+        "the stats record went with the old process"
+    );
     assert_eq!(answer("later").await, "e|later");
 }
 
