@@ -499,12 +499,11 @@ impl Agent {
     /// any more have been said in their log lines. Kept, every container the host ever ran
     /// would stay in `why` for the process's life.
     fn forget_said_reasons(&mut self) {
-        let mut keep: HashSet<String> = self.containers.keys().map(|id| short(id)).collect();
-        for key in self.applied.iter().flat_map(|a| a.keys()) {
-            if let Ok(Key::Endpoint { instance, .. }) = self.config.prefix.parse(key) {
-                keep.insert(instance.container_id);
-            }
-        }
+        let keep = still_explained(
+            &self.config.prefix,
+            self.containers.keys(),
+            self.applied.as_ref(),
+        );
         self.why.retain(|id, _| keep.contains(id));
     }
 
@@ -669,6 +668,56 @@ fn deployed<'a>(prefix: &Prefix, keys: impl Iterator<Item = &'a String>) -> nami
     naming::Deployed::Known(stacks)
 }
 
+/// The short ids of the containers whose reasons may still be needed: those running, and
+/// those with an endpoint key in etcd (its removal is still to be said).
+fn still_explained<'a>(
+    prefix: &Prefix,
+    running: impl Iterator<Item = &'a String>,
+    applied: Option<&Actual>,
+) -> HashSet<String> {
+    let mut keep: HashSet<String> = running.map(|id| short(id)).collect();
+    for key in applied.iter().flat_map(|a| a.keys()) {
+        if let Ok(Key::Endpoint { instance, .. }) = prefix.parse(key) {
+            keep.insert(instance.container_id);
+        }
+    }
+    keep
+}
+
 fn short(id: &str) -> String {
     id.chars().take(12).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reasons kept for log lines: a running container's, and a gone container's whose
+    /// key is still in etcd (its removal is yet to be logged); not one with neither, so that
+    /// every container the host ever ran does not stay in memory.
+    #[test]
+    fn reasons_are_kept_while_a_line_may_still_need_them() {
+        let prefix = Prefix::default();
+        let endpoint = |id: &str| {
+            prefix.key(&Key::Endpoint {
+                service_port: "s/web:80/tcp".parse().unwrap(),
+                instance: schema::Instance::new(schema::HostId::new("h1").unwrap(), id, 80)
+                    .unwrap(),
+            })
+        };
+        let running = ["aaaaaaaaaaaa0000".to_owned()];
+        let applied: Actual = BTreeMap::from([(endpoint("bbbbbbbbbbbb1111"), (String::new(), 7))]);
+        let keep = still_explained(&prefix, running.iter(), Some(&applied));
+        assert_eq!(
+            keep,
+            HashSet::from(["aaaaaaaaaaaa".to_owned(), "bbbbbbbbbbbb".to_owned()])
+        );
+        let mut why: HashMap<String, String> = ["aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"]
+            .iter()
+            .map(|id| ((*id).to_owned(), "container die".to_owned()))
+            .collect();
+        why.retain(|id, _| keep.contains(id));
+        assert!(!why.contains_key("cccccccccccc"), "{why:?}");
+        assert_eq!(why.len(), 2);
+    }
 }
