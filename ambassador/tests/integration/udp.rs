@@ -271,6 +271,23 @@ async fn the_session_limit_drops_new_clients_with_a_counter_not_a_crash() {
     assert!(ask(&extra, b"c2", Duration::from_secs(2)).await.is_some());
 }
 
+/// Releases [`SP`]'s port (its allocation deleted, as `viking rm` does) and waits until the
+/// ambassador has closed its socket.
+async fn release(etcd: &Etcd, amb: &Amb) {
+    etcd.client()
+        .await
+        .delete(
+            schema::Prefix::default().key(&schema::Key::PortAlloc(SP.parse().unwrap())),
+            None,
+        )
+        .await
+        .unwrap();
+    eventually_async(Duration::from_secs(5), "the UDP socket closed", || {
+        ready(amb.shared.udp_listening().is_empty().then_some(()))
+    })
+    .await;
+}
+
 /// A service with no live endpoint: datagrams are dropped and counted (`no backend`); a
 /// released port's socket closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,17 +300,7 @@ async fn no_backend_is_a_counted_drop_and_a_released_port_closes() {
             .is_none()
     );
     assert_eq!(state(&amb)["drops"]["no backend"], 1);
-    let mut kv = etcd.client().await;
-    kv.delete(
-        schema::Prefix::default().key(&schema::Key::PortAlloc(SP.parse().unwrap())),
-        None,
-    )
-    .await
-    .unwrap();
-    eventually_async(Duration::from_secs(5), "the UDP socket closed", || {
-        ready(amb.shared.udp_listening().is_empty().then_some(()))
-    })
-    .await;
+    release(&etcd, &amb).await;
     // The port is free again: this process can bind it.
     eventually_async(Duration::from_secs(5), "the port free", || {
         ready(std::net::UdpSocket::bind(addr).ok().map(|_| ()))
@@ -312,17 +319,8 @@ async fn a_released_port_gives_its_sessions_places_back() {
     assert!(ask(&b, b"b", Duration::from_secs(2)).await.is_some());
     let active = |n: u32| format!("ambassador_udp_sessions_active{{service=\"{SP}\"}} {n}\n");
     assert!(amb.shared.metrics_text().contains(&active(2)));
+    release(&etcd, &amb).await;
     let mut kv = etcd.client().await;
-    kv.delete(
-        schema::Prefix::default().key(&schema::Key::PortAlloc(SP.parse().unwrap())),
-        None,
-    )
-    .await
-    .unwrap();
-    eventually_async(Duration::from_secs(5), "the UDP socket closed", || {
-        ready(amb.shared.udp_listening().is_empty().then_some(()))
-    })
-    .await;
     // (The service's series go with it.)
     let metrics = amb.shared.metrics_text();
     assert!(!metrics.contains(&format!("service=\"{SP}\"")), "{metrics}");

@@ -345,45 +345,25 @@ async fn the_proxy_protocol_sets_the_client_only_when_turned_on() {
     assert_eq!(w.gets.load(std::sync::atomic::Ordering::Relaxed), gets);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_an_open_request_finish() {
+/// etcd, a backend `w` serving `g.test`, and a router (with `extra` flags) in front of it.
+async fn one_site(extra: &[&str]) -> (Etcd, Web, Router) {
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
     let w = Web::start("w").await;
     put_route(&mut c, "g.test", "g", false).await;
     put_endpoint(&mut c, "g", 1, w.addr).await;
-    let mut router = Router::start(&etcd, &[]);
-    let addr = router.http;
-    let slow =
-        std::thread::spawn(move || curl(&["-H", "Host: g.test", &format!("http://{addr}/slow")]));
-    testkit::eventually(
-        Duration::from_secs(5),
-        "the slow request reached the backend",
-        || (w.gets.load(std::sync::atomic::Ordering::Relaxed) == 1).then_some(()),
-    );
-    let status = router.daemon.terminate(Duration::from_secs(10));
-    assert!(status.success(), "{status:?}");
-    let got = slow.join().unwrap();
-    assert_eq!(got.status, 200, "{got:?}");
-    assert!(
-        std::net::TcpStream::connect(addr).is_err(),
-        "still accepting after SIGTERM"
-    );
+    let router = Router::start(&etcd, extra);
+    (etcd, w, router)
 }
 
-/// SIGTERM closes the listening sockets at once: a client that connects while the router
-/// drains is refused (and can go elsewhere at once) rather than left in an accept queue
-/// that nobody reads, to be reset when the process exits. A client whose connection the
-/// router accepted before the signal, and whose request came after it, is answered (with
-/// `Connection: close`), not cut with its request unread.
+/// SIGTERM lets a request in progress finish, and closes the listening sockets at once: a
+/// client that connects while the router drains is refused (and can go elsewhere at once)
+/// rather than left in an accept queue that nobody reads, to be reset when the process
+/// exits. A client whose connection the router accepted before the signal, and whose request
+/// came after it, is answered (with `Connection: close`), not cut with its request unread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_refuses_new_connections_and_answers_one_accepted_before() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let w = Web::start("w").await;
-    put_route(&mut c, "g.test", "g", false).await;
-    put_endpoint(&mut c, "g", 1, w.addr).await;
-    let mut router = Router::start(&etcd, &[]);
+async fn sigterm_finishes_open_requests_refuses_new_clients_and_answers_early_ones() {
+    let (_etcd, w, mut router) = one_site(&[]).await;
     let addr = router.http;
     // A slow request (3 s) keeps the router draining.
     let slow =
@@ -434,12 +414,7 @@ async fn sigterm_refuses_new_connections_and_answers_one_accepted_before() {
 /// left one behind for good, the backend looking busier and busier.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_gives_up_leaves_no_count_on_the_backend() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let w = Web::start("w").await;
-    put_route(&mut c, "g.test", "g", false).await;
-    put_endpoint(&mut c, "g", 1, w.addr).await;
-    let router = Router::start(&etcd, &[]);
+    let (_etcd, w, router) = one_site(&[]).await;
     let addr = router.http;
     // The backend answers /slow after 3 s; curl gives up after 0.5 s.
     let got = curl(&[

@@ -54,8 +54,8 @@ async def main():
 asyncio.run(main())
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_is_passed_through_both_ways() {
+/// etcd, the echo server serving `ws.test`, and a router (with `extra` flags) in front of it.
+async fn echo_site(extra: &[&str]) -> (Etcd, Daemon, Router) {
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
     let port = testkit::free_ports(1)[0];
@@ -64,7 +64,13 @@ async fn a_websocket_is_passed_through_both_ways() {
     server.wait_log("echo server ready", Duration::from_secs(20));
     put_route(&mut c, "ws.test", "ws", false).await;
     crate::put_endpoint(&mut c, "ws", 1, ([127, 0, 0, 1], port).into()).await;
-    let router = Router::start(&etcd, &[]);
+    let router = Router::start(&etcd, extra);
+    (etcd, server, router)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_passed_through_both_ways() {
+    let (_etcd, _server, router) = echo_site(&[]).await;
 
     let out = std::process::Command::new(PYTHON)
         .args([
@@ -108,15 +114,7 @@ struct Open {
 impl Open {
     async fn start(extra: &[&str]) -> Open {
         use std::io::BufRead;
-        let etcd = Etcd::start().await;
-        let mut c = etcd.client().await;
-        let port = testkit::free_ports(1)[0];
-        let port_arg = port.to_string();
-        let mut server = Daemon::spawn(PYTHON, &["-c", ECHO_SERVER, port_arg.as_str()]);
-        server.wait_log("echo server ready", Duration::from_secs(20));
-        put_route(&mut c, "ws.test", "ws", false).await;
-        crate::put_endpoint(&mut c, "ws", 1, ([127, 0, 0, 1], port).into()).await;
-        let router = Router::start(&etcd, extra);
+        let (etcd, server, router) = echo_site(extra).await;
         let mut client = std::process::Command::new(PYTHON)
             .args([
                 "-c",
