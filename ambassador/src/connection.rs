@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::ServiceCounters;
-use crate::relay::{self, Ended, Moved, Tally};
+use crate::relay::{self, Ended, Tally};
 use crate::routes::{Backend, Service};
 use crate::server::Shared;
 
@@ -109,7 +109,6 @@ async fn carry(
         relay::Handed {
             client,
             backend: upstream,
-            moved: Moved::default(),
             ack_pending: true,
         }
     } else {
@@ -123,7 +122,6 @@ async fn carry(
         client,
         backend,
         ack_pending,
-        ..
     } = handed;
     let (client, backend) = match crate::kernel::forward(
         path,

@@ -194,7 +194,8 @@ impl Metrics {
     }
 
     /// The counters of `service`, the same handles every time it is asked. The UDP ones are
-    /// shown for UDP service ports only (standalone handles for TCP ones).
+    /// shown for UDP service ports only (standalone handles for TCP ones). A series added
+    /// here is dropped in [`Metrics::forget_service`] too.
     pub fn service(&self, service: &ServicePort) -> ServiceCounters {
         let name = service.to_string();
         let label = ServiceLabel {
@@ -247,10 +248,9 @@ impl Metrics {
             ejections: handle(&self.ejections, &label),
         }
     }
-}
 
-impl Metrics {
-    /// Drops the series of a service port that left the route table (its port released).
+    /// Drops the series of a service port that left the route table (its port released):
+    /// every one [`Metrics::service`] makes.
     pub fn forget_service(&self, service: &ServicePort) {
         let name = service.to_string();
         let label = ServiceLabel {

@@ -144,7 +144,6 @@ pub async fn relay(
 pub struct Handed {
     pub client: TcpStream,
     pub backend: TcpStream,
-    pub moved: Moved,
     /// The handshake's last ACK to the backend is still held back.
     pub ack_pending: bool,
 }
@@ -231,10 +230,6 @@ pub async fn relay_until(
     ended.ok_or_else(|| Handed {
         client,
         backend,
-        moved: Moved {
-            up: to_backend.moved,
-            down: to_client.moved,
-        },
         ack_pending,
     })
 }

@@ -491,7 +491,7 @@ pub async fn run(
     }
 
     // Shutdown: stop accepting, let connections finish, then cut the rest. UDP has no
-    // connections to drain: its sockets close at once. No copy of a socket that stops being
+    // connections to drain: its sockets are no longer read from now on. No copy of a socket that stops being
     // served stays open: the kernel would queue what comes to it, unanswered, where a closed
     // port refuses it at once and the client goes elsewhere. (The DNS server stops on the same
     // signal.)
@@ -534,7 +534,8 @@ pub async fn run(
         closing.await;
     }
     workers.stop().await;
-    // Its lease revoked, so the record goes with this process (bounded: etcd may be away).
+    // Its lease revoked (left to the successor after a hand-over), so the record goes with
+    // this process (bounded: etcd may be away).
     let _ = tokio::time::timeout(Duration::from_secs(3), stats).await;
     info!(drained = report.drained, cut = report.cut, "shut down");
     report

@@ -47,11 +47,6 @@ pub(crate) struct UdpListener {
 }
 
 impl UdpListener {
-    /// Ends the loops and every session; returns once the sockets are closed.
-    pub(crate) async fn close(self) {
-        self.stop().await;
-    }
-
     /// Ends the loops at once (nothing more is read from the sockets); what it returns
     /// completes once every session has ended and the sockets are closed.
     pub(crate) fn stop(self) -> impl std::future::Future<Output = ()> {
@@ -84,7 +79,7 @@ pub(crate) async fn reconcile(
     for port in released {
         if let Some(socket) = open_ports.remove(&port) {
             shared.sockets.withdraw(&format!("udp/{port}/"));
-            socket.close().await;
+            socket.stop().await;
             shared
                 .udp_listening
                 .lock()
