@@ -423,7 +423,7 @@ pub async fn handle(
             return Ok(resp);
         }
     };
-    let backend = Arc::clone(&in_flight.0);
+    let backend_addr = in_flight.0.addr;
     let status = resp.status();
     counters.count(status);
     counters.duration.observe(start.elapsed().as_secs_f64());
@@ -431,7 +431,7 @@ pub async fn handle(
         && let Some(client) = client_upgrade
     {
         let server = hyper::upgrade::on(&mut resp);
-        let addr = backend.addr;
+        let addr = backend_addr;
         let (up, down) = (counters.bytes_in.clone(), counters.bytes_out.clone());
         // Run by the client connection's task, after hyper hands the connection over; the
         // end of the grace period cuts it.
@@ -475,7 +475,7 @@ pub async fn handle(
         version,
         status,
         start,
-        backend: backend.addr,
+        backend: backend_addr,
     });
     let body = Tracked {
         inner: incoming,

@@ -36,8 +36,8 @@ pub struct State {
     pub cert_problems: std::sync::Mutex<BTreeMap<String, String>>,
     synced: AtomicBool,
     answering: AtomicBool,
-    /// Every client connection's task, and each upgraded connection's tunnel (WebSocket) once
-    /// hyper has handed it over: the drain at a stop waits for all of them.
+    /// Every client connection's task (a WebSocket's tunnel runs in its connection's task):
+    /// the drain at a stop waits for all of them.
     pub connections: TaskTracker,
     /// The grace period is over: every connection and tunnel closes now.
     pub cut: CancellationToken,

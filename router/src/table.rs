@@ -101,18 +101,18 @@ impl Table {
         // A domain no longer routed takes its series with it (preview domains come and go;
         // kept, they would pile up in every scrape).
         for r in previous.routes() {
-            if table.lookup_domain(r.domain.as_str()).is_none() {
+            if !table.routes_domain(&r.domain) {
                 metrics.forget_route(r.domain.as_str());
             }
         }
         table
     }
 
-    /// The route of exactly `domain` (`*.example.com` for a wildcard).
-    fn lookup_domain(&self, domain: &str) -> Option<&Arc<Route>> {
-        match domain.strip_prefix("*.") {
-            Some(base) => self.wildcard.get(base),
-            None => self.exact.get(domain),
+    /// Whether `domain` itself (a wildcard as such) has a route.
+    fn routes_domain(&self, domain: &Domain) -> bool {
+        match domain.wildcard_base() {
+            Some(base) => self.wildcard.contains_key(base),
+            None => self.exact.contains_key(domain.as_str()),
         }
     }
 
