@@ -295,6 +295,8 @@ struct Agent {
     stopped_rx: mpsc::Receiver<()>,
     /// Fenced: the containers were stopped for `stop_after`.
     fenced: bool,
+    /// Containers whose rename to their instance's name failed (logged once).
+    unnamed: BTreeSet<String>,
     started: Instant,
     retry_at: Option<Instant>,
     etcd_backoff: Backoff,
@@ -322,6 +324,7 @@ impl Agent {
             etcd_down: false,
             relist: false,
             fenced: false,
+            unnamed: BTreeSet::new(),
             started: Instant::now(),
             retry_at: None,
             etcd_backoff: Backoff::default(),
@@ -609,6 +612,22 @@ impl Agent {
         for step in steps {
             match step {
                 Step::Remove { .. } => unreachable!("done above"),
+                Step::Rename { id, name } => {
+                    acted = true;
+                    match self.engine.rename(&id, &name).await {
+                        Ok(()) => {
+                            self.unnamed.remove(&id);
+                            info!(
+                                "renamed {} to {name}: its replacement had not finished",
+                                &id[..id.len().min(12)]
+                            );
+                        }
+                        Err(e) if self.unnamed.insert(id) => {
+                            warn!("cannot give {name} its name: {e}; trying again each round");
+                        }
+                        Err(_) => {}
+                    }
+                }
                 Step::Start { service, instance }
                 | Step::Replace {
                     service, instance, ..
@@ -658,11 +677,12 @@ impl Agent {
                     service,
                     instance,
                     id,
+                    beside,
                 } => {
                     acted = true;
                     let spec = specs[&(service.clone(), instance)];
                     let name = schema::container_name(&service.stack, &service.job, instance);
-                    let r = self.replace(spec, instance, &name, &id).await;
+                    let r = self.replace(spec, instance, &name, &id, &beside).await;
                     self.started(&service, instance, &name, "replaced (its spec changed)", r);
                 }
                 Step::Start { service, instance } => {
@@ -681,24 +701,24 @@ impl Agent {
     }
 
     /// Replaces `old` with a container of `spec` without a gap: the new one starts beside it
-    /// (as `<name>-next`), and only once it runs, and for a job with ports is a live endpoint,
-    /// is the old one stopped (SIGTERM, its stop timeout) and removed and the new one given
-    /// the instance's name. A new one that exits or does not get there within
-    /// `update.timeout` (at most a minute) is removed and the old one keeps serving.
+    /// (as `beside`: `<name>-next`, or `name` when the old one is still `<name>-next` from a
+    /// replacement its launcher did not finish), and only once it runs, and for a job with
+    /// ports is a live endpoint, is the old one stopped (SIGTERM, its stop timeout) and
+    /// removed and the new one given the instance's name. A new one that exits or does not
+    /// get there within `update.timeout` (at most a minute) is removed and the old one keeps
+    /// serving.
     async fn replace(
         &self,
         spec: &JobSpec,
         instance: u32,
         name: &str,
         old: &str,
+        beside: &str,
     ) -> Result<String, crate::engine::EngineError> {
         use crate::engine::{EngineError, RunState};
-        let next = format!("{name}-next");
-        // A replacement left half-way by an earlier run.
-        let _ = self.engine.remove(&next).await;
         let new = self
             .engine
-            .start(spec, instance, &self.config.host, &next)
+            .start(spec, instance, &self.config.host, beside)
             .await?;
         let limit = Duration::from_millis(spec.update.timeout_ms).min(Duration::from_secs(60));
         let deadline = Instant::now() + limit;
@@ -771,7 +791,9 @@ impl Agent {
         };
         withdraw.done(mark).await;
         stopped?;
-        self.engine.rename(&new, name).await?;
+        if beside != name {
+            self.engine.rename(&new, name).await?;
+        }
         Ok(new)
     }
 

@@ -26,12 +26,17 @@ pub enum Step {
         instance: u32,
         id: String,
     },
-    /// Its container runs another spec: remove it, then start the instance.
+    /// Its container runs another spec: start the new one beside it under the name `beside`,
+    /// then stop the old one and give the new one the instance's name.
     Replace {
         service: ServiceId,
         instance: u32,
         id: String,
+        beside: String,
     },
+    /// Its container has the wanted spec under another name (a replacement whose launcher
+    /// stopped before its last step): give it the instance's name, which is free.
+    Rename { id: String, name: String },
     /// A viking container that nothing assigns to this host.
     Remove { name: String, id: String },
 }
@@ -50,15 +55,21 @@ pub fn plan(
     let mut starts = Vec::new();
     for w in wanted {
         let service = w.spec.service();
+        let name = schema::container_name(&service.stack, &service.job, w.instance);
+        let held = |n: &str, by: &str| existing.iter().any(|e| e.name == n && e.id != by);
         // Several containers for one instance (a replacement left half-way, a hand-made
-        // copy): the one with the wanted spec is it, else the first.
+        // copy): the one with the wanted spec is it (under the instance's name first), else
+        // the first.
         let digest = w.spec.digest();
         let mine = || {
             existing
                 .iter()
                 .filter(|e| e.service == service && e.instance == w.instance)
         };
-        let have = mine().find(|e| e.spec == digest).or_else(|| mine().next());
+        let have = mine()
+            .filter(|e| e.spec == digest)
+            .min_by_key(|e| e.name != name)
+            .or_else(|| mine().next());
         match have {
             None => starts.push(Step::Start {
                 service,
@@ -67,12 +78,28 @@ pub fn plan(
             Some(e) => {
                 kept.insert(&e.id);
                 if e.spec != digest {
-                    starts.push(Step::Replace {
-                        service,
-                        instance: w.instance,
+                    // The new container starts beside the old one under a name the old one
+                    // does not hold; while a container on its way out still holds it, the
+                    // replacement waits for the next round.
+                    let next = format!("{name}-next");
+                    let beside = if e.name == next { name } else { next };
+                    if !held(&beside, &e.id) {
+                        starts.push(Step::Replace {
+                            service,
+                            instance: w.instance,
+                            id: e.id.clone(),
+                            beside,
+                        });
+                    }
+                    continue;
+                }
+                if e.name != name && !held(&name, &e.id) {
+                    starts.push(Step::Rename {
                         id: e.id.clone(),
+                        name,
                     });
-                } else if should_restart(w.spec, e.state) {
+                }
+                if should_restart(w.spec, e.state) {
                     starts.push(Step::Restart {
                         service,
                         instance: w.instance,
@@ -211,12 +238,83 @@ mod tests {
             [Step::Replace {
                 service: web.service(),
                 instance: 0,
-                id: "id-web-0".into()
+                id: "id-web-0".into(),
+                beside: "app_web_0-next".into(),
             }]
         );
         // Assignment and spec disagree: not wanted yet, but not removed either.
         let unsure = BTreeSet::from([(web.service(), 0)]);
         assert!(plan(&[], &unsure, &have).is_empty());
+    }
+
+    #[test]
+    fn a_replacement_left_half_way_is_finished_without_touching_what_serves() {
+        let web = spec("web");
+        let mut newer = web.clone();
+        newer.image = "busybox:2".into();
+        let beside = |e: &Existing| Existing {
+            id: format!("{}-next", e.id),
+            name: format!("{}-next", e.name),
+            ..e.clone()
+        };
+        let wanted = |spec| [Wanted { instance: 0, spec }];
+        // Stopped after the old one went, before the rename: the new one gets the name.
+        let only_next = beside(&existing(&newer, 0, RunState::Running));
+        assert_eq!(
+            plan(
+                &wanted(&newer),
+                &BTreeSet::new(),
+                std::slice::from_ref(&only_next)
+            ),
+            [Step::Rename {
+                id: "id-web-0-next".into(),
+                name: "app_web_0".into()
+            }]
+        );
+        // Stopped with both running: the old one goes first (withdrawn, in the background);
+        // the name is held until then.
+        let old = existing(&web, 0, RunState::Running);
+        let new = beside(&existing(&newer, 0, RunState::Running));
+        let both = [old.clone(), new.clone()];
+        assert_eq!(
+            plan(&wanted(&newer), &BTreeSet::new(), &both),
+            [Step::Remove {
+                name: "app_web_0".into(),
+                id: "id-web-0".into()
+            }]
+        );
+        // Two copies of the wanted spec: the one under the instance's name is it.
+        let copy = existing(&newer, 0, RunState::Running);
+        let steps = plan(&wanted(&newer), &BTreeSet::new(), &[new.clone(), copy]);
+        assert_eq!(
+            steps,
+            [Step::Remove {
+                name: "app_web_0-next".into(),
+                id: "id-web-0-next".into()
+            }]
+        );
+        // The spec changed again meanwhile: the new one starts under the name the serving
+        // one does not hold; never under `-next`, which would remove what serves.
+        let mut newest = newer.clone();
+        newest.image = "busybox:3".into();
+        assert_eq!(
+            plan(&wanted(&newest), &BTreeSet::new(), &[only_next]),
+            [Step::Replace {
+                service: web.service(),
+                instance: 0,
+                id: "id-web-0-next".into(),
+                beside: "app_web_0".into(),
+            }]
+        );
+        // ... and while a container on its way out holds that name, it waits.
+        let steps = plan(&wanted(&newest), &BTreeSet::new(), &[new, old]);
+        assert_eq!(
+            steps,
+            [Step::Remove {
+                name: "app_web_0".into(),
+                id: "id-web-0".into()
+            }]
+        );
     }
 
     #[test]

@@ -390,3 +390,97 @@ async fn a_container_with_a_health_check_is_running_only_once_it_passes() {
     })
     .await;
 }
+
+/// A launcher stopped in the middle of a replacement (after the old container went, before
+/// the new one took the instance's name) finishes it when it comes back: the container gets
+/// the instance's name; and a replacement of a container still under `-next` starts beside
+/// it rather than removing it first (which cut the instance off while the new one started).
+#[tokio::test]
+async fn a_replacement_its_launcher_did_not_finish_is_finished_after_a_restart() {
+    let mut w = World::start().await;
+    let mut web = w.spec("web", 1);
+    web.command = Some(CommandSpec::Exec(
+        ["httpd", "-f", "-p", "8080"].map(String::from).to_vec(),
+    ));
+    w.deploy(&web).await;
+    w.run().await;
+    w.until("web running", |s| running(s, &["web/0"])).await;
+    let name = format!("{}_web_0", w.stack);
+    let next = format!("{name}-next");
+    let id_of = |n: &str| docker::docker_ok(None, &["inspect", "--format", "{{.Id}}", n]);
+    let id0 = id_of(&name).trim().to_owned();
+    let half_way = |w: &mut World| {
+        w.launcher.kill();
+        docker::docker_ok(None, &["rename", &name, &next]);
+    };
+
+    half_way(&mut w);
+    w.launcher.start();
+    testkit::eventually(
+        Duration::from_secs(15),
+        "the instance's name given back",
+        || {
+            let now = w.containers();
+            (now.len() == 1 && now.get(&name).map(String::as_str) == Some("running"))
+                .then_some(())
+                .ok_or_else(|| format!("{now:?}\n{}", w.launcher.log()))
+        },
+    );
+    assert_eq!(id_of(&name).trim(), id0, "renamed, not replaced");
+
+    // Half-way again, and the spec changed meanwhile.
+    half_way(&mut w);
+    web.env.insert("COLOUR".into(), "blue".into());
+    w.deploy(&web).await;
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    w.launcher.start();
+    let digest = web.digest();
+    w.until("replaced by the new spec", |s| {
+        s.get("web/0").is_some_and(|r| {
+            r.state == InstanceState::Running
+                && r.spec_digest == digest
+                && !id0.starts_with(&r.container_id)
+        })
+    })
+    .await;
+    testkit::eventually(Duration::from_secs(15), "one container, named", || {
+        let now = w.containers();
+        (now.len() == 1 && now.contains_key(&name))
+            .then_some(())
+            .ok_or_else(|| format!("{now:?}"))
+    });
+    let new = id_of(&name).trim().to_owned();
+    // Docker's own record of what happened: the new container started before the old one
+    // was stopped.
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let events = docker::docker_ok(
+        None,
+        &[
+            "events",
+            "--since",
+            &format!("{since:.3}"),
+            "--until",
+            &format!("{until:.3}"),
+            "--filter",
+            &format!("label=viking.host={}", w.host),
+            "--format",
+            "{{.Action}} {{.Actor.ID}}",
+        ],
+    );
+    let at = |action: &str, id: &str| {
+        events
+            .lines()
+            .position(|l| l == format!("{action} {id}"))
+            .unwrap_or_else(|| panic!("no {action} of {id} in\n{events}"))
+    };
+    assert!(
+        at("start", &new) < at("die", &id0),
+        "the old container stopped before the new one started:\n{events}"
+    );
+}
