@@ -286,6 +286,8 @@ struct Agent {
     logs: HashMap<(String, u32), String>,
     last_etcd_ok: Option<Instant>,
     etcd_down: bool,
+    /// The engine's last list failed (logged once until it answers again).
+    engine_down: bool,
     /// Read the assignments directly before the next round (after a new lease).
     relist: bool,
     /// Containers being stopped and removed in the background (no longer assigned here).
@@ -322,6 +324,7 @@ impl Agent {
             logs: HashMap::new(),
             last_etcd_ok: None,
             etcd_down: false,
+            engine_down: false,
             relist: false,
             fenced: false,
             unnamed: BTreeSet::new(),
@@ -519,13 +522,23 @@ impl Agent {
     /// starts, stops or removes. `None` (retried) when the engine does not answer.
     async fn mine(&mut self) -> Option<Vec<Existing>> {
         match self.engine.list().await {
-            Ok(all) => Some(
-                all.into_iter()
-                    .filter(|e| e.host.as_deref() == Some(self.config.host.as_str()))
-                    .collect(),
-            ),
+            Ok(all) => {
+                if std::mem::take(&mut self.engine_down) {
+                    info!("the container engine answers again");
+                }
+                Some(
+                    all.into_iter()
+                        .filter(|e| e.host.as_deref() == Some(self.config.host.as_str()))
+                        .collect(),
+                )
+            }
             Err(e) => {
-                warn!("{e}; keeping what runs and retrying");
+                // Said once, not at every retry while Docker restarts.
+                if !std::mem::replace(&mut self.engine_down, true) {
+                    warn!("{e}; keeping what runs and retrying every second");
+                } else {
+                    debug!("{e}; retrying");
+                }
                 self.retry_later(Duration::from_secs(1));
                 None
             }

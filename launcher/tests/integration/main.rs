@@ -21,35 +21,44 @@ struct World {
     stack: String,
     /// The launcher's admin server.
     admin: String,
+    /// Its Docker daemon (`None`: the shared one).
+    docker: Option<String>,
 }
 
 impl World {
     async fn start() -> World {
-        docker::require(None);
+        World::start_on(None).await
+    }
+
+    /// With the Docker daemon at `docker` (a private one the test stops and starts).
+    async fn start_on(docker: Option<String>) -> World {
+        docker::require(docker.as_deref());
         let etcd = Etcd::start().await;
         let client = etcd.client().await;
         let host = format!("t{:08x}", fastrand_u32());
         let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
-        let launcher = Daemon::spawn(
-            env!("CARGO_BIN_EXE_launcher"),
-            &[
-                "--admin",
-                &admin,
-                "--etcd",
-                &etcd.endpoint(),
-                "--host",
-                &host,
-                "--cpus",
-                "2",
-                "--memory",
-                "1G",
-                "--ttl",
-                "2s",
-                // httpd as PID 1 ignores SIGTERM: removals would wait the default 10 s.
-                "--stop-timeout",
-                "1s",
-            ],
-        );
+        let endpoint = etcd.endpoint();
+        let mut args = vec![
+            "--admin",
+            &admin,
+            "--etcd",
+            &endpoint,
+            "--host",
+            &host,
+            "--cpus",
+            "2",
+            "--memory",
+            "1G",
+            "--ttl",
+            "2s",
+            // httpd as PID 1 ignores SIGTERM: removals would wait the default 10 s.
+            "--stop-timeout",
+            "1s",
+        ];
+        if let Some(d) = &docker {
+            args.extend(["--docker", d.as_str()]);
+        }
+        let launcher = Daemon::spawn(env!("CARGO_BIN_EXE_launcher"), &args);
         World {
             etcd,
             client,
@@ -57,6 +66,7 @@ impl World {
             stack: format!("s{:08x}", fastrand_u32()),
             host,
             admin,
+            docker,
         }
     }
 
@@ -139,7 +149,7 @@ impl World {
     /// This host's containers of this stack: name -> state.
     fn containers(&self) -> BTreeMap<String, String> {
         let out = docker::docker_ok(
-            None,
+            self.docker.as_deref(),
             &[
                 "ps",
                 "-a",
@@ -161,7 +171,7 @@ impl Drop for World {
         // The launcher first (it would start them again), then its containers.
         self.launcher.kill();
         let ids = docker::docker_ok(
-            None,
+            self.docker.as_deref(),
             &[
                 "ps",
                 "-aq",
@@ -170,7 +180,7 @@ impl Drop for World {
             ],
         );
         for id in ids.lines() {
-            let _ = docker::docker(None, &["rm", "-f", id]);
+            let _ = docker::docker(self.docker.as_deref(), &["rm", "-f", id]);
         }
         let _ = &self.etcd;
     }
@@ -483,4 +493,47 @@ async fn a_replacement_its_launcher_did_not_finish_is_finished_after_a_restart()
         at("start", &new) < at("die", &id0),
         "the old container stopped before the new one started:\n{events}"
     );
+}
+
+/// The launcher's Docker daemon restarts (an upgrade, a crash): it says so once, keeps its
+/// statuses, and when the daemon is back its containers are the same ones (brought back by
+/// their restart policy), neither doubled nor replaced.
+#[tokio::test]
+async fn a_docker_restart_keeps_the_same_containers_and_is_logged_once() {
+    let mut dockerd = testkit::docker::Dockerd::start(
+        &format!("vkt-lau-{:04x}", fastrand_u32() & 0xffff),
+        "10.213.9.1/24",
+    );
+    let w = World::start_on(Some(dockerd.host())).await;
+    let mut web = w.spec("web", 2);
+    // Exits at once on SIGTERM, so the daemon's shutdown does not wait its timeout.
+    web.command = Some(CommandSpec::Shell(
+        "trap 'exit 0' TERM; while true; do sleep 0.2; done".into(),
+    ));
+    w.deploy(&web).await;
+    w.run().await;
+    w.until("two running", |s| running(s, &["web/0", "web/1"]))
+        .await;
+    let ids = |s: &BTreeMap<String, StatusRecord>| -> Vec<String> {
+        s.values().map(|r| r.container_id.clone()).collect()
+    };
+    let before = ids(&w.statuses().await);
+
+    dockerd.stop();
+    // Several of its one-second retries while the daemon is away.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    dockerd.restart();
+    w.until("the same two running again", |s| {
+        running(s, &["web/0", "web/1"]) && ids(s) == before
+    })
+    .await;
+    let names = w.containers();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let log = w.launcher.log();
+    assert_eq!(
+        log.matches("keeping what runs and retrying").count(),
+        1,
+        "said once:\n{log}"
+    );
+    assert!(log.contains("the container engine answers again"), "{log}");
 }
