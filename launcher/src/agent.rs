@@ -230,7 +230,14 @@ pub async fn run_with(
             _ = resync.tick() => {}
             () = runtime::sleep_until(retry) => agent.retry_at = None,
         }
-        agent.step().await;
+        tokio::select! {
+            () = agent.step() => {}
+            // A replacement waits up to a minute for its new container, a stop up to
+            // `--stop-timeout`: the launcher's own stop does not wait for them. What it leaves
+            // half-way, the next launcher goes on with (`converge::plan`), and its marks go
+            // with its lease.
+            () = shutdown.cancelled() => break,
+        }
         agent.publish_view();
     }
     for w in watches {
@@ -691,11 +698,14 @@ impl Agent {
                     instance,
                     id,
                     beside,
+                    started,
                 } => {
                     acted = true;
                     let spec = specs[&(service.clone(), instance)];
                     let name = schema::container_name(&service.stack, &service.job, instance);
-                    let r = self.replace(spec, instance, &name, &id, &beside).await;
+                    let r = self
+                        .replace(spec, instance, &name, &id, &beside, started)
+                        .await;
                     self.started(&service, instance, &name, "replaced (its spec changed)", r);
                 }
                 Step::Start { service, instance } => {
@@ -715,11 +725,11 @@ impl Agent {
 
     /// Replaces `old` with a container of `spec` without a gap: the new one starts beside it
     /// (as `beside`: `<name>-next`, or `name` when the old one is still `<name>-next` from a
-    /// replacement its launcher did not finish), and only once it runs, and for a job with
-    /// ports is a live endpoint, is the old one stopped (SIGTERM, its stop timeout) and
-    /// removed and the new one given the instance's name. A new one that exits or does not
-    /// get there within `update.timeout` (at most a minute) is removed and the old one keeps
-    /// serving.
+    /// replacement its launcher did not finish; or it is `started` already, by a launcher
+    /// that stopped before it was ready), and only once it runs, and for a job with ports is
+    /// a live endpoint, is the old one stopped (SIGTERM, its stop timeout) and removed and the
+    /// new one given the instance's name. A new one that exits or does not get there within
+    /// `update.timeout` (at most a minute) is removed and the old one keeps serving.
     async fn replace(
         &self,
         spec: &JobSpec,
@@ -727,12 +737,17 @@ impl Agent {
         name: &str,
         old: &str,
         beside: &str,
+        started: Option<String>,
     ) -> Result<String, crate::engine::EngineError> {
         use crate::engine::{EngineError, RunState};
-        let new = self
-            .engine
-            .start(spec, instance, &self.config.host, beside)
-            .await?;
+        let new = match started {
+            Some(id) => id,
+            None => {
+                self.engine
+                    .start(spec, instance, &self.config.host, beside)
+                    .await?
+            }
+        };
         let limit = Duration::from_millis(spec.update.timeout_ms).min(Duration::from_secs(60));
         let deadline = Instant::now() + limit;
         // Ready means ready for a while: a container that exits at once can be running and

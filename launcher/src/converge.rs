@@ -26,13 +26,15 @@ pub enum Step {
         instance: u32,
         id: String,
     },
-    /// Its container runs another spec: start the new one beside it under the name `beside`,
-    /// then stop the old one and give the new one the instance's name.
+    /// Its container runs another spec: start the new one beside it under the name `beside`
+    /// (or go on with `started`, one already there from a replacement under way), then once
+    /// it is ready stop the old one and give the new one the instance's name.
     Replace {
         service: ServiceId,
         instance: u32,
         id: String,
         beside: String,
+        started: Option<String>,
     },
     /// Its container has the wanted spec under another name (a replacement whose launcher
     /// stopped before its last step): give it the instance's name, which is free.
@@ -59,40 +61,38 @@ pub fn plan(
         let held = |n: &str, by: &str| existing.iter().any(|e| e.name == n && e.id != by);
         // Several containers for one instance (a replacement left half-way, a hand-made
         // copy): the one with the wanted spec is it (under the instance's name first), else
-        // the first.
+        // the one under the instance's name, else the first.
         let digest = w.spec.digest();
         let mine = || {
             existing
                 .iter()
                 .filter(|e| e.service == service && e.instance == w.instance)
         };
-        let have = mine()
+        let wanted_one = mine()
             .filter(|e| e.spec == digest)
-            .min_by_key(|e| e.name != name)
-            .or_else(|| mine().next());
-        match have {
-            None => starts.push(Step::Start {
+            .min_by_key(|e| e.name != name);
+        let named = mine().find(|e| e.name == name);
+        match (wanted_one, named) {
+            (None, None) if mine().next().is_none() => starts.push(Step::Start {
                 service,
                 instance: w.instance,
             }),
-            Some(e) => {
+            // A replacement under way when its launcher stopped: the new container beside
+            // the old one, which still serves under the instance's name. It goes on where it
+            // was (the new one must be ready before the old one stops); removing the old one
+            // now would leave the instance to a container that may not serve yet.
+            (Some(new), Some(old)) if new.id != old.id => {
+                kept.extend([new.id.as_str(), old.id.as_str()]);
+                starts.push(Step::Replace {
+                    service,
+                    instance: w.instance,
+                    id: old.id.clone(),
+                    beside: new.name.clone(),
+                    started: Some(new.id.clone()),
+                });
+            }
+            (Some(e), _) => {
                 kept.insert(&e.id);
-                if e.spec != digest {
-                    // The new container starts beside the old one under a name the old one
-                    // does not hold; while a container on its way out still holds it, the
-                    // replacement waits for the next round.
-                    let next = format!("{name}-next");
-                    let beside = if e.name == next { name } else { next };
-                    if !held(&beside, &e.id) {
-                        starts.push(Step::Replace {
-                            service,
-                            instance: w.instance,
-                            id: e.id.clone(),
-                            beside,
-                        });
-                    }
-                    continue;
-                }
                 if e.name != name && !held(&name, &e.id) {
                     starts.push(Step::Rename {
                         id: e.id.clone(),
@@ -104,6 +104,24 @@ pub fn plan(
                         service,
                         instance: w.instance,
                         id: e.id.clone(),
+                    });
+                }
+            }
+            (None, e) => {
+                let e = e.or_else(|| mine().next()).expect("one exists");
+                kept.insert(&e.id);
+                // The new container starts beside the old one under a name the old one
+                // does not hold; while a container on its way out still holds it, the
+                // replacement waits for the next round.
+                let next = format!("{name}-next");
+                let beside = if e.name == next { name } else { next };
+                if !held(&beside, &e.id) {
+                    starts.push(Step::Replace {
+                        service,
+                        instance: w.instance,
+                        id: e.id.clone(),
+                        beside,
+                        started: None,
                     });
                 }
             }
@@ -240,6 +258,7 @@ mod tests {
                 instance: 0,
                 id: "id-web-0".into(),
                 beside: "app_web_0-next".into(),
+                started: None,
             }]
         );
         // Assignment and spec disagree: not wanted yet, but not removed either.
@@ -271,16 +290,22 @@ mod tests {
                 name: "app_web_0".into()
             }]
         );
-        // Stopped with both running: the old one goes first (withdrawn, in the background);
-        // the name is held until then.
+        // Stopped with both running: the replacement goes on (the old one serves until the
+        // new one is ready).
         let old = existing(&web, 0, RunState::Running);
         let new = beside(&existing(&newer, 0, RunState::Running));
-        let both = [old.clone(), new.clone()];
         assert_eq!(
-            plan(&wanted(&newer), &BTreeSet::new(), &both),
-            [Step::Remove {
-                name: "app_web_0".into(),
-                id: "id-web-0".into()
+            plan(
+                &wanted(&newer),
+                &BTreeSet::new(),
+                &[old.clone(), new.clone()]
+            ),
+            [Step::Replace {
+                service: web.service(),
+                instance: 0,
+                id: "id-web-0".into(),
+                beside: "app_web_0-next".into(),
+                started: Some("id-web-0-next".into()),
             }]
         );
         // Two copies of the wanted spec: the one under the instance's name is it.
@@ -304,15 +329,17 @@ mod tests {
                 instance: 0,
                 id: "id-web-0-next".into(),
                 beside: "app_web_0".into(),
+                started: None,
             }]
         );
-        // ... and while a container on its way out holds that name, it waits.
+        // With both there, neither of the wanted spec: the one under the instance's name is
+        // kept and replaced once the other, on its way out, gives back `-next`.
         let steps = plan(&wanted(&newest), &BTreeSet::new(), &[new, old]);
         assert_eq!(
             steps,
             [Step::Remove {
-                name: "app_web_0".into(),
-                id: "id-web-0".into()
+                name: "app_web_0-next".into(),
+                id: "id-web-0-next".into()
             }]
         );
     }

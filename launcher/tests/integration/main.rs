@@ -352,6 +352,26 @@ async fn tasks_report_their_exit_code_and_a_missing_image_fails_with_its_reason(
     assert_eq!(w.containers(), before);
 }
 
+/// An image with a health check (`test -f /tmp/ok`, every second), made offline from the
+/// test image under `tag` (one per test: the guard removes it); removed on drop.
+fn healthy_image(tag: &'static str) -> ImageGuard {
+    let guard = ImageGuard(tag);
+    let base = docker::docker_ok(None, &["create", IMAGE, "true"]);
+    let base = base.trim();
+    docker::docker_ok(
+        None,
+        &[
+            "commit",
+            "--change",
+            "HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD test -f /tmp/ok",
+            base,
+            tag,
+        ],
+    );
+    docker::docker_ok(None, &["rm", base]);
+    guard
+}
+
 /// Removes a test image, also when the test fails.
 struct ImageGuard(&'static str);
 
@@ -366,22 +386,8 @@ impl Drop for ImageGuard {
 #[tokio::test]
 async fn a_container_with_a_health_check_is_running_only_once_it_passes() {
     let w = World::start().await;
-    // An image with a health check, made offline from the test image.
     const HEALTHY: &str = "viking/busybox-healthcheck:test";
-    let _image = ImageGuard(HEALTHY);
-    let base = docker::docker_ok(None, &["create", IMAGE, "true"]);
-    let base = base.trim();
-    docker::docker_ok(
-        None,
-        &[
-            "commit",
-            "--change",
-            "HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD test -f /tmp/ok",
-            base,
-            HEALTHY,
-        ],
-    );
-    docker::docker_ok(None, &["rm", base]);
+    let _image = healthy_image(HEALTHY);
     let mut job = w.spec("checked", 1);
     job.image = HEALTHY.to_owned();
     job.command = Some(CommandSpec::Shell(
@@ -536,4 +542,110 @@ async fn a_docker_restart_keeps_the_same_containers_and_is_logged_once() {
         "said once:\n{log}"
     );
     assert!(log.contains("the container engine answers again"), "{log}");
+}
+
+/// SIGTERM to a launcher whose replacement waits for the new container's health check: it
+/// exits at once instead of after the wait, both containers keep running, and the next
+/// launcher goes on with that replacement: the old container serves until the new one passes
+/// its check, and no third container is made.
+#[tokio::test]
+async fn a_launcher_stopped_during_a_replacement_exits_at_once_and_the_next_goes_on_with_it() {
+    let mut w = World::start().await;
+    const HEALTHY: &str = "viking/busybox-healthcheck:resume";
+    let _image = healthy_image(HEALTHY);
+    let mut web = w.spec("web", 1);
+    web.command = Some(CommandSpec::Shell(
+        "trap 'exit 0' TERM; while true; do sleep 0.2; done".into(),
+    ));
+    w.deploy(&web).await;
+    w.run().await;
+    w.until("web running", |s| running(s, &["web/0"])).await;
+    let name = format!("{}_web_0", w.stack);
+    let next = format!("{name}-next");
+    let id_of = |n: &str| {
+        docker::docker_ok(None, &["inspect", "--format", "{{.Id}}", n])
+            .trim()
+            .to_owned()
+    };
+    let old = id_of(&name);
+
+    // The new spec passes its health check 4 s after it starts.
+    web.image = HEALTHY.to_owned();
+    web.command = Some(CommandSpec::Shell(
+        "trap 'exit 0' TERM; sleep 4; touch /tmp/ok; while true; do sleep 0.2; done".into(),
+    ));
+    w.deploy(&web).await;
+    testkit::eventually(
+        Duration::from_secs(15),
+        "the new one started beside",
+        || {
+            let now = w.containers();
+            (now.get(&next).map(String::as_str) == Some("running"))
+                .then_some(())
+                .ok_or_else(|| format!("{now:?}"))
+        },
+    );
+    let new = id_of(&next);
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let status = w.launcher.terminate(Duration::from_secs(2));
+    assert!(status.success(), "{status}: {}", w.launcher.log());
+    let both = w.containers();
+    assert_eq!(
+        (both.get(&name), both.get(&next)),
+        (Some(&"running".to_owned()), Some(&"running".to_owned())),
+        "{both:?}"
+    );
+
+    w.launcher.start();
+    let digest = web.digest();
+    w.until("the new spec running", |s| {
+        s.get("web/0").is_some_and(|r| {
+            r.state == InstanceState::Running
+                && r.spec_digest == digest
+                && new.starts_with(&r.container_id)
+        })
+    })
+    .await;
+    testkit::eventually(Duration::from_secs(15), "one container, named", || {
+        let now = w.containers();
+        (now.len() == 1 && now.contains_key(&name))
+            .then_some(())
+            .ok_or_else(|| format!("{now:?}"))
+    });
+    assert_eq!(
+        id_of(&name),
+        new,
+        "the replacement went on, no third container"
+    );
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let events = docker::docker_ok(
+        None,
+        &[
+            "events",
+            "--since",
+            &format!("{since:.3}"),
+            "--until",
+            &format!("{until:.3}"),
+            "--filter",
+            &format!("label=viking.host={}", w.host),
+            "--format",
+            "{{.Action}} {{.Actor.ID}}",
+        ],
+    );
+    let at = |action: &str, id: &str| {
+        events
+            .lines()
+            .position(|l| l == format!("{action} {id}"))
+            .unwrap_or_else(|| panic!("no {action} of {id} in\n{events}"))
+    };
+    assert!(
+        at("health_status: healthy", &new) < at("die", &old),
+        "the old container stopped before the new one was healthy:\n{events}"
+    );
 }
