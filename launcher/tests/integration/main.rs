@@ -146,6 +146,32 @@ impl World {
         .await;
     }
 
+    /// Polls until `instance` runs `spec` in a container `which` accepts (by its short id),
+    /// and that container, named `name`, is the only one left.
+    async fn until_only(
+        &self,
+        instance: &str,
+        name: &str,
+        spec: &JobSpec,
+        which: impl Fn(&str) -> bool,
+    ) {
+        let digest = spec.digest();
+        self.until("the new spec running", |s| {
+            s.get(instance).is_some_and(|r| {
+                r.state == InstanceState::Running
+                    && r.spec_digest == digest
+                    && which(&r.container_id)
+            })
+        })
+        .await;
+        testkit::eventually(Duration::from_secs(15), "one container, named", || {
+            let now = self.containers();
+            (now.len() == 1 && now.contains_key(name))
+                .then_some(())
+                .ok_or_else(|| format!("{now:?}"))
+        });
+    }
+
     /// This host's containers of this stack: name -> state.
     fn containers(&self) -> BTreeMap<String, String> {
         let out = docker::docker_ok(
@@ -193,6 +219,44 @@ fn fastrand_u32() -> u32 {
         .unwrap()
         .subsec_nanos();
     t ^ std::process::id().rotate_left(16)
+}
+
+/// Seconds since the epoch, as `docker events --since/--until` take them.
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Docker's own record of this host's containers from `since` until now: where in it
+/// `action` of container `id` is. `order` says which of two came first.
+struct Events(String);
+
+impl Events {
+    fn since(w: &World, since: f64) -> Events {
+        Events(docker::docker_ok(
+            w.docker.as_deref(),
+            &[
+                "events",
+                "--since",
+                &format!("{since:.3}"),
+                "--until",
+                &format!("{:.3}", epoch_now()),
+                "--filter",
+                &format!("label=viking.host={}", w.host),
+                "--format",
+                "{{.Action}} {{.Actor.ID}}",
+            ],
+        ))
+    }
+
+    fn at(&self, action: &str, id: &str) -> usize {
+        self.0
+            .lines()
+            .position(|l| l == format!("{action} {id}"))
+            .unwrap_or_else(|| panic!("no {action} of {id} in\n{}", self.0))
+    }
 }
 
 fn running(s: &BTreeMap<String, StatusRecord>, names: &[&str]) -> bool {
@@ -448,56 +512,18 @@ async fn a_replacement_its_launcher_did_not_finish_is_finished_after_a_restart()
     half_way(&mut w);
     web.env.insert("COLOUR".into(), "blue".into());
     w.deploy(&web).await;
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let since = epoch_now();
     w.launcher.start();
-    let digest = web.digest();
-    w.until("replaced by the new spec", |s| {
-        s.get("web/0").is_some_and(|r| {
-            r.state == InstanceState::Running
-                && r.spec_digest == digest
-                && !id0.starts_with(&r.container_id)
-        })
-    })
-    .await;
-    testkit::eventually(Duration::from_secs(15), "one container, named", || {
-        let now = w.containers();
-        (now.len() == 1 && now.contains_key(&name))
-            .then_some(())
-            .ok_or_else(|| format!("{now:?}"))
-    });
+    w.until_only("web/0", &name, &web, |id| !id0.starts_with(id))
+        .await;
     let new = id_of(&name).trim().to_owned();
     // Docker's own record of what happened: the new container started before the old one
     // was stopped.
-    let until = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    let events = docker::docker_ok(
-        None,
-        &[
-            "events",
-            "--since",
-            &format!("{since:.3}"),
-            "--until",
-            &format!("{until:.3}"),
-            "--filter",
-            &format!("label=viking.host={}", w.host),
-            "--format",
-            "{{.Action}} {{.Actor.ID}}",
-        ],
-    );
-    let at = |action: &str, id: &str| {
-        events
-            .lines()
-            .position(|l| l == format!("{action} {id}"))
-            .unwrap_or_else(|| panic!("no {action} of {id} in\n{events}"))
-    };
+    let events = Events::since(&w, since);
     assert!(
-        at("start", &new) < at("die", &id0),
-        "the old container stopped before the new one started:\n{events}"
+        events.at("start", &new) < events.at("die", &id0),
+        "the old container stopped before the new one started:\n{}",
+        events.0
     );
 }
 
@@ -586,10 +612,7 @@ async fn a_launcher_stopped_during_a_replacement_exits_at_once_and_the_next_goes
         },
     );
     let new = id_of(&next);
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let since = epoch_now();
     let status = w.launcher.terminate(Duration::from_secs(2));
     assert!(status.success(), "{status}: {}", w.launcher.log());
     let both = w.containers();
@@ -600,52 +623,17 @@ async fn a_launcher_stopped_during_a_replacement_exits_at_once_and_the_next_goes
     );
 
     w.launcher.start();
-    let digest = web.digest();
-    w.until("the new spec running", |s| {
-        s.get("web/0").is_some_and(|r| {
-            r.state == InstanceState::Running
-                && r.spec_digest == digest
-                && new.starts_with(&r.container_id)
-        })
-    })
-    .await;
-    testkit::eventually(Duration::from_secs(15), "one container, named", || {
-        let now = w.containers();
-        (now.len() == 1 && now.contains_key(&name))
-            .then_some(())
-            .ok_or_else(|| format!("{now:?}"))
-    });
+    w.until_only("web/0", &name, &web, |id| new.starts_with(id))
+        .await;
     assert_eq!(
         id_of(&name),
         new,
         "the replacement went on, no third container"
     );
-    let until = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    let events = docker::docker_ok(
-        None,
-        &[
-            "events",
-            "--since",
-            &format!("{since:.3}"),
-            "--until",
-            &format!("{until:.3}"),
-            "--filter",
-            &format!("label=viking.host={}", w.host),
-            "--format",
-            "{{.Action}} {{.Actor.ID}}",
-        ],
-    );
-    let at = |action: &str, id: &str| {
-        events
-            .lines()
-            .position(|l| l == format!("{action} {id}"))
-            .unwrap_or_else(|| panic!("no {action} of {id} in\n{events}"))
-    };
+    let events = Events::since(&w, since);
     assert!(
-        at("health_status: healthy", &new) < at("die", &old),
-        "the old container stopped before the new one was healthy:\n{events}"
+        events.at("health_status: healthy", &new) < events.at("die", &old),
+        "the old container stopped before the new one was healthy:\n{}",
+        events.0
     );
 }
