@@ -171,6 +171,25 @@ impl Side {
         }
     }
 
+    /// `TCP_INFO` of this side, with a state that says whether the bytes received count a
+    /// FIN. The kernel reads the state before it takes the socket's lock for the counters, so
+    /// a FIN that arrives in between is in `tcpi_bytes_received` under a state without it,
+    /// and would be counted as a byte of data (for good: counts only grow). A state read
+    /// after the counters tells: without a FIN still, the first reading had none; with one,
+    /// that later reading counts it for sure.
+    fn tcp_info(&self) -> io::Result<sockmap::TcpInfo> {
+        let first = sockmap::tcp_info(self.stream.as_fd())?;
+        if sockmap::state::fin_received(first.state) {
+            return Ok(first);
+        }
+        let then = sockmap::tcp_info(self.stream.as_fd())?;
+        Ok(if sockmap::state::fin_received(then.state) {
+            then
+        } else {
+            first
+        })
+    }
+
     /// Bytes this side's peer has sent, in order (less the FIN, which counts one).
     fn received(&self, info: &sockmap::TcpInfo) -> u64 {
         info.bytes_received.saturating_sub(u64::from(self.fin))
@@ -202,10 +221,7 @@ enum Step {
 impl Pair {
     /// Reads both sockets' state and passes on what ended.
     fn step(&mut self) -> io::Result<Step> {
-        let info = [
-            sockmap::tcp_info(self.sides[0].stream.as_fd())?,
-            sockmap::tcp_info(self.sides[1].stream.as_fd())?,
-        ];
+        let info = [self.sides[0].tcp_info()?, self.sides[1].tcp_info()?];
         for (i, (side, info)) in self.sides.iter_mut().zip(&info).enumerate() {
             // A closed socket that has not ended cleanly: a reset (or a timeout).
             let mut failed = false;

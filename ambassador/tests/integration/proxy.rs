@@ -138,7 +138,12 @@ pub(crate) async fn echo_each_way(
     // after, so wait for them rather than race that.
     let counted = |key: &str, want: u64| {
         let state = amb.shared.state_json();
-        (state["services"][0][key] == want).then_some(())
+        let have = &state["services"][0][key];
+        if *have == want {
+            Ok(())
+        } else {
+            Err(format!("{key} is {have}, not {want}"))
+        }
     };
     let limit = Duration::from_secs(5);
     eventually_async(limit, "bytes up counted", || {
