@@ -262,7 +262,16 @@ impl Leader {
             if !listed.iter().all(|l| *l) {
                 continue;
             }
-            match self.place_and_write().await {
+            // A write retries while etcd is away: the stop and the end of the lease do not
+            // wait for it (each transaction is whole; the next leader places from etcd).
+            let round = tokio::select! {
+                r = self.place_and_write() => r,
+                () = shutdown.cancelled() => return End::Shutdown,
+                _ = leases.wait_for(|s| s.generation != generation) => {
+                    return End::Deposed("its election lease was lost".into());
+                }
+            };
+            match round {
                 Ok(next) => wake = next,
                 Err(end) => return end,
             }

@@ -27,11 +27,12 @@ struct World {
 
 impl World {
     async fn start() -> World {
-        World::start_on(None).await
+        World::start_on(None, &[]).await
     }
 
-    /// With the Docker daemon at `docker` (a private one the test stops and starts).
-    async fn start_on(docker: Option<String>) -> World {
+    /// With the Docker daemon at `docker` (a private one the test stops and starts) and more
+    /// flags.
+    async fn start_on(docker: Option<String>, extra: &[&str]) -> World {
         docker::require(docker.as_deref());
         let etcd = Etcd::start().await;
         let client = etcd.client().await;
@@ -58,6 +59,7 @@ impl World {
         if let Some(d) = &docker {
             args.extend(["--docker", d.as_str()]);
         }
+        args.extend(extra);
         let launcher = Daemon::spawn(env!("CARGO_BIN_EXE_launcher"), &args);
         World {
             etcd,
@@ -536,7 +538,7 @@ async fn a_docker_restart_keeps_the_same_containers_and_is_logged_once() {
         &format!("vkt-lau-{:04x}", fastrand_u32() & 0xffff),
         "10.213.9.1/24",
     );
-    let w = World::start_on(Some(dockerd.host())).await;
+    let w = World::start_on(Some(dockerd.host()), &[]).await;
     let mut web = w.spec("web", 2);
     // Exits at once on SIGTERM, so the daemon's shutdown does not wait its timeout.
     web.command = Some(CommandSpec::Shell(
@@ -636,4 +638,68 @@ async fn a_launcher_stopped_during_a_replacement_exits_at_once_and_the_next_goes
         "the old container stopped before the new one was healthy:\n{}",
         events.0
     );
+}
+
+/// SIGTERM while the scheduler retries a write that etcd, stopped, does not take (a lost
+/// host's instances to move): the launcher exits at once instead of waiting for etcd.
+#[tokio::test]
+async fn a_launcher_stops_at_once_while_its_scheduler_cannot_write() {
+    let mut w = World::start_on(None, &["--reschedule-after", "1s"]).await;
+    // A second host, as its launcher's node record under a lease of its own.
+    let other = format!("{}b", w.host);
+    let lease = w.client.lease_client().grant(30, None).await.unwrap().id();
+    let node = serde_json::json!({
+        "v": 1, "host": other, "cpus_milli": 2000, "memory": 1u64 << 30,
+    });
+    w.client
+        .kv_client()
+        .put(
+            format!("/viking/grid/nodes/{other}"),
+            node.to_string(),
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let mut web = w.spec("web", 2);
+    web.command = Some(CommandSpec::Shell(
+        "trap 'exit 0' TERM; while true; do sleep 0.2; done".into(),
+    ));
+    w.deploy(&web).await;
+    w.run().await;
+    let on_other = format!("/viking/grid/assign/{other}/");
+    let keys = |prefix: String| {
+        let client = w.client.clone();
+        async move {
+            client
+                .kv_client()
+                .get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+                .map_or(0, |r| r.count())
+        }
+    };
+    testkit::eventually_async(
+        Duration::from_secs(15),
+        "an instance placed on the other host",
+        || async { (keys(on_other.clone()).await > 0).then_some(()) },
+    )
+    .await;
+    // The other host is lost: the scheduler records it, and moves its instance a second
+    // later; etcd is stopped before it can write the move.
+    w.client.lease_client().revoke(lease).await.unwrap();
+    let lost = format!("/viking/grid/lost/{other}");
+    testkit::eventually_async(
+        Duration::from_secs(15),
+        "the other host recorded lost",
+        || async { (keys(lost.clone()).await > 0).then_some(()) },
+    )
+    .await;
+    w.etcd.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = std::time::Instant::now();
+    let status = w.launcher.terminate(Duration::from_secs(6));
+    assert!(status.success(), "{status}: {}", w.launcher.log());
+    eprintln!("stopped {:?} after SIGTERM", started.elapsed());
 }
