@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -149,7 +148,7 @@ async fn accept_loop(
     hard: CancellationToken,
 ) {
     // Registered with the runtime of the thread this loop runs on.
-    let listener = match TcpListener::from_std(socket) {
+    let listener = match runtime::accept::Listener::new(socket) {
         Ok(l) => l,
         Err(e) => {
             warn!(port, error = %e, "cannot watch the listening socket");
@@ -165,6 +164,13 @@ async fn accept_loop(
     if let Some(taking) = &mut steer {
         steer_port(&listener, port, *taking.borrow_and_update());
     }
+    // The port's place first: a loop that then waits for a place of the global limit holds
+    // one of its own port only.
+    let permits = || async {
+        let l = local.clone().acquire_owned().await.ok()?;
+        let g = global.clone().acquire_owned().await.ok()?;
+        Some((g, l))
+    };
     let mut stopping = false;
     loop {
         let (g, l, client, from) = if stopping {
@@ -177,21 +183,13 @@ async fn accept_loop(
             ) else {
                 return;
             };
-            match runtime::shutdown::take_waiting(&listener) {
+            match listener.take_waiting() {
                 Some((client, from)) => (g, l, client, from),
                 None => return,
             }
         } else {
-            // A permit before accept: at the limit, clients wait in the kernel's backlog.
-            let permits = tokio::select! {
-                biased;
-                p = async { (global.clone().acquire_owned().await, local.clone().acquire_owned().await) } => p,
-                () = &mut stopped => {
-                    stopping = true;
-                    continue;
-                }
-            };
-            let (Ok(g), Ok(l)) = permits else { return };
+            // A client in the queue, then the permits, then accept: at the limit, clients
+            // wait in the kernel's queue, and a loop whose queue is empty holds no permit.
             let accepted = tokio::select! {
                 biased;
                 () = &mut stopped => {
@@ -202,10 +200,11 @@ async fn accept_loop(
                     steer_port(&listener, port, taking);
                     continue;
                 }
-                a = listener.accept() => a,
+                a = listener.accept(permits) => a,
             };
             match accepted {
-                Ok((client, from)) => (g, l, client, from),
+                Ok(Some(((g, l), client, from))) => (g, l, client, from),
+                Ok(None) => return,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!(port, error = %e, "accept failed; backing off");
@@ -242,7 +241,7 @@ async fn steer_changed(steer: &mut Option<tokio::sync::watch::Receiver<usize>>) 
 }
 
 /// Puts the program for `taking` threads on the port's socket group.
-fn steer_port(listener: &TcpListener, port: u16, taking: usize) {
+fn steer_port(listener: &impl std::os::fd::AsFd, port: u16, taking: usize) {
     if let Err(e) = crate::steer::attach(listener, taking) {
         // The kernel's hash spreads them instead: slower on light loads, never wrong.
         debug!(port, error = %e, "cannot steer new connections");

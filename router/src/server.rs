@@ -1,4 +1,4 @@
-//! The public listeners: accept (a permit first: `--max-connections`), read a PROXY header
+//! The public listeners: accept (a client in the queue, then a permit: `--max-connections`), read a PROXY header
 //! when `--proxy-protocol` is on, complete TLS on the HTTPS listener, then serve HTTP/1.1, or
 //! HTTP/2 when ALPN chose it.
 //! On shutdown each connection finishes the request it is on and closes; after `--grace` the
@@ -82,38 +82,38 @@ pub struct Serving {
     pub stop: CancellationToken,
 }
 
-/// Accepts on `listener` until `serving.stop`, then [`sweep`]s its queue.
+/// Accepts on `listener` until `serving.stop`, then [`sweep`]s its queue. A client in the
+/// queue first, then a permit, then accept: at the limit, clients wait in the kernel's queue,
+/// and a listener nobody uses holds no place of the limit.
 pub async fn accept_loop(
     serving: Arc<Serving>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
+    let listener = match runtime::accept::Listener::from_tokio(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot watch the listening socket");
+            return;
+        }
+    };
+    let permit = || async { serving.permits.clone().acquire_owned().await.ok() };
     loop {
-        let permit = tokio::select! {
-            p = serving.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
+        let accepted = tokio::select! {
+            a = listener.accept(permit) => a,
             () = serving.stop.cancelled() => return sweep(&serving, &listener, &tls),
         };
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = serving.stop.cancelled() => {
-                // The sweep takes its permits afresh: this one too.
-                drop(permit);
-                return sweep(&serving, &listener, &tls);
+        match accepted {
+            Ok(Some((permit, stream, peer))) => {
+                spawn_connection(&serving, permit, stream, peer, tls.clone());
             }
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
+            Ok(None) => return,
             Err(e) => {
                 // Out of descriptors and the like: wait a little rather than spin.
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
             }
-        };
-        spawn_connection(&serving, permit, stream, peer, tls.clone());
+        }
     }
 }
 
@@ -121,10 +121,14 @@ pub async fn accept_loop(
 /// queue, as many as there are permits for. Their clients have connected and sent their
 /// requests; closing the socket would reset them. Each gets its first request answered, and
 /// is closed after it.
-fn sweep(serving: &Arc<Serving>, listener: &TcpListener, tls: &Option<tokio_rustls::TlsAcceptor>) {
+fn sweep(
+    serving: &Arc<Serving>,
+    listener: &runtime::accept::Listener,
+    tls: &Option<tokio_rustls::TlsAcceptor>,
+) {
     let mut swept = 0;
     while let Ok(permit) = serving.permits.clone().try_acquire_owned() {
-        let Some((stream, peer)) = runtime::shutdown::take_waiting(listener) else {
+        let Some((stream, peer)) = listener.take_waiting() else {
             break;
         };
         spawn_connection(serving, permit, stream, peer, tls.clone());

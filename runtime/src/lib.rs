@@ -16,6 +16,7 @@
 //! * [`output`]: `--output text|json`, the same in every binary.
 //! * [`process`]: one set-up for every binary: logs, runtime, exit status, error printing.
 
+pub mod accept;
 pub mod admin;
 pub mod args;
 pub mod backoff;

@@ -23,7 +23,7 @@ use tokio::io::unix::AsyncFd;
 
 mod sys;
 
-pub use sys::TcpInfo;
+pub use sys::{TcpInfo, register_readable};
 
 const MAP_TYPE_SOCKHASH: u32 = 18;
 const PROG_TYPE_SK_SKB: u32 = 14;
@@ -172,7 +172,7 @@ impl Ends {
             )?;
         }
         Ok(Ends {
-            epoll: sys::register_epoll(fd)?,
+            epoll: sys::register_readable(fd)?,
         })
     }
 

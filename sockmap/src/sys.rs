@@ -244,10 +244,11 @@ pub fn outq(fd: BorrowedFd<'_>) -> io::Result<usize> {
     ioctl_int(fd, libc::TIOCOUTQ)
 }
 
-/// Registers an epoll instance with tokio's reactor, for readable events.
-pub fn register_epoll(epoll: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+/// Registers a descriptor given to it (an epoll instance, a listening socket) with tokio's
+/// reactor, for readable events.
+pub fn register_readable(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the `AsyncFd` takes ownership of the descriptor and closes it only when it is
     // dropped, after deregistering; nothing else holds it, so it is never closed or replaced
     // while registered (tokio's requirement).
-    unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }.map_err(Into::into)
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(Into::into)
 }

@@ -591,3 +591,51 @@ async fn a_backend_that_resets_resets_the_client_too() {
         Ok(n) => panic!("the client saw a clean end of stream ({n} bytes), as if answered"),
     }
 }
+
+/// `--max-connections` counts connections, not listening sockets: with a limit of 2 and
+/// sixteen sockets of eight idle ports on two threads, the busy port still serves two
+/// clients (a socket takes a place only once a client waits in its queue), and a third
+/// waits in the kernel's queue until one of them closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_counts_connections_not_listening_sockets() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let backend = Backend::start("b0").await;
+    for i in 0..8 {
+        let idle = format!("shared/idle{i}:7/tcp");
+        put_alloc(&mut c, &idle).await;
+        put_endpoint(&mut c, &idle, "h0", 0, backend.addr).await;
+    }
+    let port = put_alloc(&mut c, SP).await;
+    put_endpoint(&mut c, SP, "h0", 0, backend.addr).await;
+    let amb = Amb::start(&etcd, |c| {
+        c.threads = 2;
+        c.max_connections = 2;
+    })
+    .await;
+    let addr = amb.listening(port).await;
+    amb.wait_backends(port, 1, Duration::from_secs(5)).await;
+    // Whether `s` is served: its backend's greeting within a second.
+    async fn greeted(s: &mut TcpStream) -> bool {
+        let mut greeting = [0u8; 14];
+        let read = tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut greeting)).await;
+        matches!(read, Ok(Ok(_))) && &greeting == b"hello from b0\n"
+    }
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        greeted(&mut first).await && greeted(&mut second).await,
+        "two clients within the limit were not served"
+    );
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        !greeted(&mut third).await,
+        "served beyond --max-connections 2"
+    );
+    drop(first);
+    assert!(
+        greeted(&mut third).await,
+        "the waiting client did not take the place given back"
+    );
+    drop(second);
+}

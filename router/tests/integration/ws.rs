@@ -177,12 +177,12 @@ async fn an_open_websocket_keeps_working_through_the_drain() {
 
 /// An open WebSocket is an open connection for `--max-connections` and
 /// `router_connections_active`: at the limit, the next client waits in the kernel's queue
-/// until the WebSocket closes. (A limit of 2: each listener takes its permit before it
-/// accepts, and the HTTPS listener, unused here, holds one.)
+/// until the WebSocket closes. (A limit of 1: a listener takes a permit only once a client
+/// waits in its queue, so the HTTPS listener, unused here, holds none.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_websocket_holds_its_connection_permit() {
     use std::io::{Read, Write};
-    let mut open = Open::start(&["--max-connections", "2"]).await;
+    let mut open = Open::start(&["--max-connections", "1"]).await;
     assert_eq!(open.router.metric("router_connections_active"), 1);
     let mut next = std::net::TcpStream::connect(open.router.http).unwrap();
     next.write_all(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n")
