@@ -198,6 +198,7 @@ enum HostCommand {
     /// Add or update a member
     Add {
         host: HostId,
+        #[arg(value_parser = runtime::host::parse_addr)]
         addr: std::net::IpAddr,
         /// A role, e.g. router (repeatable)
         #[arg(long = "role")]

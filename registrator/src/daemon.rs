@@ -23,7 +23,7 @@ pub struct RegistratorArgs {
 
     /// Address other hosts reach this one on (default: the address of the interface that
     /// holds the default route)
-    #[arg(long, env = "VIKING_ADDR")]
+    #[arg(long, env = "VIKING_ADDR", value_parser = runtime::host::parse_addr)]
     pub addr: Option<IpAddr>,
 
     /// Register containers' own addresses and ports instead of their published ports

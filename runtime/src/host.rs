@@ -44,6 +44,17 @@ pub fn host_id(flag: Option<&str>) -> Result<HostId, HostError> {
     HostId::from_hostname(&name).map_err(|e| HostError(e.to_string()))
 }
 
+/// A host's address as given on a command line (`viking host add`, `--addr`): the error says
+/// what was wrong and what to give instead.
+pub fn parse_addr(s: &str) -> Result<IpAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!(
+            "{s:?} is not an IP address; give the address other hosts reach this one on, e.g. \
+             10.0.0.12 or fd00::12 (a name is not resolved)"
+        )
+    })
+}
+
 /// The first IPv4 address of interface `name` (`docker0`, `eth0`), if it has one.
 pub fn interface_addr(name: &str) -> Option<IpAddr> {
     nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
@@ -172,6 +183,17 @@ mod tests {
         assert_eq!(at(0), "1970-01-01T00:00:00Z");
         assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(at(1_795_340_262), "2026-11-22T09:37:42Z");
+    }
+
+    #[test]
+    fn an_address_is_an_ip_address_and_the_error_says_what_to_give() {
+        assert_eq!(parse_addr("10.0.0.12"), Ok(IpAddr::from([10, 0, 0, 12])));
+        assert!(parse_addr("fd00::12").is_ok());
+        let err = parse_addr("db.example.com").unwrap_err();
+        assert!(
+            err.starts_with("\"db.example.com\" is not an IP address; give the address"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl FromStr for ServiceId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (stack, job) = s
             .split_once('/')
-            .ok_or_else(|| ServicePortError::Shape(s.to_owned()))?;
+            .ok_or_else(|| ServicePortError::JobShape(s.to_owned()))?;
         Ok(Self {
             stack: StackName::new(stack)?,
             job: JobName::new(job)?,
@@ -154,7 +154,7 @@ impl FromStr for ServicePort {
             .rsplit_once(':')
             .ok_or_else(|| ServicePortError::Shape(s.to_owned()))?;
         let service: ServiceId = service.parse().map_err(|e| match e {
-            ServicePortError::Shape(_) => ServicePortError::Shape(s.to_owned()),
+            ServicePortError::JobShape(_) => ServicePortError::Shape(s.to_owned()),
             other => other,
         })?;
         let (port, proto) = match rest.split_once('/') {
@@ -171,6 +171,8 @@ impl FromStr for ServicePort {
 pub enum ServicePortError {
     #[error("invalid service port {0:?}: expected {SERVICE_PORT_SYNTAX}, e.g. shared/mongo:27017")]
     Shape(String),
+    #[error("invalid job {0:?}: expected stack/job, e.g. shared/mongo")]
+    JobShape(String),
     #[error(transparent)]
     Name(#[from] NameError),
     #[error("invalid port {0:?}: a port is a whole number from 1 to 65535")]
@@ -195,6 +197,19 @@ mod tests {
             let sp: ServicePort = input.parse().unwrap();
             assert_eq!(sp.to_string(), canonical);
         }
+    }
+
+    #[test]
+    fn a_job_is_stack_slash_job() {
+        let id: ServiceId = "shared/mongo".parse().unwrap();
+        assert_eq!(id.to_string(), "shared/mongo");
+        let err = "mongo".parse::<ServiceId>().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid job \"mongo\": expected stack/job, e.g. shared/mongo"
+        );
+        let err = "shared/Mongo".parse::<ServiceId>().unwrap_err().to_string();
+        assert!(err.starts_with("invalid job name \"Mongo\""), "{err}");
     }
 
     #[test]
