@@ -762,7 +762,17 @@ fn in_file_terms(message: &str) -> String {
     if message.starts_with("unknown field") {
         // Inside `resources`, `placement` or `update` the message lists their own keys.
         if message.contains("expected one of type") {
-            return format!("{message}; the keys of a job are: {JOB_KEYS}");
+            // serde lists the keys itself; say it once, with the nearest key when one is
+            // near (`links` for `link`).
+            let field = message.split('`').nth(1).unwrap_or_default();
+            let near = JOB_KEYS
+                .split(", ")
+                .map(|k| (strsim::damerau_levenshtein(field, k), k))
+                .min()
+                .filter(|(d, _)| *d <= 2)
+                .map(|(_, k)| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            return format!("unknown field `{field}`{near}; the keys of a job are: {JOB_KEYS}");
         }
         return message.to_owned();
     }
@@ -1071,7 +1081,20 @@ mod tests {
         let got = stack("a:\n  image: x\n  prots: [1]\n")
             .unwrap_err()
             .to_string();
-        assert!(got.ends_with(JOB_KEYS), "{got}");
+        assert_eq!(
+            got,
+            format!(
+                "stack.yml:3:3: unknown field `prots` (did you mean `ports`?); the keys of a \
+                 job are: {JOB_KEYS}"
+            )
+        );
+        let got = stack("a:\n  image: x\n  healthcheck: y\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            got.contains("unknown field `healthcheck`; the keys"),
+            "{got}"
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 /// Where etcd is looked for when no `--etcd` is given: a local one.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
 
-/// The etcd connection flags shared by every binary (`#[command(flatten)]`).
+/// The etcd connection flags shared by every binary (`#[command(flatten)]`); global, so that
+/// `viking deploy . --etcd URL` works as well as `viking --etcd URL deploy .`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EtcdArgs {
     /// etcd endpoints, comma-separated
@@ -21,16 +22,22 @@ pub struct EtcdArgs {
         env = "VIKING_ETCD",
         value_delimiter = ',',
         default_value = DEFAULT_ENDPOINT,
-        value_name = "URLS"
+        value_name = "URLS",
+        global = true
     )]
     pub endpoints: Vec<String>,
 
     /// Key prefix under which the cluster's keys live
-    #[arg(long, env = "VIKING_PREFIX", default_value = schema::DEFAULT_PREFIX, value_name = "PREFIX")]
+    #[arg(long, env = "VIKING_PREFIX", default_value = schema::DEFAULT_PREFIX, value_name = "PREFIX", global = true)]
     pub prefix: Prefix,
 
     /// CA certificate (PEM) that signed etcd's server certificate; turns TLS on
-    #[arg(long = "etcd-ca", env = "VIKING_ETCD_CA", value_name = "FILE")]
+    #[arg(
+        long = "etcd-ca",
+        env = "VIKING_ETCD_CA",
+        value_name = "FILE",
+        global = true
+    )]
     pub ca: Option<PathBuf>,
 
     /// Client certificate (PEM) for etcd's client-cert auth; needs --etcd-key
@@ -38,7 +45,8 @@ pub struct EtcdArgs {
         long = "etcd-cert",
         env = "VIKING_ETCD_CERT",
         value_name = "FILE",
-        requires = "key"
+        requires = "key",
+        global = true
     )]
     pub cert: Option<PathBuf>,
 
@@ -47,12 +55,18 @@ pub struct EtcdArgs {
         long = "etcd-key",
         env = "VIKING_ETCD_KEY",
         value_name = "FILE",
-        requires = "cert"
+        requires = "cert",
+        global = true
     )]
     pub key: Option<PathBuf>,
 
     /// etcd user name; needs --etcd-password
-    #[arg(long = "etcd-user", env = "VIKING_ETCD_USER", requires = "password")]
+    #[arg(
+        long = "etcd-user",
+        env = "VIKING_ETCD_USER",
+        requires = "password",
+        global = true
+    )]
     pub user: Option<String>,
 
     /// etcd password
@@ -60,12 +74,13 @@ pub struct EtcdArgs {
         long = "etcd-password",
         env = "VIKING_ETCD_PASSWORD",
         hide_env_values = true,
-        requires = "user"
+        requires = "user",
+        global = true
     )]
     pub password: Option<Secret>,
 
     /// Time limit for connecting and for each etcd request, e.g. 5s or 500ms
-    #[arg(long = "etcd-timeout", env = "VIKING_ETCD_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long = "etcd-timeout", env = "VIKING_ETCD_TIMEOUT", default_value = "5s", value_parser = parse_duration, global = true)]
     pub timeout: Duration,
 }
 
