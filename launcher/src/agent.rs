@@ -220,6 +220,12 @@ pub async fn run_with(
             Some(()) = agent.stopped_rx.recv() => {
                 while agent.stopped_rx.try_recv().is_ok() {}
             }
+            Some(r) = agent.replaced_rx.recv() => {
+                agent.replaced(r);
+                while let Ok(r) = agent.replaced_rx.try_recv() {
+                    agent.replaced(r);
+                }
+            }
             w = wake.recv() => {
                 if w.is_none() {
                     // No more events (a stand-in engine that says nothing): resync only.
@@ -306,6 +312,10 @@ struct Agent {
     fenced: bool,
     /// Containers whose rename to their instance's name failed (logged once).
     unnamed: BTreeSet<String>,
+    /// Instances being replaced in the background; their outcomes come back on `replaced_rx`.
+    replacing: BTreeSet<(ServiceId, u32)>,
+    replaced_tx: mpsc::Sender<Replaced>,
+    replaced_rx: mpsc::Receiver<Replaced>,
     started: Instant,
     retry_at: Option<Instant>,
     etcd_backoff: Backoff,
@@ -315,7 +325,11 @@ struct Agent {
 impl Agent {
     fn new(config: Config, client: Client, engine: Arc<dyn Engine>) -> Self {
         let (stopped_tx, stopped_rx) = mpsc::channel(1);
+        let (replaced_tx, replaced_rx) = mpsc::channel(16);
         Self {
+            replacing: BTreeSet::new(),
+            replaced_tx,
+            replaced_rx,
             stopping: Arc::default(),
             stopped_tx,
             stopped_rx,
@@ -632,6 +646,10 @@ impl Agent {
         for step in steps {
             match step {
                 Step::Remove { .. } => unreachable!("done above"),
+                // Under way in the background.
+                Step::Replace {
+                    service, instance, ..
+                } if self.replacing.contains(&(service.clone(), instance)) => {}
                 Step::Rename { id, name } => {
                     acted = true;
                     match self.engine.rename(&id, &name).await {
@@ -701,12 +719,30 @@ impl Agent {
                     started,
                 } => {
                     acted = true;
-                    let spec = specs[&(service.clone(), instance)];
+                    // In the background: a replacement waits up to a minute for its new
+                    // container, and this host's other instances do not wait for it.
+                    let spec = specs[&(service.clone(), instance)].clone();
                     let name = schema::container_name(&service.stack, &service.job, instance);
-                    let r = self
-                        .replace(spec, instance, &name, &id, &beside, started)
-                        .await;
-                    self.started(&service, instance, &name, "replaced (its spec changed)", r);
+                    self.replacing.insert((service.clone(), instance));
+                    self.memory
+                        .entry((service.clone(), instance))
+                        .or_insert_with(|| Memory::new(InstanceState::Running))
+                        .reason = "being replaced: its new spec starts beside it".to_owned();
+                    let replacer = self.replacer();
+                    let done = self.replaced_tx.clone();
+                    tokio::spawn(async move {
+                        let result = replacer
+                            .replace(&spec, instance, &name, &id, &beside, started)
+                            .await;
+                        let _ = done
+                            .send(Replaced {
+                                service,
+                                instance,
+                                name,
+                                result,
+                            })
+                            .await;
+                    });
                 }
                 Step::Start { service, instance } => {
                     acted = true;
@@ -721,108 +757,6 @@ impl Agent {
             }
         }
         acted
-    }
-
-    /// Replaces `old` with a container of `spec` without a gap: the new one starts beside it
-    /// (as `beside`: `<name>-next`, or `name` when the old one is still `<name>-next` from a
-    /// replacement its launcher did not finish; or it is `started` already, by a launcher
-    /// that stopped before it was ready), and only once it runs, and for a job with ports is
-    /// a live endpoint, is the old one stopped (SIGTERM, its stop timeout) and removed and the
-    /// new one given the instance's name. A new one that exits or does not get there within
-    /// `update.timeout` (at most a minute) is removed and the old one keeps serving.
-    async fn replace(
-        &self,
-        spec: &JobSpec,
-        instance: u32,
-        name: &str,
-        old: &str,
-        beside: &str,
-        started: Option<String>,
-    ) -> Result<String, crate::engine::EngineError> {
-        use crate::engine::{EngineError, RunState};
-        let new = match started {
-            Some(id) => id,
-            None => {
-                self.engine
-                    .start(spec, instance, &self.config.host, beside)
-                    .await?
-            }
-        };
-        let limit = Duration::from_millis(spec.update.timeout_ms).min(Duration::from_secs(60));
-        let deadline = Instant::now() + limit;
-        // Ready means ready for a while: a container that exits at once can be running and
-        // registered for an instant, which one look would take for good.
-        let mut ready_since: Option<Instant> = None;
-        let failed = loop {
-            let found = self.engine.list().await?.into_iter().find(|e| e.id == new);
-            match found.map(|e| (e.state, e.restarts, e.health)) {
-                Some((RunState::Running, 0, health))
-                    if health.passes() && self.serves(spec, &new).await =>
-                {
-                    let since = *ready_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= READY_FOR {
-                        break None;
-                    }
-                }
-                Some((RunState::Exited(Some(code)), _, _)) => {
-                    let logs = self.engine.last_logs(&new).await;
-                    break Some(format!("the new container exited with code {code}: {logs}"));
-                }
-                // Docker's restart policy brought it back: it crashed.
-                Some((_, restarts, _)) if restarts > 0 => {
-                    let logs = self.engine.last_logs(&new).await;
-                    break Some(format!(
-                        "the new container exited and was restarted {restarts} times: {logs}"
-                    ));
-                }
-                None => break Some("the new container vanished".to_owned()),
-                _ => ready_since = None,
-            }
-            if Instant::now() >= deadline {
-                break Some(format!(
-                    "the new container did not run{} within {limit:?}",
-                    if spec.ports.is_empty() {
-                        ""
-                    } else {
-                        " and register"
-                    }
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        if let Some(why) = failed {
-            let _ = self.engine.remove(&new).await;
-            return Err(EngineError(format!(
-                "{why}; {name} keeps running its old spec"
-            )));
-        }
-        let withdraw = self.withdraw();
-        let mark = withdraw.before_stop(&spec.service(), old, name).await;
-        // Still running after the old one's withdrawal? If not, the old one serves again.
-        let still = self.engine.list().await?.into_iter().find(|e| e.id == new);
-        if !matches!(
-            still.map(|e| (e.state, e.restarts)),
-            Some((RunState::Running, 0))
-        ) {
-            withdraw.done(mark).await;
-            let logs = self.engine.last_logs(&new).await;
-            let _ = self.engine.remove(&new).await;
-            return Err(EngineError(format!(
-                "the new container stopped running while the old one was withdrawn: {logs}; \
-                 {name} keeps running its old spec"
-            )));
-        }
-        let stopped = self.engine.stop(old, self.config.stop_timeout).await;
-        let stopped = match stopped {
-            Ok(()) => self.engine.remove(old).await,
-            Err(e) => Err(e),
-        };
-        withdraw.done(mark).await;
-        stopped?;
-        if beside != name {
-            self.engine.rename(&new, name).await?;
-        }
-        Ok(new)
     }
 
     /// A running container's state as reported: `running` once its health check (if it has
@@ -845,7 +779,7 @@ impl Agent {
         if self.memory.get(&key).is_some_and(|m| m.serving == e.id) {
             return (InstanceState::Running, String::new());
         }
-        if self.serves(spec, &e.id).await {
+        if serves(&self.client, &self.config.prefix, spec, &e.id).await {
             self.memory
                 .entry(key)
                 .or_insert_with(|| Memory::new(InstanceState::Running))
@@ -860,14 +794,16 @@ impl Agent {
         )
     }
 
-    /// Whether container `id` of `spec` is a live endpoint (always, for a job without ports).
-    async fn serves(&self, spec: &JobSpec, id: &str) -> bool {
-        if spec.ports.is_empty() {
-            return true;
+    /// What a replacement in the background needs.
+    fn replacer(&self) -> Replacer {
+        Replacer {
+            engine: self.engine.clone(),
+            client: self.client.clone(),
+            prefix: self.config.prefix.clone(),
+            host: self.config.host.clone(),
+            stop_timeout: self.config.stop_timeout,
+            withdraw: self.withdraw(),
         }
-        crate::withdraw::registered(&self.client, &self.config.prefix, &spec.service(), id)
-            .await
-            .unwrap_or(false)
     }
 
     /// What a stop needs to take its container out of service first.
@@ -879,6 +815,18 @@ impl Agent {
             lease: self.lease.id,
             delay: self.config.shutdown_delay,
         }
+    }
+
+    /// Records the outcome of a replacement in the background.
+    fn replaced(&mut self, r: Replaced) {
+        self.replacing.remove(&(r.service.clone(), r.instance));
+        self.started(
+            &r.service,
+            r.instance,
+            &r.name,
+            "replaced (its spec changed)",
+            r.result,
+        );
     }
 
     /// Records the outcome of a start, restart or replace.
@@ -962,9 +910,15 @@ impl Agent {
         for (instance, spec) in wanted {
             let key = (spec.service(), *instance);
             seen.insert(key.clone());
-            let container = existing
-                .iter()
-                .find(|e| e.service == key.0 && e.instance == *instance);
+            // The container under the instance's name: while a replacement runs beside it,
+            // the old one serves and is what the instance is.
+            let name = schema::container_name(&key.0.stack, &key.0.job, *instance);
+            let mine = || {
+                existing
+                    .iter()
+                    .filter(|e| e.service == key.0 && e.instance == *instance)
+            };
+            let container = mine().find(|e| e.name == name).or_else(|| mine().next());
             let (state, exit_code, container_id, restarts, mut reason) = match container {
                 Some(e) => {
                     let (state, code) = converge::status_of(spec, e);
@@ -1171,6 +1125,138 @@ impl Agent {
         self.logs.insert(key, text.clone());
         text
     }
+}
+
+/// A replacement's outcome, back to the loop.
+struct Replaced {
+    service: ServiceId,
+    instance: u32,
+    name: String,
+    result: Result<String, crate::engine::EngineError>,
+}
+
+/// What a replacement needs, cloned into its task.
+struct Replacer {
+    engine: Arc<dyn Engine>,
+    client: Client,
+    prefix: Prefix,
+    host: HostId,
+    stop_timeout: Duration,
+    withdraw: crate::withdraw::Withdraw,
+}
+
+impl Replacer {
+    /// Replaces `old` with a container of `spec` without a gap: the new one starts beside it
+    /// (as `beside`: `<name>-next`, or `name` when the old one is still `<name>-next` from a
+    /// replacement its launcher did not finish; or it is `started` already, by a launcher
+    /// that stopped before it was ready), and only once it runs, and for a job with ports is
+    /// a live endpoint, is the old one stopped (SIGTERM, its stop timeout) and removed and the
+    /// new one given the instance's name. A new one that exits or does not get there within
+    /// `update.timeout` (at most a minute) is removed and the old one keeps serving.
+    async fn replace(
+        &self,
+        spec: &JobSpec,
+        instance: u32,
+        name: &str,
+        old: &str,
+        beside: &str,
+        started: Option<String>,
+    ) -> Result<String, crate::engine::EngineError> {
+        use crate::engine::{EngineError, RunState};
+        let new = match started {
+            Some(id) => id,
+            None => {
+                self.engine
+                    .start(spec, instance, &self.host, beside)
+                    .await?
+            }
+        };
+        let limit = Duration::from_millis(spec.update.timeout_ms).min(Duration::from_secs(60));
+        let deadline = Instant::now() + limit;
+        // Ready means ready for a while: a container that exits at once can be running and
+        // registered for an instant, which one look would take for good.
+        let mut ready_since: Option<Instant> = None;
+        let failed = loop {
+            let found = self.engine.list().await?.into_iter().find(|e| e.id == new);
+            match found.map(|e| (e.state, e.restarts, e.health)) {
+                Some((RunState::Running, 0, health))
+                    if health.passes() && serves(&self.client, &self.prefix, spec, &new).await =>
+                {
+                    let since = *ready_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= READY_FOR {
+                        break None;
+                    }
+                }
+                Some((RunState::Exited(Some(code)), _, _)) => {
+                    let logs = self.engine.last_logs(&new).await;
+                    break Some(format!("the new container exited with code {code}: {logs}"));
+                }
+                // Docker's restart policy brought it back: it crashed.
+                Some((_, restarts, _)) if restarts > 0 => {
+                    let logs = self.engine.last_logs(&new).await;
+                    break Some(format!(
+                        "the new container exited and was restarted {restarts} times: {logs}"
+                    ));
+                }
+                None => break Some("the new container vanished".to_owned()),
+                _ => ready_since = None,
+            }
+            if Instant::now() >= deadline {
+                break Some(format!(
+                    "the new container did not run{} within {limit:?}",
+                    if spec.ports.is_empty() {
+                        ""
+                    } else {
+                        " and register"
+                    }
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if let Some(why) = failed {
+            let _ = self.engine.remove(&new).await;
+            return Err(EngineError(format!(
+                "{why}; {name} keeps running its old spec"
+            )));
+        }
+        let withdraw = &self.withdraw;
+        let mark = withdraw.before_stop(&spec.service(), old, name).await;
+        // Still running after the old one's withdrawal? If not, the old one serves again.
+        let still = self.engine.list().await?.into_iter().find(|e| e.id == new);
+        if !matches!(
+            still.map(|e| (e.state, e.restarts)),
+            Some((RunState::Running, 0))
+        ) {
+            withdraw.done(mark).await;
+            let logs = self.engine.last_logs(&new).await;
+            let _ = self.engine.remove(&new).await;
+            return Err(EngineError(format!(
+                "the new container stopped running while the old one was withdrawn: {logs}; \
+                 {name} keeps running its old spec"
+            )));
+        }
+        let stopped = self.engine.stop(old, self.stop_timeout).await;
+        let stopped = match stopped {
+            Ok(()) => self.engine.remove(old).await,
+            Err(e) => Err(e),
+        };
+        withdraw.done(mark).await;
+        stopped?;
+        if beside != name {
+            self.engine.rename(&new, name).await?;
+        }
+        Ok(new)
+    }
+}
+
+/// Whether container `id` of `spec` is a live endpoint (always, for a job without ports).
+async fn serves(client: &Client, prefix: &Prefix, spec: &JobSpec, id: &str) -> bool {
+    if spec.ports.is_empty() {
+        return true;
+    }
+    crate::withdraw::registered(client, prefix, &spec.service(), id)
+        .await
+        .unwrap_or(false)
 }
 
 impl Memory {

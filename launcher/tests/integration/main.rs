@@ -703,3 +703,49 @@ async fn a_launcher_stops_at_once_while_its_scheduler_cannot_write() {
     assert!(status.success(), "{status}: {}", w.launcher.log());
     eprintln!("stopped {:?} after SIGTERM", started.elapsed());
 }
+
+/// A replacement that waits for its new container's health check holds up none of the
+/// host's other work: a job deployed meanwhile starts at once, and the instance being
+/// replaced says so while its old container serves.
+#[tokio::test]
+async fn a_slow_replacement_holds_up_nothing_else_on_the_host() {
+    let w = World::start().await;
+    const HEALTHY: &str = "viking/busybox-healthcheck:slow";
+    let _image = healthy_image(HEALTHY);
+    let looping = || {
+        Some(CommandSpec::Shell(
+            "trap 'exit 0' TERM; while true; do sleep 0.2; done".into(),
+        ))
+    };
+    let mut slow = w.spec("slow", 1);
+    slow.command = looping();
+    w.deploy(&slow).await;
+    w.run().await;
+    w.until("slow running", |s| running(s, &["slow/0"])).await;
+    // Its new spec never passes its health check: the replacement waits a minute.
+    slow.image = HEALTHY.to_owned();
+    slow.update.timeout_ms = 60_000;
+    w.deploy(&slow).await;
+    let next = format!("{}_slow_0-next", w.stack);
+    testkit::eventually(
+        Duration::from_secs(15),
+        "the new one started beside",
+        || w.containers().contains_key(&next).then_some(()),
+    );
+    let mut other = w.spec("other", 1);
+    other.command = looping();
+    w.deploy(&other).await;
+    w.until("the other job running while slow is replaced", |s| {
+        s.get("other/0")
+            .is_some_and(|r| r.state == InstanceState::Running)
+            && s.get("slow/0").is_some_and(|r| {
+                r.state == InstanceState::Running && r.reason.contains("being replaced")
+            })
+    })
+    .await;
+    assert!(
+        w.containers().contains_key(&next),
+        "the replacement is still under way: {:?}",
+        w.containers()
+    );
+}
