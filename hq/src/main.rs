@@ -142,6 +142,7 @@ enum Command {
     Scale {
         #[arg(value_name = "STACK/JOB")]
         service: ServiceId,
+        #[arg(value_parser = parse_scale)]
         scale: u32,
     },
     /// Each host with its CPU and memory reserved and free, what runs there, and what is
@@ -531,6 +532,15 @@ async fn rm(store: &Store, stack: &StackName, force: bool) -> Result<(), HqError
         );
     }
     Ok(())
+}
+
+/// `viking scale`'s number: what a stack file's `scale` may be.
+fn parse_scale(s: &str) -> Result<u32, String> {
+    let max = schema::MAX_SCALE;
+    s.parse::<u32>()
+        .ok()
+        .filter(|n| *n <= max)
+        .ok_or_else(|| format!("a scale is a whole number of instances from 0 to {max}"))
 }
 
 async fn set_scale(store: &Store, service: &ServiceId, scale: u32) -> Result<(), HqError> {

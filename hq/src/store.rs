@@ -589,6 +589,10 @@ impl Store {
             .map_err(|e| HqError::Refused(format!("{e}; fix or remove that key")))?;
         let before = spec.scale;
         spec.scale = scale;
+        // The spec as written must pass the check every reader makes, or the job would be
+        // left out everywhere ("broken") until it is deployed again.
+        spec.check()
+            .map_err(|e| HqError::Refused(format!("{stack}/{job}: {e}; nothing was changed")))?;
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 key.as_str(),

@@ -680,6 +680,15 @@ async fn rollback_puts_back_the_spec_the_last_deploy_replaced_keeping_the_scale(
             .success()
     );
     assert!(viking(&ep, &["scale", "s/web", "5"]).status.success());
+    // A scale the job's own check would refuse is refused before anything is written (it
+    // was written, and the job then left out everywhere as broken).
+    let out = viking(&ep, &["scale", "s/web", "100000"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("'100000'") && stderr(&out).contains("from 0 to 1000"),
+        "{}",
+        stderr(&out)
+    );
     let out = viking(&ep, &["rollback", "s/web"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let image = |ep: &str| {
