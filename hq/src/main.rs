@@ -201,8 +201,8 @@ enum HostCommand {
         host: HostId,
         #[arg(value_parser = runtime::host::parse_addr)]
         addr: std::net::IpAddr,
-        /// A role, e.g. router (repeatable)
-        #[arg(long = "role")]
+        /// A role (repeatable); `router`: locknet --watch on that host opens 80 and 443
+        #[arg(long = "role", value_parser = parse_role)]
         roles: Vec<String>,
         /// A label jobs can be placed by, KEY=VALUE (repeatable)
         #[arg(long = "label", value_parser = parse_label)]
@@ -581,6 +581,23 @@ async fn logs(store: &Store, service: &ServiceId, follow: bool, tail: u32) -> Re
         eprintln!("instances: {}", elsewhere.join(", "));
     }
     launch::logs(&docker, &service.stack, &service.job, follow, tail).await
+}
+
+/// A host's role: a lower-case name (`router` is the one viking acts on).
+fn parse_role(text: &str) -> Result<String, String> {
+    let ok = (1..=63).contains(&text.len())
+        && text.starts_with(|c: char| c.is_ascii_lowercase())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "role {text:?}: a role is a lower-case name of a-z, 0-9 and '-', starting with a \
+             letter, e.g. router"
+        ))
+    }
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {

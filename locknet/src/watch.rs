@@ -96,6 +96,7 @@ pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToke
     let mut warned = BTreeSet::new();
     let mut fw = Firewall::default();
     let mut last: Option<Policy> = None;
+    let mut was_router = config.options.router;
     let mut resync = tokio::time::interval(config.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let status = Status::start(&config, &client);
@@ -147,7 +148,21 @@ pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToke
             );
             continue;
         }
-        let policy = Policy::new(members, &config.options);
+        // This host's own record may say it is a router: 80 and 443 open, as `--router`.
+        let router = config.options.router || has_role(&hosts, config.host.as_ref(), ROUTER);
+        if router != was_router {
+            if router && !config.options.router {
+                info!("this host has role {ROUTER} in etcd: ports 80 and 443 are open to everyone");
+            } else if !router {
+                info!("this host no longer has role {ROUTER}: ports 80 and 443 are members-only");
+            }
+            was_router = router;
+        }
+        let options = Options {
+            router,
+            ..config.options.clone()
+        };
+        let policy = Policy::new(members, &options);
         if config.iface_may_appear {
             let present = crate::policy::interfaces();
             let absent = crate::policy::absent_ifaces(&config.options.ifaces, &present);
@@ -178,6 +193,20 @@ async fn resync_table(fw: &mut Firewall, policy: &Policy, client: &Client, confi
         }
         Err(e) => error!("cannot read the current rules: {e}; will try again"),
     }
+}
+
+/// The role that opens 80 and 443 (`viking host add NAME ADDR --role router`).
+pub const ROUTER: &str = "router";
+
+/// Whether `host`'s record among `hosts` lists `role`.
+fn has_role(hosts: &BTreeMap<String, Kv>, host: Option<&HostId>, role: &str) -> bool {
+    let Some(host) = host else {
+        return false;
+    };
+    hosts.values().any(|kv| {
+        records::decode::<HostRecord>(&kv.key, &kv.value)
+            .is_ok_and(|r| r.host == *host && r.roles.iter().any(|r| r == role))
+    })
 }
 
 fn host_addr(kv: &Kv) -> Result<IpAddr, String> {

@@ -7,7 +7,13 @@ use testkit::Etcd;
 use crate::{Site, spawn_watch};
 
 async fn put_host(client: &etcd_client::Client, name: &str, addr: &str) {
-    let value = format!(r#"{{"v":1,"host":"{name}","addr":"{addr}","roles":[],"labels":{{}}}}"#);
+    put_host_with_roles(client, name, addr, "").await;
+}
+
+/// `roles`: the JSON list's inside, e.g. `"router"`.
+async fn put_host_with_roles(client: &etcd_client::Client, name: &str, addr: &str, roles: &str) {
+    let value =
+        format!(r#"{{"v":1,"host":"{name}","addr":"{addr}","roles":[{roles}],"labels":{{}}}}"#);
     client
         .kv_client()
         .put(format!("/viking/hosts/{name}"), value, None)
@@ -157,4 +163,34 @@ async fn a_membership_change_after_the_table_vanished_applies_the_whole_table() 
     let wait = |from: &str, can: bool| site.until_reach(from, 9999, can, Duration::from_secs(5));
     wait("out", false);
     wait("c", true);
+}
+
+/// `viking host add a ADDR --role router`: locknet --watch on `a` opens 80 (and 443) to
+/// everyone, as `--router` does, and closes them again when the role goes.
+#[tokio::test]
+async fn the_router_role_in_etcd_opens_the_web_ports() {
+    let mut site = Site::start();
+    let root = site.lan.join_root();
+    let etcd = Etcd::start_on(&root.to_string()).await;
+    let client = etcd.client().await;
+    let a = site.lan.addr("a").to_string();
+    put_host(&client, "a", &a).await;
+    put_host(&client, "b", &site.lan.addr("b").to_string()).await;
+    let watcher = spawn_watch(&site, &["--etcd", &etcd.endpoint(), "--host", "a"]);
+    let wait = |from: &str, port: u16, can: bool| {
+        site.until_reach(from, port, can, Duration::from_secs(5))
+    };
+    wait("b", 80, true);
+    wait("out", 80, false);
+    put_host_with_roles(&client, "a", &a, r#""router""#).await;
+    wait("out", 80, true);
+    wait("out", 9999, false);
+    assert!(
+        watcher.log().contains("role router in etcd"),
+        "{}",
+        watcher.log()
+    );
+    put_host(&client, "a", &a).await;
+    wait("out", 80, false);
+    wait("b", 80, true);
 }
