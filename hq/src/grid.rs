@@ -474,6 +474,23 @@ async fn follow(
 /// `viking stop`: no instance of `stacks` is assigned any more; waits until their containers
 /// are gone on every host, or `timeout`.
 pub async fn stop(store: &Store, stacks: &[StackName], timeout: Duration) -> Result<(), HqError> {
+    // A name that means nothing here (a typo) is said, not "stopped".
+    let before = GridState::read(store).await?;
+    for stack in stacks {
+        let known = before.runs.contains(stack)
+            || before.jobs.keys().any(|s| &s.stack == stack)
+            || before
+                .assign
+                .keys()
+                .chain(before.status.keys())
+                .any(|s| &s.service.stack == stack);
+        if !known {
+            return Err(HqError::Refused(format!(
+                "stack {stack} is neither deployed nor running; `viking stacks` lists what is \
+                 deployed; nothing was stopped"
+            )));
+        }
+    }
     let ops: Vec<TxnOp> = stacks
         .iter()
         .map(|s| TxnOp::delete(store.prefix.key(&Key::Run(s.clone())), None))

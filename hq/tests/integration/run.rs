@@ -266,6 +266,14 @@ fn up_run_scale_kill_and_stop_the_examples() {
         w.up.log()
     );
 
+    // A name that is neither deployed nor running is said, not "stopped".
+    let out = viking(&w.etcd, &["stop", "no-such-stack"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("stack no-such-stack is neither deployed nor running"),
+        "{}",
+        stderr(&out)
+    );
     // Stopped: containers and endpoints gone, the listener stays for the next run.
     w.ok(&["stop", &app]);
     let stopped = w.ok(&["stop", &shared]);
