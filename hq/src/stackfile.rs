@@ -427,6 +427,11 @@ fn check_job(
                 format!("job {name}: invalid link {alias:?}: {e}"),
             )
         };
+        if let Some((to, _)) = alias.split_once(':') {
+            return Err(bad(format!(
+                "a link names a job, and gets every port it exposes: write {to:?}"
+            )));
+        }
         let target = match alias.split_once('/') {
             Some((stack, job)) => ServiceId::new(
                 StackName::new(stack).map_err(|e| bad(e.to_string()))?,
@@ -993,6 +998,11 @@ mod tests {
             (
                 "a:\n  image: x\n  link: [Shared/mongo]\n",
                 "stack.yml:3:10: job a: invalid link \"Shared/mongo\": invalid stack name",
+            ),
+            (
+                "a:\n  image: x\n  link: [shared/mongo:27017]\n",
+                "stack.yml:3:10: job a: invalid link \"shared/mongo:27017\": a link names a job, \
+                 and gets every port it exposes: write \"shared/mongo\"",
             ),
             (
                 "a:\n  type: service\n  image: x\n",

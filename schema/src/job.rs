@@ -410,8 +410,11 @@ pub fn format_memory(bytes: u64) -> String {
 
 /// Parses a CPU count (`0.5`, `2`) into thousandths of a core, at most 4096 cores.
 pub fn parse_cpus(text: &str) -> Result<u64, String> {
-    let bad =
-        || format!("invalid CPU count {text:?}: write a number of cores above 0, e.g. 0.5 or 2");
+    let bad = || {
+        format!(
+            "invalid CPU count {text:?}: write a number of cores above 0 and at most 4096, e.g. 0.5 or 2"
+        )
+    };
     let v: f64 = text.trim().parse().map_err(|_| bad())?;
     if !v.is_finite() || v <= 0.0 || v > 4096.0 {
         return Err(bad());
