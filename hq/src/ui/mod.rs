@@ -42,7 +42,7 @@ const STYLE: &str = include_str!("page/style.css");
 #[derive(Debug, Clone, clap::Args)]
 pub struct UiArgs {
     /// Where the page is served; an address other than loopback needs --token
-    #[arg(long, env = "VIKING_UI_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "VIKING_UI_LISTEN", default_value = "127.0.0.1:9180")]
     pub listen: SocketAddr,
 
     /// A secret every request must carry (open the page as http://ADDR/?token=SECRET)
