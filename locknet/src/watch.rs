@@ -149,7 +149,7 @@ pub async fn run(config: WatchConfig, client: Client, shutdown: CancellationToke
             continue;
         }
         // This host's own record may say it is a router: 80 and 443 open, as `--router`.
-        let router = config.options.router || has_role(&hosts, config.host.as_ref(), ROUTER);
+        let router = config.options.router || has_role(&hosts, &config, ROUTER);
         if router != was_router {
             if router && !config.options.router {
                 info!("this host has role {ROUTER} in etcd: ports 80 and 443 are open to everyone");
@@ -198,14 +198,15 @@ async fn resync_table(fw: &mut Firewall, policy: &Policy, client: &Client, confi
 /// The role that opens 80 and 443 (`viking host add NAME ADDR --role router`).
 pub const ROUTER: &str = "router";
 
-/// Whether `host`'s record among `hosts` lists `role`.
-fn has_role(hosts: &BTreeMap<String, Kv>, host: Option<&HostId>, role: &str) -> bool {
-    let Some(host) = host else {
+/// Whether this host's own record among `hosts` lists `role`.
+fn has_role(hosts: &BTreeMap<String, Kv>, config: &WatchConfig, role: &str) -> bool {
+    let Some(host) = &config.host else {
         return false;
     };
-    hosts.values().any(|kv| {
+    let key = config.prefix.key(&Key::Host(host.clone()));
+    hosts.get(&key).is_some_and(|kv| {
         records::decode::<HostRecord>(&kv.key, &kv.value)
-            .is_ok_and(|r| r.host == *host && r.roles.iter().any(|r| r == role))
+            .is_ok_and(|r| r.roles.iter().any(|r| r == role))
     })
 }
 
