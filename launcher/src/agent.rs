@@ -798,9 +798,6 @@ impl Agent {
     fn replacer(&self) -> Replacer {
         Replacer {
             engine: self.engine.clone(),
-            client: self.client.clone(),
-            prefix: self.config.prefix.clone(),
-            host: self.config.host.clone(),
             stop_timeout: self.config.stop_timeout,
             withdraw: self.withdraw(),
         }
@@ -1135,12 +1132,10 @@ struct Replaced {
     result: Result<String, crate::engine::EngineError>,
 }
 
-/// What a replacement needs, cloned into its task.
+/// What a replacement needs, cloned into its task (etcd, the prefix and the host are the
+/// withdrawal's).
 struct Replacer {
     engine: Arc<dyn Engine>,
-    client: Client,
-    prefix: Prefix,
-    host: HostId,
     stop_timeout: Duration,
     withdraw: crate::withdraw::Withdraw,
 }
@@ -1167,7 +1162,7 @@ impl Replacer {
             Some(id) => id,
             None => {
                 self.engine
-                    .start(spec, instance, &self.host, beside)
+                    .start(spec, instance, &self.withdraw.host, beside)
                     .await?
             }
         };
@@ -1180,7 +1175,9 @@ impl Replacer {
             let found = self.engine.list().await?.into_iter().find(|e| e.id == new);
             match found.map(|e| (e.state, e.restarts, e.health)) {
                 Some((RunState::Running, 0, health))
-                    if health.passes() && serves(&self.client, &self.prefix, spec, &new).await =>
+                    if health.passes()
+                        && serves(&self.withdraw.client, &self.withdraw.prefix, spec, &new)
+                            .await =>
                 {
                     let since = *ready_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= READY_FOR {
