@@ -104,6 +104,13 @@ mod tests {
 
     use super::*;
 
+    /// Whether `f` is still pending 50 ms on.
+    async fn still_waits(f: &mut (impl Future + Unpin)) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), f)
+            .await
+            .is_err()
+    }
+
     fn listener() -> Listener {
         Listener::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap()
     }
@@ -121,11 +128,7 @@ mod tests {
         let idle_loop = idle.accept(take);
         tokio::pin!(idle_loop);
         // The idle one waits for a client, not for the permit: it holds none.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut idle_loop)
-                .await
-                .is_err()
-        );
+        assert!(still_waits(&mut idle_loop).await);
         assert_eq!(permits.available_permits(), 1);
         let addr = busy.local_addr().unwrap();
         let _first = std::net::TcpStream::connect(addr).unwrap();
@@ -135,11 +138,7 @@ mod tests {
         let _second = std::net::TcpStream::connect(addr).unwrap();
         let next = busy.accept(take);
         tokio::pin!(next);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut next)
-                .await
-                .is_err()
-        );
+        assert!(still_waits(&mut next).await);
         drop(permit);
         let (_p, _s, peer) = next.await.unwrap().unwrap();
         assert_eq!(peer.ip(), addr.ip());

@@ -253,6 +253,19 @@ impl Events {
         ))
     }
 
+    /// Fails unless `first` (action, container) happened before `then`.
+    fn in_order(&self, first: (&str, &str), then: (&str, &str)) {
+        assert!(
+            self.at(first.0, first.1) < self.at(then.0, then.1),
+            "{} {} came after {} {}:\n{}",
+            first.0,
+            first.1,
+            then.0,
+            then.1,
+            self.0
+        );
+    }
+
     fn at(&self, action: &str, id: &str) -> usize {
         self.0
             .lines()
@@ -521,12 +534,7 @@ async fn a_replacement_its_launcher_did_not_finish_is_finished_after_a_restart()
     let new = id_of(&name).trim().to_owned();
     // Docker's own record of what happened: the new container started before the old one
     // was stopped.
-    let events = Events::since(&w, since);
-    assert!(
-        events.at("start", &new) < events.at("die", &id0),
-        "the old container stopped before the new one started:\n{}",
-        events.0
-    );
+    Events::since(&w, since).in_order(("start", &new), ("die", &id0));
 }
 
 /// The launcher's Docker daemon restarts (an upgrade, a crash): it says so once, keeps its
@@ -632,12 +640,7 @@ async fn a_launcher_stopped_during_a_replacement_exits_at_once_and_the_next_goes
         new,
         "the replacement went on, no third container"
     );
-    let events = Events::since(&w, since);
-    assert!(
-        events.at("health_status: healthy", &new) < events.at("die", &old),
-        "the old container stopped before the new one was healthy:\n{}",
-        events.0
-    );
+    Events::since(&w, since).in_order(("health_status: healthy", &new), ("die", &old));
 }
 
 /// SIGTERM while the scheduler retries a write that etcd, stopped, does not take (a lost
