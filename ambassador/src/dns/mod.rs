@@ -16,19 +16,20 @@
 //! answers that do not fit are truncated by the server, and the client retries over TCP.
 //!
 //! [`Zone`] is pure (built from the watched keys, looked up by name and type) and rebuilt on
-//! every change; the [`Handler`] only reads the current one.
+//! every change; the servers (UDP on a thread of its own, TCP a task per connection under
+//! [`TCP_MAX_CONNECTIONS`]) only read the current one. hickory gives the message code; its
+//! server is not used (no connection limit; a task and a channel per UDP query).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{
     Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
 };
 use hickory_server::proto::rr::{Name, Record};
 use hickory_server::proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder};
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::server::Request;
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
 use tokio::sync::watch;
 use tracing::debug;
@@ -121,20 +122,106 @@ pub async fn serve(
     sockets.offer("dns/tcp".to_owned(), &tcp);
     // UDP: one blocking loop on its own thread, one packet in and one out, no task or channel
     // per query (through hickory's server UDP measured 0.64x dnsmasq's rate; see
-    // ARCHITECTURE.md). TCP: hickory's server. Both answer through `reply`.
+    // ARCHITECTURE.md). TCP: a task per connection, under a limit. Both answer through
+    // `reply`.
     {
         let (zone, shutdown) = (zone.clone(), shutdown.clone());
         std::thread::Builder::new()
             .name("dns-udp".into())
             .spawn(move || serve_udp(udp, zone, shutdown))?;
     }
-    let mut server = hickory_server::Server::new(Handler::new(zone));
-    // Connections idle for 5 s are closed; responses buffer up to 64 per connection.
-    server.register_listener(tcp, std::time::Duration::from_secs(5), 64);
-    Ok(tokio::spawn(async move {
-        shutdown.cancelled().await;
-        let _ = server.shutdown_gracefully().await;
-    }))
+    let tcp = runtime::accept::Listener::from_tokio(tcp)?;
+    Ok(tokio::spawn(serve_tcp(tcp, zone, shutdown)))
+}
+
+/// DNS over TCP: connections open at once. More clients wait in the kernel's queue until one
+/// closes (a client that sends nothing is closed after [`TCP_IDLE`]): the sockets the
+/// ambassador may open are shared with its proxied connections, and clients that hold
+/// connections open must not take them all.
+pub const TCP_MAX_CONNECTIONS: usize = 256;
+
+/// How long a DNS connection may take to send its next whole query, and to take an answer.
+pub const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The TCP accept loop: a permit per connection, taken before the client is accepted
+/// (`runtime::accept`), a task per connection. Ends at `shutdown`; connections end at their
+/// next wait for a query.
+async fn serve_tcp(
+    listener: runtime::accept::Listener,
+    zone: watch::Receiver<Arc<Zone>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let places = Arc::new(tokio::sync::Semaphore::new(TCP_MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept(|| {
+                let places = places.clone();
+                async move { places.acquire_owned().await.ok() }
+            }) => accepted,
+        };
+        match accepted {
+            Ok(Some((permit, stream, peer))) => {
+                let (zone, shutdown) = (zone.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    serve_tcp_connection(stream, peer, zone, shutdown).await;
+                    drop(permit);
+                });
+            }
+            Ok(None) => return,
+            Err(e) => {
+                // Out of descriptors or memory: the client stays queued; try again shortly.
+                debug!("DNS over TCP: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// One DNS connection: length-prefixed queries (RFC 1035 4.2.2), answered in order, until
+/// the client closes, sends something that is not a query, or waits longer than
+/// [`TCP_IDLE`].
+async fn serve_tcp_connection(
+    mut stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    zone: watch::Receiver<Arc<Zone>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut query = Vec::new();
+    let mut out = Vec::with_capacity(512);
+    let mut frame = Vec::with_capacity(514);
+    loop {
+        let read = async {
+            let len = stream.read_u16().await?;
+            query.resize(usize::from(len), 0);
+            stream.read_exact(&mut query).await.map(drop)
+        };
+        let read = tokio::select! {
+            () = shutdown.cancelled() => return,
+            read = tokio::time::timeout(TCP_IDLE, read) => read,
+        };
+        if !matches!(read, Ok(Ok(()))) {
+            return;
+        }
+        let answered = {
+            let zone = zone.borrow();
+            answer_tcp(&zone, &query, peer, &mut out)
+        };
+        if !answered {
+            return;
+        }
+        // The encoder caps an answer at 65,535 bytes, which the length prefix can say.
+        let len = u16::try_from(out.len()).unwrap_or(u16::MAX);
+        frame.clear();
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(&out);
+        debug!(%peer, "dns query over TCP");
+        let write = tokio::time::timeout(TCP_IDLE, stream.write_all(&frame)).await;
+        if !matches!(write, Ok(Ok(()))) {
+            return;
+        }
+    }
 }
 
 /// The UDP loop, on a thread of its own with blocking calls: no reactor round trip per
@@ -166,7 +253,27 @@ fn serve_udp(
 /// response, or too short to carry an id).
 pub fn answer_udp(zone: &Zone, packet: &[u8], src: SocketAddr, out: &mut Vec<u8>) -> bool {
     out.clear();
-    let request = match Request::from_bytes(packet.to_vec(), src, Protocol::Udp) {
+    answer(zone, packet, src, Protocol::Udp, out)
+}
+
+/// Answers one query that came over TCP into `out` (without the length prefix): up to a
+/// message's 65,535 bytes. False when it deserves no answer.
+pub fn answer_tcp(zone: &Zone, packet: &[u8], src: SocketAddr, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    answer(zone, packet, src, Protocol::Tcp, out)
+}
+
+/// Writes the answer to one query into `out` (empty): over UDP at most the client's EDNS payload size
+/// (512 without EDNS; larger answers are truncated with TC set), over TCP up to a message's
+/// 65,535 bytes. False when it deserves no answer (a response, or too short to carry an id).
+fn answer(
+    zone: &Zone,
+    packet: &[u8],
+    src: SocketAddr,
+    protocol: Protocol,
+    out: &mut Vec<u8>,
+) -> bool {
+    let request = match Request::from_bytes(packet.to_vec(), src, protocol) {
         Ok(r) => r,
         Err(_) => {
             // A header that can be read gets FORMERR; anything less, silence.
@@ -190,7 +297,10 @@ pub fn answer_udp(zone: &Zone, packet: &[u8], src: SocketAddr, out: &mut Vec<u8>
     let none = no_queries();
     let response = response(zone, &request, edns.as_ref(), &none);
     let mut encoder = BinEncoder::new(out);
-    encoder.set_max_size(edns.as_ref().map_or(512, Edns::max_payload));
+    encoder.set_max_size(match protocol {
+        Protocol::Udp => edns.as_ref().map_or(512, Edns::max_payload),
+        _ => u16::MAX,
+    });
     response.destructive_emit(&mut encoder).is_ok()
 }
 
@@ -314,44 +424,6 @@ pub fn reply<'z>(zone: &'z Zone, request: &Request) -> Reply<'z> {
         }
     }
     reply
-}
-
-/// hickory's request handler over the current [`Zone`] (serves TCP).
-pub struct Handler {
-    zone: watch::Receiver<Arc<Zone>>,
-}
-
-impl Handler {
-    pub fn new(zone: watch::Receiver<Arc<Zone>>) -> Self {
-        Self { zone }
-    }
-}
-
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        let zone = self.zone.borrow().clone();
-        let edns = echo_edns(request);
-        let none = no_queries();
-        let response = response(&zone, request, edns.as_ref(), &none);
-        debug!(code = %response.metadata().response_code, "dns query over TCP");
-        match response_handle.send_response(response).await {
-            Ok(info) => info,
-            Err(e) => {
-                debug!("cannot send a DNS response: {e}");
-                let mut metadata = Metadata::response_from_request(&request.metadata);
-                metadata.response_code = ResponseCode::ServFail;
-                ResponseInfo::from(Header {
-                    metadata,
-                    counts: HeaderCounts::default(),
-                })
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -384,3 +384,86 @@ async fn a_udp_service_port_has_its_udp_srv_name() {
     );
     assert_eq!(tcp.trim(), "", "no TCP name for a UDP port");
 }
+
+/// One query over an open TCP connection, framed with its length.
+fn tcp_frame(id: u16, name: &str) -> Vec<u8> {
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let body = msg.to_vec().unwrap();
+    [&(body.len() as u16).to_be_bytes()[..], &body].concat()
+}
+
+/// The next length-framed message from `tcp`: (id, answer count).
+fn tcp_answer(tcp: &mut std::net::TcpStream) -> std::io::Result<(u16, usize)> {
+    use std::io::Read;
+    let mut len = [0u8; 2];
+    tcp.read_exact(&mut len)?;
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    tcp.read_exact(&mut body)?;
+    let resp = Message::from_vec(&body).unwrap();
+    Ok((resp.metadata.id, resp.answers.len()))
+}
+
+/// DNS over TCP answers queries sent back to back on one connection in order, and keeps to
+/// its connection limit: with `TCP_MAX_CONNECTIONS` connections open, one more client waits
+/// in the kernel's queue (while UDP keeps answering) until a place frees, and a connection
+/// that sends nothing is closed after `TCP_IDLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_over_tcp_keeps_to_its_connection_limit() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let etcd = Etcd::start().await;
+    let mut client = etcd.client().await;
+    let (amb, server) = start(&etcd).await;
+    let port = put_alloc(&mut client, "shared/web:80").await;
+    amb.listening(port).await;
+    let name = "web.shared.viking.internal.";
+    tokio::task::spawn_blocking(move || {
+        let mut tcp = TcpStream::connect(server).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        tcp.write_all(&[tcp_frame(1, name), tcp_frame(2, name)].concat())
+            .unwrap();
+        assert_eq!(tcp_answer(&mut tcp).unwrap(), (1, 1));
+        assert_eq!(tcp_answer(&mut tcp).unwrap(), (2, 1));
+        drop(tcp);
+
+        let opened = Instant::now();
+        let mut held: Vec<TcpStream> = (0..dns::TCP_MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(server).unwrap())
+            .collect();
+        // The kernel completes the handshake of a client the server has not accepted.
+        let mut waiting = TcpStream::connect(server).unwrap();
+        waiting.write_all(&tcp_frame(3, name)).unwrap();
+        waiting
+            .set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let early = tcp_answer(&mut waiting);
+        assert!(
+            early.is_err(),
+            "answered beyond the limit of {}: {early:?}",
+            dns::TCP_MAX_CONNECTIONS
+        );
+        assert_eq!(
+            ask(server, name, RecordType::A),
+            (ResponseCode::NoError, 1, 0)
+        );
+        drop(held.pop());
+        waiting
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        assert_eq!(tcp_answer(&mut waiting).unwrap(), (3, 1));
+        // The held connections sent nothing: each is closed once it has waited TCP_IDLE.
+        let first = &mut held[0];
+        first
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(first.read(&mut [0u8; 16]).unwrap(), 0, "not closed");
+        let waited = opened.elapsed();
+        assert!(
+            waited >= dns::TCP_IDLE - Duration::from_millis(500),
+            "closed after {waited:?}, before the idle timeout"
+        );
+    })
+    .await
+    .unwrap();
+}
