@@ -91,7 +91,7 @@ enum PortValue {
     Text(String),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(untagged)]
 enum Scalar {
     Text(String),
@@ -370,7 +370,18 @@ fn check_job(
                 out.min_healthy_ms = millis(d, "min_healthy")?;
             }
             if let Some(d) = u.value.timeout {
+                let (place, text) = (at(&d.referenced), d.value.clone().text());
                 out.timeout_ms = millis(d, "timeout")?;
+                if out.timeout_ms < 1000 {
+                    return Err(err(
+                        place,
+                        format!(
+                            "job {name}: update.timeout {text} is too short: a new instance \
+                             needs time to start and pass its health check; use at least 1s \
+                             (the default is 2m)"
+                        ),
+                    ));
+                }
             }
             out.auto_revert = u.value.auto_revert.unwrap_or(false);
             out
@@ -1040,6 +1051,10 @@ mod tests {
             (
                 "a:\n  image: x\n  update: {timeout: soon}\n",
                 "stack.yml:3:21: job a: update.timeout: invalid duration \"soon\"",
+            ),
+            (
+                "a:\n  image: x\n  update: {timeout: 0s}\n",
+                "stack.yml:3:21: job a: update.timeout 0s is too short",
             ),
             (
                 "a:\n  image: x\n  scale: 5000\n",

@@ -71,6 +71,14 @@ pub struct View {
 /// container it replaces is stopped.
 const READY_FOR: Duration = Duration::from_millis(500);
 
+/// How long a new container may take to be ready before its replacement is given up: the
+/// job's `update.timeout`, as long as `viking deploy` waits for it. (It was cut to a minute
+/// while the replacement held up the launcher's loop; a service that takes longer to pass
+/// its health check could then never be replaced.)
+fn replacement_limit(spec: &JobSpec) -> Duration {
+    Duration::from_millis(spec.update.timeout_ms)
+}
+
 /// Runs the launcher (and its campaign for the scheduler) against the local Docker until
 /// `shutdown`. Docker may be away at first: it connects with backoff.
 pub async fn run(config: Config, client: Client, shutdown: CancellationToken) {
@@ -1147,7 +1155,7 @@ impl Replacer {
     /// that stopped before it was ready), and only once it runs, and for a job with ports is
     /// a live endpoint, is the old one stopped (SIGTERM, its stop timeout) and removed and the
     /// new one given the instance's name. A new one that exits or does not get there within
-    /// `update.timeout` (at most a minute) is removed and the old one keeps serving.
+    /// `update.timeout` is removed and the old one keeps serving.
     async fn replace(
         &self,
         spec: &JobSpec,
@@ -1166,7 +1174,7 @@ impl Replacer {
                     .await?
             }
         };
-        let limit = Duration::from_millis(spec.update.timeout_ms).min(Duration::from_secs(60));
+        let limit = replacement_limit(spec);
         let deadline = Instant::now() + limit;
         // Ready means ready for a while: a container that exits at once can be running and
         // registered for an instant, which one look would take for good.
@@ -1269,5 +1277,20 @@ impl Memory {
             delay: Duration::from_secs(1),
             serving: String::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default `update.timeout` (2 minutes) is the time a new container gets, not a
+    /// minute.
+    #[test]
+    fn a_replacement_gets_the_whole_update_timeout() {
+        let mut spec = JobSpec::new("shared".parse().unwrap(), "web".parse().unwrap(), "nginx:1");
+        assert_eq!(replacement_limit(&spec), Duration::from_secs(120));
+        spec.update.timeout_ms = 600_000;
+        assert_eq!(replacement_limit(&spec), Duration::from_secs(600));
     }
 }
