@@ -1,5 +1,5 @@
 //! Forwarding between two connected TCP sockets inside the kernel, without waking user space
-//! per message.
+//! per message; and UDP balanced by the kernel as a socket sends ([`balance`]).
 //!
 //! A sockhash holds the sockets of every joined pair, each under its peer's socket cookie;
 //! an `sk_skb` verdict program attached to the map runs on every segment that arrives on any
@@ -21,6 +21,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::event::epoll;
 use tokio::io::unix::AsyncFd;
 
+pub mod balance;
 mod sys;
 
 pub use sys::{TcpInfo, register_readable};
@@ -36,7 +37,7 @@ const FUNC_SK_REDIRECT_HASH: i32 = 72;
 const SK_PASS: i32 = 1;
 
 /// One eBPF instruction: opcode, destination and source registers, offset, immediate.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+pub(crate) fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     let mut b = [0u8; 8];
     b[0] = code;
     b[1] = (src << 4) | (dst & 0x0f);
@@ -45,17 +46,30 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     u64::from_le_bytes(b)
 }
 
-// Opcodes (linux/bpf.h, linux/bpf_common.h).
-const MOV64_REG: u8 = 0x07 | 0xb0 | 0x08; // BPF_ALU64 | BPF_MOV | BPF_X
-const MOV64_IMM: u8 = 0x07 | 0xb0; // BPF_ALU64 | BPF_MOV | BPF_K
-const ADD64_IMM: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
-const STX_DW: u8 = 0x03 | 0x60 | 0x18; // BPF_STX | BPF_MEM | BPF_DW
-const LD_IMM64: u8 = 0x18; // BPF_LD | BPF_IMM | BPF_DW
-const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
-const JNE_IMM: u8 = 0x55; // BPF_JMP | BPF_JNE | BPF_K
-const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
-/// `src` of a 64-bit immediate load that names a map by its file descriptor.
-const PSEUDO_MAP_FD: u8 = 1;
+/// Opcodes (linux/bpf.h, linux/bpf_common.h), for both kernel paths' programs.
+mod op {
+    pub const MOV64_REG: u8 = 0x07 | 0xb0 | 0x08; // BPF_ALU64 | BPF_MOV | BPF_X
+    pub const MOV64_IMM: u8 = 0x07 | 0xb0; // BPF_ALU64 | BPF_MOV | BPF_K
+    pub const ADD64_IMM: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
+    pub const ADD64_REG: u8 = 0x07 | 0x08; // BPF_ALU64 | BPF_ADD | BPF_X
+    pub const MOD64_REG: u8 = 0x07 | 0x90 | 0x08; // BPF_ALU64 | BPF_MOD | BPF_X
+    pub const LSH64_IMM: u8 = 0x07 | 0x60; // BPF_ALU64 | BPF_LSH | BPF_K
+    pub const LDX_W: u8 = 0x01 | 0x60; // BPF_LDX | BPF_MEM | BPF_W
+    pub const STX_W: u8 = 0x03 | 0x60; // BPF_STX | BPF_MEM | BPF_W
+    pub const STX_DW: u8 = 0x03 | 0x60 | 0x18; // BPF_STX | BPF_MEM | BPF_DW
+    pub const ST_DW: u8 = 0x02 | 0x60 | 0x18; // BPF_ST | BPF_MEM | BPF_DW
+    /// `lock *(u64 *)(dst + off) += src` (BPF_STX | BPF_ATOMIC | BPF_DW, imm BPF_ADD).
+    pub const ATOMIC_ADD_DW: u8 = 0x03 | 0xc0 | 0x18;
+    pub const LD_IMM64: u8 = 0x18; // BPF_LD | BPF_IMM | BPF_DW
+    pub const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
+    pub const JEQ_IMM: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    pub const JNE_IMM: u8 = 0x55; // BPF_JMP | BPF_JNE | BPF_K
+    pub const JGE_IMM: u8 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    pub const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
+    /// `src` of a 64-bit immediate load that names a map by its file descriptor.
+    pub const PSEUDO_MAP_FD: u8 = 1;
+}
+use op::*;
 
 /// The verdict program, for the sockhash `map`:
 ///

@@ -1,11 +1,14 @@
 //! Every call into the kernel that Rust's safe wrappers do not offer: the `bpf()` system call
-//! (map create, program load and attach, map update) and the socket options and ioctls the
-//! kernel path reads (`SO_COOKIE`, `TCP_INFO`, `SIOCINQ`, `SIOCOUTQ`, `SO_RCVLOWAT`).
+//! (map create, lookup, update and delete, program load and attach, links) and the socket
+//! options and ioctls the kernel paths read (`SO_COOKIE`, `SO_NETNS_COOKIE`, `TCP_INFO`,
+//! `SIOCINQ`, `SIOCOUTQ`, `SO_RCVLOWAT`).
 //!
 //! Soundness, once for the whole module: every call passes either plain integers and a file
 //! descriptor borrowed for the call (`BorrowedFd`: open for at least as long as the call), or
 //! pointers to memory owned by the calling frame (a zeroed `Attr`, a value, an output buffer)
 //! whose size is given to the kernel alongside, so the kernel reads and writes only within it.
+//! A map's key and value have no size in the call: the kernel reads and writes the sizes the
+//! map was made with, which [`Map`] records and checks every buffer against.
 //! The kernel does not keep any of these pointers after the call returns. Outputs are plain
 //! integers or `#[repr(C)]` structs of integers, valid for every bit pattern, and zeroed first.
 #![allow(unsafe_code)]
@@ -40,10 +43,12 @@ impl Attr {
 
 // Commands (enum bpf_cmd).
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_LINK_CREATE: libc::c_long = 28;
 
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     // SAFETY: see the module comment; `attr` is a live, zero-initialised buffer of the size given.
@@ -91,6 +96,18 @@ pub fn prog_load(
     license: &CStr,
     name: &str,
 ) -> Result<OwnedFd, (io::Error, String)> {
+    prog_load_for(prog_type, 0, insns, license, name)
+}
+
+/// `BPF_PROG_LOAD` of a program type that must say where it will be attached (cgroup
+/// socket-address hooks): `expected_attach_type`.
+pub fn prog_load_for(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[u64],
+    license: &CStr,
+    name: &str,
+) -> Result<OwnedFd, (io::Error, String)> {
     let mut log = vec![0u8; 64 * 1024];
     let mut attr = Attr::new();
     attr.u32(0, prog_type)
@@ -103,6 +120,7 @@ pub fn prog_load(
     // prog_name: at most 15 bytes and a NUL, at offset 48.
     let name = &name.as_bytes()[..name.len().min(15)];
     attr.0[48..48 + name.len()].copy_from_slice(name);
+    attr.u32(68, expected_attach_type);
     match bpf(BPF_PROG_LOAD, &mut attr) {
         Ok(fd) => Ok(owned(fd)),
         Err(e) => {
@@ -136,12 +154,92 @@ pub fn map_update_socket(map: BorrowedFd<'_>, key: u64, socket: BorrowedFd<'_>) 
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
-/// `BPF_MAP_DELETE_ELEM` of `key`.
+/// `BPF_LINK_CREATE`: attaches `prog` to `target` (here: a cgroup's directory) as
+/// `attach_type` for as long as the returned link is open: closed (also by the process's
+/// exit or crash), the program is detached.
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32(0, prog.as_raw_fd() as u32)
+        .u32(4, target.as_raw_fd() as u32)
+        .u32(8, attach_type);
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+}
+
+/// `BPF_MAP_DELETE_ELEM` of `key` (a sock map's 8-byte key).
 pub fn map_delete(map: BorrowedFd<'_>, key: u64) -> io::Result<()> {
     let mut attr = Attr::new();
     attr.u32(0, map.as_raw_fd() as u32)
         .u64(8, &key as *const u64 as u64);
     bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(drop)
+}
+
+/// A plain map (hash, LRU hash, array) that knows its key and value sizes, so that every
+/// lookup and update hands the kernel buffers of exactly those sizes.
+#[derive(Debug)]
+pub struct Map {
+    fd: OwnedFd,
+    key: usize,
+    value: usize,
+}
+
+impl Map {
+    /// `BPF_MAP_CREATE` of a plain map.
+    pub fn create(map_type: u32, key: usize, value: usize, max_entries: u32) -> io::Result<Map> {
+        let fd = map_create(map_type, key as u32, value as u32, max_entries)?;
+        Ok(Map { fd, key, value })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// `BPF_MAP_UPDATE_ELEM` with `flags` (`BPF_ANY` 0, `BPF_NOEXIST` 1, `BPF_EXIST` 2).
+    pub fn update(&self, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+        assert!(
+            key.len() == self.key && value.len() == self.value,
+            "map entry size"
+        );
+        let mut attr = Attr::new();
+        attr.u32(0, self.fd.as_raw_fd() as u32)
+            .u64(8, key.as_ptr() as u64)
+            .u64(16, value.as_ptr() as u64)
+            .u64(24, flags);
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+    }
+
+    /// `BPF_MAP_LOOKUP_ELEM` into `value`; false when `key` holds nothing.
+    pub fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+        assert!(
+            key.len() == self.key && value.len() == self.value,
+            "map entry size"
+        );
+        let mut attr = Attr::new();
+        attr.u32(0, self.fd.as_raw_fd() as u32)
+            .u64(8, key.as_ptr() as u64)
+            .u64(16, value.as_mut_ptr() as u64);
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `BPF_MAP_DELETE_ELEM`; a key that holds nothing is not an error.
+    pub fn delete(&self, key: &[u8]) -> io::Result<()> {
+        assert!(key.len() == self.key, "map key size");
+        let mut attr = Attr::new();
+        attr.u32(0, self.fd.as_raw_fd() as u32)
+            .u64(8, key.as_ptr() as u64);
+        match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// getsockopt() of a plain-integer or `#[repr(C)]` integer-only value `T`; returns how many
@@ -176,6 +274,13 @@ fn getsockopt<T: Copy>(
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut cookie = 0u64;
     getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, &mut cookie)?;
+    Ok(cookie)
+}
+
+/// The cookie of the network namespace the socket lives in (`SO_NETNS_COOKIE`, Linux 5.14).
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    getsockopt(fd, libc::SOL_SOCKET, 71, &mut cookie)?;
     Ok(cookie)
 }
 

@@ -10,6 +10,7 @@
 //! [`snapshot`]: [`assert_snapshot`].
 
 pub mod certs;
+pub mod cgroup;
 pub mod docker;
 pub mod net;
 pub mod process;
