@@ -16,9 +16,11 @@ need() {
 
 work=$(mktemp -d /tmp/viking-bench.XXXXXX)
 pids=()
+cgroups=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  for c in "${cgroups[@]}"; do echo 1 >"$c/cgroup.kill" 2>/dev/null || true; rmdir "$c" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
@@ -51,12 +53,22 @@ start_etcd() {
 }
 ctl() { etcdctl --endpoints "http://127.0.0.1:$ETCD_PORT" "$@" >/dev/null; }
 
-# dnsperf_qps PORT PID: dnsperf (-c 4 -q 200, $SECS s, queries from $work/queries) against
-# 127.0.0.1:PORT -> "queries/s CPU-µs-of-PID-per-query".
+# new_cgroup NAME: a cgroup (v2) of the harness's own, removed on exit; prints its path.
+new_cgroup() {
+  local root c
+  root=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/self/mounts)
+  [ -n "$root" ] || { echo "harness: no cgroup v2 hierarchy mounted" >&2; return 1; }
+  c="$root/viking-bench-$1-$$"
+  mkdir -p "$c" && echo "$c"
+}
+
+# dnsperf_qps PORT PID [CGROUP]: dnsperf (-c 4 -q 200, $SECS s, queries from $work/queries)
+# against 127.0.0.1:PORT, run inside CGROUP if given -> "queries/s CPU-µs-of-PID-per-query".
 dnsperf_qps() {
   local before after out
   before=$(cpu_ticks "$2")
-  out=$(dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$SECS" -c 4 -q 200 2>/dev/null)
+  out=$(sh -c '[ -z "$1" ] || echo $$ >"$1/cgroup.procs"; shift; exec "$@"' sh "${3:-}" \
+    dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$SECS" -c 4 -q 200 2>/dev/null)
   after=$(cpu_ticks "$2")
   echo "$out" | awk -v t=$((after - before)) -v hz="$hz" \
     '/Queries completed/ {n=$3} /Queries per second/ {q=$4} END {printf "%.0f %.2f\n", q, t / hz * 1e6 / n}'

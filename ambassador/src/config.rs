@@ -49,6 +49,9 @@ pub struct Config {
     pub unknown_source_wait: Duration,
     /// Forward in the kernel once a backend is connected (`--kernel-forward`).
     pub kernel_forward: KernelForward,
+    /// UDP service ports balanced by the kernel for the processes of this cgroup (v2)
+    /// directory (`--udp-kernel`); `None`: every datagram through this process.
+    pub udp_kernel: Option<std::path::PathBuf>,
 }
 
 /// `--kernel-forward`: whether connected pairs are forwarded inside the kernel (a sockhash
@@ -84,6 +87,7 @@ impl Config {
             links: crate::access::LinksMode::Enforced,
             unknown_source_wait: Duration::from_secs(1),
             kernel_forward: KernelForward::On,
+            udp_kernel: None,
         }
     }
 }

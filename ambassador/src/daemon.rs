@@ -114,6 +114,13 @@ pub struct AmbassadorArgs {
     #[arg(long, env = "VIKING_KERNEL_FORWARD_AFTER", default_value_t = RelayConfig::default().kernel_after)]
     pub kernel_forward_after: u32,
 
+    /// UDP service ports balanced by the kernel as a socket sends (cgroup eBPF programs), so
+    /// datagrams go straight to a backend: `host` for every process of this host (the cgroup
+    /// v2 root), a cgroup v2 directory for the processes in it, or `off`. With `--links
+    /// enforced` containers still go through this process and its link check
+    #[arg(long, env = "VIKING_UDP_KERNEL", default_value = "off")]
+    pub udp_kernel: String,
+
     /// Service DNS: ADDR:PORT for UDP and TCP, or `off` (default: <bind>:53)
     #[arg(long, env = "VIKING_DNS")]
     pub dns: Option<String>,
@@ -146,6 +153,9 @@ pub enum StartError {
     },
     #[error("--threads 0: at least one thread must accept connections; pass --threads 1 or more")]
     NoThreads,
+    /// A bad `--udp-kernel`; the text names the value and what to pass.
+    #[error("{0}")]
+    UdpKernel(String),
     /// A bad `--dns` or `--dns-zone`; the text names the flag and the expected form.
     #[error("{0}")]
     Dns(String),
@@ -234,6 +244,7 @@ impl AmbassadorArgs {
         config.links = self.links;
         config.unknown_source_wait = self.unknown_source_wait;
         config.kernel_forward = self.kernel_forward;
+        config.udp_kernel = udp_kernel_cgroup(&self.udp_kernel).map_err(StartError::UdpKernel)?;
         config.relay = RelayConfig {
             idle_timeout: self.idle_timeout,
             splice_after: self.splice_after,
@@ -251,6 +262,29 @@ impl AmbassadorArgs {
             run_dir,
             dns: listen,
         })
+    }
+}
+
+/// `--udp-kernel`: `off`, `host` (the cgroup v2 root), or a cgroup v2 directory.
+fn udp_kernel_cgroup(value: &str) -> Result<Option<PathBuf>, String> {
+    match value {
+        "off" => Ok(None),
+        "host" => sockmap::balance::cgroup2_mount().map(Some).ok_or_else(|| {
+            "--udp-kernel host: this host has no cgroup v2 hierarchy mounted (none in \
+             /proc/self/mounts); mount one, or pass --udp-kernel off"
+                .to_owned()
+        }),
+        path => {
+            let path = PathBuf::from(path);
+            if path.join("cgroup.procs").is_file() {
+                Ok(Some(path))
+            } else {
+                Err(format!(
+                    "--udp-kernel {value:?}: not a cgroup directory (it has no cgroup.procs); \
+                     pass host, a directory of the cgroup v2 hierarchy, or off"
+                ))
+            }
+        }
     }
 }
 

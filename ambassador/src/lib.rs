@@ -18,6 +18,7 @@
 //! * [`metrics`]: every counter, once, read by `/metrics` and `/state`.
 //! * [`steer`]: which threads take new connections.
 //! * [`udp`]: UDP service ports: a session per client address.
+//! * [`udp_kernel`]: `--udp-kernel`, UDP service ports balanced by the kernel as a socket sends.
 //! * [`stats`]: the `stats/<host>` record for the UI.
 //! * [`lock`]: one ambassador per bind address.
 //! * [`admin`]: `/metrics`, `/healthz`, `/state`.
@@ -40,6 +41,7 @@ pub mod stats;
 pub mod steer;
 pub mod udp;
 mod udp_batch;
+pub mod udp_kernel;
 mod workers;
 
 pub use config::Config;

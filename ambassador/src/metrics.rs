@@ -59,6 +59,8 @@ pub struct Metrics {
     kernel_active: Family<ServiceLabel, Gauge>,
     /// 1 when the kernel path is on (`--kernel-forward on` and the kernel took it).
     pub kernel_forwarding: Gauge,
+    /// 1 when UDP service ports are balanced by the kernel (`--udp-kernel`, and it took it).
+    pub udp_kernel: Gauge,
 }
 
 /// One service port's counters (standalone, not registered, when made by `Default`: tests).
@@ -189,6 +191,11 @@ impl Metrics {
             "ambassador_kernel_forwarding",
             "1 when connections are forwarded in the kernel, 0 when relayed in user space",
             m.kernel_forwarding.clone(),
+        );
+        reg.register(
+            "ambassador_udp_kernel_balancing",
+            "1 when UDP service ports are balanced by the kernel as sockets send (--udp-kernel)",
+            m.udp_kernel.clone(),
         );
         m
     }

@@ -94,6 +94,8 @@ pub struct Shared {
     pub sockets: runtime::handover::Sockets,
     /// The kernel path, when on and the kernel took the map and the program.
     pub(crate) kernel: Option<sockmap::KernelPath>,
+    /// UDP balanced by the kernel (`--udp-kernel`), when asked and the kernel took it.
+    pub udp_kernel: Option<crate::udp_kernel::KernelUdp>,
 }
 
 impl Shared {
@@ -118,6 +120,10 @@ impl Shared {
         let (steer, _) = tokio::sync::watch::channel(1);
         let kernel = kernel_path(&config);
         metrics.kernel_forwarding.set(i64::from(kernel.is_some()));
+        let udp_kernel = config.udp_kernel.as_deref().and_then(|cgroup| {
+            crate::udp_kernel::KernelUdp::start(cgroup, config.bind, config.links)
+        });
+        metrics.udp_kernel.set(i64::from(udp_kernel.is_some()));
         Arc::new(Self {
             config,
             routes,
@@ -139,6 +145,7 @@ impl Shared {
             access: tokio::sync::watch::channel(Arc::default()).0,
             sockets,
             kernel,
+            udp_kernel,
         })
     }
 
@@ -313,6 +320,7 @@ impl Shared {
                     "datagrams_down": s.stats.datagrams_down.get(),
                     "bytes_up": s.stats.bytes_up.get(),
                     "bytes_down": s.stats.bytes_down.get(),
+                    "kernel_sends": self.udp_kernel.as_ref().map(|k| k.sends(s.port)),
                     "drops": {
                         "no backend": s.stats.udp_drop_no_backend.get(),
                         "session limit": s.stats.udp_drop_limit.get(),
@@ -332,6 +340,7 @@ impl Shared {
             "services": services,
             "udp_services": udp,
             "udp_sessions": self.udp_sessions(),
+            "udp_kernel": self.udp_kernel.as_ref().map(|k| k.cgroup.display().to_string()),
             "links": match self.config.links {
                 crate::access::LinksMode::Enforced => "enforced",
                 crate::access::LinksMode::Open => "open",
@@ -631,6 +640,10 @@ async fn sync_routes(
             &shared.metrics,
         );
         debug!(services = routes.by_port.len(), "routes rebuilt");
+        if let Some(kernel) = &shared.udp_kernel {
+            let config = &shared.config;
+            kernel.sync(&routes, config.prefer_local.then_some(config.host.as_str()));
+        }
         shared.routes.send_replace(Arc::new(routes));
         if !shared.synced.swap(true, Ordering::Relaxed) {
             // Read from etcd: it answers.

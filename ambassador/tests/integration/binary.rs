@@ -129,6 +129,23 @@ fn without_docker0_and_bind_it_says_to_pass_bind() {
     );
 }
 
+/// `--udp-kernel` with a directory that is not a cgroup: exit 2, the value and what to pass.
+#[test]
+fn udp_kernel_outside_a_cgroup_is_refused_with_what_to_pass() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ambassador"))
+        .args(["--etcd", "http://127.0.0.1:1", "--bind", "127.0.0.1"])
+        .args(["--udp-kernel", "/tmp"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--udp-kernel \"/tmp\": not a cgroup directory")
+            && err.contains("pass host, a directory of the cgroup v2 hierarchy, or off"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_is_not_blamed_on_the_backend() {
     let echo = Echo::start().await;
@@ -356,9 +373,10 @@ async fn the_stats_record_is_leased_and_rewritten_every_5_s() {
     );
 }
 
-/// The kernel path's fallback: an ambassador without the capabilities `bpf()` needs (root with
+/// The kernel paths' fallback: an ambassador without the capabilities `bpf()` needs (root with
 /// CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN taken out of its bounding set by `setpriv`) says
-/// once why it relays in user space, shows it in `/metrics`, and serves.
+/// once why it relays in user space (and why UDP is not balanced by the kernel), shows it in
+/// `/metrics`, and serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_bpf_rights_it_says_why_once_and_relays_in_user_space() {
     let echo = Echo::start().await;
@@ -376,6 +394,8 @@ async fn without_bpf_rights_it_says_why_once_and_relays_in_user_space() {
             "default",
             "--kernel-forward-after",
             "0",
+            "--udp-kernel",
+            "host",
         ],
     );
     let limit = Duration::from_secs(20);
@@ -384,13 +404,19 @@ async fn without_bpf_rights_it_says_why_once_and_relays_in_user_space() {
         line.contains("relaying in user space") && line.contains("Operation not permitted"),
         "{line}"
     );
+    let line = amb.wait_log("--udp-kernel unavailable", limit);
+    assert!(
+        line.contains("UDP goes through this process") && line.contains("Operation not permitted"),
+        "{line}"
+    );
     amb.wait_log(&format!("listening on addr=127.0.0.1:{port}"), limit);
     for _ in 0..3 {
         assert_eq!(who(([127, 0, 0, 1], port).into()).await.unwrap(), "b0");
     }
     let (_, metrics) = http_get(&admin, "/metrics");
     assert!(
-        metrics.contains("ambassador_kernel_forwarding 0"),
+        metrics.contains("ambassador_kernel_forwarding 0")
+            && metrics.contains("ambassador_udp_kernel_balancing 0"),
         "{metrics}"
     );
     let forwarded: Vec<_> = metrics

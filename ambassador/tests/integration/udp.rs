@@ -444,3 +444,110 @@ async fn dig_through_the_ambassador_to_dnsmasq() {
     assert_eq!(answer, "10.1.2.3");
     drop(child);
 }
+
+/// Python in `cgroup`: 20 sockets, each sending 5 datagrams to `to` and reading the answers;
+/// a line per socket: the backends that answered it and where the answers came from.
+async fn kernel_clients(cgroup: &testkit::cgroup::Cgroup, to: SocketAddr) -> Vec<String> {
+    let script = format!(
+        "import socket\n\
+         for i in range(20):\n    \
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    \
+             s.settimeout(3)\n    \
+             names, sources = set(), set()\n    \
+             for j in range(5):\n        \
+                 s.sendto(b'k%d' % j, ('{ip}', {port}))\n        \
+                 data, src = s.recvfrom(64)\n        \
+                 names.add(data.decode().split('|')[0])\n        \
+                 sources.add('%s:%d' % src)\n    \
+             print(','.join(sorted(names)), ','.join(sorted(sources)))\n",
+        ip = to.ip(),
+        port = to.port()
+    );
+    let mut command = cgroup.command("python3");
+    command.arg("-c").arg(script);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `--udp-kernel`: a process in the cgroup sends straight to the backends (the kernel
+/// rewrites its datagrams; each socket keeps one backend; the answers come from the
+/// ambassador's address), counted in `/state` as kernel sends and not as datagrams through
+/// this process; a process outside the cgroup still goes through the socket; a withdrawn
+/// backend is no longer chosen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_kernel_balances_the_cgroup_and_follows_the_endpoints() {
+    let cgroup = testkit::cgroup::Cgroup::new("amb-udp");
+    let path = cgroup.path().to_owned();
+    let (etcd, echoes, amb, addr) = world(2, move |c| c.udp_kernel = Some(path)).await;
+    assert_eq!(
+        amb.shared.state_json()["udp_kernel"],
+        cgroup.path().display().to_string(),
+        "the kernel did not take the programs (see the log)"
+    );
+    assert!(
+        amb.shared
+            .metrics_text()
+            .contains("ambassador_udp_kernel_balancing 1")
+    );
+    let lines = kernel_clients(&cgroup, addr).await;
+    assert_eq!(lines.len(), 20, "{lines:?}");
+    for line in &lines {
+        let (names, sources) = line.split_once(' ').unwrap();
+        assert!(
+            names == "b0" || names == "b1",
+            "a socket changed backend: {line}"
+        );
+        assert_eq!(
+            sources,
+            addr.to_string(),
+            "an answer not from the service: {line}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.starts_with("b0")) && lines.iter().any(|l| l.starts_with("b1")),
+        "one backend took every socket: {lines:?}"
+    );
+    let s = state(&amb);
+    assert_eq!(s["kernel_sends"], 100, "{s}");
+    assert_eq!(s["datagrams_up"], 0, "went through this process: {s}");
+
+    // Outside the cgroup: through the ambassador's socket.
+    let c = client(addr).await;
+    assert!(ask(&c, b"outside", Duration::from_secs(2)).await.is_some());
+    let s = state(&amb);
+    assert_eq!(
+        (s["datagrams_up"].as_u64(), s["kernel_sends"].as_u64()),
+        (Some(1), Some(100))
+    );
+
+    // b0 withdrawn: every socket goes to b1.
+    let mut etcd_client = etcd.client().await;
+    let key = put_endpoint(&mut etcd_client, SP, "h0", 0, echoes[0].addr).await;
+    etcd_client.delete(key, None).await.unwrap();
+    eventually_async(Duration::from_secs(10), "b0 withdrawn", || {
+        let routes = amb.shared.routes();
+        ready(
+            routes
+                .udp_by_port
+                .get(&addr.port())
+                .is_some_and(|s| s.backends.len() == 1)
+                .then_some(()),
+        )
+    })
+    .await;
+    let lines = kernel_clients(&cgroup, addr).await;
+    assert!(
+        lines.iter().all(|l| l.starts_with("b1 ")),
+        "a withdrawn backend chosen: {lines:?}"
+    );
+}
