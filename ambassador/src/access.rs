@@ -34,6 +34,8 @@ pub struct Source {
     pub name: String,
     /// The services it may reach.
     pub allowed: HashSet<ServiceId>,
+    /// Its network namespace's cookie, when the registrator could read it.
+    pub netns: Option<u64>,
 }
 
 /// What to do with a new connection.
@@ -97,12 +99,22 @@ impl Access {
             let source = Arc::new(Source {
                 name: record.name.clone(),
                 allowed,
+                netns: record.netns_cookie,
             });
             for addr in record.addrs.iter().filter_map(|a| a.parse().ok()) {
                 by_addr.insert(addr, source.clone());
             }
         }
         Access { by_addr, local }
+    }
+
+    /// Every container with a known network namespace, once each: (its namespace's cookie,
+    /// what it may reach).
+    pub fn namespaces(&self) -> BTreeMap<u64, &HashSet<ServiceId>> {
+        self.by_addr
+            .values()
+            .filter_map(|s| Some((s.netns?, &s.allowed)))
+            .collect()
     }
 
     /// Whether a connection from `addr` to `service` is accepted.
@@ -188,6 +200,7 @@ mod tests {
                 addrs: vec![addr.into()],
                 links_label: label.iter().map(|s| (*s).to_owned()).collect(),
                 name: format!("{stack}-{job}"),
+                netns_cookie: None,
             })
         };
         let containers = BTreeMap::from([

@@ -120,9 +120,10 @@ impl Shared {
         let (steer, _) = tokio::sync::watch::channel(1);
         let kernel = kernel_path(&config);
         metrics.kernel_forwarding.set(i64::from(kernel.is_some()));
-        let udp_kernel = config.udp_kernel.as_deref().and_then(|cgroup| {
-            crate::udp_kernel::KernelUdp::start(cgroup, config.bind, config.links)
-        });
+        let udp_kernel = config
+            .udp_kernel
+            .as_deref()
+            .and_then(|cgroup| crate::udp_kernel::KernelUdp::start(cgroup, config.bind));
         metrics.udp_kernel.set(i64::from(udp_kernel.is_some()));
         Arc::new(Self {
             config,
@@ -320,7 +321,11 @@ impl Shared {
                     "datagrams_down": s.stats.datagrams_down.get(),
                     "bytes_up": s.stats.bytes_up.get(),
                     "bytes_down": s.stats.bytes_down.get(),
-                    "kernel_sends": self.udp_kernel.as_ref().map(|k| k.sends(s.port)),
+                    "kernel": self.udp_kernel.as_ref().and_then(|k| k.service_state(s.port)).map(
+                        |(sends, backends, senders)| serde_json::json!({
+                            "sends": sends, "backends": backends, "senders": senders,
+                        }),
+                    ),
                     "drops": {
                         "no backend": s.stats.udp_drop_no_backend.get(),
                         "session limit": s.stats.udp_drop_limit.get(),
@@ -580,6 +585,9 @@ async fn sync_access(
         );
         debug!(containers = access.len(), "access table rebuilt");
         shared.access.send_replace(Arc::new(access));
+        if let Some(kernel) = &shared.udp_kernel {
+            kernel.sync(&shared);
+        }
     }
 }
 
@@ -640,11 +648,10 @@ async fn sync_routes(
             &shared.metrics,
         );
         debug!(services = routes.by_port.len(), "routes rebuilt");
-        if let Some(kernel) = &shared.udp_kernel {
-            let config = &shared.config;
-            kernel.sync(&routes, config.prefer_local.then_some(config.host.as_str()));
-        }
         shared.routes.send_replace(Arc::new(routes));
+        if let Some(kernel) = &shared.udp_kernel {
+            kernel.sync(&shared);
+        }
         if !shared.synced.swap(true, Ordering::Relaxed) {
             // Read from etcd: it answers.
             shared.set_etcd_answering(true);

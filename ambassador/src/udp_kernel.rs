@@ -5,10 +5,12 @@
 //! this process, no session of its own. What user space keeps is the list: each UDP
 //! service's backends, written into the kernel's map on every change of the routes.
 //!
-//! Who is balanced: with `--links enforced`, only processes of this host's own network
-//! namespace (operators, host daemons), which the link check accepts anyway; a container
-//! has a namespace of its own, its datagrams reach the ambassador's socket and the check
-//! (`crate::udp`). With `--links open`, every process in the cgroup, containers included.
+//! Who is balanced, by the sender's network namespace: with `--links enforced`, this host's
+//! own (operators, host daemons: the link check accepts them anyway) and each container's
+//! whose links allow the service (the registrator publishes the namespace's cookie in the
+//! container's record; the access table has it). Any other container's datagrams still reach
+//! the ambassador's socket and its check (`crate::udp`). With `--links open`, every process
+//! in the cgroup.
 //!
 //! What this path does not do, which the socket path does: sessions and their idle timeout
 //! and limit, per-datagram byte counts (only sends are counted), and the move of a client
@@ -25,24 +27,24 @@ use std::time::Instant;
 use sockmap::balance::{Balancer, Senders};
 use tracing::{info, warn};
 
-use crate::routes::Routes;
-
-/// The balancer and what it was last given, by ambassador port.
+/// The balancer and what it was last given, by ambassador port and senders.
 pub struct KernelUdp {
     balancer: Balancer,
-    senders: Senders,
+    /// This process's network namespace: the host's own processes.
+    own_netns: u64,
     bind: Ipv4Addr,
     pub cgroup: PathBuf,
-    installed: Mutex<BTreeMap<u16, Vec<SocketAddrV4>>>,
+    installed: Mutex<BTreeMap<(u16, Senders), Vec<SocketAddrV4>>>,
 }
 
-/// Services the maps hold at most (UDP service ports of this cluster).
-const SERVICES: u32 = 16_384;
+/// Entries the maps hold at most: a UDP service port for each sender namespace that may
+/// reach it.
+const ENTRIES: u32 = 65_536;
 
 impl KernelUdp {
     /// Attaches to `cgroup`; `None` (with one warning saying why) when the kernel refuses,
     /// and the socket path serves every datagram.
-    pub fn start(cgroup: &Path, bind: IpAddr, links: crate::access::LinksMode) -> Option<Self> {
+    pub fn start(cgroup: &Path, bind: IpAddr) -> Option<Self> {
         let IpAddr::V4(bind) = bind else {
             warn!(
                 %bind,
@@ -50,28 +52,24 @@ impl KernelUdp {
             );
             return None;
         };
-        let senders = match links {
-            crate::access::LinksMode::Open => Senders::Any,
-            crate::access::LinksMode::Enforced => match sockmap::balance::own_netns_cookie() {
-                Ok(cookie) => Senders::Namespace(cookie),
-                Err(e) => {
-                    warn!(
-                        "--udp-kernel: cannot read this network namespace's cookie ({e}); UDP goes through this process"
-                    );
-                    return None;
-                }
-            },
+        let own_netns = match sockmap::balance::own_netns_cookie() {
+            Ok(cookie) => cookie,
+            Err(e) => {
+                warn!(
+                    "--udp-kernel unavailable, UDP goes through this process: cannot read this network namespace's cookie: {e} (needs Linux 5.14 or later)"
+                );
+                return None;
+            }
         };
-        match Balancer::attach(cgroup, SERVICES) {
+        match Balancer::attach(cgroup, ENTRIES) {
             Ok(balancer) => {
                 info!(
                     cgroup = %cgroup.display(),
-                    containers = senders == Senders::Any,
                     "UDP service ports balanced by the kernel as sockets send"
                 );
                 Some(KernelUdp {
                     balancer,
-                    senders,
+                    own_netns,
                     bind,
                     cgroup: cgroup.to_owned(),
                     installed: Mutex::default(),
@@ -80,67 +78,79 @@ impl KernelUdp {
             Err(why) => {
                 warn!(
                     "--udp-kernel unavailable, UDP goes through this process: {why} (needs \
-                     CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN, Linux 5.8 or later, and a cgroup \
-                     v2 directory)"
+                     CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN, Linux 5.14 or later, and a \
+                     cgroup v2 directory)"
                 );
                 None
             }
         }
     }
 
-    /// Writes each UDP service's backends into the kernel's map, as the socket path would
-    /// choose among them (healthy ones, this host's first with `local`), IPv4 only; a
-    /// service with none, or gone, is taken out (its datagrams reach this process's socket).
-    pub fn sync(&self, routes: &Routes, local: Option<&str>) {
-        let now = Instant::now();
+    /// Writes into the kernel's map, for each UDP service, its backends as the socket path
+    /// would choose among them (healthy ones, this host's first with `--prefer-local`; IPv4
+    /// only) under every sender that may reach it: this host's own namespace, and each
+    /// container's namespace its links allow (`--links enforced`), or any namespace (`open`).
+    /// Only what changed is written; what is no longer wanted is taken out, and its datagrams
+    /// reach this process's socket (and its link check) again. Reads the current routes and
+    /// access table, so calls from either's change leave the latest of both.
+    pub fn sync(&self, shared: &crate::Shared) {
         let mut installed = self.installed.lock().expect("kernel UDP lock");
-        let mut wanted: BTreeMap<u16, Vec<SocketAddrV4>> = BTreeMap::new();
+        let (routes, access) = (shared.routes(), shared.access());
+        let config = &shared.config;
+        let local = config.prefer_local.then_some(config.host.as_str());
+        let namespaces = access.namespaces();
+        let now = Instant::now();
+        let mut wanted: BTreeMap<(u16, Senders), Vec<SocketAddrV4>> = BTreeMap::new();
         for (port, service) in &routes.udp_by_port {
-            let v4 = |b: &&std::sync::Arc<crate::routes::Backend>| match b.addr {
-                SocketAddr::V4(a) => Some(a),
-                SocketAddr::V6(_) => None,
-            };
-            let healthy: Vec<_> = service
-                .backends
-                .iter()
-                .filter(|b| !b.is_ejected(now))
-                .collect();
-            let pool = match local {
-                Some(host) if healthy.iter().any(|b| b.host == host) => {
-                    healthy.into_iter().filter(|b| b.host == host).collect()
-                }
-                _ if healthy.is_empty() => service.backends.iter().collect(),
-                _ => healthy,
-            };
-            let mut addrs: Vec<SocketAddrV4> = pool.iter().filter_map(v4).collect();
-            addrs.sort();
-            if !addrs.is_empty() {
-                wanted.insert(*port, addrs);
-            }
-        }
-        for port in installed.keys().copied().collect::<Vec<_>>() {
-            if !wanted.contains_key(&port) {
-                if let Err(e) = self.balancer.remove(self.service(port), self.senders) {
-                    warn!(
-                        port,
-                        "--udp-kernel: cannot take a service out of the kernel's map: {e}"
-                    );
-                }
-                installed.remove(&port);
-            }
-        }
-        for (port, addrs) in wanted {
-            if installed.get(&port) == Some(&addrs) {
+            let addrs = kernel_backends(service, local, now);
+            if addrs.is_empty() {
                 continue;
             }
-            match self.balancer.set(self.service(port), self.senders, &addrs) {
-                Ok(()) => {
-                    installed.insert(port, addrs);
+            let senders: Vec<Senders> = match config.links {
+                crate::access::LinksMode::Open => vec![Senders::Any],
+                crate::access::LinksMode::Enforced => {
+                    let id = &service.service_port.service;
+                    std::iter::once(self.own_netns)
+                        .chain(
+                            namespaces
+                                .iter()
+                                .filter(|(_, allowed)| allowed.contains(id))
+                                .map(|(netns, _)| *netns),
+                        )
+                        .map(Senders::Namespace)
+                        .collect()
                 }
-                Err(e) => warn!(
+            };
+            for s in senders {
+                wanted.insert((*port, s), addrs.clone());
+            }
+        }
+        installed.retain(|(port, senders), _| {
+            if wanted.contains_key(&(*port, *senders)) {
+                return true;
+            }
+            if let Err(e) = self.balancer.remove(self.service(*port), *senders) {
+                warn!(
                     port,
-                    "--udp-kernel: cannot write a service into the kernel's map: {e}"
-                ),
+                    "--udp-kernel: cannot take a service out of the kernel's map: {e}"
+                );
+            }
+            false
+        });
+        for (key, addrs) in wanted {
+            if installed.get(&key) == Some(&addrs) {
+                continue;
+            }
+            match self.balancer.set(self.service(key.0), key.1, &addrs) {
+                Ok(()) => {
+                    installed.insert(key, addrs);
+                }
+                Err(e) => {
+                    warn!(
+                        port = key.0,
+                        "--udp-kernel: cannot write a service into the kernel's map: {e}"
+                    );
+                }
             }
         }
     }
@@ -149,10 +159,52 @@ impl KernelUdp {
         SocketAddrV4::new(self.bind, port)
     }
 
-    /// Datagrams (and UDP connects) sent to the service on `port` that the kernel balanced.
-    pub fn sends(&self, port: u16) -> u64 {
-        self.balancer
-            .sent(self.service(port), self.senders)
-            .unwrap_or(0)
+    /// For `/state`: the service on `port` as the kernel has it: (sends balanced, summed over
+    /// its senders; backends; sender namespaces), or `None` when it is not in the map.
+    pub fn service_state(&self, port: u16) -> Option<(u64, usize, usize)> {
+        let installed = self.installed.lock().expect("kernel UDP lock");
+        let mut found = None;
+        for ((p, senders), addrs) in installed.range((port, Senders::Namespace(0))..) {
+            if *p != port {
+                break;
+            }
+            let sends = self
+                .balancer
+                .sent(self.service(port), *senders)
+                .unwrap_or(0);
+            let (total, _, n) = found.unwrap_or((0, 0, 0));
+            found = Some((total + sends, addrs.len(), n + 1));
+        }
+        found
     }
+}
+
+/// A service's backends for the kernel: the pool the socket path picks from (healthy ones,
+/// this host's first when `local`), IPv4 only, in a stable order.
+fn kernel_backends(
+    service: &crate::routes::Service,
+    local: Option<&str>,
+    now: Instant,
+) -> Vec<SocketAddrV4> {
+    let healthy: Vec<_> = service
+        .backends
+        .iter()
+        .filter(|b| !b.is_ejected(now))
+        .collect();
+    let pool: Vec<_> = match local {
+        Some(host) if healthy.iter().any(|b| b.host == host) => {
+            healthy.into_iter().filter(|b| b.host == host).collect()
+        }
+        _ if healthy.is_empty() => service.backends.iter().collect(),
+        _ => healthy,
+    };
+    let mut addrs: Vec<SocketAddrV4> = pool
+        .iter()
+        .filter_map(|b| match b.addr {
+            SocketAddr::V4(a) => Some(a),
+            SocketAddr::V6(_) => None,
+        })
+        .collect();
+    addrs.sort();
+    addrs
 }

@@ -67,6 +67,7 @@ fn table() -> (Access, IpAddr, ServiceId) {
             addrs: vec![format!("172.17.{}.{}", c / 250, 2 + c % 250)],
             links_label: Vec::new(),
             name: format!("app_j{}_{}", c % 100, c / 100),
+            netns_cookie: None,
         };
         let (k, v) = kv(
             format!("/viking/containers/h/{c:012x}"),

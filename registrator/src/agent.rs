@@ -438,6 +438,7 @@ impl Agent {
                     .map(str::to_owned)
                     .collect(),
                 name: c.name.clone(),
+                netns_cookie: c.netns_cookie,
             };
             let key = self
                 .config

@@ -157,6 +157,11 @@ fn from_inspect(r: ContainerInspectResponse) -> Option<Container> {
         paused: state.paused.unwrap_or(false),
         health,
         started_at: state.started_at.unwrap_or_default(),
+        netns_cookie: state
+            .pid
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|pid| *pid > 0 && state.running == Some(true))
+            .and_then(|pid| sockmap::balance::netns_cookie_of(pid).ok()),
     })
 }
 

@@ -40,6 +40,9 @@ pub struct Container {
     pub health: Health,
     /// When Docker started it (RFC 3339); the endpoint's `registered_at`.
     pub started_at: String,
+    /// Its network namespace's cookie, read when it was inspected running (`None` when it
+    /// could not be: not running, or this process may not enter the namespace).
+    pub netns_cookie: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,6 +418,7 @@ mod tests {
             paused: false,
             health: Health::None,
             started_at: "2026-11-22T10:00:00.123Z".into(),
+            netns_cookie: None,
         }
     }
 

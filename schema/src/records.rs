@@ -275,6 +275,10 @@ pub struct ContainerRecord {
     /// Its name, for logs.
     #[serde(default)]
     pub name: String,
+    /// The cookie of its network namespace (`SO_NETNS_COOKIE`): the ambassador's UDP
+    /// balanced by the kernel (`--udp-kernel`) tells a container's sends by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_cookie: Option<u64>,
 }
 
 /// `stats/<host>`: what the host's ambassador has carried, per service port (`stack/job:port/

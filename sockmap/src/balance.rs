@@ -244,7 +244,7 @@ pub struct Balancer {
 }
 
 /// Which senders a service is balanced for, by network namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Senders {
     /// Only sockets of this namespace (the one whose cookie is given).
     Namespace(u64),
@@ -367,8 +367,28 @@ impl Balancer {
 
 /// The cookie of this process's network namespace, as the programs see a sender's.
 pub fn own_netns_cookie() -> io::Result<u64> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let socket = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::DGRAM,
+        None,
+    )?;
     sys::netns_cookie(socket.as_fd())
+}
+
+/// The cookie of the network namespace of process `pid` (a container's first process), as
+/// the programs see its sockets': read from a socket made inside that namespace by a thread
+/// that moves there for the purpose and then ends (a namespace is per thread).
+pub fn netns_cookie_of(pid: u32) -> io::Result<u64> {
+    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                sys::setns_net(ns.as_fd())?;
+                own_netns_cookie()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    })
 }
 
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on a unified host,

@@ -1,7 +1,7 @@
 //! Every call into the kernel that Rust's safe wrappers do not offer: the `bpf()` system call
-//! (map create, lookup, update and delete, program load and attach, links) and the socket
+//! (map create, lookup, update and delete, program load and attach, links), the socket
 //! options and ioctls the kernel paths read (`SO_COOKIE`, `SO_NETNS_COOKIE`, `TCP_INFO`,
-//! `SIOCINQ`, `SIOCOUTQ`, `SO_RCVLOWAT`).
+//! `SIOCINQ`, `SIOCOUTQ`, `SO_RCVLOWAT`), and `setns` into a network namespace.
 //!
 //! Soundness, once for the whole module: every call passes either plain integers and a file
 //! descriptor borrowed for the call (`BorrowedFd`: open for at least as long as the call), or
@@ -282,6 +282,16 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut cookie = 0u64;
     getsockopt(fd, libc::SOL_SOCKET, 71, &mut cookie)?;
     Ok(cookie)
+}
+
+/// Moves the calling thread into the network namespace `ns` (an open `/proc/<pid>/ns/net`).
+pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: see the module comment; plain integers, the descriptor borrowed for the call.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// `SO_RCVLOWAT`; TCP sets it with `tcp_set_rcvlowat`, which also runs the socket's

@@ -1693,7 +1693,7 @@ async fn a_udp_service_on_another_host_answers_through_the_link() {
         .into_iter()
         .find(|p| Path::new(p).exists())
         .expect("dnsmasq: scripts/setup.sh installs dnsmasq-base");
-    let cluster = Cluster::start(&["a", "b"]).await;
+    let mut cluster = Cluster::start(&["a", "b"]).await;
     let dir = tempfile::tempdir().expect("dir");
     std::fs::create_dir_all(dir.path().join("udp")).expect("dir");
     std::fs::write(
@@ -1790,6 +1790,109 @@ async fn a_udp_service_on_another_host_answers_through_the_link() {
     let metrics = cluster
         .lan
         .ns("b")
+        .exec(&["curl", "-s", "http://127.0.0.1:9100/metrics"]);
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "ambassador_connections_refused_total{service=\"udp/dns:53/udp\",reason=\"not linked\"}"
+        ) && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    // `--udp-kernel host` on a: the linked client's queries go straight to b (the kernel
+    // rewrites them in the client's own namespace; a's ambassador counts them and carries
+    // none); a container that does not link still meets a's socket and is refused there.
+    cluster.host_mut("a").procs[2].kill();
+    // Through nsenter, not `ip netns exec`: that mounts a sysfs of its own over /sys, which
+    // hides the cgroup hierarchy the programs attach to.
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net={}", cluster.lan.ns("a").path().display()))
+        .arg(testkit::workspace_bin("ambassador"))
+        .args(ambassador_args(
+            &cluster.endpoints,
+            "a",
+            &["--udp-kernel", "host"],
+        ));
+    let kernel = Daemon::spawn_command("ambassador on a", command);
+    let dns_state = || -> Option<serde_json::Value> {
+        // Fails while the ambassador starts: `None`, asked again.
+        let out = cluster
+            .lan
+            .ns("a")
+            .command("curl")
+            .args(["-fs", "-m", "2", "http://127.0.0.1:9100/state"])
+            .output()
+            .ok()?;
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        state["udp_services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["service_port"] == "udp/dns:53/udp")
+            .cloned()
+    };
+    let before = testkit::eventually(
+        Duration::from_secs(20),
+        "the host's and the client's namespaces in a's kernel map",
+        || match dns_state() {
+            Some(s) if s["kernel"]["senders"].as_u64() >= Some(2) => Ok(s),
+            other => Err(format!(
+                "a's state of udp/dns: {other:?}; its log:\n{}",
+                kernel.log()
+            )),
+        },
+    );
+    let out = docker::docker(
+        Some(&cluster.host("a").dockerd.host()),
+        &[
+            "exec",
+            &client,
+            "sh",
+            "-c",
+            "nslookup viking.test $DNS_PORT_53_UDP_ADDR:$DNS_PORT_53_UDP_PORT",
+        ],
+    );
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.contains("10.1.2.3"),
+        "through the kernel: {out}\n{}\n{}",
+        dns_state().map(|s| s.to_string()).unwrap_or_default(),
+        kernel.log()
+    );
+    let after = dns_state().expect("a's state");
+    assert!(
+        after["kernel"]["sends"].as_u64() > before["kernel"]["sends"].as_u64(),
+        "not balanced by the kernel: {before} -> {after}"
+    );
+    assert_eq!(
+        after["datagrams_up"], before["datagrams_up"],
+        "went through a's ambassador"
+    );
+    let unlinked = docker::docker(
+        Some(&cluster.host("a").dockerd.host()),
+        &[
+            "run",
+            "--rm",
+            "--label",
+            "viking.test=1",
+            docker::IMAGE,
+            "timeout",
+            "5",
+            "nslookup",
+            "viking.test",
+            &format!("172.17.0.1:{port_a}"),
+        ],
+    );
+    assert!(
+        !String::from_utf8_lossy(&unlinked.stdout).contains("10.1.2.3"),
+        "a container that does not link got an answer on a"
+    );
+    let metrics = cluster
+        .lan
+        .ns("a")
         .exec(&["curl", "-s", "http://127.0.0.1:9100/metrics"]);
     assert!(
         metrics.lines().any(|l| l.starts_with(

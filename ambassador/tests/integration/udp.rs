@@ -445,6 +445,16 @@ async fn dig_through_the_ambassador_to_dnsmasq() {
     drop(child);
 }
 
+/// Waits until the kernel's map holds the UDP service with `n` backends.
+async fn kernel_backends(amb: &Amb, n: u64) {
+    eventually_async(
+        Duration::from_secs(10),
+        &format!("{n} backends in the kernel"),
+        || ready((state(amb)["kernel"]["backends"].as_u64() == Some(n)).then_some(())),
+    )
+    .await;
+}
+
 /// Python in `cgroup`: 20 sockets, each sending 5 datagrams to `to` and reading the answers;
 /// a line per socket: the backends that answered it and where the answers came from.
 async fn kernel_clients(cgroup: &testkit::cgroup::Cgroup, to: SocketAddr) -> Vec<String> {
@@ -499,6 +509,7 @@ async fn udp_kernel_balances_the_cgroup_and_follows_the_endpoints() {
             .metrics_text()
             .contains("ambassador_udp_kernel_balancing 1")
     );
+    kernel_backends(&amb, 2).await;
     let lines = kernel_clients(&cgroup, addr).await;
     assert_eq!(lines.len(), 20, "{lines:?}");
     for line in &lines {
@@ -518,7 +529,11 @@ async fn udp_kernel_balances_the_cgroup_and_follows_the_endpoints() {
         "one backend took every socket: {lines:?}"
     );
     let s = state(&amb);
-    assert_eq!(s["kernel_sends"], 100, "{s}");
+    assert_eq!(s["kernel"]["sends"], 100, "{s}");
+    assert_eq!(
+        s["kernel"]["senders"], 1,
+        "this host's namespace alone: {s}"
+    );
     assert_eq!(s["datagrams_up"], 0, "went through this process: {s}");
 
     // Outside the cgroup: through the ambassador's socket.
@@ -526,7 +541,7 @@ async fn udp_kernel_balances_the_cgroup_and_follows_the_endpoints() {
     assert!(ask(&c, b"outside", Duration::from_secs(2)).await.is_some());
     let s = state(&amb);
     assert_eq!(
-        (s["datagrams_up"].as_u64(), s["kernel_sends"].as_u64()),
+        (s["datagrams_up"].as_u64(), s["kernel"]["sends"].as_u64()),
         (Some(1), Some(100))
     );
 
@@ -534,17 +549,7 @@ async fn udp_kernel_balances_the_cgroup_and_follows_the_endpoints() {
     let mut etcd_client = etcd.client().await;
     let key = put_endpoint(&mut etcd_client, SP, "h0", 0, echoes[0].addr).await;
     etcd_client.delete(key, None).await.unwrap();
-    eventually_async(Duration::from_secs(10), "b0 withdrawn", || {
-        let routes = amb.shared.routes();
-        ready(
-            routes
-                .udp_by_port
-                .get(&addr.port())
-                .is_some_and(|s| s.backends.len() == 1)
-                .then_some(()),
-        )
-    })
-    .await;
+    kernel_backends(&amb, 1).await;
     let lines = kernel_clients(&cgroup, addr).await;
     assert!(
         lines.iter().all(|l| l.starts_with("b1 ")),

@@ -276,3 +276,35 @@ async fn a_service_name_claim_on_a_deployed_service_is_refused_with_a_warning() 
     })
     .await;
 }
+
+/// A running container's record (`containers/<host>/<id12>`, link-scoped access) carries its
+/// addresses and its network namespace's cookie, the one its sockets have (the ambassador's
+/// UDP balanced by the kernel tells its sends by it).
+#[tokio::test]
+async fn a_container_record_carries_its_network_namespace() {
+    let s = Scene::start(&[]).await;
+    let c = s.web("web", &[]);
+    let pid: u32 = docker_ok(None, &["inspect", "-f", "{{.State.Pid}}", c.id()])
+        .parse()
+        .expect("pid");
+    let expected = sockmap::balance::netns_cookie_of(pid).expect("the container's namespace");
+    assert_ne!(
+        expected,
+        sockmap::balance::own_netns_cookie().unwrap(),
+        "the container has a namespace of its own"
+    );
+    let key = format!("/viking/containers/node-a/{}", c.short_id());
+    let kv = s.client.kv_client();
+    let record: schema::records::ContainerRecord =
+        testkit::eventually_async(Duration::from_secs(5), "the container record", || {
+            let (mut kv, key) = (kv.clone(), key.clone());
+            async move {
+                let resp = kv.get(key.as_str(), None).await.ok()?;
+                let value = resp.kvs().first()?.value().to_vec();
+                serde_json::from_slice(&value).ok()
+            }
+        })
+        .await;
+    assert_eq!(record.netns_cookie, Some(expected), "{record:?}");
+    assert_eq!(record.addrs, vec![c.ip()], "{record:?}");
+}
