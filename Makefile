@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs:
 #   make up     the main job on this host (a local etcd started for you)
 #   make test   install what is missing, then fmt, clippy and every test
-.PHONY: up test setup fmt lint unit install bench bench-grid bench-proxy bench-udp bench-registrator bench-locknet bench-dns bench-multihost bench-router bench-upgrade bench-ui
+.PHONY: up test setup fmt lint unit install bench bench-grid bench-proxy bench-udp bench-access bench-registrator bench-locknet bench-dns bench-multihost bench-router bench-upgrade bench-ui
 
 CARGO ?= cargo
 
@@ -33,6 +33,9 @@ bench-grid: setup
 
 bench-udp: setup
 	bash benches/udp/harness.sh
+
+bench-access: setup
+	bash benches/access/harness.sh
 
 bench-registrator: setup
 	$(CARGO) bench -p viking-benches --bench registrator
