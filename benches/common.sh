@@ -39,6 +39,26 @@ rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 hz=$(getconf CLK_TCK)
 
+# start_nginx: nginx (one worker) serving a 1 KiB small.txt on 127.0.0.1:$NGINX (set here).
+start_nginx() {
+  NGINX=$(free_port)
+  mkdir -p "$work/www"
+  # nginx's workers run as nobody: they must get through the (0700) work dir to the file.
+  chmod 711 "$work"; chmod 755 "$work/www"
+  head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/small.txt"
+  cat >"$work/nginx.conf" <<CONF
+daemon off;
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx.err warn;
+events { worker_connections 8192; }
+http { access_log off; server { listen 127.0.0.1:$NGINX backlog=4096; root $work/www; } }
+CONF
+  nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
+  pids+=($!)
+  wait_port "$NGINX"
+}
+
 # A private etcd on a free loopback port: sets ETCD_PORT and defines ctl (etcdctl).
 start_etcd() {
   ETCD_PORT=$(free_port)

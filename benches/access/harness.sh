@@ -30,20 +30,7 @@ ip link set "$HOSTSIDE" up
 ip netns exec "$NS" ip addr add 10.213.77.2/24 dev eth0
 ip netns exec "$NS" ip link set eth0 up; ip netns exec "$NS" ip link set lo up
 
-NGINX=$(free_port)
-mkdir -p "$work/www"; chmod 711 "$work"; chmod 755 "$work/www"
-head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/small.txt"
-cat >"$work/nginx.conf" <<NGINX
-daemon off;
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx.err warn;
-events { worker_connections 8192; }
-http { access_log off; server { listen 127.0.0.1:$NGINX backlog=4096; root $work/www; } }
-NGINX
-nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
-pids+=($!)
-wait_port "$NGINX"
+start_nginx
 
 PORT=$(free_port)
 ctl put /viking/ports/alloc/bench/web/80-tcp "{\"v\":1,\"port\":$PORT}"

@@ -19,21 +19,7 @@ cargo build --release -q -p ambassador
 AMB=target/release/ambassador
 
 start_etcd
-NGINX=$(free_port)
-mkdir -p "$work/www"
-chmod 711 "$work"; chmod 755 "$work/www"
-head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/small.txt"
-cat >"$work/nginx.conf" <<CONF
-daemon off;
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx.err warn;
-events { worker_connections 8192; }
-http { access_log off; server { listen 127.0.0.1:$NGINX backlog=4096; root $work/www; } }
-CONF
-nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
-pids+=($!)
-wait_port "$NGINX"
+start_nginx
 
 PORT=$(free_port); ADMIN=$(free_port)
 ctl put /viking/ports/alloc/bench/nginx/80-tcp "{\"v\":1,\"port\":$PORT}"

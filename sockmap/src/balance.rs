@@ -90,6 +90,13 @@ impl Asm {
         self.insns.push(0);
         self
     }
+    /// `r0 = bpf_map_lookup_elem(map, r10 + key)`: the key on the stack at `key`.
+    fn lookup(&mut self, map: &Map, key: i32) -> &mut Self {
+        self.map(1, map)
+            .op(MOV64_REG, 2, 10, 0, 0)
+            .op(ADD64_IMM, 2, 0, 0, key)
+            .op(CALL, 0, 0, 0, FUNC_MAP_LOOKUP)
+    }
     fn place(&mut self, name: &'static str) -> &mut Self {
         self.places.push((name, self.insns.len()));
         self
@@ -134,17 +141,11 @@ fn forward(services: &Map, reverse: &Map, sent: &Map) -> Vec<u64> {
         .op(MOV64_REG, 1, 6, 0, 0)
         .op(CALL, 0, 0, 0, FUNC_GET_NETNS_COOKIE)
         .op(STX_DW, 10, 0, -8, 0)
-        .map(1, services)
-        .op(MOV64_REG, 2, 10, 0, 0)
-        .op(ADD64_IMM, 2, 0, 0, -16)
-        .op(CALL, 0, 0, 0, FUNC_MAP_LOOKUP)
+        .lookup(services, -16)
         .jump(JNE_IMM, 0, 0, "found")
         // Not under this namespace: under every namespace?
         .op(ST_DW, 10, 0, -8, 0)
-        .map(1, services)
-        .op(MOV64_REG, 2, 10, 0, 0)
-        .op(ADD64_IMM, 2, 0, 0, -16)
-        .op(CALL, 0, 0, 0, FUNC_MAP_LOOKUP)
+        .lookup(services, -16)
         .jump(JEQ_IMM, 0, 0, "pass")
         .place("found")
         .op(MOV64_REG, 7, 0, 0, 0)
@@ -176,10 +177,7 @@ fn forward(services: &Map, reverse: &Map, sent: &Map) -> Vec<u64> {
         .op(ADD64_IMM, 3, 0, 0, -40)
         .op(MOV64_IMM, 4, 0, 0, 0)
         .op(CALL, 0, 0, 0, FUNC_MAP_UPDATE)
-        .map(1, sent)
-        .op(MOV64_REG, 2, 10, 0, 0)
-        .op(ADD64_IMM, 2, 0, 0, -16)
-        .op(CALL, 0, 0, 0, FUNC_MAP_LOOKUP)
+        .lookup(sent, -16)
         .jump(JEQ_IMM, 0, 0, "pass")
         .op(MOV64_IMM, 1, 0, 0, 1)
         .op(ATOMIC_ADD_DW, 0, 1, 0, 0)
@@ -209,10 +207,7 @@ fn reverse(reverse: &Map) -> Vec<u64> {
         .op(STX_W, 10, 2, -8, 0)
         .op(LDX_W, 2, 6, CTX_USER_PORT, 0)
         .op(STX_W, 10, 2, -4, 0)
-        .map(1, reverse)
-        .op(MOV64_REG, 2, 10, 0, 0)
-        .op(ADD64_IMM, 2, 0, 0, -16)
-        .op(CALL, 0, 0, 0, FUNC_MAP_LOOKUP)
+        .lookup(reverse, -16)
         .jump(JEQ_IMM, 0, 0, "out")
         .op(LDX_W, 2, 0, 0, 0)
         .op(STX_W, 6, 2, CTX_USER_IP4, 0)
@@ -258,8 +253,10 @@ impl Balancer {
     /// error says which step failed and why (with the verifier's log for a program).
     pub fn attach(cgroup: &Path, services: u32) -> Result<Balancer, String> {
         let dir = File::open(cgroup).map_err(|e| format!("opening {}: {e}", cgroup.display()))?;
+        // The hashes grow as services are written (most of their places stay unused); the
+        // LRU hash cannot, and is small: 65,536 entries of 24 bytes.
         let map = |kind, key, value, entries, what: &str| {
-            Map::create(kind, key, value, entries)
+            Map::create(kind, key, value, entries, kind == MAP_TYPE_HASH)
                 .map_err(|e| format!("creating the {what} map failed: {e}"))
         };
         let service_map = map(

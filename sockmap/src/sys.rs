@@ -80,11 +80,24 @@ pub fn map_create(
     value_size: u32,
     max_entries: u32,
 ) -> io::Result<OwnedFd> {
+    map_create_with(map_type, key_size, value_size, max_entries, 0)
+}
+
+/// `BPF_MAP_CREATE` with `map_flags` (`BPF_F_NO_PREALLOC`: entries allocated as they are
+/// added, for a hash whose most entries are rarely used).
+fn map_create_with(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> io::Result<OwnedFd> {
     let mut attr = Attr::new();
     attr.u32(0, map_type)
         .u32(4, key_size)
         .u32(8, value_size)
-        .u32(12, max_entries);
+        .u32(12, max_entries)
+        .u32(16, flags);
     bpf(BPF_MAP_CREATE, &mut attr).map(owned)
 }
 
@@ -187,9 +200,17 @@ pub struct Map {
 }
 
 impl Map {
-    /// `BPF_MAP_CREATE` of a plain map.
-    pub fn create(map_type: u32, key: usize, value: usize, max_entries: u32) -> io::Result<Map> {
-        let fd = map_create(map_type, key as u32, value as u32, max_entries)?;
+    /// `BPF_MAP_CREATE` of a plain map; `grow`: its memory is taken as entries are added
+    /// (`BPF_F_NO_PREALLOC`), not all at once.
+    pub fn create(
+        map_type: u32,
+        key: usize,
+        value: usize,
+        max_entries: u32,
+        grow: bool,
+    ) -> io::Result<Map> {
+        let flags = if grow { 1 } else { 0 };
+        let fd = map_create_with(map_type, key as u32, value as u32, max_entries, flags)?;
         Ok(Map { fd, key, value })
     }
 

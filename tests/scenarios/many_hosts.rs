@@ -1787,16 +1787,7 @@ async fn a_udp_service_on_another_host_answers_through_the_link() {
         "a container that does not link got an answer"
     );
 
-    let metrics = cluster
-        .lan
-        .ns("b")
-        .exec(&["curl", "-s", "http://127.0.0.1:9100/metrics"]);
-    assert!(
-        metrics.lines().any(|l| l.starts_with(
-            "ambassador_connections_refused_total{service=\"udp/dns:53/udp\",reason=\"not linked\"}"
-        ) && !l.ends_with(" 0")),
-        "{metrics}"
-    );
+    assert_refused_udp_dns(&cluster, "b");
 
     // `--udp-kernel host` on a: the linked client's queries go straight to b (the kernel
     // rewrites them in the client's own namespace; a's ambassador counts them and carries
@@ -1890,9 +1881,14 @@ async fn a_udp_service_on_another_host_answers_through_the_link() {
         !String::from_utf8_lossy(&unlinked.stdout).contains("10.1.2.3"),
         "a container that does not link got an answer on a"
     );
+    assert_refused_udp_dns(&cluster, "a");
+}
+
+/// Fails unless `host`'s ambassador has refused a UDP session to `udp/dns` as not linked.
+fn assert_refused_udp_dns(cluster: &Cluster, host: &str) {
     let metrics = cluster
         .lan
-        .ns("a")
+        .ns(host)
         .exec(&["curl", "-s", "http://127.0.0.1:9100/metrics"]);
     assert!(
         metrics.lines().any(|l| l.starts_with(
