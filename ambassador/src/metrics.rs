@@ -57,6 +57,7 @@ pub struct Metrics {
     kernel_forwarded: Family<ServiceLabel, Counter>,
     kernel_refused: Family<ServiceLabel, Counter>,
     kernel_active: Family<ServiceLabel, Gauge>,
+    udp_kernel_sends: Family<ServiceLabel, Counter>,
     /// 1 when the kernel path is on (`--kernel-forward on` and the kernel took it).
     pub kernel_forwarding: Gauge,
     /// 1 when UDP service ports are balanced by the kernel (`--udp-kernel`, and it took it).
@@ -95,6 +96,9 @@ pub struct ServiceCounters {
     pub kernel_forwarded: Counter,
     pub kernel_refused: Counter,
     pub kernel_active: Gauge,
+    /// UDP: datagrams (and connects) the kernel balanced straight to a backend
+    /// (`--udp-kernel`), read from its map when `/metrics` is scraped.
+    pub udp_kernel_sends: Counter,
 }
 
 /// One backend's counters that `/metrics` shows too.
@@ -178,6 +182,11 @@ impl Metrics {
             m.kernel_forwarded.clone(),
         );
         reg.register(
+            "ambassador_udp_kernel_sends",
+            "UDP datagrams (and UDP connects) the kernel balanced straight to a backend (--udp-kernel)",
+            m.udp_kernel_sends.clone(),
+        );
+        reg.register(
             "ambassador_kernel_refused_connections",
             "Connections the kernel would not join, relayed in user space instead",
             m.kernel_refused.clone(),
@@ -240,6 +249,7 @@ impl Metrics {
             counters.udp_drop_no_backend = handle(&self.drops, &reason("no backend"));
             counters.udp_drop_limit = handle(&self.drops, &reason("session limit"));
             counters.udp_drop_send = handle(&self.drops, &reason("send error"));
+            counters.udp_kernel_sends = handle(&self.udp_kernel_sends, &label);
         }
         counters
     }
@@ -273,6 +283,7 @@ impl Metrics {
             &self.kernel_forwarded,
             &self.kernel_refused,
             &self.sessions,
+            &self.udp_kernel_sends,
         ] {
             counter.remove(&label);
         }

@@ -277,6 +277,9 @@ impl Shared {
 
     /// Prometheus text.
     pub fn metrics_text(&self) -> String {
+        if let Some(kernel) = &self.udp_kernel {
+            kernel.count(&self.routes());
+        }
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

@@ -34,7 +34,15 @@ pub struct KernelUdp {
     own_netns: u64,
     bind: Ipv4Addr,
     pub cgroup: PathBuf,
-    installed: Mutex<BTreeMap<(u16, Senders), Vec<SocketAddrV4>>>,
+    installed: Mutex<BTreeMap<(u16, Senders), Installed>>,
+}
+
+/// One entry of the kernel's map as this process wrote it.
+#[derive(Debug, PartialEq, Eq)]
+struct Installed {
+    backends: Vec<SocketAddrV4>,
+    /// Its sends already added to the service's counter.
+    counted: u64,
 }
 
 /// Entries the maps hold at most: a UDP service port for each sender namespace that may
@@ -125,9 +133,13 @@ impl KernelUdp {
                 wanted.insert((*port, s), addrs.clone());
             }
         }
-        installed.retain(|(port, senders), _| {
+        installed.retain(|(port, senders), entry| {
             if wanted.contains_key(&(*port, *senders)) {
                 return true;
+            }
+            // Its last sends, counted before the entry (and its count) goes.
+            if let Some(service) = routes.udp_by_port.get(port) {
+                self.count_entry(*port, *senders, entry, &service.stats);
             }
             if let Err(e) = self.balancer.remove(self.service(*port), *senders) {
                 warn!(
@@ -138,12 +150,15 @@ impl KernelUdp {
             false
         });
         for (key, addrs) in wanted {
-            if installed.get(&key) == Some(&addrs) {
-                continue;
-            }
+            let counted = match installed.get(&key) {
+                Some(entry) if entry.backends == addrs => continue,
+                Some(entry) => entry.counted,
+                None => 0,
+            };
             match self.balancer.set(self.service(key.0), key.1, &addrs) {
                 Ok(()) => {
-                    installed.insert(key, addrs);
+                    let backends = addrs;
+                    installed.insert(key, Installed { backends, counted });
                 }
                 Err(e) => {
                     warn!(
@@ -159,12 +174,38 @@ impl KernelUdp {
         SocketAddrV4::new(self.bind, port)
     }
 
+    /// Adds the sends the kernel counted since the last call to each UDP service's
+    /// `udp_kernel_sends` (for `/metrics`).
+    pub fn count(&self, routes: &crate::routes::Routes) {
+        let mut installed = self.installed.lock().expect("kernel UDP lock");
+        for ((port, senders), entry) in installed.iter_mut() {
+            if let Some(service) = routes.udp_by_port.get(port) {
+                self.count_entry(*port, *senders, entry, &service.stats);
+            }
+        }
+    }
+
+    fn count_entry(
+        &self,
+        port: u16,
+        senders: Senders,
+        entry: &mut Installed,
+        stats: &crate::metrics::ServiceCounters,
+    ) {
+        if let Ok(sent) = self.balancer.sent(self.service(port), senders) {
+            stats
+                .udp_kernel_sends
+                .inc_by(sent.saturating_sub(entry.counted));
+            entry.counted = sent.max(entry.counted);
+        }
+    }
+
     /// For `/state`: the service on `port` as the kernel has it: (sends balanced, summed over
     /// its senders; backends; sender namespaces), or `None` when it is not in the map.
     pub fn service_state(&self, port: u16) -> Option<(u64, usize, usize)> {
         let installed = self.installed.lock().expect("kernel UDP lock");
         let mut found = None;
-        for ((p, senders), addrs) in installed.range((port, Senders::Namespace(0))..) {
+        for ((p, senders), entry) in installed.range((port, Senders::Namespace(0))..) {
             if *p != port {
                 break;
             }
@@ -173,7 +214,7 @@ impl KernelUdp {
                 .sent(self.service(port), *senders)
                 .unwrap_or(0);
             let (total, _, n) = found.unwrap_or((0, 0, 0));
-            found = Some((total + sends, addrs.len(), n + 1));
+            found = Some((total + sends, entry.backends.len(), n + 1));
         }
         found
     }

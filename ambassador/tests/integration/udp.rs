@@ -535,6 +535,13 @@ async fn udp_kernel_balances_the_cgroup_and_follows_the_endpoints() {
         "this host's namespace alone: {s}"
     );
     assert_eq!(s["datagrams_up"], 0, "went through this process: {s}");
+    let metrics = amb.shared.metrics_text();
+    assert!(
+        metrics.contains(&format!(
+            "ambassador_udp_kernel_sends_total{{service=\"{SP}\"}} 100\n"
+        )),
+        "{metrics}"
+    );
 
     // Outside the cgroup: through the ambassador's socket.
     let c = client(addr).await;
