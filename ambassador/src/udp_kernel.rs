@@ -3,7 +3,8 @@
 //! ambassador address (`<bind>:<port>`) leaves for one of the service's backends instead,
 //! and the backend's answer is seen as coming from the ambassador address: no hop through
 //! this process, no session of its own. What user space keeps is the list: each UDP
-//! service's backends, written into the kernel's map on every change of the routes.
+//! service's backends and who may send to it, written into the kernel's map on every change
+//! of the routes and of the access table.
 //!
 //! Who is balanced, by the sender's network namespace: with `--links enforced`, this host's
 //! own (operators, host daemons: the link check accepts them anyway) and each container's
