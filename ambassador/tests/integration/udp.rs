@@ -493,7 +493,7 @@ async fn kernel_clients(cgroup: &testkit::cgroup::Cgroup, to: SocketAddr) -> Vec
 /// rewrites its datagrams; each socket keeps one backend; the answers come from the
 /// ambassador's address), counted in `/state` as kernel sends and not as datagrams through
 /// this process; a process outside the cgroup still goes through the socket; a withdrawn
-/// backend is no longer chosen.
+/// backend is no longer chosen; with etcd away the last list keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_kernel_balances_the_cgroup_and_follows_the_endpoints() {
     let cgroup = testkit::cgroup::Cgroup::new("amb-udp");
@@ -561,5 +561,14 @@ async fn udp_kernel_balances_the_cgroup_and_follows_the_endpoints() {
     assert!(
         lines.iter().all(|l| l.starts_with("b1 ")),
         "a withdrawn backend chosen: {lines:?}"
+    );
+
+    // etcd away: the kernel keeps the last list.
+    let mut etcd = etcd;
+    etcd.stop();
+    let lines = kernel_clients(&cgroup, addr).await;
+    assert!(
+        lines.len() == 20 && lines.iter().all(|l| l.starts_with("b1 ")),
+        "with etcd away: {lines:?}"
     );
 }
