@@ -446,6 +446,9 @@ pub async fn run(
             sync_access(shared.clone(), containers_rx, stacks_rx).instrument(info_span!("access")),
         );
     }
+    if shared.udp_kernel.is_some() {
+        tokio::spawn(resync_udp_kernel(shared.clone(), background.clone()));
+    }
     let stats = tokio::spawn(crate::stats::publish(
         shared.clone(),
         client_for_probe.clone(),
@@ -589,6 +592,25 @@ async fn sync_access(
         debug!(containers = access.len(), "access table rebuilt");
         shared.access.send_replace(Arc::new(access));
         if let Some(kernel) = &shared.udp_kernel {
+            kernel.sync(&shared);
+        }
+    }
+}
+
+/// Writes the kernel's UDP list again every second besides on changes: an ejection (learned
+/// by the socket path) ends by time, with no change to trigger a write, and the backend it
+/// took out must come back. Writes only what differs.
+async fn resync_udp_kernel(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        if let Some(kernel) = &shared.udp_kernel
+            && shared.is_synced()
+        {
             kernel.sync(&shared);
         }
     }

@@ -492,8 +492,9 @@ async fn kernel_clients(cgroup: &testkit::cgroup::Cgroup, to: SocketAddr) -> Vec
 /// `--udp-kernel`: a process in the cgroup sends straight to the backends (the kernel
 /// rewrites its datagrams; each socket keeps one backend; the answers come from the
 /// ambassador's address), counted in `/state` as kernel sends and not as datagrams through
-/// this process; a process outside the cgroup still goes through the socket; a withdrawn
-/// backend is no longer chosen; with etcd away the last list keeps serving.
+/// this process; a process outside the cgroup still goes through the socket; an ejected
+/// backend leaves the list until its ejection ends; a withdrawn backend is no longer chosen;
+/// with etcd away the last list keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_kernel_balances_the_cgroup_and_follows_the_endpoints() {
     let cgroup = testkit::cgroup::Cgroup::new("amb-udp");
@@ -551,6 +552,25 @@ async fn udp_kernel_balances_the_cgroup_and_follows_the_endpoints() {
         (s["datagrams_up"].as_u64(), s["kernel"]["sends"].as_u64()),
         (Some(1), Some(100))
     );
+
+    // b0 ejected (as the socket path does after failed sends): out of the kernel's list
+    // within a second, and back once its ejection ends.
+    {
+        let routes = amb.shared.routes();
+        let b0 = routes.udp_by_port[&addr.port()]
+            .backends
+            .iter()
+            .find(|b| b.addr == echoes[0].addr)
+            .unwrap()
+            .clone();
+        let now = std::time::Instant::now();
+        for _ in 0..ambassador::routes::EJECT_AFTER {
+            b0.failed(now);
+        }
+        assert!(b0.is_ejected(now));
+    }
+    kernel_backends(&amb, 1).await;
+    kernel_backends(&amb, 2).await;
 
     // b0 withdrawn: every socket goes to b1.
     let mut etcd_client = etcd.client().await;
