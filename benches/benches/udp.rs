@@ -28,7 +28,16 @@ fn env(name: &str, default: u64) -> u64 {
 struct Proc(Child);
 
 impl Drop for Proc {
+    /// SIGTERM first, for up to 2 s: nginx's master stops its workers then, where a SIGKILL
+    /// would leave them running; SIGKILL after that.
     fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        for _ in 0..40 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
