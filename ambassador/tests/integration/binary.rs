@@ -34,7 +34,7 @@ async fn serves_admin_keeps_a_light_load_on_one_thread_and_drains_on_sigterm() {
         ..
     } = Echo::start().await;
     let mut args = loopback_args(&etcd, &admin, &run, &["--grace", "10s", "--threads", "2"]);
-    let dns: std::net::SocketAddr = ([127, 0, 0, 1], testkit::free_ports(1)[0]).into();
+    let dns: std::net::SocketAddr = ([127, 0, 0, 1], testkit::steady_ports(1)[0]).into();
     let at = args.iter().position(|a| a == "--dns").unwrap();
     args[at + 1] = dns.to_string();
     let mut amb = Daemon::spawn(env!("CARGO_BIN_EXE_ambassador"), &refs(&args));

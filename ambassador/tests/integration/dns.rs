@@ -12,9 +12,11 @@ use testkit::Etcd;
 
 use crate::{Amb, put_alloc, put_endpoint};
 
-/// An ambassador with DNS on a free loopback port.
+/// An ambassador with DNS on a free loopback port below the ephemeral range (`steady_ports`):
+/// DNS binds UDP and TCP, and a port from the ephemeral range can be taken meanwhile by any
+/// test's outgoing connection or unbound UDP socket (the TCP test here holds 257 of them).
 async fn start(etcd: &Etcd) -> (Amb, SocketAddr) {
-    let listen: SocketAddr = format!("127.0.0.1:{}", testkit::free_ports(1)[0])
+    let listen: SocketAddr = format!("127.0.0.1:{}", testkit::steady_ports(1)[0])
         .parse()
         .unwrap();
     let amb = Amb::start(etcd, |c| {

@@ -344,7 +344,7 @@ async fn udp_and_dns_answer_across_an_upgrade() {
     let port = put_alloc(&mut c, "shared/echo:7/udp").await;
     put_endpoint(&mut c, "shared/echo:7/udp", "h0", 0, echo.addr).await;
     let admin = format!("127.0.0.1:{}", testkit::free_ports(1)[0]);
-    let dns: SocketAddr = ([127, 0, 0, 1], testkit::free_ports(1)[0]).into();
+    let dns: SocketAddr = ([127, 0, 0, 1], testkit::steady_ports(1)[0]).into();
     let run = tempfile::tempdir().unwrap();
     let mut args = loopback_args(&etcd, &admin, &run, &["--threads", "2"]);
     let at = args.iter().position(|a| a == "--dns").unwrap();
