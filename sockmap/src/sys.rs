@@ -219,30 +219,31 @@ impl Map {
         self.fd.as_fd()
     }
 
-    /// `BPF_MAP_UPDATE_ELEM` with `flags` (`BPF_ANY` 0, `BPF_NOEXIST` 1, `BPF_EXIST` 2).
-    pub fn update(&self, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
-        assert!(
-            key.len() == self.key && value.len() == self.value,
-            "map entry size"
-        );
+    /// The attribute of an element command: this map, `key`, and the value's address and
+    /// length when the command has one. Both must be of the map's sizes (what the kernel
+    /// reads and writes through them).
+    fn elem(&self, key: &[u8], value: Option<(u64, usize)>) -> Attr {
+        assert!(key.len() == self.key, "map key size");
         let mut attr = Attr::new();
         attr.u32(0, self.fd.as_raw_fd() as u32)
-            .u64(8, key.as_ptr() as u64)
-            .u64(16, value.as_ptr() as u64)
-            .u64(24, flags);
+            .u64(8, key.as_ptr() as u64);
+        if let Some((at, len)) = value {
+            assert!(len == self.value, "map value size");
+            attr.u64(16, at);
+        }
+        attr
+    }
+
+    /// `BPF_MAP_UPDATE_ELEM` with `flags` (`BPF_ANY` 0, `BPF_NOEXIST` 1, `BPF_EXIST` 2).
+    pub fn update(&self, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+        let mut attr = self.elem(key, Some((value.as_ptr() as u64, value.len())));
+        attr.u64(24, flags);
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
     }
 
     /// `BPF_MAP_LOOKUP_ELEM` into `value`; false when `key` holds nothing.
     pub fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
-        assert!(
-            key.len() == self.key && value.len() == self.value,
-            "map entry size"
-        );
-        let mut attr = Attr::new();
-        attr.u32(0, self.fd.as_raw_fd() as u32)
-            .u64(8, key.as_ptr() as u64)
-            .u64(16, value.as_mut_ptr() as u64);
+        let mut attr = self.elem(key, Some((value.as_mut_ptr() as u64, value.len())));
         match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
             Ok(_) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
@@ -252,11 +253,7 @@ impl Map {
 
     /// `BPF_MAP_DELETE_ELEM`; a key that holds nothing is not an error.
     pub fn delete(&self, key: &[u8]) -> io::Result<()> {
-        assert!(key.len() == self.key, "map key size");
-        let mut attr = Attr::new();
-        attr.u32(0, self.fd.as_raw_fd() as u32)
-            .u64(8, key.as_ptr() as u64);
-        match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        match bpf(BPF_MAP_DELETE_ELEM, &mut self.elem(key, None)) {
             Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
             _ => Ok(()),
         }
