@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
-use crate::pool::Pool;
+use crate::pool::Pools;
 use crate::proxy::{AccessLog, Settings};
 use crate::server::{Limits, Serving};
 use crate::state::State;
@@ -329,7 +329,7 @@ pub async fn start_inheriting(
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         https_port: https_addr.map_or(443, |a| a.port()),
     };
-    let pool = Pool::new(args.backend_pool, args.backend_idle_timeout);
+    let pool = Pools::new(args.backend_pool, args.backend_idle_timeout);
     let state = State::new(prefix, settings, access_log, pool);
     let limits = Limits {
         head_timeout: args.head_timeout,

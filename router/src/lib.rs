@@ -5,7 +5,9 @@
 //!
 //! * [`table`]: domain -> route -> backends (exact name, then the longest wildcard); backends
 //!   chosen and ejected by the ambassador's own code (`ambassador::routes`).
-//! * [`proxy`]: one request: forwarding headers, retries, the router's own answers, WebSocket.
+//! * [`h1`]: HTTP/1.1 without hyper, the path almost every request takes.
+//! * [`proxy`]: one request through hyper (HTTP/2, and what `h1` hands over: WebSocket,
+//!   `Expect`, HTTP/1.0): forwarding headers, retries, the router's own answers.
 //! * [`pool`]: keep-alive connections to backends.
 //! * [`tls`]: certificates by SNI, from `--certs` and etcd, swapped without dropping anything.
 //! * [`server`]: listeners, limits, PROXY protocol, graceful shutdown.
@@ -15,6 +17,7 @@
 
 pub mod admin;
 pub mod daemon;
+pub mod h1;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -48,9 +48,9 @@ pub struct ConnInfo {
     /// It came over TLS (the `--https` listener).
     pub tls: bool,
     /// The client's address as `X-Forwarded-For` writes it.
-    client_ip: HeaderValue,
+    pub(crate) client_ip: HeaderValue,
     /// `for=<client>;proto=<proto>` of `Forwarded`.
-    forwarded_for: String,
+    pub(crate) forwarded_for: String,
     /// A request has come on this connection (a stop waits for the first: `server`).
     pub asked: AtomicBool,
     /// The tunnel of an upgraded connection, which the connection's task runs once hyper has
@@ -127,7 +127,7 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-fn idempotent(method: &Method) -> bool {
+pub(crate) fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -318,52 +318,29 @@ pub async fn handle(
             })
             .boxed_unsync()
     });
-    let mut tried: Vec<usize> = Vec::new();
-    let mut resent = false;
-    let mut last_error = StatusCode::BAD_GATEWAY;
-    let mut rng = fastrand::Rng::new();
-    // Each backend at most twice (a stale pooled connection, then a new one).
-    let mut attempts = route.backends.len() * 2 + 1;
-    let mut first = true;
+    let mut attempts = Attempts::new(&route, &host, retry_after_send);
     let result = loop {
-        if attempts == 0 {
-            break Err(last_error);
-        }
-        attempts -= 1;
-        if !std::mem::take(&mut first) {
-            counters.retries.inc();
-        }
-        let now = Instant::now();
-        let Some(i) = ambassador::routes::pick(&route.backends, &tried, None, now, &mut rng) else {
-            break Err(last_error);
+        let (i, backend) = match attempts.next() {
+            Ok(b) => b,
+            Err(status) => break Err(status),
         };
-        let backend = &route.backends[i];
-        let conn = match state.pool.checkout(backend.addr) {
-            Some(c) => c,
-            None => match pool::connect(backend.addr, state.settings.connect_timeout).await {
-                Ok(c) => {
-                    backend.connected();
-                    c
-                }
-                Err(e) => {
-                    debug!(backend = %backend.addr, domain = %host, error = %e, "connect failed");
-                    counters.connect_errors.inc();
-                    backend.failed(Instant::now());
-                    tried.push(i);
-                    last_error = if matches!(e, pool::ConnectError::Timeout) {
-                        StatusCode::GATEWAY_TIMEOUT
-                    } else {
-                        StatusCode::BAD_GATEWAY
-                    };
-                    continue;
-                }
-            },
+        let dial = async {
+            let c = pool::connect(backend.addr, state.settings.connect_timeout).await;
+            c.map(|c| c.sender)
+        };
+        let Some((sender, reused)) = attempts.connection(i, &state.pool.hyper, dial).await else {
+            continue;
+        };
+        let conn = Conn {
+            addr: backend.addr,
+            sender,
+            reused,
         };
         let Some(b) = body.take() else {
-            break Err(last_error);
+            break Err(attempts.last_error);
         };
         // Sent again only after a failure once sent: keep the headers for that.
-        let request = out.request(b, retry_after_send && !resent);
+        let request = out.request(b, attempts.may_resend());
         let mut conn = conn;
         let in_flight = InFlight::new(backend);
         let sent = tokio::time::timeout(
@@ -383,21 +360,15 @@ pub async fn handle(
                     let (parts, b) = r.into_parts();
                     out.headers = parts.headers;
                     body = Some(b);
-                    if !conn.reused {
-                        tried.push(i);
-                    }
+                    attempts.unsent(i, conn.reused);
                     continue;
                 }
                 debug!(backend = %backend.addr, domain = %host, error = %e.error(), "request failed");
-                counters.response_errors.inc();
-                last_error = StatusCode::BAD_GATEWAY;
-                if retry_after_send && !resent {
-                    resent = true;
-                    tried.push(i);
+                if attempts.sent_failed(i) {
                     body = Some(empty());
                     continue;
                 }
-                break Err(last_error);
+                break Err(attempts.last_error);
             }
             Err(_) => {
                 drop(in_flight);
@@ -492,6 +463,117 @@ pub async fn handle(
     ))
 }
 
+/// The retry rules of both paths (this module's and `h1`'s; see the module's head): which
+/// backend next, what each failure allows, and the status to answer when none is left.
+pub(crate) struct Attempts<'r> {
+    route: &'r Route,
+    host: &'r str,
+    tried: Vec<usize>,
+    retry_after_send: bool,
+    resent: bool,
+    /// What to answer when no backend is left: 502, or 504 after a connect timed out.
+    pub last_error: StatusCode,
+    rng: fastrand::Rng,
+    /// Each backend at most twice (a stale pooled connection, then a new one).
+    left: usize,
+    first: bool,
+}
+
+impl<'r> Attempts<'r> {
+    /// `retry_after_send`: the request may go again after it was sent (idempotent, no body).
+    pub(crate) fn new(route: &'r Route, host: &'r str, retry_after_send: bool) -> Self {
+        Self {
+            route,
+            host,
+            tried: Vec::new(),
+            retry_after_send,
+            resent: false,
+            last_error: StatusCode::BAD_GATEWAY,
+            rng: fastrand::Rng::new(),
+            left: route.backends.len() * 2 + 1,
+            first: true,
+        }
+    }
+
+    /// The next backend to try (each after the first counted as a retry), or the status to
+    /// answer.
+    pub(crate) fn next(
+        &mut self,
+    ) -> Result<(usize, &'r Arc<ambassador::routes::Backend>), StatusCode> {
+        if self.left == 0 {
+            return Err(self.last_error);
+        }
+        self.left -= 1;
+        if !std::mem::take(&mut self.first) {
+            self.route.counters.retries.inc();
+        }
+        let backends = &self.route.backends;
+        let now = Instant::now();
+        match ambassador::routes::pick(backends, &self.tried, None, now, &mut self.rng) {
+            Some(i) => Ok((i, &backends[i])),
+            None => Err(self.last_error),
+        }
+    }
+
+    /// A pooled connection to backend `i`, or a new one from `dial` (`true`: pooled). A failed
+    /// connect is counted and ejects the backend, as the ambassador does; `None` then.
+    pub(crate) async fn connection<T: pool::Pooled>(
+        &mut self,
+        i: usize,
+        pool: &pool::Pool<T>,
+        dial: impl Future<Output = Result<T, pool::ConnectError>>,
+    ) -> Option<(T, bool)> {
+        let backend = &self.route.backends[i];
+        if let Some(conn) = pool.checkout(backend.addr) {
+            return Some((conn, true));
+        }
+        match dial.await {
+            Ok(conn) => {
+                backend.connected();
+                Some((conn, false))
+            }
+            Err(e) => {
+                debug!(backend = %backend.addr, domain = %self.host, error = %e, "connect failed");
+                self.route.counters.connect_errors.inc();
+                backend.failed(Instant::now());
+                self.tried.push(i);
+                self.last_error = if matches!(e, pool::ConnectError::Timeout) {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                None
+            }
+        }
+    }
+
+    /// Nothing of the request left the router (a pooled connection the backend had closed):
+    /// it goes again, to backend `i` again only if that connection was pooled.
+    pub(crate) fn unsent(&mut self, i: usize, reused: bool) {
+        if !reused {
+            self.tried.push(i);
+        }
+    }
+
+    /// The request failed after it was sent, before any response byte: counted; whether it
+    /// goes again (once, to another backend).
+    pub(crate) fn sent_failed(&mut self, i: usize) -> bool {
+        self.route.counters.response_errors.inc();
+        self.last_error = StatusCode::BAD_GATEWAY;
+        if self.may_resend() {
+            self.resent = true;
+            self.tried.push(i);
+            return true;
+        }
+        false
+    }
+
+    /// A failure after sending would send it again.
+    pub(crate) fn may_resend(&self) -> bool {
+        self.retry_after_send && !self.resent
+    }
+}
+
 /// 308 to the same URL over HTTPS.
 fn redirect(state: &State, req: &Request<Incoming>, host: &str) -> Response<RespBody> {
     let port = match state.settings.https_port {
@@ -539,18 +621,18 @@ fn finish_own(
     counters.count(resp.status());
     counters.duration.observe(start.elapsed().as_secs_f64());
     if let Some(log) = &state.access_log {
-        log.write(&serde_json::json!({
-            "time": runtime::host::rfc3339_now(),
-            "client": info.client.to_string(),
-            "method": req.method.as_str(),
-            "host": host,
-            "path": req.path,
-            "proto": format!("{:?}", req.version),
-            "status": resp.status().as_u16(),
-            "bytes": resp.body().size_hint().exact().unwrap_or(0),
-            "duration_ms": start.elapsed().as_secs_f64() * 1000.0,
-            "backend": serde_json::Value::Null,
-        }));
+        log.entry(&Entry {
+            client: info.client,
+            method: req.method.as_str(),
+            host,
+            path: req.path,
+            version: req.version,
+            status: resp.status().as_u16(),
+            bytes: resp.body().size_hint().exact().unwrap_or(0),
+            start,
+            backend: None,
+            route: None,
+        });
     }
 }
 
@@ -569,10 +651,10 @@ struct LogLine {
 /// A request to a backend, counted in the backend's `active` (which the backend choice
 /// reads) for as long as this lives: until its response body or tunnel ends, or until its
 /// future is dropped because the client went away before the answer came.
-struct InFlight(Arc<ambassador::routes::Backend>);
+pub(crate) struct InFlight(pub(crate) Arc<ambassador::routes::Backend>);
 
 impl InFlight {
-    fn new(backend: &Arc<ambassador::routes::Backend>) -> Self {
+    pub(crate) fn new(backend: &Arc<ambassador::routes::Backend>) -> Self {
         backend.active.fetch_add(1, Ordering::Relaxed);
         Self(Arc::clone(backend))
     }
@@ -641,7 +723,9 @@ impl Tracked {
     /// The body ended: its connection may carry the next request.
     fn done(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.state.pool.checkin(conn);
+            if !conn.sender.is_closed() {
+                self.state.pool.hyper.checkin(conn.addr, conn.sender);
+            }
         }
     }
 }
@@ -650,21 +734,36 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         // A connection whose body was not read to its end is closed (dropped), not reused.
         if let (Some(log), Some(out)) = (&self.log, &self.state.access_log) {
-            out.write(&serde_json::json!({
-                "time": runtime::host::rfc3339_now(),
-                "client": log.client.to_string(),
-                "method": log.method.as_str(),
-                "host": log.host,
-                "path": log.uri.path(),
-                "proto": format!("{:?}", log.version),
-                "status": log.status.as_u16(),
-                "bytes": self.bytes,
-                "duration_ms": log.start.elapsed().as_secs_f64() * 1000.0,
-                "backend": log.backend.to_string(),
-                "route": self.route.domain.as_str(),
-            }));
+            out.entry(&Entry {
+                client: log.client,
+                method: log.method.as_str(),
+                host: &log.host,
+                path: log.uri.path(),
+                version: log.version,
+                status: log.status.as_u16(),
+                bytes: self.bytes,
+                start: log.start,
+                backend: Some(log.backend),
+                route: Some(self.route.domain.as_str()),
+            });
         }
     }
+}
+
+/// One request as the access log writes it.
+pub(crate) struct Entry<'a> {
+    pub client: SocketAddr,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub version: Version,
+    pub status: u16,
+    pub bytes: u64,
+    pub start: Instant,
+    /// `None`: the router's own answer.
+    pub backend: Option<SocketAddr>,
+    /// The route's domain (the pattern: `*.apps.test`), for a proxied request.
+    pub route: Option<&'a str>,
 }
 
 /// `--access-log`: one JSON object a line, to a file or stdout (`-`).
@@ -687,6 +786,26 @@ impl AccessLog {
         Ok(Self {
             out: std::sync::Mutex::new(out),
         })
+    }
+
+    /// Writes one request's line.
+    pub(crate) fn entry(&self, e: &Entry<'_>) {
+        let mut line = serde_json::json!({
+            "time": runtime::host::rfc3339_now(),
+            "client": e.client.to_string(),
+            "method": e.method,
+            "host": e.host,
+            "path": e.path,
+            "proto": format!("{:?}", e.version),
+            "status": e.status,
+            "bytes": e.bytes,
+            "duration_ms": e.start.elapsed().as_secs_f64() * 1000.0,
+            "backend": e.backend.map(|b| b.to_string()),
+        });
+        if let Some(route) = e.route {
+            line["route"] = route.into();
+        }
+        self.write(&line);
     }
 
     fn write(&self, line: &serde_json::Value) {

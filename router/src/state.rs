@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::pool::Pool;
+use crate::pool::Pools;
 use crate::proxy::{AccessLog, Settings};
 use crate::table::Table;
 use crate::tls::{self, CertStore, Loaded};
@@ -27,7 +27,7 @@ use crate::tls::{self, CertStore, Loaded};
 pub struct State {
     pub prefix: Prefix,
     table: tokio::sync::watch::Sender<Arc<Table>>,
-    pub pool: Pool,
+    pub pool: Pools,
     pub metrics: Metrics,
     pub settings: Settings,
     pub access_log: Option<AccessLog>,
@@ -48,7 +48,7 @@ impl State {
         prefix: Prefix,
         settings: Settings,
         access_log: Option<AccessLog>,
-        pool: Pool,
+        pool: Pools,
     ) -> Arc<Self> {
         Arc::new(Self {
             prefix,

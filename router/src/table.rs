@@ -149,15 +149,15 @@ impl Table {
 /// The host a request names, lower-case and without the port: `Host` (HTTP/1.1) or the
 /// URI's authority (HTTP/2, and absolute-form requests).
 pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.host().to_owned())
-        .or_else(|| {
-            let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
-            Some(strip_port(h).to_owned())
-        })?;
-    let host = raw.trim_end_matches('.').to_ascii_lowercase();
+    match req.uri().authority() {
+        Some(a) => host_name(a.host()),
+        None => host_name(req.headers().get(http::header::HOST)?.to_str().ok()?),
+    }
+}
+
+/// The name a `Host` value (or an authority) routes by: no port, no final dot, lower case.
+pub fn host_name(host: &str) -> Option<String> {
+    let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
     (!host.is_empty()).then_some(host)
 }
 

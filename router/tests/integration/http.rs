@@ -546,3 +546,238 @@ async fn a_streaming_response_is_counted_as_it_passes() {
         (router.metric(BYTES_OUT) == 66_536).then_some(())
     });
 }
+
+/// A backend written byte by byte, to see exactly what the router sends and to answer what
+/// hyper-made backends do not: `/echo` answers the request's body (with a length), `/chunked`
+/// a chunked body, `/nolength` a body without length ended by closing, `/204` and `/304`
+/// nothing. Every request head it reads is kept.
+struct RawBackend {
+    addr: std::net::SocketAddr,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RawBackend {
+    fn start() -> RawBackend {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        // Detached: the test process's end takes the thread and its listener.
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(s) = s else { return };
+                let seen = seen.clone();
+                std::thread::spawn(move || RawBackend::serve(s, &seen));
+            }
+        });
+        RawBackend { addr, heads }
+    }
+
+    fn serve(s: std::net::TcpStream, seen: &std::sync::Mutex<Vec<String>>) {
+        use std::io::BufRead;
+        let mut out = s.try_clone().unwrap();
+        let mut r = std::io::BufReader::new(s);
+        loop {
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            seen.lock().unwrap().push(head.clone());
+            let lower = head.to_ascii_lowercase();
+            let mut body = Vec::new();
+            if lower.contains("transfer-encoding: chunked") {
+                loop {
+                    let mut size = String::new();
+                    r.read_line(&mut size).unwrap();
+                    let size = size.split(';').next().unwrap().trim();
+                    let n = usize::from_str_radix(size, 16).unwrap();
+                    if n == 0 {
+                        // Trailer fields, to the blank line.
+                        let mut line = String::new();
+                        while r.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                            line.clear();
+                        }
+                        break;
+                    }
+                    let mut chunk = vec![0u8; n + 2];
+                    r.read_exact(&mut chunk).unwrap();
+                    body.extend_from_slice(&chunk[..n]);
+                }
+            } else if let Some(i) = lower.find("content-length: ") {
+                let n: usize = lower[i + 16..]
+                    .lines()
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                body = vec![0u8; n];
+                r.read_exact(&mut body).unwrap();
+            }
+            let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+            let head_only = head.starts_with("HEAD ");
+            let answer = match path.as_str() {
+                "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"
+                    .to_vec(),
+                "/nolength" => b"HTTP/1.1 200 OK\r\n\r\nuntil-close".to_vec(),
+                "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".to_vec(),
+                "/204" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                "/304" => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n".to_vec(),
+                _ => {
+                    let mut a = format!(
+                        "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    if !head_only {
+                        a.extend_from_slice(&body);
+                    }
+                    a
+                }
+            };
+            if out.write_all(&answer).is_err() || path == "/nolength" {
+                return;
+            }
+        }
+    }
+}
+
+/// Reads all a connection gives until it closes (10 s at most).
+fn read_all(s: &mut std::net::TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// HTTP/1.1 as clients and backends speak it, through the router's own path: requests
+/// pipelined in one write answered in order on one connection; a body with a length and a
+/// chunked one arrive whole; a chunked response, `HEAD`, 204 and 304 framed right; a response
+/// without length passed to its end with `Connection: close`; hop-by-hop fields (and the
+/// fields `Connection` names) not forwarded. And what the router leaves to hyper: HTTP/1.0,
+/// `Expect: 100-continue`. Bad heads: 400 and 431.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let b = RawBackend::start();
+    put_route(&mut c, "r.test", "r", false).await;
+    put_endpoint(&mut c, "r", 1, b.addr).await;
+    let router = Router::start(&etcd, &["--max-headers", "20"]);
+
+    let mut s = std::net::TcpStream::connect(router.http).unwrap();
+    let h = "Host: r.test\r\n";
+    let requests = [
+        format!("POST /echo HTTP/1.1\r\n{h}Content-Length: 5\r\n\r\nhello"),
+        format!(
+            "POST /echo HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n"
+        ),
+        format!("GET /chunked HTTP/1.1\r\n{h}\r\n"),
+        format!("HEAD /head HTTP/1.1\r\n{h}\r\n"),
+        format!("GET /204 HTTP/1.1\r\n{h}\r\n"),
+        format!("GET /304 HTTP/1.1\r\n{h}\r\n"),
+        format!(
+            "GET /hop HTTP/1.1\r\n{h}Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\n\
+             Keep-Alive: timeout=5\r\nTE: trailers\r\nX-Kept: 1\r\n\r\n"
+        ),
+        format!("GET /nolength HTTP/1.1\r\n{h}\r\n"),
+    ];
+    s.write_all(requests.concat().as_bytes()).unwrap();
+    let got = read_all(&mut s);
+    let expected = [
+        "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+        "HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello world",
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+        "HTTP/1.1 204 No Content\r\n\r\n",
+        "HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil-close",
+    ];
+    // Header names as the backend wrote them, compared without case; hop-by-hop ones gone.
+    assert_eq!(
+        got.to_ascii_lowercase(),
+        expected.concat().to_ascii_lowercase(),
+        "{got}"
+    );
+    let heads = b.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 8, "{heads:?}");
+    let hop = heads[6].to_ascii_lowercase();
+    assert!(hop.contains("x-kept: 1"), "{hop}");
+    for gone in ["connection:", "x-secret", "keep-alive", "te:"] {
+        assert!(!hop.contains(gone), "{gone} forwarded: {hop}");
+    }
+    assert!(
+        heads[1].contains("Transfer-Encoding: chunked"),
+        "{}",
+        heads[1]
+    );
+    assert_eq!(
+        router.metric("router_request_bytes_total{domain=\"r.test\"}"),
+        16
+    );
+
+    // HTTP/1.0 and Expect: served by hyper on the same connection's rest.
+    let mut s = std::net::TcpStream::connect(router.http).unwrap();
+    s.write_all(format!("GET /echo HTTP/1.0\r\n{h}\r\n").as_bytes())
+        .unwrap();
+    let got = read_all(&mut s);
+    assert!(got.starts_with("HTTP/1.0 200 OK\r\n"), "{got}");
+    let body = "x".repeat(5000);
+    let got = curl(&[
+        "-H",
+        "Host: r.test",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        &body,
+        &format!("http://{}/echo", router.http),
+    ]);
+    assert_eq!((got.status, got.body.len()), (200, 5000), "{}", got.body);
+
+    // Bad heads: refused, and the connection closed.
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: r.test\r\n");
+    for i in 0..25 {
+        many.push_str(&format!("X-{i}: 1\r\n"));
+    }
+    many.push_str("\r\n");
+    for (bad, status) in [
+        (many.as_str(), "431"),
+        (
+            "GET / HTTP/1.1\r\nHost: r.test\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "400",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: r.test\r\nContent-Length: 1, 2\r\n\r\n",
+            "400",
+        ),
+        ("GET / HTTP/1.1\r\n\r\n", "400"),
+        ("NOT HTTP\r\n\r\n", "400"),
+    ] {
+        let mut s = std::net::TcpStream::connect(router.http).unwrap();
+        s.write_all(bad.as_bytes()).unwrap();
+        let got = read_all(&mut s);
+        assert!(
+            got.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{bad:?}: {got}"
+        );
+        assert!(
+            got.to_ascii_lowercase().contains("connection: close"),
+            "{got}"
+        );
+    }
+    assert_eq!(
+        b.heads.lock().unwrap().len(),
+        10,
+        "a bad head reached the backend"
+    );
+}

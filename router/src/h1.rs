@@ -1,0 +1,1113 @@
+//! HTTP/1.1 between clients and backends without hyper: the path almost every request takes.
+//!
+//! The request head is parsed once (`httparse`) and the head for the backend written straight
+//! from it into one buffer; bodies pass through as they come, a chunked one as chunked (both
+//! sides speak HTTP/1.1), scanned only to find its end; backend connections are plain sockets
+//! in a pool. What hyper did per request besides (a header map built and taken apart, the
+//! hand-over to a task per backend connection, its buffers kept for the connection's life)
+//! was a third of the router's CPU per request and most of its memory per idle connection
+//! (docs/performance.md, "The router"). An idle connection here holds no buffer at all.
+//!
+//! The rules are those of [`crate::proxy`] (routes, the router's own answers, forwarding
+//! headers, retries, counters, the access log). What this path leaves to hyper, for the rest
+//! of the connection with the bytes read so far: HTTP/1.0 clients, `Expect`, `Upgrade`
+//! (WebSocket), `CONNECT`, and transfer codings other than `chunked`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use http::{Method, StatusCode, Version};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::metrics::RouteCounters;
+use crate::pool;
+use crate::proxy::{Attempts, ConnInfo, Entry, InFlight, idempotent};
+use crate::server::Serving;
+use crate::table::{Route, host_name};
+
+/// A client connection this path can serve: plain TCP or TLS.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Waits until a read would find something, with no buffer: an idle keep-alive
+    /// connection then holds none.
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl Stream for TcpStream {
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+/// rustls may hold decrypted bytes that the socket's readiness does not show: read at once.
+impl Stream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// How a connection's time with this path ended.
+pub enum Ended<S> {
+    Closed,
+    /// hyper serves the rest: the connection and the bytes read from it, not yet used.
+    Hyper(S, Vec<u8>),
+}
+
+/// How a message's body ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// A response without length: to the end of the backend's connection.
+    Close,
+}
+
+/// A request head, and the head the backend gets.
+struct Head {
+    /// Bytes of the head in the client's buffer.
+    len: usize,
+    method: Method,
+    /// The request target as the client sent it (origin form for the backend).
+    target: String,
+    host: String,
+    out: Vec<u8>,
+    body: Framing,
+    /// The client asked to close after this request.
+    close: bool,
+}
+
+enum Parsed {
+    Head(Head),
+    /// More bytes are needed.
+    Partial,
+    Hyper,
+    Refused(StatusCode, &'static str),
+}
+
+/// Hop-by-hop fields (RFC 9110 7.6.1), never forwarded; and the forwarding fields the router
+/// writes itself.
+const HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+const OURS: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+];
+
+fn is(name: &str, set: &[&str]) -> bool {
+    set.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+    std::str::from_utf8(value)
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Parses the head at the start of `buf` and writes the backend's head.
+fn parse(buf: &[u8], max_headers: usize, info: &ConnInfo) -> Parsed {
+    let mut stack = [httparse::EMPTY_HEADER; 100];
+    let mut heap;
+    let fields: &mut [httparse::Header<'_>] = if max_headers <= stack.len() {
+        &mut stack[..max_headers]
+    } else {
+        heap = vec![httparse::EMPTY_HEADER; max_headers];
+        &mut heap
+    };
+    let mut req = httparse::Request::new(fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Refused(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "The request has more header fields than this router takes.",
+            );
+        }
+        Err(_) => return Parsed::Refused(StatusCode::BAD_REQUEST, "The request is not HTTP."),
+    };
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Parsed::Refused(StatusCode::BAD_REQUEST, "The request is not HTTP.");
+    };
+    if minor == 0 || method == "CONNECT" {
+        return Parsed::Hyper;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Refused(StatusCode::BAD_REQUEST, "The method is not a token.");
+    };
+    let fields = &*req.headers;
+
+    // What the fields say.
+    let mut close = false;
+    let mut upgrade_token = false;
+    let mut named: Vec<&str> = Vec::new();
+    let (mut host_field, mut xff, mut forwarded) = (None, None, None);
+    let mut length: Option<u64> = None;
+    let mut coding: Option<&[u8]> = None;
+    let mut upgrade = false;
+    for f in fields {
+        let n = f.name;
+        if n.eq_ignore_ascii_case("connection") {
+            for t in tokens(f.value) {
+                if t.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case("upgrade") {
+                    upgrade_token = true;
+                } else if !t.eq_ignore_ascii_case("keep-alive") {
+                    named.push(t);
+                }
+            }
+        } else if n.eq_ignore_ascii_case("host") {
+            if host_field.is_some() {
+                return Parsed::Refused(StatusCode::BAD_REQUEST, "The request has two Hosts.");
+            }
+            host_field = Some(f.value);
+        } else if n.eq_ignore_ascii_case("content-length") {
+            let parsed = std::str::from_utf8(f.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse().ok());
+            match (parsed, length) {
+                (Some(v), None) => length = Some(v),
+                (Some(v), Some(before)) if v == before => {}
+                _ => {
+                    return Parsed::Refused(
+                        StatusCode::BAD_REQUEST,
+                        "The request's Content-Length is not one number.",
+                    );
+                }
+            }
+        } else if n.eq_ignore_ascii_case("transfer-encoding") {
+            if coding.is_some() {
+                return Parsed::Hyper;
+            }
+            coding = Some(f.value);
+        } else if n.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        } else if n.eq_ignore_ascii_case("expect") {
+            return Parsed::Hyper;
+        } else if n.eq_ignore_ascii_case("x-forwarded-for") {
+            xff = xff.or(Some(f.value));
+        } else if n.eq_ignore_ascii_case("forwarded") {
+            forwarded = forwarded.or(Some(f.value));
+        }
+    }
+    if upgrade && upgrade_token {
+        return Parsed::Hyper;
+    }
+    let body = match (coding, length) {
+        (Some(c), None) if c.trim_ascii().eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
+        (Some(_), None) => return Parsed::Hyper,
+        (Some(_), Some(_)) => {
+            return Parsed::Refused(
+                StatusCode::BAD_REQUEST,
+                "The request has both Content-Length and Transfer-Encoding.",
+            );
+        }
+        (None, Some(0) | None) => Framing::None,
+        (None, Some(n)) => Framing::Length(n),
+    };
+
+    // The target: origin form, or absolute form whose authority names the host.
+    let (path, authority) = if target.starts_with('/') || target == "*" {
+        (target, None)
+    } else {
+        match target.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme().is_some() && uri.authority().is_some() => {
+                let start = target.len() - uri.path_and_query().map_or(0, |p| p.as_str().len());
+                let path = if start < target.len() {
+                    &target[start..]
+                } else {
+                    "/"
+                };
+                (path, uri.authority().map(|a| a.as_str().to_owned()))
+            }
+            _ => return Parsed::Refused(StatusCode::BAD_REQUEST, "The request target is bad."),
+        }
+    };
+    let host_text = match (&authority, host_field) {
+        (Some(a), _) => a.as_str(),
+        (None, Some(h)) => match std::str::from_utf8(h) {
+            Ok(h) => h,
+            Err(_) => return Parsed::Refused(StatusCode::BAD_REQUEST, "The Host is not text."),
+        },
+        (None, None) => {
+            return Parsed::Refused(
+                StatusCode::BAD_REQUEST,
+                "The request names no host (Host header or authority).",
+            );
+        }
+    };
+    let Some(host) = host_name(host_text) else {
+        return Parsed::Refused(
+            StatusCode::BAD_REQUEST,
+            "The request names no host (Host header or authority).",
+        );
+    };
+
+    // The backend's head.
+    let mut out = Vec::with_capacity(len + 160);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // The Host as sent; from the authority when there was none.
+    let sent_host = host_field.unwrap_or(host_text.as_bytes());
+    if host_field.is_none() {
+        field(&mut out, "Host", &[sent_host]);
+    }
+    for f in fields {
+        if is(f.name, &HOP) || is(f.name, &OURS) || is(f.name, &named) {
+            continue;
+        }
+        field(&mut out, f.name, &[f.value]);
+    }
+    if body == Framing::Chunked {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    let ip = info.client_ip.as_bytes();
+    match xff {
+        Some(prior) => field(&mut out, "X-Forwarded-For", &[prior, b", ", ip]),
+        None => field(&mut out, "X-Forwarded-For", &[ip]),
+    }
+    let proto: &[u8] = if info.tls { b"https" } else { b"http" };
+    field(&mut out, "X-Forwarded-Proto", &[proto]);
+    let ours = info.forwarded_for.as_bytes();
+    let fwd_host: [&[u8]; 3] = [b";host=\"", sent_host, b"\""];
+    match forwarded {
+        Some(prior) => field(
+            &mut out,
+            "Forwarded",
+            &[prior, b", ", ours, &fwd_host.concat()],
+        ),
+        None => field(&mut out, "Forwarded", &[ours, &fwd_host.concat()]),
+    }
+    field(&mut out, "X-Forwarded-Host", &[sent_host]);
+    out.extend_from_slice(b"\r\n");
+    Parsed::Head(Head {
+        len,
+        method,
+        target: target.to_owned(),
+        host,
+        out,
+        body,
+        close,
+    })
+}
+
+fn field(out: &mut Vec<u8>, name: &str, value: &[&[u8]]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for v in value {
+        out.extend_from_slice(v);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A backend's response head, and the head the client gets.
+struct Response {
+    len: usize,
+    status: StatusCode,
+    out: Vec<u8>,
+    body: Framing,
+    /// The backend keeps the connection open after it.
+    keep: bool,
+}
+
+/// Parses the response head at the start of `buf`: `None` while partial.
+fn parse_response(buf: &[u8], method: &Method) -> Result<Option<Response>, &'static str> {
+    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("the backend's response is not HTTP"),
+    };
+    let (Some(code), Some(minor)) = (resp.code, resp.version) else {
+        return Err("the backend's response is not HTTP");
+    };
+    let status = StatusCode::from_u16(code).map_err(|_| "the backend's status is bad")?;
+    let mut keep = minor == 1;
+    let mut named: Vec<&str> = Vec::new();
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    for f in &*resp.headers {
+        if f.name.eq_ignore_ascii_case("connection") {
+            for t in tokens(f.value) {
+                if t.eq_ignore_ascii_case("close") {
+                    keep = false;
+                } else if t.eq_ignore_ascii_case("keep-alive") {
+                    keep |= minor == 0;
+                } else {
+                    named.push(t);
+                }
+            }
+        } else if f.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(f.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or("the backend's Content-Length is bad")?;
+            if length.is_some_and(|l| l != v) {
+                return Err("the backend sent two Content-Lengths");
+            }
+            length = Some(v);
+        } else if f.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked when it is the last coding (RFC 9112 6.3).
+            let last = tokens(f.value).last().unwrap_or("");
+            chunked = Some(last.eq_ignore_ascii_case("chunked"));
+        }
+    }
+    let body = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::None
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) | (None, None) => Framing::Close,
+            (None, Some(n)) => Framing::Length(n),
+        }
+    };
+    let mut out = Vec::with_capacity(len + 32);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for f in &*resp.headers {
+        // `Transfer-Encoding` stays: the body goes on as the backend framed it.
+        let hop = is(f.name, &HOP) && !f.name.eq_ignore_ascii_case("transfer-encoding");
+        if hop || is(f.name, &named) {
+            continue;
+        }
+        field(&mut out, f.name, &[f.value]);
+    }
+    Ok(Some(Response {
+        len,
+        status,
+        out,
+        body,
+        keep: keep && body != Framing::Close,
+    }))
+}
+
+/// Finds where a chunked body ends, as its bytes pass.
+#[derive(Debug, Default)]
+pub struct Chunks {
+    state: ChunkState,
+    /// The size being read, then the data bytes left in the chunk.
+    left: u64,
+    /// Data bytes passed (what the body carries, without the chunks' framing).
+    pub data: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum ChunkState {
+    #[default]
+    Size,
+    SizeDigits,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    EndLf,
+    Done,
+}
+
+impl Chunks {
+    /// Takes the next bytes of the body: `Ok(Some(n))` when it ended after `n` of them.
+    pub fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, &'static str> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.state {
+                Size | SizeDigits => match (b as char).to_digit(16) {
+                    Some(d) => {
+                        self.left = self
+                            .left
+                            .checked_mul(16)
+                            .and_then(|v| v.checked_add(u64::from(d)))
+                            .ok_or("chunk size too large")?;
+                        self.state = SizeDigits;
+                    }
+                    None if self.state == Size => return Err("chunk size missing"),
+                    None => match b {
+                        b';' | b' ' | b'\t' => self.state = Extension,
+                        b'\r' => self.state = SizeLf,
+                        b'\n' => self.after_size(),
+                        _ => return Err("bad chunk size"),
+                    },
+                },
+                Extension => {
+                    if b == b'\n' {
+                        self.after_size();
+                    }
+                }
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err("bad chunk size line");
+                    }
+                    self.after_size();
+                }
+                Data => {
+                    let take = self.left.min((data.len() - i) as u64) as usize;
+                    self.left -= take as u64;
+                    self.data += take as u64;
+                    i += take;
+                    if self.left == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                DataCr => match b {
+                    b'\r' => self.state = DataLf,
+                    b'\n' => self.state = Size,
+                    _ => return Err("chunk data longer than its size"),
+                },
+                DataLf => {
+                    if b != b'\n' {
+                        return Err("chunk data longer than its size");
+                    }
+                    self.state = Size;
+                }
+                TrailerStart => match b {
+                    b'\r' => self.state = EndLf,
+                    b'\n' => {
+                        self.state = Done;
+                        return Ok(Some(i + 1));
+                    }
+                    _ => self.state = Trailer,
+                },
+                Trailer => {
+                    if b == b'\n' {
+                        self.state = TrailerStart;
+                    }
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err("bad end of chunked body");
+                    }
+                    self.state = Done;
+                    return Ok(Some(i + 1));
+                }
+                Done => return Ok(Some(i)),
+            }
+            i += 1;
+        }
+        Ok(None)
+    }
+
+    fn after_size(&mut self) {
+        self.state = if self.left == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        };
+    }
+}
+
+/// A body on its way: how it is framed and how much of it is left.
+struct Body {
+    framing: Framing,
+    /// Bytes left, for a length.
+    left: u64,
+    chunks: Chunks,
+    /// What the body carried so far (without a chunked body's framing): what is counted.
+    payload: u64,
+}
+
+impl Body {
+    fn new(framing: Framing) -> Self {
+        let left = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        Self {
+            framing,
+            left,
+            chunks: Chunks::default(),
+            payload: 0,
+        }
+    }
+
+    /// How much of `data` belongs to the body, whether the body ends within it, and the
+    /// payload bytes among them.
+    fn take(&mut self, data: &[u8]) -> io::Result<(usize, bool, u64)> {
+        let (n, done) = match self.framing {
+            Framing::None => (0, true),
+            Framing::Length(_) => {
+                let n = self.left.min(data.len() as u64) as usize;
+                self.left -= n as u64;
+                (n, self.left == 0)
+            }
+            Framing::Chunked => match self.chunks.scan(data) {
+                Ok(Some(n)) => (n, true),
+                Ok(None) => (data.len(), false),
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            },
+            Framing::Close => (data.len(), false),
+        };
+        let payload = match self.framing {
+            Framing::Chunked => self.chunks.data - self.payload,
+            _ => n as u64,
+        };
+        self.payload += payload;
+        Ok((n, done, payload))
+    }
+
+    /// Copies the rest of the body from `from` to `to`, beginning with the bytes of it
+    /// already in `buf` (which keeps what follows the body), its payload counted as it
+    /// passes: `Ok(false)` when the payload in all would exceed `limit`.
+    async fn pass<R, W>(
+        &mut self,
+        from: &mut R,
+        to: &mut W,
+        buf: &mut Vec<u8>,
+        count: &Counter,
+        limit: u64,
+    ) -> io::Result<bool>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if !buf.is_empty() || self.framing == Framing::None {
+                let (n, done, payload) = self.take(buf)?;
+                if self.payload > limit {
+                    return Ok(false);
+                }
+                to.write_all(&buf[..n]).await?;
+                count.inc_by(payload);
+                buf.drain(..n);
+                if done {
+                    return Ok(true);
+                }
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16384);
+            }
+            if from.read_buf(buf).await? == 0 {
+                return match self.framing {
+                    Framing::Close => Ok(true),
+                    _ => Err(io::ErrorKind::UnexpectedEof.into()),
+                };
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1.1 requests on `io` until the client closes, a stop, or a request that is
+/// hyper's to serve.
+pub async fn serve<S: Stream>(s: &Serving, mut io: S, info: &ConnInfo) -> Ended<S> {
+    let mut buf: Vec<u8> = Vec::new();
+    if requests(s, &mut io, &mut buf, info).await {
+        return Ended::Hyper(io, buf);
+    }
+    // A clean end: TLS's close_notify, and TCP's FIN.
+    let limit = std::time::Duration::from_secs(1);
+    let _ = tokio::time::timeout(limit, io.shutdown()).await;
+    Ended::Closed
+}
+
+/// The requests of a connection, until it is to close, or (`true`) a request is hyper's.
+async fn requests<S: Stream>(s: &Serving, io: &mut S, buf: &mut Vec<u8>, info: &ConnInfo) -> bool {
+    loop {
+        // The head, within the head timeout (also how long an idle connection stays open).
+        // After a request, a stop closes a connection waiting for its next; one that has not
+        // asked yet gets its first request answered (it was accepted before the stop).
+        let idle = info.asked.load(Ordering::Relaxed) && buf.is_empty();
+        let read = tokio::time::timeout(s.limits.head_timeout, read_head(s, io, buf, info));
+        let parsed = tokio::select! {
+            r = read => r,
+            () = s.stop.cancelled(), if idle => return false,
+        };
+        let head = match parsed {
+            Err(_) => {
+                s.state.metrics.head_timeouts.inc();
+                return false;
+            }
+            Ok(Err(_)) => return false,
+            Ok(Ok(Parsed::Head(h))) => h,
+            Ok(Ok(Parsed::Hyper)) => return true,
+            Ok(Ok(Parsed::Partial)) => {
+                let text = "The request head is larger than this router takes.";
+                refuse(s, io, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, text).await;
+                return false;
+            }
+            Ok(Ok(Parsed::Refused(status, text))) => {
+                refuse(s, io, status, text).await;
+                return false;
+            }
+        };
+        info.asked.store(true, Ordering::Relaxed);
+        buf.drain(..head.len);
+        // Boxed: an idle connection's task then holds a pointer, not the space for a
+        // request's whole way to a backend and back.
+        match Box::pin(request(s, io, buf, info, head)).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return false,
+        }
+        if buf.is_empty() {
+            // Nothing pipelined: the buffer goes while the connection waits.
+            *buf = Vec::new();
+        }
+    }
+}
+
+/// Reads until `buf` starts with a whole head (`Partial`: larger than the limit).
+async fn read_head<S: Stream>(
+    s: &Serving,
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    info: &ConnInfo,
+) -> io::Result<Parsed> {
+    loop {
+        if !buf.is_empty() {
+            match parse(buf, s.limits.max_headers, info) {
+                Parsed::Partial if buf.len() >= s.limits.max_head_bytes => {
+                    return Ok(Parsed::Partial);
+                }
+                Parsed::Partial => {}
+                done => return Ok(done),
+            }
+        } else {
+            io.ready().await?;
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        if io.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// The router's own answer to a head it refused (400, 431), counted under no route; the
+/// connection closes after it.
+async fn refuse<S: Stream>(s: &Serving, io: &mut S, status: StatusCode, text: &str) {
+    let _ = write_own(io, status, text, &[], true, false).await;
+    s.state.metrics.unknown.count(status);
+}
+
+/// Writes one of the router's own answers: a short plain page; the bytes of its body.
+async fn write_own<S: Stream>(
+    io: &mut S,
+    status: StatusCode,
+    text: &str,
+    extra: &[(&str, &str)],
+    close: bool,
+    head_only: bool,
+) -> io::Result<u64> {
+    use std::fmt::Write;
+    let reason = status.canonical_reason().unwrap_or("");
+    let body = format!("{} {reason}\n{text}\n", status.as_u16());
+    let mut out = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\ndate: {}\r\n",
+        status.as_u16(),
+        body.len(),
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
+    );
+    for (k, v) in extra {
+        let _ = write!(out, "{k}: {v}\r\n");
+    }
+    if close {
+        out.push_str("connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    if !head_only {
+        out.push_str(&body);
+    }
+    io.write_all(out.as_bytes()).await?;
+    io.flush().await?;
+    Ok(if head_only { 0 } else { body.len() as u64 })
+}
+
+/// Where a request's counts go: its route's counters (`None`: no route, the `unknown` ones).
+struct Counted<'a> {
+    s: &'a Serving,
+    info: &'a ConnInfo,
+    head: &'a Head,
+    route: Option<&'a Route>,
+    start: Instant,
+}
+
+impl Counted<'_> {
+    fn counters(&self) -> &RouteCounters {
+        self.route
+            .map_or(&self.s.state.metrics.unknown, |r| &r.counters)
+    }
+
+    /// The status and the time to the response head.
+    fn answered(&self, status: StatusCode) {
+        self.counters().count(status);
+        self.counters()
+            .duration
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+
+    /// The access log's line, when the response has ended.
+    fn log(&self, status: StatusCode, bytes: u64, backend: Option<SocketAddr>) {
+        let Some(out) = &self.s.state.access_log else {
+            return;
+        };
+        let head = self.head;
+        out.entry(&Entry {
+            client: self.info.client,
+            method: head.method.as_str(),
+            host: &head.host,
+            path: head.target.split('?').next().unwrap_or("/"),
+            version: Version::HTTP_11,
+            status: status.as_u16(),
+            bytes,
+            start: self.start,
+            backend,
+            route: backend.and(self.route.map(|r| r.domain.as_str())),
+        });
+    }
+
+    /// The router's own answer, counted and logged: whether the connection goes on (not
+    /// when the request's body was left unread, nor at a stop).
+    async fn own<S: Stream>(
+        &self,
+        io: &mut S,
+        status: StatusCode,
+        text: &str,
+        extra: &[(&str, &str)],
+    ) -> io::Result<bool> {
+        let head = self.head;
+        let keep = !head.close && head.body == Framing::None && !self.s.stop.is_cancelled();
+        let head_only = head.method == Method::HEAD;
+        let bytes = write_own(io, status, text, extra, !keep, head_only).await?;
+        self.answered(status);
+        self.log(status, bytes, None);
+        Ok(keep)
+    }
+}
+
+/// Serves one request whose head is `head` (its body, if any, starts `buf`): `Ok(true)` when
+/// the connection can take the next one.
+async fn request<S: Stream>(
+    s: &Serving,
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    info: &ConnInfo,
+    head: Head,
+) -> io::Result<bool> {
+    let state = &s.state;
+    let route = state.table().lookup(&head.host).cloned();
+    let c = Counted {
+        s,
+        info,
+        head: &head,
+        route: route.as_deref(),
+        start: Instant::now(),
+    };
+    let Some(route) = &route else {
+        let text = format!("No site is served for {} here.", head.host);
+        return c.own(io, StatusCode::NOT_FOUND, &text, &[]).await;
+    };
+    if !info.tls && route.record.https_redirect {
+        let port = match state.settings.https_port {
+            443 | 0 => String::new(),
+            p => format!(":{p}"),
+        };
+        let location = format!("https://{}{port}{}", head.host, head.target);
+        let text = format!("This site is served over HTTPS: {location}");
+        let extra = [("location", location.as_str())];
+        return c
+            .own(io, StatusCode::PERMANENT_REDIRECT, &text, &extra)
+            .await;
+    }
+    if let Framing::Length(n) = head.body
+        && n > state.settings.max_body as u64
+    {
+        let text = too_large(state.settings.max_body);
+        return c.own(io, StatusCode::PAYLOAD_TOO_LARGE, &text, &[]).await;
+    }
+    if route.backends.is_empty() {
+        let text = format!(
+            "No instance of {} is running right now.",
+            route.service_port.service
+        );
+        let extra = [("retry-after", "1")];
+        return c
+            .own(io, StatusCode::SERVICE_UNAVAILABLE, &text, &extra)
+            .await;
+    }
+    proxied(&c, io, buf, route).await
+}
+
+fn too_large(max: usize) -> String {
+    format!("The request body is larger than this router takes ({max} bytes).")
+}
+
+/// Why an attempt at a backend failed.
+enum Failed {
+    /// Nothing of the request left the router: another backend may take it, whatever it is.
+    Unsent,
+    /// Sent (or part of it), no answer: only a request without body that may be repeated
+    /// goes again.
+    Sent,
+    /// The response timeout.
+    Timeout,
+    /// The client went away (or broke its body) while the router sent or waited.
+    ClientGone,
+    /// The client's body was larger than the limit.
+    TooLarge,
+}
+
+/// Sends the request to a backend (another one after a failure, by the rules of
+/// [`crate::proxy`]) and the response back.
+async fn proxied<S: Stream>(
+    c: &Counted<'_>,
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    route: &Route,
+) -> io::Result<bool> {
+    let (s, head) = (c.s, c.head);
+    let state = &s.state;
+    let counters = &route.counters;
+    let settings = &state.settings;
+    let retry_after_send = idempotent(&head.method) && head.body == Framing::None;
+    let mut attempts = Attempts::new(route, &head.host, retry_after_send);
+    let mut rbuf: Vec<u8> = Vec::new();
+    let outcome = loop {
+        let (i, backend) = match attempts.next() {
+            Ok(b) => b,
+            Err(status) => break Err(status),
+        };
+        let dial = pool::dial(backend.addr, settings.connect_timeout);
+        let Some((mut conn, reused)) = attempts.connection(i, &state.pool.h1, dial).await else {
+            continue;
+        };
+        let in_flight = InFlight::new(backend);
+        rbuf.clear();
+        match exchange(s, io, buf, &mut conn, &mut rbuf, head, counters).await {
+            Ok(resp) => {
+                backend.connections.fetch_add(1, Ordering::Relaxed);
+                break Ok((resp, conn, in_flight));
+            }
+            Err(Failed::Unsent) => attempts.unsent(i, reused),
+            Err(Failed::Sent) => {
+                debug!(backend = %backend.addr, domain = %head.host, "request failed");
+                if !attempts.sent_failed(i) {
+                    break Err(attempts.last_error);
+                }
+            }
+            Err(Failed::Timeout) => {
+                counters.timeouts.inc();
+                break Err(StatusCode::GATEWAY_TIMEOUT);
+            }
+            Err(Failed::ClientGone) => return Ok(false),
+            Err(Failed::TooLarge) => {
+                let text = too_large(settings.max_body);
+                c.own(io, StatusCode::PAYLOAD_TOO_LARGE, &text, &[]).await?;
+                return Ok(false);
+            }
+        }
+    };
+    let (resp, mut conn, in_flight) = match outcome {
+        Ok(r) => r,
+        Err(status) => {
+            let text = match status {
+                StatusCode::GATEWAY_TIMEOUT => "The site did not answer in time.",
+                _ => "The site failed to answer.",
+            };
+            return c.own(io, status, text, &[]).await;
+        }
+    };
+    let backend = in_flight.0.addr;
+    c.answered(resp.status);
+    let keep = !head.close && !s.stop.is_cancelled() && resp.body != Framing::Close;
+    let mut out = resp.out;
+    if !keep {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    // The head, with as much of the body as came with it, in one write.
+    rbuf.drain(..resp.len);
+    let mut body = Body::new(resp.body);
+    let (n, done, payload) = match body.take(&rbuf) {
+        Ok(t) => t,
+        Err(e) => {
+            counters.response_errors.inc();
+            return Err(e);
+        }
+    };
+    out.extend_from_slice(&rbuf[..n]);
+    io.write_all(&out).await?;
+    counters.bytes_out.inc_by(payload);
+    rbuf.drain(..n);
+    let complete = done || {
+        // The rest as it comes, counted as it passes.
+        match body
+            .pass(&mut conn, io, &mut rbuf, &counters.bytes_out, u64::MAX)
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                debug!(%backend, domain = %head.host, error = %e, "response failed");
+                counters.response_errors.inc();
+                false
+            }
+        }
+    };
+    io.flush().await?;
+    if complete && resp.keep && rbuf.is_empty() {
+        state.pool.h1.checkin(backend, conn);
+    }
+    drop(in_flight);
+    c.log(resp.status, body.payload, Some(backend));
+    Ok(complete && keep)
+}
+
+/// One attempt: the head and body to `conn`, then the response head (1xx heads passed to the
+/// client on the way), within the response timeout.
+async fn exchange<S: Stream>(
+    s: &Serving,
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    conn: &mut TcpStream,
+    rbuf: &mut Vec<u8>,
+    head: &Head,
+    counters: &RouteCounters,
+) -> Result<Response, Failed> {
+    if head.body == Framing::None {
+        conn.write_all(&head.out)
+            .await
+            .map_err(|_| Failed::Unsent)?;
+    } else {
+        // The head and what of the body came with it, in one write; the rest as it comes.
+        let mut body = Body::new(head.body);
+        let (n, done, payload) = body.take(buf).map_err(|_| Failed::ClientGone)?;
+        let limit = s.state.settings.max_body as u64;
+        if body.payload > limit {
+            return Err(Failed::TooLarge);
+        }
+        let mut first = Vec::with_capacity(head.out.len() + n);
+        first.extend_from_slice(&head.out);
+        first.extend_from_slice(&buf[..n]);
+        conn.write_all(&first).await.map_err(|_| Failed::Unsent)?;
+        counters.bytes_in.inc_by(payload);
+        buf.drain(..n);
+        if !done {
+            match body.pass(io, conn, buf, &counters.bytes_in, limit).await {
+                Ok(true) => {}
+                Ok(false) => return Err(Failed::TooLarge),
+                Err(_) => return Err(Failed::ClientGone),
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + s.state.settings.response_timeout;
+    loop {
+        let next = tokio::time::timeout_at(deadline, response_head(conn, rbuf, &head.method));
+        let resp = tokio::select! {
+            r = next => r.map_err(|_| Failed::Timeout)??,
+            () = client_gone(s, io, buf) => return Err(Failed::ClientGone),
+        };
+        if !resp.status.is_informational() {
+            return Ok(resp);
+        }
+        // 100 Continue, 103 Early Hints: the client's to see.
+        let mut out = resp.out;
+        out.extend_from_slice(b"\r\n");
+        io.write_all(&out).await.map_err(|_| Failed::ClientGone)?;
+        rbuf.drain(..resp.len);
+    }
+}
+
+/// Reads the backend's next response head.
+async fn response_head(
+    conn: &mut TcpStream,
+    rbuf: &mut Vec<u8>,
+    method: &Method,
+) -> Result<Response, Failed> {
+    loop {
+        if !rbuf.is_empty() {
+            match parse_response(rbuf, method) {
+                Ok(Some(r)) if r.status == StatusCode::SWITCHING_PROTOCOLS => {
+                    return Err(Failed::Sent);
+                }
+                Ok(Some(r)) => return Ok(r),
+                Ok(None) => {}
+                Err(e) => {
+                    debug!(error = e, "bad response head");
+                    return Err(Failed::Sent);
+                }
+            }
+        }
+        if rbuf.capacity() - rbuf.len() < 2048 {
+            rbuf.reserve(16384);
+        }
+        match conn.read_buf(rbuf).await {
+            Ok(0) | Err(_) => return Err(Failed::Sent),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Returns when the client closes its connection (its request then leaves the backend's
+/// count at once). What it sends meanwhile is its next request: kept in `buf`, up to a head's
+/// worth.
+async fn client_gone<S: Stream>(s: &Serving, io: &mut S, buf: &mut Vec<u8>) {
+    loop {
+        if buf.len() > s.limits.max_head_bytes || io.ready().await.is_err() {
+            return std::future::pending().await;
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        match io.read_buf(buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunked_body_ends_where_its_last_chunk_and_trailers_end() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-T: 1\r\n\r\nGET /next";
+        // Whole, and a byte at a time.
+        let mut c = Chunks::default();
+        assert_eq!(c.scan(body), Ok(Some(body.len() - 9)));
+        let mut c = Chunks::default();
+        let mut end = None;
+        for (i, b) in body.iter().enumerate() {
+            if let Some(n) = c.scan(std::slice::from_ref(b)).unwrap() {
+                end = Some(i + n);
+                break;
+            }
+        }
+        assert_eq!(end, Some(body.len() - 9));
+        assert_eq!(Chunks::default().scan(b"0\r\n\r\n"), Ok(Some(5)));
+        assert!(Chunks::default().scan(b"zz\r\n").is_err());
+        assert!(Chunks::default().scan(b"2\r\nabc\r\n").is_err());
+        assert_eq!(Chunks::default().scan(b"10\r\n0123456789"), Ok(None));
+    }
+}
