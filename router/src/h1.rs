@@ -35,19 +35,47 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Waits until a read would find something, with no buffer: an idle keep-alive
     /// connection then holds none.
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Ends the connection cleanly before it is dropped.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Turns Nagle's algorithm off (`TCP_NODELAY`).
+    fn no_delay(&self);
 }
 
 impl Stream for TcpStream {
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
         self.readable()
     }
+
+    /// Nothing: the close sends the FIN (a `shutdown` first was one system call more per
+    /// connection, and changes nothing when the client sent bytes no one read: RST either way).
+    fn finish(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+
+    fn no_delay(&self) {
+        let _ = self.set_nodelay(true);
+    }
 }
 
-/// rustls may hold decrypted bytes that the socket's readiness does not show: read at once.
 impl Stream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
+    /// rustls may hold decrypted bytes that the socket's readiness does not show: read at
+    /// once.
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
         std::future::ready(Ok(()))
     }
+
+    /// TLS's close_notify (and the FIN), within a second.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send {
+        let limit = std::time::Duration::from_secs(1);
+        async move {
+            let _ = tokio::time::timeout(limit, self.shutdown()).await;
+        }
+    }
+
+    /// On from the start (`server`): the handshake's flights.
+    fn no_delay(&self) {}
 }
 
 /// How a connection's time with this path ended.
@@ -624,14 +652,13 @@ pub async fn serve<S: Stream>(s: &Serving, mut io: S, info: &ConnInfo) -> Ended<
     if requests(s, &mut io, &mut buf, info).await {
         return Ended::Hyper(io, buf);
     }
-    // A clean end: TLS's close_notify, and TCP's FIN.
-    let limit = std::time::Duration::from_secs(1);
-    let _ = tokio::time::timeout(limit, io.shutdown()).await;
+    io.finish().await;
     Ended::Closed
 }
 
 /// The requests of a connection, until it is to close, or (`true`) a request is hyper's.
 async fn requests<S: Stream>(s: &Serving, io: &mut S, buf: &mut Vec<u8>, info: &ConnInfo) -> bool {
+    let mut no_delay = false;
     loop {
         // The head, within the head timeout (also how long an idle connection stays open).
         // After a request, a stop closes a connection waiting for its next; one that has not
@@ -667,6 +694,12 @@ async fn requests<S: Stream>(s: &Serving, io: &mut S, buf: &mut Vec<u8>, info: &
         match Box::pin(request(s, io, buf, info, head)).await {
             Ok(true) => {}
             Ok(false) | Err(_) => return false,
+        }
+        // Kept alive: from now on a response's last small segment must not wait for the
+        // client's ACK of the one before (as nginx's `tcp_nodelay`). A connection that closes
+        // after one response written at once never needs it: one system call less.
+        if !std::mem::replace(&mut no_delay, true) {
+            io.no_delay();
         }
         if buf.is_empty() {
             // Nothing pipelined: the buffer goes while the connection waits.
@@ -961,7 +994,9 @@ async fn proxied<S: Stream>(
     counters.bytes_out.inc_by(payload);
     rbuf.drain(..n);
     let complete = done || {
-        // The rest as it comes, counted as it passes.
+        // The rest as it comes, counted as it passes; the last piece not held back for the
+        // client's ACK.
+        io.no_delay();
         match body
             .pass(&mut conn, io, &mut rbuf, &counters.bytes_out, u64::MAX)
             .await

@@ -168,7 +168,7 @@ async fn connection(
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let _ = stream.set_nodelay(true);
+    // Plain HTTP turns Nagle off once a connection is kept alive (`h1`); TLS at once.
     let mut client = peer;
     if s.limits.proxy_protocol {
         // Boxed: a timer and a PROXY header's parse inline would make every connection's
@@ -194,6 +194,7 @@ async fn connection(
             // The handshake and the TLS stream it makes are boxed: rustls's state inline
             // would make every connection's task that much larger, TLS or not.
             let limit = s.limits.head_timeout;
+            let _ = stream.set_nodelay(true);
             let handshake = Box::pin(async move {
                 let accepted = tokio::time::timeout(limit, acceptor.accept(stream)).await;
                 accepted.map(|r| r.map(Box::new))
@@ -269,6 +270,8 @@ async fn http1<S: h1::Stream>(s: &Serving, io: S, info: ConnInfo) {
         () = s.state.cut.cancelled() => return,
     };
     if let h1::Ended::Hyper(io, read) = ended {
+        // A WebSocket's small messages must not wait for ACKs.
+        io.no_delay();
         let io = TokioIo::new(Prefixed { read, at: 0, io });
         serve(s, io, Arc::new(info), false).await;
     }
