@@ -41,6 +41,10 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 
     /// Turns Nagle's algorithm off (`TCP_NODELAY`).
     fn no_delay(&self);
+
+    /// Reads what has arrived already, without waiting for the reactor to say so
+    /// (`WouldBlock` when nothing has).
+    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize>;
 }
 
 impl Stream for TcpStream {
@@ -56,6 +60,11 @@ impl Stream for TcpStream {
 
     fn no_delay(&self) {
         let _ = self.set_nodelay(true);
+    }
+
+    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::io::Read;
+        (&*socket2::SockRef::from(self)).read(buf)
     }
 }
 
@@ -76,6 +85,10 @@ impl Stream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
 
     /// On from the start (`server`): the handshake's flights.
     fn no_delay(&self) {}
+
+    fn read_now(&self, _: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
 }
 
 /// How a connection's time with this path ended.
@@ -659,6 +672,17 @@ pub async fn serve<S: Stream>(s: &Serving, mut io: S, info: &ConnInfo) -> Ended<
 /// The requests of a connection, until it is to close, or (`true`) a request is hyper's.
 async fn requests<S: Stream>(s: &Serving, io: &mut S, buf: &mut Vec<u8>, info: &ConnInfo) -> bool {
     let mut no_delay = false;
+    // A new client has most often sent its request by the time it is accepted: read it at
+    // once, as HAProxy does, rather than wait a round of the reactor to be told.
+    buf.resize(4096, 0);
+    let now = io.read_now(buf);
+    buf.truncate(*now.as_ref().unwrap_or(&0));
+    match now {
+        Ok(0) => return false,
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = Vec::new(),
+        Err(_) => return false,
+    }
     loop {
         // The head, within the head timeout (also how long an idle connection stays open).
         // After a request, a stop closes a connection waiting for its next; one that has not
