@@ -152,6 +152,12 @@ fn is(name: &str, set: &[&str]) -> bool {
     set.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
+/// A field `Connection` may not take away: what frames the message, and the host. (Taken away,
+/// the body would go on framed by a field the other side no longer sees.)
+fn framing_field(name: &str) -> bool {
+    is(name, &["content-length", "transfer-encoding", "host"])
+}
+
 fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
     std::str::from_utf8(value)
         .unwrap_or("")
@@ -209,7 +215,7 @@ fn parse(buf: &[u8], max_headers: usize, info: &ConnInfo) -> Parsed {
                     close = true;
                 } else if t.eq_ignore_ascii_case("upgrade") {
                     upgrade_token = true;
-                } else if !t.eq_ignore_ascii_case("keep-alive") {
+                } else if !t.eq_ignore_ascii_case("keep-alive") && !framing_field(t) {
                     named.push(t);
                 }
             }
@@ -394,7 +400,7 @@ fn parse_response(buf: &[u8], method: &Method) -> Result<Option<Response>, &'sta
                     keep = false;
                 } else if t.eq_ignore_ascii_case("keep-alive") {
                     keep |= minor == 0;
-                } else {
+                } else if !framing_field(t) {
                     named.push(t);
                 }
             }
@@ -433,9 +439,11 @@ fn parse_response(buf: &[u8], method: &Method) -> Result<Option<Response>, &'sta
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for f in &*resp.headers {
-        // `Transfer-Encoding` stays: the body goes on as the backend framed it.
+        // `Transfer-Encoding` stays: the body goes on as the backend framed it; a length
+        // beside chunked (which wins, RFC 9112 6.3) does not.
         let hop = is(f.name, &HOP) && !f.name.eq_ignore_ascii_case("transfer-encoding");
-        if hop || is(f.name, &named) {
+        let stale = body == Framing::Chunked && f.name.eq_ignore_ascii_case("content-length");
+        if hop || stale || is(f.name, &named) {
             continue;
         }
         field(&mut out, f.name, &[f.value]);

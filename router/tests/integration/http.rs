@@ -629,6 +629,12 @@ impl RawBackend {
                     .to_vec(),
                 "/nolength" => b"HTTP/1.1 200 OK\r\n\r\nuntil-close".to_vec(),
                 "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".to_vec(),
+                // Fields that would unframe the response if the router took them away.
+                "/framing" => {
+                    b"HTTP/1.1 200 OK\r\nConnection: Content-Length, Transfer-Encoding\r\n\
+                    Content-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+                        .to_vec()
+                }
                 "/204" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
                 "/304" => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n".to_vec(),
                 _ => {
@@ -662,7 +668,7 @@ fn read_all(s: &mut std::net::TcpStream) -> String {
 /// pipelined in one write answered in order on one connection; a body with a length and a
 /// chunked one arrive whole; a chunked response, `HEAD`, 204 and 304 framed right; a response
 /// without length passed to its end with `Connection: close`; hop-by-hop fields (and the
-/// fields `Connection` names) not forwarded. And what the router leaves to hyper: HTTP/1.0,
+/// fields `Connection` names, but never those that frame a message or the host) not forwarded. And what the router leaves to hyper: HTTP/1.0,
 /// `Expect: 100-continue`. Bad heads: 400 and 431.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
@@ -689,6 +695,10 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
             "GET /hop HTTP/1.1\r\n{h}Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\n\
              Keep-Alive: timeout=5\r\nTE: trailers\r\nX-Kept: 1\r\n\r\n"
         ),
+        format!(
+            "POST /echo HTTP/1.1\r\n{h}Connection: Content-Length, Host\r\nContent-Length: 2\r\n\r\nhi"
+        ),
+        format!("GET /framing HTTP/1.1\r\n{h}\r\n"),
         format!("GET /nolength HTTP/1.1\r\n{h}\r\n"),
     ];
     s.write_all(requests.concat().as_bytes()).unwrap();
@@ -701,6 +711,8 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
         "HTTP/1.1 204 No Content\r\n\r\n",
         "HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n",
         "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi",
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
         "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil-close",
     ];
     // Header names as the backend wrote them, compared without case; hop-by-hop ones gone.
@@ -710,7 +722,7 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
         "{got}"
     );
     let heads = b.heads.lock().unwrap().clone();
-    assert_eq!(heads.len(), 8, "{heads:?}");
+    assert_eq!(heads.len(), 10, "{heads:?}");
     let hop = heads[6].to_ascii_lowercase();
     assert!(hop.contains("x-kept: 1"), "{hop}");
     for gone in ["connection:", "x-secret", "keep-alive", "te:"] {
@@ -721,9 +733,14 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
         "{}",
         heads[1]
     );
+    let framed = heads[7].to_ascii_lowercase();
+    assert!(
+        framed.contains("content-length: 2") && framed.contains("host: r.test"),
+        "{framed}"
+    );
     assert_eq!(
         router.metric("router_request_bytes_total{domain=\"r.test\"}"),
-        16
+        18
     );
 
     // HTTP/1.0 and Expect: served by hyper on the same connection's rest.
@@ -777,7 +794,7 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
     }
     assert_eq!(
         b.heads.lock().unwrap().len(),
-        10,
+        12,
         "a bad head reached the backend"
     );
 }
