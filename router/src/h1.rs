@@ -479,47 +479,39 @@ enum ChunkState {
     DataLf,
     TrailerStart,
     Trailer,
+    TrailerLf,
     EndLf,
     Done,
 }
 
 impl Chunks {
     /// Takes the next bytes of the body: `Ok(Some(n))` when it ended after `n` of them.
+    ///
+    /// Strict: every line ends with CRLF (a bare LF, which RFC 9112 lets a recipient accept,
+    /// is refused): the bytes go on to the backend as they are, and a backend that reads a
+    /// bare LF otherwise than the router would see another message boundary.
     pub fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, &'static str> {
         use ChunkState::*;
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
-            match self.state {
-                Size | SizeDigits => match (b as char).to_digit(16) {
-                    Some(d) => {
-                        self.left = self
-                            .left
-                            .checked_mul(16)
-                            .and_then(|v| v.checked_add(u64::from(d)))
-                            .ok_or("chunk size too large")?;
-                        self.state = SizeDigits;
-                    }
-                    None if self.state == Size => return Err("chunk size missing"),
-                    None => match b {
-                        b';' | b' ' | b'\t' => self.state = Extension,
-                        b'\r' => self.state = SizeLf,
-                        b'\n' => self.after_size(),
-                        _ => return Err("bad chunk size"),
-                    },
-                },
-                Extension => {
-                    if b == b'\n' {
-                        self.after_size();
-                    }
+            self.state = match (self.state, b) {
+                (Size | SizeDigits, _) if b.is_ascii_hexdigit() => {
+                    let d = u64::from((b as char).to_digit(16).unwrap_or(0));
+                    self.left = self
+                        .left
+                        .checked_mul(16)
+                        .and_then(|v| v.checked_add(d))
+                        .ok_or("chunk size too large")?;
+                    SizeDigits
                 }
-                SizeLf => {
-                    if b != b'\n' {
-                        return Err("bad chunk size line");
-                    }
-                    self.after_size();
-                }
-                Data => {
+                (SizeDigits, b';' | b' ' | b'\t') => Extension,
+                (SizeDigits | Extension, b'\r') => SizeLf,
+                (Extension, b'\n') => return Err("bare LF in a chunk extension"),
+                (Extension, _) => Extension,
+                (SizeLf, b'\n') if self.left == 0 => TrailerStart,
+                (SizeLf, b'\n') => Data,
+                (Data, _) => {
                     let take = self.left.min((data.len() - i) as u64) as usize;
                     self.left -= take as u64;
                     self.data += take as u64;
@@ -529,50 +521,26 @@ impl Chunks {
                     }
                     continue;
                 }
-                DataCr => match b {
-                    b'\r' => self.state = DataLf,
-                    b'\n' => self.state = Size,
-                    _ => return Err("chunk data longer than its size"),
-                },
-                DataLf => {
-                    if b != b'\n' {
-                        return Err("chunk data longer than its size");
-                    }
-                    self.state = Size;
-                }
-                TrailerStart => match b {
-                    b'\r' => self.state = EndLf,
-                    b'\n' => {
-                        self.state = Done;
-                        return Ok(Some(i + 1));
-                    }
-                    _ => self.state = Trailer,
-                },
-                Trailer => {
-                    if b == b'\n' {
-                        self.state = TrailerStart;
-                    }
-                }
-                EndLf => {
-                    if b != b'\n' {
-                        return Err("bad end of chunked body");
-                    }
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => Size,
+                (DataCr | DataLf, _) => return Err("chunk data longer than its size"),
+                (TrailerStart, b'\r') => EndLf,
+                (TrailerStart | Trailer, b'\n') => return Err("bare LF in a trailer"),
+                (Trailer, b'\r') => TrailerLf,
+                (TrailerStart | Trailer, _) => Trailer,
+                (TrailerLf, b'\n') => TrailerStart,
+                (EndLf, b'\n') => {
                     self.state = Done;
                     return Ok(Some(i + 1));
                 }
-                Done => return Ok(Some(i)),
-            }
+                (Done, _) => return Ok(Some(i)),
+                (Size | SizeDigits | SizeLf | TrailerLf | EndLf, _) => {
+                    return Err("bad chunk framing");
+                }
+            };
             i += 1;
         }
         Ok(None)
-    }
-
-    fn after_size(&mut self) {
-        self.state = if self.left == 0 {
-            ChunkState::TrailerStart
-        } else {
-            ChunkState::Data
-        };
     }
 }
 
@@ -1175,6 +1143,20 @@ mod tests {
         assert_eq!(Chunks::default().scan(b"0\r\n\r\n"), Ok(Some(5)));
         assert!(Chunks::default().scan(b"zz\r\n").is_err());
         assert!(Chunks::default().scan(b"2\r\nabc\r\n").is_err());
+        // Bare LFs, a missing size, an extension without a size: refused.
+        for bad in [
+            &b"2\nab\r\n"[..],
+            b"2\r\nab\n",
+            b"0\r\nX: 1\n\r\n",
+            b"0\r\n\n",
+            b";x\r\n",
+        ] {
+            assert!(
+                Chunks::default().scan(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert_eq!(Chunks::default().scan(b"10\r\n0123456789"), Ok(None));
     }
 }
