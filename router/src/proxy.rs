@@ -1,6 +1,8 @@
-//! One request: find the route by host, choose a backend, send the request over a pooled
+//! One request through hyper (HTTP/2, and what [`crate::h1`] hands over: HTTP/1.0, `Expect`,
+//! `Upgrade`): find the route by host, choose a backend, send the request over a pooled
 //! connection, and stream the response back; or answer itself (404 no route, 503 no live
 //! backend, 502 backend failed, 504 backend too slow, 308 to HTTPS, 413 body too large).
+//! `h1` keeps the same rules (`Attempts` is both paths' retry logic).
 //!
 //! Retries: a request that could not be sent (connect failed, or a pooled connection the
 //! backend had closed) goes to another backend, whatever its method: nothing of it left the
@@ -331,7 +333,7 @@ pub async fn handle(
         let Some((sender, reused)) = attempts.connection(i, &state.pool.hyper, dial).await else {
             continue;
         };
-        let conn = Conn {
+        let mut conn = Conn {
             addr: backend.addr,
             sender,
             reused,
@@ -341,7 +343,6 @@ pub async fn handle(
         };
         // Sent again only after a failure once sent: keep the headers for that.
         let request = out.request(b, attempts.may_resend());
-        let mut conn = conn;
         let in_flight = InFlight::new(backend);
         let sent = tokio::time::timeout(
             state.settings.response_timeout,
