@@ -595,7 +595,9 @@ impl Body {
 
     /// Copies the rest of the body from `from` to `to`, beginning with the bytes of it
     /// already in `buf` (which keeps what follows the body), its payload counted as it
-    /// passes: `Ok(false)` when the payload in all would exceed `limit`.
+    /// passes: `Ok(false)` when the payload in all would exceed `limit`. A failure says which
+    /// side failed: the one it came from (`From`: cut short or badly framed) or the one it
+    /// went to.
     async fn pass<R, W>(
         &mut self,
         from: &mut R,
@@ -603,18 +605,18 @@ impl Body {
         buf: &mut Vec<u8>,
         count: &Counter,
         limit: u64,
-    ) -> io::Result<bool>
+    ) -> Result<bool, Side>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         loop {
             if !buf.is_empty() || self.framing == Framing::None {
-                let (n, done, payload) = self.take(buf)?;
+                let (n, done, payload) = self.take(buf).map_err(Side::From)?;
                 if self.payload > limit {
                     return Ok(false);
                 }
-                to.write_all(&buf[..n]).await?;
+                to.write_all(&buf[..n]).await.map_err(Side::To)?;
                 count.inc_by(payload);
                 buf.drain(..n);
                 if done {
@@ -624,14 +626,21 @@ impl Body {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(16384);
             }
-            if from.read_buf(buf).await? == 0 {
+            if from.read_buf(buf).await.map_err(Side::From)? == 0 {
                 return match self.framing {
                     Framing::Close => Ok(true),
-                    _ => Err(io::ErrorKind::UnexpectedEof.into()),
+                    _ => Err(Side::From(io::ErrorKind::UnexpectedEof.into())),
                 };
             }
         }
     }
+}
+
+/// Which side of a copy failed.
+#[derive(Debug)]
+enum Side {
+    From(io::Error),
+    To(io::Error),
 }
 
 /// Serves HTTP/1.1 requests on `io` until the client closes, a stop, or a request that is
@@ -993,22 +1002,28 @@ async fn proxied<S: Stream>(
     io.write_all(&out).await?;
     counters.bytes_out.inc_by(payload);
     rbuf.drain(..n);
-    let complete = done || {
-        // The rest as it comes, counted as it passes; the last piece not held back for the
-        // client's ACK.
-        io.no_delay();
-        match body
-            .pass(&mut conn, io, &mut rbuf, &counters.bytes_out, u64::MAX)
-            .await
-        {
-            Ok(_) => true,
-            Err(e) => {
-                debug!(%backend, domain = %head.host, error = %e, "response failed");
-                counters.response_errors.inc();
-                false
+    let complete = done
+        || {
+            // The rest as it comes, counted as it passes; the last piece not held back for the
+            // client's ACK.
+            io.no_delay();
+            match body
+                .pass(&mut conn, io, &mut rbuf, &counters.bytes_out, u64::MAX)
+                .await
+            {
+                Ok(_) => true,
+                Err(Side::From(e)) => {
+                    debug!(%backend, domain = %head.host, error = %e, "response failed");
+                    counters.response_errors.inc();
+                    false
+                }
+                // The client went away during the response: not the backend's failure.
+                Err(Side::To(e)) => {
+                    debug!(%backend, domain = %head.host, error = %e, "client left during the response");
+                    false
+                }
             }
-        }
-    };
+        };
     io.flush().await?;
     if complete && resp.keep && rbuf.is_empty() {
         state.pool.h1.checkin(backend, conn);
@@ -1051,7 +1066,10 @@ async fn exchange<S: Stream>(
             match body.pass(io, conn, buf, &counters.bytes_in, limit).await {
                 Ok(true) => {}
                 Ok(false) => return Err(Failed::TooLarge),
-                Err(_) => return Err(Failed::ClientGone),
+                Err(Side::From(_)) => return Err(Failed::ClientGone),
+                // The backend closed while the body went to it (it may have answered early):
+                // the body is spent, so no other backend can have it.
+                Err(Side::To(_)) => return Err(Failed::Sent),
             }
         }
     }

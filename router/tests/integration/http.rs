@@ -798,3 +798,69 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
         "a bad head reached the backend"
     );
 }
+
+/// A client that leaves in the middle of a long response is not a backend failure: the
+/// backend error counter stays at 0 (the router's write to the client failed, not its read
+/// from the backend), and the backend's next request is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_during_a_response_is_not_counted_against_the_backend() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    // A backend that streams 64 KiB chunks, 40 ms apart, for at most 5 s.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                let chunk = [b"10000\r\n".to_vec(), vec![b'z'; 65_536], b"\r\n".to_vec()].concat();
+                for _ in 0..125 {
+                    if s.write_all(&chunk).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(40));
+                }
+            });
+        }
+    });
+    put_route(&mut c, "l.test", "l", false).await;
+    put_endpoint(&mut c, "l", 1, backend).await;
+    let router = Router::start(&etcd, &[]);
+    let mut client = std::net::TcpStream::connect(router.http).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    client
+        .write_all(b"GET /long HTTP/1.1\r\nHost: l.test\r\n\r\n")
+        .unwrap();
+    let mut got = 0;
+    let mut buf = [0u8; 16_384];
+    while got < 200_000 {
+        let n = client.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early");
+        got += n;
+    }
+    drop(client);
+    let errors = "router_backend_errors_total{domain=\"l.test\",kind=\"response\"}";
+    testkit::eventually(
+        Duration::from_secs(10),
+        "the router saw the client go",
+        || {
+            (router.metric("router_requests_total{domain=\"l.test\",class=\"2xx\"}") == 1)
+                .then_some(())
+        },
+    );
+    // Long enough for the router's next writes to the closed connection to fail (a chunk
+    // comes every 40 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(router.metric(errors), 0, "{}", router.metrics());
+}
