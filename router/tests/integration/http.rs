@@ -302,6 +302,14 @@ fn proxy_v2() -> Vec<u8> {
     h
 }
 
+/// A connection to the router that has sent `request` (reads time out after 10 s).
+fn ask(router: &Router, request: &[u8]) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(router.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    s
+}
+
 fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -523,13 +531,10 @@ async fn a_streaming_response_is_counted_as_it_passes() {
     put_route(&mut c, "s.test", "s", false).await;
     put_endpoint(&mut c, "s", 1, backend).await;
     let router = Router::start(&etcd, &[]);
-    let mut client = std::net::TcpStream::connect(router.http).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    client
-        .write_all(b"GET /stream HTTP/1.1\r\nHost: s.test\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    let mut client = ask(
+        &router,
+        b"GET /stream HTTP/1.1\r\nHost: s.test\r\nConnection: close\r\n\r\n",
+    );
     let mut got = Vec::new();
     let mut buf = [0u8; 16_384];
     // The router frames the body anew (chunks of its own size): count the body's bytes.
@@ -656,20 +661,13 @@ impl RawBackend {
     }
 }
 
-/// Reads all a connection gives until it closes (10 s at most).
-fn read_all(s: &mut std::net::TcpStream) -> String {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    String::from_utf8_lossy(&got).into_owned()
-}
-
 /// HTTP/1.1 as clients and backends speak it, through the router's own path: requests
 /// pipelined in one write answered in order on one connection; a body with a length and a
 /// chunked one arrive whole; a chunked response, `HEAD`, 204 and 304 framed right; a response
 /// without length passed to its end with `Connection: close`; hop-by-hop fields (and the
-/// fields `Connection` names, but never those that frame a message or the host) not forwarded. And what the router leaves to hyper: HTTP/1.0,
-/// `Expect: 100-continue`. Bad heads: 400 and 431.
+/// fields `Connection` names, but never those that frame a message or the host) not
+/// forwarded. And what the router leaves to hyper: HTTP/1.0, `Expect: 100-continue`. Bad
+/// heads: 400 and 431.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
     let etcd = Etcd::start().await;
@@ -679,7 +677,6 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
     put_endpoint(&mut c, "r", 1, b.addr).await;
     let router = Router::start(&etcd, &["--max-headers", "20"]);
 
-    let mut s = std::net::TcpStream::connect(router.http).unwrap();
     let h = "Host: r.test\r\n";
     let requests = [
         format!("POST /echo HTTP/1.1\r\n{h}Content-Length: 5\r\n\r\nhello"),
@@ -701,8 +698,7 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
         format!("GET /framing HTTP/1.1\r\n{h}\r\n"),
         format!("GET /nolength HTTP/1.1\r\n{h}\r\n"),
     ];
-    s.write_all(requests.concat().as_bytes()).unwrap();
-    let got = read_all(&mut s);
+    let got = raw(router.http, requests.concat().as_bytes());
     let expected = [
         "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
         "HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello world",
@@ -744,10 +740,10 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
     );
 
     // HTTP/1.0 and Expect: served by hyper on the same connection's rest.
-    let mut s = std::net::TcpStream::connect(router.http).unwrap();
-    s.write_all(format!("GET /echo HTTP/1.0\r\n{h}\r\n").as_bytes())
-        .unwrap();
-    let got = read_all(&mut s);
+    let got = raw(
+        router.http,
+        format!("GET /echo HTTP/1.0\r\n{h}\r\n").as_bytes(),
+    );
     assert!(got.starts_with("HTTP/1.0 200 OK\r\n"), "{got}");
     let body = "x".repeat(5000);
     let got = curl(&[
@@ -780,9 +776,7 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
         ("GET / HTTP/1.1\r\n\r\n", "400"),
         ("NOT HTTP\r\n\r\n", "400"),
     ] {
-        let mut s = std::net::TcpStream::connect(router.http).unwrap();
-        s.write_all(bad.as_bytes()).unwrap();
-        let got = read_all(&mut s);
+        let got = raw(router.http, bad.as_bytes());
         assert!(
             got.starts_with(&format!("HTTP/1.1 {status} ")),
             "{bad:?}: {got}"
@@ -835,13 +829,7 @@ async fn a_client_leaving_during_a_response_is_not_counted_against_the_backend()
     put_route(&mut c, "l.test", "l", false).await;
     put_endpoint(&mut c, "l", 1, backend).await;
     let router = Router::start(&etcd, &[]);
-    let mut client = std::net::TcpStream::connect(router.http).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    client
-        .write_all(b"GET /long HTTP/1.1\r\nHost: l.test\r\n\r\n")
-        .unwrap();
+    let mut client = ask(&router, b"GET /long HTTP/1.1\r\nHost: l.test\r\n\r\n");
     let mut got = 0;
     let mut buf = [0u8; 16_384];
     while got < 200_000 {
