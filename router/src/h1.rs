@@ -451,6 +451,17 @@ fn parse_response(buf: &[u8], method: &Method) -> Result<Option<Response>, &'sta
         }
         field(&mut out, f.name, &[f.value]);
     }
+    // A response forwarded without a Date gets one (RFC 9110 6.6.1: a recipient with a clock
+    // must add it); hyper's server did so for every response.
+    if !status.is_informational()
+        && !resp
+            .headers
+            .iter()
+            .any(|f| f.name.eq_ignore_ascii_case("date"))
+    {
+        let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+        field(&mut out, "Date", &[now.as_bytes()]);
+    }
     Ok(Some(Response {
         len,
         status,
