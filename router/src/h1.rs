@@ -113,7 +113,8 @@ struct Head {
     /// Bytes of the head in the client's buffer.
     len: usize,
     method: Method,
-    /// The request target as the client sent it (origin form for the backend).
+    /// The request target in origin form (an absolute-form target's path and query): what the
+    /// backend gets, a redirect keeps and the access log shows.
     target: String,
     host: String,
     out: Vec<u8>,
@@ -352,7 +353,7 @@ fn parse(buf: &[u8], max_headers: usize, info: &ConnInfo) -> Parsed {
     Parsed::Head(Head {
         len,
         method,
-        target: target.to_owned(),
+        target: path.to_owned(),
         host,
         out,
         body,

@@ -761,6 +761,27 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
     ]);
     assert_eq!((got.status, got.body.len()), (200, 5000), "{}", got.body);
 
+    // An absolute-form target routes by its authority; the backend gets the origin form, and
+    // a redirect keeps the path and query (not the whole target).
+    put_route(&mut c, "rr.test", "r", true).await;
+    let got = raw(
+        router.http,
+        b"GET http://r.test/abs?q=1 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    let last = b.heads.lock().unwrap().last().cloned().unwrap();
+    assert!(last.starts_with("GET /abs?q=1 HTTP/1.1\r\n"), "{last}");
+    assert!(last.contains("Host: r.test\r\n"), "{last}");
+    let location = format!(
+        "location: https://rr.test:{}/x?y=1\r\n",
+        router.https.port()
+    );
+    testkit::eventually(Duration::from_secs(5), "the redirect", || {
+        let ask = b"GET http://rr.test/x?y=1 HTTP/1.1\r\nConnection: close\r\n\r\n";
+        let got = raw(router.http, ask);
+        (got.starts_with("HTTP/1.1 308 ") && got.contains(&location)).then_some(())
+    });
+
     // Bad heads: refused, and the connection closed.
     let mut many = String::from("GET / HTTP/1.1\r\nHost: r.test\r\n");
     for i in 0..25 {
@@ -792,7 +813,7 @@ async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
     }
     assert_eq!(
         b.heads.lock().unwrap().len(),
-        12,
+        13,
         "a bad head reached the backend"
     );
 }
