@@ -26,7 +26,7 @@ use tracing::debug;
 
 use crate::metrics::RouteCounters;
 use crate::pool;
-use crate::proxy::{Attempts, ConnInfo, Entry, InFlight, idempotent};
+use crate::proxy::{Attempts, ConnInfo, Entry, HOP, InFlight, https_location, idempotent, says};
 use crate::server::Serving;
 use crate::table::{Route, host_name};
 
@@ -131,17 +131,7 @@ enum Parsed {
     Refused(StatusCode, &'static str),
 }
 
-/// Hop-by-hop fields (RFC 9110 7.6.1), never forwarded; and the forwarding fields the router
-/// writes itself.
-const HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// The forwarding fields the router writes itself (the client's are replaced).
 const OURS: [&str; 4] = [
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -298,17 +288,11 @@ fn parse(buf: &[u8], max_headers: usize, info: &ConnInfo) -> Parsed {
             Err(_) => return Parsed::Refused(StatusCode::BAD_REQUEST, "The Host is not text."),
         },
         (None, None) => {
-            return Parsed::Refused(
-                StatusCode::BAD_REQUEST,
-                "The request names no host (Host header or authority).",
-            );
+            return Parsed::Refused(StatusCode::BAD_REQUEST, says::NO_HOST);
         }
     };
     let Some(host) = host_name(host_text) else {
-        return Parsed::Refused(
-            StatusCode::BAD_REQUEST,
-            "The request names no host (Host header or authority).",
-        );
+        return Parsed::Refused(StatusCode::BAD_REQUEST, says::NO_HOST);
     };
 
     // The backend's head.
@@ -442,6 +426,7 @@ fn parse_response(buf: &[u8], method: &Method) -> Result<Option<Response>, &'sta
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    let mut dated = false;
     for f in &*resp.headers {
         // `Transfer-Encoding` stays: the body goes on as the backend framed it; a length
         // beside chunked (which wins, RFC 9112 6.3) does not.
@@ -450,16 +435,12 @@ fn parse_response(buf: &[u8], method: &Method) -> Result<Option<Response>, &'sta
         if hop || stale || is(f.name, &named) {
             continue;
         }
+        dated |= f.name.eq_ignore_ascii_case("date");
         field(&mut out, f.name, &[f.value]);
     }
     // A response forwarded without a Date gets one (RFC 9110 6.6.1: a recipient with a clock
     // must add it); hyper's server did so for every response.
-    if !status.is_informational()
-        && !resp
-            .headers
-            .iter()
-            .any(|f| f.name.eq_ignore_ascii_case("date"))
-    {
+    if !dated && !status.is_informational() {
         let now = httpdate::fmt_http_date(std::time::SystemTime::now());
         field(&mut out, "Date", &[now.as_bytes()]);
     }
@@ -778,7 +759,7 @@ async fn write_own<S: Stream>(
 ) -> io::Result<u64> {
     use std::fmt::Write;
     let reason = status.canonical_reason().unwrap_or("");
-    let body = format!("{} {reason}\n{text}\n", status.as_u16());
+    let body = says::page(status, text);
     let mut out = format!(
         "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n\
          content-length: {}\r\ndate: {}\r\n",
@@ -882,16 +863,12 @@ async fn request<S: Stream>(
         start: Instant::now(),
     };
     let Some(route) = &route else {
-        let text = format!("No site is served for {} here.", head.host);
+        let text = says::no_route(&head.host);
         return c.own(io, StatusCode::NOT_FOUND, &text, &[]).await;
     };
     if !info.tls && route.record.https_redirect {
-        let port = match state.settings.https_port {
-            443 | 0 => String::new(),
-            p => format!(":{p}"),
-        };
-        let location = format!("https://{}{port}{}", head.host, head.target);
-        let text = format!("This site is served over HTTPS: {location}");
+        let location = https_location(state, &head.host, &head.target);
+        let text = says::redirect(&location);
         let extra = [("location", location.as_str())];
         return c
             .own(io, StatusCode::PERMANENT_REDIRECT, &text, &extra)
@@ -900,24 +877,17 @@ async fn request<S: Stream>(
     if let Framing::Length(n) = head.body
         && n > state.settings.max_body as u64
     {
-        let text = too_large(state.settings.max_body);
+        let text = says::too_large(state.settings.max_body);
         return c.own(io, StatusCode::PAYLOAD_TOO_LARGE, &text, &[]).await;
     }
     if route.backends.is_empty() {
-        let text = format!(
-            "No instance of {} is running right now.",
-            route.service_port.service
-        );
+        let text = says::no_instance(&route.service_port.service);
         let extra = [("retry-after", "1")];
         return c
             .own(io, StatusCode::SERVICE_UNAVAILABLE, &text, &extra)
             .await;
     }
     proxied(&c, io, buf, route).await
-}
-
-fn too_large(max: usize) -> String {
-    format!("The request body is larger than this router takes ({max} bytes).")
 }
 
 /// Why an attempt at a backend failed.
@@ -979,7 +949,7 @@ async fn proxied<S: Stream>(
             }
             Err(Failed::ClientGone) => return Ok(false),
             Err(Failed::TooLarge) => {
-                let text = too_large(settings.max_body);
+                let text = says::too_large(settings.max_body);
                 c.own(io, StatusCode::PAYLOAD_TOO_LARGE, &text, &[]).await?;
                 return Ok(false);
             }
@@ -988,11 +958,7 @@ async fn proxied<S: Stream>(
     let (resp, mut conn, in_flight) = match outcome {
         Ok(r) => r,
         Err(status) => {
-            let text = match status {
-                StatusCode::GATEWAY_TIMEOUT => "The site did not answer in time.",
-                _ => "The site failed to answer.",
-            };
-            return c.own(io, status, text, &[]).await;
+            return c.own(io, status, says::failed(status), &[]).await;
         }
     };
     let backend = in_flight.0.addr;

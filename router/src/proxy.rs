@@ -84,15 +84,15 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Headers that belong to one hop (RFC 9110 7.6.1), never forwarded.
-const HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// Headers that belong to one hop (RFC 9110 7.6.1), never forwarded (both paths).
+pub(crate) const HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
 /// Removes hop-by-hop headers (and those `Connection` names); keeps `Upgrade` and
@@ -107,7 +107,10 @@ fn strip_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter(|n| !(upgrade && *n == header::UPGRADE))
         .collect();
     let upgrade_value = headers.get(header::UPGRADE).cloned();
-    for h in HOP.iter().chain(&named) {
+    for h in HOP {
+        headers.remove(h);
+    }
+    for h in &named {
         headers.remove(h);
     }
     if upgrade && let Some(v) = upgrade_value {
@@ -136,15 +139,55 @@ pub(crate) fn idempotent(method: &Method) -> bool {
     )
 }
 
+/// What the router's own answers say, the same on both paths (this module's and `h1`'s).
+pub(crate) mod says {
+    use http::StatusCode;
+
+    pub const NO_HOST: &str = "The request names no host (Host header or authority).";
+
+    pub fn no_route(host: &str) -> String {
+        format!("No site is served for {host} here.")
+    }
+
+    pub fn no_instance(service: &impl std::fmt::Display) -> String {
+        format!("No instance of {service} is running right now.")
+    }
+
+    pub fn too_large(max: usize) -> String {
+        format!("The request body is larger than this router takes ({max} bytes).")
+    }
+
+    pub fn redirect(location: &str) -> String {
+        format!("This site is served over HTTPS: {location}")
+    }
+
+    /// No backend answered: 504 when the last one was too slow, else 502.
+    pub fn failed(status: StatusCode) -> &'static str {
+        match status {
+            StatusCode::GATEWAY_TIMEOUT => "The site did not answer in time.",
+            _ => "The site failed to answer.",
+        }
+    }
+
+    /// The page of an answer: its status, then `text`.
+    pub fn page(status: StatusCode, text: &str) -> String {
+        let reason = status.canonical_reason().unwrap_or("");
+        format!("{} {reason}\n{text}\n", status.as_u16())
+    }
+}
+
+/// Where a 308 sends a request for `host` (`path_and_query` in origin form).
+pub(crate) fn https_location(state: &State, host: &str, path_and_query: &str) -> String {
+    match state.settings.https_port {
+        443 | 0 => format!("https://{host}{path_and_query}"),
+        p => format!("https://{host}:{p}{path_and_query}"),
+    }
+}
+
 /// One of the router's own answers: a short plain page.
 fn answer(status: StatusCode, text: &str) -> Response<RespBody> {
-    let mut resp = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(
-        format!(
-            "{} {}\n{text}\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("")
-        ),
-    ))));
+    let page = says::page(status, text);
+    let mut resp = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(page))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -238,19 +281,13 @@ pub async fn handle(
 ) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
     let Some(host) = request_host(&req) else {
-        let resp = answer(
-            StatusCode::BAD_REQUEST,
-            "The request names no host (Host header or authority).",
-        );
+        let resp = answer(StatusCode::BAD_REQUEST, says::NO_HOST);
         state.metrics.unknown.count(resp.status());
         return Ok(resp);
     };
     let table = state.table();
     let Some(route) = table.lookup(&host).cloned() else {
-        let resp = answer(
-            StatusCode::NOT_FOUND,
-            &format!("No site is served for {host} here."),
-        );
+        let resp = answer(StatusCode::NOT_FOUND, &says::no_route(&host));
         finish_own(
             &state,
             &state.metrics.unknown,
@@ -275,24 +312,14 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > state.settings.max_body as u64) {
-        let resp = answer(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!(
-                "The request body is larger than this router takes ({} bytes).",
-                state.settings.max_body
-            ),
-        );
+        let text = says::too_large(state.settings.max_body);
+        let resp = answer(StatusCode::PAYLOAD_TOO_LARGE, &text);
         finish_own(&state, counters, asked(&req), &host, &info, &resp, start);
         return Ok(resp);
     }
     if route.backends.is_empty() {
-        let mut resp = answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "No instance of {} is running right now.",
-                route.service_port.service
-            ),
-        );
+        let text = says::no_instance(&route.service_port.service);
+        let mut resp = answer(StatusCode::SERVICE_UNAVAILABLE, &text);
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         finish_own(&state, counters, asked(&req), &host, &info, &resp, start);
@@ -381,11 +408,7 @@ pub async fn handle(
     let (mut resp, conn, in_flight) = match result {
         Ok(r) => r,
         Err(status) => {
-            let text = match status {
-                StatusCode::GATEWAY_TIMEOUT => "The site did not answer in time.",
-                _ => "The site failed to answer.",
-            };
-            let resp = answer(status, text);
+            let resp = answer(status, says::failed(status));
             let asked = Asked {
                 method: &method,
                 path: uri.path(),
@@ -577,16 +600,9 @@ impl<'r> Attempts<'r> {
 
 /// 308 to the same URL over HTTPS.
 fn redirect(state: &State, req: &Request<Incoming>, host: &str) -> Response<RespBody> {
-    let port = match state.settings.https_port {
-        443 | 0 => String::new(),
-        p => format!(":{p}"),
-    };
     let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let location = format!("https://{host}{port}{pq}");
-    let mut resp = answer(
-        StatusCode::PERMANENT_REDIRECT,
-        &format!("This site is served over HTTPS: {location}"),
-    );
+    let location = https_location(state, host, pq);
+    let mut resp = answer(StatusCode::PERMANENT_REDIRECT, &says::redirect(&location));
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
