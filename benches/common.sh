@@ -39,13 +39,19 @@ rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 hz=$(getconf CLK_TCK)
 
+# make_www: $work/www with the 1 KiB small.txt every nginx backend serves. nginx's workers
+# run as nobody: they must get through the (0700) work dir to the file, or every request is
+# answered 403.
+make_www() {
+  mkdir -p "$work/www"
+  chmod 711 "$work"; chmod 755 "$work/www"
+  head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/small.txt"
+}
+
 # start_nginx: nginx (one worker) serving a 1 KiB small.txt on 127.0.0.1:$NGINX (set here).
 start_nginx() {
   NGINX=$(free_port)
-  mkdir -p "$work/www"
-  # nginx's workers run as nobody: they must get through the (0700) work dir to the file.
-  chmod 711 "$work"; chmod 755 "$work/www"
-  head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/small.txt"
+  make_www
   cat >"$work/nginx.conf" <<CONF
 daemon off;
 worker_processes 1;

@@ -45,11 +45,7 @@ start_etcd
 IPERF=$(free_port); NGINX=$(free_port)
 backend iperf3 -s -p "$IPERF" -B "$BACKEND_IP" >/dev/null 2>&1 &
 pids+=($!)
-mkdir -p "$work/www"
-# nginx's workers run as nobody: they must get through the (0700) work dir to the file, or
-# every request is answered 403 instead of the file.
-chmod 711 "$work"; chmod 755 "$work/www"
-head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/small.txt"
+make_www
 cat >"$work/nginx.conf" <<EOF
 daemon off;
 worker_processes 1;

@@ -45,9 +45,7 @@ cat "$work/bench.crt" "$work/bench.key" >"$work/bench.pem"
 
 # The backend: nginx with a 1 KiB file, plain and (for direct HTTPS) TLS.
 B=$(free_port); BS=$(free_port)
-mkdir -p "$work/www" "$work/b"
-chmod 711 "$work"; chmod 755 "$work/www"
-head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/small.txt"
+make_www; mkdir -p "$work/b"
 cat >"$work/b/nginx.conf" <<EOF
 daemon off;
 worker_processes 1;
