@@ -9,6 +9,7 @@
 //! * [`proxy`]: one request through hyper (HTTP/2, and what `h1` hands over: WebSocket,
 //!   `Expect`, HTTP/1.0): forwarding headers, retries, the router's own answers.
 //! * [`pool`]: keep-alive connections to backends.
+//! * [`batch`]: an HTTP/2 connection's writes gathered over a turn of its task.
 //! * [`tls`]: certificates by SNI, from `--certs` and etcd, swapped without dropping anything.
 //! * [`server`]: listeners, limits, PROXY protocol, graceful shutdown.
 //! * [`state`]: etcd into the table and the certificates.
@@ -16,6 +17,7 @@
 //! * [`daemon`]: the flags and the one start-up that `router` and `viking up --router` share.
 
 pub mod admin;
+pub mod batch;
 pub mod daemon;
 pub mod h1;
 pub mod metrics;

@@ -20,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::h1;
 use crate::proxy::{self, ConnInfo};
 use crate::state::State;
+use crate::{batch, h1};
 
 /// Limits of a public port.
 #[derive(Debug, Clone)]
@@ -204,8 +204,10 @@ async fn connection(
                     s.state.metrics.tls_handshakes.inc();
                     let info = ConnInfo::new(client, true);
                     if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        let io = TokioIo::new(tls_stream);
-                        Box::pin(serve(s, io, Arc::new(info), true)).await;
+                        // What the streams answer in one turn goes out in one write.
+                        let (io, writer) = batch::batched(tls_stream);
+                        let conn = serve(s, TokioIo::new(io), Arc::new(info), true);
+                        Box::pin(batch::flushing(writer, conn)).await;
                     } else {
                         http1(s, tls_stream, info).await;
                     }

@@ -133,10 +133,19 @@ async fn answer(
         if req.uri().path() == "/slow" {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
+        if let Some(n) = req.uri().path().strip_prefix("/big/") {
+            let n: usize = n.parse().expect("/big/<bytes>");
+            return Ok(hyper::Response::new(Full::new(Bytes::from(big(n)))));
+        }
     }
     Ok(hyper::Response::new(Full::new(Bytes::from(
         seen.to_string(),
     ))))
+}
+
+/// What `GET /big/<n>` answers: `n` bytes of the alphabet over and over.
+pub fn big(n: usize) -> String {
+    (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect()
 }
 
 /// `routes/<domain>` -> `web/<job>:8080`.

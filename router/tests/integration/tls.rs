@@ -10,6 +10,7 @@ use testkit::Etcd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::{Router, Web, curl, get, put_endpoint, put_route};
+use std::process::Command;
 
 async fn put_cert(c: &mut etcd_client::Client, domain: &str, dir: &Path, file: &str) {
     let read = |ext: &str| std::fs::read_to_string(dir.join(format!("{file}.{ext}"))).unwrap();
@@ -153,6 +154,43 @@ async fn https_picks_the_certificate_by_sni_speaks_h2_swaps_a_certificate_and_re
         format!("a.test:{}", router.https.port()),
         "the :authority becomes Host"
     );
+    // Many streams at once on two connections, with answers small and larger than what one
+    // turn of a connection gathers before writing (`router::batch::LIMIT`): every one whole.
+    let port = router.https.port();
+    let big = crate::big(200_000);
+    let got = curl(&[
+        "--cacert",
+        ca_path.to_str().unwrap(),
+        "--resolve",
+        &format!("a.test:{port}:127.0.0.1"),
+        "--http2",
+        &format!("https://a.test:{port}/big/200000"),
+    ]);
+    assert_eq!(
+        (got.status, got.version.as_str()),
+        (200, "2"),
+        "{}",
+        got.stderr
+    );
+    assert!(
+        got.body == big,
+        "the body came changed ({} bytes)",
+        got.body.len()
+    );
+    for path in ["/", "/big/200000"] {
+        let out = Command::new("h2load")
+            .args(["-c", "2", "-m", "20", "-n", "400", "--connect-to"])
+            .arg(router.https.to_string())
+            .arg(format!("https://a.test:{port}{path}"))
+            .output()
+            .expect("h2load: run `make test`, which installs nghttp2-client");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("400 succeeded, 0 failed, 0 errored") && text.contains("400 2xx"),
+            "{path}: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let got = https(&router, &ca_path, "a.test", &["--http1.1"]);
     assert_eq!((got.status, got.version.as_str()), (200, "1.1"), "{got:?}");
     // From etcd; and a wildcard file.
