@@ -100,7 +100,7 @@ pub enum Ended<S> {
 
 /// How a message's body ends.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Framing {
+pub(crate) enum Framing {
     None,
     Length(u64),
     Chunked,
@@ -354,18 +354,67 @@ fn field(out: &mut Vec<u8>, name: &str, value: &[&[u8]]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A backend's response head, and the head the client gets.
-struct Response {
-    len: usize,
-    status: StatusCode,
-    out: Vec<u8>,
-    body: Framing,
+/// A backend's response head, and the fields the client gets (`O`: see [`Fields`]).
+pub(crate) struct Response<O = Vec<u8>> {
+    pub len: usize,
+    pub status: StatusCode,
+    pub out: O,
+    pub body: Framing,
     /// The backend keeps the connection open after it.
-    keep: bool,
+    pub keep: bool,
+}
+
+/// Where a backend's response fields go: an HTTP/1.1 head for this path's client, or a header
+/// map for hyper's (HTTP/2).
+pub(crate) trait Fields {
+    /// The body goes on framed as the backend framed it (`Transfer-Encoding` kept).
+    const PASSES_FRAMING: bool;
+    fn start(status: StatusCode, reason: &str, capacity: usize) -> Self;
+    fn field(&mut self, name: &str, value: &[u8]);
+}
+
+impl Fields for Vec<u8> {
+    const PASSES_FRAMING: bool = true;
+
+    fn start(status: StatusCode, reason: &str, capacity: usize) -> Self {
+        let mut out = Vec::with_capacity(capacity + 32);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(reason.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    fn field(&mut self, name: &str, value: &[u8]) {
+        field(self, name, &[value]);
+    }
+}
+
+impl Fields for http::HeaderMap {
+    const PASSES_FRAMING: bool = false;
+
+    fn start(_: StatusCode, _: &str, _: usize) -> Self {
+        http::HeaderMap::with_capacity(16)
+    }
+
+    /// A field that is not a valid header (httparse lets some bytes through that `http` does
+    /// not) is left out.
+    fn field(&mut self, name: &str, value: &[u8]) {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            self.append(n, v);
+        }
+    }
 }
 
 /// Parses the response head at the start of `buf`: `None` while partial.
-fn parse_response(buf: &[u8], method: &Method) -> Result<Option<Response>, &'static str> {
+fn parse_response<O: Fields>(
+    buf: &[u8],
+    method: &Method,
+) -> Result<Option<Response<O>>, &'static str> {
     let mut fields = [httparse::EMPTY_HEADER; 128];
     let mut resp = httparse::Response::new(&mut fields);
     let len = match resp.parse(buf) {
@@ -420,29 +469,25 @@ fn parse_response(buf: &[u8], method: &Method) -> Result<Option<Response>, &'sta
             (None, Some(n)) => Framing::Length(n),
         }
     };
-    let mut out = Vec::with_capacity(len + 32);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    let mut out = O::start(status, resp.reason.unwrap_or(""), len);
     let mut dated = false;
     for f in &*resp.headers {
-        // `Transfer-Encoding` stays: the body goes on as the backend framed it; a length
+        // `Transfer-Encoding` stays when the body goes on as the backend framed it; a length
         // beside chunked (which wins, RFC 9112 6.3) does not.
-        let hop = is(f.name, &HOP) && !f.name.eq_ignore_ascii_case("transfer-encoding");
+        let framing = O::PASSES_FRAMING && f.name.eq_ignore_ascii_case("transfer-encoding");
+        let hop = is(f.name, &HOP) && !framing;
         let stale = body == Framing::Chunked && f.name.eq_ignore_ascii_case("content-length");
         if hop || stale || is(f.name, &named) {
             continue;
         }
         dated |= f.name.eq_ignore_ascii_case("date");
-        field(&mut out, f.name, &[f.value]);
+        out.field(f.name, f.value);
     }
     // A response forwarded without a Date gets one (RFC 9110 6.6.1: a recipient with a clock
     // must add it); hyper's server did so for every response.
     if !dated && !status.is_informational() {
         let now = httpdate::fmt_http_date(std::time::SystemTime::now());
-        field(&mut out, "Date", &[now.as_bytes()]);
+        out.field("Date", now.as_bytes());
     }
     Ok(Some(Response {
         len,
@@ -453,7 +498,7 @@ fn parse_response(buf: &[u8], method: &Method) -> Result<Option<Response>, &'sta
     }))
 }
 
-/// Finds where a chunked body ends, as its bytes pass.
+/// Finds where a chunked body ends, as its bytes pass; or decodes it ([`Chunks::framing`]).
 #[derive(Debug, Default)]
 pub struct Chunks {
     state: ChunkState,
@@ -461,6 +506,8 @@ pub struct Chunks {
     left: u64,
     /// Data bytes passed (what the body carries, without the chunks' framing).
     pub data: u64,
+    /// The trailer section's bytes, when kept ([`Chunks::keeping_trailers`]).
+    pub trailers: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -481,17 +528,63 @@ enum ChunkState {
 }
 
 impl Chunks {
+    /// A decoder that keeps the trailer section's bytes (in `trailers`).
+    pub fn keeping_trailers() -> Self {
+        Self {
+            trailers: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
     /// Takes the next bytes of the body: `Ok(Some(n))` when it ended after `n` of them.
     ///
     /// Strict: every line ends with CRLF (a bare LF, which RFC 9112 lets a recipient accept,
     /// is refused): the bytes go on to the backend as they are, and a backend that reads a
     /// bare LF otherwise than the router would see another message boundary.
     pub fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, &'static str> {
-        use ChunkState::*;
         let mut i = 0;
-        while i < data.len() {
-            let b = data[i];
-            self.state = match (self.state, b) {
+        loop {
+            let (n, done) = self.framing(&data[i..])?;
+            i += n;
+            if done {
+                return Ok(Some(i));
+            }
+            if i == data.len() {
+                return Ok(None);
+            }
+            let take = self.data_left().min((data.len() - i) as u64);
+            self.take_data(take);
+            i += take as usize;
+        }
+    }
+
+    /// Data bytes that come next, before more framing (0 while framing is being read).
+    pub fn data_left(&self) -> u64 {
+        if self.state == ChunkState::Data {
+            self.left
+        } else {
+            0
+        }
+    }
+
+    /// `n` (at most [`Chunks::data_left`]) data bytes passed.
+    pub fn take_data(&mut self, n: u64) {
+        self.left -= n;
+        self.data += n;
+        if self.left == 0 && self.state == ChunkState::Data {
+            self.state = ChunkState::DataCr;
+        }
+    }
+
+    /// Takes framing bytes (sizes, extensions, line ends, trailers) from the start of `data`
+    /// until chunk data comes, the body ends or `data` runs out: how many it took, and whether
+    /// the body ended.
+    pub fn framing(&mut self, data: &[u8]) -> Result<(usize, bool), &'static str> {
+        use ChunkState::*;
+        for (i, &b) in data.iter().enumerate() {
+            let before = self.state;
+            self.state = match (before, b) {
+                (Data, _) => return Ok((i, false)),
                 (Size | SizeDigits, _) if b.is_ascii_hexdigit() => {
                     let d = u64::from((b as char).to_digit(16).unwrap_or(0));
                     self.left = self
@@ -507,16 +600,6 @@ impl Chunks {
                 (Extension, _) => Extension,
                 (SizeLf, b'\n') if self.left == 0 => TrailerStart,
                 (SizeLf, b'\n') => Data,
-                (Data, _) => {
-                    let take = self.left.min((data.len() - i) as u64) as usize;
-                    self.left -= take as u64;
-                    self.data += take as u64;
-                    i += take;
-                    if self.left == 0 {
-                        self.state = DataCr;
-                    }
-                    continue;
-                }
                 (DataCr, b'\r') => DataLf,
                 (DataLf, b'\n') => Size,
                 (DataCr | DataLf, _) => return Err("chunk data longer than its size"),
@@ -527,16 +610,22 @@ impl Chunks {
                 (TrailerLf, b'\n') => TrailerStart,
                 (EndLf, b'\n') => {
                     self.state = Done;
-                    return Ok(Some(i + 1));
+                    return Ok((i + 1, true));
                 }
-                (Done, _) => return Ok(Some(i)),
+                (Done, _) => return Ok((i, true)),
                 (Size | SizeDigits | SizeLf | TrailerLf | EndLf, _) => {
                     return Err("bad chunk framing");
                 }
             };
-            i += 1;
+            let trailer = |s| matches!(s, TrailerStart | Trailer | TrailerLf);
+            if let Some(t) = &mut self.trailers
+                && trailer(before)
+                && trailer(self.state)
+            {
+                t.push(b);
+            }
         }
-        Ok(None)
+        Ok((data.len(), self.state == Done))
     }
 }
 
@@ -891,7 +980,7 @@ async fn request<S: Stream>(
 }
 
 /// Why an attempt at a backend failed.
-enum Failed {
+pub(crate) enum Failed {
     /// Nothing of the request left the router: another backend may take it, whatever it is.
     Unsent,
     /// Sent (or part of it), no answer: only a request without body that may be repeated
@@ -1073,11 +1162,11 @@ async fn exchange<S: Stream>(
 }
 
 /// Reads the backend's next response head.
-async fn response_head(
+pub(crate) async fn response_head<O: Fields>(
     conn: &mut TcpStream,
     rbuf: &mut Vec<u8>,
     method: &Method,
-) -> Result<Response, Failed> {
+) -> Result<Response<O>, Failed> {
     loop {
         if !rbuf.is_empty() {
             match parse_response(rbuf, method) {
@@ -1157,5 +1246,22 @@ mod tests {
             );
         }
         assert_eq!(Chunks::default().scan(b"10\r\n0123456789"), Ok(None));
+
+        // Decoded: the data between the framing, and the trailers kept.
+        let mut c = Chunks::keeping_trailers();
+        let (mut at, mut data) = (0, Vec::new());
+        loop {
+            let (n, done) = c.framing(&body[at..]).unwrap();
+            at += n;
+            if done {
+                break;
+            }
+            let take = c.data_left() as usize;
+            data.extend_from_slice(&body[at..at + take]);
+            c.take_data(take as u64);
+            at += take;
+        }
+        assert_eq!((at, &data[..]), (body.len() - 9, &b"hello world"[..]));
+        assert_eq!(c.trailers.as_deref(), Some(&b"X-T: 1\r\n"[..]));
     }
 }

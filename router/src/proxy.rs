@@ -1,6 +1,7 @@
 //! One request through hyper (HTTP/2, and what [`crate::h1`] hands over: HTTP/1.0, `Expect`,
 //! `Upgrade`): find the route by host, choose a backend, send the request over a pooled
-//! connection, and stream the response back; or answer itself (404 no route, 503 no live
+//! connection (a plain one, [`crate::plain`], when the request has no body and is no
+//! upgrade; hyper's client otherwise), and stream the response back; or answer itself (404 no route, 503 no live
 //! backend, 502 backend failed, 504 backend too slow, 308 to HTTPS, 413 body too large).
 //! `h1` keeps the same rules (`Attempts` is both paths' retry logic).
 //!
@@ -252,6 +253,24 @@ impl Outgoing {
         }
     }
 
+    /// The request's HTTP/1.1 head, for a plain backend connection ([`crate::plain`]).
+    fn head(&self) -> Vec<u8> {
+        let target = self.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &self.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
     /// The request, its headers cloned (`keep`: it may be sent again) or moved.
     fn request(&mut self, body: ReqBody, keep: bool) -> Request<ReqBody> {
         let mut r = Request::new(body);
@@ -329,6 +348,10 @@ pub async fn handle(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let mut out = Outgoing::new(&mut req, &host, &info, upgrade);
     let no_body = req.body().is_end_stream();
+    if no_body && !upgrade {
+        let version = req.version();
+        return Ok(plain(&state, &info, &route, out, host, version, start).await);
+    }
     let retry_after_send = idempotent(req.method()) && no_body && !upgrade;
     let method = req.method().clone();
     // The URI's parts are shared bytes: a clone copies no text.
@@ -473,8 +496,7 @@ pub async fn handle(
         backend: backend_addr,
     });
     let body = Tracked {
-        inner: incoming,
-        conn: Some(conn),
+        inner: Source::Hyper(incoming, Some(conn)),
         state: Arc::clone(&state),
         route: Arc::clone(&route),
         _in_flight: in_flight,
@@ -485,6 +507,63 @@ pub async fn handle(
         parts,
         http_body_util::Either::Right(body),
     ))
+}
+
+/// A request without body and no upgrade, over a plain backend connection ([`crate::plain`]).
+async fn plain(
+    state: &Arc<State>,
+    info: &ConnInfo,
+    route: &Arc<Route>,
+    out: Outgoing,
+    host: String,
+    version: Version,
+    start: Instant,
+) -> Response<RespBody> {
+    let counters = &route.counters;
+    let answer = match crate::plain::exchange(state, route, &host, &out.head(), &out.method).await {
+        Ok(a) => a,
+        Err(status) => {
+            let resp = answer(status, says::failed(status));
+            let asked = Asked {
+                method: &out.method,
+                path: out.uri.path(),
+                version,
+            };
+            finish_own(state, counters, asked, &host, info, &resp, start);
+            return resp;
+        }
+    };
+    let crate::plain::Answer {
+        mut head,
+        conn,
+        in_flight,
+        read,
+    } = answer;
+    counters.count(head.status);
+    counters.duration.observe(start.elapsed().as_secs_f64());
+    let backend = in_flight.0.addr;
+    let body = crate::plain::Body::new(&head, conn, read, backend);
+    let mut resp = Response::new(http_body_util::Either::Right(Tracked {
+        inner: Source::Plain(body),
+        state: Arc::clone(state),
+        route: Arc::clone(route),
+        _in_flight: in_flight,
+        bytes: 0,
+        log: state.access_log.as_ref().map(|_| LogLine {
+            client: info.client,
+            method: out.method,
+            host,
+            uri: out.uri,
+            version,
+            status: head.status,
+            start,
+            backend,
+        }),
+    }));
+    *resp.status_mut() = head.status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = std::mem::take(&mut head.out);
+    resp
 }
 
 /// The retry rules of both paths (this module's and `h1`'s; see the module's head): which
@@ -686,8 +765,7 @@ impl Drop for InFlight {
 /// A backend's response body on its way to the client: counts bytes, puts the backend
 /// connection back in the pool when the body ended, and logs the request.
 pub struct Tracked {
-    inner: Incoming,
-    conn: Option<Conn>,
+    inner: Source,
     state: Arc<State>,
     route: Arc<Route>,
     /// Until the body is dropped.
@@ -696,16 +774,26 @@ pub struct Tracked {
     log: Option<LogLine>,
 }
 
+/// Where a response body comes from: hyper's client (with the connection to return at its
+/// end), or a plain backend connection that the body reads itself.
+enum Source {
+    Hyper(Incoming, Option<Conn>),
+    Plain(crate::plain::Body),
+}
+
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = match &mut this.inner {
+            Source::Hyper(b, _) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Source::Plain(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
@@ -713,14 +801,16 @@ impl Body for Tracked {
                     this.route.counters.bytes_out.inc_by(d.len() as u64);
                     this.bytes += d.len() as u64;
                 }
-                if this.inner.is_end_stream() {
+                if this.is_end_stream() {
                     this.done();
                 }
             }
             Poll::Ready(None) => this.done(),
             Poll::Ready(Some(Err(_))) => {
                 this.route.counters.response_errors.inc();
-                this.conn = None;
+                if let Source::Hyper(_, conn) = &mut this.inner {
+                    *conn = None;
+                }
             }
             Poll::Pending => {}
         }
@@ -728,20 +818,35 @@ impl Body for Tracked {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Source::Hyper(b, _) => b.is_end_stream(),
+            Source::Plain(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Hyper(b, _) => b.size_hint(),
+            Source::Plain(b) => b.size_hint(),
+        }
     }
 }
 
 impl Tracked {
     /// The body ended: its connection may carry the next request.
     fn done(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if !conn.sender.is_closed() {
-                self.state.pool.hyper.checkin(conn.addr, conn.sender);
+        match &mut self.inner {
+            Source::Hyper(_, conn) => {
+                if let Some(conn) = conn.take()
+                    && !conn.sender.is_closed()
+                {
+                    self.state.pool.hyper.checkin(conn.addr, conn.sender);
+                }
+            }
+            Source::Plain(b) => {
+                if let Some((addr, conn)) = b.reusable() {
+                    self.state.pool.h1.checkin(addr, conn);
+                }
             }
         }
     }

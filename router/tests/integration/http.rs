@@ -556,13 +556,13 @@ async fn a_streaming_response_is_counted_as_it_passes() {
 /// hyper-made backends do not: `/echo` answers the request's body (with a length), `/chunked`
 /// a chunked body, `/nolength` a body without length ended by closing, `/204` and `/304`
 /// nothing. Every request head it reads is kept.
-struct RawBackend {
-    addr: std::net::SocketAddr,
-    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+pub(crate) struct RawBackend {
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl RawBackend {
-    fn start() -> RawBackend {
+    pub(crate) fn start() -> RawBackend {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -633,6 +633,12 @@ impl RawBackend {
                     3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"
                     .to_vec(),
                 "/nolength" => b"HTTP/1.1 200 OK\r\n\r\nuntil-close".to_vec(),
+                "/trailers" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    3\r\nabc\r\n0\r\nX-Sum: 7\r\n\r\n"
+                    .to_vec(),
+                "/early" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+                    HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    .to_vec(),
                 "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".to_vec(),
                 // Fields that would unframe the response if the router took them away.
                 "/framing" => {

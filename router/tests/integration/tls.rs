@@ -244,3 +244,89 @@ async fn https_picks_the_certificate_by_sni_speaks_h2_swaps_a_certificate_and_re
     );
     assert_eq!(https(&router, &ca_path, "r.test", &[]).status, 200);
 }
+
+/// An HTTP/2 request without body goes to the backend over a plain HTTP/1.1 connection
+/// (`router::plain`) and its response comes back decoded from every framing: a length, chunked
+/// (with trailers), to the connection's end; 1xx heads skipped; `HEAD`, 204; a chunked body
+/// beside a length read as chunked. The backend gets an HTTP/1.1 head: origin form, `Host`
+/// from `:authority`, the forwarding fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_2_responses_of_every_framing_come_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    testkit::certs::ca(d);
+    let certs = d.join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    testkit::certs::leaf(d, "r", &["r.test"], 20);
+    for ext in ["crt", "key"] {
+        std::fs::copy(
+            d.join(format!("r.{ext}")),
+            certs.join(format!("r.test.{ext}")),
+        )
+        .unwrap();
+    }
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let b = crate::http::RawBackend::start();
+    put_route(&mut c, "r.test", "r", false).await;
+    put_endpoint(&mut c, "r", 1, b.addr).await;
+    let router = Router::start(&etcd, &["--certs", certs.to_str().unwrap()]);
+    let ca = d.join("ca.crt");
+    let port = router.https.port();
+    let get = |path: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--cacert".to_owned(),
+            ca.display().to_string(),
+            "--resolve".to_owned(),
+            format!("r.test:{port}:127.0.0.1"),
+            "--http2".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args.push(format!("https://r.test:{port}{path}"));
+        curl(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    for (path, body) in [
+        ("/chunked", "abcdefg"),
+        ("/nolength", "until-close"),
+        ("/early", "ok"),
+        ("/framing", "ok"),
+        ("/plain?q=1", ""),
+    ] {
+        let got = get(path, &[]);
+        assert_eq!(
+            (got.status, got.version.as_str(), got.body.as_str()),
+            (200, "2", body),
+            "{path}: {got:?}"
+        );
+    }
+    let got = get("/trailers", &[]);
+    assert_eq!((got.status, got.body.as_str()), (200, "abc"), "{got:?}");
+    assert_eq!(
+        got.headers.get("x-sum").map(String::as_str),
+        Some("7"),
+        "{got:?}"
+    );
+    let got = get("/head", &["-I"]);
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(
+        got.headers.get("content-length").map(String::as_str),
+        Some("10")
+    );
+    assert_eq!(get("/204", &[]).status, 204);
+
+    let heads = b.heads.lock().unwrap().clone();
+    let head = heads
+        .iter()
+        .find(|h| h.starts_with("GET /plain?q=1 "))
+        .unwrap_or_else(|| panic!("{heads:?}"));
+    assert!(head.starts_with("GET /plain?q=1 HTTP/1.1\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    for field in [
+        format!("host: r.test:{port}\r\n"),
+        "x-forwarded-proto: https\r\n".to_owned(),
+        "x-forwarded-for: 127.0.0.1\r\n".to_owned(),
+        format!("forwarded: for=127.0.0.1;proto=https;host=\"r.test:{port}\"\r\n"),
+    ] {
+        assert!(lower.contains(&field), "{field:?} not in {head}");
+    }
+}
