@@ -145,11 +145,11 @@ fn is(name: &str, set: &[&str]) -> bool {
 
 /// A field `Connection` may not take away: what frames the message, and the host. (Taken away,
 /// the body would go on framed by a field the other side no longer sees.)
-fn framing_field(name: &str) -> bool {
+pub(crate) fn framing_field(name: &str) -> bool {
     is(name, &["content-length", "transfer-encoding", "host"])
 }
 
-fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
     std::str::from_utf8(value)
         .unwrap_or("")
         .split(',')
@@ -295,45 +295,22 @@ fn parse(buf: &[u8], max_headers: usize, info: &ConnInfo) -> Parsed {
         return Parsed::Refused(StatusCode::BAD_REQUEST, says::NO_HOST);
     };
 
-    // The backend's head.
-    let mut out = Vec::with_capacity(len + 160);
-    out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
     // The Host as sent; from the authority when there was none.
-    let sent_host = host_field.unwrap_or(host_text.as_bytes());
-    if host_field.is_none() {
-        field(&mut out, "Host", &[sent_host]);
-    }
-    for f in fields {
-        if is(f.name, &HOP) || is(f.name, &OURS) || is(f.name, &named) {
-            continue;
-        }
-        field(&mut out, f.name, &[f.value]);
-    }
-    if body == Framing::Chunked {
-        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
-    }
-    let ip = info.client_ip.as_bytes();
-    match xff {
-        Some(prior) => field(&mut out, "X-Forwarded-For", &[prior, b", ", ip]),
-        None => field(&mut out, "X-Forwarded-For", &[ip]),
-    }
-    let proto: &[u8] = if info.tls { b"https" } else { b"http" };
-    field(&mut out, "X-Forwarded-Proto", &[proto]);
-    let ours = info.forwarded_for.as_bytes();
-    let fwd_host: [&[u8]; 3] = [b";host=\"", sent_host, b"\""];
-    match forwarded {
-        Some(prior) => field(
-            &mut out,
-            "Forwarded",
-            &[prior, b", ", ours, &fwd_host.concat()],
-        ),
-        None => field(&mut out, "Forwarded", &[ours, &fwd_host.concat()]),
-    }
-    field(&mut out, "X-Forwarded-Host", &[sent_host]);
-    out.extend_from_slice(b"\r\n");
+    let out = backend_head(
+        &Forward {
+            method: method.as_str(),
+            target: path,
+            host: host_field.unwrap_or(host_text.as_bytes()),
+            host_missing: host_field.is_none(),
+            xff,
+            forwarded,
+            named: &named,
+            chunked: body == Framing::Chunked,
+        },
+        fields.iter().map(|f| (f.name, f.value)),
+        info,
+        len + 160,
+    );
     Parsed::Head(Head {
         len,
         method,
@@ -343,6 +320,67 @@ fn parse(buf: &[u8], max_headers: usize, info: &ConnInfo) -> Parsed {
         body,
         close,
     })
+}
+
+/// What the head a backend gets is written from, besides the client's fields.
+pub(crate) struct Forward<'a> {
+    pub method: &'a str,
+    /// Origin form.
+    pub target: &'a str,
+    /// The client's `Host`, or the authority when it sent none (`host_missing`).
+    pub host: &'a [u8],
+    pub host_missing: bool,
+    /// The client's first `X-Forwarded-For` and `Forwarded`, which the router's extend.
+    pub xff: Option<&'a [u8]>,
+    pub forwarded: Option<&'a [u8]>,
+    /// The fields the client's `Connection` names (hop-by-hop for this request).
+    pub named: &'a [&'a str],
+    pub chunked: bool,
+}
+
+/// The head a backend gets (both paths: this one's and [`crate::plain`]'s): the request line
+/// in HTTP/1.1, `Host` when the client sent none, the client's fields without the hop-by-hop
+/// ones, those `Connection` names and the forwarding fields, which are written anew
+/// (`X-Forwarded-For` and `Forwarded` extended).
+pub(crate) fn backend_head<'f>(
+    fwd: &Forward<'_>,
+    fields: impl Iterator<Item = (&'f str, &'f [u8])>,
+    info: &ConnInfo,
+    capacity: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    out.extend_from_slice(fwd.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(fwd.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if fwd.host_missing {
+        field(&mut out, "Host", &[fwd.host]);
+    }
+    for (name, value) in fields {
+        if is(name, &HOP) || is(name, &OURS) || is(name, fwd.named) {
+            continue;
+        }
+        field(&mut out, name, &[value]);
+    }
+    if fwd.chunked {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    let ip = info.client_ip.as_bytes();
+    match fwd.xff {
+        Some(prior) => field(&mut out, "X-Forwarded-For", &[prior, b", ", ip]),
+        None => field(&mut out, "X-Forwarded-For", &[ip]),
+    }
+    let proto: &[u8] = if info.tls { b"https" } else { b"http" };
+    field(&mut out, "X-Forwarded-Proto", &[proto]);
+    let ours = info.forwarded_for.as_bytes();
+    let (q, h) = (&b";host=\""[..], fwd.host);
+    match fwd.forwarded {
+        Some(prior) => field(&mut out, "Forwarded", &[prior, b", ", ours, q, h, b"\""]),
+        None => field(&mut out, "Forwarded", &[ours, q, h, b"\""]),
+    }
+    field(&mut out, "X-Forwarded-Host", &[fwd.host]);
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 fn field(out: &mut Vec<u8>, name: &str, value: &[&[u8]]) {

@@ -29,6 +29,7 @@ use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tracing::debug;
 
+use crate::h1;
 use crate::metrics::RouteCounters;
 use crate::pool::{self, Conn};
 use crate::state::State;
@@ -253,24 +254,6 @@ impl Outgoing {
         }
     }
 
-    /// The request's HTTP/1.1 head, for a plain backend connection ([`crate::plain`]).
-    fn head(&self) -> Vec<u8> {
-        let target = self.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(self.method.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(target.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &self.headers {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        out
-    }
-
     /// The request, its headers cloned (`keep`: it may be sent again) or moved.
     fn request(&mut self, body: ReqBody, keep: bool) -> Request<ReqBody> {
         let mut r = Request::new(body);
@@ -345,13 +328,12 @@ pub async fn handle(
         return Ok(resp);
     }
     let upgrade = wants_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let mut out = Outgoing::new(&mut req, &host, &info, upgrade);
     let no_body = req.body().is_end_stream();
     if no_body && !upgrade {
-        let version = req.version();
-        return Ok(plain(&state, &info, &route, out, host, version, start).await);
+        return Ok(plain(&state, &info, &route, &req, host, start).await);
     }
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let mut out = Outgoing::new(&mut req, &host, &info, upgrade);
     let retry_after_send = idempotent(req.method()) && no_body && !upgrade;
     let method = req.method().clone();
     // The URI's parts are shared bytes: a clone copies no text.
@@ -514,25 +496,21 @@ async fn plain(
     state: &Arc<State>,
     info: &ConnInfo,
     route: &Arc<Route>,
-    out: Outgoing,
+    req: &Request<Incoming>,
     host: String,
-    version: Version,
     start: Instant,
 ) -> Response<RespBody> {
     let counters = &route.counters;
-    let answer = match crate::plain::exchange(state, route, &host, &out.head(), &out.method).await {
+    let head = plain_head(req, &host, info);
+    let answer = match crate::plain::exchange(state, route, &host, &head, req.method()).await {
         Ok(a) => a,
         Err(status) => {
             let resp = answer(status, says::failed(status));
-            let asked = Asked {
-                method: &out.method,
-                path: out.uri.path(),
-                version,
-            };
-            finish_own(state, counters, asked, &host, info, &resp, start);
+            finish_own(state, counters, asked(req), &host, info, &resp, start);
             return resp;
         }
     };
+    let version = req.version();
     let crate::plain::Answer {
         mut head,
         conn,
@@ -551,9 +529,9 @@ async fn plain(
         bytes: 0,
         log: state.access_log.as_ref().map(|_| LogLine {
             client: info.client,
-            method: out.method,
+            method: req.method().clone(),
             host,
-            uri: out.uri,
+            uri: req.uri().clone(),
             version,
             status: head.status,
             start,
@@ -564,6 +542,32 @@ async fn plain(
     *resp.version_mut() = version;
     *resp.headers_mut() = std::mem::take(&mut head.out);
     resp
+}
+
+/// The HTTP/1.1 head of a request hyper read, for a backend (the same as `h1` writes).
+fn plain_head(req: &Request<Incoming>, host: &str, info: &ConnInfo) -> Vec<u8> {
+    let fields = req.headers();
+    let named: Vec<&str> = fields
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| h1::tokens(v.as_bytes()))
+        .filter(|t| !h1::framing_field(t))
+        .collect();
+    let host_field = fields.get(header::HOST).map(HeaderValue::as_bytes);
+    let authority = req.uri().authority().map_or(host, |a| a.as_str());
+    let first = |name| fields.get(name).map(HeaderValue::as_bytes);
+    let forward = h1::Forward {
+        method: req.method().as_str(),
+        target: req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
+        host: host_field.unwrap_or(authority.as_bytes()),
+        host_missing: host_field.is_none(),
+        xff: first(X_FORWARDED_FOR),
+        forwarded: first(header::FORWARDED),
+        named: &named,
+        chunked: false,
+    };
+    let fields = fields.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+    h1::backend_head(&forward, fields, info, 512)
 }
 
 /// The retry rules of both paths (this module's and `h1`'s; see the module's head): which
