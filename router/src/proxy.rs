@@ -858,7 +858,12 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        // A connection whose body was not read to its end is closed (dropped), not reused.
+        // A body that ended before it was polled (HEAD, 204, a length of 0: hyper sends the
+        // head alone and never asks for the body) leaves its connection to the pool too. A
+        // connection whose body was not read to its end is closed (dropped), not reused.
+        if self.is_end_stream() {
+            self.done();
+        }
         if let (Some(log), Some(out)) = (&self.log, &self.state.access_log) {
             out.entry(&Entry {
                 client: log.client,

@@ -313,6 +313,9 @@ async fn http_2_responses_of_every_framing_come_back_whole() {
         Some("10")
     );
     assert_eq!(get("/204", &[]).status, 204);
+    // A response without body (HEAD, 204) leaves its backend connection in the pool, as one
+    // with a body does: one connection served all of the above but `/nolength`.
+    assert_eq!(router.state()["pooled_backend_connections"], 1);
 
     let heads = b.heads.lock().unwrap().clone();
     let head = heads
