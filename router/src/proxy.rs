@@ -1,8 +1,9 @@
 //! One request through hyper (HTTP/2, and what [`crate::h1`] hands over: HTTP/1.0, `Expect`,
 //! `Upgrade`): find the route by host, choose a backend, send the request over a pooled
 //! connection (a plain one, [`crate::plain`], when the request has no body and is no
-//! upgrade; hyper's client otherwise), and stream the response back; or answer itself (404 no route, 503 no live
-//! backend, 502 backend failed, 504 backend too slow, 308 to HTTPS, 413 body too large).
+//! upgrade; hyper's client otherwise), and stream the response back; or answer itself (404
+//! no route, 503 no live backend, 502 backend failed, 504 backend too slow, 308 to HTTPS, 413
+//! body too large).
 //! `h1` keeps the same rules (`Attempts` is both paths' retry logic).
 //!
 //! Retries: a request that could not be sent (connect failed, or a pooled connection the
@@ -254,17 +255,13 @@ impl Outgoing {
         }
     }
 
-    /// The request, its headers cloned (`keep`: it may be sent again) or moved.
-    fn request(&mut self, body: ReqBody, keep: bool) -> Request<ReqBody> {
+    /// The request, its headers moved (a request that did not leave hands them back).
+    fn request(&mut self, body: ReqBody) -> Request<ReqBody> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
         *r.version_mut() = Version::HTTP_11;
-        *r.headers_mut() = if keep {
-            self.headers.clone()
-        } else {
-            std::mem::take(&mut self.headers)
-        };
+        *r.headers_mut() = std::mem::take(&mut self.headers);
         r
     }
 }
@@ -334,7 +331,6 @@ pub async fn handle(
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let mut out = Outgoing::new(&mut req, &host, &info, upgrade);
-    let retry_after_send = idempotent(req.method()) && no_body && !upgrade;
     let method = req.method().clone();
     // The URI's parts are shared bytes: a clone copies no text.
     let uri = req.uri().clone();
@@ -352,7 +348,9 @@ pub async fn handle(
             })
             .boxed_unsync()
     });
-    let mut attempts = Attempts::new(&route, &host, retry_after_send);
+    // A request here has a body or asks for an upgrade (one without either took `plain`): it
+    // goes again only if it never left the router.
+    let mut attempts = Attempts::new(&route, &host, false);
     let result = loop {
         let (i, backend) = match attempts.next() {
             Ok(b) => b,
@@ -373,8 +371,7 @@ pub async fn handle(
         let Some(b) = body.take() else {
             break Err(attempts.last_error);
         };
-        // Sent again only after a failure once sent: keep the headers for that.
-        let request = out.request(b, attempts.may_resend());
+        let request = out.request(b);
         let in_flight = InFlight::new(backend);
         let sent = tokio::time::timeout(
             state.settings.response_timeout,
@@ -397,10 +394,8 @@ pub async fn handle(
                     continue;
                 }
                 debug!(backend = %backend.addr, domain = %host, error = %e.error(), "request failed");
-                if attempts.sent_failed(i) {
-                    body = Some(empty());
-                    continue;
-                }
+                let again = attempts.sent_failed(i);
+                debug_assert!(!again, "sent twice");
                 break Err(attempts.last_error);
             }
             Err(_) => {
