@@ -71,6 +71,11 @@ pub struct RouterArgs {
     #[arg(long, env = "VIKING_RESPONSE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub response_timeout: Duration,
 
+    /// Longest wait for the next bytes of a body once it has begun, from the client (408, and
+    /// the connection closed) or from the backend (the response cut short)
+    #[arg(long, env = "VIKING_BODY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
     /// Close a pooled backend connection idle for this long instead of using it
     #[arg(long, env = "VIKING_BACKEND_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub backend_idle_timeout: Duration,
@@ -326,6 +331,7 @@ pub async fn start_inheriting(
     let settings = Settings {
         connect_timeout: args.connect_timeout,
         response_timeout: args.response_timeout,
+        body_timeout: args.body_timeout,
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         https_port: https_addr.map_or(443, |a| a.port()),
     };

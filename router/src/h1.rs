@@ -719,8 +719,8 @@ impl Body {
     /// Copies the rest of the body from `from` to `to`, beginning with the bytes of it
     /// already in `buf` (which keeps what follows the body), its payload counted as it
     /// passes: `Ok(false)` when the payload in all would exceed `limit`. A failure says which
-    /// side failed: the one it came from (`From`: cut short or badly framed) or the one it
-    /// went to.
+    /// side failed: the one it came from (`From`: cut short, badly framed, or nothing more
+    /// within `idle`: `TimedOut`) or the one it went to.
     async fn pass<R, W>(
         &mut self,
         from: &mut R,
@@ -728,6 +728,7 @@ impl Body {
         buf: &mut Vec<u8>,
         count: &Counter,
         limit: u64,
+        idle: std::time::Duration,
     ) -> Result<bool, Side>
     where
         R: AsyncRead + Unpin,
@@ -749,7 +750,9 @@ impl Body {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(16384);
             }
-            if from.read_buf(buf).await.map_err(Side::From)? == 0 {
+            let read = tokio::time::timeout(idle, from.read_buf(buf)).await;
+            let read = read.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+            if read.map_err(Side::From)? == 0 {
                 return match self.framing {
                     Framing::Close => Ok(true),
                     _ => Err(Side::From(io::ErrorKind::UnexpectedEof.into())),
@@ -1030,6 +1033,8 @@ pub(crate) enum Failed {
     ClientGone,
     /// The client's body was larger than the limit.
     TooLarge,
+    /// The client's body stopped coming for `--body-timeout`.
+    BodyStalled,
 }
 
 /// Sends the request to a backend (another one after a failure, by the rules of
@@ -1080,6 +1085,12 @@ async fn proxied<S: Stream>(
                 c.own(io, StatusCode::PAYLOAD_TOO_LARGE, &text, &[]).await?;
                 return Ok(false);
             }
+            Err(Failed::BodyStalled) => {
+                state.metrics.body_timeouts.inc();
+                let text = says::body_stalled(settings.body_timeout);
+                c.own(io, StatusCode::REQUEST_TIMEOUT, &text, &[]).await?;
+                return Ok(false);
+            }
         }
     };
     let (resp, mut conn, in_flight) = match outcome {
@@ -1110,18 +1121,29 @@ async fn proxied<S: Stream>(
     io.write_all(&out).await?;
     counters.bytes_out.inc_by(payload);
     rbuf.drain(..n);
+    let idle = settings.body_timeout;
     let complete = done
         || {
             // The rest as it comes, counted as it passes; the last piece not held back for the
             // client's ACK.
             io.no_delay();
             match body
-                .pass(&mut conn, io, &mut rbuf, &counters.bytes_out, u64::MAX)
+                .pass(
+                    &mut conn,
+                    io,
+                    &mut rbuf,
+                    &counters.bytes_out,
+                    u64::MAX,
+                    idle,
+                )
                 .await
             {
                 Ok(_) => true,
                 Err(Side::From(e)) => {
                     debug!(%backend, domain = %head.host, error = %e, "response failed");
+                    if e.kind() == io::ErrorKind::TimedOut {
+                        state.metrics.body_timeouts.inc();
+                    }
                     counters.response_errors.inc();
                     false
                 }
@@ -1171,9 +1193,16 @@ async fn exchange<S: Stream>(
         counters.bytes_in.inc_by(payload);
         buf.drain(..n);
         if !done {
-            match body.pass(io, conn, buf, &counters.bytes_in, limit).await {
+            let idle = s.state.settings.body_timeout;
+            match body
+                .pass(io, conn, buf, &counters.bytes_in, limit, idle)
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => return Err(Failed::TooLarge),
+                Err(Side::From(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(Failed::BodyStalled);
+                }
                 Err(Side::From(_)) => return Err(Failed::ClientGone),
                 // The backend closed while the body went to it (it may have answered early):
                 // the body is spent, so no other backend can have it.

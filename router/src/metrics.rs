@@ -75,6 +75,7 @@ pub struct Metrics {
     pub connections_active: Gauge,
     pub connections_refused: Counter,
     pub head_timeouts: Counter,
+    pub body_timeouts: Counter,
     pub synced: Gauge,
     /// Requests for a host no route names (counted under `domain=""`).
     pub unknown: RouteCounters,
@@ -126,6 +127,7 @@ impl Default for Metrics {
         let connections_active = Gauge::default();
         let connections_refused = Counter::default();
         let head_timeouts = Counter::default();
+        let body_timeouts = Counter::default();
         let synced = Gauge::default();
         registry.register(
             "tls_handshakes",
@@ -158,6 +160,11 @@ impl Default for Metrics {
             head_timeouts.clone(),
         );
         registry.register(
+            "body_timeouts",
+            "Bodies cut because their next bytes, from the client or the backend, did not arrive within --body-timeout",
+            body_timeouts.clone(),
+        );
+        registry.register(
             "etcd_synced",
             "1 when the routes were read and etcd answers",
             synced.clone(),
@@ -176,6 +183,7 @@ impl Default for Metrics {
             connections_active,
             connections_refused,
             head_timeouts,
+            body_timeouts,
             synced,
             unknown: RouteCounters {
                 requests: Default::default(),

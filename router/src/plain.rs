@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, Method, StatusCode};
@@ -111,18 +112,23 @@ pub struct Body {
     keep: bool,
     ended: bool,
     trailers: Option<HeaderMap>,
+    /// `--body-timeout`, and its timer while a read waits (none while bytes keep coming).
+    idle: Duration,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// How much a read asks for at most.
 const READ: u64 = 64 * 1024;
 
 impl Body {
-    /// The body of `head`, read from `conn`, with what of it came in `read`.
+    /// The body of `head`, read from `conn`, with what of it came in `read`; a read that
+    /// waits longer than `idle` (`--body-timeout`) fails it (`TimedOut`).
     pub(crate) fn new(
         head: &h1::Response<HeaderMap>,
         conn: TcpStream,
         read: Vec<u8>,
         addr: SocketAddr,
+        idle: Duration,
     ) -> Self {
         let mut buf = Bytes::from(read);
         buf.advance(head.len);
@@ -140,6 +146,8 @@ impl Body {
             keep: head.keep,
             ended: head.body == Framing::None || head.body == Framing::Length(0),
             trailers: None,
+            idle,
+            waiting: None,
         }
     }
 
@@ -245,7 +253,20 @@ impl http_body::Body for Body {
                 _ => READ.min(16 * 1024),
             };
             let mut next = BytesMut::with_capacity(want as usize);
-            let n = ready!(tokio_util::io::poll_read_buf(Pin::new(conn), cx, &mut next))?;
+            let n = match tokio_util::io::poll_read_buf(Pin::new(conn), cx, &mut next) {
+                Poll::Ready(r) => {
+                    this.waiting = None;
+                    r?
+                }
+                Poll::Pending => {
+                    let idle = this.idle;
+                    let timer = this
+                        .waiting
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    ready!(timer.as_mut().poll(cx));
+                    return Poll::Ready(Some(Err(io::ErrorKind::TimedOut.into())));
+                }
+            };
             if n == 0 {
                 if this.framing == Framing::Close {
                     this.ended = true;

@@ -160,6 +160,13 @@ pub(crate) mod says {
         format!("The request body is larger than this router takes ({max} bytes).")
     }
 
+    pub fn body_stalled(limit: std::time::Duration) -> String {
+        format!(
+            "The request body stopped coming for {} s (--body-timeout).",
+            limit.as_secs()
+        )
+    }
+
     pub fn redirect(location: &str) -> String {
         format!("This site is served over HTTPS: {location}")
     }
@@ -515,7 +522,7 @@ async fn plain(
     counters.count(head.status);
     counters.duration.observe(start.elapsed().as_secs_f64());
     let backend = in_flight.0.addr;
-    let body = crate::plain::Body::new(&head, conn, read, backend);
+    let body = crate::plain::Body::new(&head, conn, read, backend, state.settings.body_timeout);
     let mut resp = Response::new(http_body_util::Either::Right(Tracked {
         inner: Source::Plain(body),
         state: Arc::clone(state),
@@ -805,7 +812,12 @@ impl Body for Tracked {
                 }
             }
             Poll::Ready(None) => this.done(),
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
+                if e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+                {
+                    this.state.metrics.body_timeouts.inc();
+                }
                 this.route.counters.response_errors.inc();
                 if let Source::Hyper(_, conn) = &mut this.inner {
                     *conn = None;
@@ -948,6 +960,8 @@ impl AccessLog {
 pub struct Settings {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// Longest wait for a body's next bytes, either way, once it has begun.
+    pub body_timeout: Duration,
     pub max_body: usize,
     /// The HTTPS port redirects name (443: none in the URL).
     pub https_port: u16,

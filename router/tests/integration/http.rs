@@ -624,7 +624,9 @@ impl RawBackend {
                     .parse()
                     .unwrap();
                 body = vec![0u8; n];
-                r.read_exact(&mut body).unwrap();
+                if r.read_exact(&mut body).is_err() {
+                    return;
+                }
             }
             let path = head.split(' ').nth(1).unwrap_or("").to_owned();
             let head_only = head.starts_with("HEAD ");
@@ -647,6 +649,7 @@ impl RawBackend {
                         .to_vec()
                 }
                 "/204" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                "/stall" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc".to_vec(),
                 "/304" => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n".to_vec(),
                 _ => {
                     let mut a = format!(
@@ -661,6 +664,11 @@ impl RawBackend {
                 }
             };
             if out.write_all(&answer).is_err() || path == "/nolength" {
+                return;
+            }
+            if path == "/stall" {
+                // 3 bytes of 10, then nothing for 5 s.
+                std::thread::sleep(Duration::from_secs(5));
                 return;
             }
         }
@@ -882,4 +890,44 @@ async fn a_client_leaving_during_a_response_is_not_counted_against_the_backend()
     // comes every 40 ms).
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(router.metric(errors), 0, "{}", router.metrics());
+}
+
+/// A body that stops coming is cut after `--body-timeout`, either way: a client's (408, the
+/// connection closed; the backend never gets the rest) and a backend's (the response cut
+/// short: the client sees the connection close after the bytes that came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_coming_is_cut_after_the_body_timeout() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let b = RawBackend::start();
+    put_route(&mut c, "r.test", "r", false).await;
+    put_endpoint(&mut c, "r", 1, b.addr).await;
+    let router = Router::start(&etcd, &["--body-timeout", "1s"]);
+    let read_all = |mut s: std::net::TcpStream| {
+        let start = Instant::now();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+    };
+
+    let s = ask(
+        &router,
+        b"POST /echo HTTP/1.1\r\nHost: r.test\r\nContent-Length: 10\r\n\r\nabc",
+    );
+    let (text, took) = read_all(s);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(text.contains("--body-timeout"), "{text}");
+    assert!(took < Duration::from_secs(4), "answered after {took:?}");
+
+    let s = ask(&router, b"GET /stall HTTP/1.1\r\nHost: r.test\r\n\r\n");
+    let (text, took) = read_all(s);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(text.ends_with("\r\n\r\nabc"), "{text}");
+    assert!(took < Duration::from_secs(4), "closed after {took:?}");
+    assert_eq!(
+        router.metric("router_body_timeouts_total"),
+        2,
+        "{}",
+        router.metrics()
+    );
 }

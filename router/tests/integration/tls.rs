@@ -270,7 +270,10 @@ async fn http_2_responses_of_every_framing_come_back_whole() {
     let b = crate::http::RawBackend::start();
     put_route(&mut c, "r.test", "r", false).await;
     put_endpoint(&mut c, "r", 1, b.addr).await;
-    let router = Router::start(&etcd, &["--certs", certs.to_str().unwrap()]);
+    let router = Router::start(
+        &etcd,
+        &["--certs", certs.to_str().unwrap(), "--body-timeout", "1s"],
+    );
     let ca = d.join("ca.crt");
     let port = router.https.port();
     let get = |path: &str, extra: &[&str]| {
@@ -316,6 +319,21 @@ async fn http_2_responses_of_every_framing_come_back_whole() {
     // A response without body (HEAD, 204) leaves its backend connection in the pool, as one
     // with a body does: one connection served all of the above but `/nolength`.
     assert_eq!(router.state()["pooled_backend_connections"], 1);
+
+    // A backend that stops sending its body: the stream is cut after --body-timeout.
+    let start = std::time::Instant::now();
+    let got = get("/stall", &[]);
+    assert!(
+        start.elapsed() < Duration::from_secs(4) && got.body.len() < 10,
+        "{got:?} after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        router.metric("router_body_timeouts_total"),
+        1,
+        "{}",
+        router.metrics()
+    );
 
     let heads = b.heads.lock().unwrap().clone();
     let head = heads
