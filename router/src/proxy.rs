@@ -219,6 +219,9 @@ impl Outgoing {
     fn new(req: &mut Request<Incoming>, host: &str, info: &ConnInfo, upgrade: bool) -> Self {
         let mut headers = std::mem::take(req.headers_mut());
         strip_hop(&mut headers, upgrade);
+        if let Some(v) = joined_cookies(&headers).and_then(|c| HeaderValue::from_bytes(&c).ok()) {
+            headers.insert(header::COOKIE, v);
+        }
         if !headers.contains_key(header::HOST) {
             let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or(host);
             if let Ok(v) = HeaderValue::from_str(authority) {
@@ -546,6 +549,16 @@ async fn plain(
     resp
 }
 
+/// HTTP/2 may split `Cookie` into one field per pair; HTTP/1.1 gets them joined in one (RFC
+/// 9113 8.2.3): the joined value, when there was more than one.
+fn joined_cookies(fields: &HeaderMap) -> Option<Vec<u8>> {
+    let cookies = fields.get_all(header::COOKIE);
+    (cookies.iter().count() > 1).then(|| {
+        let pairs: Vec<&[u8]> = cookies.iter().map(HeaderValue::as_bytes).collect();
+        pairs.join(&b"; "[..])
+    })
+}
+
 /// The HTTP/1.1 head of a request hyper read, for a backend (the same as `h1` writes).
 fn plain_head(req: &Request<Incoming>, host: &str, info: &ConnInfo) -> Vec<u8> {
     let fields = req.headers();
@@ -568,7 +581,13 @@ fn plain_head(req: &Request<Incoming>, host: &str, info: &ConnInfo) -> Vec<u8> {
         named: &named,
         chunked: false,
     };
-    let fields = fields.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+    let joined = joined_cookies(fields);
+    let split = joined.is_some();
+    let fields = fields
+        .iter()
+        .filter(|(n, _)| !(split && *n == header::COOKIE))
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .chain(joined.as_deref().map(|c| ("cookie", c)));
     h1::backend_head(&forward, fields, info, 512)
 }
 

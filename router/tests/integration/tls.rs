@@ -249,7 +249,7 @@ async fn https_picks_the_certificate_by_sni_speaks_h2_swaps_a_certificate_and_re
 /// (`router::plain`) and its response comes back decoded from every framing: a length, chunked
 /// (with trailers), to the connection's end; 1xx heads skipped; `HEAD`, 204; a chunked body
 /// beside a length read as chunked. The backend gets an HTTP/1.1 head: origin form, `Host`
-/// from `:authority`, the forwarding fields.
+/// from `:authority`, the forwarding fields, the `Cookie` fields HTTP/2 split joined in one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_2_responses_of_every_framing_come_back_whole() {
     let dir = tempfile::tempdir().unwrap();
@@ -293,7 +293,6 @@ async fn http_2_responses_of_every_framing_come_back_whole() {
         ("/nolength", "until-close"),
         ("/early", "ok"),
         ("/framing", "ok"),
-        ("/plain?q=1", ""),
     ] {
         let got = get(path, &[]);
         assert_eq!(
@@ -302,6 +301,8 @@ async fn http_2_responses_of_every_framing_come_back_whole() {
             "{path}: {got:?}"
         );
     }
+    let got = get("/plain?q=1", &["-H", "cookie: a=1", "-H", "cookie: b=2"]);
+    assert_eq!((got.status, got.body.as_str()), (200, ""), "{got:?}");
     let got = get("/trailers", &[]);
     assert_eq!((got.status, got.body.as_str()), (200, "abc"), "{got:?}");
     assert_eq!(
@@ -320,6 +321,12 @@ async fn http_2_responses_of_every_framing_come_back_whole() {
     // with a body does: one connection served all of the above but `/nolength`.
     assert_eq!(router.state()["pooled_backend_connections"], 1);
 
+    // A request with a body goes through hyper's client: its cookies are joined too.
+    let got = get(
+        "/echo",
+        &["-d", "hi", "-H", "cookie: a=1", "-H", "cookie: b=2"],
+    );
+    assert_eq!((got.status, got.body.as_str()), (200, "hi"), "{got:?}");
     // A backend that stops sending its body: the stream is cut after --body-timeout.
     let start = std::time::Instant::now();
     let got = get("/stall", &[]);
@@ -336,6 +343,11 @@ async fn http_2_responses_of_every_framing_come_back_whole() {
     );
 
     let heads = b.heads.lock().unwrap().clone();
+    let posted = heads
+        .iter()
+        .find(|h| h.starts_with("POST /echo "))
+        .unwrap_or_else(|| panic!("{heads:?}"));
+    assert!(posted.contains("cookie: a=1; b=2\r\n"), "{posted}");
     let head = heads
         .iter()
         .find(|h| h.starts_with("GET /plain?q=1 "))
@@ -347,6 +359,7 @@ async fn http_2_responses_of_every_framing_come_back_whole() {
         "x-forwarded-proto: https\r\n".to_owned(),
         "x-forwarded-for: 127.0.0.1\r\n".to_owned(),
         format!("forwarded: for=127.0.0.1;proto=https;host=\"r.test:{port}\"\r\n"),
+        "cookie: a=1; b=2\r\n".to_owned(),
     ] {
         assert!(lower.contains(&field), "{field:?} not in {head}");
     }
