@@ -10,7 +10,7 @@
 # HTTPS (TLS 1.3), TLS handshakes/s (HTTPS with `Connection: close`: every request a full
 # handshake), HTTP/2 over TLS (h2load, 50 connections x 10 streams); p50/p99 latency, proxy
 # CPU per request (the proxy's process and its children), proxy memory per idle keep-alive
-# connection (1,000 held open after one request each). Every proxy runs on one thread
+# connection (1,000 held open after one request each, on the fresh process before any load). Every proxy runs on one thread
 # (router --threads 1, nginx worker_processes 1, HAProxy nbthread 1) so the figures compare
 # the work per request, not how many cores each takes.
 set -euo pipefail
@@ -213,6 +213,9 @@ declare -A ALL
 for r in $(seq 1 "$RUNS"); do
   for t in "${targets[@]}"; do
     echo "harness: round $r/$RUNS, measuring $t" >&2
+    # First, on the fresh process: after the loads the allocator (and nginx's and HAProxy's
+    # pools) would serve the idle connections from memory the loads freed, and show nothing.
+    [ "$r" = 1 ] && idle_memory "$t"
     sleep 0.3; wrk_run "$t" ka "http://127.0.0.1:$(http_port "$t")/small.txt"
     sleep 0.3; wrk_run "$t" close "http://127.0.0.1:$(http_port "$t")/small.txt" -H "Connection: close"
     if [ -n "$(https_port "$t")" ]; then
@@ -220,7 +223,6 @@ for r in $(seq 1 "$RUNS"); do
       sleep 0.3; wrk_run "$t" hs "https://127.0.0.1:$(https_port "$t")/small.txt" -H "Connection: close"
       sleep 0.3; h2_run "$t"
     fi
-    [ "$r" = 1 ] && idle_memory "$t"
     for m in "${metrics[@]}"; do [ -n "${R_[$t.$m]:-}" ] && ALL[$t.$m]+="${R_[$t.$m]}"$'\n'; done
   done
 done
@@ -251,5 +253,5 @@ row "HTTP/2 requests/s (h2load -m 10)" h2
 row "proxy CPU µs per HTTP/2 request" h2cpu
 row "proxy KiB per idle keep-alive conn" idle
 echo
-echo "(medians of ${RUNS} rounds; ${SECS}s per load run; wrk -t2 -c50; h2load -c50 -m10 -t2; ${IDLE} idle connections, round 1;"
+echo "(medians of ${RUNS} rounds; ${SECS}s per load run; wrk -t2 -c50; h2load -c50 -m10 -t2; ${IDLE} idle connections, round 1, before the loads;"
 echo " every proxy on one thread; backend nginx, 1 KiB file; direct HTTPS is the backend's own TLS)"
