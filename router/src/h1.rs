@@ -48,8 +48,10 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 }
 
 impl Stream for TcpStream {
+    /// `poll_read_ready`: the reader's own waker slot, no waiter node (`readable()`'s future
+    /// is 152 bytes, and an idle connection holds it).
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
-        self.readable()
+        std::future::poll_fn(|cx| self.poll_read_ready(cx))
     }
 
     /// Nothing: the close sends the FIN (a `shutdown` first was one system call more per
@@ -769,77 +771,147 @@ enum Side {
     To(io::Error),
 }
 
-/// Serves HTTP/1.1 requests on `io` until the client closes, a stop, or a request that is
-/// hyper's to serve.
-pub async fn serve<S: Stream>(s: &Serving, mut io: S, info: &ConnInfo) -> Ended<S> {
-    let mut buf: Vec<u8> = Vec::new();
-    if requests(s, &mut io, &mut buf, info).await {
-        return Ended::Hyper(io, buf);
-    }
-    io.finish().await;
-    Ended::Closed
-}
-
-/// The requests of a connection, until it is to close, or (`true`) a request is hyper's.
-async fn requests<S: Stream>(s: &Serving, io: &mut S, buf: &mut Vec<u8>, info: &ConnInfo) -> bool {
-    let mut no_delay = false;
+/// Serves HTTP/1.1 requests on `io` until the client closes, a stop (the end of the grace
+/// period cuts it), or a request that is hyper's to serve.
+///
+/// Between requests a connection holds only this function's small state: the stream, the
+/// wait for its next bytes (the head timeout, the stop). What a request needs (its head's
+/// parse, the backend exchange, the answers) is [`busy`]'s, boxed and freed when the
+/// connection goes idle again: an idle keep-alive connection costs its task and this.
+pub async fn serve<S: Stream>(s: &Serving, io: S, info: &ConnInfo) -> Ended<S> {
+    let mut conn = Conn {
+        io,
+        buf: Vec::new(),
+        no_delay: false,
+    };
     // A new client has most often sent its request by the time it is accepted: read it at
     // once, as HAProxy does, rather than wait a round of the reactor to be told.
-    buf.resize(4096, 0);
-    let now = io.read_now(buf);
-    buf.truncate(*now.as_ref().unwrap_or(&0));
-    match now {
-        Ok(0) => return false,
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = Vec::new(),
-        Err(_) => return false,
-    }
+    let mut fresh = true;
     loop {
         // The head, within the head timeout (also how long an idle connection stays open).
         // After a request, a stop closes a connection waiting for its next; one that has not
         // asked yet gets its first request answered (it was accepted before the stop).
-        let idle = info.asked.load(Ordering::Relaxed) && buf.is_empty();
-        let read = tokio::time::timeout(s.limits.head_timeout, read_head(s, io, buf, info));
-        let parsed = tokio::select! {
-            r = read => r,
-            () = s.stop.cancelled(), if idle => return false,
+        let deadline = tokio::time::Instant::now() + s.limits.head_timeout;
+        if !std::mem::take(&mut fresh) {
+            // The grace period's end cuts every connection and comes after the stop: one
+            // wait for whichever applies.
+            let asked = info.asked.load(Ordering::Relaxed);
+            let end = if asked { &s.stop } else { &s.state.cut };
+            let waited = tokio::select! {
+                r = tokio::time::timeout_at(deadline, conn.io.ready()) => r,
+                () = end.cancelled() => break,
+            };
+            match waited {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    s.state.metrics.head_timeouts.inc();
+                    break;
+                }
+            }
+        } else if conn.read_now() {
+            continue;
+        }
+        let turn = tokio::select! {
+            t = Box::pin(busy(s, &mut conn, info, deadline)) => t,
+            () = s.state.cut.cancelled() => return Ended::Closed,
         };
-        let head = match parsed {
+        match turn {
+            Turn::Idle => {}
+            Turn::Close => break,
+            Turn::Hyper => return Ended::Hyper(conn.io, conn.buf),
+        }
+    }
+    if !s.state.cut.is_cancelled() {
+        conn.io.finish().await;
+    }
+    Ended::Closed
+}
+
+/// A client connection between requests.
+struct Conn<S> {
+    io: S,
+    /// What was read of the next request (pipelined, or a head in parts): none while idle.
+    buf: Vec<u8>,
+    /// `TCP_NODELAY` is on.
+    no_delay: bool,
+}
+
+impl<S: Stream> Conn<S> {
+    /// Reads what a new client sent already: `true` when nothing came yet (wait for it).
+    fn read_now(&mut self) -> bool {
+        self.buf.resize(4096, 0);
+        let now = self.io.read_now(&mut self.buf);
+        self.buf.truncate(*now.as_ref().unwrap_or(&0));
+        match now {
+            Ok(_) => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.buf = Vec::new();
+                true
+            }
+            // `busy` reads again and meets the error or the end.
+            Err(_) => false,
+        }
+    }
+}
+
+/// What a connection does after [`busy`].
+enum Turn {
+    /// Waits for its next request, nothing buffered.
+    Idle,
+    Close,
+    /// The request in the buffer is hyper's.
+    Hyper,
+}
+
+/// Serves the connection's requests while they come (pipelined ones one after the other),
+/// the first head due by `deadline`.
+async fn busy<S: Stream>(
+    s: &Serving,
+    conn: &mut Conn<S>,
+    info: &ConnInfo,
+    mut deadline: tokio::time::Instant,
+) -> Turn {
+    let (io, buf) = (&mut conn.io, &mut conn.buf);
+    loop {
+        let head = match tokio::time::timeout_at(deadline, read_head(s, io, buf, info)).await {
             Err(_) => {
                 s.state.metrics.head_timeouts.inc();
-                return false;
+                return Turn::Close;
             }
-            Ok(Err(_)) => return false,
+            Ok(Err(_)) => return Turn::Close,
             Ok(Ok(Parsed::Head(h))) => h,
-            Ok(Ok(Parsed::Hyper)) => return true,
+            Ok(Ok(Parsed::Hyper)) => return Turn::Hyper,
             Ok(Ok(Parsed::Partial)) => {
                 let text = "The request head is larger than this router takes.";
                 refuse(s, io, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, text).await;
-                return false;
+                return Turn::Close;
             }
             Ok(Ok(Parsed::Refused(status, text))) => {
                 refuse(s, io, status, text).await;
-                return false;
+                return Turn::Close;
             }
         };
         info.asked.store(true, Ordering::Relaxed);
         buf.drain(..head.len);
-        // Boxed: an idle connection's task then holds a pointer, not the space for a
-        // request's whole way to a backend and back.
+        // Boxed: the head timeout's timer and the head's parse are not kept for the time a
+        // request takes.
         match Box::pin(request(s, io, buf, info, head)).await {
             Ok(true) => {}
-            Ok(false) | Err(_) => return false,
+            Ok(false) | Err(_) => return Turn::Close,
         }
         // Kept alive: from now on a response's last small segment must not wait for the
         // client's ACK of the one before (as nginx's `tcp_nodelay`). A connection that closes
         // after one response written at once never needs it: one system call less.
-        if !std::mem::replace(&mut no_delay, true) {
+        if !std::mem::replace(&mut conn.no_delay, true) {
             io.no_delay();
         }
         if buf.is_empty() {
             // Nothing pipelined: the buffer goes while the connection waits.
             *buf = Vec::new();
+            return Turn::Idle;
         }
+        deadline = tokio::time::Instant::now() + s.limits.head_timeout;
     }
 }
 
