@@ -113,6 +113,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Batched<S> {
         if shared.out.len() >= LIMIT {
             ready!(shared.write_out(cx))?;
         }
+        if shared.out.capacity() == 0 {
+            // A turn's frames at once, rather than growing by doubling from the first one.
+            shared.out.reserve(16 * 1024);
+        }
         let room = LIMIT.saturating_sub(shared.out.len()).max(1);
         let mut taken = 0;
         for b in bufs {
