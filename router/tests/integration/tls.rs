@@ -33,6 +33,22 @@ fn https(router: &Router, ca: &Path, host: &str, extra: &[&str]) -> crate::Got {
     curl(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// A test CA in `d` and, for each `(file, served, names)`, a leaf for `names` copied into
+/// `d/certs` as `<served>.crt` and `.key` (a `--certs` directory); the directory.
+fn cert_dir(d: &Path, leaves: &[(&str, &str, &[&str])]) -> std::path::PathBuf {
+    testkit::certs::ca(d);
+    let certs = d.join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    for (file, served, names) in leaves {
+        testkit::certs::leaf(d, file, names, 20);
+        for ext in ["crt", "key"] {
+            let to = certs.join(format!("{served}.{ext}"));
+            std::fs::copy(d.join(format!("{file}.{ext}")), to).unwrap();
+        }
+    }
+    certs
+}
+
 /// A TLS connection to the router for `name`, trusting only the test CA.
 async fn tls_connect(
     router: &Router,
@@ -101,22 +117,15 @@ async fn get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 async fn https_picks_the_certificate_by_sni_speaks_h2_swaps_a_certificate_and_redirects() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    testkit::certs::ca(d);
-    let certs = d.join("certs");
-    std::fs::create_dir(&certs).unwrap();
-    testkit::certs::leaf(d, "a", &["a.test"], 20);
-    testkit::certs::leaf(d, "w", &["*.w.test"], 20);
+    let certs = cert_dir(
+        d,
+        &[
+            ("a", "a.test", &["a.test"]),
+            ("w", "_.w.test", &["*.w.test"]),
+        ],
+    );
     testkit::certs::leaf(d, "b", &["b.test"], 20);
     testkit::certs::leaf(d, "b2", &["b.test", "www.b.test"], 20);
-    for (from, to) in [("a", "a.test"), ("w", "_.w.test")] {
-        for ext in ["crt", "key"] {
-            std::fs::copy(
-                d.join(format!("{from}.{ext}")),
-                certs.join(format!("{to}.{ext}")),
-            )
-            .unwrap();
-        }
-    }
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
     let (a, b) = (Web::start("a").await, Web::start("b").await);
@@ -254,17 +263,7 @@ async fn https_picks_the_certificate_by_sni_speaks_h2_swaps_a_certificate_and_re
 async fn http_2_responses_of_every_framing_come_back_whole() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    testkit::certs::ca(d);
-    let certs = d.join("certs");
-    std::fs::create_dir(&certs).unwrap();
-    testkit::certs::leaf(d, "r", &["r.test"], 20);
-    for ext in ["crt", "key"] {
-        std::fs::copy(
-            d.join(format!("r.{ext}")),
-            certs.join(format!("r.test.{ext}")),
-        )
-        .unwrap();
-    }
+    let certs = cert_dir(d, &[("r", "r.test", &["r.test"])]);
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
     let b = crate::http::RawBackend::start();
