@@ -6,7 +6,7 @@
 //! segment each, and an ACK back (`strace`: one `writev` to the client per backend response,
 //! under h2load with 10 streams per connection; HAProxy's HTTP/2 sends what one turn of its
 //! event loop produced in one write). Here a write only copies into the connection's buffer
-//! and a flush does nothing; [`Flushing`], the future that drives the connection, writes the
+//! and a flush does nothing; [`flushing`], which drives the connection, writes the
 //! buffer out after each poll of it. So the frames of every stream that answered in the same
 //! turn go out in one write.
 //!
@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const LIMIT: usize = 64 * 1024;
 
 /// The connection's stream, shared by the side hyper writes to ([`Batched`]) and the future
-/// that writes the gathered bytes out ([`Flushing`]); both run in the connection's one task,
+/// that writes the gathered bytes out ([`flushing`]); both run in the connection's one task,
 /// so the lock is never contended.
 struct Shared<S> {
     io: S,
@@ -57,8 +57,12 @@ impl<S: AsyncWrite + Unpin> Shared<S> {
             .map_err(|e| self.fail(e.kind()))
     }
 
+    /// Writing out failed: the gathered bytes go (no one will take them), and every later
+    /// write and flush says so.
     fn fail(&mut self, kind: io::ErrorKind) -> io::Error {
         self.failed = Some(kind);
+        self.out = Vec::new();
+        self.sent = 0;
         kind.into()
     }
 }
@@ -71,7 +75,7 @@ fn lock<S>(shared: &Mutex<Shared<S>>) -> MutexGuard<'_, Shared<S>> {
 /// The stream as hyper sees it: reads pass through, writes are gathered.
 pub struct Batched<S>(Arc<Mutex<Shared<S>>>);
 
-/// Wraps `io`: the stream to give hyper, and the handle [`Flushing`] writes out with.
+/// Wraps `io`: the stream to give hyper, and the handle [`flushing`] writes out with.
 pub fn batched<S>(io: S) -> (Batched<S>, Writer<S>) {
     let shared = Arc::new(Mutex::new(Shared {
         io,
@@ -117,7 +121,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Batched<S> {
             // A turn's frames at once, rather than growing by doubling from the first one.
             shared.out.reserve(16 * 1024);
         }
-        let room = LIMIT.saturating_sub(shared.out.len()).max(1);
+        let room = LIMIT - shared.out.len();
         let mut taken = 0;
         for b in bufs {
             let n = b.len().min(room - taken);
@@ -134,7 +138,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Batched<S> {
         true
     }
 
-    /// Nothing: [`Flushing`] writes out after the connection's turn.
+    /// Nothing: [`flushing`] writes out after the connection's turn.
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         match lock(&self.0).failed {
             Some(kind) => Poll::Ready(Err(kind.into())),
