@@ -104,6 +104,8 @@ pub struct Body {
     addr: SocketAddr,
     /// Read and not yet given on.
     buf: Bytes,
+    /// Where the next read goes: allocated when a read is due, not for each poll.
+    spare: BytesMut,
     framing: Framing,
     /// Bytes left, for a length.
     left: u64,
@@ -111,14 +113,17 @@ pub struct Body {
     /// The backend keeps the connection after the body.
     keep: bool,
     ended: bool,
-    trailers: Option<HeaderMap>,
+    /// Boxed: rare, and the body lives as long as its response.
+    trailers: Option<Box<HeaderMap>>,
     /// `--body-timeout`, and its timer while a read waits (none while bytes keep coming).
     idle: Duration,
     waiting: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-/// How much a read asks for at most.
+/// How much a read asks for: a body with a length (at most what is left of it), and one
+/// framed otherwise.
 const READ: u64 = 64 * 1024;
+const READ_UNFRAMED: usize = 16 * 1024;
 
 impl Body {
     /// The body of `head`, read from `conn`, with what of it came in `read`; a read that
@@ -140,6 +145,7 @@ impl Body {
             conn: Some(conn),
             addr,
             buf,
+            spare: BytesMut::new(),
             framing: head.body,
             left,
             chunks: Chunks::keeping_trailers(),
@@ -218,7 +224,7 @@ impl Body {
                 for f in fields {
                     h1::Fields::field(&mut map, f.name, f.value);
                 }
-                self.trailers = Some(map);
+                self.trailers = Some(Box::new(map));
                 Ok(())
             }
             _ => Err(io::Error::new(
@@ -243,17 +249,19 @@ impl http_body::Body for Body {
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             if this.ended {
-                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(*t))));
             }
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(Some(Err(io::ErrorKind::NotConnected.into())));
             };
-            let want = match this.framing {
-                Framing::Length(_) => this.left.min(READ),
-                _ => READ.min(16 * 1024),
-            };
-            let mut next = BytesMut::with_capacity(want as usize);
-            let n = match tokio_util::io::poll_read_buf(Pin::new(conn), cx, &mut next) {
+            if this.spare.capacity() == 0 {
+                this.spare.reserve(match this.framing {
+                    Framing::Length(_) => this.left.min(READ) as usize,
+                    _ => READ_UNFRAMED,
+                });
+            }
+            let next = &mut this.spare;
+            let n = match tokio_util::io::poll_read_buf(Pin::new(conn), cx, next) {
                 Poll::Ready(r) => {
                     this.waiting = None;
                     r?
@@ -275,7 +283,8 @@ impl http_body::Body for Body {
                 }
                 return Poll::Ready(Some(Err(io::ErrorKind::UnexpectedEof.into())));
             }
-            this.buf = next.freeze();
+            // What was read; the rest of the allocation stays for the next read.
+            this.buf = this.spare.split().freeze();
         }
     }
 
