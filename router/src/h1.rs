@@ -777,7 +777,9 @@ enum Side {
 /// Between requests a connection holds only this function's small state: the stream, the
 /// wait for its next bytes (the head timeout, the stop). What a request needs (its head's
 /// parse, the backend exchange, the answers) is [`busy`]'s, boxed and freed when the
-/// connection goes idle again: an idle keep-alive connection costs its task and this.
+/// connection goes idle again: an idle keep-alive connection costs its task and this. (Over
+/// TLS readiness cannot be told apart from what rustls holds decrypted, so an idle TLS
+/// connection waits inside `busy`.)
 pub async fn serve<S: Stream>(s: &Serving, io: S, info: &ConnInfo) -> Ended<S> {
     let mut conn = Conn {
         io,
@@ -809,8 +811,13 @@ pub async fn serve<S: Stream>(s: &Serving, io: S, info: &ConnInfo) -> Ended<S> {
                     break;
                 }
             }
-        } else if conn.read_now() {
-            continue;
+        } else {
+            match conn.read_now() {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
+            }
         }
         let turn = tokio::select! {
             t = Box::pin(busy(s, &mut conn, info, deadline)) => t,
@@ -838,20 +845,16 @@ struct Conn<S> {
 }
 
 impl<S: Stream> Conn<S> {
-    /// Reads what a new client sent already: `true` when nothing came yet (wait for it).
-    fn read_now(&mut self) -> bool {
+    /// Reads what a new client sent already (`WouldBlock`: nothing yet; the buffer is then
+    /// released).
+    fn read_now(&mut self) -> io::Result<usize> {
         self.buf.resize(4096, 0);
         let now = self.io.read_now(&mut self.buf);
         self.buf.truncate(*now.as_ref().unwrap_or(&0));
-        match now {
-            Ok(_) => false,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.buf = Vec::new();
-                true
-            }
-            // `busy` reads again and meets the error or the end.
-            Err(_) => false,
+        if self.buf.is_empty() {
+            self.buf = Vec::new();
         }
+        now
     }
 }
 
