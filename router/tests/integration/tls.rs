@@ -257,10 +257,13 @@ async fn https_picks_the_certificate_by_sni_speaks_h2_swaps_a_certificate_and_re
 /// An HTTP/2 request without body goes to the backend over a plain HTTP/1.1 connection
 /// (`router::plain`) and its response comes back decoded from every framing: a length, chunked
 /// (with trailers), to the connection's end; 1xx heads skipped; `HEAD`, 204; a chunked body
-/// beside a length read as chunked. The backend gets an HTTP/1.1 head: origin form, `Host`
-/// from `:authority`, the forwarding fields, the `Cookie` fields HTTP/2 split joined in one.
+/// beside a length read as chunked; the backend connection back in the pool after responses
+/// without body; a backend that stalls mid-body cut after `--body-timeout`. The backend gets
+/// an HTTP/1.1 head: origin form, `Host` from `:authority`, the forwarding fields, the
+/// `Cookie` fields HTTP/2 split joined in one (also through hyper's client, for a request
+/// with a body).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_2_responses_of_every_framing_come_back_whole() {
+async fn http_2_requests_go_to_backends_over_http_1_1_and_come_back_whole() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let certs = cert_dir(d, &[("r", "r.test", &["r.test"])]);
