@@ -156,6 +156,11 @@ pub enum StartError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error(
+        "cannot make the epoll set that holds idle connections: {0}; the limit on open files \
+         (ulimit -n) or on epoll instances (fs.epoll.max_user_instances) may be reached"
+    )]
+    Parking(std::io::Error),
     #[error("--max-head {0} is below 8K; HTTP heads need at least 8192 bytes")]
     MaxHead(u64),
     #[error("--certs {}: {error}; pass a directory this user may read", dir.display())]
@@ -344,7 +349,9 @@ pub async fn start_inheriting(
         max_streams: args.max_streams,
         proxy_protocol: args.proxy_protocol,
     };
+    let parking = crate::park::Parking::new().map_err(StartError::Parking)?;
     let serving = Arc::new(Serving {
+        parking,
         state: state.clone(),
         builder: crate::server::builder(&limits),
         limits,
@@ -354,6 +361,10 @@ pub async fn start_inheriting(
     });
     let background = CancellationToken::new();
     let span = tracing::Span::current();
+    // In the accept loops' tracker: it ends at the stop, with the parked connections closed.
+    serving
+        .accepting
+        .spawn(crate::park::run(serving.clone()).instrument(span.clone()));
     tokio::spawn(
         crate::state::follow(
             state.clone(),

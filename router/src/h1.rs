@@ -45,6 +45,11 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Reads what has arrived already, without waiting for the reactor to say so
     /// (`WouldBlock` when nothing has).
     fn read_now(&self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// After [`Stream::ready`]: reads what came into `buf`'s spare room, `WouldBlock` (the
+    /// readiness was stale, and is forgotten) when nothing did; `None` when the stream
+    /// cannot read without waiting.
+    fn read_ready(&self, buf: &mut Vec<u8>) -> Option<io::Result<usize>>;
 }
 
 impl Stream for TcpStream {
@@ -67,6 +72,10 @@ impl Stream for TcpStream {
     fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
         use std::io::Read;
         (&*socket2::SockRef::from(self)).read(buf)
+    }
+
+    fn read_ready(&self, buf: &mut Vec<u8>) -> Option<io::Result<usize>> {
+        Some(self.try_read_buf(buf))
     }
 }
 
@@ -91,6 +100,10 @@ impl Stream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
     fn read_now(&self, _: &mut [u8]) -> io::Result<usize> {
         Err(io::ErrorKind::WouldBlock.into())
     }
+
+    fn read_ready(&self, _: &mut Vec<u8>) -> Option<io::Result<usize>> {
+        None
+    }
 }
 
 /// How a connection's time with this path ended.
@@ -98,6 +111,8 @@ pub enum Ended<S> {
     Closed,
     /// hyper serves the rest: the connection and the bytes read from it, not yet used.
     Hyper(S, Vec<u8>),
+    /// Answered, and idle for the linger: to be parked, its head due by the deadline.
+    Idle(S, tokio::time::Instant),
 }
 
 /// How a message's body ends.
@@ -772,51 +787,73 @@ enum Side {
 }
 
 /// Serves HTTP/1.1 requests on `io` until the client closes, a stop (the end of the grace
-/// period cuts it), or a request that is hyper's to serve.
+/// period cuts it), or a request that is hyper's to serve. With `linger`, a connection that
+/// has been answered and stays idle that long is handed back ([`Ended::Idle`]) to be parked
+/// (`park`).
 ///
 /// Between requests a connection holds only this function's small state: the stream, the
 /// wait for its next bytes (the head timeout, the stop). What a request needs (its head's
 /// parse, the backend exchange, the answers) is [`busy`]'s, boxed and freed when the
-/// connection goes idle again: an idle keep-alive connection costs its task and this. (Over
-/// TLS readiness cannot be told apart from what rustls holds decrypted, so an idle TLS
-/// connection waits inside `busy`.)
-pub async fn serve<S: Stream>(s: &Serving, io: S, info: &ConnInfo) -> Ended<S> {
+/// connection goes idle again. (Over TLS readiness cannot be told apart from what rustls holds
+/// decrypted, so an idle TLS connection waits inside `busy`.)
+pub async fn serve<S: Stream>(
+    s: &Serving,
+    io: S,
+    info: &ConnInfo,
+    linger: Option<std::time::Duration>,
+) -> Ended<S> {
+    // One that comes back from the parking was answered before, and kept alive.
+    let no_delay = info.asked.load(Ordering::Relaxed);
     let mut conn = Conn {
         io,
         buf: Vec::new(),
-        no_delay: false,
+        no_delay,
     };
-    // A new client has most often sent its request by the time it is accepted: read it at
-    // once, as HAProxy does, rather than wait a round of the reactor to be told.
+    // The head, within the head timeout (also how long an idle connection stays open).
+    let mut deadline = tokio::time::Instant::now() + s.limits.head_timeout;
+    // A new client has most often sent its request by the time it is accepted (and a parked
+    // one has when it is woken): read it at once, as HAProxy does, rather than wait a round
+    // of the reactor to be told.
     let mut fresh = true;
     loop {
-        // The head, within the head timeout (also how long an idle connection stays open).
-        // After a request, a stop closes a connection waiting for its next; one that has not
-        // asked yet gets its first request answered (it was accepted before the stop).
-        let deadline = tokio::time::Instant::now() + s.limits.head_timeout;
-        if !std::mem::take(&mut fresh) {
-            // The grace period's end cuts every connection and comes after the stop: one
-            // wait for whichever applies.
-            let asked = info.asked.load(Ordering::Relaxed);
-            let end = if asked { &s.stop } else { &s.state.cut };
-            let waited = tokio::select! {
-                r = tokio::time::timeout_at(deadline, conn.io.ready()) => r,
-                () = end.cancelled() => break,
-            };
-            match waited {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => break,
-                Err(_) => {
-                    s.state.metrics.head_timeouts.inc();
-                    break;
-                }
-            }
-        } else {
+        if std::mem::take(&mut fresh) {
             match conn.read_now() {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => break,
+            }
+        } else {
+            // After a request, a stop closes a connection waiting for its next; one that has
+            // not asked yet gets its first request answered (it was accepted before the stop).
+            // The grace period's end cuts every connection and comes after the stop: one wait
+            // for whichever applies.
+            let asked = info.asked.load(Ordering::Relaxed);
+            let end = if asked { &s.stop } else { &s.state.cut };
+            let until = match linger {
+                Some(linger) if asked => deadline.min(tokio::time::Instant::now() + linger),
+                _ => deadline,
+            };
+            let waited = tokio::select! {
+                r = tokio::time::timeout_at(until, conn.io.ready()) => r,
+                () = end.cancelled() => break,
+            };
+            match waited {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) if until < deadline => return Ended::Idle(conn.io, deadline),
+                Err(_) => {
+                    s.state.metrics.head_timeouts.inc();
+                    break;
+                }
+            }
+            // What the wait saw (readiness can be left from a read that emptied the socket:
+            // then nothing, and the wait again, now for real).
+            match conn.read_ready() {
+                Some(Ok(0)) => break,
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Some(Err(_)) => break,
+                Some(Ok(_)) | None => {}
             }
         }
         let turn = tokio::select! {
@@ -824,7 +861,7 @@ pub async fn serve<S: Stream>(s: &Serving, io: S, info: &ConnInfo) -> Ended<S> {
             () = s.state.cut.cancelled() => return Ended::Closed,
         };
         match turn {
-            Turn::Idle => {}
+            Turn::Idle => deadline = tokio::time::Instant::now() + s.limits.head_timeout,
             Turn::Close => break,
             Turn::Hyper => return Ended::Hyper(conn.io, conn.buf),
         }
@@ -855,6 +892,17 @@ impl<S: Stream> Conn<S> {
             self.buf = Vec::new();
         }
         now
+    }
+
+    /// Reads what the wait for the next request saw (`None`: the stream cannot tell without
+    /// waiting, [`busy`] reads; the buffer is released when nothing came).
+    fn read_ready(&mut self) -> Option<io::Result<usize>> {
+        self.buf.reserve(4096);
+        let read = self.io.read_ready(&mut self.buf);
+        if self.buf.is_empty() {
+            self.buf = Vec::new();
+        }
+        read
     }
 }
 

@@ -9,6 +9,7 @@
 //! * [`proxy`]: one request through hyper (HTTP/2, and what `h1` hands over: WebSocket,
 //!   `Expect`, HTTP/1.0): forwarding headers, retries, the router's own answers.
 //! * [`plain`]: a request hyper serves without body, over a plain backend connection.
+//! * [`park`]: idle keep-alive connections held without a task.
 //! * [`pool`]: keep-alive connections to backends.
 //! * [`batch`]: an HTTP/2 connection's writes gathered over a turn of its task.
 //! * [`tls`]: certificates by SNI, from `--certs` and etcd, swapped without dropping anything.
@@ -22,6 +23,7 @@ pub mod batch;
 pub mod daemon;
 pub mod h1;
 pub mod metrics;
+pub mod park;
 pub mod plain;
 pub mod pool;
 pub mod proxy;

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub tls_failures: Counter,
     pub connections: Counter,
     pub connections_active: Gauge,
+    pub connections_parked: Gauge,
     pub connections_refused: Counter,
     pub head_timeouts: Counter,
     pub body_timeouts: Counter,
@@ -125,6 +126,7 @@ impl Default for Metrics {
         let tls_failures = Counter::default();
         let connections = Counter::default();
         let connections_active = Gauge::default();
+        let connections_parked = Gauge::default();
         let connections_refused = Counter::default();
         let head_timeouts = Counter::default();
         let body_timeouts = Counter::default();
@@ -148,6 +150,12 @@ impl Default for Metrics {
             "connections_active",
             "Client connections open now",
             connections_active.clone(),
+        );
+        registry.register(
+            "connections_parked",
+            "Of the open client connections, those idle after an answer for 100 ms or more, held \
+             without a task",
+            connections_parked.clone(),
         );
         registry.register(
             "connections_refused",
@@ -181,6 +189,7 @@ impl Default for Metrics {
             tls_failures,
             connections,
             connections_active,
+            connections_parked,
             connections_refused,
             head_timeouts,
             body_timeouts,

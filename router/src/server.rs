@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::park::{self, Parking};
 use crate::proxy::{self, ConnInfo};
 use crate::state::State;
 use crate::{batch, h1};
@@ -84,6 +86,33 @@ pub struct Serving {
     /// Stop taking requests: finish the one in hand and close. (The end of the grace period
     /// is `State::cut`.)
     pub stop: CancellationToken,
+    /// Idle keep-alive connections held without a task.
+    pub parking: Parking,
+}
+
+/// What a client connection holds from its accept to its close, in a task or parked: its
+/// place under `--max-connections` and its count in `connections_active`.
+pub struct Held {
+    _permit: OwnedSemaphorePermit,
+    active: Gauge,
+}
+
+impl Held {
+    fn new(s: &Serving, permit: OwnedSemaphorePermit) -> Self {
+        let active = s.state.metrics.connections_active.clone();
+        s.state.metrics.connections.inc();
+        active.inc();
+        Self {
+            _permit: permit,
+            active,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
 }
 
 /// Accepts on `listener` until `serving.stop`, then [`sweep`]s its queue. A client in the
@@ -150,26 +179,45 @@ fn spawn_connection(
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
+    let held = Held::new(serving, permit);
+    if tls.is_none() && !serving.limits.proxy_protocol {
+        // HTTP/1.1 at once: the task holds `plain` alone, not `connection` around it.
+        return spawn_plain(serving, held, stream, peer, false);
+    }
     let s = serving.clone();
     serving.state.connections.spawn(async move {
-        let _permit = permit;
-        s.state.metrics.connections.inc();
-        s.state.metrics.connections_active.inc();
         // Boxed: the task holds a pointer, so spawning and finishing it copy a few words
-        // rather than the connection future (under 1 KB, see `connection`). (The connection
-        // future inline made the task's cell, which tokio aligns to 128 bytes, a size class
-        // larger than the two allocations: 2.05 against 1.58 KiB per idle connection.)
-        Box::pin(connection(&s, stream, peer, tls)).await;
-        s.state.metrics.connections_active.dec();
+        // rather than the connection future. (The connection future inline made the task's
+        // cell, which tokio aligns to 128 bytes, a size class larger than the two
+        // allocations: 2.05 against 1.58 KiB per idle connection.)
+        Box::pin(connection(&s, held, stream, peer, tls)).await;
+    });
+}
+
+/// A task for an HTTP/1.1 connection in clear ([`plain`]): a new one, or a parked one whose
+/// client sent something (or closed).
+pub(crate) fn spawn_plain(
+    serving: &Arc<Serving>,
+    held: Held,
+    stream: TcpStream,
+    client: SocketAddr,
+    asked: bool,
+) {
+    let s = serving.clone();
+    serving.state.connections.spawn(async move {
+        // Boxed, as in `spawn_connection`.
+        Box::pin(plain(&s, held, stream, client, asked)).await;
     });
 }
 
 async fn connection(
-    s: &Serving,
+    s: &Arc<Serving>,
+    held: Held,
     mut stream: TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
+    // (Without the PROXY protocol and TLS, `spawn_connection` starts `plain` itself.)
     // Plain HTTP turns Nagle off once a connection is kept alive (`h1`); TLS at once.
     let mut client = peer;
     if s.limits.proxy_protocol {
@@ -191,10 +239,27 @@ async fn connection(
         }
     }
     match tls {
-        None => http1(s, stream, ConnInfo::new(client, false)).await,
+        None => plain(s, held, stream, client, false).await,
         // Boxed: the handshake, rustls's state and a TLS connection's serving inline would
         // make every connection's task that much larger, TLS or not.
-        Some(acceptor) => Box::pin(https(s, stream, client, peer, acceptor)).await,
+        Some(acceptor) => {
+            let _held = held;
+            Box::pin(https(s, stream, client, peer, acceptor)).await;
+        }
+    }
+}
+
+/// HTTP/1.1 in clear, from the accept or from the parking (`asked`: it was answered before):
+/// parked when it stays idle for [`park::LINGER`] after an answer. (As [`http1`], with the
+/// parking; `h1::serve` called here, not through `http1`: each layer of futures keeps its own
+/// copy of the stream and the connection's information.)
+async fn plain(s: &Arc<Serving>, held: Held, io: TcpStream, client: SocketAddr, asked: bool) {
+    let info = ConnInfo::new(client, false);
+    info.asked.store(asked, Ordering::Relaxed);
+    match h1::serve(s, io, &info, Some(park::LINGER)).await {
+        h1::Ended::Closed => {}
+        h1::Ended::Idle(io, deadline) => s.parking.park(s, io, client, held, deadline.into_std()),
+        h1::Ended::Hyper(io, read) => Box::pin(hyper_http1(s, io, read, info)).await,
     }
 }
 
@@ -274,11 +339,12 @@ macro_rules! until_stopped {
     }};
 }
 
-/// An HTTP/1.1 connection: served by [`h1`] (which the grace period's end cuts); by hyper
-/// from the request `h1` hands over on (with the bytes read so far), boxed.
+/// An HTTP/1.1 connection over TLS: served by [`h1`] (which the grace period's end cuts); by
+/// hyper from the request `h1` hands over on (with the bytes read so far), boxed.
 async fn http1<S: h1::Stream>(s: &Serving, io: S, info: ConnInfo) {
     // Inline: idle, `h1::serve` holds a few hundred bytes (a request's state is boxed inside).
-    if let h1::Ended::Hyper(io, read) = h1::serve(s, io, &info).await {
+    // Never parked (rustls's state is the connection's): never handed back idle.
+    if let h1::Ended::Hyper(io, read) = h1::serve(s, io, &info, None).await {
         Box::pin(hyper_http1(s, io, read, info)).await;
     }
 }
@@ -476,32 +542,45 @@ mod tests {
             permits: Arc::new(Semaphore::new(permits)),
             accepting: TaskTracker::new(),
             stop: CancellationToken::new(),
+            parking: Parking::new().unwrap(),
         }
     }
 
-    /// Every connection's task holds this future, plain HTTP or TLS, busy or idle: it must
-    /// stay small. It holds `h1::serve` inline (idle, that is the stream and the wait for the
-    /// next request; a request's state is boxed inside) and a box for the rest (TLS, the PROXY
-    /// header's parse, hyper). Inline everything was 8,688 bytes; with `h1::serve` boxed
-    /// beside it (two allocations a connection) 672 + 704.
+    /// Every connection's task holds one of these futures, busy or idle (until it parks): they
+    /// must stay small. `plain` (HTTP/1.1 in clear) holds `h1::serve` inline (idle, that is the
+    /// stream and the wait for the next request; a request's state is boxed inside);
+    /// `connection` (TLS, the PROXY header) holds `plain` and a box for the rest. Inline
+    /// everything was 8,688 bytes; now (debug build) 800 and 1,064, `h1::serve` 432.
     #[tokio::test]
     async fn a_connection_future_stays_small() {
-        let serving = serving(1);
+        let serving = Arc::new(serving(2));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let held = || {
+            Held::new(
+                &serving,
+                serving.permits.clone().try_acquire_owned().unwrap(),
+            )
+        };
         let stream = TcpStream::connect(addr).await.unwrap();
-        let size = std::mem::size_of_val(&connection(&serving, stream, addr, None));
+        let size = std::mem::size_of_val(&plain(&serving, held(), stream, addr, false));
         assert!(
-            size <= 1000,
+            size <= 800,
+            "plain's future is {size} bytes: box what made it grow (see `plain`)"
+        );
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let size = std::mem::size_of_val(&connection(&serving, held(), stream, addr, None));
+        assert!(
+            size <= 1100,
             "a connection's future is {size} bytes: box what made it grow (see `connection`)"
         );
         // Of it, the HTTP/1.1 path's: a request's way to the backend is boxed (it was 1,912
         // bytes inline), and so is its head's read (with it, 704).
         let stream = TcpStream::connect(addr).await.unwrap();
         let info = ConnInfo::new(addr, false);
-        let size = std::mem::size_of_val(&h1::serve(&serving, stream, &info));
+        let size = std::mem::size_of_val(&h1::serve(&serving, stream, &info, Some(park::LINGER)));
         assert!(
-            size <= 400,
+            size <= 440,
             "h1::serve's future is {size} bytes: box what made it grow"
         );
     }

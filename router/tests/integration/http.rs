@@ -931,3 +931,100 @@ async fn a_body_that_stops_coming_is_cut_after_the_body_timeout() {
         router.metrics()
     );
 }
+
+/// Reads one response with a `Content-Length` from `r`: its status line and its body.
+fn read_answer(r: &mut impl std::io::BufRead) -> (String, String) {
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    r.read_exact(&mut body).unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An answered keep-alive connection that stays idle leaves its task (parked: its socket in an
+/// epoll set, a slot in a slab) and is served by a new one when its client asks again; still
+/// idle at the head timeout it is closed and counted as a head timeout, as in its task; at the
+/// stop a parked connection is closed at once (it waits for nothing), and the drain does not
+/// wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_parked_served_again_and_closed_at_its_timeout_or_the_stop() {
+    let (_etcd, w, mut router) = one_site(&["--head-timeout", "2s"]).await;
+    let parked = |router: &Router, n: u64| {
+        testkit::eventually(Duration::from_secs(5), "the parked count", || {
+            (router.metric("router_connections_parked") == n).then_some(())
+        })
+    };
+    let connect = || {
+        let c = std::net::TcpStream::connect(router.http).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let r = std::io::BufReader::new(c.try_clone().unwrap());
+        (c, r)
+    };
+    let (mut c, mut r) = connect();
+    for i in 1..=3 {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: g.test\r\n\r\n")
+            .unwrap();
+        let (status, body) = read_answer(&mut r);
+        assert!(status.starts_with("HTTP/1.1 200 "), "request {i}: {status}");
+        assert!(body.contains("\"name\":\"w\""), "request {i}: {body}");
+        assert!(
+            body.contains("\"xff\":\"127.0.0.1\""),
+            "request {i}: {body}"
+        );
+        // Before the next request: parked (from the second on, parked again).
+        parked(&router, 1);
+    }
+    let answered = Instant::now();
+    assert_eq!(w.gets.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert_eq!(
+        router.metric("router_connections_total"),
+        1,
+        "one connection"
+    );
+    assert_eq!(router.metric("router_connections_active"), 1);
+
+    // Left idle: closed at the head timeout (2 s from its last answer).
+    let mut rest = Vec::new();
+    let read = r.read_to_end(&mut rest);
+    let took = answered.elapsed();
+    assert!(
+        matches!(read, Ok(0)),
+        "not closed cleanly: {read:?} {rest:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "closed {took:?} after its last answer; the head timeout is 2 s"
+    );
+    parked(&router, 0);
+    assert_eq!(router.metric("router_head_timeouts_total"), 1);
+    assert_eq!(router.metric("router_connections_active"), 0);
+
+    // The stop closes a parked connection at once.
+    let (mut d, mut r) = connect();
+    d.write_all(b"GET / HTTP/1.1\r\nHost: g.test\r\n\r\n")
+        .unwrap();
+    assert!(read_answer(&mut r).0.starts_with("HTTP/1.1 200 "));
+    parked(&router, 1);
+    let stopped = Instant::now();
+    router.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let read = r.read_to_end(&mut rest);
+    assert!(matches!(read, Ok(0)), "not closed at the stop: {read:?}");
+    let status = router.daemon.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "the stop took {:?}: it waited for the parked connection (the grace is 5 s)",
+        stopped.elapsed()
+    );
+}
