@@ -153,8 +153,8 @@ impl Default for Metrics {
         );
         registry.register(
             "connections_parked",
-            "Of the open client connections, those idle after an answer for 100 ms or more, held \
-             without a task",
+            "Of the open client connections, those idle after an answer for 10 ms or more (100 \
+             ms for a client that came back that soon before), held without a task",
             connections_parked.clone(),
         );
         registry.register(

@@ -182,7 +182,7 @@ fn spawn_connection(
     let held = Held::new(serving, permit);
     if tls.is_none() && !serving.limits.proxy_protocol {
         // HTTP/1.1 at once: the task holds `plain` alone, not `connection` around it.
-        return spawn_plain(serving, held, stream, peer, false);
+        return spawn_plain(serving, held, stream, peer, None);
     }
     let s = serving.clone();
     serving.state.connections.spawn(async move {
@@ -194,19 +194,19 @@ fn spawn_connection(
     });
 }
 
-/// A task for an HTTP/1.1 connection in clear ([`plain`]): a new one, or a parked one whose
-/// client sent something (or closed).
+/// A task for an HTTP/1.1 connection in clear ([`plain`]): a new one, or (with the linger
+/// that applies to it) a parked one whose client sent something or closed.
 pub(crate) fn spawn_plain(
     serving: &Arc<Serving>,
     held: Held,
     stream: TcpStream,
     client: SocketAddr,
-    asked: bool,
+    woken: Option<Duration>,
 ) {
     let s = serving.clone();
     serving.state.connections.spawn(async move {
         // Boxed, as in `spawn_connection`.
-        Box::pin(plain(&s, held, stream, client, asked)).await;
+        Box::pin(plain(&s, held, stream, client, woken)).await;
     });
 }
 
@@ -239,7 +239,7 @@ async fn connection(
         }
     }
     match tls {
-        None => plain(s, held, stream, client, false).await,
+        None => plain(s, held, stream, client, None).await,
         // Boxed: the handshake, rustls's state and a TLS connection's serving inline would
         // make every connection's task that much larger, TLS or not.
         Some(acceptor) => {
@@ -249,14 +249,22 @@ async fn connection(
     }
 }
 
-/// HTTP/1.1 in clear, from the accept or from the parking (`asked`: it was answered before):
-/// parked when it stays idle for [`park::LINGER`] after an answer. (As [`http1`], with the
-/// parking; `h1::serve` called here, not through `http1`: each layer of futures keeps its own
-/// copy of the stream and the connection's information.)
-async fn plain(s: &Arc<Serving>, held: Held, io: TcpStream, client: SocketAddr, asked: bool) {
+/// HTTP/1.1 in clear, from the accept or from the parking (`woken`, with its linger: it was
+/// answered before): parked when it stays idle for the linger ([`park::LINGER`] for a new
+/// connection) after an answer. (As [`http1`], with the parking; `h1::serve` called here,
+/// not through `http1`: each layer of futures keeps its own copy of the stream and the
+/// connection's information.)
+async fn plain(
+    s: &Arc<Serving>,
+    held: Held,
+    io: TcpStream,
+    client: SocketAddr,
+    woken: Option<Duration>,
+) {
     let info = ConnInfo::new(client, false);
-    info.asked.store(asked, Ordering::Relaxed);
-    match h1::serve(s, io, &info, Some(park::LINGER)).await {
+    info.asked.store(woken.is_some(), Ordering::Relaxed);
+    let linger = woken.unwrap_or(park::LINGER);
+    match h1::serve(s, io, &info, Some(linger)).await {
         h1::Ended::Closed => {}
         h1::Ended::Idle(io, deadline) => s.parking.park(s, io, client, held, deadline.into_std()),
         h1::Ended::Hyper(io, read) => Box::pin(hyper_http1(s, io, read, info)).await,
@@ -550,7 +558,7 @@ mod tests {
     /// must stay small. `plain` (HTTP/1.1 in clear) holds `h1::serve` inline (idle, that is the
     /// stream and the wait for the next request; a request's state is boxed inside);
     /// `connection` (TLS, the PROXY header) holds `plain` and a box for the rest. Inline
-    /// everything was 8,688 bytes; now (debug build) 800 and 1,064, `h1::serve` 432.
+    /// everything was 8,688 bytes; now (debug build) 832 and 1,064, `h1::serve` 432.
     #[tokio::test]
     async fn a_connection_future_stays_small() {
         let serving = Arc::new(serving(2));
@@ -563,9 +571,9 @@ mod tests {
             )
         };
         let stream = TcpStream::connect(addr).await.unwrap();
-        let size = std::mem::size_of_val(&plain(&serving, held(), stream, addr, false));
+        let size = std::mem::size_of_val(&plain(&serving, held(), stream, addr, None));
         assert!(
-            size <= 800,
+            size <= 840,
             "plain's future is {size} bytes: box what made it grow (see `plain`)"
         );
         let stream = TcpStream::connect(addr).await.unwrap();
