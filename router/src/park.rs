@@ -165,21 +165,23 @@ impl Parking {
     /// deadline of the rest.
     fn sweep(&self, s: &Serving, now: Instant) {
         let mut parked = self.lock();
-        let before = parked.slots.len();
         let mut earliest = None::<Instant>;
-        // A closed socket leaves the epoll set by itself.
-        parked.slots.retain(|_, slot| {
-            let keep = slot.deadline > now;
-            if keep && earliest.is_none_or(|e| slot.deadline < e) {
+        let mut due = Vec::new();
+        for (key, slot) in &parked.slots {
+            if slot.deadline <= now {
+                due.push(key);
+            } else if earliest.is_none_or(|e| slot.deadline < e) {
                 earliest = Some(slot.deadline);
             }
-            keep
-        });
-        let closed = (before - parked.slots.len()) as u64;
+        }
         parked.earliest = earliest;
+        let closed: Vec<Slot> = due.into_iter().map(|k| parked.slots.remove(k)).collect();
         drop(parked);
-        s.state.metrics.head_timeouts.inc_by(closed);
-        s.state.metrics.connections_parked.dec_by(closed as i64);
+        // Closed here, out of the lock (a closed socket leaves the epoll set by itself).
+        let n = closed.len();
+        drop(closed);
+        s.state.metrics.head_timeouts.inc_by(n as u64);
+        s.state.metrics.connections_parked.dec_by(n as i64);
     }
 
     /// The stop: closes every parked connection (each has had its answer and waits for
@@ -187,10 +189,9 @@ impl Parking {
     fn close(&self, s: &Serving) {
         let mut parked = self.lock();
         parked.closed = true;
-        let n = parked.slots.len();
-        parked.slots.clear();
+        let slots = std::mem::take(&mut parked.slots);
         drop(parked);
-        s.state.metrics.connections_parked.dec_by(n as i64);
+        s.state.metrics.connections_parked.dec_by(slots.len() as i64);
     }
 }
 
