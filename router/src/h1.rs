@@ -74,8 +74,21 @@ impl Stream for TcpStream {
         (&*socket2::SockRef::from(self)).read(buf)
     }
 
+    /// A read that does not fill the room has emptied the socket: tokio is told (as its own
+    /// reads do), so the next wait waits rather than find the readiness still set and read
+    /// nothing (a system call per request).
     fn read_ready(&self, buf: &mut Vec<u8>) -> Option<io::Result<usize>> {
-        Some(self.try_read_buf(buf))
+        let room = buf.capacity() - buf.len();
+        let mut read = None;
+        let result = self.try_io(tokio::io::Interest::READABLE, || {
+            let n = self.try_read_buf(buf)?;
+            read = Some(n);
+            if n > 0 && n < room {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        Some(read.map_or(result, Ok))
     }
 }
 

@@ -191,7 +191,10 @@ impl Parking {
         parked.closed = true;
         let slots = std::mem::take(&mut parked.slots);
         drop(parked);
-        s.state.metrics.connections_parked.dec_by(slots.len() as i64);
+        s.state
+            .metrics
+            .connections_parked
+            .dec_by(slots.len() as i64);
     }
 }
 
