@@ -34,10 +34,13 @@ use crate::table::{Route, host_name};
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Waits until a read would find something, with no buffer: an idle keep-alive
     /// connection then holds none.
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send;
 
     /// Ends the connection cleanly before it is dropped.
     fn finish(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Is in the reactor (its readiness is watched at no cost).
+    fn watched(&self) -> bool;
 
     /// Turns Nagle's algorithm off (`TCP_NODELAY`).
     fn no_delay(&self);
@@ -52,50 +55,10 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn read_ready(&self, buf: &mut Vec<u8>) -> Option<io::Result<usize>>;
 }
 
-impl Stream for TcpStream {
-    /// `poll_read_ready`: the reader's own waker slot, no waiter node (`readable()`'s future
-    /// is 152 bytes, and an idle connection holds it).
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
-        std::future::poll_fn(|cx| self.poll_read_ready(cx))
-    }
-
-    /// Nothing: the close sends the FIN (a `shutdown` first was one system call more per
-    /// connection, and changes nothing when the client sent bytes no one read: RST either way).
-    fn finish(&mut self) -> impl Future<Output = ()> + Send {
-        std::future::ready(())
-    }
-
-    fn no_delay(&self) {
-        let _ = self.set_nodelay(true);
-    }
-
-    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::io::Read;
-        (&*socket2::SockRef::from(self)).read(buf)
-    }
-
-    /// A read that does not fill the room has emptied the socket: tokio is told (as its own
-    /// reads do), so the next wait waits rather than find the readiness still set and read
-    /// nothing (a system call per request).
-    fn read_ready(&self, buf: &mut Vec<u8>) -> Option<io::Result<usize>> {
-        let room = buf.capacity() - buf.len();
-        let mut read = None;
-        let result = self.try_io(tokio::io::Interest::READABLE, || {
-            let n = self.try_read_buf(buf)?;
-            read = Some(n);
-            if n > 0 && n < room {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        Some(read.map_or(result, Ok))
-    }
-}
-
 impl Stream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
     /// rustls may hold decrypted bytes that the socket's readiness does not show: read at
     /// once.
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+    fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send {
         std::future::ready(Ok(()))
     }
 
@@ -105,6 +68,10 @@ impl Stream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
         async move {
             let _ = tokio::time::timeout(limit, self.shutdown()).await;
         }
+    }
+
+    fn watched(&self) -> bool {
+        true
     }
 
     /// On from the start (`server`): the handshake's flights.
@@ -118,6 +85,10 @@ impl Stream for Box<tokio_rustls::server::TlsStream<TcpStream>> {
         None
     }
 }
+
+/// While a backend has not answered, a client's close is watched for (the request is then
+/// given up); over a socket not in the reactor yet, from this long after the request went.
+const WATCH_GONE_AFTER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// How a connection's time with this path ended.
 pub enum Ended<S> {
@@ -1398,6 +1369,11 @@ pub(crate) async fn response_head<O: Fields>(
 /// count at once). What it sends meanwhile is its next request: kept in `buf`, up to a head's
 /// worth.
 async fn client_gone<S: Stream>(s: &Serving, io: &mut S, buf: &mut Vec<u8>) {
+    if !io.watched() {
+        // Not before a backend that answers at once has answered: the watch would put the
+        // socket in the reactor, two system calls, for a client that closes after one answer.
+        tokio::time::sleep(WATCH_GONE_AFTER).await;
+    }
     loop {
         if buf.len() > s.limits.max_head_bytes || io.ready().await.is_err() {
             return std::future::pending().await;

@@ -6,6 +6,7 @@
 //! * [`table`]: domain -> route -> backends (exact name, then the longest wildcard); backends
 //!   chosen and ejected by the ambassador's own code (`ambassador::routes`).
 //! * [`h1`]: HTTP/1.1 without hyper, the path almost every request takes.
+//! * [`client`]: a client's socket in clear, in tokio's reactor only once it has to wait.
 //! * [`proxy`]: one request through hyper (HTTP/2, and what `h1` hands over: WebSocket,
 //!   `Expect`, HTTP/1.0): forwarding headers, retries, the router's own answers.
 //! * [`plain`]: a request hyper serves without body, over a plain backend connection.
@@ -20,6 +21,7 @@
 
 pub mod admin;
 pub mod batch;
+pub mod client;
 pub mod daemon;
 pub mod h1;
 pub mod metrics;

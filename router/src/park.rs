@@ -29,11 +29,11 @@ use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
 use slab::Slab;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::task::task_tracker::TaskTrackerToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
+use crate::client::Client;
 use crate::server::{Held, Serving};
 
 /// How long an answered connection waits in its task for the next request before it is
@@ -99,14 +99,7 @@ impl Parking {
 
     /// Parks an idle connection until its client sends something, closes, or `deadline`
     /// passes. After the stop (or when the set refuses it) it is closed instead.
-    pub fn park(
-        &self,
-        s: &Serving,
-        io: TcpStream,
-        client: SocketAddr,
-        held: Held,
-        deadline: Instant,
-    ) {
+    pub fn park(&self, s: &Serving, io: Client, client: SocketAddr, held: Held, deadline: Instant) {
         let Ok(stream) = io.into_std() else { return };
         let mut parked = self.lock();
         if parked.closed {
@@ -153,11 +146,9 @@ impl Parking {
             } else {
                 LINGER
             };
-            // In the runtime's reactor again (the task's first read does not wait for it).
-            match TcpStream::from_std(slot.stream) {
-                Ok(io) => crate::server::spawn_plain(s, slot.held, io, slot.client, Some(linger)),
-                Err(e) => debug!(error = %e, "a woken connection cannot be watched: closed"),
-            }
+            // In the reactor again when it has to wait (its task reads at once).
+            let io = Client::Socket(slot.stream);
+            crate::server::spawn_plain(s, slot.held, io, slot.client, Some(linger));
         }
     }
 

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::client::Client;
 use crate::park::{self, Parking};
 use crate::proxy::{self, ConnInfo};
 use crate::state::State;
@@ -175,14 +176,14 @@ fn sweep(
 fn spawn_connection(
     serving: &Arc<Serving>,
     permit: OwnedSemaphorePermit,
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let held = Held::new(serving, permit);
     if tls.is_none() && !serving.limits.proxy_protocol {
         // HTTP/1.1 at once: the task holds `plain` alone, not `connection` around it.
-        return spawn_plain(serving, held, stream, peer, None);
+        return spawn_plain(serving, held, Client::Socket(stream), peer, None);
     }
     let s = serving.clone();
     serving.state.connections.spawn(async move {
@@ -190,6 +191,9 @@ fn spawn_connection(
         // rather than the connection future. (The connection future inline made the task's
         // cell, which tokio aligns to 128 bytes, a size class larger than the two
         // allocations: 2.05 against 1.58 KiB per idle connection.)
+        let Ok(stream) = TcpStream::from_std(stream) else {
+            return;
+        };
         Box::pin(connection(&s, held, stream, peer, tls)).await;
     });
 }
@@ -199,7 +203,7 @@ fn spawn_connection(
 pub(crate) fn spawn_plain(
     serving: &Arc<Serving>,
     held: Held,
-    stream: TcpStream,
+    stream: Client,
     client: SocketAddr,
     woken: Option<Duration>,
 ) {
@@ -239,7 +243,7 @@ async fn connection(
         }
     }
     match tls {
-        None => plain(s, held, stream, client, None).await,
+        None => plain(s, held, Client::Watched(stream), client, None).await,
         // Boxed: the handshake, rustls's state and a TLS connection's serving inline would
         // make every connection's task that much larger, TLS or not.
         Some(acceptor) => {
@@ -257,7 +261,7 @@ async fn connection(
 async fn plain(
     s: &Arc<Serving>,
     held: Held,
-    io: TcpStream,
+    io: Client,
     client: SocketAddr,
     woken: Option<Duration>,
 ) {
@@ -571,7 +575,13 @@ mod tests {
             )
         };
         let stream = TcpStream::connect(addr).await.unwrap();
-        let size = std::mem::size_of_val(&plain(&serving, held(), stream, addr, None));
+        let size = std::mem::size_of_val(&plain(
+            &serving,
+            held(),
+            Client::Watched(stream),
+            addr,
+            None,
+        ));
         assert!(
             size <= 840,
             "plain's future is {size} bytes: box what made it grow (see `plain`)"
@@ -586,7 +596,12 @@ mod tests {
         // bytes inline), and so is its head's read (with it, 704).
         let stream = TcpStream::connect(addr).await.unwrap();
         let info = ConnInfo::new(addr, false);
-        let size = std::mem::size_of_val(&h1::serve(&serving, stream, &info, Some(park::LINGER)));
+        let size = std::mem::size_of_val(&h1::serve(
+            &serving,
+            Client::Watched(stream),
+            &info,
+            Some(park::LINGER),
+        ));
         assert!(
             size <= 440,
             "h1::serve's future is {size} bytes: box what made it grow"

@@ -41,10 +41,10 @@ impl Listener {
     /// Waits until a client waits in the queue, then for a permit (`None` from `permit`:
     /// there will be none, and this returns `Ok(None)`), then takes the client. Cancel-safe:
     /// a client is taken only in the last step, which does not wait.
-    pub async fn accept<P, F>(
+    pub async fn accept<P, F, S: Accepted>(
         &self,
         mut permit: impl FnMut() -> F,
-    ) -> io::Result<Option<(P, TcpStream, SocketAddr)>>
+    ) -> io::Result<Option<(P, S, SocketAddr)>>
     where
         F: Future<Output = Option<P>>,
     {
@@ -66,7 +66,7 @@ impl Listener {
     /// without waiting (`None` once the kernel says the queue is empty, or when accept
     /// fails). Those clients have connected and may have sent their first bytes; closing the
     /// socket would reset them.
-    pub fn take_waiting(&self) -> Option<(TcpStream, SocketAddr)> {
+    pub fn take_waiting<S: Accepted>(&self) -> Option<(S, SocketAddr)> {
         match take(self.0.get_ref()) {
             Ok(taken) => Some(taken),
             Err(e) => {
@@ -85,14 +85,32 @@ impl AsFd for Listener {
     }
 }
 
+/// What an accepted client becomes: a tokio stream, in the reactor at once, or the socket
+/// itself (non-blocking), for a caller that may serve it without waiting (the router).
+pub trait Accepted: Sized {
+    fn accepted(socket: std::net::TcpStream) -> io::Result<Self>;
+}
+
+impl Accepted for TcpStream {
+    fn accepted(socket: std::net::TcpStream) -> io::Result<Self> {
+        TcpStream::from_std(socket)
+    }
+}
+
+impl Accepted for std::net::TcpStream {
+    fn accepted(socket: std::net::TcpStream) -> io::Result<Self> {
+        Ok(socket)
+    }
+}
+
 /// One `accept4` (non-blocking, close-on-exec), the peer's address with it.
-fn take(socket: &OwnedFd) -> io::Result<(TcpStream, SocketAddr)> {
+fn take<S: Accepted>(socket: &OwnedFd) -> io::Result<(S, SocketAddr)> {
     let (fd, peer) =
         rustix::net::acceptfrom_with(socket, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
     let peer = peer
         .and_then(|p| SocketAddr::try_from(p).ok())
         .ok_or_else(|| io::Error::other("accept gave no peer address"))?;
-    Ok((TcpStream::from_std(std::net::TcpStream::from(fd))?, peer))
+    Ok((S::accepted(std::net::TcpStream::from(fd))?, peer))
 }
 
 #[cfg(test)]
@@ -125,18 +143,18 @@ mod tests {
             async move { p.acquire_owned().await.ok() }
         };
         let (idle, busy) = (listener(), listener());
-        let idle_loop = idle.accept(take);
+        let idle_loop = idle.accept::<_, _, TcpStream>(take);
         tokio::pin!(idle_loop);
         // The idle one waits for a client, not for the permit: it holds none.
         assert!(still_waits(&mut idle_loop).await);
         assert_eq!(permits.available_permits(), 1);
         let addr = busy.local_addr().unwrap();
         let _first = std::net::TcpStream::connect(addr).unwrap();
-        let (permit, _stream, _) = busy.accept(take).await.unwrap().unwrap();
+        let (permit, _stream, _): (_, TcpStream, _) = busy.accept(take).await.unwrap().unwrap();
         assert_eq!(permits.available_permits(), 0);
         // The next client waits in the queue until the permit comes back.
         let _second = std::net::TcpStream::connect(addr).unwrap();
-        let next = busy.accept(take);
+        let next = busy.accept::<_, _, TcpStream>(take);
         tokio::pin!(next);
         assert!(still_waits(&mut next).await);
         drop(permit);
@@ -145,6 +163,11 @@ mod tests {
         // A closed semaphore ends the loop.
         permits.close();
         let _third = std::net::TcpStream::connect(addr).unwrap();
-        assert!(busy.accept(take).await.unwrap().is_none());
+        assert!(
+            busy.accept::<_, _, TcpStream>(take)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }
