@@ -216,7 +216,11 @@ pub async fn run(s: Arc<Serving>) {
         };
         tokio::select! {
             ready = set.readable() => {
-                let Ok(mut ready) = ready else { return };
+                let Ok(mut ready) = ready else {
+                    // The reactor is going away: nothing would wake them.
+                    parking.close(&s);
+                    return;
+                };
                 // Here, not across the waits: an event holds a pointer, and is not `Send`.
                 let mut events = [MaybeUninit::<epoll::Event>::uninit(); 64];
                 loop {
