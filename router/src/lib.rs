@@ -13,7 +13,6 @@
 //! * [`park`]: idle keep-alive connections held without a task.
 //! * [`pool`]: keep-alive connections to backends.
 //! * [`batch`]: an HTTP/2 connection's writes gathered over a turn of its task.
-//! * [`streams`]: an HTTP/2 connection's streams run in its own task.
 //! * [`tls`]: certificates by SNI, from `--certs` and etcd, swapped without dropping anything.
 //! * [`server`]: listeners, limits, PROXY protocol, graceful shutdown.
 //! * [`state`]: etcd into the table and the certificates.
@@ -32,7 +31,6 @@ pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod state;
-pub mod streams;
 pub mod table;
 pub mod tls;
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -25,7 +25,6 @@ use crate::client::Client;
 use crate::park::{self, Parking};
 use crate::proxy::{self, ConnInfo};
 use crate::state::State;
-use crate::streams::{self, Streams};
 use crate::{batch, h1};
 
 /// Limits of a public port.
@@ -41,10 +40,11 @@ pub struct Limits {
     pub proxy_protocol: bool,
 }
 
-/// The HTTP/1.1 builder every connection uses, in clear and over TLS unless ALPN chose h2
-/// (HTTP/2: [`http2`], one per connection).
+/// The HTTP builders every connection uses: HTTP/1.1 in clear and over TLS unless ALPN
+/// chose h2; HTTP/2 when it did.
 pub struct Builders {
     pub http1: hyper::server::conn::http1::Builder,
+    pub http2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 pub fn builder(limits: &Limits) -> Builders {
@@ -55,19 +55,13 @@ pub fn builder(limits: &Limits) -> Builders {
         .max_buf_size(limits.max_head_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true);
-    Builders { http1 }
-}
-
-/// The HTTP/2 builder of one connection: its streams run in its task (`streams`; hyper's
-/// builder takes its executor only when it is made).
-fn http2(limits: &Limits, streams: Streams) -> hyper::server::conn::http2::Builder<Streams> {
-    let mut http2 = hyper::server::conn::http2::Builder::new(streams);
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_streams)
         .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    http2
+    Builders { http1, http2 }
 }
 
 /// Binds a public listener (backlog 4096, SO_REUSEADDR).
@@ -298,12 +292,9 @@ async fn https(
             s.state.metrics.tls_handshakes.inc();
             let info = ConnInfo::new(client, true);
             if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                // Its streams run in its task (`streams`), and what they answer in one turn
-                // goes out in one write (`batch`).
+                // What the streams answer in one turn goes out in one write.
                 let (io, writer) = batch::batched(tls_stream);
-                let streams = Streams::default();
-                let conn = serve(s, TokioIo::new(io), Arc::new(info), Some(streams.clone()));
-                let conn = streams::driving(streams, conn);
+                let conn = serve(s, TokioIo::new(io), Arc::new(info), true);
                 Box::pin(batch::flushing(writer, conn)).await;
             } else {
                 // Boxed: the handshake's state is not kept beside it.
@@ -375,7 +366,7 @@ async fn hyper_http1<S: h1::Stream>(s: &Serving, io: S, read: Vec<u8>, info: Con
     // A WebSocket's small messages must not wait for ACKs.
     io.no_delay();
     let io = TokioIo::new(Prefixed { read, at: 0, io });
-    serve(s, io, Arc::new(info), None).await;
+    serve(s, io, Arc::new(info), false).await;
 }
 
 /// A connection whose first bytes were read already: they come first.
@@ -436,7 +427,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-async fn serve<I>(s: &Serving, io: I, info: Arc<ConnInfo>, h2: Option<Streams>)
+async fn serve<I>(s: &Serving, io: I, info: Arc<ConnInfo>, h2: bool)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -450,8 +441,8 @@ where
         info.asked.store(true, Ordering::Relaxed);
         Box::pin(proxy::handle(state.clone(), info.clone(), req))
     });
-    let result = if let Some(streams) = h2 {
-        let conn = http2(&s.limits, streams).serve_connection(io, service);
+    let result = if h2 {
+        let conn = s.builder.http2.serve_connection(io, service);
         until_stopped!(s, conn, true)
     } else {
         let conn = s
