@@ -187,6 +187,7 @@ impl h1::Stream for Client {
         let Client::Watched(stream) = self else {
             return None;
         };
+        buf.reserve(4096);
         let room = buf.capacity() - buf.len();
         let mut read = None;
         let result = stream.try_io(tokio::io::Interest::READABLE, || {

@@ -49,9 +49,9 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// (`WouldBlock` when nothing has).
     fn read_now(&self, buf: &mut [u8]) -> io::Result<usize>;
 
-    /// After [`Stream::ready`]: reads what came into `buf`'s spare room, `WouldBlock` (the
-    /// readiness was stale, and is forgotten) when nothing did; `None` when the stream
-    /// cannot read without waiting.
+    /// After [`Stream::ready`]: reads what came into `buf` (room made for a head),
+    /// `WouldBlock` (the readiness was stale, and is forgotten) when nothing did; `None` when
+    /// the stream cannot read without waiting (and `buf` is left alone).
     fn read_ready(&self, buf: &mut Vec<u8>) -> Option<io::Result<usize>>;
 }
 
@@ -881,7 +881,6 @@ impl<S: Stream> Conn<S> {
     /// Reads what the wait for the next request saw (`None`: the stream cannot tell without
     /// waiting, [`busy`] reads; the buffer is released when nothing came).
     fn read_ready(&mut self) -> Option<io::Result<usize>> {
-        self.buf.reserve(4096);
         let read = self.io.read_ready(&mut self.buf);
         if self.buf.is_empty() {
             self.buf = Vec::new();
