@@ -364,6 +364,17 @@ async fn one_site(extra: &[&str]) -> (Etcd, Web, Router) {
     (etcd, w, router)
 }
 
+/// etcd, a [`RawBackend`] serving `r.test`, and a router (with `extra` flags) in front of it.
+pub(crate) async fn raw_site(extra: &[&str]) -> (Etcd, RawBackend, Router) {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let b = RawBackend::start();
+    put_route(&mut c, "r.test", "r", false).await;
+    put_endpoint(&mut c, "r", 1, b.addr).await;
+    let router = Router::start(&etcd, extra);
+    (etcd, b, router)
+}
+
 /// SIGTERM lets a request in progress finish, and closes the listening sockets at once: a
 /// client that connects while the router drains is refused (and can go elsewhere at once)
 /// rather than left in an accept queue that nobody reads, to be reset when the process
@@ -684,12 +695,8 @@ impl RawBackend {
 /// heads: 400 and 431.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_1_1_path_frames_every_kind_of_message_and_pipelines() {
-    let etcd = Etcd::start().await;
+    let (etcd, b, router) = raw_site(&["--max-headers", "20"]).await;
     let mut c = etcd.client().await;
-    let b = RawBackend::start();
-    put_route(&mut c, "r.test", "r", false).await;
-    put_endpoint(&mut c, "r", 1, b.addr).await;
-    let router = Router::start(&etcd, &["--max-headers", "20"]);
 
     let h = "Host: r.test\r\n";
     let requests = [
@@ -897,12 +904,7 @@ async fn a_client_leaving_during_a_response_is_not_counted_against_the_backend()
 /// short: the client sees the connection close after the bytes that came).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_stops_coming_is_cut_after_the_body_timeout() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let b = RawBackend::start();
-    put_route(&mut c, "r.test", "r", false).await;
-    put_endpoint(&mut c, "r", 1, b.addr).await;
-    let router = Router::start(&etcd, &["--body-timeout", "1s"]);
+    let (_etcd, _b, router) = raw_site(&["--body-timeout", "1s"]).await;
     let read_all = |mut s: std::net::TcpStream| {
         let start = Instant::now();
         let mut got = Vec::new();

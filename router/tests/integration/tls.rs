@@ -267,15 +267,8 @@ async fn http_2_requests_go_to_backends_over_http_1_1_and_come_back_whole() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let certs = cert_dir(d, &[("r", "r.test", &["r.test"])]);
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
-    let b = crate::http::RawBackend::start();
-    put_route(&mut c, "r.test", "r", false).await;
-    put_endpoint(&mut c, "r", 1, b.addr).await;
-    let router = Router::start(
-        &etcd,
-        &["--certs", certs.to_str().unwrap(), "--body-timeout", "1s"],
-    );
+    let extra = ["--certs", certs.to_str().unwrap(), "--body-timeout", "1s"];
+    let (_etcd, b, router) = crate::http::raw_site(&extra).await;
     let ca = d.join("ca.crt");
     let port = router.https.port();
     let get = |path: &str, extra: &[&str]| {
