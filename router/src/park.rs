@@ -23,7 +23,8 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,15 @@ pub const LINGER_RETURNING: Duration = Duration::from_millis(100);
 /// a parked connection is closed up to this much after its head timeout.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
+/// A slab this large that is three quarters empty gives its room back (a burst of idle
+/// connections gone): its slots move down, each rekeyed in the set.
+const SHRINK_FROM: usize = 1024;
+
+/// Readable, the client's close, an error: an add reports what has come already.
+const WATCH: epoll::EventFlags = epoll::EventFlags::IN
+    .union(epoll::EventFlags::RDHUP)
+    .union(epoll::EventFlags::ET);
+
 /// The parked connections of one router.
 pub struct Parking {
     /// The epoll set: a socket's data is its slot's key.
@@ -60,6 +70,8 @@ pub struct Parking {
     parked: Mutex<Parked>,
     /// A parked connection's deadline came before every other's: [`run`] looks again.
     sooner: Notify,
+    /// Connections are parked: not after the stop, nor when [`run`] could not watch the set.
+    taking: AtomicBool,
 }
 
 struct Parked {
@@ -80,6 +92,12 @@ struct Slot {
     _drain: TaskTrackerToken,
 }
 
+impl AsFd for Slot {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
 impl Parking {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
@@ -90,7 +108,13 @@ impl Parking {
                 earliest: None,
             }),
             sooner: Notify::new(),
+            taking: AtomicBool::new(true),
         })
+    }
+
+    /// Whether an idle connection may be handed over: when not, it waits in its task.
+    pub fn taking(&self) -> bool {
+        self.taking.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Parked> {
@@ -107,9 +131,7 @@ impl Parking {
         }
         let entry = parked.slots.vacant_entry();
         let key = epoll::EventData::new_u64(entry.key() as u64);
-        // Readable, the client's close, an error: an add reports what has come already.
-        let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::ET;
-        if let Err(e) = epoll::add(&self.set, &stream, key, flags) {
+        if let Err(e) = epoll::add(&self.set, &stream, key, WATCH) {
             warn!(error = %e, "cannot park an idle connection: closed");
             return;
         }
@@ -150,6 +172,7 @@ impl Parking {
             let io = Client::Socket(slot.stream);
             crate::server::spawn_plain(s, slot.held, io, slot.client, Some(linger));
         }
+        shrink(&mut parked.slots, &self.set, SHRINK_FROM);
     }
 
     /// Closes the connections whose deadline has passed (each a head timeout); the earliest
@@ -167,6 +190,7 @@ impl Parking {
         }
         parked.earliest = earliest;
         let closed: Vec<Slot> = due.into_iter().map(|k| parked.slots.remove(k)).collect();
+        shrink(&mut parked.slots, &self.set, SHRINK_FROM);
         drop(parked);
         // Closed here, out of the lock (a closed socket leaves the epoll set by itself).
         let n = closed.len();
@@ -177,7 +201,8 @@ impl Parking {
 
     /// The stop: closes every parked connection (each has had its answer and waits for
     /// nothing), and those that would park later.
-    fn close(&self, s: &Serving) {
+    pub(crate) fn close(&self, s: &Serving) {
+        self.taking.store(false, Ordering::Relaxed);
         let mut parked = self.lock();
         parked.closed = true;
         let slots = std::mem::take(&mut parked.slots);
@@ -189,6 +214,20 @@ impl Parking {
     }
 }
 
+/// Once `slots` (at least `from` long) is three quarters empty, moves its slots down and
+/// gives the room back, each moved one's key changed in `set` as well. Called by [`run`]
+/// alone, once the events it read have been taken: what it reads next carries the new keys.
+fn shrink<T: AsFd>(slots: &mut Slab<T>, set: &OwnedFd, from: usize) {
+    if slots.capacity() < from || slots.len() > slots.capacity() / 4 {
+        return;
+    }
+    slots.compact(|slot, _, to| {
+        let key = epoll::EventData::new_u64(to as u64);
+        // One the set refuses stays where it is, and the rest with it.
+        epoll::modify(set, &*slot, key, WATCH).is_ok()
+    });
+}
+
 /// Watches the parked connections until the stop: wakes those whose client sent something,
 /// closes those idle past their deadline, and all of them at the stop.
 pub async fn run(s: Arc<Serving>) {
@@ -196,7 +235,7 @@ pub async fn run(s: Arc<Serving>) {
     let set = match parking.set.try_clone().and_then(sockmap::register_readable) {
         Ok(set) => set,
         Err(e) => {
-            warn!(error = %e, "cannot watch the idle connections' set: they are closed instead");
+            warn!(error = %e, "cannot watch the idle connections' set: they wait in their tasks");
             parking.close(&s);
             return;
         }
@@ -251,5 +290,68 @@ pub async fn run(s: Arc<Serving>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// After a burst, the slab gives its room back, and each socket left is still the one the
+    /// key the set reports for it names; a slab under the size it starts from is left alone.
+    #[test]
+    fn a_slab_three_quarters_empty_shrinks_and_its_sockets_keep_their_keys() {
+        let set = epoll::create(epoll::CreateFlags::CLOEXEC).unwrap();
+        let mut slots = Slab::new();
+        let mut peers = Vec::new();
+        for i in 0..64 {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let key = slots.insert(ours);
+            assert_eq!(key, i);
+            epoll::add(
+                &set,
+                &slots[key],
+                epoll::EventData::new_u64(key as u64),
+                WATCH,
+            )
+            .unwrap();
+            peers.push(theirs);
+        }
+        let kept = [5usize, 40, 63];
+        for i in 0..64 {
+            if !kept.contains(&i) {
+                slots.remove(i);
+            }
+        }
+        shrink(&mut slots, &set, 16);
+        assert_eq!(slots.len(), 3);
+        assert!(slots.capacity() < 64, "capacity {}", slots.capacity());
+        let mut events = [MaybeUninit::<epoll::Event>::uninit(); 8];
+        let second = rustix::event::Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        for (mark, &i) in kept.iter().enumerate() {
+            peers[i].write_all(&[mark as u8]).unwrap();
+            let (got, _) = epoll::wait(&set, &mut events, Some(&second)).unwrap();
+            assert_eq!(got.len(), 1, "one event for socket {i}");
+            let key = usize::try_from(got[0].data.u64()).unwrap();
+            let mut byte = [0u8];
+            slots[key].read_exact(&mut byte).unwrap();
+            assert_eq!(byte[0], mark as u8, "key {key} names socket {i}'s");
+        }
+
+        let mut small = Slab::new();
+        for _ in 0..8 {
+            small.insert(UnixStream::pair().unwrap().0);
+        }
+        for i in 1..8 {
+            small.remove(i);
+        }
+        let before = small.capacity();
+        shrink(&mut small, &set, 16);
+        assert_eq!(small.capacity(), before);
     }
 }

@@ -255,7 +255,7 @@ async fn connection(
 
 /// HTTP/1.1 in clear, from the accept or from the parking (`woken`, with its linger: it was
 /// answered before): parked when it stays idle for the linger ([`park::LINGER`] for a new
-/// connection) after an answer. (As [`http1`], with the parking; `h1::serve` called here,
+/// connection) after an answer, while the parking takes connections. (As [`http1`], with the parking; `h1::serve` called here,
 /// not through `http1`: each layer of futures keeps its own copy of the stream and the
 /// connection's information.)
 async fn plain(
@@ -267,8 +267,8 @@ async fn plain(
 ) {
     let info = ConnInfo::new(client, false);
     info.asked.store(woken.is_some(), Ordering::Relaxed);
-    let linger = woken.unwrap_or(park::LINGER);
-    match h1::serve(s, io, &info, Some(linger)).await {
+    let linger = s.parking.taking().then(|| woken.unwrap_or(park::LINGER));
+    match h1::serve(s, io, &info, linger).await {
         h1::Ended::Closed => {}
         h1::Ended::Idle(io, deadline) => s.parking.park(s, io, client, held, deadline.into_std()),
         h1::Ended::Hyper(io, read) => Box::pin(hyper_http1(s, io, read, info)).await,
@@ -606,6 +606,59 @@ mod tests {
             size <= 440,
             "h1::serve's future is {size} bytes: box what made it grow"
         );
+    }
+
+    /// When the parking takes no connections (its set could not be watched), an answered
+    /// connection waits in its task for the next request, past the linger, rather than being
+    /// closed.
+    #[tokio::test]
+    async fn an_idle_connection_waits_in_its_task_when_the_parking_takes_none() {
+        let serving = Arc::new(serving(2));
+        serving.parking.close(&serving);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(accept_loop(serving.clone(), listener, None));
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        for round in 0..3 {
+            c.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                .await
+                .unwrap();
+            let answer = tokio::time::timeout(Duration::from_secs(5), read_answer(&mut c))
+                .await
+                .expect("an answer within 5 s");
+            assert!(
+                answer.starts_with("HTTP/1.1 404"),
+                "round {round}: {answer}"
+            );
+            tokio::time::sleep(park::LINGER * 5).await;
+        }
+        serving.stop.cancel();
+        accepting.await.unwrap();
+    }
+
+    /// One whole answer (head and its `Content-Length` of body) off `c`.
+    async fn read_answer(c: &mut TcpStream) -> String {
+        let mut buf = Vec::new();
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = c.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed after {text:?}");
+            buf.extend_from_slice(&chunk[..n]);
+        }
     }
 
     /// Clients whose connections wait in the listener's queue when the stop comes (connected,
