@@ -29,6 +29,7 @@ pub mod park;
 pub mod plain;
 pub mod pool;
 pub mod proxy;
+pub mod quiet;
 pub mod server;
 pub mod state;
 pub mod table;

@@ -25,7 +25,7 @@ use crate::client::Client;
 use crate::park::{self, Parking};
 use crate::proxy::{self, ConnInfo};
 use crate::state::State;
-use crate::{batch, h1};
+use crate::{batch, h1, quiet};
 
 /// Limits of a public port.
 #[derive(Debug, Clone)]
@@ -294,7 +294,7 @@ async fn https(
             if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 // What the streams answer in one turn goes out in one write.
                 let (io, writer) = batch::batched(tls_stream);
-                let conn = serve(s, TokioIo::new(io), Arc::new(info), true);
+                let conn = serve_h2(s, TokioIo::new(io), Arc::new(info));
                 Box::pin(batch::flushing(writer, conn)).await;
             } else {
                 // Boxed: the handshake's state is not kept beside it.
@@ -366,7 +366,7 @@ async fn hyper_http1<S: h1::Stream>(s: &Serving, io: S, read: Vec<u8>, info: Con
     // A WebSocket's small messages must not wait for ACKs.
     io.no_delay();
     let io = TokioIo::new(Prefixed { read, at: 0, io });
-    serve(s, io, Arc::new(info), false).await;
+    serve(s, io, Arc::new(info)).await;
 }
 
 /// A connection whose first bytes were read already: they come first.
@@ -427,7 +427,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-async fn serve<I>(s: &Serving, io: I, info: Arc<ConnInfo>, h2: bool)
+/// A connection that hyper serves over HTTP/1.1 (what `h1` handed over).
+async fn serve<I>(s: &Serving, io: I, info: Arc<ConnInfo>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -441,26 +442,72 @@ where
         info.asked.store(true, Ordering::Relaxed);
         Box::pin(proxy::handle(state.clone(), info.clone(), req))
     });
-    let result = if h2 {
-        let conn = s.builder.http2.serve_connection(io, service);
-        until_stopped!(s, conn, true)
-    } else {
-        let conn = s
-            .builder
-            .http1
-            .serve_connection(io, service)
-            .with_upgrades();
-        until_stopped!(s, conn, this.asked.load(Ordering::Relaxed))
+    let conn = s
+        .builder
+        .http1
+        .serve_connection(io, service)
+        .with_upgrades();
+    let result = until_stopped!(s, conn, this.asked.load(Ordering::Relaxed));
+    ended(s, client, result);
+    let tunnel = this.tunnel.lock().expect("tunnel lock").take();
+    if let Some(tunnel) = tunnel {
+        tunnel.await;
+    }
+}
+
+/// An HTTP/2 connection: as [`serve`], and closed (GOAWAY) once it has had no stream open for
+/// the head timeout ([`quiet`]); given that long again to finish before it is cut.
+async fn serve_h2<I>(s: &Serving, io: I, info: Arc<ConnInfo>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let state = s.state.clone();
+    let client = info.client;
+    let streams = Arc::new(quiet::Streams::default());
+    let counted = streams.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let open = quiet::Open::new(&counted);
+        let (state, info) = (state.clone(), info.clone());
+        // Boxed, as in `serve`; `handle`'s future made in the box, not moved into it.
+        Box::pin(async move {
+            let resp = proxy::handle(state, info, req).await;
+            resp.map(|resp| resp.map(|body| quiet::Counted::new(body, open)))
+        })
+    });
+    let conn = s.builder.http2.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let limit = s.limits.head_timeout;
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = quiet::quiet(&streams, limit) => {
+            s.state.metrics.head_timeouts.inc();
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = tokio::time::sleep(limit) => Ok(()),
+                () = s.state.cut.cancelled() => Ok(()),
+            }
+        }
+        // HTTP/2's GOAWAY tells the client which of its requests went unread (see
+        // `until_stopped`).
+        () = s.stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = s.state.cut.cancelled() => Ok(()),
+            }
+        }
     };
+    ended(s, client, result);
+}
+
+/// What a connection hyper served ended with.
+fn ended(s: &Serving, client: SocketAddr, result: Result<(), hyper::Error>) {
     if let Err(e) = result {
         if e.is_timeout() {
             s.state.metrics.head_timeouts.inc();
         }
         debug!(%client, error = %e, "connection ended");
-    }
-    let tunnel = this.tunnel.lock().expect("tunnel lock").take();
-    if let Some(tunnel) = tunnel {
-        tunnel.await;
     }
 }
 

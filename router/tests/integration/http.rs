@@ -566,7 +566,8 @@ async fn a_streaming_response_is_counted_as_it_passes() {
 /// A backend written byte by byte, to see exactly what the router sends and to answer what
 /// hyper-made backends do not: `/echo` answers the request's body (with a length), `/chunked`
 /// a chunked body, `/nolength` a body without length ended by closing, `/204` and `/304`
-/// nothing. Every request head it reads is kept.
+/// nothing, `/drip` a 6-byte body a byte every half second. Every request head it reads is
+/// kept.
 pub(crate) struct RawBackend {
     pub(crate) addr: std::net::SocketAddr,
     pub(crate) heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -674,6 +675,16 @@ impl RawBackend {
                     a
                 }
             };
+            if path == "/drip" {
+                let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n");
+                for b in b"drippy" {
+                    std::thread::sleep(Duration::from_millis(500));
+                    if out.write_all(std::slice::from_ref(b)).is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
             if out.write_all(&answer).is_err() || path == "/nolength" {
                 return;
             }

@@ -55,6 +55,16 @@ async fn tls_connect(
     ca: &Path,
     name: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_connect_alpn(router, ca, name, &[]).await
+}
+
+/// As [`tls_connect`], offering the ALPN protocols `alpn`.
+async fn tls_connect_alpn(
+    router: &Router,
+    ca: &Path,
+    name: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca).unwrap();
     for cert in
@@ -71,6 +81,8 @@ async fn tls_connect(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
+    let mut config = config;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(router.https).await.unwrap();
     let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
@@ -358,4 +370,83 @@ async fn http_2_requests_go_to_backends_over_http_1_1_and_come_back_whole() {
     ] {
         assert!(lower.contains(&field), "{field:?} not in {head}");
     }
+}
+
+/// An HTTP/2 connection is closed once no stream has been open on it for the head timeout, as
+/// an idle HTTP/1.1 one is (a GOAWAY, counted as a head timeout): one whose client finished
+/// the handshake and sent nothing more (it was kept for as long as the router ran), and one
+/// that was answered and stayed idle; a stream that lasts three head timeouts keeps its
+/// connection and ends whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_2_connection_without_streams_is_closed_at_the_head_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = cert_dir(d, &[("r", "r.test", &["r.test"])]);
+    let extra = ["--certs", certs.to_str().unwrap(), "--head-timeout", "1s"];
+    let (_etcd, _b, router) = crate::http::raw_site(&extra).await;
+    let ca = d.join("ca.crt");
+
+    // The preface and an empty SETTINGS frame, then silence (the router's PING unanswered).
+    let mut silent = tls_connect_alpn(&router, &ca, "r.test", &[b"h2"]).await;
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut got))
+        .await
+        .expect("the router closes a silent HTTP/2 connection")
+        .ok();
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(6),
+        "closed after {waited:?}"
+    );
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len =
+            usize::from(got[at]) << 16 | usize::from(got[at + 1]) << 8 | usize::from(got[at + 2]);
+        types.push(got[at + 3]);
+        at += 9 + len;
+    }
+    assert!(
+        types.contains(&0x7),
+        "a GOAWAY among frames of types {types:?}"
+    );
+
+    // A real client: a stream of 3 s (the backend drips its body), then idle.
+    let tls = tls_connect_alpn(&router, &ca, "r.test", &[b"h2"]).await;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let mut conn = tokio::spawn(conn);
+    let req = hyper::Request::get("https://r.test/drip")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("the whole body, the stream open for three head timeouts")
+        .to_bytes();
+    assert_eq!(&body[..], b"drippy");
+    assert!(!conn.is_finished(), "the connection outlived its stream");
+    let idle = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(6), &mut conn)
+        .await
+        .expect("the router closes the idle connection")
+        .unwrap()
+        .expect("a clean close (GOAWAY)");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}",
+        idle.elapsed()
+    );
+    assert_eq!(router.metric("router_head_timeouts_total"), 2);
 }
