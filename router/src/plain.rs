@@ -115,9 +115,11 @@ pub struct Body {
     ended: bool,
     /// Boxed: rare, and the body lives as long as its response.
     trailers: Option<Box<HeaderMap>>,
-    /// `--body-timeout`, and its timer while a read waits (none while bytes keep coming).
+    /// `--body-timeout`, and its timer: made when a read first waits, set again each time one
+    /// starts to wait (`armed` until bytes come).
     idle: Duration,
-    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
 }
 
 /// How much a read asks for: a body with a length (at most what is left of it), and one
@@ -153,7 +155,8 @@ impl Body {
             ended: head.body == Framing::None || head.body == Framing::Length(0),
             trailers: None,
             idle,
-            waiting: None,
+            timer: None,
+            armed: false,
         }
     }
 
@@ -263,14 +266,17 @@ impl http_body::Body for Body {
             let next = &mut this.spare;
             let n = match tokio_util::io::poll_read_buf(Pin::new(conn), cx, next) {
                 Poll::Ready(r) => {
-                    this.waiting = None;
+                    this.armed = false;
                     r?
                 }
                 Poll::Pending => {
                     let idle = this.idle;
                     let timer = this
-                        .waiting
+                        .timer
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    if !std::mem::replace(&mut this.armed, true) {
+                        timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
                     ready!(timer.as_mut().poll(cx));
                     return Poll::Ready(Some(Err(io::ErrorKind::TimedOut.into())));
                 }

@@ -376,13 +376,21 @@ async fn http_2_requests_go_to_backends_over_http_1_1_and_come_back_whole() {
 /// an idle HTTP/1.1 one is (a GOAWAY, counted as a head timeout): one whose client finished
 /// the handshake and sent nothing more (it was kept for as long as the router ran), and one
 /// that was answered and stayed idle; a stream that lasts three head timeouts keeps its
-/// connection and ends whole.
+/// connection and ends whole (its body's bytes half a second apart, each wait shorter than
+/// `--body-timeout` and all of them longer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_2_connection_without_streams_is_closed_at_the_head_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let certs = cert_dir(d, &[("r", "r.test", &["r.test"])]);
-    let extra = ["--certs", certs.to_str().unwrap(), "--head-timeout", "1s"];
+    let extra = [
+        "--certs",
+        certs.to_str().unwrap(),
+        "--head-timeout",
+        "1s",
+        "--body-timeout",
+        "1s",
+    ];
     let (_etcd, _b, router) = crate::http::raw_site(&extra).await;
     let ca = d.join("ca.crt");
 
