@@ -72,7 +72,8 @@ pub struct RouterArgs {
     pub response_timeout: Duration,
 
     /// Longest wait for the next bytes of a body once it has begun, from the client (408, and
-    /// the connection closed) or from the backend (the response cut short)
+    /// the connection closed) or from the backend (the response cut short); and for a client
+    /// to take what is written to it (one that stops reading is left)
     #[arg(long, env = "VIKING_BODY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub body_timeout: Duration,
 

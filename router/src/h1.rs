@@ -721,7 +721,8 @@ impl Body {
     /// already in `buf` (which keeps what follows the body), its payload counted as it
     /// passes: `Ok(false)` when the payload in all would exceed `limit`. A failure says which
     /// side failed: the one it came from (`From`: cut short, badly framed, or nothing more
-    /// within `idle`: `TimedOut`) or the one it went to.
+    /// within `idle`: `TimedOut`) or the one it went to (`To`: gone, or a write not taken
+    /// within `idle`: `TimedOut`).
     async fn pass<R, W>(
         &mut self,
         from: &mut R,
@@ -741,7 +742,9 @@ impl Body {
                 if self.payload > limit {
                     return Ok(false);
                 }
-                to.write_all(&buf[..n]).await.map_err(Side::To)?;
+                within(idle, to.write_all(&buf[..n]))
+                    .await
+                    .map_err(Side::To)?;
                 count.inc_by(payload);
                 buf.drain(..n);
                 if done {
@@ -980,11 +983,13 @@ async fn read_head<S: Stream>(
 /// The router's own answer to a head it refused (400, 431), counted under no route; the
 /// connection closes after it.
 async fn refuse<S: Stream>(s: &Serving, io: &mut S, status: StatusCode, text: &str) {
-    let _ = write_own(io, status, text, &[], true, false).await;
+    let idle = s.state.settings.body_timeout;
+    let _ = write_own(io, status, text, &[], true, false, idle).await;
     s.state.metrics.unknown.count(status);
 }
 
-/// Writes one of the router's own answers: a short plain page; the bytes of its body.
+/// Writes one of the router's own answers: a short plain page; the bytes of its body. A
+/// client that does not take it within `idle` is left (`TimedOut`).
 async fn write_own<S: Stream>(
     io: &mut S,
     status: StatusCode,
@@ -992,6 +997,7 @@ async fn write_own<S: Stream>(
     extra: &[(&str, &str)],
     close: bool,
     head_only: bool,
+    idle: std::time::Duration,
 ) -> io::Result<u64> {
     use std::fmt::Write;
     let reason = status.canonical_reason().unwrap_or("");
@@ -1013,8 +1019,8 @@ async fn write_own<S: Stream>(
     if !head_only {
         out.push_str(&body);
     }
-    io.write_all(out.as_bytes()).await?;
-    io.flush().await?;
+    within(idle, io.write_all(out.as_bytes())).await?;
+    within(idle, io.flush()).await?;
     Ok(if head_only { 0 } else { body.len() as u64 })
 }
 
@@ -1073,7 +1079,9 @@ impl Counted<'_> {
         let head = self.head;
         let keep = !head.close && head.body == Framing::None && !self.s.stop.is_cancelled();
         let head_only = head.method == Method::HEAD;
-        let bytes = write_own(io, status, text, extra, !keep, head_only).await?;
+        let idle = self.s.state.settings.body_timeout;
+        let written = write_own(io, status, text, extra, !keep, head_only, idle).await;
+        let bytes = written.map_err(|e| stalled(self.s, e))?;
         self.answered(status);
         self.log(status, bytes, None);
         Ok(keep)
@@ -1224,10 +1232,11 @@ async fn proxied<S: Stream>(
         }
     };
     out.extend_from_slice(&rbuf[..n]);
-    io.write_all(&out).await?;
+    let idle = settings.body_timeout;
+    let written = within(idle, io.write_all(&out)).await;
+    written.map_err(|e| stalled(s, e))?;
     counters.bytes_out.inc_by(payload);
     rbuf.drain(..n);
-    let idle = settings.body_timeout;
     let complete = done
         || {
             // The rest as it comes, counted as it passes; the last piece not held back for the
@@ -1253,14 +1262,16 @@ async fn proxied<S: Stream>(
                     counters.response_errors.inc();
                     false
                 }
-                // The client went away during the response: not the backend's failure.
+                // The client went away during the response (or stopped taking it): not the
+                // backend's failure.
                 Err(Side::To(e)) => {
                     debug!(%backend, domain = %head.host, error = %e, "client left during the response");
+                    stalled(s, e);
                     false
                 }
             }
         };
-    io.flush().await?;
+    within(idle, io.flush()).await.map_err(|e| stalled(s, e))?;
     if complete && resp.keep && rbuf.is_empty() {
         state.pool.h1.checkin(backend, conn);
     }
@@ -1329,7 +1340,12 @@ async fn exchange<S: Stream>(
         // 100 Continue, 103 Early Hints: the client's to see.
         let mut out = resp.out;
         out.extend_from_slice(b"\r\n");
-        io.write_all(&out).await.map_err(|_| Failed::ClientGone)?;
+        let idle = s.state.settings.body_timeout;
+        let written = within(idle, io.write_all(&out)).await;
+        written.map_err(|e| {
+            stalled(s, e);
+            Failed::ClientGone
+        })?;
         rbuf.drain(..resp.len);
     }
 }
@@ -1362,6 +1378,36 @@ pub(crate) async fn response_head<O: Fields>(
             Ok(_) => {}
         }
     }
+}
+
+/// `write` (to a client, or a body to a backend), failed with `TimedOut` once it has waited
+/// `idle` in all: a client that stops reading its response would otherwise hold its
+/// connection, and the backend connection of the response, for as long as the router runs (the
+/// kernel keeps a zero window open indefinitely). The timer is made only when the write
+/// waits: one the socket takes at once reads no clock.
+async fn within<T>(
+    idle: std::time::Duration,
+    write: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    let mut write = std::pin::pin!(write);
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(r) = write.as_mut().poll(cx) {
+            return std::task::Poll::Ready(r);
+        }
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        std::task::ready!(timer.as_mut().poll(cx));
+        std::task::Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
+    })
+    .await
+}
+
+/// Counts a write to a client that [`within`] gave up on; the error.
+fn stalled(s: &Serving, e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::TimedOut {
+        s.state.metrics.body_timeouts.inc();
+    }
+    e
 }
 
 /// Returns when the client closes its connection (its request then leaves the backend's

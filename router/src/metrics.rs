@@ -169,7 +169,7 @@ impl Default for Metrics {
         );
         registry.register(
             "body_timeouts",
-            "Bodies cut because their next bytes, from the client or the backend, did not arrive within --body-timeout",
+            "Bodies cut because their next bytes, from the client or the backend, did not arrive within --body-timeout, or a client did not take a write within it",
             body_timeouts.clone(),
         );
         registry.register(
