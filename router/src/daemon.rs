@@ -77,6 +77,12 @@ pub struct RouterArgs {
     #[arg(long, env = "VIKING_BODY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub body_timeout: Duration,
 
+    /// Close an upgraded connection (WebSocket) after this long without a byte either way: a
+    /// client or backend gone without a word would otherwise keep it, its permit and its
+    /// backend connection
+    #[arg(long, env = "VIKING_TUNNEL_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub tunnel_timeout: Duration,
+
     /// Close a pooled backend connection idle for this long instead of using it
     #[arg(long, env = "VIKING_BACKEND_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub backend_idle_timeout: Duration,
@@ -338,6 +344,7 @@ pub async fn start_inheriting(
         connect_timeout: args.connect_timeout,
         response_timeout: args.response_timeout,
         body_timeout: args.body_timeout,
+        tunnel_timeout: args.tunnel_timeout,
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
         https_port: https_addr.map_or(443, |a| a.port()),
     };

@@ -77,6 +77,7 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub head_timeouts: Counter,
     pub body_timeouts: Counter,
+    pub tunnel_timeouts: Counter,
     pub synced: Gauge,
     /// Requests for a host no route names (counted under `domain=""`).
     pub unknown: RouteCounters,
@@ -130,6 +131,7 @@ impl Default for Metrics {
         let connections_refused = Counter::default();
         let head_timeouts = Counter::default();
         let body_timeouts = Counter::default();
+        let tunnel_timeouts = Counter::default();
         let synced = Gauge::default();
         registry.register(
             "tls_handshakes",
@@ -173,6 +175,11 @@ impl Default for Metrics {
             body_timeouts.clone(),
         );
         registry.register(
+            "tunnel_timeouts",
+            "Upgraded connections (WebSocket) closed after --tunnel-timeout without a byte either way",
+            tunnel_timeouts.clone(),
+        );
+        registry.register(
             "etcd_synced",
             "1 when the routes were read and etcd answers",
             synced.clone(),
@@ -193,6 +200,7 @@ impl Default for Metrics {
             connections_refused,
             head_timeouts,
             body_timeouts,
+            tunnel_timeouts,
             synced,
             unknown: RouteCounters {
                 requests: Default::default(),

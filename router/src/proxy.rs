@@ -439,15 +439,20 @@ pub async fn handle(
         let addr = backend_addr;
         let (up, down) = (counters.bytes_in.clone(), counters.bytes_out.clone());
         // Run by the client connection's task, after hyper hands the connection over; the
-        // end of the grace period cuts it.
-        let cut = state.cut.clone();
+        // end of the grace period cuts it, and so does a quiet of --tunnel-timeout.
+        let (cut, idle) = (state.cut.clone(), state.settings.tunnel_timeout);
+        let timeouts = state.metrics.tunnel_timeouts.clone();
         let tunnel = async move {
             match tokio::try_join!(client, server) {
                 Ok((c, s)) => {
-                    // The bytes each way count as request and response bytes, as they pass.
+                    // The bytes each way count as request and response bytes, as they pass,
+                    // and keep the tunnel open.
+                    let traffic = Arc::new(crate::quiet::Streams::default());
                     let count = |n: Counter| {
+                        let traffic = traffic.clone();
                         move |b: &[u8]| {
                             n.inc_by(b.len() as u64);
+                            traffic.stir();
                         }
                     };
                     let c = hyper_util::rt::TokioIo::new(c);
@@ -456,6 +461,9 @@ pub async fn handle(
                     let mut s = tokio_util::io::InspectReader::new(s, count(down));
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut c, &mut s) => {}
+                        () = crate::quiet::quiet(&traffic, idle) => {
+                            timeouts.inc();
+                        }
                         () = cut.cancelled() => {}
                     }
                 }
@@ -981,6 +989,8 @@ pub struct Settings {
     pub response_timeout: Duration,
     /// Longest wait for a body's next bytes, either way, once it has begun.
     pub body_timeout: Duration,
+    /// An upgraded connection with no byte either way for this long is closed.
+    pub tunnel_timeout: Duration,
     pub max_body: usize,
     /// The HTTPS port redirects name (443: none in the URL).
     pub https_port: u16,

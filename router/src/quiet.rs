@@ -10,6 +10,10 @@
 //! between one and two head timeouts after its last stream ended (or after its handshake).
 //! Per stream that costs two atomic additions and two stores; per connection one timer, reset
 //! once a head timeout.
+//!
+//! An upgraded connection (a WebSocket, `proxy`'s tunnel) is watched the same way, stirred by
+//! every read either way and quiet after `--tunnel-timeout` without one: a client or a backend
+//! gone without a word kept it, its permit and its backend connection.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,6 +33,13 @@ pub struct Streams {
 
 /// A stream, open until dropped.
 pub struct Open(Arc<Streams>);
+
+impl Streams {
+    /// Something happened (for a tunnel: bytes passed): not quiet for another period.
+    pub fn stir(&self) {
+        self.stirred.store(true, Ordering::Relaxed);
+    }
+}
 
 impl Open {
     pub fn new(streams: &Arc<Streams>) -> Self {

@@ -581,6 +581,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(1),
                 response_timeout: Duration::from_secs(1),
                 body_timeout: Duration::from_secs(1),
+                tunnel_timeout: Duration::from_secs(1),
                 max_body: 1024,
                 https_port: 443,
             },

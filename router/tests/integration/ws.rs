@@ -54,6 +54,20 @@ async def main():
 asyncio.run(main())
 "#;
 
+/// Echoes a message every 400 ms for 3.2 s, then says "kept".
+const STEADY_CLIENT: &str = r#"
+import asyncio, sys, websockets
+async def main():
+    uri, host, port = sys.argv[1], "127.0.0.1", int(sys.argv[2])
+    async with websockets.connect(uri, host=host, port=port, compression=None, ping_interval=None) as ws:
+        for i in range(8):
+            await asyncio.sleep(0.4)
+            await ws.send("tick %d" % i)
+            assert await asyncio.wait_for(ws.recv(), 5) == "tick %d" % i
+    print("kept", flush=True)
+asyncio.run(main())
+"#;
+
 /// etcd, the echo server serving `ws.test`, and a router (with `extra` flags) in front of it.
 async fn echo_site(extra: &[&str]) -> (Etcd, Daemon, Router) {
     let etcd = Etcd::start().await;
@@ -201,4 +215,42 @@ async fn an_open_websocket_holds_its_connection_permit() {
     next.read_to_end(&mut answer).unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}
+
+/// `--tunnel-timeout`: a WebSocket with no byte either way for that long is closed (counted),
+/// with its permit; one with a message every 400 ms stays open past three timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_websocket_is_closed_at_the_tunnel_timeout_and_a_busy_one_is_kept() {
+    let mut open = Open::start(&["--tunnel-timeout", "1s"]).await;
+    let router = &open.router;
+    testkit::eventually(Duration::from_secs(10), "the quiet tunnel closed", || {
+        (router.metric("router_tunnel_timeouts_total") == 1).then_some(())
+    });
+    testkit::eventually(Duration::from_secs(5), "its connection gone", || {
+        (router.metric("router_connections_active") == 0).then_some(())
+    });
+    // The client finds it closed when it sends again.
+    {
+        use std::io::Write;
+        writeln!(open.client.stdin.take().unwrap(), "go").unwrap();
+    }
+    assert_ne!(open.next_line(), "echoed after the stop");
+    let _ = open.client.wait();
+
+    let out = std::process::Command::new(PYTHON)
+        .args([
+            "-c",
+            STEADY_CLIENT,
+            "ws://ws.test/chat",
+            &open.router.http.port().to_string(),
+        ])
+        .output()
+        .expect("python3 with websockets");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("kept"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(open.router.metric("router_tunnel_timeouts_total"), 1);
 }
