@@ -28,6 +28,7 @@ use crate::metrics::RouteCounters;
 use crate::pool;
 use crate::proxy::{Attempts, ConnInfo, Entry, HOP, InFlight, https_location, idempotent, says};
 use crate::server::Serving;
+use crate::stall::within;
 use crate::table::{Route, host_name};
 
 /// A client connection this path can serve: plain TCP or TLS.
@@ -1380,29 +1381,7 @@ pub(crate) async fn response_head<O: Fields>(
     }
 }
 
-/// `write` (to a client, or a body to a backend), failed with `TimedOut` once it has waited
-/// `idle` in all: a client that stops reading its response would otherwise hold its
-/// connection, and the backend connection of the response, for as long as the router runs (the
-/// kernel keeps a zero window open indefinitely). The timer is made only when the write
-/// waits: one the socket takes at once reads no clock.
-async fn within<T>(
-    idle: std::time::Duration,
-    write: impl Future<Output = io::Result<T>>,
-) -> io::Result<T> {
-    let mut write = std::pin::pin!(write);
-    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    std::future::poll_fn(|cx| {
-        if let std::task::Poll::Ready(r) = write.as_mut().poll(cx) {
-            return std::task::Poll::Ready(r);
-        }
-        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-        std::task::ready!(timer.as_mut().poll(cx));
-        std::task::Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
-    })
-    .await
-}
-
-/// Counts a write to a client that [`within`] gave up on; the error.
+/// Counts a write to a client that [`within`] gave up on (`--body-timeout`); the error.
 fn stalled(s: &Serving, e: io::Error) -> io::Error {
     if e.kind() == io::ErrorKind::TimedOut {
         s.state.metrics.body_timeouts.inc();

@@ -31,6 +31,7 @@ pub mod pool;
 pub mod proxy;
 pub mod quiet;
 pub mod server;
+pub mod stall;
 pub mod state;
 pub mod table;
 pub mod tls;

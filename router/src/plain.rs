@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -25,6 +25,7 @@ use tracing::debug;
 use crate::h1::{self, Chunks, Failed, Framing};
 use crate::pool;
 use crate::proxy::{Attempts, InFlight};
+use crate::stall::Stall;
 use crate::state::State;
 use crate::table::Route;
 
@@ -115,11 +116,8 @@ pub struct Body {
     ended: bool,
     /// Boxed: rare, and the body lives as long as its response.
     trailers: Option<Box<HeaderMap>>,
-    /// `--body-timeout`, and its timer: made when a read first waits, set again each time one
-    /// starts to wait (`armed` until bytes come).
-    idle: Duration,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    armed: bool,
+    /// `--body-timeout`: how long a read may wait.
+    stall: Stall,
 }
 
 /// How much a read asks for: a body with a length (at most what is left of it), and one
@@ -154,9 +152,7 @@ impl Body {
             keep: head.keep,
             ended: head.body == Framing::None || head.body == Framing::Length(0),
             trailers: None,
-            idle,
-            timer: None,
-            armed: false,
+            stall: Stall::new(idle),
         }
     }
 
@@ -266,20 +262,10 @@ impl http_body::Body for Body {
             let next = &mut this.spare;
             let n = match tokio_util::io::poll_read_buf(Pin::new(conn), cx, next) {
                 Poll::Ready(r) => {
-                    this.armed = false;
+                    this.stall.reset();
                     r?
                 }
-                Poll::Pending => {
-                    let idle = this.idle;
-                    let timer = this
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                    if !std::mem::replace(&mut this.armed, true) {
-                        timer.as_mut().reset(tokio::time::Instant::now() + idle);
-                    }
-                    ready!(timer.as_mut().poll(cx));
-                    return Poll::Ready(Some(Err(io::ErrorKind::TimedOut.into())));
-                }
+                Poll::Pending => return this.stall.poll(cx).map(|e| Some(Err(e))),
             };
             if n == 0 {
                 if this.framing == Framing::Close {

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +25,7 @@ use tracing::{debug, warn};
 use crate::client::Client;
 use crate::park::{self, Parking};
 use crate::proxy::{self, ConnInfo};
+use crate::stall::Stall;
 use crate::state::State;
 use crate::{batch, h1, quiet};
 
@@ -365,7 +367,13 @@ async fn http1<S: h1::Stream>(s: &Serving, io: S, info: ConnInfo) {
 async fn hyper_http1<S: h1::Stream>(s: &Serving, io: S, read: Vec<u8>, info: ConnInfo) {
     // A WebSocket's small messages must not wait for ACKs.
     io.no_delay();
-    let io = TokioIo::new(Prefixed { read, at: 0, io });
+    let io = TokioIo::new(Prefixed {
+        read,
+        at: 0,
+        io,
+        stall: Stall::new(s.state.settings.body_timeout),
+        stalled: s.state.metrics.body_timeouts.clone(),
+    });
     serve(s, io, Arc::new(info)).await;
 }
 
@@ -374,6 +382,32 @@ struct Prefixed<S> {
     read: Vec<u8>,
     at: usize,
     io: S,
+    /// `--body-timeout` for a write the client does not take (`stall`), counted in
+    /// `body_timeouts`.
+    stall: Stall,
+    stalled: Counter,
+}
+
+impl<S> Prefixed<S> {
+    /// For a write that returned `Pending`: `TimedOut` once it has waited the limit, counted.
+    fn stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let e = ready!(self.stall.poll(cx));
+        self.stalled.inc();
+        Poll::Ready(Err(e))
+    }
+
+    /// What a write returned: a wait for the client, or done waiting.
+    fn waited<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if r.is_pending() {
+            return self.stalled(cx);
+        }
+        self.stall.reset();
+        r
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
@@ -403,7 +437,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
+        let r = Pin::new(&mut self.io).poll_write(cx, data);
+        self.waited(cx, r)
     }
 
     fn poll_write_vectored(
@@ -411,7 +446,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.waited(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -419,7 +455,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.waited(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

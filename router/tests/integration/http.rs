@@ -368,32 +368,34 @@ async fn one_site(extra: &[&str]) -> (Etcd, Web, Router) {
 /// A client that stops reading its response is left once a write to it has waited
 /// `--body-timeout` (counted as a body timeout): the kernel keeps a zero window open
 /// indefinitely, so it would otherwise hold its connection, and the backend connection of the
-/// response, for as long as the router ran. The router goes on serving.
+/// response, for as long as the router ran. On the router's own HTTP/1.1 path and on what it
+/// leaves to hyper (HTTP/1.0). The router goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_its_response_is_left_after_the_body_timeout() {
     let (_etcd, _w, router) = one_site(&["--body-timeout", "1s"]).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    // A small window, fixed: the 16 MiB response cannot all go into buffers.
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut c = socket.connect(router.http).await.unwrap();
-    c.write_all(b"GET /big/16777216 HTTP/1.1\r\nHost: g.test\r\n\r\n")
-        .await
-        .unwrap();
-    testkit::eventually(
-        Duration::from_secs(15),
-        "the stalled write given up",
-        || (router.metric("router_body_timeouts_total") == 1).then_some(()),
-    );
-    let mut got = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got));
-    let _ = read
-        .await
-        .expect("the connection ends once what was sent is read");
-    assert!(
-        got.starts_with(b"HTTP/1.1 200") && got.len() < 16 << 20,
-        "{} bytes",
-        got.len()
-    );
+    for (n, version) in [(1, "HTTP/1.1"), (2, "HTTP/1.0")] {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // A small window, fixed: the 16 MiB response cannot all go into buffers.
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut c = socket.connect(router.http).await.unwrap();
+        let ask = format!("GET /big/16777216 {version}\r\nHost: g.test\r\n\r\n");
+        c.write_all(ask.as_bytes()).await.unwrap();
+        testkit::eventually(
+            Duration::from_secs(15),
+            "the stalled write given up",
+            || (router.metric("router_body_timeouts_total") == n).then_some(()),
+        );
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got));
+        let _ = read
+            .await
+            .expect("the connection ends once what was sent is read");
+        assert!(
+            got.starts_with(b"HTTP/1.") && got.len() < 16 << 20,
+            "{version}: {} bytes",
+            got.len()
+        );
+    }
     let again = get(&router, "g.test", "/");
     assert_eq!(again.status, 200, "{again:?}");
 }
