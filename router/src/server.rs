@@ -257,9 +257,9 @@ async fn connection(
 
 /// HTTP/1.1 in clear, from the accept or from the parking (`woken`, with its linger: it was
 /// answered before): parked when it stays idle for the linger ([`park::LINGER`] for a new
-/// connection) after an answer, while the parking takes connections. (As [`http1`], with the parking; `h1::serve` called here,
-/// not through `http1`: each layer of futures keeps its own copy of the stream and the
-/// connection's information.)
+/// connection) after an answer, while the parking takes connections. (As [`http1`], with the
+/// parking; `h1::serve` called here, not through `http1`: each layer of futures keeps its own
+/// copy of the stream and the connection's information.)
 async fn plain(
     s: &Arc<Serving>,
     held: Held,
