@@ -12,14 +12,18 @@
 //!
 //! What is gathered is bounded: past [`LIMIT`] a write first waits for the buffer to go out
 //! (the client's TCP window is the back-pressure, as before). The buffer is released when it
-//! has gone out: an idle connection holds none.
+//! has gone out: an idle connection holds none. A write out that waits `--body-timeout` for the
+//! client to take it fails the connection ([`Stall`]), as a write to an HTTP/1.x client does.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::stall::Stall;
 
 /// Most bytes gathered before a write waits for them to go out.
 pub const LIMIT: usize = 64 * 1024;
@@ -34,6 +38,9 @@ struct Shared<S> {
     sent: usize,
     /// Writing out failed: what every later write and flush says.
     failed: Option<io::ErrorKind>,
+    /// How long a write out may wait for the client; a wait that lasted it is counted here.
+    stall: Stall,
+    stalled: Counter,
 }
 
 impl<S: AsyncWrite + Unpin> Shared<S> {
@@ -43,18 +50,33 @@ impl<S: AsyncWrite + Unpin> Shared<S> {
             return Poll::Ready(Err(kind.into()));
         }
         while self.sent < self.out.len() {
-            match ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.sent..])) {
-                Ok(0) => return Poll::Ready(Err(self.fail(io::ErrorKind::WriteZero))),
-                Ok(n) => self.sent += n,
-                Err(e) => return Poll::Ready(Err(self.fail(e.kind()))),
+            match Pin::new(&mut self.io).poll_write(cx, &self.out[self.sent..]) {
+                Poll::Pending => return self.stalled(cx),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(self.fail(io::ErrorKind::WriteZero))),
+                Poll::Ready(Ok(n)) => {
+                    self.sent += n;
+                    self.stall.reset();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fail(e.kind()))),
             }
         }
         // Gone out: released (it was as large as the largest turn's output).
         self.out = Vec::new();
         self.sent = 0;
-        Pin::new(&mut self.io)
-            .poll_flush(cx)
-            .map_err(|e| self.fail(e.kind()))
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Pending => self.stalled(cx),
+            Poll::Ready(r) => {
+                self.stall.reset();
+                Poll::Ready(r.map_err(|e| self.fail(e.kind())))
+            }
+        }
+    }
+
+    /// A write out waits for the client: failed (and counted) once it has waited the limit.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let e = ready!(self.stall.poll(cx));
+        self.stalled.inc();
+        Poll::Ready(Err(self.fail(e.kind())))
     }
 
     /// Writing out failed: the gathered bytes go (no one will take them), and every later
@@ -75,13 +97,16 @@ fn lock<S>(shared: &Mutex<Shared<S>>) -> MutexGuard<'_, Shared<S>> {
 /// The stream as hyper sees it: reads pass through, writes are gathered.
 pub struct Batched<S>(Arc<Mutex<Shared<S>>>);
 
-/// Wraps `io`: the stream to give hyper, and the handle [`flushing`] writes out with.
-pub fn batched<S>(io: S) -> (Batched<S>, Writer<S>) {
+/// Wraps `io`: the stream to give hyper, and the handle [`flushing`] writes out with. A write
+/// out that waits `stall` fails, counted in `stalled`.
+pub fn batched<S>(io: S, stall: Stall, stalled: Counter) -> (Batched<S>, Writer<S>) {
     let shared = Arc::new(Mutex::new(Shared {
         io,
         out: Vec::new(),
         sent: 0,
         failed: None,
+        stall,
+        stalled,
     }));
     (Batched(shared.clone()), Writer(shared))
 }
@@ -215,7 +240,11 @@ mod tests {
     #[tokio::test]
     async fn a_turns_writes_go_out_together_at_its_end() {
         let (near, mut far) = tokio::io::duplex(LIMIT * 4);
-        let (mut io, writer) = batched(near);
+        let (mut io, writer) = batched(
+            near,
+            Stall::new(std::time::Duration::from_secs(5)),
+            Counter::default(),
+        );
         let mut far = flushing(writer, async move {
             io.write_all(b"one ").await.unwrap();
             io.flush().await.unwrap();
@@ -241,7 +270,11 @@ mod tests {
     async fn past_the_limit_a_write_waits_for_a_slow_reader() {
         // A pipe of 1 KiB: every write out is partial and waits for the reader.
         let (near, mut far) = tokio::io::duplex(1024);
-        let (mut io, writer) = batched(near);
+        let (mut io, writer) = batched(
+            near,
+            Stall::new(std::time::Duration::from_secs(5)),
+            Counter::default(),
+        );
         let sent: Vec<u8> = (0..LIMIT * 3 + 17).map(|i| (i % 251) as u8).collect();
         let expected = sent.clone();
         let reader = tokio::spawn(async move {
@@ -259,10 +292,32 @@ mod tests {
         assert_eq!(reader.await.unwrap(), expected);
     }
 
+    /// A client that takes nothing: the write out fails after the limit, counted, and so do
+    /// the connection's later writes.
+    #[tokio::test]
+    async fn a_write_out_the_client_does_not_take_fails_after_the_limit() {
+        let (near, _far) = tokio::io::duplex(1024);
+        let stalled = Counter::default();
+        let limit = std::time::Duration::from_millis(100);
+        let (mut io, writer) = batched(near, Stall::new(limit), stalled.clone());
+        let start = std::time::Instant::now();
+        let written = flushing(writer, async move { io.write_all(&[7u8; LIMIT * 2]).await });
+        let written = tokio::time::timeout(std::time::Duration::from_secs(5), written)
+            .await
+            .expect("given up within 5 s");
+        assert_eq!(written.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= limit, "{:?}", start.elapsed());
+        assert_eq!(stalled.get(), 1);
+    }
+
     #[tokio::test]
     async fn a_failed_write_out_fails_the_next_write() {
         let (near, far) = tokio::io::duplex(1024);
-        let (mut io, writer) = batched(near);
+        let (mut io, writer) = batched(
+            near,
+            Stall::new(std::time::Duration::from_secs(5)),
+            Counter::default(),
+        );
         drop(far);
         let second = flushing(writer, async move {
             io.write_all(b"lost").await.unwrap();

@@ -295,7 +295,9 @@ async fn https(
             let info = ConnInfo::new(client, true);
             if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 // What the streams answer in one turn goes out in one write.
-                let (io, writer) = batch::batched(tls_stream);
+                let stall = Stall::new(s.state.settings.body_timeout);
+                let stalled = s.state.metrics.body_timeouts.clone();
+                let (io, writer) = batch::batched(tls_stream, stall, stalled);
                 let conn = serve_h2(s, TokioIo::new(io), Arc::new(info));
                 Box::pin(batch::flushing(writer, conn)).await;
             } else {

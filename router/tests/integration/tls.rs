@@ -65,6 +65,17 @@ async fn tls_connect_alpn(
     name: &str,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(router.https).await.unwrap();
+    tls_over(tcp, ca, name, alpn).await
+}
+
+/// A TLS connection over `tcp` for `name`, trusting only the test CA, offering `alpn`.
+async fn tls_over(
+    tcp: tokio::net::TcpStream,
+    ca: &Path,
+    name: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca).unwrap();
     for cert in
@@ -84,7 +95,6 @@ async fn tls_connect_alpn(
     let mut config = config;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(router.https).await.unwrap();
     let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
     connector.connect(server_name, tcp).await.unwrap()
 }
@@ -457,4 +467,56 @@ async fn an_http_2_connection_without_streams_is_closed_at_the_head_timeout() {
         idle.elapsed()
     );
     assert_eq!(router.metric("router_head_timeouts_total"), 2);
+}
+
+/// An HTTP/2 client that stops reading its response is left once the router's write to it has
+/// waited `--body-timeout` (counted as a body timeout), as an HTTP/1.x one is. The client is
+/// raw frames: the preface, SETTINGS with the largest stream window and a connection window
+/// as large (so that only TCP holds the response back), a GET for 16 MiB, then nothing read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_2_client_that_stops_reading_is_left_after_the_body_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let w = Web::start("w").await;
+    put_route(&mut c, "g.test", "g", false).await;
+    put_endpoint(&mut c, "g", 1, w.addr).await;
+    let certs = cert_dir(d, &[("g", "g.test", &["g.test"])]);
+    let router = Router::start(
+        &etcd,
+        &["--certs", certs.to_str().unwrap(), "--body-timeout", "1s"],
+    );
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(router.https).await.unwrap();
+    let mut tls = tls_over(tcp, &d.join("ca.crt"), "g.test", &[b"h2"]).await;
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (4) = 2^31 - 1; the connection's window as large.
+    out.extend(frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    out.extend(frame(0x8, 0, 0, &0x7fff_0000u32.to_be_bytes()));
+    // GET https://g.test/big/16777216 (HPACK: :method GET, :scheme https, :path and
+    // :authority as literals with indexed names).
+    let mut block = vec![0x82, 0x87, 0x44, 13];
+    block.extend_from_slice(b"/big/16777216");
+    block.extend_from_slice(&[0x41, 6]);
+    block.extend_from_slice(b"g.test");
+    out.extend(frame(0x1, 0x5, 1, &block));
+    tls.write_all(&out).await.unwrap();
+    testkit::eventually(
+        Duration::from_secs(15),
+        "the stalled write given up",
+        || (router.metric("router_body_timeouts_total") == 1).then_some(()),
+    );
+    testkit::eventually(Duration::from_secs(5), "its connection gone", || {
+        (router.metric("router_connections_active") == 0).then_some(())
+    });
+    drop(tls);
 }
