@@ -226,6 +226,17 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// [`batched`] with a limit no test here reaches.
+    fn batched_for_test(
+        io: tokio::io::DuplexStream,
+    ) -> (
+        Batched<tokio::io::DuplexStream>,
+        Writer<tokio::io::DuplexStream>,
+    ) {
+        let stall = Stall::new(std::time::Duration::from_secs(5));
+        batched(io, stall, Counter::default())
+    }
+
     /// Polls `far` for what has arrived, without waiting.
     fn arrived(far: &mut tokio::io::DuplexStream) -> usize {
         let mut buf = [0u8; 64];
@@ -240,11 +251,7 @@ mod tests {
     #[tokio::test]
     async fn a_turns_writes_go_out_together_at_its_end() {
         let (near, mut far) = tokio::io::duplex(LIMIT * 4);
-        let (mut io, writer) = batched(
-            near,
-            Stall::new(std::time::Duration::from_secs(5)),
-            Counter::default(),
-        );
+        let (mut io, writer) = batched_for_test(near);
         let mut far = flushing(writer, async move {
             io.write_all(b"one ").await.unwrap();
             io.flush().await.unwrap();
@@ -270,11 +277,7 @@ mod tests {
     async fn past_the_limit_a_write_waits_for_a_slow_reader() {
         // A pipe of 1 KiB: every write out is partial and waits for the reader.
         let (near, mut far) = tokio::io::duplex(1024);
-        let (mut io, writer) = batched(
-            near,
-            Stall::new(std::time::Duration::from_secs(5)),
-            Counter::default(),
-        );
+        let (mut io, writer) = batched_for_test(near);
         let sent: Vec<u8> = (0..LIMIT * 3 + 17).map(|i| (i % 251) as u8).collect();
         let expected = sent.clone();
         let reader = tokio::spawn(async move {
@@ -292,8 +295,8 @@ mod tests {
         assert_eq!(reader.await.unwrap(), expected);
     }
 
-    /// A client that takes nothing: the write out fails after the limit, counted, and so do
-    /// the connection's later writes.
+    /// A client that takes nothing: the write out fails after the limit, counted, and so does
+    /// the connection's next write.
     #[tokio::test]
     async fn a_write_out_the_client_does_not_take_fails_after_the_limit() {
         let (near, _far) = tokio::io::duplex(1024);
@@ -301,11 +304,15 @@ mod tests {
         let limit = std::time::Duration::from_millis(100);
         let (mut io, writer) = batched(near, Stall::new(limit), stalled.clone());
         let start = std::time::Instant::now();
-        let written = flushing(writer, async move { io.write_all(&[7u8; LIMIT * 2]).await });
-        let written = tokio::time::timeout(std::time::Duration::from_secs(5), written)
+        let written = flushing(writer, async move {
+            let first = io.write_all(&[7u8; LIMIT * 2]).await;
+            (first, io.write_all(b"next").await)
+        });
+        let (first, next) = tokio::time::timeout(std::time::Duration::from_secs(5), written)
             .await
             .expect("given up within 5 s");
-        assert_eq!(written.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(first.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(next.unwrap_err().kind(), io::ErrorKind::TimedOut);
         assert!(start.elapsed() >= limit, "{:?}", start.elapsed());
         assert_eq!(stalled.get(), 1);
     }
@@ -313,11 +320,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_out_fails_the_next_write() {
         let (near, far) = tokio::io::duplex(1024);
-        let (mut io, writer) = batched(
-            near,
-            Stall::new(std::time::Duration::from_secs(5)),
-            Counter::default(),
-        );
+        let (mut io, writer) = batched_for_test(near);
         drop(far);
         let second = flushing(writer, async move {
             io.write_all(b"lost").await.unwrap();
