@@ -398,8 +398,9 @@ async fn an_http_2_connection_without_streams_is_closed_at_the_head_timeout() {
         certs.to_str().unwrap(),
         "--head-timeout",
         "1s",
+        // Each of the dripped body's waits (0.5 s) well under it, all of them (3 s) over it.
         "--body-timeout",
-        "1s",
+        "2s",
     ];
     let (_etcd, _b, router) = crate::http::raw_site(&extra).await;
     let ca = d.join("ca.crt");
