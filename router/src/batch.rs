@@ -72,16 +72,19 @@ impl<S: AsyncWrite + Unpin> Shared<S> {
         }
     }
 
-    /// A write out waits for the client: failed (and counted) once it has waited the limit.
+    /// A write out waits for the client: failed once it has waited the limit.
     fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let e = ready!(self.stall.poll(cx));
-        self.stalled.inc();
         Poll::Ready(Err(self.fail(e.kind())))
     }
 
     /// Writing out failed: the gathered bytes go (no one will take them), and every later
     /// write and flush says so.
+    /// A timeout (the stall's, or the kernel's `TCP_USER_TIMEOUT`) is counted.
     fn fail(&mut self, kind: io::ErrorKind) -> io::Error {
+        if kind == io::ErrorKind::TimedOut {
+            self.stalled.inc();
+        }
         self.failed = Some(kind);
         self.out = Vec::new();
         self.sent = 0;

@@ -73,7 +73,7 @@ pub struct RouterArgs {
 
     /// Longest wait for the next bytes of a body once it has begun, from the client (408, and
     /// the connection closed) or from the backend (the response cut short); and for a client
-    /// to take what is written to it (one that stops reading is left)
+    /// to take what is written to it (one that stops reading, or acknowledges nothing, is left)
     #[arg(long, env = "VIKING_BODY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub body_timeout: Duration,
 
@@ -326,6 +326,11 @@ pub async fn start_inheriting(
     };
     let http = checked.http.map(|a| bind("http", a)).transpose()?;
     let https = checked.https.map(|a| bind("https", a)).transpose()?;
+    for listener in http.iter().chain(https.iter()) {
+        if let Err(e) = crate::server::drop_silent_clients(listener, args.body_timeout) {
+            warn!(error = %e, "cannot set TCP_USER_TIMEOUT: a client gone without a word is dropped only by the kernel's retransmission limit");
+        }
+    }
     let admin = bind("admin", args.admin)?;
     for (name, listener) in [
         ("http", http.as_ref()),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -63,9 +63,10 @@ pub fn builder(limits: &Limits) -> Builders {
         .max_concurrent_streams(limits.max_streams)
         .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
         // No keep-alive pings: what they found (a client gone while its streams were open) the
-        // head timeout without streams (`quiet`), the write timeout (`batch`) and the response
-        // timeout bound already; hyper's pinger took a lock and read the clock on every poll
-        // of the connection (2.5-4% of the CPU per request under h2load in a rig).
+        // head timeout without streams (`quiet`), the write timeout (`batch`), the response
+        // timeout and `drop_silent_clients` bound already; hyper's pinger took a lock and read
+        // the clock on every poll of the connection (2.5-4% of the CPU per request under
+        // h2load in a rig).
         .keep_alive_interval(None);
     Builders { http1, http2 }
 }
@@ -79,6 +80,15 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
+}
+
+/// Sets `TCP_USER_TIMEOUT` on a public listener (its connections inherit it): the kernel
+/// drops a connection whose client has acknowledged nothing sent to it for `limit` (the body
+/// timeout), a client gone without a word while a response was on its way. A write that waits
+/// for the client's window has its own timer (`stall`); this one also covers bytes that left and
+/// were never acknowledged, where no write waits.
+pub fn drop_silent_clients(listener: &TcpListener, limit: Duration) -> std::io::Result<()> {
+    socket2::SockRef::from(listener).set_tcp_user_timeout(Some(limit))
 }
 
 /// What every connection task shares.
@@ -395,23 +405,26 @@ struct Prefixed<S> {
 }
 
 impl<S> Prefixed<S> {
-    /// For a write that returned `Pending`: `TimedOut` once it has waited the limit, counted.
-    fn stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
-        let e = ready!(self.stall.poll(cx));
-        self.stalled.inc();
-        Poll::Ready(Err(e))
-    }
-
-    /// What a write returned: a wait for the client, or done waiting.
+    /// What a write returned: a wait for the client (`TimedOut` once it has lasted the
+    /// limit), or done waiting. A timeout (the stall's, or the kernel's `TCP_USER_TIMEOUT`) is
+    /// counted.
     fn waited<T>(
         &mut self,
         cx: &mut Context<'_>,
         r: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
-        if r.is_pending() {
-            return self.stalled(cx);
+        let r = match r {
+            Poll::Pending => self.stall.poll(cx).map(Err),
+            done => {
+                self.stall.reset();
+                done
+            }
+        };
+        if let Poll::Ready(Err(e)) = &r
+            && e.kind() == std::io::ErrorKind::TimedOut
+        {
+            self.stalled.inc();
         }
-        self.stall.reset();
         r
     }
 }
@@ -697,6 +710,22 @@ mod tests {
             size <= 440,
             "h1::serve's future is {size} bytes: box what made it grow"
         );
+    }
+
+    /// A public listener's connections carry its `TCP_USER_TIMEOUT` (the kernel copies it to
+    /// each accepted socket).
+    #[tokio::test]
+    async fn a_public_listeners_connections_drop_silent_clients_after_the_body_timeout() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        drop_silent_clients(&listener, Duration::from_millis(2500)).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let got = socket2::SockRef::from(&accepted)
+            .tcp_user_timeout()
+            .unwrap();
+        assert_eq!(got, Some(Duration::from_millis(2500)));
     }
 
     /// When the parking takes no connections (its set could not be watched), an answered
