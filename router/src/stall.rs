@@ -1,6 +1,7 @@
 //! How long a read or a write may wait for the other side: the timer behind `--body-timeout`
-//! for a backend's response body (`plain::Body`), for a write to a client (`h1`, and the
-//! connections hyper serves over HTTP/1.1: `server::Prefixed`). A client that stops reading
+//! for a backend's response body (`plain::Body`), for a write to a client (`h1`, what hyper
+//! serves over HTTP/1.x through `server::Prefixed`, an HTTP/2 connection's writes out in
+//! `batch`). A client that stops reading
 //! would otherwise hold its connection, and the backend connection of its response, for as long
 //! as the router runs: the kernel keeps a zero window open indefinitely.
 //!
