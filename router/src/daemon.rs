@@ -327,7 +327,7 @@ pub async fn start_inheriting(
     let http = checked.http.map(|a| bind("http", a)).transpose()?;
     let https = checked.https.map(|a| bind("https", a)).transpose()?;
     for listener in http.iter().chain(https.iter()) {
-        if let Err(e) = crate::server::drop_silent_clients(listener, args.body_timeout) {
+        if let Err(e) = crate::server::drop_silent_clients(listener, args.body_timeout * 2) {
             warn!(error = %e, "cannot set TCP_USER_TIMEOUT: a client gone without a word is dropped only by the kernel's retransmission limit");
         }
     }

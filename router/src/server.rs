@@ -83,10 +83,12 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Sets `TCP_USER_TIMEOUT` on a public listener (its connections inherit it): the kernel
-/// drops a connection whose client has acknowledged nothing sent to it for `limit` (the body
-/// timeout), a client gone without a word while a response was on its way. A write that waits
-/// for the client's window has its own timer (`stall`); this one also covers bytes that left and
-/// were never acknowledged, where no write waits.
+/// drops a connection whose client has acknowledged nothing sent to it for `limit` (twice the
+/// body timeout), a client gone without a word while a response was on its way. A write that
+/// waits for the client's window has its own timer (`stall`, the body timeout), which must
+/// come first: the kernel's abort (it counts a zero window too) can surface in a read, where it
+/// is no body timeout. This one covers bytes that left and were never acknowledged, where no
+/// write waits.
 pub fn drop_silent_clients(listener: &TcpListener, limit: Duration) -> std::io::Result<()> {
     socket2::SockRef::from(listener).set_tcp_user_timeout(Some(limit))
 }
