@@ -984,21 +984,20 @@ async fn read_head<S: Stream>(
 /// The router's own answer to a head it refused (400, 431), counted under no route; the
 /// connection closes after it.
 async fn refuse<S: Stream>(s: &Serving, io: &mut S, status: StatusCode, text: &str) {
-    let idle = s.state.settings.body_timeout;
-    let _ = write_own(io, status, text, &[], true, false, idle).await;
+    let _ = write_own(s, io, status, text, &[], true, false).await;
     s.state.metrics.unknown.count(status);
 }
 
 /// Writes one of the router's own answers: a short plain page; the bytes of its body. A
-/// client that does not take it within `idle` is left (`TimedOut`).
+/// client that does not take it within the body timeout is left ([`to_client`]).
 async fn write_own<S: Stream>(
+    s: &Serving,
     io: &mut S,
     status: StatusCode,
     text: &str,
     extra: &[(&str, &str)],
     close: bool,
     head_only: bool,
-    idle: std::time::Duration,
 ) -> io::Result<u64> {
     use std::fmt::Write;
     let reason = status.canonical_reason().unwrap_or("");
@@ -1020,8 +1019,8 @@ async fn write_own<S: Stream>(
     if !head_only {
         out.push_str(&body);
     }
-    within(idle, io.write_all(out.as_bytes())).await?;
-    within(idle, io.flush()).await?;
+    to_client(s, io.write_all(out.as_bytes())).await?;
+    to_client(s, io.flush()).await?;
     Ok(if head_only { 0 } else { body.len() as u64 })
 }
 
@@ -1080,9 +1079,7 @@ impl Counted<'_> {
         let head = self.head;
         let keep = !head.close && head.body == Framing::None && !self.s.stop.is_cancelled();
         let head_only = head.method == Method::HEAD;
-        let idle = self.s.state.settings.body_timeout;
-        let written = write_own(io, status, text, extra, !keep, head_only, idle).await;
-        let bytes = written.map_err(|e| stalled(self.s, e))?;
+        let bytes = write_own(self.s, io, status, text, extra, !keep, head_only).await?;
         self.answered(status);
         self.log(status, bytes, None);
         Ok(keep)
@@ -1233,11 +1230,10 @@ async fn proxied<S: Stream>(
         }
     };
     out.extend_from_slice(&rbuf[..n]);
-    let idle = settings.body_timeout;
-    let written = within(idle, io.write_all(&out)).await;
-    written.map_err(|e| stalled(s, e))?;
+    to_client(s, io.write_all(&out)).await?;
     counters.bytes_out.inc_by(payload);
     rbuf.drain(..n);
+    let idle = settings.body_timeout;
     let complete = done
         || {
             // The rest as it comes, counted as it passes; the last piece not held back for the
@@ -1272,7 +1268,7 @@ async fn proxied<S: Stream>(
                 }
             }
         };
-    within(idle, io.flush()).await.map_err(|e| stalled(s, e))?;
+    to_client(s, io.flush()).await?;
     if complete && resp.keep && rbuf.is_empty() {
         state.pool.h1.checkin(backend, conn);
     }
@@ -1341,12 +1337,8 @@ async fn exchange<S: Stream>(
         // 100 Continue, 103 Early Hints: the client's to see.
         let mut out = resp.out;
         out.extend_from_slice(b"\r\n");
-        let idle = s.state.settings.body_timeout;
-        let written = within(idle, io.write_all(&out)).await;
-        written.map_err(|e| {
-            stalled(s, e);
-            Failed::ClientGone
-        })?;
+        let written = to_client(s, io.write_all(&out)).await;
+        written.map_err(|_| Failed::ClientGone)?;
         rbuf.drain(..resp.len);
     }
 }
@@ -1381,7 +1373,13 @@ pub(crate) async fn response_head<O: Fields>(
     }
 }
 
-/// Counts a write to a client that [`within`] gave up on (`--body-timeout`); the error.
+/// A write to the client (or its flush), within the body timeout; one that timed out counted.
+async fn to_client<T>(s: &Serving, write: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    let idle = s.state.settings.body_timeout;
+    within(idle, write).await.map_err(|e| stalled(s, e))
+}
+
+/// Counts a write to a client that timed out (`--body-timeout`); the error.
 fn stalled(s: &Serving, e: io::Error) -> io::Error {
     if e.kind() == io::ErrorKind::TimedOut {
         s.state.metrics.body_timeouts.inc();
