@@ -153,6 +153,7 @@ impl Parking {
     /// Takes the connections `events` name out of the set, each to a task of its own.
     fn wake(&self, s: &Arc<Serving>, events: &[epoll::Event]) {
         let mut parked = self.lock();
+        let now = Instant::now();
         for event in events {
             let key = usize::try_from(event.data.u64()).unwrap_or(usize::MAX);
             let Some(slot) = parked.slots.try_remove(key) else {
@@ -161,8 +162,7 @@ impl Parking {
             s.state.metrics.connections_parked.dec();
             let _ = epoll::delete(&self.set, &slot.stream);
             // How long it was idle: its deadline is a head timeout after its last answer.
-            let idle =
-                (Instant::now() + s.limits.head_timeout).saturating_duration_since(slot.deadline);
+            let idle = (now + s.limits.head_timeout).saturating_duration_since(slot.deadline);
             let linger = if idle < LINGER_RETURNING {
                 LINGER_RETURNING
             } else {
