@@ -331,14 +331,15 @@ async fn https(
     }
 }
 
-/// Drives one connection (`$conn`) until it ends, or shuts it down gracefully on `stop` and
-/// cuts it on `cut`; the result of the connection. The connection is boxed: an HTTP/1.1 and
-/// an HTTP/2 connection inline would make every connection's task as large as both.
+/// Drives one HTTP/1.1 connection hyper serves (`$conn`) until it ends, or shuts it down
+/// gracefully on `stop` and cuts it on `cut`; the result of the connection. The connection is
+/// boxed: inline it would make every connection's task as large. (HTTP/2's own stop and idle
+/// close are `serve_h2`'s.)
 ///
 /// `$asked` says whether the client has sent a request yet. hyper's graceful shutdown closes
 /// an HTTP/1.1 connection that has read nothing, and so would cut a client that connected just
 /// before the stop with its first request on the way (HTTP/1.1 has no way to tell it that the
-/// request went unread; HTTP/2's GOAWAY does, so h2 passes `true`): such a connection first
+/// request went unread; HTTP/2's GOAWAY does): such a connection first
 /// waits for its request (hyper's head timeout still applies), which is then answered with
 /// `Connection: close`.
 macro_rules! until_stopped {
