@@ -718,7 +718,7 @@ mod tests {
     /// A public listener's connections carry its `TCP_USER_TIMEOUT` (the kernel copies it to
     /// each accepted socket).
     #[tokio::test]
-    async fn a_public_listeners_connections_drop_silent_clients_after_the_body_timeout() {
+    async fn a_public_listeners_connections_carry_its_tcp_user_timeout() {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         drop_silent_clients(&listener, Duration::from_millis(2500)).unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap())
