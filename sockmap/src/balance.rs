@@ -25,7 +25,7 @@ use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use crate::insn;
+use crate::Asm;
 use crate::op::*;
 use crate::sys::{self, Map};
 
@@ -36,7 +36,6 @@ const ATTACH_UDP4_RECVMSG: u32 = 19;
 const ATTACH_INET4_GETPEERNAME: u32 = 29;
 const MAP_TYPE_HASH: u32 = 1;
 const MAP_TYPE_LRU_HASH: u32 = 9;
-const FUNC_MAP_LOOKUP: i32 = 1;
 const FUNC_MAP_UPDATE: i32 = 2;
 const FUNC_GET_SOCKET_COOKIE: i32 = 46;
 const FUNC_GET_NETNS_COOKIE: i32 = 122;
@@ -59,62 +58,6 @@ const REVERSE_KEY: usize = 16;
 const REVERSE_VALUE: usize = 8;
 /// Sockets remembered with the backend they were sent to: the least recently used go first.
 const REVERSE_ENTRIES: u32 = 65_536;
-
-/// A few instructions with forward jumps to named places, resolved at the end.
-struct Asm {
-    insns: Vec<u64>,
-    jumps: Vec<(usize, u8, u8, i32, &'static str)>,
-    places: Vec<(&'static str, usize)>,
-}
-
-impl Asm {
-    fn new() -> Self {
-        Asm {
-            insns: Vec::new(),
-            jumps: Vec::new(),
-            places: Vec::new(),
-        }
-    }
-    fn op(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) -> &mut Self {
-        self.insns.push(insn(code, dst, src, off, imm));
-        self
-    }
-    fn map(&mut self, dst: u8, map: &Map) -> &mut Self {
-        use std::os::fd::AsRawFd;
-        self.op(LD_IMM64, dst, PSEUDO_MAP_FD, 0, map.fd().as_raw_fd())
-            .op(0, 0, 0, 0, 0)
-    }
-    /// `if dst <code> imm goto place`.
-    fn jump(&mut self, code: u8, dst: u8, imm: i32, place: &'static str) -> &mut Self {
-        self.jumps.push((self.insns.len(), code, dst, imm, place));
-        self.insns.push(0);
-        self
-    }
-    /// `r0 = bpf_map_lookup_elem(map, r10 + key)`: the key on the stack at `key`.
-    fn lookup(&mut self, map: &Map, key: i32) -> &mut Self {
-        self.map(1, map)
-            .op(MOV64_REG, 2, 10, 0, 0)
-            .op(ADD64_IMM, 2, 0, 0, key)
-            .op(CALL, 0, 0, 0, FUNC_MAP_LOOKUP)
-    }
-    fn place(&mut self, name: &'static str) -> &mut Self {
-        self.places.push((name, self.insns.len()));
-        self
-    }
-    fn finish(mut self) -> Vec<u64> {
-        for (at, code, dst, imm, name) in std::mem::take(&mut self.jumps) {
-            let to = self
-                .places
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, i)| *i)
-                .expect("a jump to a place that exists");
-            let off = i16::try_from(to as i64 - at as i64 - 1).expect("a short jump");
-            self.insns[at] = insn(code, dst, 0, off, imm);
-        }
-        self.insns
-    }
-}
 
 /// The program for `sendmsg4` and `connect4` (the same bytecode, loaded once for each):
 ///
@@ -141,11 +84,11 @@ fn forward(services: &Map, reverse: &Map, sent: &Map) -> Vec<u64> {
         .op(MOV64_REG, 1, 6, 0, 0)
         .op(CALL, 0, 0, 0, FUNC_GET_NETNS_COOKIE)
         .op(STX_DW, 10, 0, -8, 0)
-        .lookup(services, -16)
+        .lookup(services.fd(), -16)
         .jump(JNE_IMM, 0, 0, "found")
         // Not under this namespace: under every namespace?
         .op(ST_DW, 10, 0, -8, 0)
-        .lookup(services, -16)
+        .lookup(services.fd(), -16)
         .jump(JEQ_IMM, 0, 0, "pass")
         .place("found")
         .op(MOV64_REG, 7, 0, 0, 0)
@@ -170,14 +113,14 @@ fn forward(services: &Map, reverse: &Map, sent: &Map) -> Vec<u64> {
         .op(STX_W, 10, 4, -36, 0)
         .op(STX_W, 6, 2, CTX_USER_IP4, 0)
         .op(STX_W, 6, 3, CTX_USER_PORT, 0)
-        .map(1, reverse)
+        .map(1, reverse.fd())
         .op(MOV64_REG, 2, 10, 0, 0)
         .op(ADD64_IMM, 2, 0, 0, -32)
         .op(MOV64_REG, 3, 10, 0, 0)
         .op(ADD64_IMM, 3, 0, 0, -40)
         .op(MOV64_IMM, 4, 0, 0, 0)
         .op(CALL, 0, 0, 0, FUNC_MAP_UPDATE)
-        .lookup(sent, -16)
+        .lookup(sent.fd(), -16)
         .jump(JEQ_IMM, 0, 0, "pass")
         .op(MOV64_IMM, 1, 0, 0, 1)
         .op(ATOMIC_ADD_DW, 0, 1, 0, 0)
@@ -207,7 +150,7 @@ fn reverse(reverse: &Map) -> Vec<u64> {
         .op(STX_W, 10, 2, -8, 0)
         .op(LDX_W, 2, 6, CTX_USER_PORT, 0)
         .op(STX_W, 10, 2, -4, 0)
-        .lookup(reverse, -16)
+        .lookup(reverse.fd(), -16)
         .jump(JEQ_IMM, 0, 0, "out")
         .op(LDX_W, 2, 0, 0, 0)
         .op(STX_W, 6, 2, CTX_USER_IP4, 0)

@@ -1,5 +1,6 @@
 //! Forwarding between two connected TCP sockets inside the kernel, without waking user space
-//! per message; and UDP balanced by the kernel as a socket sends ([`balance`]).
+//! per message; the same in the peers' own sends when they run on this host ([`sender`]);
+//! and UDP balanced by the kernel as a socket sends ([`balance`]).
 //!
 //! A sockhash holds the sockets of every joined pair, each under its peer's socket cookie;
 //! an `sk_skb` verdict program attached to the map runs on every segment that arrives on any
@@ -22,6 +23,7 @@ use rustix::event::epoll;
 use tokio::io::unix::AsyncFd;
 
 pub mod balance;
+pub mod sender;
 mod sys;
 
 pub use sys::{TcpInfo, register_readable};
@@ -32,6 +34,7 @@ const PROG_TYPE_SK_SKB: u32 = 14;
 /// each segment as it arrives.
 const ATTACH_SK_SKB_VERDICT: u32 = 38;
 const FUNC_GET_SOCKET_COOKIE: i32 = 46;
+pub(crate) const FUNC_MAP_LOOKUP: i32 = 1;
 const FUNC_SK_REDIRECT_HASH: i32 = 72;
 /// `SK_PASS`: keep the segment on its own socket, for user space to read.
 const SK_PASS: i32 = 1;
@@ -52,12 +55,18 @@ mod op {
     pub const MOV64_IMM: u8 = 0x07 | 0xb0; // BPF_ALU64 | BPF_MOV | BPF_K
     pub const ADD64_IMM: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
     pub const ADD64_REG: u8 = 0x07 | 0x08; // BPF_ALU64 | BPF_ADD | BPF_X
+    pub const SUB64_REG: u8 = 0x07 | 0x10 | 0x08; // BPF_ALU64 | BPF_SUB | BPF_X
     pub const MOD64_REG: u8 = 0x07 | 0x90 | 0x08; // BPF_ALU64 | BPF_MOD | BPF_X
     pub const LSH64_IMM: u8 = 0x07 | 0x60; // BPF_ALU64 | BPF_LSH | BPF_K
+    pub const RSH64_IMM: u8 = 0x07 | 0x70; // BPF_ALU64 | BPF_RSH | BPF_K
+    /// `dst = htobe16(dst)` with `imm` 16 (BPF_ALU | BPF_END | BPF_TO_BE).
+    pub const END_BE: u8 = 0x04 | 0xd0 | 0x08;
     pub const LDX_W: u8 = 0x01 | 0x60; // BPF_LDX | BPF_MEM | BPF_W
+    pub const LDX_DW: u8 = 0x01 | 0x60 | 0x18; // BPF_LDX | BPF_MEM | BPF_DW
     pub const STX_W: u8 = 0x03 | 0x60; // BPF_STX | BPF_MEM | BPF_W
     pub const STX_DW: u8 = 0x03 | 0x60 | 0x18; // BPF_STX | BPF_MEM | BPF_DW
     pub const ST_DW: u8 = 0x02 | 0x60 | 0x18; // BPF_ST | BPF_MEM | BPF_DW
+    pub const ST_W: u8 = 0x02 | 0x60; // BPF_ST | BPF_MEM | BPF_W
     /// `lock *(u64 *)(dst + off) += src` (BPF_STX | BPF_ATOMIC | BPF_DW, imm BPF_ADD).
     pub const ATOMIC_ADD_DW: u8 = 0x03 | 0xc0 | 0x18;
     pub const LD_IMM64: u8 = 0x18; // BPF_LD | BPF_IMM | BPF_DW
@@ -65,11 +74,85 @@ mod op {
     pub const JEQ_IMM: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
     pub const JNE_IMM: u8 = 0x55; // BPF_JMP | BPF_JNE | BPF_K
     pub const JGE_IMM: u8 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    pub const JGT_IMM: u8 = 0x25; // BPF_JMP | BPF_JGT | BPF_K
+    pub const JNE_REG: u8 = 0x5d; // BPF_JMP | BPF_JNE | BPF_X
+    pub const JGT_REG: u8 = 0x2d; // BPF_JMP | BPF_JGT | BPF_X
+    pub const JEQ_REG: u8 = 0x1d; // BPF_JMP | BPF_JEQ | BPF_X
     pub const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
+    pub const JA: u8 = 0x05; // BPF_JMP | BPF_JA: always
     /// `src` of a 64-bit immediate load that names a map by its file descriptor.
     pub const PSEUDO_MAP_FD: u8 = 1;
 }
 use op::*;
+
+/// A few instructions with forward jumps to named places, resolved at the end.
+pub(crate) struct Asm {
+    insns: Vec<u64>,
+    jumps: Vec<(usize, u8, u8, u8, i32, &'static str)>,
+    places: Vec<(&'static str, usize)>,
+}
+
+impl Asm {
+    pub(crate) fn new() -> Self {
+        Asm {
+            insns: Vec::new(),
+            jumps: Vec::new(),
+            places: Vec::new(),
+        }
+    }
+    pub(crate) fn op(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) -> &mut Self {
+        self.insns.push(insn(code, dst, src, off, imm));
+        self
+    }
+    pub(crate) fn map(&mut self, dst: u8, map: BorrowedFd<'_>) -> &mut Self {
+        self.op(LD_IMM64, dst, PSEUDO_MAP_FD, 0, map.as_raw_fd())
+            .op(0, 0, 0, 0, 0)
+    }
+    /// `if dst <code> imm goto place`.
+    pub(crate) fn jump(&mut self, code: u8, dst: u8, imm: i32, place: &'static str) -> &mut Self {
+        self.jumps
+            .push((self.insns.len(), code, dst, 0, imm, place));
+        self.insns.push(0);
+        self
+    }
+    /// `if dst <code> src goto place` (a register comparison).
+    pub(crate) fn jump_reg(
+        &mut self,
+        code: u8,
+        dst: u8,
+        src: u8,
+        place: &'static str,
+    ) -> &mut Self {
+        self.jumps
+            .push((self.insns.len(), code, dst, src, 0, place));
+        self.insns.push(0);
+        self
+    }
+    /// `r0 = bpf_map_lookup_elem(map, r10 + key)`: the key on the stack at `key`.
+    pub(crate) fn lookup(&mut self, map: BorrowedFd<'_>, key: i32) -> &mut Self {
+        self.map(1, map)
+            .op(MOV64_REG, 2, 10, 0, 0)
+            .op(ADD64_IMM, 2, 0, 0, key)
+            .op(CALL, 0, 0, 0, FUNC_MAP_LOOKUP)
+    }
+    pub(crate) fn place(&mut self, name: &'static str) -> &mut Self {
+        self.places.push((name, self.insns.len()));
+        self
+    }
+    pub(crate) fn finish(mut self) -> Vec<u64> {
+        for (at, code, dst, src, imm, name) in std::mem::take(&mut self.jumps) {
+            let to = self
+                .places
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, i)| *i)
+                .expect("a jump to a place that exists");
+            let off = i16::try_from(to as i64 - at as i64 - 1).expect("a short jump");
+            self.insns[at] = insn(code, dst, src, off, imm);
+        }
+        self.insns
+    }
+}
 
 /// The verdict program, for the sockhash `map`:
 ///

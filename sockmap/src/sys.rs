@@ -295,6 +295,33 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// The socket's send buffer in bytes (`SO_SNDBUF`: what the kernel allows, twice the size
+/// set, or the size TCP grew it to).
+pub fn sndbuf(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut bytes: libc::c_int = 0;
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &mut bytes)?;
+    Ok(bytes.max(0) as u64)
+}
+
+/// Sets `SO_SNDBUF` (the kernel doubles it, and stops growing it on its own).
+pub fn set_sndbuf(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
+    // SAFETY: see the module comment; the value is a c_int read by the kernel during the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&bytes as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// The cookie of the network namespace the socket lives in (`SO_NETNS_COOKIE`, Linux 5.14).
 pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut cookie = 0u64;
@@ -338,6 +365,8 @@ pub struct TcpInfo {
     pub state: u8,
     /// Milliseconds since data last arrived.
     pub last_data_recv: u32,
+    /// Milliseconds since data was last sent.
+    pub last_data_sent: u32,
     /// Sequence space the peer acknowledged (RFC 4898 HCThruOctetsAcked).
     pub bytes_acked: u64,
     /// Sequence space received in order (HCThruOctetsReceived); counts a received FIN as 1.
@@ -351,6 +380,7 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
     Ok(TcpInfo {
         state: info.tcpi_state,
         last_data_recv: info.tcpi_last_data_recv,
+        last_data_sent: info.tcpi_last_data_sent,
         bytes_acked: info.tcpi_bytes_acked,
         bytes_received: info.tcpi_bytes_received,
     })
