@@ -52,6 +52,9 @@ pub struct Config {
     /// UDP service ports balanced by the kernel for the processes of this cgroup (v2)
     /// directory (`--udp-kernel`); `None`: every datagram through this process.
     pub udp_kernel: Option<std::path::PathBuf>,
+    /// Joined connections whose peers are in this cgroup (v2) directory forward in the
+    /// peers' own sends (`--kernel-senders`); `None`: through the kernel path's worker.
+    pub kernel_senders: Option<std::path::PathBuf>,
 }
 
 /// `--kernel-forward`: whether connected pairs are forwarded inside the kernel (a sockhash
@@ -88,6 +91,7 @@ impl Config {
             unknown_source_wait: Duration::from_secs(1),
             kernel_forward: KernelForward::On,
             udp_kernel: None,
+            kernel_senders: None,
         }
     }
 }

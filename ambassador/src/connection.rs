@@ -123,6 +123,23 @@ async fn carry(
         backend,
         ack_pending,
     } = handed;
+    if let Some(senders) = &shared.senders {
+        if let Some((client_peer, backend_peer)) = peers(&client, &backend) {
+            if senders.caught(client_peer) && senders.caught(backend_peer) {
+                return in_senders(
+                    senders,
+                    client,
+                    backend,
+                    (client_peer, backend_peer),
+                    config,
+                    ack_pending,
+                    tally,
+                    stats,
+                )
+                .await;
+            }
+        }
+    }
     let (client, backend) = match crate::kernel::forward(
         path,
         client,
@@ -141,6 +158,73 @@ async fn carry(
         }
     };
     relay::relay(client, backend, config, false, tally).await
+}
+
+/// The client's and the backend's sockets as the sender path keys them (each from its own
+/// side: its address first), from this process's two sockets; IPv4 only.
+fn peers(
+    client: &TcpStream,
+    backend: &TcpStream,
+) -> Option<(sockmap::sender::Peer, sockmap::sender::Peer)> {
+    use std::net::SocketAddr::V4;
+    match (
+        client.peer_addr(),
+        client.local_addr(),
+        backend.peer_addr(),
+        backend.local_addr(),
+    ) {
+        (Ok(V4(c)), Ok(V4(us)), Ok(V4(b)), Ok(V4(ours))) => Some((
+            sockmap::sender::Peer {
+                local: c,
+                remote: us,
+            },
+            sockmap::sender::Peer {
+                local: b,
+                remote: ours,
+            },
+        )),
+        _ => None,
+    }
+}
+
+/// A pair whose client and backend both run here: each forwards in its own sends into this
+/// process's socket towards the other, once all it sent before is relayed; this relay goes on
+/// for what comes before that and for the ends (a FIN still comes the usual way).
+#[allow(clippy::too_many_arguments)]
+async fn in_senders(
+    senders: &std::sync::Arc<sockmap::sender::SenderPath>,
+    client: TcpStream,
+    backend: TcpStream,
+    (client_peer, backend_peer): (sockmap::sender::Peer, sockmap::sender::Peer),
+    config: &relay::RelayConfig,
+    ack_pending: bool,
+    tally: &mut Tally,
+    stats: &ServiceCounters,
+) -> Ended {
+    use std::os::fd::AsFd;
+    let targeted = senders
+        .target(client_peer, backend.as_fd())
+        .and_then(|()| senders.target(backend_peer, client.as_fd()));
+    if let Err(e) = targeted {
+        debug!(error = %e, "the kernel refused the sender path; relaying in user space");
+        senders.leave(client_peer);
+        senders.leave(backend_peer);
+        stats.kernel_refused.inc();
+        return relay::relay(client, backend, config, ack_pending, tally).await;
+    }
+    // Armed at the relay's first step, and again whenever it relays more.
+    tally.arm(relay::Arming {
+        path: senders.clone(),
+        client: client_peer,
+        backend: backend_peer,
+        armed: None,
+    });
+    stats.kernel_forwarded.inc();
+    stats.kernel_senders.inc();
+    stats.kernel_active.inc();
+    let ended = relay::relay(client, backend, config, ack_pending, tally).await;
+    stats.kernel_active.dec();
+    ended
 }
 
 /// Tries of a connection that fail for want of a file descriptor, and the wait after each.

@@ -121,6 +121,14 @@ pub struct AmbassadorArgs {
     #[arg(long, env = "VIKING_UDP_KERNEL", default_value = "off")]
     pub udp_kernel: String,
 
+    /// With the kernel path on: when a joined connection's client and backend both run on
+    /// this host, each of them forwards in its own send, straight into this process's socket
+    /// towards the other (cgroup sockops and sk_msg programs), instead of through a kernel
+    /// worker: `host` for every process of this host (the cgroup v2 root), a cgroup v2
+    /// directory for the processes in it, or `off`
+    #[arg(long, env = "VIKING_KERNEL_SENDERS", default_value = "off")]
+    pub kernel_senders: String,
+
     /// Service DNS: ADDR:PORT for UDP and TCP, or `off` (default: <bind>:53)
     #[arg(long, env = "VIKING_DNS")]
     pub dns: Option<String>,
@@ -153,9 +161,9 @@ pub enum StartError {
     },
     #[error("--threads 0: at least one thread must accept connections; pass --threads 1 or more")]
     NoThreads,
-    /// A bad `--udp-kernel`; the text names the value and what to pass.
+    /// A bad `--udp-kernel` or `--kernel-senders`; the text names the value and what to pass.
     #[error("{0}")]
-    UdpKernel(String),
+    Cgroup(String),
     /// A bad `--dns` or `--dns-zone`; the text names the flag and the expected form.
     #[error("{0}")]
     Dns(String),
@@ -244,7 +252,10 @@ impl AmbassadorArgs {
         config.links = self.links;
         config.unknown_source_wait = self.unknown_source_wait;
         config.kernel_forward = self.kernel_forward;
-        config.udp_kernel = udp_kernel_cgroup(&self.udp_kernel).map_err(StartError::UdpKernel)?;
+        config.udp_kernel =
+            cgroup_flag("--udp-kernel", &self.udp_kernel).map_err(StartError::Cgroup)?;
+        config.kernel_senders =
+            cgroup_flag("--kernel-senders", &self.kernel_senders).map_err(StartError::Cgroup)?;
         config.relay = RelayConfig {
             idle_timeout: self.idle_timeout,
             splice_after: self.splice_after,
@@ -265,14 +276,16 @@ impl AmbassadorArgs {
     }
 }
 
-/// `--udp-kernel`: `off`, `host` (the cgroup v2 root), or a cgroup v2 directory.
-fn udp_kernel_cgroup(value: &str) -> Result<Option<PathBuf>, String> {
+/// `--udp-kernel` and `--kernel-senders` (`flag`): `off`, `host` (the cgroup v2 root), or
+/// a cgroup v2 directory.
+fn cgroup_flag(flag: &str, value: &str) -> Result<Option<PathBuf>, String> {
     match value {
         "off" => Ok(None),
         "host" => sockmap::balance::cgroup2_mount().map(Some).ok_or_else(|| {
-            "--udp-kernel host: this host has no cgroup v2 hierarchy mounted (none in \
-             /proc/self/mounts); mount one, or pass --udp-kernel off"
-                .to_owned()
+            format!(
+                "{flag} host: this host has no cgroup v2 hierarchy mounted (none in \
+                 /proc/self/mounts); mount one, or pass {flag} off"
+            )
         }),
         path => {
             let path = PathBuf::from(path);
@@ -280,7 +293,7 @@ fn udp_kernel_cgroup(value: &str) -> Result<Option<PathBuf>, String> {
                 Ok(Some(path))
             } else {
                 Err(format!(
-                    "--udp-kernel {value:?}: not a cgroup directory (it has no cgroup.procs); \
+                    "{flag} {value:?}: not a cgroup directory (it has no cgroup.procs); \
                      pass host, a directory of the cgroup v2 hierarchy, or off"
                 ))
             }

@@ -103,6 +103,11 @@ pub(crate) async fn reconcile(
                 }
                 let local = sockets[0].local_addr().unwrap_or(addr);
                 info!(addr = %local, service = %service.service_port, "listening on");
+                if let (Some(senders), SocketAddr::V4(local)) = (&shared.senders, local) {
+                    if let Err(e) = senders.watch_clients_of(local) {
+                        debug!(error = %e, port, "cannot watch the clients of a port");
+                    }
+                }
                 shared
                     .listening
                     .lock()

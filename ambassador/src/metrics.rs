@@ -57,6 +57,7 @@ pub struct Metrics {
     kernel_forwarded: Family<ServiceLabel, Counter>,
     kernel_refused: Family<ServiceLabel, Counter>,
     kernel_active: Family<ServiceLabel, Gauge>,
+    kernel_senders: Family<ServiceLabel, Counter>,
     udp_kernel_sends: Family<ServiceLabel, Counter>,
     /// 1 when the kernel path is on (`--kernel-forward on` and the kernel took it).
     pub kernel_forwarding: Gauge,
@@ -96,6 +97,9 @@ pub struct ServiceCounters {
     pub kernel_forwarded: Counter,
     pub kernel_refused: Counter,
     pub kernel_active: Gauge,
+    /// Of those handed to the kernel path, the connections whose peers forward in their own
+    /// sends (`--kernel-senders`).
+    pub kernel_senders: Counter,
     /// UDP: datagrams (and connects) the kernel balanced straight to a backend
     /// (`--udp-kernel`), read from its map when `/metrics` is scraped.
     pub udp_kernel_sends: Counter,
@@ -187,6 +191,11 @@ impl Metrics {
             m.udp_kernel_sends.clone(),
         );
         reg.register(
+            "ambassador_kernel_sender_connections",
+            "Of the connections handed to the kernel path, those whose client and backend forward in their own sends (--kernel-senders)",
+            m.kernel_senders.clone(),
+        );
+        reg.register(
             "ambassador_kernel_refused_connections",
             "Connections the kernel would not join, relayed in user space instead",
             m.kernel_refused.clone(),
@@ -240,6 +249,7 @@ impl Metrics {
             counters.kernel_forwarded = handle(&self.kernel_forwarded, &label);
             counters.kernel_refused = handle(&self.kernel_refused, &label);
             counters.kernel_active = handle(&self.kernel_active, &label);
+            counters.kernel_senders = handle(&self.kernel_senders, &label);
         }
         if service.proto == schema::Proto::Udp {
             counters.datagrams_up = handle(&self.datagrams, &direction("up"));
@@ -282,6 +292,7 @@ impl Metrics {
             &self.local_errors,
             &self.kernel_forwarded,
             &self.kernel_refused,
+            &self.kernel_senders,
             &self.sessions,
             &self.udp_kernel_sends,
         ] {

@@ -19,7 +19,7 @@
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -29,6 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tracing::debug;
 
 /// Sizes chosen by measurement (see ARCHITECTURE.md).
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +76,20 @@ pub struct Tally {
     up: Counter,
     down: Counter,
     counted: Moved,
+    /// The peers forward in their own sends once all they sent is relayed: each count that
+    /// moves is armed for its sender (`sockmap::sender`).
+    arming: Option<Arming>,
+}
+
+/// A pair whose peers forward in their own sends: the client (its bytes go up) and the
+/// backend (down), as the sender path keys them.
+#[derive(Debug)]
+pub struct Arming {
+    pub path: std::sync::Arc<sockmap::sender::SenderPath>,
+    pub client: sockmap::sender::Peer,
+    pub backend: sockmap::sender::Peer,
+    /// The counts last armed.
+    pub armed: Option<Moved>,
 }
 
 impl Tally {
@@ -84,7 +99,65 @@ impl Tally {
             up: up.clone(),
             down: down.clone(),
             counted: Moved::default(),
+            arming: None,
         }
+    }
+
+    /// From now on [`Tally::rearm`] arms each count that moved for its sender.
+    pub fn arm(&mut self, arming: Arming) {
+        self.arming = Some(arming);
+    }
+
+    /// Arms the sender path with `relayed` (the bytes this relay moved from each peer since
+    /// the connection's first byte, all written: call it after the writes) where it moved
+    /// since the last time, with the room in the socket each peer's sends go to (`client`:
+    /// the backend's; `backend`: the client's).
+    pub fn rearm(
+        &mut self,
+        relayed: Moved,
+        client: BorrowedFd<'_>,
+        backend: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        let Some(a) = &mut self.arming else {
+            return Ok(());
+        };
+        let last = a.armed;
+        if last.is_none_or(|m| m.up != relayed.up) {
+            a.path.arm(a.client, relayed.up, backend)?;
+        }
+        if last.is_none_or(|m| m.down != relayed.down) {
+            a.path.arm(a.backend, relayed.down, client)?;
+        }
+        a.armed = Some(relayed);
+        Ok(())
+    }
+
+    /// Counts what the peers forwarded in their own sends: it went into `client` and
+    /// `backend`, so what each has been written (acknowledged or queued, less our SYN and
+    /// FIN, which take a place in the sequence) is the total.
+    fn count_written(&mut self, client: &TcpStream, backend: &TcpStream) {
+        let written = |s: &TcpStream, syn: bool| {
+            let info = sockmap::tcp_info(s.as_fd()).ok()?;
+            let queued = sockmap::unacked(s.as_fd()).ok()? as u64;
+            let fin = sockmap::state::fin_sent(info.state);
+            Some((info.bytes_acked + queued).saturating_sub(u64::from(syn) + u64::from(fin)))
+        };
+        if let (Some(up), Some(down)) = (written(backend, true), written(client, false)) {
+            self.reach(Moved { up, down });
+        }
+    }
+
+    /// The peers no longer forward to this pair (it ends).
+    pub fn disarm(&mut self) {
+        if let Some(arming) = self.arming.take() {
+            arming.path.leave(arming.client);
+            arming.path.leave(arming.backend);
+        }
+    }
+
+    /// Whether the peers may forward in their own sends (bytes move without the relay).
+    pub fn armed(&self) -> bool {
+        self.arming.is_some()
     }
 
     /// Counts the connection's bytes up to `total` (each way, since its first byte); a byte
@@ -115,6 +188,14 @@ pub enum Ended {
     Idle(Moved),
     /// A side failed (reset, broken pipe).
     Failed(Moved, io::Error),
+}
+
+/// How long ago either socket last sent data (`TCP_INFO`), for a pair whose peers forward
+/// in their own sends into them.
+fn sent_since(client: &TcpStream, backend: &TcpStream) -> Option<Duration> {
+    let a = sockmap::tcp_info(client.as_fd()).ok()?.last_data_sent;
+    let b = sockmap::tcp_info(backend.as_fd()).ok()?.last_data_sent;
+    Some(Duration::from_millis(u64::from(a.min(b))))
 }
 
 /// Makes the coming close send a RST instead of a FIN (SO_LINGER 0).
@@ -167,6 +248,8 @@ pub async fn relay_until(
     let mut last = Instant::now();
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
+    // Made and polled only while the peers forward in their own sends (`Tally::arm`).
+    let mut count: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let ended = poll_fn(|cx| {
         let mut active = false;
         let down_done = to_client.is_done();
@@ -187,10 +270,16 @@ pub async fn relay_until(
             up: to_backend.moved,
             down: to_client.moved,
         };
-        tally.reach(Moved {
+        let relayed = Moved {
             up: before.up + moved.up,
             down: before.down + moved.down,
-        });
+        };
+        tally.reach(relayed);
+        if let Err(e) = tally.rearm(relayed, client.as_fd(), backend.as_fd()) {
+            // The peers keep sending the usual way, here.
+            debug!(error = %e, "cannot arm the sender path");
+            tally.disarm();
+        }
         for result in [up, down] {
             if let Poll::Ready(Err(e)) = result {
                 if e.kind() == io::ErrorKind::ConnectionReset {
@@ -216,8 +305,26 @@ pub async fn relay_until(
         if active {
             last = Instant::now();
         }
+        if tally.armed() {
+            // The peers' bytes move without this relay: counted from the sockets now and
+            // then, as the kernel path counts its own.
+            let count = count
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(crate::kernel::COUNT_EVERY)));
+            while count.as_mut().poll(cx).is_ready() {
+                tally.count_written(&client, &backend);
+                count
+                    .as_mut()
+                    .reset(Instant::now() + crate::kernel::COUNT_EVERY);
+            }
+        }
         // The timer is set once and moved on only when it fires early: no timer work per byte.
         while idle.as_mut().poll(cx).is_ready() {
+            if tally.armed() {
+                // The peers' bytes move without this relay: idle is what the sockets say.
+                if let Some(since) = sent_since(&client, &backend) {
+                    last = last.max(Instant::now() - since);
+                }
+            }
             let deadline = last + config.idle_timeout;
             if deadline <= Instant::now() {
                 return Poll::Ready(Some(Ended::Idle(moved)));
@@ -227,6 +334,10 @@ pub async fn relay_until(
         Poll::Pending
     })
     .await;
+    if tally.armed() {
+        tally.disarm();
+        tally.count_written(&client, &backend);
+    }
     ended.ok_or_else(|| Handed {
         client,
         backend,

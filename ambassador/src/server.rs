@@ -94,6 +94,9 @@ pub struct Shared {
     pub sockets: runtime::handover::Sockets,
     /// The kernel path, when on and the kernel took the map and the program.
     pub(crate) kernel: Option<sockmap::KernelPath>,
+    /// Joined pairs whose peers run here forward in the peers' own sends
+    /// (`--kernel-senders`), when asked, the kernel path is on and the kernel took it.
+    pub(crate) senders: Option<Arc<sockmap::sender::SenderPath>>,
     /// UDP balanced by the kernel (`--udp-kernel`), when asked and the kernel took it.
     pub udp_kernel: Option<crate::udp_kernel::KernelUdp>,
 }
@@ -120,6 +123,18 @@ impl Shared {
         let (steer, _) = tokio::sync::watch::channel(1);
         let kernel = kernel_path(&config);
         metrics.kernel_forwarding.set(i64::from(kernel.is_some()));
+        let senders = kernel.as_ref().and(config.kernel_senders.as_deref()).and_then(|cgroup| {
+            let pairs = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+            match sockmap::sender::SenderPath::attach(cgroup, pairs) {
+                Ok(path) => Some(Arc::new(path)),
+                Err(why) => {
+                    tracing::warn!(
+                        "--kernel-senders unavailable, forwarding through the kernel's worker: {why}"
+                    );
+                    None
+                }
+            }
+        });
         let udp_kernel = config
             .udp_kernel
             .as_deref()
@@ -146,6 +161,7 @@ impl Shared {
             access: tokio::sync::watch::channel(Arc::default()).0,
             sockets,
             kernel,
+            senders,
             udp_kernel,
         })
     }
@@ -305,6 +321,7 @@ impl Shared {
                     "bytes_down": s.stats.bytes_down.get(),
                     "kernel_active": s.stats.kernel_active.get(),
                     "kernel_forwarded": s.stats.kernel_forwarded.get(),
+                    "kernel_senders": s.stats.kernel_senders.get(),
                     "backends": backends_json(s),
                 })
             })
@@ -673,6 +690,16 @@ async fn sync_routes(
             &shared.metrics,
         );
         debug!(services = routes.by_port.len(), "routes rebuilt");
+        if let Some(senders) = &shared.senders {
+            // Backends accepted from now on on these ports are watched (those on this host).
+            for backend in routes.by_port.values().flat_map(|s| &s.backends) {
+                if let std::net::SocketAddr::V4(addr) = backend.addr {
+                    if let Err(e) = senders.watch_servers_on(addr) {
+                        debug!(error = %e, %addr, "cannot watch a backend");
+                    }
+                }
+            }
+        }
         shared.routes.send_replace(Arc::new(routes));
         if let Some(kernel) = &shared.udp_kernel {
             kernel.sync(&shared);

@@ -322,4 +322,13 @@ pub mod state {
     pub fn fin_received(state: u8) -> bool {
         matches!(state, TIME_WAIT | CLOSE | CLOSE_WAIT | LAST_ACK | CLOSING)
     }
+
+    /// This side's FIN is in its send queue or sent (or the socket is closed altogether:
+    /// after its FIN was acknowledged, or a reset).
+    pub fn fin_sent(state: u8) -> bool {
+        matches!(
+            state,
+            FIN_WAIT1 | FIN_WAIT2 | CLOSING | TIME_WAIT | LAST_ACK | CLOSE
+        )
+    }
 }

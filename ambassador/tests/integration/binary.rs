@@ -129,21 +129,24 @@ fn without_docker0_and_bind_it_says_to_pass_bind() {
     );
 }
 
-/// `--udp-kernel` with a directory that is not a cgroup: exit 2, the value and what to pass.
+/// `--udp-kernel` and `--kernel-senders` with a directory that is not a cgroup: exit 2, the
+/// flag, the value and what to pass.
 #[test]
-fn udp_kernel_outside_a_cgroup_is_refused_with_what_to_pass() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ambassador"))
-        .args(["--etcd", "http://127.0.0.1:1", "--bind", "127.0.0.1"])
-        .args(["--udp-kernel", "/tmp"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--udp-kernel \"/tmp\": not a cgroup directory")
-            && err.contains("pass host, a directory of the cgroup v2 hierarchy, or off"),
-        "{err}"
-    );
+fn a_cgroup_flag_outside_a_cgroup_is_refused_with_what_to_pass() {
+    for flag in ["--udp-kernel", "--kernel-senders"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ambassador"))
+            .args(["--etcd", "http://127.0.0.1:1", "--bind", "127.0.0.1"])
+            .args([flag, "/tmp"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("{flag} \"/tmp\": not a cgroup directory"))
+                && err.contains("pass host, a directory of the cgroup v2 hierarchy, or off"),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

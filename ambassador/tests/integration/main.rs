@@ -3,6 +3,7 @@
 mod dns;
 mod kernel;
 mod proxy;
+mod senders;
 mod udp;
 mod upgrade;
 
