@@ -92,8 +92,10 @@ pub(crate) async fn handle(
 
 /// Moves the bytes: in user space for the first `kernel_after` reads, then in the kernel when
 /// the kernel path is on (and the connection still lives, carries no bulk, and the kernel
-/// takes the pair), else in user space to the end. The connection's bytes are counted in
-/// `tally` as they move; the counts in what this returns are its last stretch's only.
+/// takes the pair), else in user space to the end. With `--kernel-senders`, a pair whose
+/// client and backend both run in its cgroup is forwarded in their own sends instead. The
+/// connection's bytes are counted in `tally` as they move; the counts in what this returns
+/// are its last stretch's only.
 async fn carry(
     shared: &Shared,
     client: TcpStream,
@@ -105,6 +107,15 @@ async fn carry(
     let Some(path) = &shared.kernel else {
         return relay::relay(client, upstream, config, true, tally).await;
     };
+    if let Some(senders) = &shared.senders {
+        if let Some((client_peer, backend_peer)) = peers(&client, &upstream) {
+            tally.catch(relay::Peers {
+                path: senders.clone(),
+                client: client_peer,
+                backend: backend_peer,
+            });
+        }
+    }
     let handed = if config.kernel_after == 0 {
         relay::Handed {
             client,
@@ -123,22 +134,19 @@ async fn carry(
         backend,
         ack_pending,
     } = handed;
-    if let Some(senders) = &shared.senders {
-        if let Some((client_peer, backend_peer)) = peers(&client, &backend) {
-            if senders.caught(client_peer) && senders.caught(backend_peer) {
-                return in_senders(
-                    senders,
-                    client,
-                    backend,
-                    (client_peer, backend_peer),
-                    config,
-                    ack_pending,
-                    tally,
-                    stats,
-                )
-                .await;
-            }
+    if let Some(peers) = tally.take_peers() {
+        if ack_pending {
+            // The handshake's last ACK, held back for the first bytes, goes now: the backend's
+            // socket is established (and caught) only once it has it.
+            let _ = socket2::SockRef::from(&backend).set_tcp_quickack(true);
+            backend_caught(&peers).await;
         }
+        if peers.caught() {
+            return in_senders(peers, client, backend, config, ack_pending, tally, stats).await;
+        }
+        // One of them runs elsewhere (or was not caught): the kernel path's worker carries
+        // the pair, and the other peer need not pay the program on its sends.
+        peers.release();
     }
     let (client, backend) = match crate::kernel::forward(
         path,
@@ -159,6 +167,21 @@ async fn carry(
     };
     relay::relay(client, backend, config, false, tally).await
 }
+
+/// At a hand-over before any byte went to the backend, the backend's socket may not be
+/// established on its side yet (our ACK just sent), so the sender path has not caught it:
+/// while the client is caught, a moment more (at most [`SENDER_WAITS`] ms). After relayed
+/// bytes the backend has had its ACK, and one not caught by then runs elsewhere.
+async fn backend_caught(peers: &relay::Peers) {
+    for _ in 0..SENDER_WAITS {
+        if !peers.path.caught(peers.client) || peers.path.caught(peers.backend) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+const SENDER_WAITS: u32 = 3;
 
 /// The client's and the backend's sockets as the sender path keys them (each from its own
 /// side: its address first), from this process's two sockets; IPv4 only.
@@ -190,41 +213,35 @@ fn peers(
 /// A pair whose client and backend both run here: each forwards in its own sends into this
 /// process's socket towards the other, once all it sent before is relayed; this relay goes on
 /// for what comes before that and for the ends (a FIN still comes the usual way).
-#[allow(clippy::too_many_arguments)]
 async fn in_senders(
-    senders: &std::sync::Arc<sockmap::sender::SenderPath>,
+    peers: relay::Peers,
     client: TcpStream,
     backend: TcpStream,
-    (client_peer, backend_peer): (sockmap::sender::Peer, sockmap::sender::Peer),
     config: &relay::RelayConfig,
     ack_pending: bool,
     tally: &mut Tally,
     stats: &ServiceCounters,
 ) -> Ended {
     use std::os::fd::AsFd;
-    let targeted = senders
-        .target(client_peer, backend.as_fd())
-        .and_then(|()| senders.target(backend_peer, client.as_fd()));
+    let targeted = peers
+        .path
+        .target(peers.client, backend.as_fd())
+        .and_then(|()| peers.path.target(peers.backend, client.as_fd()));
+    // Armed at the relay's first step, and again whenever it relays more; dropped, it
+    // takes the peers' targets out of the path.
+    let arming = relay::Arming { peers, armed: None };
     if let Err(e) = targeted {
         debug!(error = %e, "the kernel refused the sender path; relaying in user space");
-        senders.leave(client_peer);
-        senders.leave(backend_peer);
+        arming.peers.release();
+        drop(arming);
         stats.kernel_refused.inc();
         return relay::relay(client, backend, config, ack_pending, tally).await;
     }
-    // Armed at the relay's first step, and again whenever it relays more.
-    tally.arm(relay::Arming {
-        path: senders.clone(),
-        client: client_peer,
-        backend: backend_peer,
-        armed: None,
-    });
+    tally.arm(arming);
     stats.kernel_forwarded.inc();
     stats.kernel_senders.inc();
-    stats.kernel_active.inc();
-    let ended = relay::relay(client, backend, config, ack_pending, tally).await;
-    stats.kernel_active.dec();
-    ended
+    let _in_kernel = crate::kernel::InKernel::new(&stats.kernel_active);
+    relay::relay(client, backend, config, ack_pending, tally).await
 }
 
 /// Tries of a connection that fail for want of a file descriptor, and the wait after each.

@@ -73,11 +73,11 @@ pub(crate) async fn forward(
     Ok(watch(client, backend, config, tally).await)
 }
 
-/// Counts a connection in the kernel path while it lives.
-struct InKernel<'a>(&'a Gauge);
+/// Counts a connection in the kernel path while it lives (also when its task is cut).
+pub(crate) struct InKernel<'a>(&'a Gauge);
 
 impl<'a> InKernel<'a> {
-    fn new(gauge: &'a Gauge) -> Self {
+    pub(crate) fn new(gauge: &'a Gauge) -> Self {
         gauge.inc();
         InKernel(gauge)
     }

@@ -61,6 +61,9 @@ pub struct Metrics {
     udp_kernel_sends: Family<ServiceLabel, Counter>,
     /// 1 when the kernel path is on (`--kernel-forward on` and the kernel took it).
     pub kernel_forwarding: Gauge,
+    /// 1 when joined pairs whose peers run here forward in their own sends
+    /// (`--kernel-senders`, and the kernel took it).
+    pub kernel_senders_on: Gauge,
     /// 1 when UDP service ports are balanced by the kernel (`--udp-kernel`, and it took it).
     pub udp_kernel: Gauge,
 }
@@ -209,6 +212,11 @@ impl Metrics {
             "ambassador_kernel_forwarding",
             "1 when connections are forwarded in the kernel, 0 when relayed in user space",
             m.kernel_forwarding.clone(),
+        );
+        reg.register(
+            "ambassador_kernel_senders",
+            "1 when connections whose client and backend run in the --kernel-senders cgroup forward in their own sends",
+            m.kernel_senders_on.clone(),
         );
         reg.register(
             "ambassador_udp_kernel_balancing",

@@ -76,20 +76,48 @@ pub struct Tally {
     up: Counter,
     down: Counter,
     counted: Moved,
+    /// The connection's peers, when the sender path caught both (`sockmap::sender`).
+    peers: Option<Peers>,
     /// The peers forward in their own sends once all they sent is relayed: each count that
-    /// moves is armed for its sender (`sockmap::sender`).
+    /// moves is armed for its sender.
     arming: Option<Arming>,
 }
 
-/// A pair whose peers forward in their own sends: the client (its bytes go up) and the
-/// backend (down), as the sender path keys them.
-#[derive(Debug)]
-pub struct Arming {
+/// A connection's client and backend as the sender path keys them (each from its own side).
+#[derive(Debug, Clone)]
+pub struct Peers {
     pub path: std::sync::Arc<sockmap::sender::SenderPath>,
     pub client: sockmap::sender::Peer,
     pub backend: sockmap::sender::Peer,
+}
+
+impl Peers {
+    /// Both peers' sockets are in the path.
+    pub fn caught(&self) -> bool {
+        self.path.caught(self.client) && self.path.caught(self.backend)
+    }
+
+    /// Both out of the path for good (plain TCP again).
+    pub fn release(&self) {
+        self.path.release(self.client);
+        self.path.release(self.backend);
+    }
+}
+
+/// A pair whose peers forward in their own sends. Dropped (the pair ends, also when its task
+/// is cut at the end of the grace period), it takes both peers' targets out of the path.
+#[derive(Debug)]
+pub struct Arming {
+    pub peers: Peers,
     /// The counts last armed.
     pub armed: Option<Moved>,
+}
+
+impl Drop for Arming {
+    fn drop(&mut self) {
+        self.peers.path.leave(self.peers.client);
+        self.peers.path.leave(self.peers.backend);
+    }
 }
 
 impl Tally {
@@ -99,7 +127,26 @@ impl Tally {
             up: up.clone(),
             down: down.clone(),
             counted: Moved::default(),
+            peers: None,
             arming: None,
+        }
+    }
+
+    /// The connection's peers are in the sender path: taken out of it if a direction turns
+    /// to bulk (the path forwards small messages; bulk stays on splice, here).
+    pub fn catch(&mut self, peers: Peers) {
+        self.peers = Some(peers);
+    }
+
+    /// The peers, if still in the path (for the hand-over to decide).
+    pub fn take_peers(&mut self) -> Option<Peers> {
+        self.peers.take()
+    }
+
+    /// Takes the peers out of the path for good (a direction turned to bulk).
+    fn release_peers(&mut self) {
+        if let Some(peers) = self.peers.take() {
+            peers.release();
         }
     }
 
@@ -121,12 +168,12 @@ impl Tally {
         let Some(a) = &mut self.arming else {
             return Ok(());
         };
-        let last = a.armed;
+        let (last, p) = (a.armed, &a.peers);
         if last.is_none_or(|m| m.up != relayed.up) {
-            a.path.arm(a.client, relayed.up, backend)?;
+            p.path.arm(p.client, relayed.up, backend)?;
         }
         if last.is_none_or(|m| m.down != relayed.down) {
-            a.path.arm(a.backend, relayed.down, client)?;
+            p.path.arm(p.backend, relayed.down, client)?;
         }
         a.armed = Some(relayed);
         Ok(())
@@ -149,10 +196,7 @@ impl Tally {
 
     /// The peers no longer forward to this pair (it ends).
     pub fn disarm(&mut self) {
-        if let Some(arming) = self.arming.take() {
-            arming.path.leave(arming.client);
-            arming.path.leave(arming.backend);
-        }
+        self.arming = None;
     }
 
     /// Whether the peers may forward in their own sends (bytes move without the relay).
@@ -294,6 +338,9 @@ pub async fn relay_until(
         if to_backend.is_done() && to_client.is_done() {
             return Poll::Ready(Some(Ended::Done(moved)));
         }
+        if tally.peers.is_some() && (to_backend.spliced() || to_client.spliced()) {
+            tally.release_peers();
+        }
         if let Some(after) = hand_after {
             if to_backend.reads + to_client.reads >= after
                 && to_backend.handable()
@@ -396,6 +443,11 @@ const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLI
 impl Direction {
     fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done)
+    }
+
+    /// Carries bulk: splicing (or copying for want of a pipe).
+    fn spliced(&self) -> bool {
+        matches!(self.phase, Phase::Splicing(_) | Phase::CopyingOnly)
     }
 
     /// Could be handed to the kernel now: copying, with nothing held, not in a bulk run.

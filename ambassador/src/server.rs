@@ -135,6 +135,7 @@ impl Shared {
                 }
             }
         });
+        metrics.kernel_senders_on.set(i64::from(senders.is_some()));
         let udp_kernel = config
             .udp_kernel
             .as_deref()

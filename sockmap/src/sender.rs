@@ -314,7 +314,7 @@ pub struct SenderPath {
     state: Map,
     armed: Map,
     targets: Map,
-    _peers: Map,
+    peers: Map,
     _programs: Vec<OwnedFd>,
     _link: OwnedFd,
 }
@@ -370,7 +370,7 @@ impl SenderPath {
             state,
             armed,
             targets,
-            _peers: peers,
+            peers,
             _programs: vec![msg, ops],
             _link: link,
         })
@@ -424,6 +424,20 @@ impl SenderPath {
         value[..8].copy_from_slice(&relayed.to_ne_bytes());
         value[8..].copy_from_slice(&credit.to_ne_bytes());
         self.armed.update(&peer.key(), &value, 0)
+    }
+
+    /// The peer's socket is in the path (its sends run the program).
+    pub fn holds(&self, peer: Peer) -> bool {
+        let mut cookie = [0u8; 8];
+        matches!(self.peers.lookup(&peer.key(), &mut cookie), Ok(true))
+    }
+
+    /// Takes the peer's socket out of the path for good: its sends and reads go back to
+    /// plain TCP (the kernel drops its psock with its last map). For a connection the path
+    /// will not carry (bulk, or a peer on another host), whose peer would otherwise pay the
+    /// program on every send.
+    pub fn release(&self, peer: Peer) {
+        let _ = self.peers.delete(&peer.key());
     }
 
     /// Forgets the peer: its target and what was armed (the target socket leaves the map

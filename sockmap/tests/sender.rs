@@ -356,3 +356,28 @@ fn a_sender_whose_target_is_full_waits_and_loses_nothing() {
         "the client spun while the backend did not read: {text}"
     );
 }
+
+/// A peer taken out of the path in the middle of a transfer (as the ambassador does when a
+/// connection turns to bulk) goes on over plain TCP, through the relay, and loses nothing.
+#[test]
+fn a_peer_released_mid_stream_goes_on_over_plain_tcp() {
+    let mut rig = Rig::new("sender-release", SLOW_BACKEND, EAGER_CLIENT, 1);
+    // The backend reads nothing for 3 s: the client is mid-stream meanwhile.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(rig.path.holds(rig.client_peer), "the client is in the path");
+    rig.path.release(rig.client_peer);
+    assert!(
+        !rig.path.holds(rig.client_peer),
+        "the client is out of the path"
+    );
+    let output = rig.client_output();
+    let mut backend_out = String::new();
+    let mut out = rig.backend.0.stdout.take().unwrap();
+    let _ = out.read_to_string(&mut backend_out);
+    assert_eq!(
+        backend_out.trim(),
+        (64u64 << 20).to_string(),
+        "client: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}

@@ -106,11 +106,22 @@ async fn peers_on_this_host_forward_in_their_own_sends_with_exact_counts() {
     let amb = Amb::start(&etcd, |c| {
         c.kernel_forward = ambassador::config::KernelForward::On;
         c.kernel_senders = Some(path);
+        // The default hand-over (also when scripts/test.sh runs the suite with it at 0: at
+        // once, the backend's socket may not be established on its side yet, and the pair
+        // takes the kernel path's worker instead).
+        c.relay.kernel_after = ambassador::RelayConfig::default().kernel_after;
     })
     .await;
     let addr = amb.listening(amb_port).await;
     amb.wait_backends(amb_port, 1, Duration::from_secs(5)).await;
     assert!(amb.shared.kernel_forwarding(), "the kernel path is on");
+    assert!(
+        amb.shared
+            .metrics_text()
+            .lines()
+            .any(|l| l == "ambassador_kernel_senders 1"),
+        "the sender path is on"
+    );
 
     let mut client = cgroup.command("python3");
     client
