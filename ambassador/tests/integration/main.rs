@@ -50,7 +50,8 @@ impl Amb {
         // The tests allocate free ports the kernel picked, outside the default range.
         config.range = schema::PortRange::new(1, 65535).unwrap();
         // The daemon's env twins, so scripts/test.sh runs this suite with the kernel path
-        // taking every connection at once (VIKING_KERNEL_FORWARD_AFTER=0) and with it off.
+        // taking every connection at once (VIKING_KERNEL_FORWARD_AFTER=0), with it off, and
+        // with the peers forwarding in their own sends from the start.
         if let Ok(mode) = std::env::var("VIKING_KERNEL_FORWARD") {
             config.kernel_forward = match mode.as_str() {
                 "off" => ambassador::config::KernelForward::Off,
@@ -61,6 +62,14 @@ impl Amb {
         if let Ok(after) = std::env::var("VIKING_KERNEL_FORWARD_AFTER") {
             config.relay.kernel_after =
                 after.parse().expect("VIKING_KERNEL_FORWARD_AFTER: a count");
+        }
+        // And with the peers forwarding in their own sends (the suite's clients and backends
+        // are this process's sockets, in the cgroup v2 root).
+        if std::env::var("VIKING_KERNEL_SENDERS").as_deref() == Ok("host") {
+            config.kernel_senders = Some(
+                sockmap::balance::cgroup2_mount()
+                    .expect("VIKING_KERNEL_SENDERS=host: no cgroup v2"),
+            );
         }
         tweak(&mut config);
         let shared = Shared::new(config);
