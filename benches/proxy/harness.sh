@@ -14,6 +14,10 @@
 # ratio to direct and to HAProxy. Needs iperf3, wrk, nginx, haproxy, postgresql, redis
 # (installed with apt when root).
 #
+# On loopback a fifth target, "amb-send": the ambassador with --kernel-senders, its clients and
+# the backends in a cgroup of the harness's own (the backends answer it on 127.0.0.5, the others
+# on 127.0.0.1, so only its connections are watched); BENCH_SENDERS=0 leaves it out.
+#
 # BENCH_SWEEP="2 4 8 16 50" adds keep-alive requests/s and machine CPU per request (wrk), and
 # redis-benchmark GET requests/s, at each of those connection counts (which path wins depends
 # on the load);
@@ -29,6 +33,9 @@ BACKEND_IP=${BENCH_BACKEND_IP:-127.0.0.1}
 # Used as `backend cmd &`: `exec` makes $! the command itself, so cleanup stops it.
 backend() { if [ -n "${BENCH_BACKEND_NS:-}" ]; then exec ip netns exec "$BENCH_BACKEND_NS" "$@"; else exec "$@"; fi; }
 IDLE=${BENCH_IDLE:-1000}     # idle connections for the memory figure
+# The sender path's target (loopback only: its peers must run on this host, in its cgroup).
+SEND=${BENCH_SENDERS:-1}; [ -n "${BENCH_BACKEND_NS:-}" ] && SEND=0
+SEND_IP=127.0.0.5            # where the backends answer the amb-send target
 RUNS=${BENCH_RUNS:-3}        # rounds over all targets; each figure is the median of the rounds
 
 source benches/common.sh
@@ -40,11 +47,26 @@ cargo build --release -q -p ambassador
 AMB=target/release/ambassador
 
 start_etcd
+CG=""
+if [ "$SEND" = 1 ]; then
+  CG=$(new_cgroup proxy); cgroups+=("$CG")
+  # Backends run in the cgroup (their sockets accepted on $SEND_IP are the watched ones),
+  # whichever target they serve: what the cgroup's program costs, every target pays.
+  backend() { echo "$BASHPID" >"$CG/cgroup.procs"; exec "$@"; }
+fi
+# client TARGET CMD...: the amb-send target's clients run in the cgroup (its peers), the
+# others' outside.
+client() {
+  local t=$1; shift
+  if [ "$t" = send ]; then sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CG" "$@"; else "$@"; fi
+}
 
 # Backends: iperf3 for bulk, nginx for requests.
 IPERF=$(free_port); NGINX=$(free_port)
 backend iperf3 -s -p "$IPERF" -B "$BACKEND_IP" >/dev/null 2>&1 &
 pids+=($!)
+if [ "$SEND" = 1 ]; then backend iperf3 -s -p "$IPERF" -B "$SEND_IP" >/dev/null 2>&1 & pids+=($!); fi
+SEND_LISTEN=""; [ "$SEND" = 1 ] && SEND_LISTEN="listen $SEND_IP:$NGINX backlog=4096;"
 make_www
 cat >"$work/nginx.conf" <<EOF
 daemon off;
@@ -56,7 +78,7 @@ http {
   access_log off;
   sendfile ${BENCH_NGINX_SENDFILE:-off};
   keepalive_requests 1000000;
-  server { listen $BACKEND_IP:$NGINX backlog=4096; root $work/www; }
+  server { listen $BACKEND_IP:$NGINX backlog=4096; $SEND_LISTEN root $work/www; }
 }
 EOF
 backend nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
@@ -66,9 +88,9 @@ PG=$(free_port); REDIS=$(free_port)
 mkdir -p "$work/pg" "$work/pgsock"; chown postgres "$work/pg" "$work/pgsock"
 runuser -u postgres -- "$PGBIN/initdb" -D "$work/pg" -A trust -U postgres >"$work/initdb.log" 2>&1
 backend runuser -u postgres -- "$PGBIN/postgres" -D "$work/pg" -p "$PG" -k "$work/pgsock" \
-  -c listen_addresses="$BACKEND_IP" -c max_connections=200 -c fsync=off >"$work/postgres.log" 2>&1 &
+  -c listen_addresses="$BACKEND_IP${CG:+,$SEND_IP}" -c max_connections=200 -c fsync=off >"$work/postgres.log" 2>&1 &
 pids+=($!)
-backend redis-server --port "$REDIS" --bind "$BACKEND_IP" --save '' --appendonly no >"$work/redis.log" 2>&1 &
+backend redis-server --port "$REDIS" --bind "$BACKEND_IP" ${CG:+$SEND_IP} --save '' --appendonly no >"$work/redis.log" 2>&1 &
 pids+=($!)
 wait_port "$IPERF" "$BACKEND_IP"; wait_port "$NGINX" "$BACKEND_IP"
 wait_port "$PG" "$BACKEND_IP"; wait_port "$REDIS" "$BACKEND_IP"
@@ -97,6 +119,29 @@ env RUST_LOG=warn "$AMB" ${AMB_ARGS:-} --kernel-forward off --etcd "http://127.0
 USER_PID=$!; pids+=($USER_PID)
 wait_port "$A_IPERF"; wait_port "$A_NGINX"; wait_port "$A_PG"; wait_port "$A_REDIS"
 wait_port "$A_PG" 127.0.0.2; wait_port "$A_REDIS" 127.0.0.2
+if [ "$SEND" = 1 ]; then
+  # amb-send: its own etcd, whose endpoints are the backends' $SEND_IP addresses.
+  E2=$(free_port); E2P=$(free_port)
+  etcd --name bench2 --data-dir "$work/etcd2" --listen-client-urls "http://127.0.0.1:$E2" \
+    --advertise-client-urls "http://127.0.0.1:$E2" --listen-peer-urls "http://127.0.0.1:$E2P" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$E2P" --initial-cluster "bench2=http://127.0.0.1:$E2P" \
+    --log-level error --logger zap >"$work/etcd2.log" 2>&1 &
+  pids+=($!); wait_port "$E2"
+  ctl2() { etcdctl --endpoints "http://127.0.0.1:$E2" "$@" >/dev/null; }
+  for s in iperf/5201:$A_IPERF:$IPERF:1 nginx/80:$A_NGINX:$NGINX:2 pg/5432:$A_PG:$PG:3 redis/6379:$A_REDIS:$REDIS:4; do
+    IFS=: read -r name alloc port n <<<"$s"
+    ctl2 put "/viking/ports/alloc/bench/$name-tcp" "{\"v\":1,\"port\":$alloc}"
+    ctl2 put "/viking/services/bench/$name-tcp/bench:00000000000$n:${name#*/}" "{\"v\":1,\"host\":\"bench\",\"addr\":\"$SEND_IP\",\"port\":$port,\"container_id\":\"00000000000$n\"}"
+  done
+  ADMIN3=$(free_port)
+  env RUST_LOG=warn "$AMB" ${AMB_ARGS:-} --kernel-senders "$CG" --etcd "http://127.0.0.1:$E2" --host bench --bind 127.0.0.3 --dns off \
+    --range 1-65535 --run-dir "$work/run3" --admin "127.0.0.1:$ADMIN3" >"$work/ambassador-send.log" 2>&1 &
+  SEND_PID=$!; pids+=($SEND_PID)
+  wait_port "$A_PG" 127.0.0.3; wait_port "$A_REDIS" 127.0.0.3; wait_port "$A_NGINX" 127.0.0.3; wait_port "$A_IPERF" 127.0.0.3
+  if grep -q "unavailable" "$work/ambassador-send.log"; then
+    echo "harness: the amb-send ambassador has no sender path:" >&2; grep "unavailable" "$work/ambassador-send.log" >&2; exit 1
+  fi
+fi
 if grep -q "kernel forwarding unavailable" "$work/ambassador.log"; then
   echo "harness: the ambassador could not forward in the kernel:" >&2; grep "kernel forwarding" "$work/ambassador.log" >&2; exit 1
 fi
@@ -130,19 +175,21 @@ wait_port "$H_IPERF"; wait_port "$H_NGINX"; wait_port "$H_PG"; wait_port "$H_RED
 
 declare -A R   # results: R[target.metric]
 targets=(direct ambassador user haproxy)
+[ "$SEND" = 1 ] && targets+=(send)
 port_of() { case "$1.$2" in direct.iperf) echo "$IPERF";; direct.nginx) echo "$NGINX";;
   direct.pg) echo "$PG";; direct.redis) echo "$REDIS";;
   ambassador.iperf|user.iperf) echo "$A_IPERF";; ambassador.nginx|user.nginx) echo "$A_NGINX";;
-  ambassador.pg|user.pg) echo "$A_PG";; ambassador.redis|user.redis) echo "$A_REDIS";;
+  ambassador.pg|user.pg|send.pg) echo "$A_PG";; ambassador.redis|user.redis|send.redis) echo "$A_REDIS";;
+  send.iperf) echo "$A_IPERF";; send.nginx) echo "$A_NGINX";;
   haproxy.iperf) echo "$H_IPERF";; haproxy.nginx) echo "$H_NGINX";;
   haproxy.pg) echo "$H_PG";; haproxy.redis) echo "$H_REDIS";; esac; }
-host_of() { case "$1" in direct) echo "$BACKEND_IP";; user) echo 127.0.0.2;; *) echo 127.0.0.1;; esac; }
-pid_of() { case "$1" in ambassador) echo "$AMB_PID";; user) echo "$USER_PID";; haproxy) echo "$HA_PID";; *) echo "";; esac; }
+host_of() { case "$1" in direct) echo "$BACKEND_IP";; user) echo 127.0.0.2;; send) echo 127.0.0.3;; *) echo 127.0.0.1;; esac; }
+pid_of() { case "$1" in ambassador) echo "$AMB_PID";; user) echo "$USER_PID";; haproxy) echo "$HA_PID";; send) echo "$SEND_PID";; *) echo "";; esac; }
 
 bulk() { # target streams -> Gbit/s, and CPU-s/GB of the proxy
   local t=$1 n=$2 pid c0 c1 out gbps bytes
   pid=$(pid_of "$t"); [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
-  out=$(iperf3 -c "$(host_of "$t")" -p "$(port_of "$t" iperf)" -t "$SECS" -P "$n" -J)
+  out=$(client "$t" iperf3 -c "$(host_of "$t")" -p "$(port_of "$t" iperf)" -t "$SECS" -P "$n" -J)
   gbps=$(python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' <<<"$out")
   bytes=$(python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["end"]["sum_received"]["bytes"])' <<<"$out")
   R[$t.bulk$n]=$gbps
@@ -164,7 +211,7 @@ requests() { # target kind(ka|close) -> req/s, p50, p99, CPU µs per request
   [ "$kind" = close ] && hdr=(-H "Connection: close")
   m0=$(machine_ticks)
   pid=$(pid_of "$t"); [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
-  out=$(wrk -t2 -c"${BENCH_WRK_C:-50}" -d"${SECS}s" --latency "${hdr[@]}" "http://$(host_of "$t"):$(port_of "$t" nginx)/small.txt")
+  out=$(client "$t" wrk -t2 -c"${BENCH_WRK_C:-50}" -d"${SECS}s" --latency "${hdr[@]}" "http://$(host_of "$t"):$(port_of "$t" nginx)/small.txt")
   local rps p50 p99 total
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   total=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -180,7 +227,7 @@ pg() { # target mode(pg|pgc) -> transactions/s, proxy CPU µs per transaction
   [ "$mode" = pgc ] && flags=(-C)
   m0=$(machine_ticks)
   pid=$(pid_of "$t"); [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
-  out=$(timeout $((SECS + 30)) pgbench -n -S -c 16 -j 2 -T "$SECS" "${flags[@]}" -h "$(host_of "$t")" -p "$(port_of "$t" pg)" -U postgres postgres 2>&1)
+  out=$(client "$t" timeout $((SECS + 30)) pgbench -n -S -c 16 -j 2 -T "$SECS" "${flags[@]}" -h "$(host_of "$t")" -p "$(port_of "$t" pg)" -U postgres postgres 2>&1)
   tps=$(awk '/^tps = / {printf "%.0f", $3}' <<<"$out")
   n=$(awk '/number of transactions actually processed/ {print $6}' <<<"$out")
   [ -n "$tps" ] || { echo "harness: pgbench against $t failed: $out" >&2; return 0; }
@@ -191,7 +238,7 @@ pg() { # target mode(pg|pgc) -> transactions/s, proxy CPU µs per transaction
 
 redis() { # target -> GET requests/s, SET requests/s
   local t=$1 out
-  out=$(timeout 60 redis-benchmark -h "$(host_of "$t")" -p "$(port_of "$t" redis)" -c 16 -n "${BENCH_REDIS_N:-200000}" -t get,set --csv 2>/dev/null)
+  out=$(client "$t" timeout 60 redis-benchmark -h "$(host_of "$t")" -p "$(port_of "$t" redis)" -c 16 -n "${BENCH_REDIS_N:-200000}" -t get,set --csv 2>/dev/null)
   R[$t.rget]=$(awk -F'"' '$2=="GET" {printf "%.0f", $4}' <<<"$out")
   R[$t.rset]=$(awk -F'"' '$2=="SET" {printf "%.0f", $4}' <<<"$out")
 }
@@ -202,7 +249,7 @@ idle_memory() { # target -> KiB per idle connection held by the proxy, and the k
   local t=$1 pid before after
   pid=$(pid_of "$t"); [ -z "$pid" ] && return 0
   before=$(rss_kib "$pid"); slab0=$(slab_kib)
-  python3 - "$(host_of "$t")" "$(port_of "$t" nginx)" "$IDLE" "$work/idle.$t" <<'EOF' &
+  client "$t" python3 - "$(host_of "$t")" "$(port_of "$t" nginx)" "$IDLE" "$work/idle.$t" <<'EOF' &
 import socket, sys, time, os
 host, port, n, flag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 socks = []
@@ -249,12 +296,12 @@ done
 sweep() { # target connections -> keep-alive req/s and machine CPU µs per request
   local t=$1 c=$2 m0 m1 out total
   m0=$(machine_ticks)
-  out=$(wrk -t2 -c"$c" -d"${SECS}s" "http://$(host_of "$t"):$(port_of "$t" nginx)/small.txt")
+  out=$(client "$t" wrk -t2 -c"$c" -d"${SECS}s" "http://$(host_of "$t"):$(port_of "$t" nginx)/small.txt")
   m1=$(machine_ticks)
   total=$(awk '/requests in/ {print $1}' <<<"$out")
   R[$t.sw$c]=$(awk '/^Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
   R[$t.swm$c]=$(python3 -c "print('%.1f' % ((($m1-$m0)/$hz)/$total*1e6))")
-  out=$(timeout 60 redis-benchmark -h "$(host_of "$t")" -p "$(port_of "$t" redis)" -c "$c" -n "${BENCH_REDIS_N:-200000}" -t get --csv 2>/dev/null)
+  out=$(client "$t" timeout 60 redis-benchmark -h "$(host_of "$t")" -p "$(port_of "$t" redis)" -c "$c" -n "${BENCH_REDIS_N:-200000}" -t get --csv 2>/dev/null)
   R[$t.swr$c]=$(awk -F'"' '$2=="GET" {printf "%.0f", $4}' <<<"$out")
 }
 SWEEP=(${BENCH_SWEEP:-})
@@ -278,11 +325,11 @@ fi
 ratio() { python3 -c "a,b='$1','$2'; print('%.2f' % (float(a)/float(b)) if a and b and float(b) else '-')"; }
 where=${BENCH_WHERE:-loopback}
 row() { # label key
-  local d=${R[direct.$2]:-} a=${R[ambassador.$2]:-} u=${R[user.$2]:-} h=${R[haproxy.$2]:-}
-  printf '%-34s %10s %10s %10s %10s %8s %8s %8s\n' "$1" "${d:--}" "${a:--}" "${u:--}" "${h:--}" "$(ratio "$a" "$d")" "$(ratio "$a" "$h")" "$(ratio "$u" "$h")"
+  local d=${R[direct.$2]:-} a=${R[ambassador.$2]:-} u=${R[user.$2]:-} h=${R[haproxy.$2]:-} s=${R[send.$2]:-}
+  printf '%-34s %10s %10s %10s %10s %10s %8s %8s %8s %8s\n' "$1" "${d:--}" "${a:--}" "${u:--}" "${h:--}" "${s:--}" "$(ratio "$a" "$d")" "$(ratio "$a" "$h")" "$(ratio "$u" "$h")" "$(ratio "$s" "$h")"
 }
 if [ -z "${BENCH_SWEEP_ONLY:-}" ]; then
-printf '\n%-34s %10s %10s %10s %10s %8s %8s %8s\n' "metric (same run, $where)" direct ambassador "amb-user" haproxy "amb/dir" "amb/hap" "user/hap"
+printf '\n%-34s %10s %10s %10s %10s %10s %8s %8s %8s %8s\n' "metric (same run, $where)" direct ambassador "amb-user" haproxy "amb-send" "amb/dir" "amb/hap" "user/hap" "send/hap"
 row "bulk 1 stream (Gbit/s)" bulk1
 row "bulk 8 streams (Gbit/s)" bulk8
 row "proxy CPU-s per GB, 1 stream" cpugb1
@@ -308,15 +355,15 @@ row "redis-benchmark GET (req/s)" rget
 row "redis-benchmark SET (req/s)" rset
 fi
 if [ "${#SWEEP[@]}" -gt 0 ]; then
-  printf '\n%-34s %10s %10s %10s %10s %8s %8s %8s\n' "keep-alive by connections" direct ambassador "amb-user" haproxy "amb/dir" "amb/hap" "amb/user"
+  printf '\n%-34s %10s %10s %10s %10s %10s %8s %8s %8s %8s\n' "keep-alive by connections" direct ambassador "amb-user" haproxy "amb-send" "amb/dir" "amb/hap" "amb/user" "send/hap"
   for c in "${SWEEP[@]}"; do
     for k in sw swm swr; do
-      d=${R[direct.$k$c]:-} a=${R[ambassador.$k$c]:-} u=${R[user.$k$c]:-} h=${R[haproxy.$k$c]:-}
+      d=${R[direct.$k$c]:-} a=${R[ambassador.$k$c]:-} u=${R[user.$k$c]:-} h=${R[haproxy.$k$c]:-} s=${R[send.$k$c]:-}
       case $k in
         sw) label="-c$c wrk requests/s";; swm) label="-c$c wrk machine CPU µs/req";;
         swr) label="-c$c redis GET requests/s";;
       esac
-      printf '%-34s %10s %10s %10s %10s %8s %8s %8s\n' "$label" "${d:--}" "${a:--}" "${u:--}" "${h:--}" "$(ratio "$a" "$d")" "$(ratio "$a" "$h")" "$(ratio "$a" "$u")"
+      printf '%-34s %10s %10s %10s %10s %10s %8s %8s %8s %8s\n' "$label" "${d:--}" "${a:--}" "${u:--}" "${h:--}" "${s:--}" "$(ratio "$a" "$d")" "$(ratio "$a" "$h")" "$(ratio "$a" "$u")" "$(ratio "$s" "$h")"
     done
   done
 fi
