@@ -125,7 +125,9 @@ pub struct AmbassadorArgs {
     /// this host, each of them forwards in its own send, straight into this process's socket
     /// towards the other (cgroup sockops and sk_msg programs), instead of through a kernel
     /// worker: `host` for every process of this host (the cgroup v2 root), a cgroup v2
-    /// directory for the processes in it, or `off`
+    /// directory for the processes in it, or `off`. Their sockets then read through the
+    /// kernel's sockmap code, where a blocking read can fail with EAGAIN (docs/contract.md):
+    /// for clients that read on non-blocking sockets
     #[arg(long, env = "VIKING_KERNEL_SENDERS", default_value = "off")]
     pub kernel_senders: String,
 

@@ -305,21 +305,7 @@ pub fn sndbuf(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// Sets `SO_SNDBUF` (the kernel doubles it, and stops growing it on its own).
 pub fn set_sndbuf(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
-    // SAFETY: see the module comment; the value is a c_int read by the kernel during the call.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&bytes as *const i32).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    setsockopt_int(fd, libc::SO_SNDBUF, bytes)
 }
 
 /// The cookie of the network namespace the socket lives in (`SO_NETNS_COOKIE`, Linux 5.14).
@@ -342,13 +328,18 @@ pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
 /// `SO_RCVLOWAT`; TCP sets it with `tcp_set_rcvlowat`, which also runs the socket's
 /// data-ready callback at once when enough bytes are queued.
 pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
+    setsockopt_int(fd, libc::SO_RCVLOWAT, bytes)
+}
+
+/// setsockopt() of a `SOL_SOCKET` option whose value is a C int.
+fn setsockopt_int(fd: BorrowedFd<'_>, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: see the module comment; the value is a c_int read by the kernel during the call.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&bytes as *const i32).cast(),
+            name,
+            (&value as *const i32).cast(),
             size_of::<i32>() as libc::socklen_t,
         )
     };

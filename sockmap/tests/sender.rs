@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sockmap::sender::{Peer, SenderPath};
 use testkit::cgroup::Cgroup;
+use testkit::lines;
 
 fn v4(addr: SocketAddr) -> SocketAddrV4 {
     match addr {
@@ -68,51 +69,6 @@ fn pipe(
     }
 }
 
-/// The backend: for each line, the line reversed; at the client's end of stream, "bye".
-const BACKEND: &str = r#"
-import socket, sys
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(('127.0.0.1', 0))
-l.listen(1)
-print(l.getsockname()[1], flush=True)
-c, _ = l.accept()
-c.settimeout(20)
-f = c.makefile('rb')
-for line in f:
-    c.sendall(line.rstrip(b'\n')[::-1] + b'\n')
-c.sendall(b'bye\n')
-c.close()
-"#;
-
-/// The client: 300 request/answer rounds, then 2,000 lines sent without waiting (sizes 1 to
-/// 3,000 bytes) and their answers read after, 300 rounds again, then a half-close and the
-/// rest read to the end.
-const CLIENT: &str = r#"
-import socket, sys
-c = socket.create_connection(('127.0.0.1', int(sys.argv[1])))
-c.settimeout(20)
-f = c.makefile('rb')
-def line(i):
-    return (b'%d:' % i) + b'x' * (i % 3000) + b'\n'
-for i in range(300):
-    c.sendall(line(i))
-    assert f.readline() == line(i).rstrip(b'\n')[::-1] + b'\n', i
-for i in range(2000):
-    c.sendall(line(i))
-for i in range(2000):
-    got = f.readline()
-    assert got == line(i).rstrip(b'\n')[::-1] + b'\n', (i, got[:40])
-for i in range(300):
-    c.sendall(line(i))
-    assert f.readline() == line(i).rstrip(b'\n')[::-1] + b'\n', i
-c.shutdown(socket.SHUT_WR)
-got = f.readline()
-assert got == b"bye\n", got
-assert f.read() == b''
-print('ok')
-"#;
-
 /// A client and a backend, Python processes in a cgroup of the test's own, joined by the
 /// relay of this test (one thread each way), both watched by the sender path.
 struct Rig {
@@ -165,6 +121,7 @@ impl Rig {
             .arg("-c")
             .arg(client)
             .arg(proxy_port.to_string())
+            .arg("0")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let client = command.spawn().unwrap();
@@ -261,14 +218,12 @@ const ARM_AFTER: u32 = 310;
 /// bytes); a half-close still reaches the backend, and its last answer the client.
 #[test]
 fn a_pairs_peers_forward_in_their_own_sends_in_order_to_the_end() {
-    let mut rig = Rig::new("sender", BACKEND, CLIENT, ARM_AFTER);
+    let mut rig = Rig::new("sender", lines::REVERSER, lines::CLIENT, ARM_AFTER);
     let output = rig.client_output();
     assert_eq!(output.stdout, b"ok\n");
     let (up, down) = rig.relayed();
-    // Every line the client sends (three times: rounds, pipelined, rounds), and the answers
-    // (as long, and "bye").
-    let line = |i: u64| format!("{i}:").len() as u64 + i % 3000 + 1;
-    let sent: u64 = (0..300).chain(0..2000).chain(0..300).map(line).sum();
+    // Every line the client sends, and the answers (as long, and "bye").
+    let sent = lines::client_sends();
     eprintln!(
         "relayed in user space: up {up} of {sent}, down {down} of {}",
         sent + 4

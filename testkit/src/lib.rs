@@ -12,6 +12,7 @@
 pub mod certs;
 pub mod cgroup;
 pub mod docker;
+pub mod lines;
 pub mod net;
 pub mod process;
 pub mod snapshot;

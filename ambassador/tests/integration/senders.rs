@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use testkit::cgroup::Cgroup;
 use testkit::eventually_async;
+use testkit::lines;
 
 use crate::{Amb, put_alloc, put_endpoint};
 
@@ -23,51 +24,6 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
-
-/// For each line, the line reversed; at the client's end of stream, "bye". Prints its port.
-const BACKEND: &str = r#"
-import socket
-l = socket.socket()
-l.bind(('127.0.0.1', 0))
-l.listen(1)
-print(l.getsockname()[1], flush=True)
-c, _ = l.accept()
-c.settimeout(30)
-f = c.makefile('rb')
-for line in f:
-    c.sendall(line.rstrip(b'\n')[::-1] + b'\n')
-c.sendall(b'bye\n')
-c.close()
-"#;
-
-/// 300 rounds, 2,000 lines sent without waiting, 300 rounds; "paused" and a pause of 8 s (the
-/// test reads the counts meanwhile); then a half-close and the rest to the end.
-const CLIENT: &str = r#"
-import socket, sys, time
-c = socket.create_connection(('127.0.0.1', int(sys.argv[1])))
-c.settimeout(30)
-f = c.makefile('rb')
-def line(i):
-    return (b'%d:' % i) + b'x' * (i % 3000) + b'\n'
-def back(i):
-    return line(i).rstrip(b'\n')[::-1] + b'\n'
-for i in range(300):
-    c.sendall(line(i))
-    assert f.readline() == back(i), i
-for i in range(2000):
-    c.sendall(line(i))
-for i in range(2000):
-    assert f.readline() == back(i), i
-for i in range(300):
-    c.sendall(line(i))
-    assert f.readline() == back(i), i
-print('paused', flush=True)
-time.sleep(8)
-c.shutdown(socket.SHUT_WR)
-assert f.readline() == b'bye\n'
-assert f.read() == b''
-print('ok', flush=True)
-"#;
 
 /// `bytes_up`, `bytes_down` and `kernel_senders` of the service on `/state`.
 fn state(amb: &Amb) -> (u64, u64, u64) {
@@ -93,7 +49,10 @@ async fn first_line(child: &mut Child) -> (String, BufReader<std::process::Child
 async fn peers_on_this_host_forward_in_their_own_sends_with_exact_counts() {
     let cgroup = Cgroup::new("amb-senders");
     let mut backend = cgroup.command("python3");
-    backend.arg("-c").arg(BACKEND).stdout(Stdio::piped());
+    backend
+        .arg("-c")
+        .arg(lines::REVERSER)
+        .stdout(Stdio::piped());
     let mut backend = Reaped(backend.spawn().unwrap());
     let (port, _out) = first_line(&mut backend.0).await;
     let backend_addr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -126,17 +85,17 @@ async fn peers_on_this_host_forward_in_their_own_sends_with_exact_counts() {
     let mut client = cgroup.command("python3");
     client
         .arg("-c")
-        .arg(CLIENT)
+        .arg(lines::CLIENT)
         .arg(addr.port().to_string())
+        .arg("8")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut client = Reaped(client.spawn().unwrap());
     let (said, out) = first_line(&mut client.0).await;
     assert_eq!(said, "paused", "the client's exchanges failed");
 
-    // Every line each way: the rounds, the pipelined lines, the rounds again.
-    let line = |i: u64| format!("{i}:").len() as u64 + i % 3000 + 1;
-    let sent: u64 = (0..300).chain(0..2000).chain(0..300).map(line).sum();
+    // Every line each way (the answers are as long, and "bye" comes at the end).
+    let sent = lines::client_sends();
     // While the connection lives (counted every 5 s).
     eventually_async(
         ambassador::KERNEL_COUNT_EVERY + Duration::from_secs(2),
