@@ -58,11 +58,14 @@ pub(crate) async fn reconcile(
             listener.stop.cancel();
             // The sockets close when the accept loops return; only then is the port free.
             listener.closed().await;
-            shared
+            let closed = shared
                 .listening
                 .lock()
                 .expect("listening lock")
                 .remove(&port);
+            if let (Some(senders), Some(SocketAddr::V4(addr))) = (&shared.senders, closed) {
+                senders.unwatch_clients_of(addr);
+            }
             info!(
                 port,
                 "port released; listener closed, its connections drain"

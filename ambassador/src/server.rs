@@ -1,8 +1,8 @@
 //! The ambassador's state and its life: follow etcd into the route table and the DNS zone,
 //! keep the listeners in step with the table ([`crate::listeners`]), drain on shutdown.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -97,6 +97,8 @@ pub struct Shared {
     /// Joined pairs whose peers run here forward in the peers' own sends
     /// (`--kernel-senders`), when asked, the kernel path is on and the kernel took it.
     pub(crate) senders: Option<Arc<sockmap::sender::SenderPath>>,
+    /// The backends the sender path watches (as of the last routes).
+    sender_backends: Mutex<BTreeSet<SocketAddrV4>>,
     /// UDP balanced by the kernel (`--udp-kernel`), when asked and the kernel took it.
     pub udp_kernel: Option<crate::udp_kernel::KernelUdp>,
 }
@@ -163,6 +165,7 @@ impl Shared {
             sockets,
             kernel,
             senders,
+            sender_backends: Mutex::default(),
             udp_kernel,
         })
     }
@@ -692,14 +695,27 @@ async fn sync_routes(
         );
         debug!(services = routes.by_port.len(), "routes rebuilt");
         if let Some(senders) = &shared.senders {
-            // Backends accepted from now on on these ports are watched (those on this host).
-            for backend in routes.by_port.values().flat_map(|s| &s.backends) {
-                if let std::net::SocketAddr::V4(addr) = backend.addr {
-                    if let Err(e) = senders.watch_servers_on(addr) {
-                        debug!(error = %e, %addr, "cannot watch a backend");
-                    }
+            // Sockets accepted from now on at these backends' addresses are watched (those
+            // of this host's cgroup); backends gone are no longer.
+            let now: BTreeSet<SocketAddrV4> = routes
+                .by_port
+                .values()
+                .flat_map(|s| &s.backends)
+                .filter_map(|b| match b.addr {
+                    std::net::SocketAddr::V4(addr) => Some(addr),
+                    std::net::SocketAddr::V6(_) => None,
+                })
+                .collect();
+            let mut watched = shared.sender_backends.lock().expect("sender backends lock");
+            for gone in watched.difference(&now) {
+                senders.unwatch_servers_on(*gone);
+            }
+            for addr in now.difference(&watched) {
+                if let Err(e) = senders.watch_servers_on(*addr) {
+                    debug!(error = %e, %addr, "cannot watch a backend");
                 }
             }
+            *watched = now;
         }
         shared.routes.send_replace(Arc::new(routes));
         if let Some(kernel) = &shared.udp_kernel {

@@ -397,6 +397,17 @@ impl SenderPath {
             .update(&Self::watch_key(SERVER, addr), &1u32.to_ne_bytes(), 0)
     }
 
+    /// Sockets connecting to `addr` (a listener closed) are no longer watched; those caught
+    /// stay until they close.
+    pub fn unwatch_clients_of(&self, addr: SocketAddrV4) {
+        let _ = self.watch.delete(&Self::watch_key(CLIENT, addr));
+    }
+
+    /// Sockets accepted on `addr` (a backend gone) are no longer watched.
+    pub fn unwatch_servers_on(&self, addr: SocketAddrV4) {
+        let _ = self.watch.delete(&Self::watch_key(SERVER, addr));
+    }
+
     /// The peer's socket is watched (its sends can be forwarded).
     pub fn caught(&self, peer: Peer) -> bool {
         let mut value = [0u8; STATE];

@@ -336,3 +336,51 @@ fn a_peer_released_mid_stream_goes_on_over_plain_tcp() {
         String::from_utf8_lossy(&output.stdout)
     );
 }
+
+/// A backend address watched, then no longer: the first connection accepted there is caught,
+/// one accepted after `unwatch_servers_on` is not.
+#[test]
+fn an_address_no_longer_watched_catches_no_new_socket() {
+    let cgroup = Cgroup::new("sender-unwatch");
+    let path = SenderPath::attach(cgroup.path(), 8).expect("attaching the sender path");
+    let mut server = cgroup.command("python3");
+    server
+        .arg("-c")
+        .arg(
+            "import socket, time\n\
+             l = socket.socket()\n\
+             l.bind(('127.0.0.1', 0))\n\
+             l.listen(4)\n\
+             print(l.getsockname()[1], flush=True)\n\
+             held = [l.accept() for _ in range(2)]\n\
+             time.sleep(10)\n",
+        )
+        .stdout(Stdio::piped());
+    let mut server = Reaped(server.spawn().unwrap());
+    let mut port = String::new();
+    let mut out = server.0.stdout.take().unwrap();
+    let mut byte = [0u8; 1];
+    while out.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        port.push(byte[0] as char);
+    }
+    let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port.trim().parse().unwrap());
+    let caught = |path: &SenderPath| {
+        let s = TcpStream::connect(addr).unwrap();
+        let peer = Peer {
+            local: addr,
+            remote: v4(s.local_addr().unwrap()),
+        };
+        // Caught when the server's side sees our ACK: a moment after connect returns.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !path.caught(peer) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (path.caught(peer), s)
+    };
+    path.watch_servers_on(addr).unwrap();
+    let (first, _s1) = caught(&path);
+    assert!(first, "a socket accepted at a watched address is caught");
+    path.unwatch_servers_on(addr);
+    let (second, _s2) = caught(&path);
+    assert!(!second, "a socket accepted after the unwatch is not");
+}
