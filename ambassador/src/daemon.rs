@@ -258,6 +258,15 @@ impl AmbassadorArgs {
             cgroup_flag("--udp-kernel", &self.udp_kernel).map_err(StartError::Cgroup)?;
         config.kernel_senders =
             cgroup_flag("--kernel-senders", &self.kernel_senders).map_err(StartError::Cgroup)?;
+        if config.kernel_senders.is_some()
+            && self.kernel_forward == crate::config::KernelForward::Off
+        {
+            return Err(StartError::Cgroup(format!(
+                "--kernel-senders {}: it forwards connections the kernel path takes, and \
+                 --kernel-forward is off; pass --kernel-forward on or --kernel-senders off",
+                self.kernel_senders
+            )));
+        }
         config.relay = RelayConfig {
             idle_timeout: self.idle_timeout,
             splice_after: self.splice_after,

@@ -149,6 +149,24 @@ fn a_cgroup_flag_outside_a_cgroup_is_refused_with_what_to_pass() {
     }
 }
 
+/// `--kernel-senders` with the kernel path off: exit 2, both flags named and what to pass.
+#[test]
+fn kernel_senders_without_the_kernel_path_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ambassador"))
+        .args(["--etcd", "http://127.0.0.1:1", "--bind", "127.0.0.1"])
+        .args(["--kernel-senders", "host", "--kernel-forward", "off"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--kernel-senders host")
+            && err.contains("--kernel-forward is off")
+            && err.contains("pass --kernel-forward on or --kernel-senders off"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_is_not_blamed_on_the_backend() {
     let echo = Echo::start().await;
