@@ -108,13 +108,7 @@ async fn carry(
         return relay::relay(client, upstream, config, true, tally).await;
     };
     if let Some(senders) = &shared.senders {
-        if let Some((client_peer, backend_peer)) = peers(&client, &upstream) {
-            tally.catch(relay::Peers {
-                path: senders.clone(),
-                client: client_peer,
-                backend: backend_peer,
-            });
-        }
+        tally.catch(senders.clone());
     }
     let handed = if config.kernel_after == 0 {
         relay::Handed {
@@ -134,7 +128,10 @@ async fn carry(
         backend,
         ack_pending,
     } = handed;
-    if let Some(peers) = tally.take_peers() {
+    let peers = tally
+        .take_senders()
+        .and_then(|path| relay::Peers::of(path, &client, &backend));
+    if let Some(peers) = peers {
         if ack_pending {
             // The handshake's last ACK, held back for the first bytes, goes now: the backend's
             // socket is established (and caught) only once it has it.
@@ -182,33 +179,6 @@ async fn backend_caught(peers: &relay::Peers) {
 }
 
 const SENDER_WAITS: u32 = 3;
-
-/// The client's and the backend's sockets as the sender path keys them (each from its own
-/// side: its address first), from this process's two sockets; IPv4 only.
-fn peers(
-    client: &TcpStream,
-    backend: &TcpStream,
-) -> Option<(sockmap::sender::Peer, sockmap::sender::Peer)> {
-    use std::net::SocketAddr::V4;
-    match (
-        client.peer_addr(),
-        client.local_addr(),
-        backend.peer_addr(),
-        backend.local_addr(),
-    ) {
-        (Ok(V4(c)), Ok(V4(us)), Ok(V4(b)), Ok(V4(ours))) => Some((
-            sockmap::sender::Peer {
-                local: c,
-                remote: us,
-            },
-            sockmap::sender::Peer {
-                local: b,
-                remote: ours,
-            },
-        )),
-        _ => None,
-    }
-}
 
 /// A pair whose client and backend both run here: each forwards in its own sends into this
 /// process's socket towards the other, once all it sent before is relayed; this relay goes on

@@ -76,8 +76,8 @@ pub struct Tally {
     up: Counter,
     down: Counter,
     counted: Moved,
-    /// The connection's peers, when the sender path caught both (`sockmap::sender`).
-    peers: Option<Peers>,
+    /// The sender path, while this connection's peers may be in it (`sockmap::sender`).
+    senders: Option<std::sync::Arc<sockmap::sender::SenderPath>>,
     /// The peers forward in their own sends once all they sent is relayed: each count that
     /// moves is armed for its sender.
     arming: Option<Arming>,
@@ -92,6 +92,35 @@ pub struct Peers {
 }
 
 impl Peers {
+    /// The peers of the connection between `client` and `backend` (this process's sockets),
+    /// each keyed from its own side: its address first. IPv4 only.
+    pub fn of(
+        path: std::sync::Arc<sockmap::sender::SenderPath>,
+        client: &TcpStream,
+        backend: &TcpStream,
+    ) -> Option<Peers> {
+        use std::net::SocketAddr::V4;
+        match (
+            client.peer_addr(),
+            client.local_addr(),
+            backend.peer_addr(),
+            backend.local_addr(),
+        ) {
+            (Ok(V4(c)), Ok(V4(us)), Ok(V4(b)), Ok(V4(ours))) => Some(Peers {
+                path,
+                client: sockmap::sender::Peer {
+                    local: c,
+                    remote: us,
+                },
+                backend: sockmap::sender::Peer {
+                    local: b,
+                    remote: ours,
+                },
+            }),
+            _ => None,
+        }
+    }
+
     /// Both peers' sockets are in the path.
     pub fn caught(&self) -> bool {
         self.path.caught(self.client) && self.path.caught(self.backend)
@@ -127,25 +156,30 @@ impl Tally {
             up: up.clone(),
             down: down.clone(),
             counted: Moved::default(),
-            peers: None,
+            senders: None,
             arming: None,
         }
     }
 
-    /// The connection's peers are in the sender path: taken out of it if a direction turns
-    /// to bulk (the path forwards small messages; bulk stays on splice, here).
-    pub fn catch(&mut self, peers: Peers) {
-        self.peers = Some(peers);
+    /// The connection's peers may be in the sender path (its addresses are read only when
+    /// needed: most connections end first): taken out of it if a direction turns to bulk (the
+    /// path forwards small messages; bulk stays on splice, here).
+    pub fn catch(&mut self, senders: std::sync::Arc<sockmap::sender::SenderPath>) {
+        self.senders = Some(senders);
     }
 
-    /// The peers, if still in the path (for the hand-over to decide).
-    pub fn take_peers(&mut self) -> Option<Peers> {
-        self.peers.take()
+    /// The sender path, if the peers may still be in it (for the hand-over to decide).
+    pub fn take_senders(&mut self) -> Option<std::sync::Arc<sockmap::sender::SenderPath>> {
+        self.senders.take()
     }
 
     /// Takes the peers out of the path for good (a direction turned to bulk).
-    fn release_peers(&mut self) {
-        if let Some(peers) = self.peers.take() {
+    fn release_peers(&mut self, client: &TcpStream, backend: &TcpStream) {
+        if let Some(peers) = self
+            .senders
+            .take()
+            .and_then(|path| Peers::of(path, client, backend))
+        {
             peers.release();
         }
     }
@@ -338,8 +372,8 @@ pub async fn relay_until(
         if to_backend.is_done() && to_client.is_done() {
             return Poll::Ready(Some(Ended::Done(moved)));
         }
-        if tally.peers.is_some() && (to_backend.spliced() || to_client.spliced()) {
-            tally.release_peers();
+        if tally.senders.is_some() && (to_backend.spliced() || to_client.spliced()) {
+            tally.release_peers(&client, &backend);
         }
         if let Some(after) = hand_after {
             if to_backend.reads + to_client.reads >= after
