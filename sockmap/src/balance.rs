@@ -36,7 +36,6 @@ const ATTACH_UDP4_RECVMSG: u32 = 19;
 const ATTACH_INET4_GETPEERNAME: u32 = 29;
 const MAP_TYPE_HASH: u32 = 1;
 const MAP_TYPE_LRU_HASH: u32 = 9;
-const FUNC_MAP_UPDATE: i32 = 2;
 const FUNC_GET_SOCKET_COOKIE: i32 = 46;
 const FUNC_GET_NETNS_COOKIE: i32 = 122;
 const SOCK_DGRAM: i32 = 2;
@@ -113,13 +112,7 @@ fn forward(services: &Map, reverse: &Map, sent: &Map) -> Vec<u64> {
         .op(STX_W, 10, 4, -36, 0)
         .op(STX_W, 6, 2, CTX_USER_IP4, 0)
         .op(STX_W, 6, 3, CTX_USER_PORT, 0)
-        .map(1, reverse.fd())
-        .op(MOV64_REG, 2, 10, 0, 0)
-        .op(ADD64_IMM, 2, 0, 0, -32)
-        .op(MOV64_REG, 3, 10, 0, 0)
-        .op(ADD64_IMM, 3, 0, 0, -40)
-        .op(MOV64_IMM, 4, 0, 0, 0)
-        .op(CALL, 0, 0, 0, FUNC_MAP_UPDATE)
+        .update(reverse.fd(), -32, -40)
         .lookup(sent.fd(), -16)
         .jump(JEQ_IMM, 0, 0, "pass")
         .op(MOV64_IMM, 1, 0, 0, 1)

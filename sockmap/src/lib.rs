@@ -35,6 +35,7 @@ const PROG_TYPE_SK_SKB: u32 = 14;
 const ATTACH_SK_SKB_VERDICT: u32 = 38;
 const FUNC_GET_SOCKET_COOKIE: i32 = 46;
 pub(crate) const FUNC_MAP_LOOKUP: i32 = 1;
+pub(crate) const FUNC_MAP_UPDATE: i32 = 2;
 const FUNC_SK_REDIRECT_HASH: i32 = 72;
 /// `SK_PASS`: keep the segment on its own socket, for user space to read.
 const SK_PASS: i32 = 1;
@@ -134,6 +135,33 @@ impl Asm {
             .op(MOV64_REG, 2, 10, 0, 0)
             .op(ADD64_IMM, 2, 0, 0, key)
             .op(CALL, 0, 0, 0, FUNC_MAP_LOOKUP)
+    }
+    /// `bpf_map_update_elem(map, r10 + key, r10 + value, BPF_ANY)`: key and value on the
+    /// stack.
+    pub(crate) fn update(&mut self, map: BorrowedFd<'_>, key: i32, value: i32) -> &mut Self {
+        self.map(1, map)
+            .op(MOV64_REG, 2, 10, 0, 0)
+            .op(ADD64_IMM, 2, 0, 0, key)
+            .op(MOV64_REG, 3, 10, 0, 0)
+            .op(ADD64_IMM, 3, 0, 0, value)
+            .op(MOV64_IMM, 4, 0, 0, 0)
+            .op(CALL, 0, 0, 0, FUNC_MAP_UPDATE)
+    }
+    /// `r0 = func(ctx, map, r10 + key, 0)` with the context in `ctx`: the helpers that put a
+    /// socket into a sock map or redirect to one found there.
+    pub(crate) fn sock_call(
+        &mut self,
+        func: i32,
+        ctx: u8,
+        map: BorrowedFd<'_>,
+        key: i32,
+    ) -> &mut Self {
+        self.op(MOV64_REG, 1, ctx, 0, 0)
+            .map(2, map)
+            .op(MOV64_REG, 3, 10, 0, 0)
+            .op(ADD64_IMM, 3, 0, 0, key)
+            .op(MOV64_IMM, 4, 0, 0, 0)
+            .op(CALL, 0, 0, 0, func)
     }
     pub(crate) fn place(&mut self, name: &'static str) -> &mut Self {
         self.places.push((name, self.insns.len()));

@@ -52,7 +52,6 @@ const ATTACH_SK_MSG_VERDICT: u32 = 7;
 const MAP_TYPE_HASH: u32 = 1;
 const MAP_TYPE_LRU_HASH: u32 = 9;
 const MAP_TYPE_SOCKHASH: u32 = 18;
-const FUNC_MAP_UPDATE: i32 = 2;
 const FUNC_SOCK_HASH_UPDATE: i32 = 70;
 const FUNC_MSG_REDIRECT_HASH: i32 = 71;
 const AF_INET: i32 = 2;
@@ -211,19 +210,8 @@ fn sockops(watch: &Map, state: &Map, peers: &Map) -> Vec<u64> {
         // state[key] = {0, 0}, from r10 - 48
         .op(ST_DW, 10, 0, -48, 0)
         .op(ST_DW, 10, 0, -40, 0)
-        .map(1, state.fd())
-        .op(MOV64_REG, 2, 10, 0, 0)
-        .op(ADD64_IMM, 2, 0, 0, -16)
-        .op(MOV64_REG, 3, 10, 0, 0)
-        .op(ADD64_IMM, 3, 0, 0, -48)
-        .op(MOV64_IMM, 4, 0, 0, 0)
-        .op(CALL, 0, 0, 0, FUNC_MAP_UPDATE)
-        .op(MOV64_REG, 1, 6, 0, 0)
-        .map(2, peers.fd())
-        .op(MOV64_REG, 3, 10, 0, 0)
-        .op(ADD64_IMM, 3, 0, 0, -16)
-        .op(MOV64_IMM, 4, 0, 0, 0)
-        .op(CALL, 0, 0, 0, FUNC_SOCK_HASH_UPDATE)
+        .update(state.fd(), -16, -48)
+        .sock_call(FUNC_SOCK_HASH_UPDATE, 6, peers.fd(), -16)
         .place("out")
         .op(MOV64_IMM, 0, 0, 0, 1)
         .op(EXIT, 0, 0, 0, 0);
@@ -286,12 +274,7 @@ fn sk_msg(state: &Map, armed: &Map, targets: &Map) -> Vec<u64> {
         .jump_reg(JGT_REG, 2, 3, "fall back")
         .op(SUB64_REG, 3, 2, 0, 0)
         .op(STX_DW, 7, 3, 16, 0)
-        .op(MOV64_REG, 1, 6, 0, 0)
-        .map(2, targets.fd())
-        .op(MOV64_REG, 3, 10, 0, 0)
-        .op(ADD64_IMM, 3, 0, 0, -16)
-        .op(MOV64_IMM, 4, 0, 0, 0)
-        .op(CALL, 0, 0, 0, FUNC_MSG_REDIRECT_HASH)
+        .sock_call(FUNC_MSG_REDIRECT_HASH, 6, targets.fd(), -16)
         .jump(JA, 0, 0, "pass")
         .place("fall back")
         .op(ST_DW, 7, 0, 8, 0)
