@@ -22,6 +22,22 @@ fn v4(addr: SocketAddr) -> SocketAddrV4 {
 /// Kills the child on Drop (a failed test leaves no process behind).
 struct Reaped(Child);
 
+impl Reaped {
+    /// The port a server prints on its first line; the rest of its output stays to be read.
+    fn port(&mut self) -> u16 {
+        let mut out = self.0.stdout.take().unwrap();
+        let mut line = String::new();
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            line.push(byte[0] as char);
+        }
+        self.0.stdout = Some(out);
+        line.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("a port, not {line:?}"))
+    }
+}
+
 impl Drop for Reaped {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -97,14 +113,7 @@ impl Rig {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut backend = Reaped(command.spawn().unwrap());
-        let mut port = String::new();
-        let mut out = backend.0.stdout.take().unwrap();
-        let mut byte = [0u8; 1];
-        while out.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
-            port.push(byte[0] as char);
-        }
-        backend.0.stdout = Some(out);
-        let backend_port: u16 = port.trim().parse().unwrap();
+        let backend_port = backend.port();
 
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let proxy_port = listener.local_addr().unwrap().port();
@@ -357,13 +366,7 @@ fn an_address_no_longer_watched_catches_no_new_socket() {
         )
         .stdout(Stdio::piped());
     let mut server = Reaped(server.spawn().unwrap());
-    let mut port = String::new();
-    let mut out = server.0.stdout.take().unwrap();
-    let mut byte = [0u8; 1];
-    while out.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
-        port.push(byte[0] as char);
-    }
-    let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port.trim().parse().unwrap());
+    let addr = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, server.port());
     let caught = |path: &SenderPath| {
         let s = TcpStream::connect(addr).unwrap();
         let peer = Peer {

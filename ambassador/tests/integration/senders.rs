@@ -46,7 +46,7 @@ async fn first_line(child: &mut Child) -> (String, BufReader<std::process::Child
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peers_on_this_host_forward_in_their_own_sends_with_exact_counts() {
+async fn peers_on_this_host_take_the_sender_path_with_exact_counts() {
     let cgroup = Cgroup::new("amb-senders");
     let mut backend = cgroup.command("python3");
     backend
